@@ -1,0 +1,143 @@
+//! Wiring: what `temma serve` and `temma broker` start, in which order, and how they stop.
+//!
+//! Start-up binds everything first (broker sockets, then the HTTP listener) and only then
+//! spawns the tasks, so that a bind failure ends start-up before anything runs. Connecting
+//! sockets (PUSH, SUB) connect in their own tasks: `connect()` in the zeromq crate blocks until
+//! the peer is there, and a web node must serve (and answer 503) while the broker is away.
+//!
+//! Shutdown: one [`CancellationToken`] reaches every task. The HTTP server stops accepting and
+//! gives open requests `server.shutdown_grace_secs`; the hub ends every SSE stream; the broker
+//! publishes the message in hand and stops; [`App::wait`] returns when all tasks are done.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::Broker;
+use crate::config::{Config, Role};
+use crate::hub::Hub;
+use crate::message::{Acks, Broadcast, Publisher};
+use crate::metrics::Metrics;
+use crate::server::{self, Routes};
+use crate::socket::{Bound, SocketError};
+
+/// Starting failed before anything ran.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("cannot listen on http://{address}: {source}")]
+    Http {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Broker(#[from] crate::broker::StartError),
+}
+
+/// A running temma process: its tasks and what tests need to reach it.
+pub struct App {
+    http: Option<SocketAddr>,
+    bound: Bound,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+}
+
+impl App {
+    /// `temma serve`: the web node, plus the broker when `broker.embedded` is on.
+    pub async fn serve(config: &Config, shutdown: CancellationToken) -> Result<App, StartError> {
+        let metrics = Metrics::new();
+        let tracker = TaskTracker::new();
+        let mut bound = Bound::default();
+        if config.broker.embedded {
+            let broker = Broker::bind(config, &mut bound, metrics.clone()).await?;
+            tracker.spawn(broker.run(shutdown.clone()));
+        }
+        let address = config.server.listen;
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|source| StartError::Http { address, source })?;
+        let http = listener
+            .local_addr()
+            .map_err(|source| StartError::Http { address, source })?;
+
+        let acks = Acks::new();
+        let hub = Hub::new(&config.event, metrics.clone(), acks.clone());
+        let (publisher, push_task) = Publisher::new(
+            &config.message,
+            bound.addresses(config.dsn(Role::MessagePush)),
+            acks,
+            metrics.clone(),
+        );
+        tracker.spawn(push_task.run(shutdown.clone()));
+        for address in bound.addresses(config.dsn(Role::EventSub)) {
+            tracker.spawn(hub.clone().run_subscriber(address, shutdown.clone()));
+        }
+        tracker.spawn(hub.clone().run_timers(shutdown.clone()));
+
+        let service = server::router(Routes {
+            static_dir: config.resolve(&config.server.static_dir),
+            root: config.application.root_controller,
+            broadcast: Broadcast {
+                config: config.message.clone(),
+                publisher,
+                metrics: metrics.clone(),
+                sessions: config.application.enable_sessions,
+            },
+            hub,
+            metrics: metrics.clone(),
+            sessions: crate::session::build(&config.application),
+        });
+        tracker.spawn(server::serve(
+            listener,
+            service,
+            config.server.clone(),
+            shutdown.clone(),
+        ));
+        tracing::info!(address = %http, "listening on http://{http}");
+        tracker.close();
+        Ok(App {
+            http: Some(http),
+            bound,
+            metrics,
+            tracker,
+        })
+    }
+
+    /// `temma broker`: the broker alone.
+    pub async fn broker(config: &Config, shutdown: CancellationToken) -> Result<App, StartError> {
+        let metrics = Metrics::new();
+        let tracker = TaskTracker::new();
+        let mut bound = Bound::default();
+        let broker = Broker::bind(config, &mut bound, metrics.clone()).await?;
+        tracker.spawn(broker.run(shutdown));
+        tracker.close();
+        Ok(App {
+            http: None,
+            bound,
+            metrics,
+            tracker,
+        })
+    }
+
+    /// The HTTP address actually bound (port 0 resolved), for `temma serve`.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
+    }
+
+    /// Where the ZeroMQ sockets this process bound actually listen.
+    pub fn bound(&self) -> &Bound {
+        &self.bound
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Waits until every task has finished (after shutdown).
+    pub async fn wait(self) {
+        self.tracker.wait().await;
+    }
+}

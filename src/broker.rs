@@ -1,0 +1,549 @@
+//! The Broker component: PULL (bind) → moderation scripts → PUB (bind).
+//!
+//! Temma's `bin/comma Broker run`, made safe. The broker reads one frame at a time from its PULL
+//! socket. Each frame must be one JSON object (Temma's wire format: `{"from": …, "text": …}`);
+//! anything else — invalid JSON, another JSON value, a multipart message, a frame over
+//! `broker.max_frame_bytes` — is logged, counted and dropped, never published as `null` (Temma's
+//! bug). A good message is stamped with a unique `id` (`<run>-<seq>`: the broker's start time in
+//! Unix milliseconds, then a sequence number from 1, so ids are unique across restarts and
+//! increase within one run) and `time` (Unix milliseconds), run through the script chain, and
+//! published as one compact JSON frame: `{"from":…,"text":…,"id":"1764109484123-1","time":…}`.
+//!
+//! When a script drops a message that carries a web node's `ref`, and `broker.notify_rejections`
+//! is on, the broker publishes a rejection instead, so that the sender learns why:
+//! `{"reject":"<ref>","reason":"…","status":422}`. Web nodes never show rejections to SSE
+//! clients; turn them off for plain Temma peers, which would.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+use zeromq::{PubSocket, PullSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::config::{Config, DEFAULT_BROKER_PUB, DEFAULT_BROKER_PULL, Problem, Role};
+use crate::metrics::{DropReason, Metrics};
+use crate::socket::{self, Bound, SocketError};
+
+/// Default `broker.max_frame_bytes`: frames larger than this are dropped.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
+
+/// Keys the broker owns in a published message; a sender's own values for them are replaced.
+const STAMPED_KEYS: [&str; 3] = ["id", "time", "reject"];
+
+/// The `[broker]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Run the broker inside `temma serve`. Default `true`. `temma broker` ignores it.
+    #[serde(default = "default_embedded")]
+    pub embedded: bool,
+    /// Data source the broker reads from: a PULL bind. Default `"zmq_broker_pull"`.
+    #[serde(default = "default_pull")]
+    pub pull: String,
+    /// Data source the broker publishes on: a PUB bind. Default `"zmq_broker_pub"`.
+    #[serde(rename = "pub", default = "default_publish")]
+    pub publish: String,
+    /// Frames larger than this many bytes are dropped. Default 65536.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_frame_bytes: usize,
+    /// Publish a rejection notice when a script drops a message from a web node, so its sender
+    /// gets a 4xx with the reason. Default `true`; turn off when plain Temma peers subscribe.
+    #[serde(default = "default_notify_rejections")]
+    pub notify_rejections: bool,
+}
+
+fn default_embedded() -> bool {
+    true
+}
+fn default_pull() -> String {
+    DEFAULT_BROKER_PULL.to_owned()
+}
+fn default_publish() -> String {
+    DEFAULT_BROKER_PUB.to_owned()
+}
+fn default_max_frame_bytes() -> usize {
+    DEFAULT_MAX_FRAME_BYTES
+}
+fn default_notify_rejections() -> bool {
+    true
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            embedded: default_embedded(),
+            pull: default_pull(),
+            publish: default_publish(),
+            max_frame_bytes: default_max_frame_bytes(),
+            notify_rejections: default_notify_rejections(),
+        }
+    }
+}
+
+impl BrokerConfig {
+    pub(crate) fn validate(&self, _config: &Config, problem: &mut impl FnMut(&str, String)) {
+        if self.max_frame_bytes == 0 {
+            problem("broker.max_frame_bytes", "must be at least 1".to_owned());
+        }
+    }
+}
+
+/// A message id: the broker run (start time, Unix ms) and the sequence number within the run.
+/// Printed and parsed as `<run>-<seq>`; ordered by run, then sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MsgId {
+    pub run: u64,
+    pub seq: u64,
+}
+
+impl fmt::Display for MsgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.run, self.seq)
+    }
+}
+
+impl FromStr for MsgId {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (run, seq) = s.split_once('-').ok_or(())?;
+        let digits = |part: &str| {
+            if part.is_empty() || part.len() > 20 || !part.bytes().all(|b| b.is_ascii_digit()) {
+                Err(())
+            } else {
+                part.parse::<u64>().map_err(|_| ())
+            }
+        };
+        Ok(MsgId {
+            run: digits(run)?,
+            seq: digits(seq)?,
+        })
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The running broker: owns its two sockets and its script chain.
+pub struct Broker {
+    pull: PullSocket,
+    publish: PubSocket,
+    stamper: Stamper,
+    metrics: Arc<Metrics>,
+}
+
+impl Broker {
+    /// Compiles the scripts, then binds PUB first (so nothing read is published into the void),
+    /// then PULL.
+    pub async fn bind(
+        config: &Config,
+        bound: &mut Bound,
+        metrics: Arc<Metrics>,
+    ) -> Result<Broker, StartError> {
+        let mut publish = PubSocket::new();
+        socket::bind(&mut publish, config.dsn(Role::BrokerPub), bound).await?;
+        let mut pull = PullSocket::new();
+        socket::bind(&mut pull, config.dsn(Role::BrokerPull), bound).await?;
+        Ok(Broker {
+            pull,
+            publish,
+            stamper: Stamper::new(config.broker.max_frame_bytes),
+            metrics,
+        })
+    }
+
+    /// Relays until `shutdown` fires. A message already read is always published first.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        tracing::info!(run = self.stamper.run, "broker started");
+        loop {
+            let received = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                received = self.pull.recv() => received,
+            };
+            let message = match received {
+                Ok(message) => message,
+                Err(error) => {
+                    // A peer that breaks the protocol is disconnected by the crate; the others
+                    // go on.
+                    tracing::warn!(%error, "broker input error; peer dropped");
+                    continue;
+                }
+            };
+            if let Some(out) = self.handle(message) {
+                if let Err(error) = self.publish.send(out).await {
+                    tracing::error!(%error, "broker could not publish a message");
+                }
+            }
+        }
+        tracing::info!("broker stopped");
+    }
+
+    /// One input message → the frame to publish, if any.
+    fn handle(&mut self, message: ZmqMessage) -> Option<ZmqMessage> {
+        if message.len() != 1 {
+            self.metrics.dropped(DropReason::Multipart);
+            tracing::warn!(
+                frames = message.len(),
+                "dropped a multipart message; one JSON frame expected"
+            );
+            return None;
+        }
+        let frame = message.into_vec().pop().expect("one frame");
+        let out = match self.stamper.stamp(&frame, true) {
+            Ok(Stamped::Ready(bytes)) => bytes,
+            Ok(Stamped::Parsed(_)) => unreachable!("ready stamping returns bytes"),
+            Err(reason) => {
+                self.metrics.dropped(reason);
+                tracing::warn!(?reason, bytes = frame.len(), "dropped an unreadable frame");
+                return None;
+            }
+        };
+        self.metrics.broker_published.inc();
+        Some(ZmqMessage::from(out))
+    }
+}
+
+/// The rejection notice a web node turns into a 4xx for the sender.
+pub fn rejection(reference: &str, reason: &str, status: u16) -> Bytes {
+    serde_json::to_vec(&serde_json::json!({
+        "reject": reference,
+        "reason": reason,
+        "status": status,
+    }))
+    .expect("serializing a JSON value cannot fail")
+    .into()
+}
+
+/// What the stamper made of a frame.
+pub enum Stamped {
+    /// Stamped and serialized: publish as is (no scripts to run).
+    Ready(Bytes),
+    /// Parsed and stamped, for the script chain.
+    Parsed(serde_json::Map<String, serde_json::Value>),
+}
+
+/// Checks frames and stamps each good one with the next id and the time.
+pub struct Stamper {
+    run: u64,
+    seq: u64,
+    max_frame_bytes: usize,
+}
+
+impl Stamper {
+    pub fn new(max_frame_bytes: usize) -> Self {
+        Stamper {
+            run: now_ms(),
+            seq: 0,
+            max_frame_bytes,
+        }
+    }
+
+    fn next_id(&mut self) -> MsgId {
+        self.seq += 1;
+        MsgId {
+            run: self.run,
+            seq: self.seq,
+        }
+    }
+
+    /// Validates one frame and stamps it. With `ready`, the result is the serialized frame,
+    /// built without a full parse: the fields are copied as raw JSON and the stamp appended.
+    pub fn stamp(&mut self, frame: &[u8], ready: bool) -> Result<Stamped, DropReason> {
+        if frame.len() > self.max_frame_bytes {
+            return Err(DropReason::Oversize);
+        }
+        if !ready {
+            let value: serde_json::Value =
+                serde_json::from_slice(frame).map_err(|_| DropReason::InvalidJson)?;
+            let serde_json::Value::Object(mut map) = value else {
+                return Err(DropReason::NotAnObject);
+            };
+            for key in STAMPED_KEYS {
+                map.remove(key);
+            }
+            map.insert("id".into(), self.next_id().to_string().into());
+            map.insert("time".into(), now_ms().into());
+            return Ok(Stamped::Parsed(map));
+        }
+        let fields = match serde_json::from_slice::<Fields<'_>>(frame) {
+            Ok(fields) => fields.0,
+            Err(error) if error.is_data() => return Err(DropReason::NotAnObject),
+            Err(_) => return Err(DropReason::InvalidJson),
+        };
+        let mut out = Vec::with_capacity(frame.len() + 48);
+        out.push(b'{');
+        let many = fields.len() > 16;
+        let seen_later =
+            |i: usize, key: &str| -> bool { fields[i + 1..].iter().any(|(other, _)| other == key) };
+        let mut later: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        // Walk backwards so that, as in JSON.parse, the last of duplicate keys wins; then
+        // reverse the kept fields to keep their order.
+        let mut kept = Vec::with_capacity(fields.len());
+        for (i, (key, value)) in fields.iter().enumerate().rev() {
+            let duplicate = if many {
+                !later.insert(key.as_ref())
+            } else {
+                seen_later(i, key)
+            };
+            if duplicate || STAMPED_KEYS.contains(&key.as_ref()) {
+                continue;
+            }
+            kept.push((key, value));
+        }
+        for (key, value) in kept.into_iter().rev() {
+            serde_json::to_writer(&mut out, key.as_ref()).expect("writing to a Vec");
+            out.push(b':');
+            let raw = value.get();
+            if memchr::memchr2(b'\n', b'\r', raw.as_bytes()).is_some() {
+                // Pretty-printed input: re-serialize compactly so the frame stays one line.
+                let value: serde_json::Value =
+                    serde_json::from_str(raw).map_err(|_| DropReason::InvalidJson)?;
+                serde_json::to_writer(&mut out, &value).expect("writing to a Vec");
+            } else {
+                out.extend_from_slice(raw.as_bytes());
+            }
+            out.push(b',');
+        }
+        let id = self.next_id();
+        let mut number = itoa::Buffer::new();
+        out.extend_from_slice(b"\"id\":\"");
+        out.extend_from_slice(number.format(id.run).as_bytes());
+        out.push(b'-');
+        out.extend_from_slice(number.format(id.seq).as_bytes());
+        out.extend_from_slice(b"\",\"time\":");
+        out.extend_from_slice(number.format(now_ms()).as_bytes());
+        out.push(b'}');
+        Ok(Stamped::Ready(out.into()))
+    }
+}
+
+/// A JSON object read as its keys and raw (unparsed) values, in order.
+struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    fields.push((key.0, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Fields(fields))
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
+/// A map key borrowed from the input when it has no escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Starting the broker failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+}
+
+impl From<StartError> for Problem {
+    fn from(error: StartError) -> Self {
+        Problem {
+            key: String::new(),
+            origin: None,
+            message: error.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn ready(stamper: &mut Stamper, frame: &[u8]) -> Result<Value, DropReason> {
+        match stamper.stamp(frame, true)? {
+            Stamped::Ready(bytes) => {
+                assert!(!bytes.contains(&b'\n'), "published frames are one line");
+                Ok(serde_json::from_slice(&bytes).unwrap())
+            }
+            Stamped::Parsed(_) => panic!("ready stamping returns bytes"),
+        }
+    }
+
+    #[test]
+    fn stamps_id_and_time_and_keeps_fields() {
+        let mut stamper = Stamper::new(DEFAULT_MAX_FRAME_BYTES);
+        let before = now_ms();
+        let first = ready(
+            &mut stamper,
+            br#"{"from":"Zo\u00e9","text":"a/b <i>","ref":"n-1"}"#,
+        )
+        .unwrap();
+        let second = ready(&mut stamper, br#"{"from":"b","text":"c"}"#).unwrap();
+        assert_eq!(first["from"], "Zoé");
+        assert_eq!(first["text"], "a/b <i>");
+        assert_eq!(first["ref"], "n-1");
+        let id1: MsgId = first["id"].as_str().unwrap().parse().unwrap();
+        let id2: MsgId = second["id"].as_str().unwrap().parse().unwrap();
+        assert_eq!(id1.run, id2.run);
+        assert_eq!((id1.seq, id2.seq), (1, 2));
+        assert!(id1 < id2);
+        assert!(first["time"].as_u64().unwrap() >= before);
+    }
+
+    #[test]
+    fn sender_cannot_forge_stamped_keys() {
+        let mut stamper = Stamper::new(DEFAULT_MAX_FRAME_BYTES);
+        let out = ready(
+            &mut stamper,
+            br#"{"id":"9-9","time":1,"reject":"x","from":"a","text":"b"}"#,
+        )
+        .unwrap();
+        assert_ne!(out["id"], "9-9");
+        assert_ne!(out["time"], 1);
+        assert!(out.get("reject").is_none());
+    }
+
+    #[test]
+    fn duplicate_keys_keep_the_last_like_json_parse() {
+        let mut stamper = Stamper::new(DEFAULT_MAX_FRAME_BYTES);
+        let out = ready(&mut stamper, br#"{"text":"a","from":"x","text":"b"}"#).unwrap();
+        assert_eq!(
+            out,
+            json!({"from":"x","text":"b","id":out["id"],"time":out["time"]})
+        );
+        // Many fields take the hashed path; same rule.
+        let many: String = (0..40).map(|i| format!("\"k{}\":{i},", i % 20)).collect();
+        let frame = format!("{{{many}\"z\":1}}");
+        let out = ready(&mut stamper, frame.as_bytes()).unwrap();
+        assert_eq!(out["k0"], 20);
+        assert_eq!(out.as_object().unwrap().len(), 20 + 1 + 2);
+    }
+
+    #[test]
+    fn pretty_printed_input_is_published_on_one_line() {
+        let mut stamper = Stamper::new(DEFAULT_MAX_FRAME_BYTES);
+        let out = ready(
+            &mut stamper,
+            b"{\n  \"from\": \"a\",\r\n  \"tags\": [1,\n 2]\n}",
+        )
+        .unwrap();
+        assert_eq!(out["tags"], json!([1, 2]));
+    }
+
+    #[test]
+    fn bad_frames_are_refused_with_a_reason() {
+        let mut stamper = Stamper::new(16);
+        let table: [(&[u8], DropReason); 7] = [
+            (b"not json", DropReason::InvalidJson),
+            (b"{\"a\":", DropReason::InvalidJson),
+            (b"\xff\xfe", DropReason::InvalidJson),
+            (b"null", DropReason::NotAnObject),
+            (b"[1,2]", DropReason::NotAnObject),
+            (b"\"text\"", DropReason::NotAnObject),
+            (b"{\"from\":\"aaaaaaaaaaaaa\"}", DropReason::Oversize),
+        ];
+        for (frame, reason) in table {
+            assert_eq!(ready(&mut stamper, frame).err(), Some(reason), "{frame:?}");
+        }
+        // A refused frame does not use up an id.
+        let out = ready(&mut stamper, b"{}").unwrap();
+        assert!(out["id"].as_str().unwrap().ends_with("-1"));
+    }
+
+    #[test]
+    fn parsed_stamping_for_scripts() {
+        let mut stamper = Stamper::new(DEFAULT_MAX_FRAME_BYTES);
+        let Ok(Stamped::Parsed(map)) = stamper.stamp(br#"{"from":"a","id":"x"}"#, false) else {
+            panic!("parsed")
+        };
+        assert_eq!(map["from"], "a");
+        assert!(map["id"].as_str().unwrap().ends_with("-1"));
+        assert!(map["time"].is_u64());
+        assert_eq!(
+            stamper.stamp(b"[]", false).err(),
+            Some(DropReason::NotAnObject)
+        );
+    }
+
+    #[test]
+    fn msg_id_parses_and_orders() {
+        let id: MsgId = "1764109484123-42".parse().unwrap();
+        assert_eq!(
+            id,
+            MsgId {
+                run: 1764109484123,
+                seq: 42
+            }
+        );
+        assert_eq!(id.to_string(), "1764109484123-42");
+        for bad in [
+            "",
+            "1",
+            "-1",
+            "1-",
+            "a-1",
+            "1-+2",
+            "1-2-3",
+            "1 -2",
+            "99999999999999999999999-1",
+        ] {
+            assert!(bad.parse::<MsgId>().is_err(), "{bad}");
+        }
+        let older: MsgId = "1-99".parse().unwrap();
+        let newer: MsgId = "2-1".parse().unwrap();
+        assert!(
+            older < newer,
+            "a later run sorts after every id of an earlier one"
+        );
+    }
+
+    #[test]
+    fn rejection_frame() {
+        let frame = rejection("n-1", "too many messages", 429);
+        let value: Value = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(
+            value,
+            json!({"reject":"n-1","reason":"too many messages","status":429})
+        );
+    }
+}

@@ -1,0 +1,775 @@
+//! `etc/temma.toml`: the whole configuration, loaded and validated before anything binds.
+//!
+//! Loading has two phases, as in Vector's config compiler:
+//!
+//! 1. **Shape** — figment merges the TOML file with `TEMMA_<SECTION>__<KEY>` environment
+//!    overrides (matched case-insensitively) and serde deserializes the result into [`Config`].
+//!    Every struct denies unknown keys, so a typo is an error that names the key and its origin.
+//! 2. **Meaning** — [`Config::validate`] collects *every* remaining problem (an undefined data
+//!    source, a socket type in the wrong role, two binds on one endpoint, a missing folder or
+//!    script, a missing session secret…) and reports them all at once.
+//!
+//! Relative paths (the static folder, scripts, word lists) resolve against the application root,
+//! `application.root`, itself relative to the directory of the config file (default `..`: the
+//! config lives in `<root>/etc/temma.toml`, as in Temma).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+use crate::broker::BrokerConfig;
+use crate::dsn::{Dsn, Mode, SocketKind};
+use crate::event::EventConfig;
+use crate::message::MessageConfig;
+use crate::server::{LogConfig, ServerConfig};
+
+/// Where `temma` looks for its configuration when `-c` is not given.
+pub const DEFAULT_PATH: &str = "etc/temma.toml";
+/// Prefix of environment overrides: `TEMMA_SERVER__LISTEN=127.0.0.1:9000`.
+pub const ENV_PREFIX: &str = "TEMMA_";
+/// Separator between the section and the key in an environment override.
+pub const ENV_SEPARATOR: &str = "__";
+/// Default `application.root`, relative to the config file's directory.
+pub const DEFAULT_ROOT: &str = "..";
+/// Default `application.sessionName` (Temma's).
+pub const DEFAULT_SESSION_NAME: &str = "TemmaSession";
+/// Default `application.sessionDuration` in seconds (Temma's: one year).
+pub const DEFAULT_SESSION_DURATION_SECS: u64 = 31_536_000;
+/// The shortest `application.sessionSecret` accepted, in bytes.
+pub const MIN_SESSION_SECRET_BYTES: usize = 64;
+
+/// Default data source names: the four of Temma's chat tutorial.
+pub const DEFAULT_CLIENT_PUSH: &str = "zmq_client_push";
+pub const DEFAULT_BROKER_PULL: &str = "zmq_broker_pull";
+pub const DEFAULT_BROKER_PUB: &str = "zmq_broker_pub";
+pub const DEFAULT_CLIENT_SUB: &str = "zmq_client_sub";
+
+/// Temma's camelCase keys, so that an environment override (lower-cased by the shell
+/// convention) still reaches them: `TEMMA_APPLICATION__ROOTCONTROLLER` → `rootController`.
+const CAMEL_CASE_KEYS: &[&str] = &[
+    "rootController",
+    "enableSessions",
+    "dataSources",
+    "sessionSecret",
+    "sessionName",
+    "sessionDuration",
+    "sessionSecure",
+];
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Temma's `application` section: data sources, root controller, sessions.
+    #[serde(default)]
+    pub application: ApplicationConfig,
+    /// The HTTP server.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The Broker component (PULL → scripts → PUB).
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    /// The Message controller (`POST /message/broadcast`).
+    #[serde(default)]
+    pub message: MessageConfig,
+    /// The Event controller (`GET /event/fetch`) and the web node's fan-out.
+    #[serde(default)]
+    pub event: EventConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The file this configuration was read from (empty for an in-memory configuration).
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+/// The controllers `rootController` may name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum RootController {
+    /// Serves `index.html` from the static folder.
+    #[default]
+    Homepage,
+}
+
+/// Temma's `[application]` section, with Temma's key names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplicationConfig {
+    /// Base directory for every relative path in the file; itself relative to the config file's
+    /// directory. Default `".."`.
+    #[serde(default = "default_root")]
+    pub root: PathBuf,
+    /// The controller that answers `GET /`. Default `"Homepage"` (the only one).
+    #[serde(rename = "rootController", default)]
+    pub root_controller: RootController,
+    /// Signed-cookie sessions that remember the sender's name. Default `false`.
+    #[serde(rename = "enableSessions", default)]
+    pub enable_sessions: bool,
+    /// Secret signing the session cookie; required (≥ 64 bytes) when sessions are on. Prefer the
+    /// environment: `TEMMA_APPLICATION__SESSIONSECRET`.
+    #[serde(rename = "sessionSecret", default)]
+    pub session_secret: Option<String>,
+    /// Session cookie name. Default `"TemmaSession"`.
+    #[serde(rename = "sessionName", default = "default_session_name")]
+    pub session_name: String,
+    /// Session lifetime in seconds. Default 31536000 (one year).
+    #[serde(rename = "sessionDuration", default = "default_session_duration")]
+    pub session_duration: u64,
+    /// Mark the session cookie `Secure` (HTTPS only). Default `false`.
+    #[serde(rename = "sessionSecure", default)]
+    pub session_secure: bool,
+    /// Named ZeroMQ sockets as Temma DSNs. Default: the tutorial's four.
+    #[serde(rename = "dataSources", default = "default_data_sources")]
+    pub data_sources: BTreeMap<String, Dsn>,
+}
+
+impl Default for ApplicationConfig {
+    fn default() -> Self {
+        ApplicationConfig {
+            root: default_root(),
+            root_controller: RootController::default(),
+            enable_sessions: false,
+            session_secret: None,
+            session_name: default_session_name(),
+            session_duration: default_session_duration(),
+            session_secure: false,
+            data_sources: default_data_sources(),
+        }
+    }
+}
+
+fn default_root() -> PathBuf {
+    PathBuf::from(DEFAULT_ROOT)
+}
+
+fn default_session_name() -> String {
+    DEFAULT_SESSION_NAME.to_owned()
+}
+
+fn default_session_duration() -> u64 {
+    DEFAULT_SESSION_DURATION_SECS
+}
+
+/// The tutorial's four data sources, all on 127.0.0.1.
+pub fn default_data_sources() -> BTreeMap<String, Dsn> {
+    [
+        (DEFAULT_CLIENT_PUSH, "zmq://PUSH@127.0.0.1:5000"),
+        (DEFAULT_BROKER_PULL, "zmq-bind://PULL@127.0.0.1:5000"),
+        (DEFAULT_BROKER_PUB, "zmq-bind://PUB@127.0.0.1:6000"),
+        (DEFAULT_CLIENT_SUB, "zmq://SUB@127.0.0.1:6000"),
+    ]
+    .into_iter()
+    .map(|(name, dsn)| (name.to_owned(), dsn.parse().expect("built-in DSN")))
+    .collect()
+}
+
+/// A socket a component uses, named by a config key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `message.push`: the web node's PUSH socket to the broker.
+    MessagePush,
+    /// `event.sub`: the web node's SUB socket from the broker.
+    EventSub,
+    /// `broker.pull`: the broker's input.
+    BrokerPull,
+    /// `broker.pub`: the broker's output.
+    BrokerPub,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [
+        Role::MessagePush,
+        Role::EventSub,
+        Role::BrokerPull,
+        Role::BrokerPub,
+    ];
+
+    /// The config key naming this role's data source.
+    pub fn key(self) -> &'static str {
+        match self {
+            Role::MessagePush => "message.push",
+            Role::EventSub => "event.sub",
+            Role::BrokerPull => "broker.pull",
+            Role::BrokerPub => "broker.pub",
+        }
+    }
+
+    /// The socket type this role needs.
+    pub fn kind(self) -> SocketKind {
+        match self {
+            Role::MessagePush => SocketKind::Push,
+            Role::EventSub => SocketKind::Sub,
+            Role::BrokerPull => SocketKind::Pull,
+            Role::BrokerPub => SocketKind::Pub,
+        }
+    }
+
+    /// Whether this role binds (the broker) or connects (web nodes).
+    pub fn mode(self) -> Mode {
+        if self.is_broker() {
+            Mode::Bind
+        } else {
+            Mode::Connect
+        }
+    }
+
+    fn is_broker(self) -> bool {
+        matches!(self, Role::BrokerPull | Role::BrokerPub)
+    }
+}
+
+/// One thing wrong with a configuration: the key at fault and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key, e.g. `server.listen` (empty when the whole file is at fault).
+    pub key: String,
+    /// Where the value came from when it is not the file itself (an environment variable).
+    pub origin: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.key.is_empty() {
+            write!(f, "`{}`", self.key)?;
+            if let Some(origin) = &self.origin {
+                write!(f, " (from {origin})")?;
+            }
+            f.write_str(": ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let file = if self.file.as_os_str().is_empty() {
+            "<inline>".to_owned()
+        } else {
+            self.file.display().to_string()
+        };
+        let count = self.problems.len();
+        write!(
+            f,
+            "invalid configuration in `{file}` ({count} problem{}):",
+            if count == 1 { "" } else { "s" }
+        )?;
+        for problem in &self.problems {
+            write!(f, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn one(file: &Path, key: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_owned(),
+            problems: vec![Problem {
+                key: key.to_owned(),
+                origin: None,
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`, applies `TEMMA_…` environment overrides, and validates the result.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if !path.is_file() {
+            return Err(ConfigError::one(
+                path,
+                "",
+                format!(
+                    "config file `{}` not found (give another with `-c PATH`)",
+                    path.display()
+                ),
+            ));
+        }
+        let figment = Figment::from(Toml::file_exact(path)).merge(environment());
+        Self::extract(figment, path)
+    }
+
+    /// Parses a configuration from TOML text, without environment overrides, and validates it.
+    ///
+    /// `file` stands for the file the text would live in: relative paths resolve from it.
+    pub fn from_toml(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        Self::extract(Figment::from(Toml::string(text)), file)
+    }
+
+    fn extract(figment: Figment, file: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = figment.extract().map_err(|error| ConfigError {
+            file: file.to_owned(),
+            problems: error.into_iter().map(figment_problem).collect(),
+        })?;
+        config.file = file.to_owned();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The application root: `application.root` resolved against the config file's directory.
+    pub fn root(&self) -> PathBuf {
+        let base = self
+            .file
+            .parent()
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        base.join(&self.application.root)
+    }
+
+    /// A path from the config resolved against [`Config::root`] (absolute paths stay as they are).
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.root().join(path)
+        }
+    }
+
+    /// The data source name a role is configured to use.
+    pub fn role_name(&self, role: Role) -> &str {
+        match role {
+            Role::MessagePush => &self.message.push,
+            Role::EventSub => &self.event.sub,
+            Role::BrokerPull => &self.broker.pull,
+            Role::BrokerPub => &self.broker.publish,
+        }
+    }
+
+    /// The DSN a role uses. Only call on a validated configuration.
+    pub fn dsn(&self, role: Role) -> &Dsn {
+        &self.application.data_sources[self.role_name(role)]
+    }
+
+    /// Checks everything serde cannot, collecting every problem before failing.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, message: String| {
+            problems.push(Problem {
+                key: key.to_owned(),
+                origin: None,
+                message,
+            })
+        };
+
+        let sources = &self.application.data_sources;
+        let defined = || {
+            sources
+                .keys()
+                .map(|name| format!("`{name}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for role in Role::ALL {
+            let name = self.role_name(role);
+            match sources.get(name) {
+                None => problem(
+                    role.key(),
+                    format!(
+                        "data source `{name}` is not defined in [application.dataSources] (defined: {})",
+                        defined()
+                    ),
+                ),
+                Some(dsn) if dsn.kind != role.kind() => problem(
+                    role.key(),
+                    format!(
+                        "data source `{name}` is a {} socket (`{dsn}`), but this role needs a {} socket",
+                        dsn.kind,
+                        role.kind()
+                    ),
+                ),
+                Some(dsn) if dsn.mode != role.mode() => problem(
+                    role.key(),
+                    format!(
+                        "data source `{name}` {} (`{dsn}`), but this role must {}",
+                        if dsn.mode == Mode::Bind {
+                            "binds"
+                        } else {
+                            "connects"
+                        },
+                        if role.mode() == Mode::Bind {
+                            "bind: write `zmq-bind://`"
+                        } else {
+                            "connect: write `zmq://`"
+                        }
+                    ),
+                ),
+                Some(_) => {}
+            }
+        }
+
+        // Two binds of one endpoint in this file would fail at start-up (or, worse, on another
+        // machine): report them now. `*:port` overlaps every host on that port. Port 0 never
+        // overlaps: the system picks a free port for each bind.
+        let binds: Vec<(&String, &crate::dsn::Endpoint)> = sources
+            .iter()
+            .filter(|(_, dsn)| dsn.mode == Mode::Bind)
+            .flat_map(|(name, dsn)| dsn.endpoints.iter().map(move |e| (name, e)))
+            .collect();
+        for (i, (name, endpoint)) in binds.iter().enumerate() {
+            for (other_name, other) in &binds[..i] {
+                if crate::socket::overlaps(endpoint, other) {
+                    problem(
+                        &format!("application.dataSources.{name}"),
+                        format!(
+                            "binds `{endpoint}`, which data source `{other_name}` already binds (`{other}`)"
+                        ),
+                    );
+                }
+            }
+        }
+
+        // Port 0 in a connect DSN means "the port the embedded broker got for the same endpoint".
+        for role in Role::ALL {
+            let Some(dsn) = sources.get(self.role_name(role)) else {
+                continue;
+            };
+            if dsn.mode != Mode::Connect {
+                continue;
+            }
+            for endpoint in dsn.endpoints.iter().filter(|e| e.port() == Some(0)) {
+                let follows_embedded_bind = !role.is_broker()
+                    && self.broker.embedded
+                    && [Role::BrokerPull, Role::BrokerPub]
+                        .iter()
+                        .any(|broker_role| {
+                            sources.get(self.role_name(*broker_role)).is_some_and(|b| {
+                                b.mode == Mode::Bind && b.endpoints.contains(endpoint)
+                            })
+                        });
+                if !follows_embedded_bind {
+                    problem(
+                        &format!("application.dataSources.{}", self.role_name(role)),
+                        format!(
+                            "connects to port 0 (`{endpoint}`), which only works when the embedded \
+                             broker binds that same endpoint; give a real port"
+                        ),
+                    );
+                }
+            }
+        }
+
+        if self.application.enable_sessions {
+            match &self.application.session_secret {
+                None => problem(
+                    "application.sessionSecret",
+                    format!(
+                        "is required when `enableSessions` is true: set at least \
+                         {MIN_SESSION_SECRET_BYTES} random bytes, preferably through the \
+                         environment variable TEMMA_APPLICATION__SESSIONSECRET"
+                    ),
+                ),
+                Some(secret) if secret.len() < MIN_SESSION_SECRET_BYTES => problem(
+                    "application.sessionSecret",
+                    format!(
+                        "is {} bytes long; at least {MIN_SESSION_SECRET_BYTES} are needed to sign \
+                         session cookies safely",
+                        secret.len()
+                    ),
+                ),
+                Some(_) => {}
+            }
+            if self.application.session_duration == 0 {
+                problem(
+                    "application.sessionDuration",
+                    "must be at least 1 second".to_owned(),
+                );
+            }
+        }
+
+        self.server.validate(self, &mut problem);
+        self.message.validate(&mut problem);
+        self.event.validate(&mut problem);
+        self.broker.validate(self, &mut problem);
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError {
+                file: self.file.clone(),
+                problems,
+            })
+        }
+    }
+}
+
+/// `TEMMA_SECTION__KEY` → `section.key`, with Temma's camelCase keys restored.
+fn environment() -> Env {
+    Env::prefixed(ENV_PREFIX)
+        .lowercase(false)
+        .map(|key| env_key(key.as_str()).into())
+}
+
+/// Maps an environment variable name, prefix removed, to a dotted config key.
+fn env_key(name: &str) -> String {
+    name.split(ENV_SEPARATOR)
+        .map(|part| {
+            let lower = part.to_ascii_lowercase();
+            CAMEL_CASE_KEYS
+                .iter()
+                .find(|camel| camel.eq_ignore_ascii_case(&lower))
+                .map_or(lower, |camel| (*camel).to_owned())
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Turns one figment error into a [`Problem`] naming the key and, for an environment
+/// override, the variable it came from.
+fn figment_problem(error: figment::Error) -> Problem {
+    let key = error.path.join(".");
+    let origin = error.metadata.as_ref().and_then(|metadata| {
+        if metadata.name.contains("environment") {
+            let keys: Vec<&str> = error.path.iter().map(String::as_str).collect();
+            let profile = error.profile.clone().unwrap_or_default();
+            Some(format!(
+                "environment variable {}",
+                metadata.interpolate(&profile, &keys)
+            ))
+        } else {
+            None
+        }
+    });
+    Problem {
+        key,
+        origin,
+        message: error.kind.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shipped_path() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("etc/temma.toml")
+    }
+
+    fn problems(text: &str) -> Vec<Problem> {
+        Config::from_toml(text, &shipped_path())
+            .expect_err("config should be rejected")
+            .problems
+    }
+
+    #[test]
+    fn shipped_config_validates() {
+        let config = Config::load(&shipped_path()).unwrap();
+        assert_eq!(config.application.root_controller, RootController::Homepage);
+        assert!(!config.application.enable_sessions);
+        assert!(config.broker.embedded);
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8000");
+        assert_eq!(
+            config.dsn(Role::MessagePush).to_string(),
+            "zmq://PUSH@127.0.0.1:5000"
+        );
+        assert_eq!(
+            config.dsn(Role::BrokerPub).to_string(),
+            "zmq-bind://PUB@127.0.0.1:6000"
+        );
+        // The shipped file restates the built-in defaults: they must agree.
+        let empty = Config::from_toml("", &shipped_path()).unwrap();
+        assert_eq!(
+            config.application.data_sources,
+            empty.application.data_sources
+        );
+        assert_eq!(
+            format!("{:?}", config.server),
+            format!("{:?}", empty.server)
+        );
+        assert_eq!(
+            format!("{:?}", config.message),
+            format!("{:?}", empty.message)
+        );
+        assert_eq!(format!("{:?}", config.event), format!("{:?}", empty.event));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let found = problems("[server]\nlisten = \"127.0.0.1:8000\"\nlistn = 1\n");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].key, "server.listn");
+        assert!(found[0].message.contains("unknown field"), "{}", found[0]);
+        let found = problems("[aplication]\n");
+        assert_eq!(found[0].key, "aplication");
+    }
+
+    #[test]
+    fn error_names_the_file() {
+        let error =
+            Config::from_toml("[server]\nlistn = 1\n", Path::new("/x/etc/temma.toml")).unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("`/x/etc/temma.toml`"), "{text}");
+        assert!(text.contains("`server.listn`"), "{text}");
+    }
+
+    #[test]
+    fn bad_dsn_is_named() {
+        let found =
+            problems("[application.dataSources]\nzmq_client_push = \"zmq://PUSH@*:5000\"\n");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].key, "application.dataSources.zmq_client_push");
+        assert!(found[0].message.contains("only a bind"), "{}", found[0]);
+    }
+
+    #[test]
+    fn unknown_data_source_is_named() {
+        let found = problems("[message]\npush = \"nope\"\n");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].key, "message.push");
+        assert!(
+            found[0].message.contains("`nope` is not defined"),
+            "{}",
+            found[0]
+        );
+        assert!(
+            found[0].message.contains("`zmq_client_push`"),
+            "{}",
+            found[0]
+        );
+    }
+
+    #[test]
+    fn wrong_socket_type_for_a_role() {
+        let found = problems(
+            "[application.dataSources]\n\
+             zmq_client_push = \"zmq://PUSH@127.0.0.1:5000\"\n\
+             zmq_broker_pull = \"zmq-bind://PUB@127.0.0.1:5000\"\n\
+             zmq_broker_pub = \"zmq-bind://PUB@127.0.0.1:6000\"\n\
+             zmq_client_sub = \"zmq://SUB@127.0.0.1:6000\"\n",
+        );
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "broker.pull");
+        assert!(
+            found[0].message.contains("needs a PULL socket"),
+            "{}",
+            found[0]
+        );
+    }
+
+    #[test]
+    fn two_binds_on_one_endpoint() {
+        let found = problems(
+            "[application.dataSources]\n\
+             zmq_client_push = \"zmq://PUSH@127.0.0.1:5000\"\n\
+             zmq_broker_pull = \"zmq-bind://PULL@127.0.0.1:5000\"\n\
+             zmq_broker_pub = \"zmq-bind://PUB@*:5000\"\n\
+             zmq_client_sub = \"zmq://SUB@127.0.0.1:6000\"\n",
+        );
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "application.dataSources.zmq_broker_pull");
+        assert!(
+            found[0].message.contains("`zmq_broker_pub` already binds"),
+            "{}",
+            found[0]
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let found = problems(
+            "[application]\nenableSessions = true\n[message]\npush = \"a\"\n[event]\nsub = \"b\"\n",
+        );
+        let keys: Vec<&str> = found.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["message.push", "event.sub", "application.sessionSecret"]
+        );
+    }
+
+    #[test]
+    fn short_session_secret_is_refused() {
+        let found = problems("[application]\nenableSessions = true\nsessionSecret = \"short\"\n");
+        assert_eq!(found[0].key, "application.sessionSecret");
+        assert!(found[0].message.contains("5 bytes long"), "{}", found[0]);
+        let secret = "s".repeat(MIN_SESSION_SECRET_BYTES);
+        let text = format!("[application]\nenableSessions = true\nsessionSecret = \"{secret}\"\n");
+        Config::from_toml(&text, &shipped_path()).unwrap();
+    }
+
+    #[test]
+    fn port_zero_connect_needs_an_embedded_bind() {
+        let ok = "[application.dataSources]\n\
+                  zmq_client_push = \"zmq://PUSH@127.0.0.1:0\"\n\
+                  zmq_broker_pull = \"zmq-bind://PULL@127.0.0.1:0\"\n\
+                  zmq_broker_pub = \"zmq-bind://PUB@127.0.0.1:0\"\n\
+                  zmq_client_sub = \"zmq://SUB@127.0.0.1:0\"\n";
+        Config::from_toml(ok, &shipped_path()).unwrap();
+        let found = problems(&format!("{ok}[broker]\nembedded = false\n"));
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].message.contains("port 0"), "{}", found[0]);
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_root() {
+        let config = Config {
+            file: PathBuf::from("/srv/chat/etc/temma.toml"),
+            ..Config::default()
+        };
+        assert_eq!(config.root(), Path::new("/srv/chat/etc/.."));
+        assert_eq!(
+            config.resolve(Path::new("static")),
+            Path::new("/srv/chat/etc/../static")
+        );
+        assert_eq!(
+            config.resolve(Path::new("/abs/static")),
+            Path::new("/abs/static")
+        );
+        let config = Config {
+            file: PathBuf::from("/srv/chat/temma.toml"),
+            application: ApplicationConfig {
+                root: PathBuf::from("."),
+                ..ApplicationConfig::default()
+            },
+            ..Config::default()
+        };
+        assert_eq!(
+            config.resolve(Path::new("static")),
+            Path::new("/srv/chat/./static")
+        );
+        // A config given by a bare file name resolves from the working directory.
+        let config = Config {
+            file: PathBuf::from("temma.toml"),
+            ..Config::default()
+        };
+        assert_eq!(config.resolve(Path::new("static")), Path::new("./../static"));
+    }
+
+    #[test]
+    fn missing_static_folder_is_named() {
+        let found = Config::from_toml("", Path::new("/nonexistent/etc/temma.toml"))
+            .unwrap_err()
+            .problems;
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "server.static_dir");
+        assert!(found[0].message.contains("does not exist"), "{}", found[0]);
+    }
+
+    #[test]
+    fn environment_keys_map_to_temma_names() {
+        assert_eq!(
+            env_key("APPLICATION__ROOTCONTROLLER"),
+            "application.rootController"
+        );
+        assert_eq!(
+            env_key("application__enablesessions"),
+            "application.enableSessions"
+        );
+        assert_eq!(
+            env_key("APPLICATION__DATASOURCES__ZMQ_CLIENT_PUSH"),
+            "application.dataSources.zmq_client_push"
+        );
+        assert_eq!(env_key("SERVER__LISTEN"), "server.listen");
+    }
+}

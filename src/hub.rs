@@ -1,0 +1,625 @@
+//! The web node's fan-out: one SUB socket per broker endpoint, a history ring, and an in-process
+//! broadcast to every SSE client.
+//!
+//! Temma opened one SUB socket (and one PHP process) per browser. Here each `temma serve` process
+//! subscribes once; the SUB task hands every published frame to [`Hub::ingest`], which builds the
+//! SSE frame **once** (`id: …\nevent: msg\ndata: <json>\n\n`, a shared [`Bytes`]), appends it to
+//! the history and broadcasts it.
+//!
+//! Queues and their policies:
+//! - The broadcast ring holds at least `event.queue` frames. Each client may lag behind the
+//!   newest frame by at most `event.queue` frames; a client that falls further behind is
+//!   disconnected (its browser reconnects and replays from the history), counted in
+//!   `temma_slow_consumer_disconnects_total`, and never slows the others: the ring overwrites.
+//!   A sweep every [`SWEEP_INTERVAL`] finds clients whose connection stopped draining at all and
+//!   aborts their connection.
+//! - The history keeps at most `event.history_size` messages, none older than
+//!   `event.history_ttl_secs`; older entries are evicted.
+//!
+//! Replay: a client that reconnects with `Last-Event-ID` (or `?lastEventId=`) gets every message
+//! after that id from the history, then the live stream, with no gap and no duplicate — the
+//! history append and the broadcast happen under one lock, and subscribing takes the same lock.
+//! An id the history cannot cover gets an `event: reset` frame first, never a silent gap.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use salvo::conn::ConnCtrl;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use zeromq::{Socket, SocketEvent, SocketRecv, SubSocket};
+
+use crate::broker::MsgId;
+use crate::event::EventConfig;
+use crate::message::{Ack, Acks};
+use crate::metrics::{DropReason, Metrics};
+use crate::socket;
+
+/// How often the hub looks for clients that stopped draining their queue.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
+/// The keep-alive comment sent to every client when the stream has been idle.
+pub const KEEPALIVE_FRAME: &[u8] = b": keep-alive\n\n";
+/// Coalesce at most this many bytes of queued frames into one write for a client that lags.
+pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
+
+/// One broadcast frame: a message (with its id, if the broker gave one) or a keep-alive.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub id: Option<MsgId>,
+    pub frame: Bytes,
+    /// `true` for chat messages, `false` for keep-alives and notices.
+    pub message: bool,
+}
+
+/// The fan-out hub of one web node. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    acks: Arc<Acks>,
+    clients: AtomicUsize,
+    next_client: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct Settings {
+    queue: usize,
+    max_clients: usize,
+    initial_history: usize,
+    retry_ms: u64,
+    keepalive: Duration,
+}
+
+struct State {
+    /// `None` once the hub shut down: receivers see `Closed` and their streams end.
+    tx: Option<broadcast::Sender<Item>>,
+    history: History,
+    /// Frames broadcast so far.
+    sent: u64,
+    /// The newest message id received, to detect gaps and ids from the future.
+    newest: Option<MsgId>,
+    slots: HashMap<u64, Arc<Slot>>,
+    /// When the last frame was broadcast, for keep-alives.
+    last_sent: Instant,
+}
+
+/// What the hub knows of one client, for the slow-consumer sweep.
+pub struct Slot {
+    /// Frames this client has taken from the ring (same count as `State::sent`).
+    consumed: AtomicU64,
+    conn: Option<ConnCtrl>,
+    dropped: AtomicBool,
+}
+
+impl Slot {
+    /// Marks the client as disconnected for being slow; `true` the first time only.
+    fn drop_slow(&self) -> bool {
+        !self.dropped.swap(true, Ordering::AcqRel)
+    }
+}
+
+/// `subscribe` refused a client: `event.max_clients` are connected.
+#[derive(Debug, thiserror::Error)]
+#[error("too many SSE clients: this node serves at most {0}")]
+pub struct Full(pub usize);
+
+/// A client's subscription: what to send first, then the live receiver.
+pub struct Subscription {
+    /// `retry:`, a comment that opens the stream at once, any `reset` notice, and the replay.
+    pub head: Bytes,
+    pub rx: broadcast::Receiver<Item>,
+    /// Skip live messages up to this id (the client already has them).
+    pub skip_until: Option<MsgId>,
+    pub slot: Arc<Slot>,
+    pub guard: ClientGuard,
+}
+
+/// Releases a client's place when its stream ends.
+pub struct ClientGuard {
+    shared: Arc<Shared>,
+    key: u64,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+        self.shared.metrics.sse_clients.dec();
+        self.shared.lock().slots.remove(&self.key);
+    }
+}
+
+impl Hub {
+    pub fn new(config: &EventConfig, metrics: Arc<Metrics>, acks: Arc<Acks>) -> Hub {
+        let capacity = (config.queue + 1).next_power_of_two();
+        let (tx, _) = broadcast::channel(capacity);
+        Hub {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    tx: Some(tx),
+                    history: History::new(
+                        config.history_size,
+                        Duration::from_secs(config.history_ttl_secs),
+                    ),
+                    sent: 0,
+                    newest: None,
+                    slots: HashMap::new(),
+                    last_sent: Instant::now(),
+                }),
+                settings: Settings {
+                    queue: config.queue,
+                    max_clients: config.max_clients,
+                    initial_history: config.initial_history,
+                    retry_ms: config.retry_ms,
+                    keepalive: Duration::from_secs(config.keepalive_secs),
+                },
+                metrics,
+                acks,
+                clients: AtomicUsize::new(0),
+                next_client: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Clients connected now.
+    pub fn clients(&self) -> usize {
+        self.shared.clients.load(Ordering::Acquire)
+    }
+
+    /// Registers a client. `last_event_id` is what the browser sent back (header or query);
+    /// `conn` lets the sweep abort the connection if the client stops reading.
+    pub fn subscribe(
+        &self,
+        last_event_id: Option<&str>,
+        conn: Option<ConnCtrl>,
+    ) -> Result<Subscription, Full> {
+        let shared = &self.shared;
+        let settings = &shared.settings;
+        if shared.clients.fetch_add(1, Ordering::AcqRel) >= settings.max_clients {
+            shared.clients.fetch_sub(1, Ordering::AcqRel);
+            shared.metrics.refused_clients.inc();
+            return Err(Full(settings.max_clients));
+        }
+        shared.metrics.sse_clients.inc();
+        let key = shared.next_client.fetch_add(1, Ordering::Relaxed);
+        let guard = ClientGuard {
+            shared: shared.clone(),
+            key,
+        };
+
+        let mut head = BytesMut::with_capacity(64);
+        head.put_slice(b"retry: ");
+        head.put_slice(itoa::Buffer::new().format(settings.retry_ms).as_bytes());
+        head.put_slice(b"\n: ok\n\n");
+
+        let mut state = shared.lock();
+        let now = Instant::now();
+        state.history.expire(now);
+        let mut skip_until = None;
+        let requested = last_event_id.map(str::trim).filter(|id| !id.is_empty());
+        match requested {
+            None => state
+                .history
+                .write_last(settings.initial_history, &mut head),
+            Some(text) => match text.parse::<MsgId>() {
+                Ok(id) if state.history.contains(id) => state.history.write_after(id, &mut head),
+                // The client is ahead of this node (it saw a message on another node that has
+                // not reached this one yet): nothing to replay; skip what it already has.
+                Ok(id) if state.newest.is_some_and(|newest| id > newest) => {
+                    skip_until = Some(id);
+                }
+                _ => {
+                    write_reset(
+                        &mut head,
+                        text,
+                        "the history does not reach back to this id",
+                    );
+                    state
+                        .history
+                        .write_last(settings.initial_history, &mut head);
+                }
+            },
+        }
+        let tx = state.tx.as_ref();
+        let rx = match tx {
+            Some(tx) => tx.subscribe(),
+            None => {
+                // Shutting down: a closed receiver ends the stream after the head.
+                let (tx, rx) = broadcast::channel(1);
+                drop(tx);
+                rx
+            }
+        };
+        let slot = Arc::new(Slot {
+            consumed: AtomicU64::new(state.sent),
+            conn,
+            dropped: AtomicBool::new(false),
+        });
+        state.slots.insert(key, slot.clone());
+        drop(state);
+
+        Ok(Subscription {
+            head: head.freeze(),
+            rx,
+            skip_until,
+            slot,
+            guard,
+        })
+    }
+
+    /// Records that a client took `count` frames from the ring.
+    pub fn consumed(&self, slot: &Slot, count: u64) {
+        slot.consumed.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Counts a client dropped for lagging (seen by its own stream), once.
+    pub fn lagged(&self, slot: &Slot) {
+        if slot.drop_slow() {
+            self.shared.metrics.slow_disconnects.inc();
+            tracing::warn!("SSE client fell behind its queue; disconnected");
+        }
+    }
+
+    /// Whether the sweep disconnected this client.
+    pub fn is_dropped(&self, slot: &Slot) -> bool {
+        slot.dropped.load(Ordering::Acquire)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Takes one frame published by the broker: a message to fan out, or a rejection notice.
+    pub fn ingest(&self, frame: &[u8]) {
+        let shared = &self.shared;
+        let head: Head<'_> = match serde_json::from_slice(frame) {
+            Ok(head) => head,
+            Err(error) => {
+                shared.metrics.dropped(DropReason::Unreadable);
+                tracing::warn!(%error, bytes = frame.len(), "dropped a published frame that is not a JSON object");
+                return;
+            }
+        };
+        if let Some(reference) = head.reject.and_then(plain_str) {
+            shared.acks.resolve(
+                reference,
+                Ack::Rejected {
+                    reason: head
+                        .reason
+                        .unwrap_or_else(|| "rejected by moderation".to_owned()),
+                    status: head
+                        .status
+                        .filter(|s| (400..500).contains(s))
+                        .unwrap_or(422),
+                },
+            );
+            return;
+        }
+        shared.metrics.received.inc();
+        let id = head
+            .id
+            .and_then(plain_str)
+            .and_then(|s| s.parse::<MsgId>().ok());
+
+        // The data line must be one line: re-serialize input that is not compact.
+        let compact;
+        let json: &[u8] = if memchr::memchr2(b'\n', b'\r', frame).is_some() {
+            let value: serde_json::Value =
+                serde_json::from_slice(frame).expect("parsed as an object above");
+            compact = serde_json::to_vec(&value).expect("serializing a JSON value");
+            &compact
+        } else {
+            frame
+        };
+        let mut sse = BytesMut::with_capacity(json.len() + 64);
+        if let Some(id) = id {
+            let mut number = itoa::Buffer::new();
+            sse.put_slice(b"id: ");
+            sse.put_slice(number.format(id.run).as_bytes());
+            sse.put_u8(b'-');
+            sse.put_slice(number.format(id.seq).as_bytes());
+            sse.put_u8(b'\n');
+        }
+        sse.put_slice(b"event: msg\ndata: ");
+        sse.put_slice(json);
+        sse.put_slice(b"\n\n");
+        let frame = sse.freeze();
+
+        {
+            let mut state = shared.lock();
+            let now = Instant::now();
+            if let Some(id) = id {
+                if let Some(newest) = state.newest {
+                    if id.run == newest.run && id.seq > newest.seq + 1 {
+                        // Published ids are dense within a run: this node missed messages.
+                        let missed = id.seq - newest.seq - 1;
+                        tracing::warn!(missed, after = %newest, "messages missed between broker and this node");
+                        let mut notice = BytesMut::new();
+                        write_reset(
+                            &mut notice,
+                            &newest.to_string(),
+                            "messages were lost before reaching this server",
+                        );
+                        let notice = Item {
+                            id: None,
+                            frame: notice.freeze(),
+                            message: false,
+                        };
+                        state.broadcast(notice);
+                        state.history.mark_gap();
+                    }
+                }
+                if state.newest.is_none_or(|newest| id > newest) {
+                    state.newest = Some(id);
+                }
+                state.history.push(id, frame.clone(), now);
+            }
+            state.broadcast(Item {
+                id,
+                frame,
+                message: true,
+            });
+            state.last_sent = now;
+        }
+        if let Some(reference) = head.reference.and_then(plain_str) {
+            shared.acks.resolve(reference, Ack::Published);
+        }
+    }
+
+    /// Sends keep-alives, sweeps slow clients, and ends every stream on shutdown.
+    pub async fn run_timers(self, shutdown: CancellationToken) {
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let keepalive = self.shared.settings.keepalive;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = sweep.tick() => {}
+            }
+            let mut state = self.shared.lock();
+            if !keepalive.is_zero() && state.last_sent.elapsed() >= keepalive {
+                state.broadcast(Item {
+                    id: None,
+                    frame: Bytes::from_static(KEEPALIVE_FRAME),
+                    message: false,
+                });
+                state.last_sent = Instant::now();
+            }
+            let queue = self.shared.settings.queue as u64;
+            let sent = state.sent;
+            let metrics = &self.shared.metrics;
+            state.slots.retain(|_, slot| {
+                let behind = sent.saturating_sub(slot.consumed.load(Ordering::Relaxed));
+                if behind > queue {
+                    if slot.drop_slow() {
+                        metrics.slow_disconnects.inc();
+                        tracing::warn!(behind, "SSE client stopped reading; connection aborted");
+                    }
+                    if let Some(conn) = &slot.conn {
+                        conn.abort();
+                    }
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        // Dropping the sender ends every stream once it has sent what it already had.
+        self.shared.lock().tx = None;
+        tracing::info!("event streams closed");
+    }
+
+    /// Owns one SUB socket connected to `address` and feeds the hub until shutdown. Rebuilds the
+    /// socket as soon as the broker goes away, retrying every few hundred milliseconds, so that
+    /// messages flow again quickly when it is back (the crate's own backoff reaches 30 s).
+    pub async fn run_subscriber(self, address: String, shutdown: CancellationToken) {
+        let what = format!("SUB {address}");
+        let addresses = [address];
+        loop {
+            let make = || {
+                let mut socket = SubSocket::with_options(socket::connect_options());
+                // Subscribing before connecting: the crate sends it on every connection.
+                let _ = futures_util::FutureExt::now_or_never(socket.subscribe(""));
+                socket
+            };
+            let Some(mut sub) = socket::connect(make, &addresses, &what, &shutdown).await else {
+                return;
+            };
+            let mut events = sub.monitor();
+            self.shared.metrics.sub_connected.inc();
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => {
+                        self.shared.metrics.sub_connected.dec();
+                        return;
+                    }
+                    event = futures_util::StreamExt::next(&mut events) => match event {
+                        Some(SocketEvent::Disconnected(_)) | None => {
+                            tracing::warn!(socket = %what, "broker went away; reconnecting");
+                            break;
+                        }
+                        Some(_) => {}
+                    },
+                    received = sub.recv() => match received {
+                        Ok(message) if message.len() == 1 => {
+                            self.ingest(message.get(0).expect("one frame"));
+                        }
+                        Ok(message) => {
+                            self.shared.metrics.dropped(DropReason::Unreadable);
+                            tracing::warn!(frames = message.len(), "dropped a multipart publication");
+                        }
+                        Err(error) => {
+                            tracing::warn!(socket = %what, %error, "SUB socket failed; reconnecting");
+                            break;
+                        }
+                    },
+                }
+            }
+            self.shared.metrics.sub_connected.dec();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-updated in a way that
+        // matters more than losing the node: keep serving.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl State {
+    fn broadcast(&mut self, item: Item) {
+        if let Some(tx) = &self.tx {
+            // No receiver is fine: nobody is connected.
+            let _ = tx.send(item);
+            self.sent += 1;
+        }
+    }
+}
+
+/// The fields of a published frame the hub reads; the rest stays as it is.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(rename = "ref", borrow, default)]
+    reference: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    reject: Option<&'a RawValue>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    status: Option<u16>,
+}
+
+/// The contents of a JSON string with no escapes (ids and refs never have any).
+fn plain_str(raw: &RawValue) -> Option<&str> {
+    let text = raw.get().strip_prefix('"')?.strip_suffix('"')?;
+    (!text.contains(['\\', '"'])).then_some(text)
+}
+
+/// Appends an `event: reset` frame: the client missed messages the server cannot replay.
+fn write_reset(out: &mut BytesMut, last_event_id: &str, reason: &str) {
+    out.put_slice(b"event: reset\ndata: ");
+    let data = serde_json::json!({ "lastEventId": last_event_id, "reason": reason });
+    out.put_slice(&serde_json::to_vec(&data).expect("serializing a JSON value"));
+    out.put_slice(b"\n\n");
+}
+
+/// The bounded history of one web node: message frames by id, oldest first.
+pub struct History {
+    entries: VecDeque<Entry>,
+    max_len: usize,
+    max_age: Duration,
+    /// Set when messages were lost; the next entry carries it as `gap_before`.
+    gap_marker: bool,
+}
+
+struct Entry {
+    id: MsgId,
+    at: Instant,
+    frame: Bytes,
+    /// Messages were lost just before this one.
+    gap_before: bool,
+}
+
+impl History {
+    pub fn new(max_len: usize, max_age: Duration) -> History {
+        History {
+            entries: VecDeque::with_capacity(max_len.min(4096)),
+            max_len,
+            max_age,
+            gap_marker: false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Appends a message; ids arrive in increasing order (an older one is not stored).
+    pub fn push(&mut self, id: MsgId, frame: Bytes, now: Instant) {
+        if self.max_len == 0 || self.entries.back().is_some_and(|last| last.id >= id) {
+            return;
+        }
+        if self.entries.len() == self.max_len {
+            self.entries.pop_front();
+        }
+        self.entries.push_back(Entry {
+            id,
+            at: now,
+            frame,
+            gap_before: std::mem::take(&mut self.gap_marker),
+        });
+        self.expire(now);
+    }
+
+    /// Marks that messages were lost before the next one pushed.
+    pub fn mark_gap(&mut self) {
+        self.gap_marker = true;
+    }
+
+    /// Drops entries older than the age limit.
+    pub fn expire(&mut self, now: Instant) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|entry| now.duration_since(entry.at) > self.max_age)
+        {
+            self.entries.pop_front();
+        }
+    }
+
+    fn position(&self, id: MsgId) -> Result<usize, usize> {
+        self.entries.binary_search_by(|entry| entry.id.cmp(&id))
+    }
+
+    pub fn contains(&self, id: MsgId) -> bool {
+        self.position(id).is_ok()
+    }
+
+    /// Writes every message after `id` (which must be in the history).
+    pub fn write_after(&self, id: MsgId, out: &mut BytesMut) {
+        let start = self.position(id).map_or(0, |i| i + 1);
+        self.write_from(start, out);
+    }
+
+    /// Writes the newest `count` messages.
+    pub fn write_last(&self, count: usize, out: &mut BytesMut) {
+        self.write_from(self.entries.len().saturating_sub(count), out);
+    }
+
+    fn write_from(&self, start: usize, out: &mut BytesMut) {
+        for (i, entry) in self.entries.range(start..).enumerate() {
+            if entry.gap_before && i > 0 {
+                write_reset(
+                    out,
+                    &self.entries[start + i - 1].id.to_string(),
+                    "messages were lost before reaching this server",
+                );
+            }
+            out.put_slice(&entry.frame);
+        }
+    }
+
+    /// The ids held, oldest first (for tests and diagnostics).
+    pub fn ids(&self) -> Vec<MsgId> {
+        self.entries.iter().map(|entry| entry.id).collect()
+    }
+}

@@ -1,0 +1,40 @@
+//! temma: a config-first real-time chat server (Server-Sent Events over a ZeroMQ broker).
+//!
+//! A re-implementation of the Temma PHP framework's multi-user chat. Browsers post messages over
+//! HTTP; a web node pushes them to a broker over ZeroMQ (PUSH → PULL); the broker stamps each one
+//! with an id, runs it through moderation scripts and publishes it (PUB → SUB); every web node
+//! fans each published message out to its Server-Sent Events clients.
+//!
+//! # Layout
+//!
+//! - [`config`]: `etc/temma.toml` → [`Config`], loaded with figment, validated in one pass.
+//! - [`dsn`]: Temma's ZeroMQ data source names (`zmq://PUSH@127.0.0.1:5000`).
+//! - [`socket`]: builds zeromq sockets from DSNs (bind, connect with retry).
+//! - [`broker`]: the Broker component: PULL → scripts → PUB.
+//! - [`hub`]: one SUB socket per web node, the history ring and the in-process fan-out.
+//! - [`event`]: the Event controller, `GET /event/fetch` (SSE).
+//! - [`message`]: the Message controller, `POST /message/broadcast`, and the PUSH publisher.
+//! - [`homepage`]: the Homepage root controller, `GET /`.
+//! - [`session`]: optional signed-cookie sessions (`enableSessions`).
+//! - [`metrics`]: the counters every component updates and `GET /metrics` renders.
+//! - [`server`]: the HTTP router and server (salvo).
+//! - [`app`]: wires the components for `temma serve` and `temma broker`, and shuts them down.
+//! - [`error`]: JSON error answers.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod broker;
+pub mod config;
+pub mod dsn;
+pub mod error;
+pub mod event;
+pub mod homepage;
+pub mod hub;
+pub mod message;
+pub mod metrics;
+pub mod server;
+pub mod session;
+pub mod socket;
+
+pub use app::App;
+pub use config::Config;

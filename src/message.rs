@@ -1,0 +1,941 @@
+//! The Message controller, `POST /message/broadcast`, and the web node's PUSH publisher.
+//!
+//! A POST carries `from` and `text` as `application/x-www-form-urlencoded`,
+//! `multipart/form-data` or JSON. Temma answered `true` to everything; temma answers:
+//!
+//! - `200` with body `true` once the broker has **published** the message (with
+//!   `message.confirm = true`, the default): the node tags each message with a reference
+//!   (`ref`), and the answer waits until that message comes back on the node's own SUB socket.
+//! - `4xx` with `{"error": …}` for bad input (each case says what was wrong), or when a
+//!   moderation script refused the message (`422`, or the script's status such as `429`).
+//! - `503` when the message could not be published within `message.publish_timeout_ms`
+//!   (broker down, queue full, shutting down). A POST never hangs.
+//!
+//! One task owns the PUSH socket ([`Publisher::run`]); requests reach it through a bounded
+//! queue (`message.queue`; when full a request waits until its deadline, then gets `503`).
+//! The zeromq crate's PUSH never recovers once its broker restarted (`ReturnToSender` forever),
+//! so the task rebuilds the socket when the broker goes away and resends the returned message.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use salvo::http::StatusCode;
+use salvo::prelude::*;
+use salvo::session::SessionDepotExt;
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use zeromq::{PushSocket, Socket, SocketEvent, SocketSend, ZmqError, ZmqMessage};
+
+use crate::config::DEFAULT_CLIENT_PUSH;
+use crate::error::{JsonError, write_json};
+use crate::metrics::{DropReason, Metrics, PostLabels};
+use crate::socket;
+
+/// Default `message.max_from_chars`.
+pub const DEFAULT_MAX_FROM_CHARS: usize = 64;
+/// Default `message.max_text_chars`.
+pub const DEFAULT_MAX_TEXT_CHARS: usize = 2000;
+/// Default `message.max_body_bytes`.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024;
+/// Default `message.publish_timeout_ms`.
+pub const DEFAULT_PUBLISH_TIMEOUT_MS: u64 = 1000;
+/// Default `message.queue`.
+pub const DEFAULT_QUEUE: usize = 1024;
+/// The session key remembering the sender's name.
+pub const SESSION_FROM: &str = "from";
+
+/// The `[message]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageConfig {
+    /// Data source of the PUSH socket to the broker. Default `"zmq_client_push"`.
+    #[serde(default = "default_push")]
+    pub push: String,
+    /// Longest sender name, in characters. Default 64.
+    #[serde(default = "default_max_from")]
+    pub max_from_chars: usize,
+    /// Longest message text, in characters. Default 2000.
+    #[serde(default = "default_max_text")]
+    pub max_text_chars: usize,
+    /// Largest request body, in bytes; larger gets 413. Default 16384.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// How long a POST may wait for its message to be published; then 503. Default 1000.
+    #[serde(default = "default_publish_timeout")]
+    pub publish_timeout_ms: u64,
+    /// Answer 200 only once the broker published the message (`true`, default), or as soon as
+    /// ZeroMQ took it (`false`, Temma's behaviour, for brokers that do not echo `ref`).
+    #[serde(default = "default_confirm")]
+    pub confirm: bool,
+    /// Messages waiting for the PUSH socket. Default 1024.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+}
+
+fn default_push() -> String {
+    DEFAULT_CLIENT_PUSH.to_owned()
+}
+fn default_max_from() -> usize {
+    DEFAULT_MAX_FROM_CHARS
+}
+fn default_max_text() -> usize {
+    DEFAULT_MAX_TEXT_CHARS
+}
+fn default_max_body() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+fn default_publish_timeout() -> u64 {
+    DEFAULT_PUBLISH_TIMEOUT_MS
+}
+fn default_confirm() -> bool {
+    true
+}
+fn default_queue() -> usize {
+    DEFAULT_QUEUE
+}
+
+impl Default for MessageConfig {
+    fn default() -> Self {
+        MessageConfig {
+            push: default_push(),
+            max_from_chars: default_max_from(),
+            max_text_chars: default_max_text(),
+            max_body_bytes: default_max_body(),
+            publish_timeout_ms: default_publish_timeout(),
+            confirm: default_confirm(),
+            queue: default_queue(),
+        }
+    }
+}
+
+impl MessageConfig {
+    pub(crate) fn validate(&self, problem: &mut impl FnMut(&str, String)) {
+        for (key, value) in [
+            ("message.max_from_chars", self.max_from_chars),
+            ("message.max_text_chars", self.max_text_chars),
+            ("message.max_body_bytes", self.max_body_bytes),
+            ("message.queue", self.queue),
+        ] {
+            if value == 0 {
+                problem(key, "must be at least 1".to_owned());
+            }
+        }
+        if self.publish_timeout_ms == 0 {
+            problem(
+                "message.publish_timeout_ms",
+                "must be at least 1".to_owned(),
+            );
+        }
+    }
+}
+
+/// What became of a message a node sent, as reported back by the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ack {
+    Published,
+    Rejected { reason: String, status: u16 },
+}
+
+/// Messages this node sent and still waits for, by reference. A reference is
+/// `<node>-<n>`: a random node id, so that each node recognises its own messages among those
+/// every node receives, and a counter.
+pub struct Acks {
+    node: String,
+    next: AtomicU64,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Ack>>>,
+}
+
+impl Default for Acks {
+    fn default() -> Self {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        Acks {
+            node: format!("{:016x}", hasher.finish()),
+            next: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Acks {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A new reference to tag a message with, and where its outcome will arrive.
+    pub fn register(&self) -> (String, u64, oneshot::Receiver<Ack>) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(n, tx);
+        (format!("{}-{n}", self.node), n, rx)
+    }
+
+    /// Delivers the outcome of a message, if it is one of this node's.
+    pub fn resolve(&self, reference: &str, ack: Ack) {
+        let Some((node, n)) = reference.rsplit_once('-') else {
+            return;
+        };
+        if node != self.node {
+            return;
+        }
+        let Ok(n) = n.parse::<u64>() else {
+            return;
+        };
+        if let Some(tx) = self.lock().remove(&n) {
+            let _ = tx.send(ack);
+        }
+    }
+
+    /// Stops waiting for a message (its request gave up).
+    pub fn forget(&self, n: u64) {
+        self.lock().remove(&n);
+    }
+
+    /// Messages still waiting for their outcome.
+    pub fn pending(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Ack>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Why a message could not be published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishError {
+    /// The broker could not be reached or did not answer in time: 503.
+    Unavailable(String),
+    /// A moderation script refused the message.
+    Rejected { reason: String, status: u16 },
+}
+
+struct Outgoing {
+    frame: Bytes,
+    deadline: Instant,
+    /// With `confirm = false`: told once ZeroMQ took the message.
+    sent: Option<oneshot::Sender<()>>,
+}
+
+/// Hands messages to the PUSH task and waits for their outcome.
+#[derive(Clone)]
+pub struct Publisher {
+    tx: mpsc::Sender<Outgoing>,
+    acks: Arc<Acks>,
+    timeout: Duration,
+    confirm: bool,
+}
+
+/// The PUSH socket's owner; see [`PushTask::run`].
+pub struct PushTask {
+    rx: mpsc::Receiver<Outgoing>,
+    addresses: Vec<String>,
+    metrics: Arc<Metrics>,
+}
+
+impl Publisher {
+    pub fn new(
+        config: &MessageConfig,
+        addresses: Vec<String>,
+        acks: Arc<Acks>,
+        metrics: Arc<Metrics>,
+    ) -> (Publisher, PushTask) {
+        let (tx, rx) = mpsc::channel(config.queue);
+        (
+            Publisher {
+                tx,
+                acks,
+                timeout: Duration::from_millis(config.publish_timeout_ms),
+                confirm: config.confirm,
+            },
+            PushTask {
+                rx,
+                addresses,
+                metrics,
+            },
+        )
+    }
+
+    /// Publishes one message and waits for its outcome, at most `publish_timeout_ms`.
+    pub async fn publish(&self, from: &str, text: &str) -> Result<(), PublishError> {
+        let deadline = Instant::now() + self.timeout;
+        let waited = |what: &str| {
+            PublishError::Unavailable(format!(
+                "{what} within {} ms; try again",
+                self.timeout.as_millis()
+            ))
+        };
+        let mut body = serde_json::json!({ "from": from, "text": text });
+        let registration = self.confirm.then(|| {
+            let (reference, key, rx) = self.acks.register();
+            body["ref"] = reference.into();
+            (key, rx)
+        });
+        let (sent_tx, sent_rx) = if self.confirm {
+            (None, None)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        };
+        let outgoing = Outgoing {
+            frame: serde_json::to_vec(&body).expect("serializing JSON").into(),
+            deadline,
+            sent: sent_tx,
+        };
+        let forget = |registration: &Option<(u64, oneshot::Receiver<Ack>)>| {
+            if let Some((key, _)) = registration {
+                self.acks.forget(*key);
+            }
+        };
+        match tokio::time::timeout_at(deadline, self.tx.send(outgoing)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                forget(&registration);
+                return Err(PublishError::Unavailable(
+                    "the server is shutting down".into(),
+                ));
+            }
+            Err(_) => {
+                forget(&registration);
+                return Err(waited("the queue to the broker did not free up"));
+            }
+        }
+        if let Some((key, rx)) = registration {
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(Ack::Published)) => Ok(()),
+                Ok(Ok(Ack::Rejected { reason, status })) => {
+                    Err(PublishError::Rejected { reason, status })
+                }
+                Ok(Err(_)) => Err(PublishError::Unavailable(
+                    "the server is shutting down".into(),
+                )),
+                Err(_) => {
+                    self.acks.forget(key);
+                    Err(waited("the broker did not publish the message"))
+                }
+            }
+        } else {
+            let rx = sent_rx.expect("created when not confirming");
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) | Err(_) => Err(waited("the broker could not be reached")),
+            }
+        }
+    }
+}
+
+impl PushTask {
+    /// Owns the PUSH socket until shutdown: connects (retrying), sends what requests queue,
+    /// and rebuilds the socket whenever the broker goes away, resending the message in hand.
+    /// Messages whose request already gave up (deadline passed) are dropped, not sent late.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut in_hand: Option<Outgoing> = None;
+        loop {
+            let make = || PushSocket::with_options(socket::connect_options());
+            let Some(mut push) = socket::connect(make, &self.addresses, "PUSH", &shutdown).await
+            else {
+                return;
+            };
+            let mut events = push.monitor();
+            self.metrics.push_connected.set(1);
+            loop {
+                let item = match in_hand.take() {
+                    Some(item) => item,
+                    None => tokio::select! {
+                        () = shutdown.cancelled() => {
+                            self.metrics.push_connected.set(0);
+                            return;
+                        }
+                        event = futures_util::StreamExt::next(&mut events) => match event {
+                            Some(SocketEvent::Disconnected(_)) | None => break,
+                            Some(_) => continue,
+                        },
+                        item = self.rx.recv() => match item {
+                            Some(item) => item,
+                            None => return,
+                        },
+                    },
+                };
+                if Instant::now() >= item.deadline {
+                    self.metrics.dropped(DropReason::Expired);
+                    continue;
+                }
+                match push.send(ZmqMessage::from(item.frame.clone())).await {
+                    Ok(()) => {
+                        if let Some(sent) = item.sent {
+                            let _ = sent.send(());
+                        }
+                    }
+                    Err(error) => {
+                        if !matches!(error, ZmqError::ReturnToSender { .. }) {
+                            tracing::warn!(%error, "PUSH socket failed");
+                        }
+                        in_hand = Some(item);
+                        break;
+                    }
+                }
+            }
+            self.metrics.push_connected.set(0);
+            tracing::warn!("broker went away; reconnecting the PUSH socket");
+        }
+    }
+}
+
+/// The two fields of a chat message, as sent.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Fields {
+    pub from: Option<String>,
+    pub text: Option<String>,
+}
+
+impl Fields {
+    fn set(&mut self, name: &str, value: String) -> Result<(), JsonError> {
+        let slot = match name {
+            "from" => &mut self.from,
+            "text" => &mut self.text,
+            other => {
+                return Err(JsonError::bad_request(format!(
+                    "unknown field `{}`; a message has `from` and `text`",
+                    other.escape_default()
+                )));
+            }
+        };
+        if slot.is_some() {
+            return Err(JsonError::bad_request(format!(
+                "field `{name}` is given more than once"
+            )));
+        }
+        *slot = Some(value);
+        Ok(())
+    }
+}
+
+/// Reads the fields of a request body according to its content type.
+pub async fn parse_body(content_type: Option<&str>, body: Bytes) -> Result<Fields, JsonError> {
+    let unsupported = || {
+        JsonError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "unsupported content type `{}`; send application/x-www-form-urlencoded, \
+                 multipart/form-data or application/json",
+                content_type.unwrap_or("(none)")
+            ),
+        )
+    };
+    let Some(mime) = content_type.and_then(|ct| ct.parse::<mime::Mime>().ok()) else {
+        return Err(unsupported());
+    };
+    match (mime.type_(), mime.subtype()) {
+        (mime::APPLICATION, mime::WWW_FORM_URLENCODED) => parse_urlencoded(&body),
+        (mime::APPLICATION, mime::JSON) => parse_json(&body),
+        (mime::MULTIPART, mime::FORM_DATA) => {
+            let boundary = multra::parse_boundary(content_type.unwrap_or_default())
+                .map_err(|_| JsonError::bad_request("multipart body without a boundary"))?;
+            parse_multipart(body, boundary).await
+        }
+        _ => Err(unsupported()),
+    }
+}
+
+fn utf8(bytes: Vec<u8>, what: &str) -> Result<String, JsonError> {
+    String::from_utf8(bytes)
+        .map_err(|_| JsonError::bad_request(format!("{what} is not valid UTF-8")))
+}
+
+fn parse_urlencoded(body: &[u8]) -> Result<Fields, JsonError> {
+    let mut fields = Fields::default();
+    for pair in body.split(|b| *b == b'&').filter(|pair| !pair.is_empty()) {
+        let (name, value) = match pair.iter().position(|b| *b == b'=') {
+            Some(i) => (&pair[..i], &pair[i + 1..]),
+            None => (pair, &b""[..]),
+        };
+        let decode = |part: &[u8]| -> Vec<u8> {
+            let plus: Vec<u8> = part
+                .iter()
+                .map(|b| if *b == b'+' { b' ' } else { *b })
+                .collect();
+            percent_encoding::percent_decode(&plus).collect()
+        };
+        let name = utf8(decode(name), "a field name")?;
+        let value = utf8(decode(value), &format!("field `{}`", name.escape_default()))?;
+        if name.ends_with("[]") {
+            return Err(JsonError::bad_request(format!(
+                "field `{}` is an array; `from` and `text` are single values",
+                name.escape_default()
+            )));
+        }
+        fields.set(&name, value)?;
+    }
+    Ok(fields)
+}
+
+fn parse_json(body: &[u8]) -> Result<Fields, JsonError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|error| JsonError::bad_request(format!("the body is not valid JSON: {error}")))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(JsonError::bad_request(
+            "the JSON body must be an object: {\"from\": \"…\", \"text\": \"…\"}",
+        ));
+    };
+    let mut fields = Fields::default();
+    for (name, value) in map {
+        match value {
+            serde_json::Value::String(value) => fields.set(&name, value)?,
+            serde_json::Value::Null if matches!(name.as_str(), "from" | "text") => {}
+            other => {
+                fields.set(&name, String::new())?;
+                return Err(JsonError::bad_request(format!(
+                    "field `{name}` must be a string, not {}",
+                    match other {
+                        serde_json::Value::Array(_) => "an array",
+                        serde_json::Value::Object(_) => "an object",
+                        serde_json::Value::Number(_) => "a number",
+                        serde_json::Value::Bool(_) => "a boolean",
+                        _ => "null",
+                    }
+                )));
+            }
+        }
+    }
+    Ok(fields)
+}
+
+/// JSON objects with a key twice are refused too: serde_json keeps the last one silently, so
+/// check the raw text for it.
+fn json_duplicate_key(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Keys(#[serde(deserialize_with = "keys")] Vec<String>);
+    fn keys<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<String>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    keys.push(key);
+                }
+                Ok(keys)
+            }
+        }
+        d.deserialize_map(V)
+    }
+    let Keys(keys) = serde_json::from_slice(body).ok()?;
+    keys.iter()
+        .enumerate()
+        .find(|(i, key)| keys[..*i].contains(key))
+        .map(|(_, key)| key.clone())
+}
+
+async fn parse_multipart(body: Bytes, boundary: String) -> Result<Fields, JsonError> {
+    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(body) });
+    let mut multipart = multra::Multipart::new(stream, boundary);
+    let mut fields = Fields::default();
+    let malformed =
+        |error: multra::Error| JsonError::bad_request(format!("malformed multipart body: {error}"));
+    while let Some(field) = multipart.next_field().await.map_err(malformed)? {
+        let name = field.name().unwrap_or_default().to_owned();
+        if field.file_name().is_some() {
+            return Err(JsonError::bad_request(format!(
+                "field `{}` is a file upload; send text fields",
+                name.escape_default()
+            )));
+        }
+        if name.ends_with("[]") {
+            return Err(JsonError::bad_request(format!(
+                "field `{}` is an array; `from` and `text` are single values",
+                name.escape_default()
+            )));
+        }
+        let bytes = field.bytes().await.map_err(malformed)?;
+        let value = utf8(
+            bytes.to_vec(),
+            &format!("field `{}`", name.escape_default()),
+        )?;
+        fields.set(&name, value)?;
+    }
+    Ok(fields)
+}
+
+/// A message ready to publish: both fields trimmed, present and within limits.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Checked {
+    pub from: String,
+    pub text: String,
+}
+
+/// Applies the rules for both fields.
+///
+/// - Both are trimmed; a missing or blank one is refused (Temma's `"0"` quirk is not kept).
+/// - `from` may hold no control character at all (a name is one line).
+/// - `text` may hold line feeds and tabs (multi-line messages); CR LF and lone CR become LF;
+///   any other control character (NUL, ESC, …) is refused. SSE frames cannot be split either
+///   way: the JSON data line escapes every control character.
+/// - Lengths are counted in characters, after trimming.
+pub fn check(fields: Fields, config: &MessageConfig) -> Result<Checked, JsonError> {
+    let from = check_field("from", fields.from, config.max_from_chars, false)?;
+    let text = check_field("text", fields.text, config.max_text_chars, true)?;
+    Ok(Checked { from, text })
+}
+
+fn check_field(
+    name: &str,
+    value: Option<String>,
+    max_chars: usize,
+    multiline: bool,
+) -> Result<String, JsonError> {
+    let Some(value) = value else {
+        return Err(JsonError::bad_request(format!("field `{name}` is missing")));
+    };
+    let value = if multiline && value.contains('\r') {
+        value.replace("\r\n", "\n").replace('\r', "\n")
+    } else {
+        value
+    };
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(JsonError::bad_request(format!("field `{name}` is blank")));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| c.is_control() && !(multiline && (*c == '\n' || *c == '\t')))
+    {
+        return Err(JsonError::bad_request(format!(
+            "field `{name}` contains the control character U+{:04X}{}",
+            c as u32,
+            if multiline {
+                "; only line feeds and tabs are allowed"
+            } else {
+                ""
+            }
+        )));
+    }
+    let chars = value.chars().count();
+    if chars > max_chars {
+        return Err(JsonError::bad_request(format!(
+            "field `{name}` is {chars} characters long; the limit is {max_chars}"
+        )));
+    }
+    Ok(value.to_owned())
+}
+
+/// `POST /message/broadcast`.
+pub struct Broadcast {
+    pub config: MessageConfig,
+    pub publisher: Publisher,
+    pub metrics: Arc<Metrics>,
+    pub sessions: bool,
+}
+
+impl Broadcast {
+    async fn answer(&self, req: &mut Request, depot: &mut Depot) -> Result<(), JsonError> {
+        let body = match req.payload_with_max_size(self.config.max_body_bytes).await {
+            Ok(body) => body.clone(),
+            Err(salvo::http::ParseError::PayloadTooLarge) => {
+                return Err(JsonError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the body is larger than {} bytes",
+                        self.config.max_body_bytes
+                    ),
+                ));
+            }
+            Err(error) => {
+                return Err(JsonError::bad_request(format!(
+                    "cannot read the body: {error}"
+                )));
+            }
+        };
+        let content_type = req
+            .headers()
+            .get(salvo::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        if content_type
+            .as_deref()
+            .is_some_and(|ct| ct.trim_start().starts_with("application/json"))
+        {
+            if let Some(key) = json_duplicate_key(&body) {
+                return Err(JsonError::bad_request(format!(
+                    "field `{}` is given more than once",
+                    key.escape_default()
+                )));
+            }
+        }
+        let mut fields = parse_body(content_type.as_deref(), body).await?;
+        if self.sessions && fields.from.as_deref().is_none_or(|f| f.trim().is_empty()) {
+            if let Some(session) = depot.session() {
+                fields.from = session.get::<String>(SESSION_FROM);
+            }
+        }
+        let checked = check(fields, &self.config)?;
+        let started = std::time::Instant::now();
+        match self.publisher.publish(&checked.from, &checked.text).await {
+            Ok(()) => {
+                self.metrics
+                    .publish_latency
+                    .observe(started.elapsed().as_secs_f64());
+                if self.sessions {
+                    if let Some(session) = depot.session_mut() {
+                        let _ = session.insert(SESSION_FROM, &checked.from);
+                    }
+                }
+                Ok(())
+            }
+            Err(PublishError::Unavailable(message)) => {
+                Err(JsonError::new(StatusCode::SERVICE_UNAVAILABLE, message))
+            }
+            Err(PublishError::Rejected { reason, status }) => Err(JsonError::new(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
+                reason,
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for Broadcast {
+    async fn handle(
+        &self,
+        req: &mut Request,
+        depot: &mut Depot,
+        res: &mut Response,
+        ctrl: &mut FlowCtrl,
+    ) {
+        let status = match self.answer(req, depot).await {
+            Ok(()) => {
+                res.status_code(StatusCode::OK);
+                write_json(res, &serde_json::Value::Bool(true));
+                StatusCode::OK
+            }
+            Err(error) => {
+                error.write_to(res);
+                error.status
+            }
+        };
+        self.metrics
+            .posts
+            .get_or_create(&PostLabels {
+                status: status.as_u16(),
+            })
+            .inc();
+        ctrl.skip_rest();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn form(body: &str) -> Result<Fields, JsonError> {
+        parse_urlencoded(body.as_bytes())
+    }
+
+    fn fields(from: &str, text: &str) -> Fields {
+        Fields {
+            from: Some(from.into()),
+            text: Some(text.into()),
+        }
+    }
+
+    #[test]
+    fn urlencoded_forms() {
+        assert_eq!(
+            form("from=Zo%C3%A9&text=a+b%26c").unwrap(),
+            fields("Zoé", "a b&c")
+        );
+        assert_eq!(form("text=hi").unwrap().from, None);
+        assert!(
+            form("from=a&from=b")
+                .unwrap_err()
+                .message
+                .contains("more than once")
+        );
+        assert!(
+            form("from[]=a&text=b")
+                .unwrap_err()
+                .message
+                .contains("is an array")
+        );
+        assert!(
+            form("from=%FF&text=b")
+                .unwrap_err()
+                .message
+                .contains("not valid UTF-8")
+        );
+        assert!(
+            form("colour=red")
+                .unwrap_err()
+                .message
+                .contains("unknown field `colour`")
+        );
+    }
+
+    #[test]
+    fn json_bodies() {
+        assert_eq!(
+            parse_json(br#"{"from":"a","text":"b"}"#).unwrap(),
+            fields("a", "b")
+        );
+        for (body, expected) in [
+            (&br#"["a"]"#[..], "must be an object"),
+            (br#""a""#, "must be an object"),
+            (
+                br#"{"from":["a"],"text":"b"}"#,
+                "`from` must be a string, not an array",
+            ),
+            (
+                br#"{"from":"a","text":5}"#,
+                "`text` must be a string, not a number",
+            ),
+            (br#"{"from":"a","#, "not valid JSON"),
+            (b"{\"from\":\"\xff\"}", "not valid JSON"),
+            (br#"{"from":"a","extra":"b"}"#, "unknown field `extra`"),
+        ] {
+            let error = parse_json(body).unwrap_err();
+            assert_eq!(error.status, StatusCode::BAD_REQUEST);
+            assert!(
+                error.message.contains(expected),
+                "{}: {}",
+                String::from_utf8_lossy(body),
+                error.message
+            );
+        }
+        assert_eq!(
+            json_duplicate_key(br#"{"from":"a","text":"b","from":"c"}"#),
+            Some("from".into())
+        );
+        assert_eq!(json_duplicate_key(br#"{"from":"a","text":"b"}"#), None);
+    }
+
+    #[tokio::test]
+    async fn content_types() {
+        let body = Bytes::from_static(b"from=a&text=b");
+        assert_eq!(
+            parse_body(
+                Some("application/x-www-form-urlencoded; charset=UTF-8"),
+                body.clone()
+            )
+            .await
+            .unwrap(),
+            fields("a", "b")
+        );
+        for ct in [
+            None,
+            Some("text/plain"),
+            Some("application/xml"),
+            Some("garbage"),
+        ] {
+            let error = parse_body(ct, body.clone()).await.unwrap_err();
+            assert_eq!(error.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct:?}");
+        }
+        let multipart = "--XX\r\nContent-Disposition: form-data; name=\"from\"\r\n\r\nZoé\r\n\
+                         --XX\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\nhello\r\n--XX--\r\n";
+        assert_eq!(
+            parse_body(
+                Some("multipart/form-data; boundary=XX"),
+                Bytes::from(multipart)
+            )
+            .await
+            .unwrap(),
+            fields("Zoé", "hello")
+        );
+        let upload = "--XX\r\nContent-Disposition: form-data; name=\"text\"; filename=\"a.txt\"\r\n\r\nhi\r\n--XX--\r\n";
+        let error = parse_body(
+            Some("multipart/form-data; boundary=XX"),
+            Bytes::from(upload),
+        )
+        .await
+        .unwrap_err();
+        assert!(error.message.contains("file upload"), "{}", error.message);
+        let error = parse_body(Some("multipart/form-data"), Bytes::from(upload))
+            .await
+            .unwrap_err();
+        assert!(error.message.contains("boundary"), "{}", error.message);
+    }
+
+    #[test]
+    fn field_rules() {
+        let config = MessageConfig {
+            max_from_chars: 5,
+            max_text_chars: 10,
+            ..MessageConfig::default()
+        };
+        let ok = |from: &str, text: &str| check(fields(from, text), &config).unwrap();
+        let err = |fields: Fields| check(fields, &config).unwrap_err().message;
+        assert_eq!(
+            ok("  Zoé ", " hi "),
+            Checked {
+                from: "Zoé".into(),
+                text: "hi".into()
+            }
+        );
+        assert_eq!(
+            ok("0", "0"),
+            Checked {
+                from: "0".into(),
+                text: "0".into()
+            }
+        );
+        assert_eq!(ok("a", "x\r\ny\rz\tw").text, "x\ny\nz\tw");
+        assert!(
+            err(Fields {
+                from: None,
+                text: Some("x".into())
+            })
+            .contains("`from` is missing")
+        );
+        assert!(err(fields("a", "   ")).contains("`text` is blank"));
+        assert!(err(fields("a\nb", "x")).contains("`from` contains the control character U+000A"));
+        assert!(err(fields("a", "x\0y")).contains("U+0000; only line feeds and tabs"));
+        assert!(err(fields("a", "x\u{1b}[31m")).contains("U+001B"));
+        assert!(err(fields("abcdef", "x")).contains("`from` is 6 characters long; the limit is 5"));
+        assert!(err(fields("éééé", "0123456789x")).contains("the limit is 10"));
+        // Characters, not bytes: 5 two-byte characters fit.
+        assert_eq!(ok("ééééé", "x").from, "ééééé");
+    }
+
+    #[tokio::test]
+    async fn acks_resolve_only_this_nodes_messages() {
+        let acks = Acks::default();
+        let (reference, _, rx) = acks.register();
+        acks.resolve("0000000000000000-1", Ack::Published);
+        assert_eq!(acks.pending(), 1, "another node's reference is ignored");
+        acks.resolve(
+            &reference,
+            Ack::Rejected {
+                reason: "no".into(),
+                status: 429,
+            },
+        );
+        assert_eq!(
+            rx.await.unwrap(),
+            Ack::Rejected {
+                reason: "no".into(),
+                status: 429
+            }
+        );
+        assert_eq!(acks.pending(), 0);
+        let (_, key, _rx) = acks.register();
+        acks.forget(key);
+        assert_eq!(acks.pending(), 0);
+        acks.resolve("garbage", Ack::Published);
+    }
+}

@@ -1,0 +1,335 @@
+//! The HTTP side: the `[server]` and `[log]` sections, the router, and the salvo server.
+//!
+//! Routes follow Temma's `/controller/action` convention:
+//!
+//! | route                      | component                                   |
+//! |----------------------------|---------------------------------------------|
+//! | `GET /`                    | the root controller ([`crate::homepage`])   |
+//! | `POST /message/broadcast`  | [`crate::message`]                          |
+//! | `GET /event/fetch`         | [`crate::event`] (SSE)                      |
+//! | `GET /health`              | liveness and ZeroMQ connection state        |
+//! | `GET /metrics`             | Prometheus text format ([`crate::metrics`]) |
+//! | `GET /<file>`              | files of the static folder                  |
+//!
+//! Anything else gets a JSON 404 (or 405 for a known route and the wrong method).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use salvo::catcher::Catcher;
+use salvo::conn::tcp::TcpAcceptor;
+use salvo::fuse::FuseConfig;
+use salvo::http::StatusCode;
+use salvo::prelude::*;
+use salvo::serve_static::StaticDir;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, RootController};
+use crate::error::{JsonError, write_json};
+use crate::event::Fetch;
+use crate::homepage::{Homepage, INDEX};
+use crate::hub::Hub;
+use crate::message::Broadcast;
+use crate::metrics::Metrics;
+
+/// Default `server.listen`: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
+/// Default `server.static_dir`, relative to the application root.
+pub const DEFAULT_STATIC_DIR: &str = "static";
+/// Default `server.shutdown_grace_secs`.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 5;
+/// Default `server.write_stall_timeout_secs`.
+pub const DEFAULT_WRITE_STALL_TIMEOUT_SECS: u64 = 30;
+
+/// The `[server]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address and port of the HTTP server. Default `"127.0.0.1:8000"`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Folder of `index.html`, `chat.js` and other static files, relative to the application
+    /// root. Default `"static"`.
+    #[serde(default = "default_static_dir")]
+    pub static_dir: PathBuf,
+    /// Seconds that open requests get to finish on shutdown. Default 5.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
+    /// Seconds a write to a client may stay blocked before the connection is closed (a client
+    /// that stopped reading). Default 30.
+    #[serde(default = "default_write_stall")]
+    pub write_stall_timeout_secs: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN.parse().expect("valid default address")
+}
+fn default_static_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATIC_DIR)
+}
+fn default_grace() -> u64 {
+    DEFAULT_SHUTDOWN_GRACE_SECS
+}
+fn default_write_stall() -> u64 {
+    DEFAULT_WRITE_STALL_TIMEOUT_SECS
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            static_dir: default_static_dir(),
+            shutdown_grace_secs: default_grace(),
+            write_stall_timeout_secs: default_write_stall(),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub(crate) fn validate(&self, config: &Config, problem: &mut impl FnMut(&str, String)) {
+        let dir = config.resolve(&self.static_dir);
+        if !dir.is_dir() {
+            problem(
+                "server.static_dir",
+                format!(
+                    "folder `{}` does not exist (relative paths start at the application root `{}`)",
+                    dir.display(),
+                    config.root().display()
+                ),
+            );
+        } else if config.application.root_controller == RootController::Homepage
+            && !dir.join(INDEX).is_file()
+        {
+            problem(
+                "server.static_dir",
+                format!(
+                    "folder `{}` has no `{INDEX}`, which the Homepage root controller serves",
+                    dir.display()
+                ),
+            );
+        }
+        if self.write_stall_timeout_secs == 0 {
+            problem(
+                "server.write_stall_timeout_secs",
+                "must be at least 1".to_owned(),
+            );
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The `[log]` section. `RUST_LOG`, when set, overrides `level`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `"text"` (default) or `"json"`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `"info"` or `"temma=debug,info"`. Default `"info"`.
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+fn default_level() -> String {
+    "info".to_owned()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::default(),
+            level: default_level(),
+        }
+    }
+}
+
+/// Everything the router serves.
+pub struct Routes {
+    pub static_dir: PathBuf,
+    pub root: RootController,
+    pub broadcast: Broadcast,
+    pub hub: Hub,
+    pub metrics: Arc<Metrics>,
+    pub sessions: Option<salvo::session::SessionHandler<salvo::session::CookieStore>>,
+}
+
+/// Builds the router (also used by tests in-process).
+pub fn router(routes: Routes) -> Service {
+    let Routes {
+        static_dir,
+        root,
+        broadcast,
+        hub,
+        metrics,
+        sessions,
+    } = routes;
+    let root_handler = match root {
+        RootController::Homepage => Homepage {
+            index: static_dir.join(INDEX),
+        },
+    };
+    let mut message = Router::with_path("message/broadcast");
+    if let Some(sessions) = sessions {
+        message = message.hoop(sessions);
+    }
+    let message = message
+        .post(broadcast)
+        .goal(MethodNotAllowed { allow: "POST" });
+    let router = Router::new()
+        .get(root_handler)
+        .push(message)
+        .push(
+            Router::with_path("event/fetch")
+                .get(Fetch { hub: hub.clone() })
+                .goal(MethodNotAllowed { allow: "GET" }),
+        )
+        .push(Router::with_path("health").get(Health {
+            hub,
+            metrics: metrics.clone(),
+        }))
+        .push(Router::with_path("metrics").get(MetricsPage { metrics }))
+        .push(
+            Router::with_path("{**path}").get(
+                StaticDir::new([static_dir])
+                    .include_dot_files(false)
+                    .auto_list(false),
+            ),
+        );
+    Service::new(router).catcher(Catcher::default().hoop(crate::error::catcher))
+}
+
+/// A known route asked with the wrong method: 405 with `Allow`.
+struct MethodNotAllowed {
+    allow: &'static str,
+}
+
+#[async_trait]
+impl Handler for MethodNotAllowed {
+    async fn handle(
+        &self,
+        req: &mut Request,
+        _depot: &mut Depot,
+        res: &mut Response,
+        ctrl: &mut FlowCtrl,
+    ) {
+        ctrl.skip_rest();
+        res.headers_mut().insert(
+            salvo::http::header::ALLOW,
+            salvo::http::HeaderValue::from_static(self.allow),
+        );
+        JsonError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "method {} is not allowed on `{}`; use {}",
+                req.method(),
+                req.uri().path(),
+                self.allow
+            ),
+        )
+        .write_to(res);
+    }
+}
+
+/// `GET /health`: 200 when this node's ZeroMQ sockets are connected, 503 otherwise; the body
+/// says which.
+struct Health {
+    hub: Hub,
+    metrics: Arc<Metrics>,
+}
+
+#[async_trait]
+impl Handler for Health {
+    async fn handle(
+        &self,
+        _req: &mut Request,
+        _depot: &mut Depot,
+        res: &mut Response,
+        ctrl: &mut FlowCtrl,
+    ) {
+        ctrl.skip_rest();
+        let push = self.metrics.push_connected.get() > 0;
+        let sub = self.metrics.sub_connected.get() > 0;
+        let ok = push && sub;
+        res.status_code(if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        });
+        write_json(
+            res,
+            &serde_json::json!({
+                "status": if ok { "ok" } else { "degraded" },
+                "push_connected": push,
+                "sub_connected": sub,
+                "sse_clients": self.hub.clients(),
+            }),
+        );
+    }
+}
+
+/// `GET /metrics`.
+struct MetricsPage {
+    metrics: Arc<Metrics>,
+}
+
+#[async_trait]
+impl Handler for MetricsPage {
+    async fn handle(
+        &self,
+        _req: &mut Request,
+        _depot: &mut Depot,
+        res: &mut Response,
+        ctrl: &mut FlowCtrl,
+    ) {
+        ctrl.skip_rest();
+        res.headers_mut().insert(
+            salvo::http::header::CONTENT_TYPE,
+            salvo::http::HeaderValue::from_static(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
+        );
+        let _ = res.write_body(self.metrics.render());
+    }
+}
+
+/// Serves `service` on an already bound listener until `shutdown` fires, then lets open
+/// requests finish for up to `grace`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: Service,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) {
+    let acceptor = match TcpAcceptor::try_from(listener) {
+        Ok(acceptor) => acceptor,
+        Err(error) => {
+            tracing::error!(%error, "cannot serve HTTP");
+            return;
+        }
+    };
+    let fuse = FuseConfig::default()
+        .with_write_stall_timeout(Duration::from_secs(config.write_stall_timeout_secs));
+    let server = Server::new(acceptor).fuse_config(fuse);
+    let handle = server.handle();
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        handle.stop_graceful(grace);
+    });
+    if let Err(error) = server.try_serve(service).await {
+        tracing::error!(%error, "HTTP server failed");
+    }
+}

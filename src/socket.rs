@@ -1,0 +1,329 @@
+//! Building zeromq sockets from [`Dsn`]s: binding, and connecting without ever blocking a caller.
+//!
+//! Facts about the zeromq crate (0.7) this module absorbs:
+//! - `tcp://*:port` is not accepted: `*` is bound as `0.0.0.0` ([`Endpoint::zmq_address`]).
+//! - ipc socket files are not removed on exit, so a re-bind fails with `AddrInUse`: a stale file
+//!   (one nobody listens on) is removed first.
+//! - `connect()` only returns once connected (or after its connect timeout): [`connect`] runs
+//!   it with a short timeout in a retry loop that the caller's task owns and shutdown can stop.
+//! - Only SUB sockets reconnect by themselves, with a backoff that reaches 30 s: every owner
+//!   here rebuilds its socket instead, through [`connect`], as soon as a peer disconnects.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use zeromq::{Socket, SocketOptions};
+
+use crate::dsn::{Dsn, Endpoint, Host, Mode};
+
+/// How long one connection attempt may take before the retry loop starts another.
+pub const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
+/// First pause between connection attempts; doubled after each failure up to the maximum.
+pub const RETRY_MIN: Duration = Duration::from_millis(50);
+/// Longest pause between connection attempts, so a returning broker is found within it.
+pub const RETRY_MAX: Duration = Duration::from_millis(500);
+
+/// Binding or preparing a socket failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("cannot bind `{endpoint}` ({dsn}): {source}")]
+    Bind {
+        dsn: String,
+        endpoint: String,
+        source: zeromq::ZmqError,
+    },
+    #[error("cannot bind `{endpoint}` ({dsn}): another process listens on this ipc socket")]
+    IpcInUse { dsn: String, endpoint: String },
+    #[error("`{dsn}` must bind (`zmq-bind://`) to be bound")]
+    NotABind { dsn: String },
+}
+
+/// Whether two bind endpoints would collide. `*:p` collides with any host on port `p`;
+/// port 0 never collides (the system picks a free port each time).
+pub fn overlaps(a: &Endpoint, b: &Endpoint) -> bool {
+    match (a, b) {
+        (Endpoint::Ipc(a), Endpoint::Ipc(b)) => a == b,
+        (
+            Endpoint::Tcp {
+                host: host_a,
+                port: port_a,
+            },
+            Endpoint::Tcp {
+                host: host_b,
+                port: port_b,
+            },
+        ) => {
+            *port_a != 0
+                && port_a == port_b
+                && (host_a == host_b || *host_a == Host::Any || *host_b == Host::Any)
+        }
+        _ => false,
+    }
+}
+
+/// The addresses actually bound for configured endpoints, so that a connect DSN naming port 0
+/// in the same process follows the port the system picked.
+#[derive(Debug, Clone, Default)]
+pub struct Bound {
+    addresses: HashMap<Endpoint, String>,
+}
+
+impl Bound {
+    /// The zeromq address to connect to for a configured endpoint.
+    pub fn address(&self, endpoint: &Endpoint) -> String {
+        match self.addresses.get(endpoint) {
+            Some(address) if endpoint.port() == Some(0) => address.clone(),
+            _ => endpoint.zmq_address(),
+        }
+    }
+
+    /// Every address a DSN connects to.
+    pub fn addresses(&self, dsn: &Dsn) -> Vec<String> {
+        dsn.endpoints.iter().map(|e| self.address(e)).collect()
+    }
+
+    fn record(&mut self, endpoint: &Endpoint, bound: &zeromq::Endpoint) {
+        self.addresses.insert(endpoint.clone(), bound.to_string());
+    }
+}
+
+/// Binds every endpoint of `dsn` on `socket`, recording the resolved addresses in `bound`.
+pub async fn bind<S: Socket>(
+    socket: &mut S,
+    dsn: &Dsn,
+    bound: &mut Bound,
+) -> Result<(), SocketError> {
+    if dsn.mode != Mode::Bind {
+        return Err(SocketError::NotABind {
+            dsn: dsn.to_string(),
+        });
+    }
+    for endpoint in &dsn.endpoints {
+        if let Endpoint::Ipc(path) = endpoint {
+            remove_stale_ipc(dsn, endpoint, path)?;
+        }
+        let resolved = socket
+            .bind(&endpoint.zmq_address())
+            .await
+            .map_err(|source| SocketError::Bind {
+                dsn: dsn.to_string(),
+                endpoint: endpoint.to_string(),
+                source,
+            })?;
+        tracing::info!(dsn = %dsn, endpoint = %resolved, "bound ZeroMQ socket");
+        bound.record(endpoint, &resolved);
+    }
+    Ok(())
+}
+
+/// Removes an ipc socket file left by a process that is gone; refuses one that is in use.
+fn remove_stale_ipc(
+    dsn: &Dsn,
+    endpoint: &Endpoint,
+    path: &std::path::Path,
+) -> Result<(), SocketError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(metadata) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !metadata.file_type().is_socket() {
+        return Ok(()); // Not ours to remove: let the bind report the problem.
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(SocketError::IpcInUse {
+            dsn: dsn.to_string(),
+            endpoint: endpoint.to_string(),
+        });
+    }
+    tracing::info!(path = %path.display(), "removing stale ipc socket file");
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+/// Socket options for sockets that connect: a short connect timeout, so that [`connect`]'s own
+/// loop (not the crate's 30 s backoff) paces the retries.
+pub fn connect_options() -> SocketOptions {
+    let mut options = SocketOptions::default();
+    options.connect_timeout(CONNECT_ATTEMPT_TIMEOUT);
+    options
+}
+
+/// Builds a socket with `make` and connects it to every address, retrying with a short backoff
+/// until all are connected. Returns `None` if `shutdown` fires first.
+///
+/// `what` names the socket in logs. The first failure is logged at WARN, later ones at DEBUG,
+/// and the recovery at INFO.
+pub async fn connect<S, F>(
+    make: F,
+    addresses: &[String],
+    what: &str,
+    shutdown: &CancellationToken,
+) -> Option<S>
+where
+    S: Socket,
+    F: Fn() -> S,
+{
+    let mut delay = RETRY_MIN;
+    let mut failures = 0u32;
+    loop {
+        let mut socket = make();
+        let mut failed = None;
+        for address in addresses {
+            let attempt = tokio::select! {
+                result = socket.connect(address) => result,
+                () = shutdown.cancelled() => return None,
+            };
+            if let Err(error) = attempt {
+                failed = Some((address, error));
+                break;
+            }
+        }
+        match failed {
+            None => {
+                if failures > 0 {
+                    tracing::info!(socket = what, addresses = ?addresses, "ZeroMQ socket connected again");
+                } else {
+                    tracing::info!(socket = what, addresses = ?addresses, "ZeroMQ socket connected");
+                }
+                return Some(socket);
+            }
+            Some((address, error)) => {
+                if failures == 0 {
+                    tracing::warn!(socket = what, %address, %error, "cannot connect ZeroMQ socket; retrying");
+                } else {
+                    tracing::debug!(socket = what, %address, %error, "ZeroMQ connect retry failed");
+                }
+                failures += 1;
+            }
+        }
+        drop(socket);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return None,
+        }
+        delay = (delay * 2).min(RETRY_MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zeromq::{PullSocket, PushSocket, SocketRecv, SocketSend, ZmqMessage};
+
+    fn tcp(host: Host, port: u16) -> Endpoint {
+        Endpoint::Tcp { host, port }
+    }
+
+    #[test]
+    fn overlapping_binds() {
+        let local = Host::V4(std::net::Ipv4Addr::LOCALHOST);
+        assert!(overlaps(
+            &tcp(local.clone(), 5000),
+            &tcp(local.clone(), 5000)
+        ));
+        assert!(overlaps(&tcp(Host::Any, 5000), &tcp(local.clone(), 5000)));
+        assert!(!overlaps(
+            &tcp(local.clone(), 5000),
+            &tcp(local.clone(), 5001)
+        ));
+        assert!(!overlaps(&tcp(local.clone(), 0), &tcp(local.clone(), 0)));
+        assert!(overlaps(
+            &Endpoint::Ipc("/a".into()),
+            &Endpoint::Ipc("/a".into())
+        ));
+        assert!(!overlaps(&Endpoint::Ipc("/a".into()), &tcp(local, 5000)));
+    }
+
+    #[tokio::test]
+    async fn bind_port_zero_then_connect_follows_it() {
+        let dsn: Dsn = "zmq-bind://PULL@127.0.0.1:0".parse().unwrap();
+        let mut bound = Bound::default();
+        let mut pull = PullSocket::new();
+        bind(&mut pull, &dsn, &mut bound).await.unwrap();
+        let target: Dsn = "zmq://PUSH@127.0.0.1:0".parse().unwrap();
+        let addresses = bound.addresses(&target);
+        assert_ne!(addresses[0], "tcp://127.0.0.1:0");
+        let shutdown = CancellationToken::new();
+        let mut push: PushSocket = connect(
+            || PushSocket::with_options(connect_options()),
+            &addresses,
+            "test",
+            &shutdown,
+        )
+        .await
+        .unwrap();
+        push.send(ZmqMessage::from("hello")).await.unwrap();
+        let got = pull.recv().await.unwrap();
+        assert_eq!(got.get(0).unwrap().as_ref(), b"hello");
+    }
+
+    #[tokio::test]
+    async fn connect_waits_for_a_late_bind_and_stops_on_shutdown() {
+        // A free port: bind, read it, release it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let address = format!("tcp://127.0.0.1:{port}");
+        let shutdown = CancellationToken::new();
+        let addresses = vec![address.clone()];
+        let connecting = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                connect(
+                    || PushSocket::with_options(connect_options()),
+                    &addresses,
+                    "test",
+                    &shutdown,
+                )
+                .await
+                .is_some()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut pull = PullSocket::new();
+        pull.bind(&address).await.unwrap();
+        assert!(connecting.await.unwrap(), "connect found the late bind");
+
+        let unreachable = vec!["tcp://127.0.0.1:1".to_owned()];
+        let stopper = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            stopper.cancel();
+        });
+        let socket: Option<PushSocket> = connect(
+            || PushSocket::with_options(connect_options()),
+            &unreachable,
+            "test",
+            &shutdown,
+        )
+        .await;
+        assert!(socket.is_none(), "shutdown ends the retry loop");
+    }
+
+    #[tokio::test]
+    async fn stale_ipc_file_is_replaced_and_live_one_refused() {
+        let dir = std::env::temp_dir().join(format!("temma-ipc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("stale.sock");
+        let _ = std::fs::remove_file(&path);
+        // A socket file nobody listens on.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let dsn: Dsn = format!("zmq-bind://PULL@ipc://{}", path.display())
+            .parse()
+            .unwrap();
+        let mut pull = PullSocket::new();
+        bind(&mut pull, &dsn, &mut Bound::default()).await.unwrap();
+        // Now it is live: a second bind is refused with a clear error.
+        let mut second = PullSocket::new();
+        let error = bind(&mut second, &dsn, &mut Bound::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(error, SocketError::IpcInUse { .. }), "{error}");
+        drop(pull);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
