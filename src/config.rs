@@ -440,15 +440,17 @@ impl Config {
                 continue;
             }
             for endpoint in dsn.endpoints.iter().filter(|e| e.port() == Some(0)) {
-                let follows_embedded_bind = !role.is_broker()
-                    && self.broker.embedded
-                    && [Role::BrokerPull, Role::BrokerPub]
-                        .iter()
-                        .any(|broker_role| {
-                            sources.get(self.role_name(*broker_role)).is_some_and(|b| {
-                                b.mode == Mode::Bind && b.endpoints.contains(endpoint)
-                            })
-                        });
+                let peer = match role {
+                    Role::MessagePush => Some(Role::BrokerPull),
+                    Role::EventSub => Some(Role::BrokerPub),
+                    Role::BrokerPull | Role::BrokerPub => None,
+                };
+                let follows_embedded_bind = self.broker.embedded
+                    && peer.is_some_and(|peer| {
+                        sources
+                            .get(self.role_name(peer))
+                            .is_some_and(|b| b.mode == Mode::Bind && b.endpoints.contains(endpoint))
+                    });
                 if !follows_embedded_bind {
                     problem(
                         &format!("application.dataSources.{}", self.role_name(role)),
@@ -743,7 +745,10 @@ mod tests {
             file: PathBuf::from("temma.toml"),
             ..Config::default()
         };
-        assert_eq!(config.resolve(Path::new("static")), Path::new("./../static"));
+        assert_eq!(
+            config.resolve(Path::new("static")),
+            Path::new("./../static")
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use zeromq::{Socket, SocketOptions};
 
-use crate::dsn::{Dsn, Endpoint, Host, Mode};
+use crate::dsn::{Dsn, Endpoint, Host, Mode, SocketKind};
 
 /// How long one connection attempt may take before the retry loop starts another.
 pub const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -66,25 +66,49 @@ pub fn overlaps(a: &Endpoint, b: &Endpoint) -> bool {
 /// in the same process follows the port the system picked.
 #[derive(Debug, Clone, Default)]
 pub struct Bound {
-    addresses: HashMap<Endpoint, String>,
+    addresses: HashMap<(SocketKind, Endpoint), String>,
+}
+
+/// The socket type a connecting socket talks to.
+pub fn peer_kind(kind: SocketKind) -> SocketKind {
+    match kind {
+        SocketKind::Push => SocketKind::Pull,
+        SocketKind::Pull => SocketKind::Push,
+        SocketKind::Pub => SocketKind::Sub,
+        SocketKind::Sub => SocketKind::Pub,
+        SocketKind::Req => SocketKind::Rep,
+        SocketKind::Rep => SocketKind::Req,
+    }
 }
 
 impl Bound {
-    /// The zeromq address to connect to for a configured endpoint.
-    pub fn address(&self, endpoint: &Endpoint) -> String {
-        match self.addresses.get(endpoint) {
-            Some(address) if endpoint.port() == Some(0) => address.clone(),
-            _ => endpoint.zmq_address(),
-        }
-    }
-
-    /// Every address a DSN connects to.
+    /// Every address a DSN connects to. An endpoint with port 0 follows the port the system
+    /// picked for the same endpoint bound in this process by a socket of the peer type (a PUSH
+    /// follows the PULL, a SUB the PUB).
     pub fn addresses(&self, dsn: &Dsn) -> Vec<String> {
-        dsn.endpoints.iter().map(|e| self.address(e)).collect()
+        let peer = peer_kind(dsn.kind);
+        dsn.endpoints
+            .iter()
+            .map(
+                |endpoint| match self.addresses.get(&(peer, endpoint.clone())) {
+                    Some(address) if endpoint.port() == Some(0) => address.clone(),
+                    _ => endpoint.zmq_address(),
+                },
+            )
+            .collect()
     }
 
-    fn record(&mut self, endpoint: &Endpoint, bound: &zeromq::Endpoint) {
-        self.addresses.insert(endpoint.clone(), bound.to_string());
+    /// Where a bound DSN actually listens.
+    pub fn bound(&self, dsn: &Dsn) -> Vec<String> {
+        dsn.endpoints
+            .iter()
+            .filter_map(|endpoint| self.addresses.get(&(dsn.kind, endpoint.clone())).cloned())
+            .collect()
+    }
+
+    fn record(&mut self, kind: SocketKind, endpoint: &Endpoint, bound: &zeromq::Endpoint) {
+        self.addresses
+            .insert((kind, endpoint.clone()), bound.to_string());
     }
 }
 
@@ -112,7 +136,7 @@ pub async fn bind<S: Socket>(
                 source,
             })?;
         tracing::info!(dsn = %dsn, endpoint = %resolved, "bound ZeroMQ socket");
-        bound.record(endpoint, &resolved);
+        bound.record(dsn.kind, endpoint, &resolved);
     }
     Ok(())
 }

@@ -1,0 +1,340 @@
+//! Starts and stops a real temma app for tests: HTTP on 127.0.0.1:0, ZeroMQ on ports the system
+//! picks, and an SSE reader over a real HTTP connection. Never sleeps to wait for readiness:
+//! every wait polls with a deadline.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use temma::{App, Config};
+use tokio_util::sync::CancellationToken;
+
+/// How long any single wait in a test may take before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A configuration for tests: the repository's static folder, every ZeroMQ port picked by the
+/// system, no initial history (tests count messages), the embedded broker.
+pub fn test_config() -> Config {
+    let text = format!(
+        r#"
+[application]
+root = "{root}"
+[application.dataSources]
+zmq_client_push = "zmq://PUSH@127.0.0.1:0"
+zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:0"
+zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:0"
+zmq_client_sub = "zmq://SUB@127.0.0.1:0"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace_secs = 2
+[event]
+initial_history = 0
+"#,
+        root = manifest_dir().display()
+    );
+    Config::from_toml(&text, &manifest_dir().join("etc/test.toml")).expect("test config")
+}
+
+pub struct TestApp {
+    pub http: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub client: reqwest::Client,
+    app: Option<App>,
+}
+
+impl TestApp {
+    /// Starts with the test configuration.
+    pub async fn start() -> TestApp {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with the test configuration changed by `change` (then validated again).
+    pub async fn start_with(change: impl FnOnce(&mut Config)) -> TestApp {
+        let mut config = test_config();
+        change(&mut config);
+        config.validate().expect("changed test config is valid");
+        Self::start_config(&config).await
+    }
+
+    pub async fn start_config(config: &Config) -> TestApp {
+        let shutdown = CancellationToken::new();
+        let app = App::serve(config, shutdown.clone())
+            .await
+            .expect("app starts");
+        let http = app.http_addr().expect("serve binds HTTP");
+        TestApp {
+            http,
+            shutdown,
+            client: reqwest::Client::new(),
+            app: Some(app),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    pub fn app(&self) -> &App {
+        self.app.as_ref().expect("running")
+    }
+
+    /// Waits until both ZeroMQ sockets are connected and a message makes the full round trip
+    /// (the broker's PUB knows the subscription). The warm-up message is published: tests that
+    /// count messages connect their clients after this, with no initial history.
+    pub async fn ready(&self) {
+        let start = Instant::now();
+        loop {
+            let response = self
+                .client
+                .post(self.url("/message/broadcast"))
+                .form(&[("from", "warm-up"), ("text", "warm-up")])
+                .send()
+                .await
+                .expect("POST");
+            if response.status() == 200 {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "app not ready: {}",
+                response.status()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Posts a form.
+    pub async fn post_form(&self, from: &str, text: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/message/broadcast"))
+            .form(&[("from", from), ("text", text)])
+            .send()
+            .await
+            .expect("POST")
+    }
+
+    /// Posts raw bytes with a content type.
+    pub async fn post_raw(
+        &self,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        self.client
+            .post(self.url("/message/broadcast"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("POST")
+    }
+
+    pub async fn sse(&self) -> Sse {
+        Sse::connect(&self.client, &self.url("/event/fetch"), None).await
+    }
+
+    /// Stops the app and waits for every task, failing if that takes too long.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let app = self.app.take().expect("running");
+        tokio::time::timeout(DEADLINE, app.wait())
+            .await
+            .expect("app stops in time");
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// One SSE event as read off the wire.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Event {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+    /// Comment lines (`: …`), without the colon.
+    pub comments: Vec<String>,
+    /// The `retry:` value, if any.
+    pub retry: Option<String>,
+}
+
+impl Event {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data).expect("event data is JSON")
+    }
+}
+
+/// A minimal SSE reader over a real HTTP response (tests only).
+pub struct Sse {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    stream:
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: Vec<u8>,
+    /// Every byte received, for tests that check framing.
+    pub raw: Vec<u8>,
+}
+
+impl Sse {
+    pub async fn connect(client: &reqwest::Client, url: &str, last_event_id: Option<&str>) -> Sse {
+        let mut request = client.get(url).header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        let response = tokio::time::timeout(DEADLINE, request.send())
+            .await
+            .expect("SSE headers arrive without waiting for a message")
+            .expect("GET /event/fetch");
+        Sse {
+            status: response.status().as_u16(),
+            headers: response.headers().clone(),
+            stream: Box::pin(response.bytes_stream()),
+            buffer: Vec::new(),
+            raw: Vec::new(),
+        }
+    }
+
+    /// The next complete event (including comment-only and retry-only blocks), or `None` when
+    /// the stream ends. Fails after [`DEADLINE`].
+    pub async fn next(&mut self) -> Option<Event> {
+        self.next_within(DEADLINE)
+            .await
+            .expect("an SSE event in time")
+    }
+
+    /// Like [`Sse::next`], but `Err(())` when nothing complete arrives within `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Result<Option<Event>, ()> {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(end) = find_blank_line(&self.buffer) {
+                let block: Vec<u8> = self.buffer.drain(..end.1).collect();
+                return Ok(Some(parse_block(&block[..end.0])));
+            }
+            match tokio::time::timeout_at(until, self.stream.next()).await {
+                Err(_) => return Err(()),
+                Ok(None) => return Ok(None),
+                Ok(Some(Err(_))) => return Ok(None),
+                Ok(Some(Ok(bytes))) => {
+                    self.raw.extend_from_slice(&bytes);
+                    self.buffer.extend_from_slice(&bytes);
+                }
+            }
+        }
+    }
+
+    /// The next `msg` event, skipping comments, keep-alives and the opening block.
+    pub async fn next_message(&mut self) -> Event {
+        loop {
+            let event = self.next().await.expect("stream still open");
+            if event.event.as_deref() == Some("msg") {
+                return event;
+            }
+        }
+    }
+
+    /// Reads `count` `msg` events.
+    pub async fn messages(&mut self, count: usize) -> Vec<Event> {
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            out.push(self.next_message().await);
+        }
+        out
+    }
+}
+
+fn find_blank_line(buffer: &[u8]) -> Option<(usize, usize)> {
+    buffer
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| (i, i + 2))
+}
+
+fn parse_block(block: &[u8]) -> Event {
+    let text = std::str::from_utf8(block).expect("SSE is UTF-8");
+    let mut event = Event::default();
+    let mut data = Vec::new();
+    for line in text.split('\n') {
+        if let Some(comment) = line.strip_prefix(':') {
+            event.comments.push(comment.trim().to_owned());
+        } else if let Some(value) = line.strip_prefix("id: ") {
+            event.id = Some(value.to_owned());
+        } else if let Some(value) = line.strip_prefix("event: ") {
+            event.event = Some(value.to_owned());
+        } else if let Some(value) = line.strip_prefix("data: ") {
+            data.push(value);
+        } else if let Some(value) = line.strip_prefix("retry: ") {
+            event.retry = Some(value.to_owned());
+        } else {
+            panic!("unexpected SSE line {line:?}");
+        }
+    }
+    event.data = data.join("\n");
+    event
+}
+
+/// A TCP port free right now (bound, read, released), for tests that run separate processes.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Polls `check` until it returns `Some`, failing after [`DEADLINE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes a config file for a separate process into `dir`, with the repository as root.
+pub fn write_config(dir: &Path, body: &str) -> PathBuf {
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).expect("mkdir");
+    let path = etc.join("temma.toml");
+    let text = format!(
+        "[application]\nroot = \"{}\"\n{body}",
+        manifest_dir().display()
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// A fresh temporary folder, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("temma-test-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("mkdir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
