@@ -181,10 +181,10 @@ impl Broker {
                     continue;
                 }
             };
-            if let Some(out) = self.handle(message) {
-                if let Err(error) = self.publish.send(out).await {
-                    tracing::error!(%error, "broker could not publish a message");
-                }
+            if let Some(out) = self.handle(message)
+                && let Err(error) = self.publish.send(out).await
+            {
+                tracing::error!(%error, "broker could not publish a message");
             }
         }
         tracing::info!("broker stopped");

@@ -509,9 +509,10 @@ impl Config {
 
 /// `TEMMA_SECTION__KEY` → `section.key`, with Temma's camelCase keys restored.
 fn environment() -> Env {
+    // `lowercase(false)` must come last: figment's `map` turns lower-casing back on.
     Env::prefixed(ENV_PREFIX)
-        .lowercase(false)
         .map(|key| env_key(key.as_str()).into())
+        .lowercase(false)
 }
 
 /// Maps an environment variable name, prefix removed, to a dotted config key.
@@ -532,17 +533,15 @@ fn env_key(name: &str) -> String {
 /// override, the variable it came from.
 fn figment_problem(error: figment::Error) -> Problem {
     let key = error.path.join(".");
-    let origin = error.metadata.as_ref().and_then(|metadata| {
-        if metadata.name.contains("environment") {
-            let keys: Vec<&str> = error.path.iter().map(String::as_str).collect();
-            let profile = error.profile.clone().unwrap_or_default();
-            Some(format!(
-                "environment variable {}",
-                metadata.interpolate(&profile, &keys)
-            ))
-        } else {
-            None
-        }
+    let from_environment = error
+        .metadata
+        .as_ref()
+        .is_some_and(|metadata| metadata.name.contains("environment"));
+    let origin = from_environment.then(|| {
+        format!(
+            "environment variable {ENV_PREFIX}{}",
+            error.path.join(ENV_SEPARATOR).to_uppercase()
+        )
     });
     Problem {
         key,

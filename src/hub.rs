@@ -338,25 +338,26 @@ impl Hub {
             let mut state = shared.lock();
             let now = Instant::now();
             if let Some(id) = id {
-                if let Some(newest) = state.newest {
-                    if id.run == newest.run && id.seq > newest.seq + 1 {
-                        // Published ids are dense within a run: this node missed messages.
-                        let missed = id.seq - newest.seq - 1;
-                        tracing::warn!(missed, after = %newest, "messages missed between broker and this node");
-                        let mut notice = BytesMut::new();
-                        write_reset(
-                            &mut notice,
-                            &newest.to_string(),
-                            "messages were lost before reaching this server",
-                        );
-                        let notice = Item {
-                            id: None,
-                            frame: notice.freeze(),
-                            message: false,
-                        };
-                        state.broadcast(notice);
-                        state.history.mark_gap();
-                    }
+                if let Some(newest) = state.newest
+                    && id.run == newest.run
+                    && id.seq > newest.seq + 1
+                {
+                    // Published ids are dense within a run: this node missed messages.
+                    let missed = id.seq - newest.seq - 1;
+                    tracing::warn!(missed, after = %newest, "messages missed between broker and this node");
+                    let mut notice = BytesMut::new();
+                    write_reset(
+                        &mut notice,
+                        &newest.to_string(),
+                        "messages were lost before reaching this server",
+                    );
+                    let notice = Item {
+                        id: None,
+                        frame: notice.freeze(),
+                        message: false,
+                    };
+                    state.broadcast(notice);
+                    state.history.mark_gap();
                 }
                 if state.newest.is_none_or(|newest| id > newest) {
                     state.newest = Some(id);

@@ -671,19 +671,19 @@ impl Broadcast {
         if content_type
             .as_deref()
             .is_some_and(|ct| ct.trim_start().starts_with("application/json"))
+            && let Some(key) = json_duplicate_key(&body)
         {
-            if let Some(key) = json_duplicate_key(&body) {
-                return Err(JsonError::bad_request(format!(
-                    "field `{}` is given more than once",
-                    key.escape_default()
-                )));
-            }
+            return Err(JsonError::bad_request(format!(
+                "field `{}` is given more than once",
+                key.escape_default()
+            )));
         }
         let mut fields = parse_body(content_type.as_deref(), body).await?;
-        if self.sessions && fields.from.as_deref().is_none_or(|f| f.trim().is_empty()) {
-            if let Some(session) = depot.session() {
-                fields.from = session.get::<String>(SESSION_FROM);
-            }
+        if self.sessions
+            && fields.from.as_deref().is_none_or(|f| f.trim().is_empty())
+            && let Some(session) = depot.session()
+        {
+            fields.from = session.get::<String>(SESSION_FROM);
         }
         let checked = check(fields, &self.config)?;
         let started = std::time::Instant::now();
@@ -692,10 +692,10 @@ impl Broadcast {
                 self.metrics
                     .publish_latency
                     .observe(started.elapsed().as_secs_f64());
-                if self.sessions {
-                    if let Some(session) = depot.session_mut() {
-                        let _ = session.insert(SESSION_FROM, &checked.from);
-                    }
+                if self.sessions
+                    && let Some(session) = depot.session_mut()
+                {
+                    let _ = session.insert(SESSION_FROM, &checked.from);
                 }
                 Ok(())
             }

@@ -1,0 +1,321 @@
+//! The `temma` binary as a black box: every exit path, and web node and broker as two processes.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{DEADLINE, Sse, TempDir, free_port, manifest_dir, write_config};
+
+const TEMMA: &str = env!("CARGO_BIN_EXE_temma");
+
+fn temma(args: &[&str]) -> Command {
+    let mut command = Command::new(TEMMA);
+    command.args(args).env_remove("RUST_LOG");
+    // Environment overrides from the test runner's own environment must not leak in.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("TEMMA_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Running {
+    /// Reads stderr lines until one contains `needle`; returns that line.
+    fn wait_for_log(&mut self, needle: &str) -> String {
+        let stderr = self.0.stderr.take().expect("stderr piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let needle = needle.to_owned();
+        std::thread::spawn(move || {
+            let mut found = false;
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if !found && line.contains(&needle) {
+                    found = true;
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        rx.recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("no log line containing the expected text in time"))
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the exit status, failing after `limit`.
+    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "process did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn spawn(args: &[&str]) -> Running {
+    Running(
+        temma(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn temma"),
+    )
+}
+
+fn ports_config(dir: &TempDir, embedded: bool) -> (std::path::PathBuf, u16) {
+    let (pull, publish, http) = (free_port(), free_port(), free_port());
+    let path = write_config(
+        &dir.0,
+        &format!(
+            r#"[application.dataSources]
+zmq_client_push = "zmq://PUSH@127.0.0.1:{pull}"
+zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:{pull}"
+zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
+zmq_client_sub = "zmq://SUB@127.0.0.1:{publish}"
+[server]
+listen = "127.0.0.1:{http}"
+shutdown_grace_secs = 2
+[broker]
+embedded = {embedded}
+[event]
+initial_history = 0
+"#
+        ),
+    );
+    (path, http)
+}
+
+#[test]
+fn check_accepts_the_shipped_config() {
+    let output = temma(&[
+        "check",
+        "-c",
+        manifest_dir().join("etc/temma.toml").to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("is valid"), "{stdout}");
+    assert!(stdout.contains("http://127.0.0.1:8000"), "{stdout}");
+}
+
+#[test]
+fn check_refuses_a_bad_config_naming_key_and_file() {
+    let dir = TempDir::new("check-bad");
+    let path = write_config(&dir.0, "[server]\nlistn = \"127.0.0.1:1\"\n");
+    let output = temma(&["check", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+    assert!(stderr.contains("`server.listn`"), "{stderr}");
+    assert!(stderr.contains("unknown field"), "{stderr}");
+
+    let path = write_config(
+        &dir.0,
+        "[application.dataSources]\nzmq_client_sub = \"zmq://SUB@*:6000\"\n",
+    );
+    let output = temma(&["check", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("`application.dataSources.zmq_client_sub`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("only a bind"), "{stderr}");
+
+    // Semantic problems are all listed together.
+    let path = write_config(
+        &dir.0,
+        "[message]\npush = \"nope\"\n[event]\nsub = \"zmq_client_push\"\n",
+    );
+    let output = temma(&["check", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("2 problems"), "{stderr}");
+    assert!(stderr.contains("`message.push`"), "{stderr}");
+    assert!(stderr.contains("`event.sub`"), "{stderr}");
+}
+
+#[test]
+fn missing_config_file_is_an_error() {
+    let output = temma(&["check", "-c", "/nonexistent/temma.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not found"));
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let path = manifest_dir().join("etc/temma.toml");
+    let output = temma(&["check", "-c", path.to_str().unwrap()])
+        .env("TEMMA_SERVER__LISTEN", "127.0.0.1:9123")
+        .env(
+            "TEMMA_APPLICATION__DATASOURCES__ZMQ_CLIENT_SUB",
+            "zmq://SUB@127.0.0.1:7000",
+        )
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("http://127.0.0.1:9123"), "{stdout}");
+    assert!(stdout.contains("zmq://SUB@127.0.0.1:7000"), "{stdout}");
+
+    // A bad value from the environment names the key and the variable.
+    let output = temma(&["check", "-c", path.to_str().unwrap()])
+        .env("TEMMA_APPLICATION__ROOTCONTROLLER", "Nope")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`application.rootController`"), "{stderr}");
+    assert!(
+        stderr.contains("TEMMA_APPLICATION__ROOTCONTROLLER"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn serve_with_a_bad_config_exits_before_binding() {
+    let dir = TempDir::new("serve-bad");
+    let http = free_port();
+    let path = write_config(
+        &dir.0,
+        &format!("[server]\nlisten = \"127.0.0.1:{http}\"\n[message]\nqueue = 0\n"),
+    );
+    let output = temma(&["serve", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("`message.queue`"));
+    // Nothing was bound: the port is still free.
+    std::net::TcpListener::bind(("127.0.0.1", http)).expect("port left free");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_and_web_node_as_two_processes() {
+    let dir = TempDir::new("two-processes");
+    let (path, http) = ports_config(&dir, false);
+    let path = path.to_str().unwrap();
+    let mut broker = spawn(&["broker", "-c", path]);
+    broker.wait_for_log("broker started");
+    let mut web = spawn(&["serve", "-c", path]);
+    web.wait_for_log("listening on http://");
+
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{http}");
+    common::eventually("the web node to publish through the broker", || {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            let response = client
+                .post(format!("{url}/message/broadcast"))
+                .form(&[("from", "warm"), ("text", "up")])
+                .send()
+                .await
+                .ok()?;
+            (response.status() == 200).then_some(())
+        }
+    })
+    .await;
+    let mut sse = Sse::connect(&client, &format!("{url}/event/fetch"), None).await;
+    let response = client
+        .post(format!("{url}/message/broadcast"))
+        .form(&[("from", "alice"), ("text", "across processes")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let event = sse.next_message().await;
+    assert_eq!(event.json()["text"], "across processes");
+    assert!(event.id.is_some());
+
+    broker.signal("TERM");
+    assert!(broker.wait_exit(DEADLINE).success());
+    web.signal("TERM");
+    assert!(web.wait_exit(DEADLINE).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_open_sse_clients_exits_zero_quickly() {
+    let dir = TempDir::new("sigterm");
+    let (path, http) = ports_config(&dir, true);
+    let mut web = spawn(&["serve", "-c", path.to_str().unwrap()]);
+    web.wait_for_log("listening on http://");
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{http}/event/fetch");
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut sse = Sse::connect(&client, &url, None).await;
+        assert!(sse.next().await.is_some());
+        clients.push(sse);
+    }
+    let start = Instant::now();
+    web.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || web.wait_exit(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    for sse in &mut clients {
+        // Every stream ended cleanly.
+        while let Some(event) = sse.next().await {
+            assert_ne!(event.event.as_deref(), Some("msg"));
+        }
+    }
+}
+
+#[test]
+fn bind_conflict_fails_start_up_with_a_clear_error() {
+    let dir = TempDir::new("bind-conflict");
+    let (path, _) = ports_config(&dir, true);
+    let text = std::fs::read_to_string(&path).unwrap();
+    // Occupy the broker's PULL port.
+    let port: u16 = text
+        .split("zmq-bind://PULL@127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let _holder = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let output = temma(&["serve", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot bind `127.0.0.1:{port}`")),
+        "{stderr}"
+    );
+}
