@@ -294,3 +294,17 @@ async fn sse_ends_on_shutdown() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn idle_streams_get_keep_alive_comments() {
+    let app = TestApp::start_with(|config| config.event.keepalive_secs = 1).await;
+    let mut sse = app.sse().await;
+    let opening = sse.next().await.unwrap();
+    assert_eq!(opening.comments, ["ok"]);
+    let started = Instant::now();
+    let keepalive = sse.next().await.unwrap();
+    assert_eq!(keepalive.comments, ["keep-alive"]);
+    assert_eq!(keepalive.event, None);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    app.stop().await;
+}
