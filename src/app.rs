@@ -20,6 +20,7 @@ use crate::config::{Config, Role};
 use crate::hub::Hub;
 use crate::message::{Acks, Broadcast, Publisher};
 use crate::metrics::Metrics;
+use crate::script::ReloadHandle;
 use crate::server::{self, Routes};
 use crate::socket::{Bound, SocketError};
 
@@ -43,6 +44,7 @@ pub struct App {
     bound: Bound,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
+    reload: Option<ReloadHandle>,
 }
 
 impl App {
@@ -51,9 +53,12 @@ impl App {
         let metrics = Metrics::new();
         let tracker = TaskTracker::new();
         let mut bound = Bound::default();
+        let mut reload = None;
         if config.broker.embedded {
             let broker = Broker::bind(config, &mut bound, metrics.clone()).await?;
-            tracker.spawn(broker.run(shutdown.clone()));
+            tracker.spawn(broker.broker.run(shutdown.clone()));
+            tracker.spawn(broker.reloader.run(shutdown.clone()));
+            reload = Some(broker.reload);
         }
         let address = config.server.listen;
         let listener = tokio::net::TcpListener::bind(address)
@@ -103,6 +108,7 @@ impl App {
             bound,
             metrics,
             tracker,
+            reload,
         })
     }
 
@@ -112,13 +118,15 @@ impl App {
         let tracker = TaskTracker::new();
         let mut bound = Bound::default();
         let broker = Broker::bind(config, &mut bound, metrics.clone()).await?;
-        tracker.spawn(broker.run(shutdown));
+        tracker.spawn(broker.broker.run(shutdown.clone()));
+        tracker.spawn(broker.reloader.run(shutdown));
         tracker.close();
         Ok(App {
             http: None,
             bound,
             metrics,
             tracker,
+            reload: Some(broker.reload),
         })
     }
 
@@ -134,6 +142,14 @@ impl App {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Asks the broker to reload its scripts (and its chain from the config file), as SIGHUP
+    /// does. Does nothing in a web node without an embedded broker.
+    pub fn reload_scripts(&self) {
+        if let Some(reload) = &self.reload {
+            reload.reload();
+        }
     }
 
     /// Waits until every task has finished (after shutdown).

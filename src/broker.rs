@@ -29,7 +29,11 @@ use zeromq::{PubSocket, PullSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::config::{Config, DEFAULT_BROKER_PUB, DEFAULT_BROKER_PULL, Problem, Role};
 use crate::metrics::{DropReason, Metrics};
-use crate::socket::{self, Bound, SocketError};
+use crate::script::{
+    Chain, OnError, Reload, ReloadHandle, Reloader, ScriptConfig, ScriptError, ScriptLimits,
+    ScriptSpec, Verdict,
+};
+use crate::socket::{self, SocketError};
 
 /// Default `broker.max_frame_bytes`: frames larger than this are dropped.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
@@ -57,6 +61,22 @@ pub struct BrokerConfig {
     /// gets a 4xx with the reason. Default `true`; turn off when plain Temma peers subscribe.
     #[serde(default = "default_notify_rejections")]
     pub notify_rejections: bool,
+    /// What a failing script does with the message: `"drop"` (default) or `"pass"`.
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Reload a script when its file changes (SIGHUP reloads in any case). Default `true`.
+    #[serde(default = "default_watch")]
+    pub watch: bool,
+    /// The sandbox limits of every script.
+    #[serde(default)]
+    pub limits: ScriptLimits,
+    /// The moderation chain, run in order on every message.
+    #[serde(default)]
+    pub scripts: Vec<ScriptConfig>,
+}
+
+fn default_watch() -> bool {
+    true
 }
 
 fn default_embedded() -> bool {
@@ -83,15 +103,20 @@ impl Default for BrokerConfig {
             publish: default_publish(),
             max_frame_bytes: default_max_frame_bytes(),
             notify_rejections: default_notify_rejections(),
+            on_error: OnError::default(),
+            watch: default_watch(),
+            limits: ScriptLimits::default(),
+            scripts: Vec::new(),
         }
     }
 }
 
 impl BrokerConfig {
-    pub(crate) fn validate(&self, _config: &Config, problem: &mut impl FnMut(&str, String)) {
+    pub(crate) fn validate(&self, config: &Config, problem: &mut impl FnMut(&str, String)) {
         if self.max_frame_bytes == 0 {
             problem("broker.max_frame_bytes", "must be at least 1".to_owned());
         }
+        crate::script::validate(config, problem);
     }
 }
 
@@ -140,7 +165,18 @@ pub struct Broker {
     pull: PullSocket,
     publish: PubSocket,
     stamper: Stamper,
+    chain: Chain,
+    reloads: tokio::sync::mpsc::Receiver<Reload>,
+    notify_rejections: bool,
     metrics: Arc<Metrics>,
+}
+
+/// What [`Broker::bind`] starts: the broker, and the reloader of its scripts with a handle to
+/// ask for a reload (SIGHUP).
+pub struct Bound {
+    pub broker: Broker,
+    pub reloader: Reloader,
+    pub reload: ReloadHandle,
 }
 
 impl Broker {
@@ -148,28 +184,50 @@ impl Broker {
     /// then PULL.
     pub async fn bind(
         config: &Config,
-        bound: &mut Bound,
+        bound: &mut socket::Bound,
         metrics: Arc<Metrics>,
-    ) -> Result<Broker, StartError> {
+    ) -> Result<Bound, StartError> {
+        let specs = ScriptSpec::from_config(config);
+        let chain = Chain::build(&specs, metrics.clone())?;
+        let config_file = (!config.file.as_os_str().is_empty()).then(|| config.file.clone());
+        let (reloader, reloads, reload) =
+            Reloader::new(specs, config_file, config.broker.watch, metrics.clone());
         let mut publish = PubSocket::new();
         socket::bind(&mut publish, config.dsn(Role::BrokerPub), bound).await?;
         let mut pull = PullSocket::new();
         socket::bind(&mut pull, config.dsn(Role::BrokerPull), bound).await?;
-        Ok(Broker {
+        let broker = Broker {
             pull,
             publish,
             stamper: Stamper::new(config.broker.max_frame_bytes),
+            chain,
+            reloads,
+            notify_rejections: config.broker.notify_rejections,
             metrics,
+        };
+        Ok(Bound {
+            broker,
+            reloader,
+            reload,
         })
     }
 
     /// Relays until `shutdown` fires. A message already read is always published first.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        tracing::info!(run = self.stamper.run, "broker started");
+        tracing::info!(
+            run = self.stamper.run,
+            scripts = self.chain.len(),
+            "broker started"
+        );
         loop {
             let received = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
+                // Between two messages: none is dropped or reordered by a reload.
+                Some(reload) = self.reloads.recv() => {
+                    self.chain.apply(reload);
+                    continue;
+                }
                 received = self.pull.recv() => received,
             };
             let message = match received {
@@ -201,9 +259,26 @@ impl Broker {
             return None;
         }
         let frame = message.into_vec().pop().expect("one frame");
-        let out = match self.stamper.stamp(&frame, true) {
+        let out = match self.stamper.stamp(&frame, self.chain.is_empty()) {
             Ok(Stamped::Ready(bytes)) => bytes,
-            Ok(Stamped::Parsed(_)) => unreachable!("ready stamping returns bytes"),
+            Ok(Stamped::Parsed(map)) => match self.chain.run(map) {
+                Verdict::Pass(bytes) => {
+                    self.stamper.commit();
+                    bytes
+                }
+                Verdict::Drop {
+                    reference,
+                    reason,
+                    status,
+                } => {
+                    return match reference {
+                        Some(reference) if self.notify_rejections => {
+                            Some(ZmqMessage::from(rejection(&reference, &reason, status)))
+                        }
+                        _ => None,
+                    };
+                }
+            },
             Err(reason) => {
                 self.metrics.dropped(reason);
                 tracing::warn!(?reason, bytes = frame.len(), "dropped an unreadable frame");
@@ -231,7 +306,7 @@ pub enum Stamped {
     /// Stamped and serialized: publish as is (no scripts to run).
     Ready(Bytes),
     /// Parsed and stamped, for the script chain.
-    Parsed(serde_json::Map<String, serde_json::Value>),
+    Parsed(rhai::Map),
 }
 
 /// Checks frames and stamps each good one with the next id and the time.
@@ -250,31 +325,41 @@ impl Stamper {
         }
     }
 
-    fn next_id(&mut self) -> MsgId {
-        self.seq += 1;
+    /// The id the next published message gets.
+    fn next_id(&self) -> MsgId {
         MsgId {
             run: self.run,
-            seq: self.seq,
+            seq: self.seq + 1,
         }
     }
 
-    /// Validates one frame and stamps it. With `ready`, the result is the serialized frame,
-    /// built without a full parse: the fields are copied as raw JSON and the stamp appended.
+    /// Uses up the id of [`Stamper::next_id`]: published ids are dense within a run, so a web
+    /// node that sees a gap knows it missed messages.
+    pub fn commit(&mut self) {
+        self.seq += 1;
+    }
+
+    /// Validates one frame and stamps it with the next id and the time.
+    ///
+    /// With `ready` (no scripts to run), the result is the serialized frame, built without a
+    /// full parse: the fields are copied as raw JSON, the stamp appended, and the id used up.
+    /// Otherwise it is the parsed map for the script chain; call [`Stamper::commit`] if the
+    /// chain passes it.
     pub fn stamp(&mut self, frame: &[u8], ready: bool) -> Result<Stamped, DropReason> {
         if frame.len() > self.max_frame_bytes {
             return Err(DropReason::Oversize);
         }
         if !ready {
-            let value: serde_json::Value =
+            let value: rhai::Dynamic =
                 serde_json::from_slice(frame).map_err(|_| DropReason::InvalidJson)?;
-            let serde_json::Value::Object(mut map) = value else {
+            let Some(mut map) = value.try_cast::<rhai::Map>() else {
                 return Err(DropReason::NotAnObject);
             };
             for key in STAMPED_KEYS {
                 map.remove(key);
             }
             map.insert("id".into(), self.next_id().to_string().into());
-            map.insert("time".into(), now_ms().into());
+            map.insert("time".into(), (now_ms() as rhai::INT).into());
             return Ok(Stamped::Parsed(map));
         }
         let fields = match serde_json::from_slice::<Fields<'_>>(frame) {
@@ -317,6 +402,7 @@ impl Stamper {
             out.push(b',');
         }
         let id = self.next_id();
+        self.commit();
         let mut number = itoa::Buffer::new();
         out.extend_from_slice(b"\"id\":\"");
         out.extend_from_slice(number.format(id.run).as_bytes());
@@ -382,6 +468,8 @@ impl<'de> Deserialize<'de> for Key<'de> {
 pub enum StartError {
     #[error(transparent)]
     Socket(#[from] SocketError),
+    #[error(transparent)]
+    Script(#[from] ScriptError),
 }
 
 impl From<StartError> for Problem {
@@ -492,17 +580,28 @@ mod tests {
 
     #[test]
     fn parsed_stamping_for_scripts() {
+        let text = |map: &rhai::Map, key: &str| map[key].clone().into_string().unwrap();
         let mut stamper = Stamper::new(DEFAULT_MAX_FRAME_BYTES);
         let Ok(Stamped::Parsed(map)) = stamper.stamp(br#"{"from":"a","id":"x"}"#, false) else {
             panic!("parsed")
         };
-        assert_eq!(map["from"], "a");
-        assert!(map["id"].as_str().unwrap().ends_with("-1"));
-        assert!(map["time"].is_u64());
+        assert_eq!(text(&map, "from"), "a");
+        assert!(text(&map, "id").ends_with("-1"));
+        assert!(map["time"].is_int());
         assert_eq!(
             stamper.stamp(b"[]", false).err(),
             Some(DropReason::NotAnObject)
         );
+        // Not committed: the next message gets the same id, until one passes the chain.
+        let Ok(Stamped::Parsed(again)) = stamper.stamp(b"{}", false) else {
+            panic!("parsed")
+        };
+        assert_eq!(text(&again, "id"), text(&map, "id"));
+        stamper.commit();
+        let Ok(Stamped::Parsed(next)) = stamper.stamp(b"{}", false) else {
+            panic!("parsed")
+        };
+        assert!(text(&next, "id").ends_with("-2"));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`dsn`]: Temma's ZeroMQ data source names (`zmq://PUSH@127.0.0.1:5000`).
 //! - [`socket`]: builds zeromq sockets from DSNs (bind, connect with retry).
 //! - [`broker`]: the Broker component: PULL → scripts → PUB.
+//! - [`script`]: the rhai moderation chain run by the broker, its sandbox and its reloader.
 //! - [`hub`]: one SUB socket per web node, the history ring and the in-process fan-out.
 //! - [`event`]: the Event controller, `GET /event/fetch` (SSE).
 //! - [`message`]: the Message controller, `POST /message/broadcast`, and the PUSH publisher.
@@ -32,6 +33,7 @@ pub mod homepage;
 pub mod hub;
 pub mod message;
 pub mod metrics;
+pub mod script;
 pub mod server;
 pub mod session;
 pub mod socket;

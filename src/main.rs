@@ -40,12 +40,31 @@ enum Command {
     Serve,
     /// Run the broker alone (Temma's `bin/comma Broker run`).
     Broker,
-    /// Validate the configuration exactly as start-up does, without binding anything.
+    /// Validate the configuration (scripts included) exactly as start-up does, binding nothing.
     Check,
+    /// Run one moderation script on one message and print the outcome.
+    Script {
+        /// The script file.
+        file: PathBuf,
+        /// The message, as JSON.
+        #[arg(short, long, default_value = r#"{"from":"alice","text":"hello"}"#)]
+        message: String,
+        /// The script's parameters, as a JSON object (`*_file` paths resolve from here).
+        #[arg(short, long, default_value = "{}")]
+        params: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Script {
+        file,
+        message,
+        params,
+    }) = &cli.command
+    {
+        return run_script(file, message, params);
+    }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(error) => {
@@ -83,7 +102,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    wait_for_signal().await;
+    wait_for_signal(&app).await;
     tracing::info!("shutting down");
     shutdown.cancel();
     let limit = Duration::from_secs(config.server.shutdown_grace_secs) + SHUTDOWN_SLACK;
@@ -102,20 +121,26 @@ async fn run(command: Command, config: Config) -> ExitCode {
     }
 }
 
-/// Waits for SIGTERM or SIGINT.
-async fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT; on SIGHUP, reloads the moderation scripts and goes on waiting.
+async fn wait_for_signal(app: &temma::App) {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(stream) => stream,
-        Err(error) => {
-            tracing::error!(%error, "cannot listen for SIGTERM");
-            std::future::pending::<()>().await;
-            return;
-        }
+    let (Ok(mut terminate), Ok(mut hangup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot listen for signals; stop with Ctrl-C");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
     };
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return,
+            _ = tokio::signal::ctrl_c() => return,
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading scripts");
+                app.reload_scripts();
+            }
+        }
     }
 }
 
@@ -129,6 +154,63 @@ fn init_logging(config: &Config) {
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+/// `temma script`: one script, one message, the outcome on stdout. Exit 0 when the script
+/// ran (whether it passed or dropped the message), 1 when it failed on the message, 2 when it
+/// cannot be loaded or the arguments are not JSON.
+fn run_script(file: &std::path::Path, message: &str, params: &str) -> ExitCode {
+    use temma::broker::{Stamped, Stamper};
+    use temma::script::{Outcome, ScriptLimits, ScriptSpec};
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("debug")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let params = match serde_json::from_str(params) {
+        Ok(params) => params,
+        Err(error) => {
+            eprintln!("temma: --params is not a JSON object: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let spec = ScriptSpec::standalone(file, params, ScriptLimits::default());
+    let mut script = match spec.load() {
+        Ok(script) => script,
+        Err(error) => {
+            eprintln!("temma: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let map = match Stamper::new(usize::MAX).stamp(message.as_bytes(), false) {
+        Ok(Stamped::Parsed(map)) => map,
+        _ => {
+            eprintln!("temma: --message is not a JSON object");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match script.run(map) {
+        Ok(Outcome::Pass(map)) => {
+            let json = serde_json::to_string(&rhai::Dynamic::from_map(map))
+                .unwrap_or_else(|error| format!("(not JSON: {error})"));
+            println!("passed: {json}");
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Drop(None)) => {
+            println!("dropped");
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Drop(Some(rejection))) => {
+            println!("rejected ({}): {}", rejection.status, rejection.reason);
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            println!("error: {error}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 
@@ -159,5 +241,17 @@ fn summary(config: &Config) -> String {
         "  static: {}",
         config.resolve(&config.server.static_dir).display()
     ));
+    let scripts = temma::script::ScriptSpec::from_config(config);
+    if scripts.is_empty() {
+        lines.push("  scripts: none".to_owned());
+    }
+    for spec in scripts {
+        lines.push(format!(
+            "  script {}: {} compiled (on_error = {:?})",
+            spec.name,
+            spec.file.display(),
+            spec.on_error
+        ));
+    }
     lines.join("\n")
 }

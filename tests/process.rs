@@ -22,8 +22,8 @@ fn temma(args: &[&str]) -> Command {
     command
 }
 
-/// A child process killed when the test ends, however it ends.
-struct Running(Child);
+/// A child process killed when the test ends, however it ends, with its log lines.
+struct Running(Child, std::sync::mpsc::Receiver<String>);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -33,23 +33,19 @@ impl Drop for Running {
 }
 
 impl Running {
-    /// Reads stderr lines until one contains `needle`; returns that line.
+    /// Reads log lines (stderr) until one contains `needle`; returns that line.
     fn wait_for_log(&mut self, needle: &str) -> String {
-        let stderr = self.0.stderr.take().expect("stderr piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let needle = needle.to_owned();
-        std::thread::spawn(move || {
-            let mut found = false;
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if !found && line.contains(&needle) {
-                    found = true;
-                    let _ = tx.send(line);
-                }
+        let start = Instant::now();
+        loop {
+            let left = DEADLINE.saturating_sub(start.elapsed());
+            let line = self
+                .1
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line containing {needle:?} in time"));
+            if line.contains(needle) {
+                return line;
             }
-        });
-        rx.recv_timeout(DEADLINE)
-            .unwrap_or_else(|_| panic!("no log line containing the expected text in time"))
+        }
     }
 
     fn signal(&self, name: &str) {
@@ -77,13 +73,19 @@ impl Running {
 }
 
 fn spawn(args: &[&str]) -> Running {
-    Running(
-        temma(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn temma"),
-    )
+    let mut child = temma(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn temma");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    Running(child, rx)
 }
 
 fn ports_config(dir: &TempDir, embedded: bool) -> (std::path::PathBuf, u16) {
@@ -318,4 +320,149 @@ fn bind_conflict_fails_start_up_with_a_clear_error() {
         stderr.contains(&format!("cannot bind `127.0.0.1:{port}`")),
         "{stderr}"
     );
+}
+
+#[test]
+fn check_reports_a_script_syntax_error_with_file_line_and_column() {
+    let dir = TempDir::new("check-script");
+    let script = dir.0.join("broken.rhai");
+    std::fs::write(&script, "fn on_message(msg) {\n  msg.text = ;\n  msg\n}\n").unwrap();
+    let path = write_config(
+        &dir.0,
+        &format!("[[broker.scripts]]\nfile = \"{}\"\n", script.display()),
+    );
+    let output = temma(&["check", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`broker.scripts[0]`"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:2:14:", script.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn script_command_shows_each_outcome() {
+    let scripts = manifest_dir().join("scripts");
+    let run = |file: &str, message: &str, params: &str| {
+        let output = temma(&[
+            "script",
+            scripts.join(file).to_str().unwrap(),
+            "--message",
+            message,
+            "--params",
+            params,
+        ])
+        .current_dir(manifest_dir())
+        .output()
+        .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    };
+    let (code, out) = run("commands.rhai", r#"{"from":"a","text":"/me waves"}"#, "{}");
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("passed: {"), "{out}");
+    assert!(
+        out.contains(r#""kind":"action""#) && out.contains(r#""text":"waves""#),
+        "{out}"
+    );
+    let (code, out) = run("trim.rhai", r#"{"from":"a","text":"  "}"#, "{}");
+    assert_eq!((code, out.trim()), (Some(0), "dropped"));
+    let (code, out) = run(
+        "ratelimit.rhai",
+        r#"{"from":"a","text":"x"}"#,
+        r#"{"max":0}"#,
+    );
+    assert_eq!(code, Some(0));
+    assert!(
+        out.starts_with("rejected (429): too many messages"),
+        "{out}"
+    );
+    let (code, out) = run(
+        "profanity.rhai",
+        r#"{"from":"a","text":"damn"}"#,
+        r#"{"words_file":"scripts/words.txt"}"#,
+    );
+    assert_eq!(code, Some(0));
+    assert!(out.contains(r#""text":"****""#), "{out}");
+
+    let dir = TempDir::new("script-command");
+    let failing = dir.0.join("fail.rhai");
+    std::fs::write(&failing, "fn on_message(msg) { throw \"no\" }").unwrap();
+    let output = temma(&["script", failing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("error: Runtime error: no"));
+    let output = temma(&["script", failing.to_str().unwrap(), "-m", "[1]"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_errors_are_logged_and_sighup_reloads_the_chain() {
+    let dir = TempDir::new("sighup");
+    let script = dir.0.join("tag.rhai");
+    std::fs::write(&script, "fn on_message(msg) { msg.tag = \"one\"; msg }\n").unwrap();
+    let (path, http) = ports_config(&dir, true);
+    let base = std::fs::read_to_string(&path).unwrap();
+    let mut web = spawn(&["serve", "-c", path.to_str().unwrap()]);
+    web.wait_for_log("listening on http://");
+
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{http}");
+    let publish = |text: &'static str| {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            client
+                .post(format!("{url}/message/broadcast"))
+                .form(&[("from", "a"), ("text", text)])
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    common::eventually("the chat to be ready", || async {
+        (publish("warm").await == 200).then_some(())
+    })
+    .await;
+    let mut sse = Sse::connect(&client, &format!("{url}/event/fetch"), None).await;
+
+    // No script yet. Add one to the chain in the config file, then SIGHUP.
+    std::fs::write(
+        &path,
+        format!(
+            "{base}\n[[broker.scripts]]\nfile = \"{}\"\n",
+            script.display()
+        ),
+    )
+    .unwrap();
+    web.signal("HUP");
+    web.wait_for_log("script chain reloaded");
+    assert_eq!(publish("after hup").await, 200);
+    let event = sse.next_message().await.json();
+    assert_eq!(
+        (event["text"].as_str(), event["tag"].as_str()),
+        (Some("after hup"), Some("one"))
+    );
+
+    // A broken edit is logged with file, line and column; the old version keeps running.
+    std::fs::write(&script, "fn on_message(msg) {\n  msg.tag = ;\n}\n").unwrap();
+    let line = web.wait_for_log("script not reloaded");
+    assert!(
+        line.contains(&format!("{}:2:13", script.display())),
+        "{line}"
+    );
+    assert_eq!(publish("still").await, 200);
+    assert_eq!(sse.next_message().await.json()["tag"], "one");
+
+    web.signal("TERM");
+    assert!(web.wait_exit(DEADLINE).success());
 }

@@ -1,0 +1,941 @@
+//! Moderation scripts: a chain of rhai scripts the broker runs on every message between PULL
+//! and PUB.
+//!
+//! # The contract (see `scripts/README.md`)
+//!
+//! A script defines `fn on_message(msg)`. `msg` is a map: `from`, `text`, `id`, `time` and any
+//! other field the message carries. The function returns:
+//! - the map, changed or not: the message goes on to the next script, then is published;
+//! - `()`: the message is dropped;
+//! - `reject(reason)` or `reject(reason, status)`: dropped, and the sender gets `status` (a
+//!   4xx, default 422) with `reason`.
+//!
+//! Throwing (or hitting a limit) is an error, handled by the script's `on_error`: `"drop"`
+//! (the default: moderation that fails open lets abuse through) or `"pass"`.
+//!
+//! Inside a script, `params` is the script's parameters (read-only), and `this` is the
+//! script's own state: a map that persists from one message to the next (fresh on reload).
+//! An optional `fn init()` runs once when the script is loaded, to prepare `this`.
+//! Functions: `now_ms()`, `log_debug(text)`, `log_info(text)`, `log_warn(text)`,
+//! `mask_words(text, words, mask)` (whole words, case-insensitive), `reject(…)`.
+//!
+//! A parameter whose name ends in `_file` names a file (relative to the application root);
+//! temma reads it and gives the script its lines (trimmed, blank lines and `#` comments
+//! skipped) as an array under the name without the suffix: `words_file` → `params.words`.
+//!
+//! # Sandbox
+//!
+//! [`engine`] is the one place an [`Engine`] is configured: limits on operations, string,
+//! array and map sizes, call and expression depth, a wall-clock limit per call, no `eval`, no
+//! module imports. rhai itself has no file, network or process access.
+//!
+//! # Reload
+//!
+//! Scripts compile once. A [`Reloader`] watches the script files (and their `_file`
+//! parameters) and recompiles on change, and everything on SIGHUP; the broker swaps the new
+//! version in between two messages, so none is dropped or reordered. A version that does not
+//! compile is refused (the error names file, line and column) and the previous one keeps
+//! running.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use rhai::{AST, CallFnOptions, Dynamic, Engine, Map, Scope};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics::{Metrics, ReloadLabels, ReloadResult, ScriptLabels, ScriptOutcome};
+
+/// Default `broker.limits.max_operations` per call.
+pub const DEFAULT_MAX_OPERATIONS: u64 = 100_000;
+/// Default `broker.limits.max_string_size` (bytes).
+pub const DEFAULT_MAX_STRING_SIZE: usize = 64 * 1024;
+/// Default `broker.limits.max_array_size`.
+pub const DEFAULT_MAX_ARRAY_SIZE: usize = 10_000;
+/// Default `broker.limits.max_map_size`.
+pub const DEFAULT_MAX_MAP_SIZE: usize = 10_000;
+/// Default `broker.limits.max_call_depth`.
+pub const DEFAULT_MAX_CALL_DEPTH: usize = 32;
+/// Default `broker.limits.max_expr_depth`.
+pub const DEFAULT_MAX_EXPR_DEPTH: usize = 64;
+/// Default `broker.limits.max_ms`: wall-clock time one call may take.
+pub const DEFAULT_MAX_MS: u64 = 50;
+/// Status sent with a rejection that names none.
+pub const DEFAULT_REJECT_STATUS: u16 = 422;
+/// Changes to watched files closer together than this are handled as one.
+pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(100);
+/// Reloads waiting for the broker to swap them in.
+pub const RELOAD_QUEUE: usize = 8;
+/// The function every script defines.
+pub const ENTRY_POINT: &str = "on_message";
+/// The optional set-up function.
+pub const INIT: &str = "init";
+
+/// What to do with a message when a script fails on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Pass the message on unchanged (fail open).
+    Pass,
+    /// Drop it; the sender gets a 422 (fail closed, the default).
+    #[default]
+    Drop,
+}
+
+/// One `[[broker.scripts]]` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptConfig {
+    /// The script file, relative to the application root.
+    pub file: PathBuf,
+    /// Parameters, read in the script as `params`. `*_file` keys name files to read.
+    #[serde(default)]
+    pub params: BTreeMap<String, serde_json::Value>,
+    /// Name in logs and metrics. Default: the file name without extension.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Overrides `broker.on_error` for this script.
+    #[serde(default)]
+    pub on_error: Option<OnError>,
+}
+
+/// `[broker.limits]`: the sandbox of every script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptLimits {
+    /// Operations one call may run. Default 100000.
+    #[serde(default = "default_max_operations")]
+    pub max_operations: u64,
+    /// Longest string, in bytes. Default 65536.
+    #[serde(default = "default_max_string_size")]
+    pub max_string_size: usize,
+    /// Largest array. Default 10000.
+    #[serde(default = "default_max_array_size")]
+    pub max_array_size: usize,
+    /// Largest map. Default 10000.
+    #[serde(default = "default_max_map_size")]
+    pub max_map_size: usize,
+    /// Deepest function call nesting. Default 32.
+    #[serde(default = "default_max_call_depth")]
+    pub max_call_depth: usize,
+    /// Deepest expression nesting. Default 64.
+    #[serde(default = "default_max_expr_depth")]
+    pub max_expr_depth: usize,
+    /// Milliseconds one call may run. Default 50.
+    #[serde(default = "default_max_ms")]
+    pub max_ms: u64,
+}
+
+fn default_max_operations() -> u64 {
+    DEFAULT_MAX_OPERATIONS
+}
+fn default_max_string_size() -> usize {
+    DEFAULT_MAX_STRING_SIZE
+}
+fn default_max_array_size() -> usize {
+    DEFAULT_MAX_ARRAY_SIZE
+}
+fn default_max_map_size() -> usize {
+    DEFAULT_MAX_MAP_SIZE
+}
+fn default_max_call_depth() -> usize {
+    DEFAULT_MAX_CALL_DEPTH
+}
+fn default_max_expr_depth() -> usize {
+    DEFAULT_MAX_EXPR_DEPTH
+}
+fn default_max_ms() -> u64 {
+    DEFAULT_MAX_MS
+}
+
+impl Default for ScriptLimits {
+    fn default() -> Self {
+        ScriptLimits {
+            max_operations: default_max_operations(),
+            max_string_size: default_max_string_size(),
+            max_array_size: default_max_array_size(),
+            max_map_size: default_max_map_size(),
+            max_call_depth: default_max_call_depth(),
+            max_expr_depth: default_max_expr_depth(),
+            max_ms: default_max_ms(),
+        }
+    }
+}
+
+/// A script that could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScriptError {
+    #[error("cannot read script `{file}`: {message}")]
+    Read { file: String, message: String },
+    #[error("{file}:{line}:{column}: {message}")]
+    Compile {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("script `{file}` defines no `fn {ENTRY_POINT}(msg)`")]
+    NoEntryPoint { file: String },
+    #[error("script `{file}`, parameter `{key}`: {message}")]
+    Param {
+        file: String,
+        key: String,
+        message: String,
+    },
+    #[error("script `{file}`: `fn {INIT}()` failed: {message}")]
+    Init { file: String, message: String },
+}
+
+/// What one script made of one message.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Pass(Map),
+    Drop(Option<Rejection>),
+}
+
+/// A script's `reject(reason, status)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: String,
+    pub status: u16,
+}
+
+/// Measures each call for the wall-clock limit.
+struct Clock {
+    base: Instant,
+    start: AtomicU64,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Clock {
+            base: Instant::now(),
+            start: AtomicU64::new(0),
+        }
+    }
+    fn restart(&self) {
+        self.start
+            .store(self.base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+    fn elapsed(&self) -> Duration {
+        let now = self.base.elapsed().as_nanos() as u64;
+        Duration::from_nanos(now.saturating_sub(self.start.load(Ordering::Relaxed)))
+    }
+}
+
+/// A configured engine and the clock its wall-clock limit reads.
+pub struct Sandbox {
+    pub engine: Engine,
+    clock: Arc<Clock>,
+}
+
+/// Configures a sandboxed engine for one script: the only place an [`Engine`] is set up.
+///
+/// `params` is what the script reads as `params`; `name` labels its log lines.
+pub fn engine(limits: &ScriptLimits, params: Dynamic, name: &str) -> Sandbox {
+    let mut engine = Engine::new();
+    engine.set_max_operations(limits.max_operations);
+    engine.set_max_string_size(limits.max_string_size);
+    engine.set_max_array_size(limits.max_array_size);
+    engine.set_max_map_size(limits.max_map_size);
+    engine.set_max_call_levels(limits.max_call_depth);
+    engine.set_max_expr_depths(limits.max_expr_depth, limits.max_expr_depth);
+    engine.set_max_modules(0);
+    engine.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
+    engine.disable_symbol("eval");
+    engine.disable_symbol("import");
+    // `Full` would call functions with constant arguments at compile time (a `log_warn`
+    // in a branch would log at load): `Simple` only folds what has no side effect.
+    engine.set_optimization_level(rhai::OptimizationLevel::Simple);
+    engine.set_fail_on_invalid_map_property(false);
+
+    let clock = Arc::new(Clock::new());
+    let max = Duration::from_millis(limits.max_ms);
+    {
+        let clock = clock.clone();
+        engine.on_progress(move |operations| {
+            if operations % 1024 == 0 && clock.elapsed() > max {
+                Some(format!("script ran longer than {} ms", max.as_millis()).into())
+            } else {
+                None
+            }
+        });
+    }
+
+    let params = params.into_shared();
+    #[allow(deprecated)] // `on_var` is stable in practice; rhai marks it as volatile.
+    engine.on_var(move |variable, _, _| Ok((variable == "params").then(|| params.clone())));
+
+    let label: Arc<str> = Arc::from(name);
+    {
+        let label = label.clone();
+        engine.on_print(move |text| tracing::info!(script = %label, "{text}"));
+    }
+    {
+        let label = label.clone();
+        engine.on_debug(
+            move |text, _, position| tracing::debug!(script = %label, %position, "{text}"),
+        );
+    }
+    {
+        let label = label.clone();
+        engine.register_fn(
+            "log_debug",
+            move |text: &str| tracing::debug!(script = %label, "{text}"),
+        );
+    }
+    {
+        let label = label.clone();
+        engine.register_fn(
+            "log_info",
+            move |text: &str| tracing::info!(script = %label, "{text}"),
+        );
+    }
+    engine.register_fn(
+        "log_warn",
+        move |text: &str| tracing::warn!(script = %label, "{text}"),
+    );
+    engine.register_fn("now_ms", || crate::broker::now_ms() as rhai::INT);
+    engine.register_type_with_name::<Rejection>("Rejection");
+    engine.register_fn("reject", |reason: &str| Rejection {
+        reason: reason.to_owned(),
+        status: DEFAULT_REJECT_STATUS,
+    });
+    engine.register_fn("reject", |reason: &str, status: rhai::INT| Rejection {
+        reason: reason.to_owned(),
+        status: u16::try_from(status)
+            .ok()
+            .filter(|s| (400..500).contains(s))
+            .unwrap_or(DEFAULT_REJECT_STATUS),
+    });
+    engine.register_fn("mask_words", mask_words);
+    Sandbox { engine, clock }
+}
+
+/// Replaces every character of each whole word found in `words` (keys, lower case) with the
+/// first character of `mask`. Words are runs of letters, digits and apostrophes; matching is
+/// case-insensitive.
+pub fn mask_words(text: &str, words: Map, mask: &str) -> String {
+    let mask = mask.chars().next().unwrap_or('*');
+    let mut out = String::with_capacity(text.len());
+    let mut word_start: Option<usize> = None;
+    let flush = |out: &mut String, word: &str| {
+        if words.contains_key(word.to_lowercase().as_str()) {
+            out.extend(std::iter::repeat_n(mask, word.chars().count()));
+        } else {
+            out.push_str(word);
+        }
+    };
+    for (i, c) in text.char_indices() {
+        let in_word = c.is_alphanumeric() || c == '\'';
+        match (in_word, word_start) {
+            (true, None) => word_start = Some(i),
+            (false, Some(start)) => {
+                flush(&mut out, &text[start..i]);
+                word_start = None;
+                out.push(c);
+            }
+            (false, None) => out.push(c),
+            (true, Some(_)) => {}
+        }
+    }
+    if let Some(start) = word_start {
+        flush(&mut out, &text[start..]);
+    }
+    out
+}
+
+/// A compiled script with its engine and state.
+pub struct Script {
+    pub name: String,
+    pub file: PathBuf,
+    /// Every file the script depends on (itself and its `_file` parameters), for the watcher.
+    pub files: Vec<PathBuf>,
+    engine: Engine,
+    ast: AST,
+    state: Dynamic,
+    scope: Scope<'static>,
+    clock: Arc<Clock>,
+}
+
+/// Everything needed to (re)load one script.
+#[derive(Debug, Clone)]
+pub struct ScriptSpec {
+    pub name: String,
+    /// Resolved path of the script.
+    pub file: PathBuf,
+    /// How the file is named in the config, for error messages.
+    pub shown: String,
+    pub params: BTreeMap<String, serde_json::Value>,
+    /// Where `_file` parameters resolve from.
+    pub root: PathBuf,
+    pub limits: ScriptLimits,
+    pub on_error: OnError,
+}
+
+impl ScriptSpec {
+    /// The specs of a configuration's chain, in order.
+    pub fn from_config(config: &Config) -> Vec<ScriptSpec> {
+        config
+            .broker
+            .scripts
+            .iter()
+            .map(|entry| ScriptSpec {
+                name: entry.name.clone().unwrap_or_else(|| {
+                    entry.file.file_stem().map_or_else(
+                        || entry.file.display().to_string(),
+                        |s| s.to_string_lossy().into_owned(),
+                    )
+                }),
+                file: config.resolve(&entry.file),
+                shown: entry.file.display().to_string(),
+                params: entry.params.clone(),
+                root: config.root(),
+                limits: config.broker.limits,
+                on_error: entry.on_error.unwrap_or(config.broker.on_error),
+            })
+            .collect()
+    }
+
+    /// A spec for one file outside any configuration (`temma script`).
+    pub fn standalone(
+        file: &Path,
+        params: BTreeMap<String, serde_json::Value>,
+        limits: ScriptLimits,
+    ) -> ScriptSpec {
+        ScriptSpec {
+            name: file
+                .file_stem()
+                .map_or_else(|| "script".to_owned(), |s| s.to_string_lossy().into_owned()),
+            file: file.to_owned(),
+            shown: file.display().to_string(),
+            params,
+            root: PathBuf::from("."),
+            limits,
+            on_error: OnError::Drop,
+        }
+    }
+
+    /// Reads, compiles and initializes the script.
+    pub fn load(&self) -> Result<Script, ScriptError> {
+        let shown = self.shown.clone();
+        let source = std::fs::read_to_string(&self.file).map_err(|error| ScriptError::Read {
+            file: shown.clone(),
+            message: error.to_string(),
+        })?;
+        let mut files = vec![self.file.clone()];
+        let mut params = Map::new();
+        for (key, value) in &self.params {
+            if let Some(base) = key.strip_suffix("_file") {
+                let serde_json::Value::String(path) = value else {
+                    return Err(ScriptError::Param {
+                        file: shown,
+                        key: key.clone(),
+                        message: "must be a file path (a string)".into(),
+                    });
+                };
+                let path = if Path::new(path).is_absolute() {
+                    PathBuf::from(path)
+                } else {
+                    self.root.join(path)
+                };
+                let text = std::fs::read_to_string(&path).map_err(|error| ScriptError::Param {
+                    file: shown.clone(),
+                    key: key.clone(),
+                    message: format!("cannot read `{}`: {error}", path.display()),
+                })?;
+                let lines: rhai::Array = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|line| !line.is_empty() && !line.starts_with('#'))
+                    .map(|line| Dynamic::from(line.to_owned()))
+                    .collect();
+                params.insert(base.into(), lines.into());
+                files.push(path);
+            }
+            let value = rhai::serde::to_dynamic(value).map_err(|error| ScriptError::Param {
+                file: shown.clone(),
+                key: key.clone(),
+                message: error.to_string(),
+            })?;
+            params.insert(key.as_str().into(), value);
+        }
+
+        let Sandbox { engine, clock } = engine(&self.limits, params.into(), &self.name);
+        let mut ast = engine.compile(&source).map_err(|error| {
+            let position = error.position();
+            ScriptError::Compile {
+                file: shown.clone(),
+                line: position.line().unwrap_or(0),
+                column: position.position().unwrap_or(0),
+                message: error.err_type().to_string(),
+            }
+        })?;
+        ast.set_source(shown.as_str());
+        if !ast
+            .iter_functions()
+            .any(|f| f.name == ENTRY_POINT && f.params.len() == 1)
+        {
+            return Err(ScriptError::NoEntryPoint { file: shown });
+        }
+        let mut script = Script {
+            name: self.name.clone(),
+            file: self.file.clone(),
+            files,
+            engine,
+            ast,
+            state: Map::new().into(),
+            scope: Scope::new(),
+            clock,
+        };
+        if script
+            .ast
+            .iter_functions()
+            .any(|f| f.name == INIT && f.params.is_empty())
+        {
+            let _ = script.call(INIT, ()).map_err(|error| ScriptError::Init {
+                file: shown,
+                message: error,
+            })?;
+        }
+        Ok(script)
+    }
+}
+
+impl Script {
+    fn call(&mut self, function: &str, args: impl rhai::FuncArgs) -> Result<Dynamic, String> {
+        self.clock.restart();
+        let options = CallFnOptions::new()
+            .eval_ast(false)
+            .rewind_scope(true)
+            .bind_this_ptr(&mut self.state);
+        self.engine
+            .call_fn_with_options::<Dynamic>(options, &mut self.scope, &self.ast, function, args)
+            .map_err(|error| error.to_string())
+    }
+
+    /// Runs `on_message` on one message.
+    pub fn run(&mut self, message: Map) -> Result<Outcome, String> {
+        let result = self.call(ENTRY_POINT, (Dynamic::from_map(message),))?;
+        if result.is_map() {
+            return Ok(Outcome::Pass(result.cast::<Map>()));
+        }
+        if result.is_unit() {
+            return Ok(Outcome::Drop(None));
+        }
+        if result.is::<Rejection>() {
+            return Ok(Outcome::Drop(Some(result.cast::<Rejection>())));
+        }
+        Err(format!(
+            "`{ENTRY_POINT}` returned {}, not a map, `()` or `reject(…)`",
+            result.type_name()
+        ))
+    }
+}
+
+/// The verdict of the whole chain on one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Publish these bytes.
+    Pass(Bytes),
+    /// Do not publish. `reference` is the sender's `ref`, to notify it.
+    Drop {
+        reference: Option<String>,
+        reason: String,
+        status: u16,
+    },
+}
+
+struct Entry {
+    script: Script,
+    on_error: OnError,
+    passed: Counter,
+    dropped: Counter,
+    errored: Counter,
+}
+
+impl Entry {
+    fn new(script: Script, on_error: OnError, metrics: &Metrics) -> Entry {
+        let counter = |outcome| {
+            metrics
+                .scripts
+                .get_or_create(&ScriptLabels {
+                    script: script.name.clone(),
+                    outcome,
+                })
+                .clone()
+        };
+        Entry {
+            passed: counter(ScriptOutcome::Passed),
+            dropped: counter(ScriptOutcome::Dropped),
+            errored: counter(ScriptOutcome::Errored),
+            script,
+            on_error,
+        }
+    }
+}
+
+/// A new version of the chain, or of one of its scripts, ready to swap in.
+pub enum Reload {
+    One { index: usize, script: Box<Script> },
+    All(Vec<(Script, OnError)>),
+}
+
+/// The chain of scripts the broker runs, in order.
+pub struct Chain {
+    entries: Vec<Entry>,
+    metrics: Arc<Metrics>,
+}
+
+/// Keys the broker owns: a script may read them but its changes are undone.
+const OWNED_KEYS: [&str; 3] = ["id", "time", "ref"];
+
+impl Chain {
+    /// Loads every script of the configuration.
+    pub fn build(specs: &[ScriptSpec], metrics: Arc<Metrics>) -> Result<Chain, ScriptError> {
+        let mut entries = Vec::with_capacity(specs.len());
+        for spec in specs {
+            entries.push(Entry::new(spec.load()?, spec.on_error, &metrics));
+        }
+        Ok(Chain { entries, metrics })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Swaps in a reloaded script or chain.
+    pub fn apply(&mut self, reload: Reload) {
+        match reload {
+            Reload::One { index, script } => {
+                if let Some(entry) = self.entries.get_mut(index) {
+                    tracing::info!(script = %script.name, "script reloaded");
+                    let on_error = entry.on_error;
+                    *entry = Entry::new(*script, on_error, &self.metrics);
+                }
+            }
+            Reload::All(scripts) => {
+                tracing::info!(scripts = scripts.len(), "script chain reloaded");
+                self.entries = scripts
+                    .into_iter()
+                    .map(|(script, on_error)| Entry::new(script, on_error, &self.metrics))
+                    .collect();
+            }
+        }
+    }
+
+    /// Runs the message through every script. `message` already carries the broker's `id`
+    /// and `time`; whatever the scripts do, the published message keeps them and its `ref`.
+    pub fn run(&mut self, mut message: Map) -> Verdict {
+        let owned: Vec<(&str, Option<Dynamic>)> = OWNED_KEYS
+            .iter()
+            .map(|key| (*key, message.get(*key).cloned()))
+            .collect();
+        let reference = message
+            .get("ref")
+            .and_then(|r| r.clone().into_immutable_string().ok())
+            .map(|r| r.to_string());
+        for entry in &mut self.entries {
+            // Only a fail-open script needs the message as it was before it ran.
+            let input = (entry.on_error == OnError::Pass).then(|| message.clone());
+            match entry.script.run(message) {
+                Ok(Outcome::Pass(out)) => {
+                    entry.passed.inc();
+                    message = out;
+                }
+                Ok(Outcome::Drop(rejection)) => {
+                    entry.dropped.inc();
+                    self.metrics.dropped(crate::metrics::DropReason::Script);
+                    let (reason, status) = match rejection {
+                        Some(Rejection { reason, status }) => (reason, status),
+                        None => (
+                            format!("message refused by moderation ({})", entry.script.name),
+                            DEFAULT_REJECT_STATUS,
+                        ),
+                    };
+                    return Verdict::Drop {
+                        reference,
+                        reason,
+                        status,
+                    };
+                }
+                Err(error) => {
+                    entry.errored.inc();
+                    tracing::warn!(script = %entry.script.name, %error, on_error = ?entry.on_error, "script failed on a message");
+                    match entry.on_error {
+                        OnError::Pass => message = input.expect("kept for fail-open scripts"),
+                        OnError::Drop => {
+                            self.metrics
+                                .dropped(crate::metrics::DropReason::ScriptError);
+                            return Verdict::Drop {
+                                reference,
+                                reason: "the message could not be checked by moderation".into(),
+                                status: DEFAULT_REJECT_STATUS,
+                            };
+                        }
+                    }
+                }
+            }
+        }
+        for (key, value) in owned {
+            match value {
+                Some(value) => message.insert(key.into(), value),
+                None => message.remove(key),
+            };
+        }
+        let bytes =
+            serde_json::to_vec(&Dynamic::from_map(message)).expect("a rhai map serializes to JSON");
+        Verdict::Pass(bytes.into())
+    }
+}
+
+/// Recompiles scripts when their files change or on request (SIGHUP), and hands the new
+/// versions to the broker.
+pub struct Reloader {
+    specs: Vec<ScriptSpec>,
+    config_file: Option<PathBuf>,
+    watch: bool,
+    tx: mpsc::Sender<Reload>,
+    requests: mpsc::Receiver<()>,
+    metrics: Arc<Metrics>,
+}
+
+/// Asks the reloader to reload everything (what SIGHUP does).
+#[derive(Clone)]
+pub struct ReloadHandle(mpsc::Sender<()>);
+
+impl ReloadHandle {
+    pub fn reload(&self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+impl Reloader {
+    /// A reloader for `specs`, plus the receiving end the broker polls and a handle for
+    /// SIGHUP. `config_file`, when given, is read again on SIGHUP so that scripts added to or
+    /// removed from the chain take effect.
+    pub fn new(
+        specs: Vec<ScriptSpec>,
+        config_file: Option<PathBuf>,
+        watch: bool,
+        metrics: Arc<Metrics>,
+    ) -> (Reloader, mpsc::Receiver<Reload>, ReloadHandle) {
+        let (tx, rx) = mpsc::channel(RELOAD_QUEUE);
+        let (request_tx, requests) = mpsc::channel(1);
+        (
+            Reloader {
+                specs,
+                config_file,
+                watch,
+                tx,
+                requests,
+                metrics,
+            },
+            rx,
+            ReloadHandle(request_tx),
+        )
+    }
+
+    fn count(&self, result: ReloadResult) {
+        self.metrics
+            .script_reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+    }
+
+    /// Watches files and waits for requests until shutdown.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            let (events_tx, mut events) = mpsc::channel::<PathBuf>(64);
+            let _watcher = self.watch(events_tx);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    request = self.requests.recv() => {
+                        if request.is_none() {
+                            return;
+                        }
+                        if self.reload_all().await {
+                            break; // The files to watch may have changed.
+                        }
+                    }
+                    Some(path) = events.recv() => {
+                        let mut changed = vec![path];
+                        // Editors write in several steps: wait for the burst to end.
+                        tokio::time::sleep(RELOAD_DEBOUNCE).await;
+                        while let Ok(path) = events.try_recv() {
+                            changed.push(path);
+                        }
+                        self.reload_changed(&changed).await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn watch(&self, tx: mpsc::Sender<PathBuf>) -> Option<notify::RecommendedWatcher> {
+        use notify::{RecursiveMode, Watcher};
+        if !self.watch {
+            return None;
+        }
+        let watched: Vec<PathBuf> = self.specs.iter().flat_map(spec_files).collect();
+        if watched.is_empty() {
+            return None;
+        }
+        let files = watched.clone();
+        let handler = move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            for path in event.paths {
+                if files.iter().any(|file| same_file(file, &path)) {
+                    let _ = tx.try_send(path);
+                }
+            }
+        };
+        let mut watcher = match notify::recommended_watcher(handler) {
+            Ok(watcher) => watcher,
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch script files; reload with SIGHUP");
+                return None;
+            }
+        };
+        // Watch the folders: editors replace files, which ends a watch on the file itself.
+        let mut dirs: Vec<PathBuf> = watched
+            .iter()
+            .filter_map(|file| file.parent().map(Path::to_owned))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        for dir in dirs {
+            if let Err(error) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(%error, dir = %dir.display(), "cannot watch a script folder");
+            }
+        }
+        Some(watcher)
+    }
+
+    async fn reload_changed(&mut self, changed: &[PathBuf]) {
+        for (index, spec) in self.specs.iter().enumerate() {
+            if !spec_files(spec)
+                .iter()
+                .any(|file| changed.iter().any(|c| same_file(file, c)))
+            {
+                continue;
+            }
+            match spec.load() {
+                Ok(script) => {
+                    self.count(ReloadResult::Ok);
+                    let _ = self
+                        .tx
+                        .send(Reload::One {
+                            index,
+                            script: Box::new(script),
+                        })
+                        .await;
+                }
+                Err(error) => {
+                    self.count(ReloadResult::Failed);
+                    tracing::error!(%error, "script not reloaded; the previous version keeps running");
+                }
+            }
+        }
+    }
+
+    /// Reloads the whole chain (re-reading the configuration file, if any). Returns whether
+    /// the chain was replaced.
+    async fn reload_all(&mut self) -> bool {
+        let specs = match &self.config_file {
+            Some(file) => match Config::load(file) {
+                Ok(config) => ScriptSpec::from_config(&config),
+                Err(error) => {
+                    self.count(ReloadResult::Failed);
+                    tracing::error!(%error, "configuration not reloaded; the scripts keep running");
+                    return false;
+                }
+            },
+            None => self.specs.clone(),
+        };
+        let mut scripts = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            match spec.load() {
+                Ok(script) => scripts.push((script, spec.on_error)),
+                Err(error) => {
+                    self.count(ReloadResult::Failed);
+                    tracing::error!(%error, "script chain not reloaded; the previous one keeps running");
+                    return false;
+                }
+            }
+        }
+        self.count(ReloadResult::Ok);
+        self.specs = specs;
+        let _ = self.tx.send(Reload::All(scripts)).await;
+        true
+    }
+}
+
+fn spec_files(spec: &ScriptSpec) -> Vec<PathBuf> {
+    let mut files = vec![spec.file.clone()];
+    for (key, value) in &spec.params {
+        if key.ends_with("_file")
+            && let serde_json::Value::String(path) = value
+        {
+            files.push(if Path::new(path).is_absolute() {
+                PathBuf::from(path)
+            } else {
+                spec.root.join(path)
+            });
+        }
+    }
+    files
+}
+
+/// Whether two paths name the same file (the watcher reports canonical paths).
+fn same_file(a: &Path, b: &Path) -> bool {
+    if a == b {
+        return true;
+    }
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => {
+            a.file_name() == b.file_name()
+                && a.parent().and_then(|p| p.canonicalize().ok())
+                    == b.parent().and_then(|p| p.canonicalize().ok())
+        }
+    }
+}
+
+/// Adds the configuration's script problems to the list `temma check` and start-up report.
+pub(crate) fn validate(config: &Config, problem: &mut impl FnMut(&str, String)) {
+    for (index, spec) in ScriptSpec::from_config(config).iter().enumerate() {
+        if let Err(error) = spec.load() {
+            problem(&format!("broker.scripts[{index}]"), error.to_string());
+        }
+    }
+    let limits = &config.broker.limits;
+    for (key, zero) in [
+        ("broker.limits.max_operations", limits.max_operations == 0),
+        ("broker.limits.max_string_size", limits.max_string_size == 0),
+        ("broker.limits.max_array_size", limits.max_array_size == 0),
+        ("broker.limits.max_map_size", limits.max_map_size == 0),
+        ("broker.limits.max_call_depth", limits.max_call_depth == 0),
+        ("broker.limits.max_expr_depth", limits.max_expr_depth == 0),
+        ("broker.limits.max_ms", limits.max_ms == 0),
+    ] {
+        if zero {
+            problem(key, "must be at least 1".to_owned());
+        }
+    }
+}

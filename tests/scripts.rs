@@ -1,0 +1,583 @@
+//! Moderation scripts: each bundled script on a table of inputs, the chain, the sandbox, and
+//! hot reload in a running broker.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{TempDir, TestApp, manifest_dir};
+use rhai::{Dynamic, Map};
+use serde_json::{Value, json};
+use temma::broker::{Stamped, Stamper};
+use temma::metrics::Metrics;
+use temma::script::{
+    Chain, OnError, Outcome, Rejection, Script, ScriptConfig, ScriptLimits, ScriptSpec, Verdict,
+};
+
+fn bundled(name: &str) -> PathBuf {
+    manifest_dir().join("scripts").join(name)
+}
+
+fn spec(file: &Path, params: Value) -> ScriptSpec {
+    let params: BTreeMap<String, Value> = serde_json::from_value(params).unwrap();
+    let mut spec = ScriptSpec::standalone(file, params, ScriptLimits::default());
+    spec.root = manifest_dir();
+    spec
+}
+
+fn load(file: &Path, params: Value) -> Script {
+    spec(file, params).load().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A message as the broker hands it to scripts: stamped with an id and a time.
+fn message(value: Value) -> Map {
+    match Stamper::new(usize::MAX).stamp(value.to_string().as_bytes(), false) {
+        Ok(Stamped::Parsed(map)) => map,
+        _ => panic!("not an object: {value}"),
+    }
+}
+
+fn json_of(map: &Map) -> Value {
+    serde_json::to_value(Dynamic::from_map(map.clone())).unwrap()
+}
+
+/// Runs one script on one message: `Ok(Some(json))` passed, `Ok(None)` dropped silently,
+/// `Err((status, reason))` rejected.
+fn run(script: &mut Script, input: Value) -> Result<Option<Value>, (u16, String)> {
+    match script.run(message(input)).expect("script runs") {
+        Outcome::Pass(map) => Ok(Some(json_of(&map))),
+        Outcome::Drop(None) => Ok(None),
+        Outcome::Drop(Some(Rejection { reason, status })) => Err((status, reason)),
+    }
+}
+
+fn text_of(result: Result<Option<Value>, (u16, String)>) -> String {
+    result.unwrap().unwrap()["text"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn trim_script() {
+    let mut script = load(&bundled("trim.rhai"), json!({"max_chars": 5}));
+    let table = [
+        ("  hi  ", Some("hi")),
+        ("hello", Some("hello")),
+        ("hello!", Some("hell…")),
+        ("ééééééé", Some("éééé…")),
+        ("   ", None),
+        ("", None),
+    ];
+    for (input, expected) in table {
+        let out = run(&mut script, json!({"from": "a", "text": input})).unwrap();
+        assert_eq!(
+            out.as_ref().map(|m| m["text"].as_str().unwrap()),
+            expected,
+            "{input:?}"
+        );
+    }
+    // A message without a text is refused, not passed on as is.
+    let (status, reason) = run(&mut script, json!({"from": "a"})).unwrap_err();
+    assert_eq!(status, 400);
+    assert!(reason.contains("text"));
+    // Other fields pass through untouched.
+    let out = run(
+        &mut script,
+        json!({"from": "a", "text": "x", "extra": [1, 2]}),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(out["extra"], json!([1, 2]));
+}
+
+#[test]
+fn profanity_script() {
+    let mut script = load(
+        &bundled("profanity.rhai"),
+        json!({"words_file": "scripts/words.txt", "mask": "#"}),
+    );
+    let table = [
+        ("damn it", "#### it"),
+        ("DAMN, Damn; damn!", "####, ####; ####!"),
+        ("darning the damnation", "darning the damnation"),
+        ("what the fuck?", "what the ####?"),
+        ("crap-crap", "####-####"),
+        ("all clean here", "all clean here"),
+        ("shit.", "####."),
+        ("", ""),
+    ];
+    for (input, expected) in table {
+        assert_eq!(
+            text_of(run(&mut script, json!({"from": "a", "text": input}))),
+            expected,
+            "{input:?}"
+        );
+    }
+    let out = run(&mut script, json!({"from": "Damn Dan", "text": "hi"}))
+        .unwrap()
+        .unwrap();
+    assert_eq!(out["from"], "#### Dan", "names are masked too");
+    // The default mask is `*`.
+    let mut script = load(
+        &bundled("profanity.rhai"),
+        json!({"words_file": "scripts/words.txt"}),
+    );
+    assert_eq!(
+        text_of(run(&mut script, json!({"from": "a", "text": "crap"}))),
+        "****"
+    );
+}
+
+#[test]
+fn ratelimit_script() {
+    let mut script = load(
+        &bundled("ratelimit.rhai"),
+        json!({"max": 3, "window_secs": 60}),
+    );
+    let mut outcomes = Vec::new();
+    for sender in ["ann", "ann", "bob", "ann", "ann", "bob", "ann"] {
+        outcomes.push(
+            match run(&mut script, json!({"from": sender, "text": "x"})) {
+                Ok(Some(_)) => "pass",
+                Ok(None) => "drop",
+                Err((429, _)) => "429",
+                Err(other) => panic!("{other:?}"),
+            },
+        );
+    }
+    assert_eq!(
+        outcomes,
+        ["pass", "pass", "pass", "pass", "429", "pass", "429"]
+    );
+    let (_, reason) = run(&mut script, json!({"from": "ann", "text": "x"})).unwrap_err();
+    assert_eq!(reason, "too many messages: at most 3 every 60 seconds");
+
+    // A window of 0 seconds forgets at once: nothing is ever limited.
+    let mut script = load(
+        &bundled("ratelimit.rhai"),
+        json!({"max": 1, "window_secs": 0}),
+    );
+    for _ in 0..5 {
+        assert!(run(&mut script, json!({"from": "ann", "text": "x"})).is_ok());
+    }
+
+    // Past `max_senders`, idle senders are forgotten and the map stays bounded.
+    let mut script = load(
+        &bundled("ratelimit.rhai"),
+        json!({"max": 1, "window_secs": 60, "max_senders": 10}),
+    );
+    for i in 0..50 {
+        run(
+            &mut script,
+            json!({"from": format!("user{i}"), "text": "x"}),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn commands_script() {
+    let mut script = load(&bundled("commands.rhai"), json!({}));
+    let out = run(&mut script, json!({"from": "a", "text": "/me waves"}))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (out["kind"].as_str(), out["text"].as_str()),
+        (Some("action"), Some("waves"))
+    );
+    let table = [
+        ("/shrug", "¯\\_(ツ)_/¯"),
+        ("/shrug   no idea", "no idea ¯\\_(ツ)_/¯"),
+        ("/SHRUG ok", "ok ¯\\_(ツ)_/¯"),
+        ("//me is not a command", "/me is not a command"),
+        ("plain text", "plain text"),
+        ("not /me at the start", "not /me at the start"),
+    ];
+    for (input, expected) in table {
+        assert_eq!(
+            text_of(run(&mut script, json!({"from": "a", "text": input}))),
+            expected,
+            "{input:?}"
+        );
+    }
+    for (input, status, needle) in [
+        ("/me", 400, "/me needs an action"),
+        ("/me   ", 400, "/me needs an action"),
+        ("/kick bob", 400, "unknown command /kick"),
+    ] {
+        let (got, reason) = run(&mut script, json!({"from": "a", "text": input})).unwrap_err();
+        assert_eq!(got, status, "{input:?}");
+        assert!(reason.contains(needle), "{input:?}: {reason}");
+    }
+}
+
+fn chain(specs: &[ScriptSpec]) -> Chain {
+    Chain::build(specs, Metrics::new()).unwrap()
+}
+
+fn passed(verdict: Verdict) -> Value {
+    match verdict {
+        Verdict::Pass(bytes) => serde_json::from_slice(&bytes).unwrap(),
+        other => panic!("expected a pass, got {other:?}"),
+    }
+}
+
+#[test]
+fn chain_order_matters() {
+    let trim = spec(&bundled("trim.rhai"), json!({"max_chars": 8}));
+    let commands = spec(&bundled("commands.rhai"), json!({}));
+    let input = || message(json!({"from": "a", "text": "/shrug hello"}));
+    // Commands first: the shrug is appended, then the whole is cut.
+    let out = passed(chain(&[commands.clone(), trim.clone()]).run(input()));
+    assert_eq!(out["text"], "hello ¯…");
+    // Trim first: the text is cut to "/shrug …" before the command sees it.
+    let out = passed(chain(&[trim, commands]).run(input()));
+    assert_eq!(out["text"], "… ¯\\_(ツ)_/¯");
+}
+
+#[test]
+fn chain_keeps_the_broker_stamp_and_ref() {
+    let dir = TempDir::new("stamp");
+    let file = dir.0.join("forge.rhai");
+    std::fs::write(
+        &file,
+        r#"fn on_message(msg) { msg.id = "forged"; msg.time = 0; msg.remove("ref"); msg.extra = 1; msg }"#,
+    )
+    .unwrap();
+    let stamped = message(json!({"from": "a", "text": "b", "ref": "node-1"}));
+    let original_id = stamped["id"].clone().into_string().unwrap();
+    let out = passed(chain(&[spec(&file, json!({}))]).run(stamped));
+    assert_eq!(out["id"], original_id);
+    assert_ne!(out["time"], 0);
+    assert_eq!(out["ref"], "node-1");
+    assert_eq!(out["extra"], 1);
+}
+
+fn misbehaving(dir: &TempDir) -> PathBuf {
+    let file = dir.0.join("misbehaving.rhai");
+    std::fs::write(
+        &file,
+        r#"
+fn on_message(msg) {
+    switch msg.text {
+        "loop" => { loop { } }
+        "throw" => throw "refusing on purpose",
+        "number" => 42,
+        "big" => { let s = "x"; loop { s += s; } }
+        "deep" => deep(0),
+        _ => msg
+    }
+}
+fn deep(n) { deep(n + 1) }
+"#,
+    )
+    .unwrap();
+    file
+}
+
+#[test]
+fn a_failing_script_is_an_error_never_a_crash() {
+    let dir = TempDir::new("sandbox");
+    let mut script = load(&misbehaving(&dir), json!({}));
+    for (text, needle) in [
+        ("loop", "operations"),
+        ("throw", "refusing on purpose"),
+        ("number", "returned i64"),
+        ("big", "too large"),
+        ("deep", "stack"),
+    ] {
+        let started = Instant::now();
+        let error = script
+            .run(message(json!({"from": "a", "text": text})))
+            .unwrap_err();
+        let took = started.elapsed();
+        println!("{text}: stopped after {took:?}: {error}");
+        assert!(error.to_lowercase().contains(needle), "{text}: {error}");
+    }
+    // The same script still works on the next message.
+    assert!(matches!(
+        script.run(message(json!({"from": "a", "text": "fine"}))),
+        Ok(Outcome::Pass(_))
+    ));
+}
+
+#[test]
+fn on_error_drop_and_pass() {
+    let dir = TempDir::new("on-error");
+    let file = misbehaving(&dir);
+    let mut drop = spec(&file, json!({}));
+    drop.on_error = OnError::Drop;
+    let mut pass = spec(&file, json!({}));
+    pass.on_error = OnError::Pass;
+    let append = dir.0.join("append.rhai");
+    std::fs::write(&append, r#"fn on_message(msg) { msg.text += "!"; msg }"#).unwrap();
+
+    let metrics = Metrics::new();
+    let mut dropping = Chain::build(&[drop, spec(&append, json!({}))], metrics.clone()).unwrap();
+    match dropping.run(message(json!({"from": "a", "text": "throw", "ref": "n-1"}))) {
+        Verdict::Drop {
+            reference,
+            status,
+            reason,
+        } => {
+            assert_eq!(reference.as_deref(), Some("n-1"));
+            assert_eq!(status, 422);
+            assert!(reason.contains("moderation"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let text = metrics.render();
+    assert!(
+        text.contains(r#"temma_script_messages_total{script="misbehaving",outcome="Errored"} 1"#),
+        "{text}"
+    );
+    // Fail open: the message goes on unchanged to the next script.
+    let mut passing = chain(&[pass, spec(&append, json!({}))]);
+    let out = passed(passing.run(message(json!({"from": "a", "text": "loop"}))));
+    assert_eq!(out["text"], "loop!");
+}
+
+#[test]
+fn load_errors_name_file_line_and_column() {
+    let dir = TempDir::new("load-errors");
+    let broken = dir.0.join("broken.rhai");
+    std::fs::write(&broken, "fn on_message(msg) {\n    let x = ;\n    msg\n}\n").unwrap();
+    let error = spec(&broken, json!({})).load().err().unwrap().to_string();
+    assert!(error.contains("broken.rhai:2:13:"), "{error}");
+
+    let empty = dir.0.join("empty.rhai");
+    std::fs::write(&empty, "fn other(msg) { msg }").unwrap();
+    let error = spec(&empty, json!({})).load().err().unwrap().to_string();
+    assert!(error.contains("defines no `fn on_message(msg)`"), "{error}");
+
+    let error = spec(&dir.0.join("missing.rhai"), json!({}))
+        .load()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("cannot read script"), "{error}");
+
+    let error = spec(
+        &bundled("profanity.rhai"),
+        json!({"words_file": "nope.txt"}),
+    )
+    .load()
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(error.contains("parameter `words_file`"), "{error}");
+
+    // No file, module or eval access from a script.
+    for (name, source) in [
+        (
+            "import.rhai",
+            "import \"x\" as x; fn on_message(msg) { msg }",
+        ),
+        ("eval.rhai", "fn on_message(msg) { eval(\"1\"); msg }"),
+    ] {
+        let file = dir.0.join(name);
+        std::fs::write(&file, source).unwrap();
+        let refused = match spec(&file, json!({})).load() {
+            Err(_) => true,
+            Ok(mut script) => script.run(message(json!({"text": "x"}))).is_err(),
+        };
+        assert!(refused, "{name} must be refused");
+    }
+}
+
+/// A test app whose broker runs `scripts` (absolute paths).
+async fn app_with_scripts(scripts: Vec<ScriptConfig>, on_error: OnError) -> TestApp {
+    TestApp::start_with(move |config| {
+        config.broker.scripts = scripts;
+        config.broker.on_error = on_error;
+    })
+    .await
+}
+
+fn entry(file: &Path) -> ScriptConfig {
+    ScriptConfig {
+        file: file.to_owned(),
+        params: BTreeMap::new(),
+        name: None,
+        on_error: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_survives_a_misbehaving_script() {
+    let dir = TempDir::new("broker-sandbox");
+    let app = app_with_scripts(vec![entry(&misbehaving(&dir))], OnError::Drop).await;
+    app.ready().await;
+    let mut sse = app.sse().await;
+    for text in ["loop", "throw", "number", "big", "deep"] {
+        let response = app.post_form("a", text).await;
+        assert_eq!(response.status(), 422, "{text}");
+        let error: Value = response.json().await.unwrap();
+        assert!(error["error"].as_str().unwrap().contains("moderation"));
+        // The broker relays the next message.
+        assert_eq!(
+            app.post_form("a", &format!("after {text}")).await.status(),
+            200
+        );
+        assert_eq!(
+            sse.next_message().await.json()["text"],
+            format!("after {text}")
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundled_chain_in_a_running_broker() {
+    let root = manifest_dir();
+    let scripts = vec![
+        ScriptConfig {
+            params: serde_json::from_value(json!({"max": 2, "window_secs": 60})).unwrap(),
+            ..entry(&root.join("scripts/ratelimit.rhai"))
+        },
+        entry(&root.join("scripts/commands.rhai")),
+        ScriptConfig {
+            params: serde_json::from_value(json!({"words_file": "scripts/words.txt"})).unwrap(),
+            ..entry(&root.join("scripts/profanity.rhai"))
+        },
+    ];
+    let app = app_with_scripts(scripts, OnError::Drop).await;
+    app.ready().await; // uses up one of warm-up's two messages
+    let mut sse = app.sse().await;
+    assert_eq!(app.post_form("zoe", "/me says damn").await.status(), 200);
+    let event = sse.next_message().await.json();
+    assert_eq!(
+        (event["kind"].as_str(), event["text"].as_str()),
+        (Some("action"), Some("says ****"))
+    );
+    let refused = app.post_form("zoe", "/dance").await;
+    assert_eq!(refused.status(), 400);
+    assert!(
+        refused
+            .text()
+            .await
+            .unwrap()
+            .contains("unknown command /dance")
+    );
+    let limited = app.post_form("zoe", "third").await;
+    assert_eq!(limited.status(), 429);
+    assert!(limited.text().await.unwrap().contains("too many messages"));
+    // Ids stay dense: a dropped message does not use one up.
+    assert_eq!(app.post_form("other", "next").await.status(), 200);
+    let next = sse.next_message().await;
+    let (a, b): (temma::broker::MsgId, temma::broker::MsgId) = (
+        event["id"].as_str().unwrap().parse().unwrap(),
+        next.id.unwrap().parse().unwrap(),
+    );
+    assert_eq!(b.seq, a.seq + 1);
+    app.stop().await;
+}
+
+/// Posts until the published text satisfies `check`, within the deadline.
+async fn wait_for_published(
+    app: &TestApp,
+    sse: &mut common::Sse,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let start = Instant::now();
+    loop {
+        assert_eq!(app.post_form("a", "probe").await.status(), 200);
+        let event = sse.next_message().await.json();
+        if check(&event) {
+            return event;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "reload not seen: {event}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_reload_takes_effect_and_keeps_the_old_version_on_error() {
+    let dir = TempDir::new("hot-reload");
+    let file = dir.0.join("version.rhai");
+    let version = |n: u32| format!("fn on_message(msg) {{ msg.version = {n}; msg }}\n");
+    std::fs::write(&file, version(1)).unwrap();
+    let app = app_with_scripts(vec![entry(&file)], OnError::Drop).await;
+    app.ready().await;
+    let mut sse = app.sse().await;
+    wait_for_published(&app, &mut sse, |m| m["version"] == 1).await;
+
+    let edited = Instant::now();
+    std::fs::write(&file, version(2)).unwrap();
+    wait_for_published(&app, &mut sse, |m| m["version"] == 2).await;
+    let took = edited.elapsed();
+    println!("reload seen {took:?} after the edit");
+    assert!(took < Duration::from_secs(2), "reloaded in {took:?}");
+
+    // A syntax error: counted as a failed reload, and version 2 keeps running.
+    std::fs::write(&file, "fn on_message(msg) { msg.version = ; msg }\n").unwrap();
+    let metrics = app.app().metrics().clone();
+    common::eventually("the failed reload", || {
+        let text = metrics.render();
+        async move {
+            text.contains(r#"temma_script_reloads_total{result="Failed"}"#)
+                .then_some(())
+        }
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(app.post_form("a", "still").await.status(), 200);
+        assert_eq!(sse.next_message().await.json()["version"], 2);
+    }
+
+    // SIGHUP-style reload of everything (here through the app's handle).
+    std::fs::write(&file, version(3)).unwrap();
+    app.app().reload_scripts();
+    wait_for_published(&app, &mut sse, |m| m["version"] == 3).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_does_not_drop_or_reorder_messages() {
+    let dir = TempDir::new("reload-order");
+    let file = dir.0.join("tag.rhai");
+    std::fs::write(&file, "fn on_message(msg) { msg.v = 1; msg }\n").unwrap();
+    let app = app_with_scripts(vec![entry(&file)], OnError::Drop).await;
+    app.ready().await;
+    let mut sse = app.sse().await;
+    let posting = {
+        let client = app.client.clone();
+        let url = app.url("/message/broadcast");
+        tokio::spawn(async move {
+            for i in 0..200 {
+                let response = client
+                    .post(&url)
+                    .form(&[("from", "a".to_owned()), ("text", i.to_string())])
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+            }
+        })
+    };
+    for n in 2..6 {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        std::fs::write(
+            &file,
+            format!("fn on_message(msg) {{ msg.v = {n}; msg }}\n"),
+        )
+        .unwrap();
+    }
+    posting.await.unwrap();
+    let events = sse.messages(200).await;
+    let mut last_version = 0;
+    for (i, event) in events.iter().enumerate() {
+        let body = event.json();
+        assert_eq!(body["text"], i.to_string(), "in order, none missing");
+        let v = body["v"].as_i64().unwrap();
+        assert!(v >= last_version, "versions never go back");
+        last_version = v;
+    }
+    app.stop().await;
+}
