@@ -1,0 +1,414 @@
+//! Broker throughput: PUSH → broker (PULL → scripts → PUB) → SUB on loopback, 100-byte
+//! messages, one producer and one consumer, order checked on every message.
+//!
+//! Run: `cargo bench --bench broker` (release build). The broker under test runs as its own
+//! process, as in production: `temma broker` with a generated config, and, in the same run,
+//! the libzmq reference: pyzmq's `zmq.proxy(PULL, PUB)` (skipped with a note when pyzmq is
+//! not installed: `pip install pyzmq`). Producer and consumer are this process, on two threads,
+//! using the zeromq crate as temma's web nodes do.
+//!
+//! Options after `--`: `--messages N` (default 1000000 without scripts, a fifth of it with
+//! scripts), `--only NAME` (per-script, libzmq-proxy, none, trivial, default-chain),
+//! `--json` (one JSON object per line instead of the table).
+//!
+//! Scenarios:
+//! - `per-script`: each bundled script alone, called in-process: µs and allocations per call;
+//! - `libzmq-proxy`: the reference, C libzmq's proxy;
+//! - `none`: temma's broker without scripts (the frame is stamped without a full parse);
+//! - `trivial`: one script, `fn on_message(msg) { msg }`;
+//! - `default-chain`: the chain of `etc/temma.toml` (rate limit, trim, commands, profanity),
+//!   with the rate limit raised so that every message goes through all four scripts.
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use zeromq::{PushSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+
+const MESSAGE_BYTES: usize = 100;
+const TEMMA: &str = env!("CARGO_BIN_EXE_temma");
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A 100-byte message whose text starts with its sequence number.
+fn frame(seq: usize, sender: usize) -> Vec<u8> {
+    let mut text = format!(r#"{{"from":"user{sender:04}","text":"{seq:010} "#).into_bytes();
+    while text.len() < MESSAGE_BYTES - 2 {
+        text.push(b'x');
+    }
+    text.extend_from_slice(b"\"}");
+    text
+}
+
+fn text_seq(frame: &[u8]) -> Option<usize> {
+    let at = memchr::memmem::find(frame, b"\"text\":\"")? + 8;
+    std::str::from_utf8(frame.get(at..at + 10)?)
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A broker process under test, killed on drop.
+struct BrokerProcess {
+    child: Child,
+    pull: String,
+    publish: String,
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_line(child: &mut Child, needle: &str) {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wanted = needle.to_owned();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent && line.contains(&wanted) {
+                let _ = tx.send(());
+                sent = true;
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("the broker did not print {needle:?}"));
+}
+
+fn temma_broker(dir: &Path, scripts: &str) -> BrokerProcess {
+    let (pull, publish) = (free_port(), free_port());
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    let config = dir.join("etc/temma.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[application]
+root = "{root}"
+[application.dataSources]
+zmq_client_push = "zmq://PUSH@127.0.0.1:{pull}"
+zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:{pull}"
+zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
+zmq_client_sub = "zmq://SUB@127.0.0.1:{publish}"
+[broker]
+watch = false
+{scripts}
+[log]
+level = "warn,temma::broker=info"
+"#,
+            root = root().display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(TEMMA)
+        .args(["broker", "-c", config.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn temma broker");
+    wait_for_line(&mut child, "broker started");
+    BrokerProcess {
+        child,
+        pull: format!("tcp://127.0.0.1:{pull}"),
+        publish: format!("tcp://127.0.0.1:{publish}"),
+    }
+}
+
+const PROXY: &str = r#"
+import sys, zmq
+ctx = zmq.Context()
+front = ctx.socket(zmq.PULL); front.bind(sys.argv[1])
+back = ctx.socket(zmq.PUB); back.bind(sys.argv[2])
+print("proxy started", file=sys.stderr, flush=True)
+zmq.proxy(front, back)
+"#;
+
+fn libzmq_proxy() -> Option<BrokerProcess> {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", "import zmq"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        return None;
+    }
+    let (pull, publish) = (free_port(), free_port());
+    let (pull, publish) = (
+        format!("tcp://127.0.0.1:{pull}"),
+        format!("tcp://127.0.0.1:{publish}"),
+    );
+    let mut child = Command::new(python)
+        .args(["-c", PROXY, &pull, &publish])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ok()?;
+    wait_for_line(&mut child, "proxy started");
+    Some(BrokerProcess {
+        child,
+        pull,
+        publish,
+    })
+}
+
+struct Outcome {
+    sent: usize,
+    received: usize,
+    in_order: bool,
+    seconds: f64,
+}
+
+impl Outcome {
+    fn rate(&self) -> f64 {
+        self.received as f64 / self.seconds
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Drives `count` messages through a broker: producer and consumer each on its own thread,
+/// each with its own socket (the zeromq crate's sockets live on the runtime that made them).
+fn drive(broker: &BrokerProcess, count: usize) -> Outcome {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let ready = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let publish = broker.publish.clone();
+    let consumer = {
+        let ready = ready.clone();
+        let done = done.clone();
+        std::thread::spawn(move || {
+            runtime().block_on(async move {
+                let mut sub = SubSocket::new();
+                sub.subscribe("").await.unwrap();
+                sub.connect(&publish).await.expect("SUB connects");
+                let mut received = 0usize;
+                let mut in_order = true;
+                let mut last: Option<usize> = None;
+                let mut end = Instant::now();
+                while received < count {
+                    let wait = if ready.load(Ordering::Acquire) { 3 } else { 20 };
+                    match tokio::time::timeout(Duration::from_secs(wait), sub.recv()).await {
+                        Ok(Ok(message)) => {
+                            let Some(seq) = message.get(0).and_then(|f| text_seq(f)) else {
+                                // A warm-up frame: the PUB knows our subscription.
+                                ready.store(true, Ordering::Release);
+                                continue;
+                            };
+                            if last.is_some_and(|l| seq <= l) {
+                                in_order = false;
+                            }
+                            last = Some(seq);
+                            received += 1;
+                            end = Instant::now();
+                        }
+                        _ => break, // Messages were lost: stop waiting.
+                    }
+                }
+                done.store(true, Ordering::Release);
+                (received, in_order, end)
+            })
+        })
+    };
+    let frames: Vec<Vec<u8>> = (0..count).map(|seq| frame(seq, seq % 1000)).collect();
+    let pull = broker.pull.clone();
+    let producer = std::thread::spawn(move || {
+        runtime().block_on(async move {
+            let mut push = PushSocket::new();
+            push.connect(&pull).await.expect("PUSH connects");
+            let warm_up = br#"{"from":"bench","text":"warm-up"}"#.to_vec();
+            while !ready.load(Ordering::Acquire) {
+                push.send(ZmqMessage::from(warm_up.clone())).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // Let the last warm-up frames through before the clock starts.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let start = Instant::now();
+            for frame in frames {
+                push.send(ZmqMessage::from(frame)).await.unwrap();
+            }
+            // Keep the socket open until everything is through: closing it drops what it
+            // still queues.
+            while !done.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            start
+        })
+    });
+    let (received, in_order, end) = consumer.join().unwrap();
+    let start = producer.join().unwrap();
+    Outcome {
+        sent: count,
+        received,
+        in_order,
+        seconds: end.duration_since(start).as_secs_f64(),
+    }
+}
+
+/// Time per call of each bundled script alone, without sockets.
+fn per_script(calls: usize, json: bool) {
+    use temma::broker::{Stamped, Stamper};
+    use temma::script::{ScriptLimits, ScriptSpec};
+    let table: [(&str, serde_json::Value); 4] = [
+        (
+            "ratelimit.rhai",
+            serde_json::json!({"max": 1_000_000_000, "window_secs": 10}),
+        ),
+        ("trim.rhai", serde_json::json!({"max_chars": 2000})),
+        ("commands.rhai", serde_json::json!({})),
+        (
+            "profanity.rhai",
+            serde_json::json!({"words_file": "scripts/words.txt"}),
+        ),
+    ];
+    if !json {
+        println!("{:<22} {:>10} {:>12}", "script alone", "calls", "µs/call");
+    }
+    let mut stamper = Stamper::new(usize::MAX);
+    for (file, params) in table {
+        let mut spec = ScriptSpec::standalone(
+            &root().join("scripts").join(file),
+            serde_json::from_value(params).unwrap(),
+            ScriptLimits::default(),
+        );
+        spec.root = root();
+        let mut script = spec.load().expect("bundled script loads");
+        let messages: Vec<_> = (0..calls)
+            .map(|i| match stamper.stamp(&frame(i, i % 1000), false) {
+                Ok(Stamped::Parsed(map)) => map,
+                _ => unreachable!(),
+            })
+            .collect();
+        let start = Instant::now();
+        for message in messages {
+            script.run(message).expect("script passes");
+        }
+        let micros = start.elapsed().as_secs_f64() * 1e6 / calls as f64;
+        if json {
+            println!(
+                r#"{{"scenario":"per-script","script":"{file}","calls":{calls},"us_per_call":{micros:.3}}}"#
+            );
+        } else {
+            println!("{file:<22} {calls:>10} {micros:>12.2}");
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let messages: Option<usize> = value("--messages").and_then(|v| v.parse().ok());
+    let only = value("--only");
+    let json = args.iter().any(|a| a == "--json");
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let base = messages.unwrap_or(1_000_000);
+    let with_scripts = messages.unwrap_or(base / 5);
+
+    if wanted("per-script") {
+        per_script(with_scripts.min(100_000), json);
+    }
+    let dir = std::env::temp_dir().join(format!("temma-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trivial = dir.join("trivial.rhai");
+    std::fs::write(&trivial, "fn on_message(msg) { msg }\n").unwrap();
+    let default_chain = r#"
+[[broker.scripts]]
+file = "scripts/ratelimit.rhai"
+params = { max = 1000000000, window_secs = 10 }
+[[broker.scripts]]
+file = "scripts/trim.rhai"
+params = { max_chars = 2000 }
+[[broker.scripts]]
+file = "scripts/commands.rhai"
+[[broker.scripts]]
+file = "scripts/profanity.rhai"
+params = { words_file = "scripts/words.txt", mask = "*" }
+"#
+    .to_owned();
+    let scenarios: Vec<(&str, Option<String>, usize)> = vec![
+        ("libzmq-proxy", None, base),
+        ("none", Some(String::new()), base),
+        (
+            "trivial",
+            Some(format!(
+                "[[broker.scripts]]\nfile = \"{}\"\n",
+                trivial.display()
+            )),
+            with_scripts,
+        ),
+        ("default-chain", Some(default_chain), with_scripts),
+    ];
+    if !json {
+        println!(
+            "broker: PUSH → broker → SUB, {MESSAGE_BYTES}-byte messages, loopback, {} cores",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        println!(
+            "{:<15} {:>10} {:>10} {:>9} {:>12}",
+            "broker", "sent", "received", "in order", "msgs/s"
+        );
+    }
+    for (name, scripts, count) in scenarios {
+        if !wanted(name) {
+            continue;
+        }
+        let broker = match &scripts {
+            Some(scripts) => temma_broker(&dir.join(name), scripts),
+            None => match libzmq_proxy() {
+                Some(proxy) => proxy,
+                None => {
+                    eprintln!("libzmq-proxy: skipped, pyzmq is not installed (pip install pyzmq)");
+                    continue;
+                }
+            },
+        };
+        let result = drive(&broker, count);
+        drop(broker);
+        if json {
+            println!(
+                r#"{{"scenario":"{name}","sent":{},"received":{},"in_order":{},"msgs_per_s":{:.0}}}"#,
+                result.sent,
+                result.received,
+                result.in_order,
+                result.rate()
+            );
+        } else {
+            println!(
+                "{:<15} {:>10} {:>10} {:>9} {:>12.0}",
+                name,
+                result.sent,
+                result.received,
+                if result.in_order { "yes" } else { "NO" },
+                result.rate()
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
