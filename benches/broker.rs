@@ -9,7 +9,8 @@
 //!
 //! Options after `--`: `--messages N` (default 1000000 without scripts, a fifth of it with
 //! scripts), `--only NAME` (per-script, libzmq-proxy, none, trivial, default-chain),
-//! `--json` (one JSON object per line instead of the table).
+//! `--json` (one JSON object per line instead of the table), `--script FILE [--params JSON]`
+//! (time your own script in `per-script`).
 //!
 //! Scenarios:
 //! - `per-script`: each bundled script alone, called in-process: µs and allocations per call;
@@ -268,8 +269,9 @@ fn drive(broker: &BrokerProcess, count: usize) -> Outcome {
     }
 }
 
-/// Time per call of each bundled script alone, without sockets.
-fn per_script(calls: usize, json: bool) {
+/// Time per call of each bundled script alone (or of `extra`: a file and its JSON params),
+/// without sockets.
+fn per_script(calls: usize, json: bool, extra: Option<(String, String)>) {
     use temma::broker::{Stamped, Stamper};
     use temma::script::{ScriptLimits, ScriptSpec};
     let table: [(&str, serde_json::Value); 4] = [
@@ -288,9 +290,20 @@ fn per_script(calls: usize, json: bool) {
         println!("{:<22} {:>10} {:>12}", "script alone", "calls", "µs/call");
     }
     let mut stamper = Stamper::new(usize::MAX);
-    for (file, params) in table {
+    let table: Vec<(PathBuf, serde_json::Value)> = match extra {
+        Some((file, params)) => vec![(
+            PathBuf::from(file),
+            serde_json::from_str(&params).expect("--params is a JSON object"),
+        )],
+        None => table
+            .into_iter()
+            .map(|(file, params)| (root().join("scripts").join(file), params))
+            .collect(),
+    };
+    for (path, params) in table {
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
         let mut spec = ScriptSpec::standalone(
-            &root().join("scripts").join(file),
+            &path,
             serde_json::from_value(params).unwrap(),
             ScriptLimits::default(),
         );
@@ -331,8 +344,28 @@ fn main() {
     let base = messages.unwrap_or(1_000_000);
     let with_scripts = messages.unwrap_or(base / 5);
 
+    // `--pull ADDR --pub ADDR`: drive a broker started by hand (for profiling it).
+    if let (Some(pull), Some(publish)) = (value("--pull"), value("--pub")) {
+        let child = Command::new("true").spawn().expect("placeholder process");
+        let broker = BrokerProcess {
+            child,
+            pull,
+            publish,
+        };
+        let result = drive(&broker, base);
+        println!(
+            "external: sent {} received {} in order {} msgs/s {:.0}",
+            result.sent,
+            result.received,
+            result.in_order,
+            result.rate()
+        );
+        return;
+    }
     if wanted("per-script") {
-        per_script(with_scripts.min(100_000), json);
+        let extra =
+            value("--script").map(|file| (file, value("--params").unwrap_or_else(|| "{}".into())));
+        per_script(with_scripts.min(100_000), json, extra);
     }
     let dir = std::env::temp_dir().join(format!("temma-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

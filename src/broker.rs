@@ -38,6 +38,9 @@ use crate::socket::{self, SocketError};
 /// Default `broker.max_frame_bytes`: frames larger than this are dropped.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
 
+/// Room for `,"id":"<20 digits>-<20 digits>","time":<20 digits>}`: no reallocation.
+const STAMP_BYTES: usize = 96;
+
 /// Keys the broker owns in a published message; a sender's own values for them are replaced.
 const STAMPED_KEYS: [&str; 3] = ["id", "time", "reject"];
 
@@ -219,10 +222,13 @@ impl Broker {
             scripts = self.chain.len(),
             "broker started"
         );
+        // Registered once: a new `cancelled()` per message would lock the token each time.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         loop {
             let received = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break,
+                () = &mut cancelled => break,
                 // Between two messages: none is dropped or reordered by a reload.
                 Some(reload) = self.reloads.recv() => {
                     self.chain.apply(reload);
@@ -362,12 +368,30 @@ impl Stamper {
             map.insert("time".into(), (now_ms() as rhai::INT).into());
             return Ok(Stamped::Parsed(map));
         }
-        let fields = match serde_json::from_slice::<Fields<'_>>(frame) {
-            Ok(fields) => fields.0,
+        let scan = match serde_json::from_slice::<Scan>(frame) {
+            Ok(scan) => scan,
             Err(error) if error.is_data() => return Err(DropReason::NotAnObject),
             Err(_) => return Err(DropReason::InvalidJson),
         };
-        let mut out = Vec::with_capacity(frame.len() + 48);
+        let mut out = Vec::with_capacity(frame.len() + STAMP_BYTES);
+        if scan.plain && memchr::memchr2(b'\n', b'\r', frame).is_none() {
+            // The common case: a compact object with no key of ours and no duplicate. Copy it
+            // up to its closing brace and append the stamp.
+            let end = frame
+                .iter()
+                .rposition(|b| *b == b'}')
+                .expect("a valid JSON object ends with `}`");
+            out.extend_from_slice(&frame[..end]);
+            if scan.keys > 0 {
+                out.push(b',');
+            }
+            self.write_stamp(&mut out);
+            return Ok(Stamped::Ready(out.into()));
+        }
+        let fields = match serde_json::from_slice::<Fields<'_>>(frame) {
+            Ok(fields) => fields.0,
+            Err(_) => return Err(DropReason::InvalidJson),
+        };
         out.push(b'{');
         let many = fields.len() > 16;
         let seen_later =
@@ -401,6 +425,12 @@ impl Stamper {
             }
             out.push(b',');
         }
+        self.write_stamp(&mut out);
+        Ok(Stamped::Ready(out.into()))
+    }
+
+    /// Appends `"id":"<run>-<seq>","time":<ms>}` and uses up the id.
+    fn write_stamp(&mut self, out: &mut Vec<u8>) {
         let id = self.next_id();
         self.commit();
         let mut number = itoa::Buffer::new();
@@ -411,7 +441,49 @@ impl Stamper {
         out.extend_from_slice(b"\",\"time\":");
         out.extend_from_slice(number.format(now_ms()).as_bytes());
         out.push(b'}');
-        Ok(Stamped::Ready(out.into()))
+    }
+}
+
+/// What a validating pass over a JSON object found, without keeping anything.
+struct Scan {
+    keys: usize,
+    /// No key of ours (`id`, `time`, `reject`), no duplicate key, no escaped key: the frame
+    /// can be stamped by appending to it.
+    plain: bool,
+}
+
+/// Objects with more keys than this take the general path.
+const SCAN_MAX_KEYS: usize = 16;
+
+impl<'de> Deserialize<'de> for Scan {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ScanVisitor;
+        impl<'de> Visitor<'de> for ScanVisitor {
+            type Value = Scan;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut seen: [&'de str; SCAN_MAX_KEYS] = [""; SCAN_MAX_KEYS];
+                let mut keys = 0;
+                let mut plain = true;
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    map.next_value::<de::IgnoredAny>()?;
+                    match key.0 {
+                        Cow::Borrowed(key) if plain && keys < SCAN_MAX_KEYS => {
+                            if STAMPED_KEYS.contains(&key) || seen[..keys].contains(&key) {
+                                plain = false;
+                            }
+                            seen[keys] = key;
+                        }
+                        _ => plain = false,
+                    }
+                    keys += 1;
+                }
+                Ok(Scan { keys, plain })
+            }
+        }
+        deserializer.deserialize_map(ScanVisitor)
     }
 }
 
