@@ -43,6 +43,11 @@ zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:${pub}"
 zmq_client_sub = "zmq://SUB@127.0.0.1:${pub}"
 [server]
 listen = "127.0.0.1:${http}"
+[[broker.scripts]]
+file = "scripts/ratelimit.rhai"
+params = { max = 5, window_secs = 60 }
+[[broker.scripts]]
+file = "scripts/commands.rhai"
 `);
   base = `http://127.0.0.1:${http}`;
   const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("TEMMA_")));
@@ -142,4 +147,31 @@ test("a server refusal is shown to the sender", async () => {
   await erin.locator("#error:not([hidden])").waitFor({ timeout: DEADLINE });
   assert.match(await erin.locator("#error").textContent(), /2000/);
   assert.equal((await erin.inputValue("#text")).length, 2001, "the text is kept to fix and resend");
+});
+
+test("/me shows an action; a moderation refusal is shown to the sender", async () => {
+  const frank = await openChat();
+  await frank.fill("#from", "Frank");
+  await frank.fill("#text", "/me waves at everyone");
+  await frank.press("#text", "Enter");
+  const action = frank.locator("#liste li.action", { hasText: "waves at everyone" });
+  await action.waitFor({ timeout: DEADLINE });
+  assert.equal(await action.locator(".from").textContent(), "* Frank");
+
+  await frank.fill("#text", "/dance");
+  await frank.press("#text", "Enter");
+  await frank.locator("#error:not([hidden])").waitFor({ timeout: DEADLINE });
+  assert.match(await frank.locator("#error").textContent(), /unknown command \/dance/);
+
+  // The rate limit (5 a minute here; two used above) refuses the fourth of these.
+  for (const n of [1, 2, 3, 4]) {
+    await frank.fill("#text", `message ${n}`);
+    await frank.press("#text", "Enter");
+    if (n < 4) {
+      await frank.locator("#liste li", { hasText: `message ${n}` }).waitFor({ timeout: DEADLINE });
+    }
+  }
+  await frank.waitForFunction(
+    () => /too many messages/.test(document.getElementById("error").textContent), null, { timeout: DEADLINE });
+  assert.equal(await frank.locator("#liste li", { hasText: "message 4" }).count(), 0);
 });
