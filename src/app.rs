@@ -61,9 +61,8 @@ impl App {
             reload = Some(broker.reload);
         }
         let address = config.server.listen;
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .map_err(|source| StartError::Http { address, source })?;
+        let listener =
+            server::bind(&config.server).map_err(|source| StartError::Http { address, source })?;
         let http = listener
             .local_addr()
             .map_err(|source| StartError::Http { address, source })?;

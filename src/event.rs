@@ -23,6 +23,8 @@ pub const DEFAULT_KEEPALIVE_SECS: u64 = 15;
 pub const DEFAULT_RETRY_MS: u64 = 2000;
 /// Default `event.queue`: how many frames a client may lag behind before it is disconnected.
 pub const DEFAULT_QUEUE: usize = 1024;
+/// Default `event.stall_ms`.
+pub const DEFAULT_STALL_MS: u64 = 2000;
 /// Default `event.max_clients`.
 pub const DEFAULT_MAX_CLIENTS: usize = 10_000;
 /// Default `event.history_size`.
@@ -48,6 +50,10 @@ pub struct EventConfig {
     /// Frames a client may lag behind; past that it is disconnected. Default 1024.
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// Milliseconds a client with a full queue may take nothing before it is disconnected (it
+    /// stopped reading). Default 2000.
+    #[serde(default = "default_stall")]
+    pub stall_ms: u64,
     /// SSE connections this node accepts; more get 503. Default 10000.
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
@@ -74,6 +80,9 @@ fn default_retry() -> u64 {
 fn default_queue() -> usize {
     DEFAULT_QUEUE
 }
+fn default_stall() -> u64 {
+    DEFAULT_STALL_MS
+}
 fn default_max_clients() -> usize {
     DEFAULT_MAX_CLIENTS
 }
@@ -94,6 +103,7 @@ impl Default for EventConfig {
             keepalive_secs: default_keepalive(),
             retry_ms: default_retry(),
             queue: default_queue(),
+            stall_ms: default_stall(),
             max_clients: default_max_clients(),
             history_size: default_history_size(),
             history_ttl_secs: default_history_ttl(),

@@ -11,8 +11,9 @@
 //!   newest frame by at most `event.queue` frames; a client that falls further behind is
 //!   disconnected (its browser reconnects and replays from the history), counted in
 //!   `temma_slow_consumer_disconnects_total`, and never slows the others: the ring overwrites.
-//!   A sweep every [`SWEEP_INTERVAL`] finds clients whose connection stopped draining at all and
-//!   aborts their connection.
+//!   A client only notices that when it reads again, so a sweep every [`SWEEP_INTERVAL`] also
+//!   aborts the connection of any client a full queue behind that has taken nothing for
+//!   `event.stall_ms` (it stopped reading).
 //! - The history keeps at most `event.history_size` messages, none older than
 //!   `event.history_ttl_secs`; older entries are evicted.
 //!
@@ -78,6 +79,8 @@ struct Settings {
     initial_history: usize,
     retry_ms: u64,
     keepalive: Duration,
+    /// Sweeps without progress, with a full queue, before a client is cut off.
+    stall_sweeps: u64,
 }
 
 struct State {
@@ -97,6 +100,10 @@ struct State {
 pub struct Slot {
     /// Frames this client has taken from the ring (same count as `State::sent`).
     consumed: AtomicU64,
+    /// `consumed` at the previous sweep, and for how many sweeps it has not moved while the
+    /// queue was full.
+    swept: AtomicU64,
+    stalled: AtomicU64,
     conn: Option<ConnCtrl>,
     dropped: AtomicBool,
 }
@@ -161,6 +168,10 @@ impl Hub {
                     initial_history: config.initial_history,
                     retry_ms: config.retry_ms,
                     keepalive: Duration::from_secs(config.keepalive_secs),
+                    stall_sweeps: config
+                        .stall_ms
+                        .div_ceil(SWEEP_INTERVAL.as_millis() as u64)
+                        .max(1),
                 },
                 metrics,
                 acks,
@@ -241,6 +252,8 @@ impl Hub {
         };
         let slot = Arc::new(Slot {
             consumed: AtomicU64::new(state.sent),
+            swept: AtomicU64::new(state.sent),
+            stalled: AtomicU64::new(0),
             conn,
             dropped: AtomicBool::new(false),
         });
@@ -396,11 +409,23 @@ impl Hub {
                 state.last_sent = Instant::now();
             }
             let queue = self.shared.settings.queue as u64;
+            let stall_sweeps = self.shared.settings.stall_sweeps;
             let sent = state.sent;
             let metrics = &self.shared.metrics;
             state.slots.retain(|_, slot| {
-                let behind = sent.saturating_sub(slot.consumed.load(Ordering::Relaxed));
-                if behind > queue {
+                let consumed = slot.consumed.load(Ordering::Relaxed);
+                let behind = sent.saturating_sub(consumed);
+                // A full queue and not one frame taken for `stall_sweeps` sweeps in a row: the
+                // connection stopped draining. (A client that lags during a burst but keeps
+                // reading is only cut if the ring overwrites what it has not read yet.)
+                let moved = consumed != slot.swept.swap(consumed, Ordering::Relaxed);
+                let stalled = if behind >= queue && !moved {
+                    slot.stalled.fetch_add(1, Ordering::Relaxed) + 1
+                } else {
+                    slot.stalled.store(0, Ordering::Relaxed);
+                    0
+                };
+                if stalled >= stall_sweeps {
                     if slot.drop_slow() {
                         metrics.slow_disconnects.inc();
                         tracing::warn!(behind, "SSE client stopped reading; connection aborted");

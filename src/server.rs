@@ -41,6 +41,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
 pub const DEFAULT_STATIC_DIR: &str = "static";
 /// Default `server.shutdown_grace_secs`.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 5;
+/// The most hyper buffers for one connection.
+pub const HTTP_BUFFER_BYTES: usize = 64 * 1024;
 /// Default `server.write_stall_timeout_secs`.
 pub const DEFAULT_WRITE_STALL_TIMEOUT_SECS: u64 = 30;
 
@@ -62,6 +64,12 @@ pub struct ServerConfig {
     /// that stopped reading). Default 30.
     #[serde(default = "default_write_stall")]
     pub write_stall_timeout_secs: u64,
+    /// Kernel send buffer of each HTTP connection, in bytes; 0 (default) leaves it to the
+    /// system's autotuning (up to several MB per connection). A bound caps the kernel memory an
+    /// SSE client that stops reading can hold, and lets its queue fill (and the client be cut
+    /// off) sooner.
+    #[serde(default)]
+    pub socket_send_buffer_bytes: u32,
 }
 
 fn default_listen() -> SocketAddr {
@@ -84,6 +92,7 @@ impl Default for ServerConfig {
             static_dir: default_static_dir(),
             shutdown_grace_secs: default_grace(),
             write_stall_timeout_secs: default_write_stall(),
+            socket_send_buffer_bytes: 0,
         }
     }
 }
@@ -305,6 +314,26 @@ impl Handler for MetricsPage {
     }
 }
 
+/// Binds the HTTP listener, with the configured socket options.
+pub fn bind(config: &ServerConfig) -> std::io::Result<tokio::net::TcpListener> {
+    let address = config.listen;
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if config.socket_send_buffer_bytes > 0 {
+        // Set on the listener: accepted connections inherit it.
+        socket.set_send_buffer_size(config.socket_send_buffer_bytes)?;
+    }
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Connections waiting to be accepted.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
 /// Serves `service` on an already bound listener until `shutdown` fires, then lets open
 /// requests finish for up to `grace`.
 pub async fn serve(
@@ -322,7 +351,10 @@ pub async fn serve(
     };
     let fuse = FuseConfig::default()
         .with_write_stall_timeout(Duration::from_secs(config.write_stall_timeout_secs));
-    let server = Server::new(acceptor).fuse_config(fuse);
+    let mut server = Server::new(acceptor).fuse_config(fuse);
+    // hyper buffers up to ~400 KB per connection by default; SSE frames are small, and a
+    // smaller buffer means a client that stops reading is noticed sooner (its queue fills).
+    server.http1_mut().max_buf_size(HTTP_BUFFER_BYTES);
     let handle = server.handle();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     tokio::spawn(async move {

@@ -1,0 +1,601 @@
+//! Nothing lost, nothing stuck: bad input, replay, slow consumers, garbage on the broker's port,
+//! connection limits and metrics — each over real sockets against a running app.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::{DEADLINE, Sse, TestApp};
+use serde_json::Value;
+use temma::config::Role;
+use zeromq::{PushSocket, Socket, SocketSend, ZmqMessage};
+
+async fn error_of(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
+    let body: Value = response.json().await.expect("JSON error body");
+    (
+        status,
+        body["error"].as_str().expect("an error message").to_owned(),
+    )
+}
+
+/// Checks that a good message still goes through after each bad one.
+async fn still_works(app: &TestApp, sse: &mut Sse, text: &str) {
+    assert_eq!(app.post_form("check", text).await.status(), 200);
+    assert_eq!(sse.next_message().await.json()["text"], text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_input_gets_a_clear_error_and_affects_nothing_else() {
+    let app = TestApp::start().await;
+    app.ready().await;
+    let mut sse = app.sse().await;
+    let form = "application/x-www-form-urlencoded";
+    let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        (
+            "from too long",
+            form,
+            format!("from={}&text=x", "a".repeat(65)).into_bytes(),
+            400,
+            "`from` is 65 characters long; the limit is 64",
+        ),
+        (
+            "text too long",
+            form,
+            format!("from=a&text={}", "é".repeat(2001)).into_bytes(),
+            400,
+            "`text` is 2001 characters long; the limit is 2000",
+        ),
+        (
+            "body too large",
+            form,
+            format!("from=a&text={}", "x".repeat(20_000)).into_bytes(),
+            413,
+            "larger than 16384 bytes",
+        ),
+        (
+            "invalid UTF-8 in a form",
+            form,
+            b"from=a&text=%FF%FE".to_vec(),
+            400,
+            "field `text` is not valid UTF-8",
+        ),
+        (
+            "invalid UTF-8 in JSON",
+            "application/json",
+            b"{\"from\":\"a\",\"text\":\"\xff\"}".to_vec(),
+            400,
+            "not valid JSON",
+        ),
+        (
+            "unsupported content type",
+            "text/plain",
+            b"from=a&text=b".to_vec(),
+            415,
+            "unsupported content type `text/plain`",
+        ),
+        (
+            "a field twice",
+            form,
+            b"from=a&text=b&text=c".to_vec(),
+            400,
+            "field `text` is given more than once",
+        ),
+        (
+            "a field twice in JSON",
+            "application/json",
+            br#"{"from":"a","text":"b","text":"c"}"#.to_vec(),
+            400,
+            "field `text` is given more than once",
+        ),
+        (
+            "a field as an array",
+            form,
+            b"from=a&text[]=b".to_vec(),
+            400,
+            "field `text[]` is an array",
+        ),
+        (
+            "a JSON array field",
+            "application/json",
+            br#"{"from":"a","text":["b"]}"#.to_vec(),
+            400,
+            "field `text` must be a string, not an array",
+        ),
+        (
+            "JSON that is not an object",
+            "application/json",
+            br#"["a","b"]"#.to_vec(),
+            400,
+            "must be an object",
+        ),
+        (
+            "JSON null",
+            "application/json",
+            b"null".to_vec(),
+            400,
+            "must be an object",
+        ),
+        (
+            "broken JSON",
+            "application/json",
+            br#"{"from":"a","text":"#.to_vec(),
+            400,
+            "not valid JSON",
+        ),
+        (
+            "NUL in the text",
+            form,
+            b"from=a&text=x%00y".to_vec(),
+            400,
+            "control character U+0000",
+        ),
+        (
+            "LF in the name",
+            form,
+            b"from=a%0Ab&text=x".to_vec(),
+            400,
+            "`from` contains the control character U+000A",
+        ),
+        (
+            "CR in the name",
+            form,
+            b"from=a%0Db&text=x".to_vec(),
+            400,
+            "`from` contains the control character U+000D",
+        ),
+        (
+            "an unknown field",
+            form,
+            b"from=a&text=b&colour=red".to_vec(),
+            400,
+            "unknown field `colour`",
+        ),
+    ];
+    for (what, content_type, body, status, needle) in cases {
+        let (got, message) = error_of(app.post_raw(content_type, body).await).await;
+        assert_eq!(got, status, "{what}: {message}");
+        assert!(
+            message.contains(needle),
+            "{what}: {message:?} lacks {needle:?}"
+        );
+        still_works(&app, &mut sse, &format!("after {what}")).await;
+    }
+    // No content type at all.
+    let response = app
+        .client
+        .post(app.url("/message/broadcast"))
+        .body("from=a&text=b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(response).await.0, 415);
+    // A multi-line text is fine, with CR LF made LF; the SSE data stays one line.
+    assert_eq!(app.post_form("a", "one\r\ntwo").await.status(), 200);
+    let event = sse.next_message().await;
+    assert_eq!(event.json()["text"], "one\ntwo");
+    assert!(!event.data.contains('\n'));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn sse_connections_beyond_the_maximum_get_503() {
+    let app = TestApp::start_with(|config| config.event.max_clients = 3).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let sse = app.sse().await;
+        assert_eq!(sse.status, 200);
+        open.push(sse);
+    }
+    let refused = app
+        .client
+        .get(app.url("/event/fetch"))
+        .send()
+        .await
+        .unwrap();
+    let (status, message) = error_of(refused).await;
+    assert_eq!(status, 503);
+    assert!(message.contains("at most 3"), "{message}");
+    let metrics = app.app().metrics().render();
+    assert!(metrics.contains("temma_sse_refused_total 1"), "{metrics}");
+    // A place frees up when a client leaves.
+    drop(open.pop());
+    common::eventually("a freed place", || async {
+        let response = app.client.get(app.url("/event/fetch")).send().await.ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    app.stop().await;
+}
+
+/// A PUSH socket straight into the broker's PULL port.
+async fn broker_push(app: &TestApp, config: &temma::Config) -> PushSocket {
+    let address = app.app().bound().bound(config.dsn(Role::BrokerPull))[0].clone();
+    let mut push = PushSocket::new();
+    push.connect(&address).await.unwrap();
+    push
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_broker_port_is_counted_and_dropped() {
+    let config = common::test_config();
+    let app = TestApp::start_config(&config).await;
+    app.ready().await;
+    let mut sse = app.sse().await;
+    let mut push = broker_push(&app, &config).await;
+    let garbage: Vec<ZmqMessage> = vec![
+        ZmqMessage::from("not json"),
+        ZmqMessage::from("[1,2,3]"),
+        ZmqMessage::from("null"),
+        ZmqMessage::try_from(vec![
+            bytes::Bytes::from_static(b"{\"from\":\"a\""),
+            bytes::Bytes::from_static(b",\"text\":\"b\"}"),
+        ])
+        .unwrap(),
+        ZmqMessage::from(format!(
+            r#"{{"from":"a","text":"{}"}}"#,
+            "x".repeat(1 << 20)
+        )),
+        ZmqMessage::from(vec![0xff, 0xfe, 0x00]),
+    ];
+    for message in garbage {
+        push.send(message).await.unwrap();
+    }
+    // Raw bytes that are not even ZMTP, on the same port.
+    let address = app.app().bound().bound(config.dsn(Role::BrokerPull))[0].clone();
+    let tcp = address.trim_start_matches("tcp://").to_owned();
+    std::thread::spawn(move || {
+        if let Ok(mut stream) = std::net::TcpStream::connect(tcp) {
+            let _ = stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01\x02garbage");
+            let _ = stream.read(&mut [0u8; 64]);
+        }
+    });
+    // The broker lives: a good message sent after all that arrives.
+    push.send(ZmqMessage::from(r#"{"from":"zmq","text":"after garbage"}"#))
+        .await
+        .unwrap();
+    let event = sse.next_message().await;
+    assert_eq!(
+        event.json()["text"],
+        "after garbage",
+        "nothing published in between"
+    );
+    still_works(&app, &mut sse, "web still fine").await;
+    let metrics = app.app().metrics().clone();
+    use temma::metrics::DropReason::*;
+    assert_eq!(metrics.drops(InvalidJson), 2);
+    assert_eq!(metrics.drops(NotAnObject), 2);
+    assert_eq!(metrics.drops(Multipart), 1);
+    assert_eq!(metrics.drops(Oversize), 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_after_a_disconnect_has_no_gap_and_no_duplicate() {
+    let app = TestApp::start().await;
+    app.ready().await;
+    let mut sse = app.sse().await;
+    for i in 0..5 {
+        assert_eq!(
+            app.post_form("a", &format!("before {i}")).await.status(),
+            200
+        );
+    }
+    let seen = sse.messages(5).await;
+    let last_id = seen[4].id.clone().unwrap();
+    drop(sse);
+    // Missed while away.
+    for i in 0..7 {
+        assert_eq!(
+            app.post_form("a", &format!("missed {i}")).await.status(),
+            200
+        );
+    }
+    let mut back = Sse::connect(&app.client, &app.url("/event/fetch"), Some(&last_id)).await;
+    let posting = {
+        let client = app.client.clone();
+        let url = app.url("/message/broadcast");
+        tokio::spawn(async move {
+            for i in 0..5 {
+                let response = client
+                    .post(&url)
+                    .form(&[("from", "a".to_owned()), ("text", format!("live {i}"))])
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200);
+            }
+        })
+    };
+    let events = back.messages(12).await;
+    posting.await.unwrap();
+    let texts: Vec<String> = events
+        .iter()
+        .map(|e| e.json()["text"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: Vec<String> = (0..7)
+        .map(|i| format!("missed {i}"))
+        .chain((0..5).map(|i| format!("live {i}")))
+        .collect();
+    assert_eq!(texts, expected);
+    // Nothing more: no duplicate (a keep-alive is the only thing that may follow).
+    match back.next_within(Duration::from_millis(300)).await {
+        Err(()) => {}
+        Ok(Some(event)) => assert_ne!(event.event.as_deref(), Some("msg"), "{event:?}"),
+        Ok(None) => panic!("the stream ended"),
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_through_the_query_parameter_and_for_new_clients() {
+    let app = TestApp::start_with(|config| config.event.initial_history = 3).await;
+    app.ready().await;
+    let mut sse = app.sse().await;
+    for i in 0..6 {
+        assert_eq!(app.post_form("a", &format!("m{i}")).await.status(), 200);
+    }
+    let seen = sse.messages(7).await; // the warm-up, then m0..m5 (initial history)
+    let id_of_m2 = seen
+        .iter()
+        .find(|e| e.json()["text"] == "m2")
+        .unwrap()
+        .id
+        .clone()
+        .unwrap();
+    // `?lastEventId=` for a first connection, which cannot set the header.
+    let url = app.url(&format!("/event/fetch?lastEventId={id_of_m2}"));
+    let mut resumed = Sse::connect(&app.client, &url, None).await;
+    let texts: Vec<_> = resumed
+        .messages(3)
+        .await
+        .iter()
+        .map(|e| e.json()["text"].clone())
+        .collect();
+    assert_eq!(texts, ["m3", "m4", "m5"]);
+    // A newcomer gets the last three for context.
+    let mut newcomer = app.sse().await;
+    let texts: Vec<_> = newcomer
+        .messages(3)
+        .await
+        .iter()
+        .map(|e| e.json()["text"].clone())
+        .collect();
+    assert_eq!(texts, ["m3", "m4", "m5"]);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_older_than_the_history_gets_a_reset() {
+    let app = TestApp::start_with(|config| {
+        config.event.history_size = 3;
+        config.event.initial_history = 2;
+    })
+    .await;
+    app.ready().await;
+    let mut sse = app.sse().await;
+    for i in 0..6 {
+        assert_eq!(app.post_form("a", &format!("m{i}")).await.status(), 200);
+    }
+    let seen = sse.messages(7).await;
+    let old_id = seen[1].id.clone().unwrap(); // m0: evicted from a history of 3
+    for last in [old_id.as_str(), "garbage", "1-1"] {
+        let mut back = Sse::connect(&app.client, &app.url("/event/fetch"), Some(last)).await;
+        let opening = back.next().await.unwrap();
+        assert!(opening.retry.is_some());
+        let reset = back.next().await.unwrap();
+        assert_eq!(reset.event.as_deref(), Some("reset"), "{last}");
+        assert_eq!(reset.json()["lastEventId"], last);
+        assert!(
+            reset.id.is_none(),
+            "a reset does not move the client's last id"
+        );
+        // Then the newest messages for context.
+        let texts: Vec<_> = back
+            .messages(2)
+            .await
+            .iter()
+            .map(|e| e.json()["text"].clone())
+            .collect();
+        assert_eq!(texts, ["m4", "m5"]);
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_works_across_web_nodes() {
+    // One broker, two web nodes: a browser that reconnects to the other node resumes there.
+    let mut config = common::test_config();
+    let node_a = TestApp::start_config(&config).await;
+    let pull = node_a.app().bound().bound(config.dsn(Role::BrokerPull))[0].clone();
+    let publish = node_a.app().bound().bound(config.dsn(Role::BrokerPub))[0].clone();
+    config.broker.embedded = false;
+    config.application.data_sources.insert(
+        "zmq_client_push".into(),
+        pull.replace("tcp://", "zmq://PUSH@").parse().unwrap(),
+    );
+    config.application.data_sources.insert(
+        "zmq_client_sub".into(),
+        publish.replace("tcp://", "zmq://SUB@").parse().unwrap(),
+    );
+    config.validate().unwrap();
+    let node_b = TestApp::start_config(&config).await;
+    node_a.ready().await;
+    node_b.ready().await;
+
+    let mut on_a = node_a.sse().await;
+    let mut on_b = node_b.sse().await;
+    assert_eq!(node_a.post_form("a", "first").await.status(), 200);
+    let first = on_a.next_message().await;
+    assert_eq!(
+        on_b.next_message().await.id,
+        first.id,
+        "same id on both nodes"
+    );
+    drop(on_a);
+    for text in ["second", "third"] {
+        assert_eq!(node_b.post_form("b", text).await.status(), 200);
+    }
+    let mut moved = Sse::connect(
+        &node_b.client,
+        &node_b.url("/event/fetch"),
+        first.id.as_deref(),
+    )
+    .await;
+    let texts: Vec<_> = moved
+        .messages(2)
+        .await
+        .iter()
+        .map(|e| e.json()["text"].clone())
+        .collect();
+    assert_eq!(texts, ["second", "third"]);
+    node_b.stop().await;
+    node_a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_stops_reading_is_cut_off_and_slows_nobody() {
+    let config = {
+        let mut config = common::test_config();
+        config.event.queue = 64;
+        config.server.socket_send_buffer_bytes = 64 * 1024;
+        config.event.max_clients = 200;
+        config
+    };
+    let app = TestApp::start_config(&config).await;
+    app.ready().await;
+
+    // The slow client: a raw connection with a small receive buffer that reads the headers
+    // and then nothing.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket.connect(app.http).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    slow.write_all(b"GET /event/fetch HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 512];
+    let n = slow.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+
+    let mut readers = Vec::new();
+    for _ in 0..100 {
+        readers.push(app.sse().await);
+    }
+    // Enough to fill the slow client's socket buffers (64 KB asked on the server's side), the
+    // server's write buffer for it (64 KB), then its queue (64 frames): about 500 KB. Every other
+    // client gets all of it, at a pace a chat could have.
+    let count = 400;
+    let mut push = broker_push(&app, &config).await;
+    let text = "x".repeat(4000);
+    let consumers: Vec<_> = readers
+        .into_iter()
+        .map(|mut sse| {
+            tokio::spawn(async move {
+                let events = sse.messages(count).await;
+                events
+                    .iter()
+                    .map(|e| e.json()["n"].as_u64().unwrap())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    for n in 0..count {
+        pace.tick().await;
+        push.send(ZmqMessage::from(format!(
+            r#"{{"from":"flood","text":"{text}","n":{n}}}"#
+        )))
+        .await
+        .unwrap();
+    }
+    for consumer in consumers {
+        let got = consumer.await.unwrap();
+        assert_eq!(
+            got,
+            (0..count as u64).collect::<Vec<_>>(),
+            "every message, in order"
+        );
+    }
+    let metrics = app.app().metrics().clone();
+    common::eventually("the slow client to be cut off", || {
+        let metrics = metrics.clone();
+        async move { (metrics.slow_disconnects.get() == 1).then_some(()) }
+    })
+    .await;
+    // Its connection is closed: reading drains what was buffered, then ends.
+    let mut sink = vec![0u8; 1 << 16];
+    let closed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match slow.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the slow connection was closed");
+    // The readers are gone too (their tasks ended): every place is free again.
+    common::eventually("every client's place to be released", || {
+        let metrics = metrics.clone();
+        async move { (metrics.sse_clients.get() == 0).then_some(()) }
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_when_messages_flow() {
+    let app = TestApp::start().await;
+    app.ready().await;
+    let mut sse = app.sse().await;
+    for i in 0..3 {
+        assert_eq!(app.post_form("a", &format!("m{i}")).await.status(), 200);
+    }
+    sse.messages(3).await;
+    assert_eq!(app.post_form("", "x").await.status(), 400);
+    let response = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = response.text().await.unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|line| line.starts_with(name))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    assert!(value("temma_broker_published_total") >= 4.0);
+    assert!(value("temma_messages_received_total") >= 4.0);
+    assert!(value("temma_messages_delivered_total") >= 3.0);
+    assert_eq!(value("temma_sse_clients"), 1.0);
+    assert!(value("temma_posts_total{status=\"200\"}") >= 4.0);
+    assert_eq!(value("temma_posts_total{status=\"400\"}"), 1.0);
+    assert!(value("temma_publish_latency_seconds_count") >= 4.0);
+    assert_eq!(value("temma_push_connected"), 1.0);
+    assert_eq!(value("temma_sub_connected"), 1.0);
+    let health: Value = app
+        .client
+        .get(app.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["sse_clients"], 1);
+    app.stop().await;
+}
