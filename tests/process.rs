@@ -466,3 +466,92 @@ async fn reload_errors_are_logged_and_sighup_reloads_the_chain() {
     web.signal("TERM");
     assert!(web.wait_exit(DEADLINE).success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_killed_and_restarted_while_the_web_node_runs() {
+    let dir = TempDir::new("broker-restart");
+    let (path, http) = ports_config(&dir, false);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("[event]\n", "[event]\nkeepalive_secs = 1\n"),
+    )
+    .unwrap();
+    let path = path.to_str().unwrap();
+    let mut broker = spawn(&["broker", "-c", path]);
+    broker.wait_for_log("broker started");
+    let mut web = spawn(&["serve", "-c", path]);
+    web.wait_for_log("listening on http://");
+
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{http}");
+    let post = |text: &str| {
+        let request = client
+            .post(format!("{url}/message/broadcast"))
+            .form(&[("from", "a"), ("text", text)]);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    common::eventually("the chat to work", || async {
+        (post("warm-up").await == 200).then_some(())
+    })
+    .await;
+    let mut sse = Sse::connect(&client, &format!("{url}/event/fetch"), None).await;
+    assert_eq!(post("before").await, 200);
+    assert_eq!(sse.next_message().await.json()["text"], "before");
+
+    broker.0.kill().unwrap();
+    broker.0.wait().unwrap();
+    // POSTs answer 503 within the publish timeout (1 s) instead of hanging or saying `true`.
+    let started = Instant::now();
+    assert_eq!(post("while down").await, 503);
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_millis(1500), "503 after {waited:?}");
+    // The SSE client stays connected: keep-alives go on.
+    let keepalive = sse.next().await.expect("still connected");
+    assert_eq!(keepalive.comments, ["keep-alive"]);
+    let health = client.get(format!("{url}/health")).send().await.unwrap();
+    assert_eq!(health.status(), 503);
+
+    let mut broker = spawn(&["broker", "-c", path]);
+    broker.wait_for_log("broker started");
+    let restarted = Instant::now();
+    common::eventually("messages to flow again", || async {
+        (post("after").await == 200).then_some(())
+    })
+    .await;
+    let took = restarted.elapsed();
+    println!("messages flow again {took:?} after the broker restarted");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    // The stream carries the new broker's messages, and never the refused one.
+    loop {
+        let event = sse.next_message().await.json();
+        assert_ne!(event["text"], "while down");
+        if event["text"] == "after" {
+            break;
+        }
+    }
+    web.signal("TERM");
+    assert!(web.wait_exit(DEADLINE).success());
+    broker.signal("TERM");
+    assert!(broker.wait_exit(DEADLINE).success());
+}
+
+#[test]
+fn json_logs_on_request() {
+    let dir = TempDir::new("json-logs");
+    let (path, _) = ports_config(&dir, true);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{text}\n[log]\nformat = \"json\"\n")).unwrap();
+    let mut web = spawn(&["serve", "-c", path.to_str().unwrap()]);
+    let line = web.wait_for_log("listening on http://");
+    let value: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(value["level"], "INFO");
+    assert!(
+        value["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("listening on http://")
+    );
+    web.signal("TERM");
+    assert!(web.wait_exit(DEADLINE).success());
+}
