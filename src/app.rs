@@ -93,6 +93,7 @@ impl App {
             hub,
             metrics: metrics.clone(),
             sessions: crate::session::build(&config.application),
+            cors_origins: config.server.cors_origins.clone(),
         });
         tracker.spawn(server::serve(
             listener,

@@ -541,4 +541,21 @@ mod tests {
             .to_string();
         assert!(error.contains("only a bind"), "{error}");
     }
+
+    proptest::proptest! {
+        /// Any text either parses to a DSN that prints back to itself, or is refused with the
+        /// list of valid forms; nothing panics.
+        #[test]
+        fn any_text_round_trips_or_is_refused(
+            text in "(zmq|zmq-bind|tcp|)(://)?(PUSH|PULL|PUB|SUB|REQ|REP|push|X)?@?([a-z0-9.*:\\[\\]/ ;-]{0,30})"
+        ) {
+            match text.parse::<Dsn>() {
+                Ok(dsn) => {
+                    let printed = dsn.to_string();
+                    proptest::prop_assert_eq!(printed.parse::<Dsn>(), Ok(dsn));
+                }
+                Err(error) => proptest::prop_assert!(error.to_string().ends_with(VALID_FORMS)),
+            }
+        }
+    }
 }

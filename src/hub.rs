@@ -350,6 +350,12 @@ impl Hub {
         {
             let mut state = shared.lock();
             let now = Instant::now();
+            if id.is_some_and(|id| state.history.contains(id)) {
+                // The same message twice (a broker that re-sent it): clients have it already.
+                drop(state);
+                shared.metrics.dropped(DropReason::Duplicate);
+                return;
+            }
             if let Some(id) = id {
                 if let Some(newest) = state.newest
                     && id.run == newest.run
@@ -647,5 +653,106 @@ impl History {
     /// The ids held, oldest first (for tests and diagnostics).
     pub fn ids(&self) -> Vec<MsgId> {
         self.entries.iter().map(|entry| entry.id).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A message arrives `gap` ids after the previous one (0: a new broker run).
+        Push { gap: u64, after_ms: u64 },
+        /// Time passes.
+        Wait { ms: u64 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u64..3, 0u64..50).prop_map(|(gap, after_ms)| Op::Push { gap, after_ms }),
+            1 => (0u64..400).prop_map(|ms| Op::Wait { ms }),
+        ]
+    }
+
+    fn frame(id: MsgId) -> Bytes {
+        Bytes::from(format!("id: {id}\n\n"))
+    }
+
+    proptest! {
+        /// The history keeps exactly the newest `max_len` messages younger than `max_age`,
+        /// oldest first, and replays exactly what follows an id it holds.
+        #[test]
+        fn history_matches_a_model(
+            max_len in 1usize..8,
+            max_age_ms in 1u64..500,
+            ops in proptest::collection::vec(op(), 0..60),
+        ) {
+            let start = Instant::now();
+            let max_age = Duration::from_millis(max_age_ms);
+            let mut history = History::new(max_len, max_age);
+            let mut model: Vec<(MsgId, u64)> = Vec::new();
+            let mut now_ms = 0u64;
+            let mut id = MsgId { run: 1, seq: 0 };
+            for op in ops {
+                match op {
+                    Op::Push { gap, after_ms } => {
+                        now_ms += after_ms;
+                        id = if gap == 0 {
+                            MsgId { run: id.run + 1, seq: 1 }
+                        } else {
+                            MsgId { run: id.run, seq: id.seq + gap }
+                        };
+                        history.push(id, frame(id), start + Duration::from_millis(now_ms));
+                        model.push((id, now_ms));
+                    }
+                    Op::Wait { ms } => {
+                        now_ms += ms;
+                        history.expire(start + Duration::from_millis(now_ms));
+                    }
+                }
+                // The model: newest max_len, none older than max_age (as of the last expiry,
+                // which every push and wait does).
+                model.retain(|(_, at)| now_ms - at <= max_age_ms);
+                if model.len() > max_len {
+                    model.drain(..model.len() - max_len);
+                }
+                let expected: Vec<MsgId> = model.iter().map(|(id, _)| *id).collect();
+                prop_assert_eq!(history.ids(), expected.clone());
+                for (i, held) in expected.iter().enumerate() {
+                    prop_assert!(history.contains(*held));
+                    let mut out = BytesMut::new();
+                    history.write_after(*held, &mut out);
+                    let replayed: Vec<u8> = expected[i + 1..].iter().flat_map(|id| frame(*id).to_vec()).collect();
+                    prop_assert_eq!(out.to_vec(), replayed);
+                }
+                let mut last = BytesMut::new();
+                history.write_last(2, &mut last);
+                let newest: Vec<u8> = expected[expected.len().saturating_sub(2)..]
+                    .iter()
+                    .flat_map(|id| frame(*id).to_vec())
+                    .collect();
+                prop_assert_eq!(last.to_vec(), newest);
+            }
+        }
+    }
+
+    #[test]
+    fn a_gap_is_replayed_as_a_reset() {
+        let mut history = History::new(10, Duration::from_secs(60));
+        let now = Instant::now();
+        let id = |seq| MsgId { run: 1, seq };
+        history.push(id(1), frame(id(1)), now);
+        history.push(id(2), frame(id(2)), now);
+        history.mark_gap();
+        history.push(id(5), frame(id(5)), now);
+        let mut out = BytesMut::new();
+        history.write_after(id(1), &mut out);
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert_eq!(
+            text,
+            "id: 1-2\n\nevent: reset\ndata: {\"lastEventId\":\"1-2\",\"reason\":\"messages were lost before reaching this server\"}\n\nid: 1-5\n\n"
+        );
     }
 }

@@ -938,4 +938,17 @@ mod tests {
         assert_eq!(acks.pending(), 0);
         acks.resolve("garbage", Ack::Published);
     }
+
+    proptest::proptest! {
+        /// Form and JSON decoding never panic, and every refusal is a 4xx.
+        #[test]
+        fn decoding_arbitrary_bodies_never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            for result in [parse_urlencoded(&body), parse_json(&body)] {
+                if let Err(error) = result {
+                    proptest::prop_assert!(error.status.is_client_error());
+                }
+            }
+            let _ = json_duplicate_key(&body);
+        }
+    }
 }

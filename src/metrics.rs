@@ -32,6 +32,8 @@ pub enum DropReason {
     Unreadable,
     /// Web node: a POST whose deadline passed before the message reached the broker.
     Expired,
+    /// Web node: a message whose id it already has.
+    Duplicate,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -70,6 +70,11 @@ pub struct ServerConfig {
     /// off) sooner.
     #[serde(default)]
     pub socket_send_buffer_bytes: u32,
+    /// Origins allowed to call temma from another site (CORS), e.g.
+    /// `["https://chat.example.com"]`, or `["*"]` for any. Default `[]`: CORS off, browsers
+    /// only allow the page temma serves itself.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -93,6 +98,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: default_grace(),
             write_stall_timeout_secs: default_write_stall(),
             socket_send_buffer_bytes: 0,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -120,6 +126,17 @@ impl ServerConfig {
                 ),
             );
         }
+        for (i, origin) in self.cors_origins.iter().enumerate() {
+            if !valid_origin(origin) {
+                problem(
+                    &format!("server.cors_origins[{i}]"),
+                    format!(
+                        "`{origin}` is not an origin: write `*`, or a scheme, host and optional \
+                         port such as `https://chat.example.com` or `http://localhost:3000`"
+                    ),
+                );
+            }
+        }
         if self.write_stall_timeout_secs == 0 {
             problem(
                 "server.write_stall_timeout_secs",
@@ -127,6 +144,49 @@ impl ServerConfig {
             );
         }
     }
+}
+
+/// `*`, or `http(s)://host[:port]` with nothing after.
+fn valid_origin(origin: &str) -> bool {
+    if origin == "*" {
+        return true;
+    }
+    let Some(rest) = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    !rest.is_empty()
+        && rest
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+}
+
+/// The CORS middleware for `server.cors_origins`, if any are allowed.
+fn cors(origins: &[String]) -> Option<salvo::cors::CorsHandler> {
+    use salvo::cors::{AllowOrigin, Any, Cors};
+    use salvo::http::Method;
+    if origins.is_empty() {
+        return None;
+    }
+    let allow: AllowOrigin = if origins.iter().any(|o| o == "*") {
+        Any.into()
+    } else {
+        origins
+            .iter()
+            .filter_map(|o| salvo::http::HeaderValue::from_str(o).ok())
+            .collect::<Vec<_>>()
+            .into()
+    };
+    Some(
+        Cors::new()
+            .allow_origin(allow)
+            .allow_methods(vec![Method::GET, Method::POST])
+            .allow_headers(vec!["content-type", "last-event-id"])
+            .max_age(3600)
+            .into_handler(),
+    )
 }
 
 /// Log output format.
@@ -173,6 +233,7 @@ pub struct Routes {
     pub hub: Hub,
     pub metrics: Arc<Metrics>,
     pub sessions: Option<salvo::session::SessionHandler<salvo::session::CookieStore>>,
+    pub cors_origins: Vec<String>,
 }
 
 /// Builds the router (also used by tests in-process).
@@ -184,6 +245,7 @@ pub fn router(routes: Routes) -> Service {
         hub,
         metrics,
         sessions,
+        cors_origins,
     } = routes;
     let root_handler = match root {
         RootController::Homepage => Homepage {
@@ -217,7 +279,12 @@ pub fn router(routes: Routes) -> Service {
                     .auto_list(false),
             ),
         );
-    Service::new(router).catcher(Catcher::default().hoop(crate::error::catcher))
+    let mut service = Service::new(router).catcher(Catcher::default().hoop(crate::error::catcher));
+    // On the service, not the router: preflight requests match no route.
+    if let Some(cors) = cors(&cors_origins) {
+        service = service.hoop(cors);
+    }
+    service
 }
 
 /// A known route asked with the wrong method: 405 with `Allow`.

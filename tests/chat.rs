@@ -308,3 +308,59 @@ async fn idle_streams_get_keep_alive_comments() {
     assert!(started.elapsed() < Duration::from_secs(3));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn cors_is_off_by_default_and_allows_only_listed_origins() {
+    let app = TestApp::start().await;
+    let response = app
+        .client
+        .get(app.url("/event/fetch"))
+        .header("origin", "https://elsewhere.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    app.stop().await;
+
+    let app = TestApp::start_with(|config| {
+        config.server.cors_origins = vec!["https://chat.example.com".into()];
+    })
+    .await;
+    let preflight = app
+        .client
+        .request(reqwest::Method::OPTIONS, app.url("/message/broadcast"))
+        .header("origin", "https://chat.example.com")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://chat.example.com"
+    );
+    let methods = preflight.headers()["access-control-allow-methods"]
+        .to_str()
+        .unwrap();
+    assert!(methods.contains("POST"), "{methods}");
+    let other = app
+        .client
+        .get(app.url("/health"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    app.stop().await;
+
+    let mut config = common::test_config();
+    config.server.cors_origins = vec!["chat.example.com".into()];
+    let problems = config.validate().unwrap_err().problems;
+    assert_eq!(problems[0].key, "server.cors_origins[0]");
+}

@@ -599,3 +599,76 @@ async fn metrics_move_when_messages_flow() {
     assert_eq!(health["sse_clients"], 1);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_from_a_foreign_broker_gaps_and_plain_temma_messages() {
+    use zeromq::PubSocket;
+    // This test is the broker: a PUB socket the web node subscribes to.
+    let mut publisher = PubSocket::new();
+    let endpoint = publisher.bind("tcp://127.0.0.1:0").await.unwrap();
+    let app = TestApp::start_with(|config| {
+        config.broker.embedded = false;
+        let sub = endpoint.to_string().replace("tcp://", "zmq://SUB@");
+        config
+            .application
+            .data_sources
+            .insert("zmq_client_sub".into(), sub.parse().unwrap());
+        let push = format!("zmq://PUSH@127.0.0.1:{}", common::free_port());
+        config
+            .application
+            .data_sources
+            .insert("zmq_client_push".into(), push.parse().unwrap());
+    })
+    .await;
+    let mut sse = app.sse().await;
+    // Wait until the web node's subscription reached this PUB.
+    loop {
+        publisher
+            .send(ZmqMessage::from(
+                r#"{"from":"t","text":"warm-up","id":"5-1"}"#,
+            ))
+            .await
+            .unwrap();
+        if let Ok(Some(event)) = sse.next_within(Duration::from_millis(100)).await
+            && event.event.as_deref() == Some("msg")
+        {
+            break;
+        }
+    }
+    let frames = [
+        r#"{"from":"a","text":"two","id":"5-2"}"#,
+        "{\n  \"from\": \"a\",\n  \"text\": \"pretty\",\n  \"id\": \"5-3\"\n}",
+        "not json at all",
+        r#"{"from":"temma-php","text":"no id"}"#,
+        r#"{"from":"a","text":"after a gap","id":"5-7"}"#,
+    ];
+    for frame in frames {
+        publisher.send(ZmqMessage::from(frame)).await.unwrap();
+    }
+    let mut events = Vec::new();
+    while events.len() < 5 {
+        let event = sse.next().await.expect("open");
+        if event.event.is_some() {
+            events.push(event);
+        }
+    }
+    assert_eq!(events[0].json()["text"], "two");
+    assert_eq!(events[0].id.as_deref(), Some("5-2"));
+    assert_eq!(
+        events[1].json()["text"],
+        "pretty",
+        "re-serialized on one line"
+    );
+    assert_eq!(events[2].json()["text"], "no id");
+    assert_eq!(events[2].id, None, "a message without an id has no id line");
+    assert_eq!(
+        events[3].event.as_deref(),
+        Some("reset"),
+        "ids 5-4 to 5-6 never arrived"
+    );
+    assert_eq!(events[3].json()["lastEventId"], "5-3");
+    assert_eq!(events[4].json()["text"], "after a gap");
+    let metrics = app.app().metrics().clone();
+    assert_eq!(metrics.drops(temma::metrics::DropReason::Unreadable), 1);
+    app.stop().await;
+}
