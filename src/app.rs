@@ -81,6 +81,10 @@ impl App {
         }
         tracker.spawn(hub.clone().run_timers(shutdown.clone()));
 
+        let direct = server::Direct {
+            hub: hub.clone(),
+            cors_origins: std::sync::Arc::new(config.server.cors_origins.clone()),
+        };
         let service = server::router(Routes {
             static_dir: config.resolve(&config.server.static_dir),
             root: config.application.root_controller,
@@ -99,6 +103,8 @@ impl App {
             listener,
             service,
             config.server.clone(),
+            direct,
+            tracker.clone(),
             shutdown.clone(),
         ));
         tracing::info!(address = %http, "listening on http://{http}");

@@ -6,6 +6,8 @@
 //! sent when the stream has been idle for `event.keepalive_secs`. The stream ends when the client
 //! goes away, when it falls too far behind (it reconnects and replays), and on shutdown.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use salvo::http::StatusCode;
 use salvo::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
@@ -15,7 +17,7 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use crate::config::DEFAULT_CLIENT_SUB;
 use crate::error::JsonError;
-use crate::hub::{Hub, Item, MAX_CHUNK_BYTES, Subscription};
+use crate::hub::{Abort, Hub, Item, MAX_CHUNK_BYTES, Subscription};
 
 /// Default `event.keepalive_secs`.
 pub const DEFAULT_KEEPALIVE_SECS: u64 = 15;
@@ -132,15 +134,17 @@ impl EventConfig {
     }
 }
 
-/// `GET /event/fetch`.
+/// `GET /event/fetch` on a connection hyper serves (one that carried another request first).
+/// A connection whose first request is this one is served by [`serve_direct`] instead.
 pub struct Fetch {
     pub hub: Hub,
 }
 
-#[derive(Deserialize)]
-struct Query {
-    #[serde(rename = "lastEventId")]
-    last_event_id: Option<String>,
+/// The `lastEventId` query parameter, if any.
+fn query_last_event_id(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == "lastEventId")
+        .map(|(_, value)| value.into_owned())
 }
 
 #[async_trait]
@@ -160,14 +164,10 @@ impl Handler for Fetch {
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
-            .or_else(|| {
-                req.parse_queries::<Query>()
-                    .ok()
-                    .and_then(|q| q.last_event_id)
-            });
+            .or_else(|| req.uri().query().and_then(query_last_event_id));
         let subscription = match self
             .hub
-            .subscribe(last_event_id.as_deref(), Some(ctrl.conn().clone()))
+            .subscribe(last_event_id.as_deref(), Abort::Conn(ctrl.conn().clone()))
         {
             Ok(subscription) => subscription,
             Err(full) => {
@@ -184,36 +184,46 @@ impl Handler for Fetch {
     }
 }
 
-/// The body of one SSE response.
+/// The body of one SSE response served by hyper.
 fn stream(
     hub: Hub,
     subscription: Subscription,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
-    struct State {
-        hub: Hub,
-        sub: Subscription,
-        head: Option<Bytes>,
-        done: bool,
-    }
     let head = Some(subscription.head.clone());
-    let state = State {
+    let reader = Reader {
         hub,
         sub: subscription,
-        head,
         done: false,
     };
-    futures_util::stream::unfold(state, |mut state| async move {
-        if let Some(head) = state.head.take() {
-            return Some((Ok(head), state));
+    futures_util::stream::unfold((reader, head), |(mut reader, head)| async move {
+        if let Some(head) = head {
+            return Some((Ok(head), (reader, None)));
         }
-        if state.done || state.hub.is_dropped(&state.sub.slot) {
+        let chunk = reader.next_chunk().await?;
+        Some((Ok(chunk), (reader, None)))
+    })
+}
+
+/// Takes a client's frames from the hub, a write's worth at a time.
+struct Reader {
+    hub: Hub,
+    sub: Subscription,
+    done: bool,
+}
+
+impl Reader {
+    /// The next bytes to write: every frame already queued for this client (up to
+    /// [`MAX_CHUNK_BYTES`]), waiting for one if none is. `None` when the stream must end: the
+    /// server shuts down, or the client fell too far behind (it reconnects and replays).
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.done || self.hub.is_dropped(&self.sub.slot) {
             return None;
         }
         loop {
-            let first = match state.sub.rx.recv().await {
+            let first = match self.sub.rx.recv().await {
                 Ok(item) => item,
                 Err(RecvError::Lagged(_)) => {
-                    state.hub.lagged(&state.sub.slot);
+                    self.hub.lagged(&self.sub.slot);
                     return None;
                 }
                 Err(RecvError::Closed) => return None,
@@ -221,38 +231,159 @@ fn stream(
             let mut taken = 1u64;
             let mut messages = 0u64;
             let mut chunk = Chunk::default();
-            chunk.add(&first, &mut state.sub.skip_until, &mut messages);
+            chunk.add(&first, &mut self.sub.skip_until, &mut messages);
             // Coalesce what else is already queued into the same write.
             while chunk.len() < MAX_CHUNK_BYTES {
-                match state.sub.rx.try_recv() {
+                match self.sub.rx.try_recv() {
                     Ok(item) => {
                         taken += 1;
-                        chunk.add(&item, &mut state.sub.skip_until, &mut messages);
+                        chunk.add(&item, &mut self.sub.skip_until, &mut messages);
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Lagged(_)) => {
-                        state.hub.lagged(&state.sub.slot);
-                        state.done = true;
+                        self.hub.lagged(&self.sub.slot);
+                        self.done = true;
                         break;
                     }
                     Err(TryRecvError::Closed) => {
-                        state.done = true;
+                        self.done = true;
                         break;
                     }
                 }
             }
-            state.hub.consumed(&state.sub.slot, taken);
+            self.hub.consumed(&self.sub.slot, taken);
             if messages > 0 {
-                state.hub.metrics().delivered.inc_by(messages);
+                self.hub.metrics().delivered.inc_by(messages);
             }
             if let Some(bytes) = chunk.finish() {
-                return Some((Ok(bytes), state));
+                return Some(bytes);
             }
-            if state.done {
+            if self.done {
                 return None;
             }
         }
-    })
+    }
+}
+
+/// What the direct path needs from a parsed `GET /event/fetch`.
+#[derive(Debug, Default)]
+pub struct SseRequest {
+    pub last_event_id: Option<String>,
+    pub origin: Option<String>,
+}
+
+impl SseRequest {
+    /// Reads a parsed request head: `Some` if it is `GET /event/fetch` (any query).
+    pub fn from_head(request: &httparse::Request<'_, '_>) -> Option<SseRequest> {
+        if request.method != Some("GET") {
+            return None;
+        }
+        let target = request.path?;
+        let (path, query) = match target.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (target, None),
+        };
+        if path != FETCH_PATH {
+            return None;
+        }
+        let header = |name: &str| {
+            request
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .and_then(|h| std::str::from_utf8(h.value).ok())
+                .map(str::to_owned)
+        };
+        Some(SseRequest {
+            last_event_id: header("last-event-id").or_else(|| query.and_then(query_last_event_id)),
+            origin: header("origin"),
+        })
+    }
+}
+
+/// The SSE route.
+pub const FETCH_PATH: &str = "/event/fetch";
+
+/// Serves an SSE connection whose first request is `GET /event/fetch`, without hyper: a
+/// response head, then the frames written straight to the socket, the body delimited by the
+/// end of the connection (`Connection: close`). Per connection this keeps a task, the socket and
+/// the client's place in the hub — a few KB instead of hyper's two 8 KB buffers — and one
+/// `write` per frame (or per batch of frames for a client that lags).
+pub async fn serve_direct(
+    mut socket: tokio::net::TcpStream,
+    request: SseRequest,
+    hub: Hub,
+    cors: Option<String>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let abort = Arc::new(tokio::sync::Notify::new());
+    let subscription = match hub.subscribe(
+        request.last_event_id.as_deref(),
+        Abort::Notify(abort.clone()),
+    ) {
+        Ok(subscription) => subscription,
+        Err(full) => {
+            let body = serde_json::json!({ "error": full.to_string() }).to_string();
+            let head = format!(
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+                 Cache-Control: no-store\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            return;
+        }
+    };
+    let mut head = Vec::with_capacity(256 + subscription.head.len());
+    head.extend_from_slice(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
+          X-Accel-Buffering: no\r\nConnection: close\r\n",
+    );
+    if let Some(origin) = cors {
+        head.extend_from_slice(b"Access-Control-Allow-Origin: ");
+        head.extend_from_slice(origin.as_bytes());
+        head.extend_from_slice(b"\r\nVary: Origin\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head.extend_from_slice(&subscription.head);
+    let mut reader = Reader {
+        hub,
+        sub: subscription,
+        done: false,
+    };
+    let aborted = abort.notified();
+    tokio::pin!(aborted);
+    if socket.write_all(&head).await.is_err() {
+        return;
+    }
+    drop(head);
+    let mut probe = [0u8; 16];
+    loop {
+        let chunk = tokio::select! {
+            () = &mut aborted => return,
+            chunk = reader.next_chunk() => chunk,
+            // The client never sends anything: readable means it closed (or misbehaves).
+            readable = socket.readable() => {
+                if readable.is_err() {
+                    return;
+                }
+                match socket.try_read(&mut probe) {
+                    Ok(0) => return,
+                    Ok(_) => continue,
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return,
+                }
+            }
+        };
+        let Some(chunk) = chunk else {
+            // Shutdown or too far behind: end the response, the browser reconnects.
+            let _ = socket.shutdown().await;
+            return;
+        };
+        tokio::select! {
+            () = &mut aborted => return,
+            written = socket.write_all(&chunk) => if written.is_err() { return },
+        }
+    }
 }
 
 /// Frames gathered for one write: the first is shared as is, more are copied together.
@@ -261,7 +392,6 @@ struct Chunk {
     single: Option<Bytes>,
     many: Option<BytesMut>,
 }
-
 impl Chunk {
     fn add(
         &mut self,

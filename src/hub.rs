@@ -104,8 +104,26 @@ pub struct Slot {
     /// queue was full.
     swept: AtomicU64,
     stalled: AtomicU64,
-    conn: Option<ConnCtrl>,
+    abort: Abort,
     dropped: AtomicBool,
+}
+
+/// How the sweep cuts off a client that stopped reading.
+#[derive(Clone)]
+pub enum Abort {
+    /// A connection served by hyper: abort it through salvo.
+    Conn(ConnCtrl),
+    /// A connection temma serves itself: its task waits on this.
+    Notify(Arc<tokio::sync::Notify>),
+}
+
+impl Abort {
+    fn abort(&self) {
+        match self {
+            Abort::Conn(conn) => conn.abort(),
+            Abort::Notify(notify) => notify.notify_one(),
+        }
+    }
 }
 
 impl Slot {
@@ -187,11 +205,11 @@ impl Hub {
     }
 
     /// Registers a client. `last_event_id` is what the browser sent back (header or query);
-    /// `conn` lets the sweep abort the connection if the client stops reading.
+    /// `abort` lets the sweep cut the connection off if the client stops reading.
     pub fn subscribe(
         &self,
         last_event_id: Option<&str>,
-        conn: Option<ConnCtrl>,
+        abort: Abort,
     ) -> Result<Subscription, Full> {
         let shared = &self.shared;
         let settings = &shared.settings;
@@ -254,7 +272,7 @@ impl Hub {
             consumed: AtomicU64::new(state.sent),
             swept: AtomicU64::new(state.sent),
             stalled: AtomicU64::new(0),
-            conn,
+            abort,
             dropped: AtomicBool::new(false),
         });
         state.slots.insert(key, slot.clone());
@@ -436,9 +454,7 @@ impl Hub {
                         metrics.slow_disconnects.inc();
                         tracing::warn!(behind, "SSE client stopped reading; connection aborted");
                     }
-                    if let Some(conn) = &slot.conn {
-                        conn.abort();
-                    }
+                    slot.abort.abort();
                     false
                 } else {
                     true

@@ -18,10 +18,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use salvo::catcher::Catcher;
-use salvo::conn::tcp::TcpAcceptor;
-use salvo::fuse::FuseConfig;
+use salvo::conn::tcp::TcpCoupler;
+use salvo::conn::{Accepted, Acceptor, Holding, StraightStream};
+use salvo::fuse::{ArcFusePolicy, FuseAction, FuseConfig, FuseInfo, TransProto};
 use salvo::http::StatusCode;
+use salvo::http::Version;
+use salvo::http::uri::Scheme;
 use salvo::prelude::*;
 use salvo::serve_static::StaticDir;
 use serde::Deserialize;
@@ -390,6 +394,10 @@ pub fn bind(config: &ServerConfig) -> std::io::Result<tokio::net::TcpListener> {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    // Accepted connections inherit TCP_NODELAY from the listener on Linux. Without it, Nagle's
+    // algorithm holds a small SSE frame back until the previous one is acknowledged, and the
+    // client's delayed ACK turns that into up to 40 ms of latency.
+    socket.set_nodelay(true)?;
     if config.socket_send_buffer_bytes > 0 {
         // Set on the listener: accepted connections inherit it.
         socket.set_send_buffer_size(config.socket_send_buffer_bytes)?;
@@ -401,20 +409,58 @@ pub fn bind(config: &ServerConfig) -> std::io::Result<tokio::net::TcpListener> {
 /// Connections waiting to be accepted.
 pub const LISTEN_BACKLOG: u32 = 1024;
 
+/// The longest request head read before a connection is handed on.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// How long a new connection may take to send its first request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections waiting between the accept loop and the HTTP server.
+const HANDOFF_QUEUE: usize = 1024;
+
+/// What the accept loop needs to serve SSE connections itself.
+#[derive(Clone)]
+pub struct Direct {
+    pub hub: Hub,
+    pub cors_origins: Arc<Vec<String>>,
+}
+
 /// Serves `service` on an already bound listener until `shutdown` fires, then lets open
 /// requests finish for up to `grace`.
+///
+/// One accept loop reads the first request head of every connection. A connection that opens
+/// with `GET /event/fetch` is served by [`crate::event::serve_direct`] on the spot (no hyper
+/// buffers for a connection that will only ever stream); any other is handed, with the bytes
+/// already read, to salvo — which also serves an SSE request that comes later on a kept-alive
+/// connection.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: Service,
     config: ServerConfig,
+    direct: Direct,
+    tasks: tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
 ) {
-    let acceptor = match TcpAcceptor::try_from(listener) {
-        Ok(acceptor) => acceptor,
+    let local_addr = match listener.local_addr() {
+        Ok(address) => address,
         Err(error) => {
             tracing::error!(%error, "cannot serve HTTP");
             return;
         }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(HANDOFF_QUEUE);
+    tasks.spawn(accept_loop(
+        listener,
+        tx,
+        direct,
+        tasks.clone(),
+        shutdown.clone(),
+    ));
+    let acceptor = HandOff {
+        rx,
+        holdings: vec![Holding {
+            local_addr: local_addr.into(),
+            http_versions: vec![Version::HTTP_11],
+            http_scheme: Scheme::HTTP,
+        }],
     };
     let fuse = FuseConfig::default()
         .with_write_stall_timeout(Duration::from_secs(config.write_stall_timeout_secs));
@@ -430,5 +476,207 @@ pub async fn serve(
     });
     if let Err(error) = server.try_serve(service).await {
         tracing::error!(%error, "HTTP server failed");
+    }
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    handoff: tokio::sync::mpsc::Sender<(Prefixed, std::net::SocketAddr)>,
+    direct: Direct,
+    tasks: tokio_util::task::TaskTracker,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((socket, peer)) => {
+                tasks.spawn(first_request(
+                    socket,
+                    peer,
+                    handoff.clone(),
+                    direct.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            Err(error) => {
+                // Out of file descriptors, most likely: back off instead of spinning.
+                tracing::warn!(%error, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Reads a connection's first request head and decides who serves it.
+async fn first_request(
+    mut socket: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    handoff: tokio::sync::mpsc::Sender<(Prefixed, std::net::SocketAddr)>,
+    direct: Direct,
+    shutdown: CancellationToken,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = BytesMut::with_capacity(1024);
+    loop {
+        let read = tokio::select! {
+            () = shutdown.cancelled() => return,
+            read = tokio::time::timeout(HEAD_TIMEOUT, socket.read_buf(&mut buffer)) => read,
+        };
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(_)) => {}
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 48];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buffer) {
+            Ok(httparse::Status::Complete(length)) => {
+                // Only a lone GET (nothing pipelined after it) is served directly.
+                if length == buffer.len()
+                    && let Some(sse) = crate::event::SseRequest::from_head(&request)
+                {
+                    let cors = sse
+                        .origin
+                        .as_deref()
+                        .and_then(|origin| allowed_origin(&direct.cors_origins, origin));
+                    drop(buffer);
+                    crate::event::serve_direct(socket, sse, direct.hub, cors).await;
+                    return;
+                }
+                break;
+            }
+            Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD_BYTES => continue,
+            // Too long or malformed: hyper answers it.
+            _ => break,
+        }
+    }
+    let stream = Prefixed {
+        prefix: buffer.freeze(),
+        inner: socket,
+    };
+    let _ = handoff.send((stream, peer)).await;
+}
+
+/// The `Access-Control-Allow-Origin` value for a request from `origin`, if CORS allows it.
+pub fn allowed_origin(origins: &[String], origin: &str) -> Option<String> {
+    if origins.iter().any(|o| o == "*") {
+        Some("*".to_owned())
+    } else if origins.iter().any(|o| o == origin) {
+        Some(origin.to_owned())
+    } else {
+        None
+    }
+}
+
+/// A connection whose first bytes were already read: they are read again first.
+pub struct Prefixed {
+    prefix: Bytes,
+    inner: tokio::net::TcpStream,
+}
+
+impl tokio::io::AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Feeds salvo the connections the accept loop hands on.
+struct HandOff {
+    rx: tokio::sync::mpsc::Receiver<(Prefixed, std::net::SocketAddr)>,
+    holdings: Vec<Holding>,
+}
+
+impl Acceptor for HandOff {
+    type Coupler = TcpCoupler<Self::Stream>;
+    type Stream = StraightStream<Prefixed>;
+
+    fn holdings(&self) -> &[Holding] {
+        &self.holdings
+    }
+
+    async fn accept(
+        &mut self,
+        fuse_policy: Option<ArcFusePolicy>,
+    ) -> std::io::Result<Accepted<Self::Coupler, Self::Stream>> {
+        loop {
+            let Some((stream, peer)) = self.rx.recv().await else {
+                // The accept loop ended (shutdown): nothing more will come.
+                return std::future::pending().await;
+            };
+            let local_addr = self.holdings[0].local_addr.clone();
+            let conn_ctrl = ConnCtrl::new();
+            let (fuse_config, observer) = match &fuse_policy {
+                Some(policy) => {
+                    let info = FuseInfo {
+                        trans_proto: TransProto::Tcp,
+                        remote_addr: peer.into(),
+                        local_addr: local_addr.clone(),
+                    };
+                    match policy.decide(&info).await {
+                        FuseAction::Accept(config) => {
+                            (Some(config), policy.observe(&info, &conn_ctrl))
+                        }
+                        FuseAction::Reject => continue,
+                    }
+                }
+                None => (None, None),
+            };
+            return Ok(Accepted {
+                coupler: TcpCoupler::new(),
+                stream: StraightStream::new(stream, fuse_config, conn_ctrl.clone(), observer),
+                fuse_config,
+                conn_ctrl,
+                remote_addr: peer.into(),
+                local_addr,
+                http_scheme: Scheme::HTTP,
+            });
+        }
     }
 }

@@ -1,0 +1,705 @@
+//! `temma-load`: a load tool for any Server-Sent Events server (temma, Nchan, Pushpin…).
+//!
+//! It opens `--subscribers` SSE connections to `--subscribe` (ramped, retrying a refused one
+//! like a browser does), then POSTs `--messages` messages to `--publish` at `--rate` msgs/s,
+//! each carrying a marker `load-<seq>-<µs>` (its sequence number and send time) wherever the
+//! body template says `{seq}` and `{ts}`. Every subscriber finds the marker in each event it
+//! receives, whatever the server wraps around it, and the tool reports:
+//!
+//! - subscribers connected; deliveries expected and received; gaps and duplicates per client;
+//! - deliveries/s sustained (from the first send to the last receipt);
+//! - latency from publish to receipt, p50/p95/p99/max (HdrHistogram);
+//! - with `--pid`, the server's RSS before and after connecting, and per connection.
+//!
+//! Loopback targets only; every phase has a count and a time limit. `--json` prints one JSON
+//! object. `--hold-secs` keeps the connections open that long before publishing (idle tests).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "temma-load",
+    version,
+    about = "Load tool for Server-Sent Events servers"
+)]
+struct Args {
+    /// SSE URL to subscribe to (http, loopback only).
+    #[arg(long)]
+    subscribe: String,
+    /// Number of SSE connections.
+    #[arg(long, default_value_t = 100)]
+    subscribers: usize,
+    /// New connections per second while ramping up.
+    #[arg(long, default_value_t = 2000)]
+    ramp: u32,
+    /// Attempts per subscriber before giving up (non-200 answers or errors).
+    #[arg(long, default_value_t = 5)]
+    attempts: u32,
+    /// URL to POST messages to (http, loopback only). Without it, nothing is published.
+    #[arg(long)]
+    publish: Option<String>,
+    /// Body template: `{seq}` and `{ts}` are replaced by the sequence number and send time.
+    #[arg(long, default_value = "from=load&text=load-{seq}-{ts}")]
+    body: String,
+    /// Content type of the body.
+    #[arg(long, default_value = "application/x-www-form-urlencoded")]
+    content_type: String,
+    /// Messages per second, all publishers together.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Messages to publish.
+    #[arg(long, default_value_t = 1000)]
+    messages: u64,
+    /// Concurrent publishers (connections); default: enough for the rate.
+    #[arg(long)]
+    publishers: Option<usize>,
+    /// Seconds to keep the connections open (after connecting, before publishing).
+    #[arg(long, default_value_t = 0.0)]
+    hold_secs: f64,
+    /// How long to wait for the last deliveries after the last message was sent, in ms.
+    #[arg(long, default_value_t = 3000)]
+    drain_ms: u64,
+    /// Hard limit on the whole run, in seconds.
+    #[arg(long, default_value_t = 600)]
+    max_secs: u64,
+    /// Server process ids whose RSS to report (repeatable).
+    #[arg(long)]
+    pid: Vec<u32>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Histograms are sharded so that subscribers rarely contend for one.
+const SHARDS: usize = 32;
+/// Highest latency recorded, in µs (60 s); above is clamped.
+const MAX_LATENCY_US: u64 = 60_000_000;
+
+struct Shared {
+    start: Instant,
+    connected: AtomicUsize,
+    failed: AtomicUsize,
+    received: AtomicU64,
+    duplicates: AtomicU64,
+    first_send_us: AtomicU64,
+    last_receive_us: AtomicU64,
+    stop: AtomicBool,
+    latencies: Vec<std::sync::Mutex<Histogram<u64>>>,
+    statuses: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Shared {
+    fn now_us(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+}
+
+fn loopback(url: &str) -> Result<hyper::Uri, String> {
+    let uri: hyper::Uri = url.parse().map_err(|e| format!("`{url}`: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("`{url}`: only http:// URLs are supported"));
+    }
+    match uri.host() {
+        Some("127.0.0.1" | "localhost" | "[::1]" | "::1") => Ok(uri),
+        _ => Err(format!(
+            "`{url}`: only loopback targets (127.0.0.1, localhost, [::1])"
+        )),
+    }
+}
+
+fn authority(uri: &hyper::Uri) -> String {
+    let host = uri.host().unwrap_or("127.0.0.1");
+    let port = uri.port_u16().unwrap_or(80);
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Finds every `load-<seq>-<ts>` marker in `data`.
+fn markers(data: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    memchr::memmem::find_iter(data, b"load-").filter_map(move |at| {
+        let rest = &data[at + 5..];
+        let seq_end = rest.iter().position(|b| !b.is_ascii_digit())?;
+        if seq_end == 0 || rest.get(seq_end) != Some(&b'-') {
+            return None;
+        }
+        let ts_part = &rest[seq_end + 1..];
+        let ts_end = ts_part
+            .iter()
+            .position(|b| !b.is_ascii_digit())
+            .unwrap_or(ts_part.len());
+        if ts_end == 0 {
+            return None;
+        }
+        let seq = std::str::from_utf8(&rest[..seq_end]).ok()?.parse().ok()?;
+        let ts = std::str::from_utf8(&ts_part[..ts_end]).ok()?.parse().ok()?;
+        Some((seq, ts))
+    })
+}
+
+/// One SSE subscriber: connect (retrying), then read events until told to stop.
+///
+/// A plain socket read by this one task: the response head is parsed with `httparse`, a
+/// chunked body is unframed with `httparse::parse_chunk_size`, and markers are found in the
+/// data. (A full HTTP client costs a second task and a channel hop per event, which would
+/// measure the tool more than the server.)
+async fn subscriber(id: usize, uri: hyper::Uri, args: Arc<Args>, shared: Arc<Shared>) {
+    let mut opened = None;
+    for attempt in 0..args.attempts {
+        if shared.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        match open_stream(&uri).await {
+            Ok(stream) => {
+                opened = Some(stream);
+                break;
+            }
+            Err(error) => {
+                count_status(&shared, error);
+                let backoff = Duration::from_millis(100 << attempt.min(5));
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    }
+    let Some((mut socket, mut buffer, chunked)) = opened else {
+        shared.failed.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    shared.connected.fetch_add(1, Ordering::Relaxed);
+    let shard = &shared.latencies[id % SHARDS];
+    let mut seen = Seen::new(args.messages);
+    let mut data: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk_left = 0usize;
+    let mut batch: Vec<u64> = Vec::with_capacity(64);
+    loop {
+        // Unframe what is buffered into `data`.
+        if chunked {
+            loop {
+                if chunk_left > 0 {
+                    let take = chunk_left.min(buffer.len());
+                    data.extend_from_slice(&buffer[..take]);
+                    buffer.drain(..take);
+                    chunk_left -= take;
+                    if chunk_left > 0 {
+                        break;
+                    }
+                }
+                // The CRLF after a chunk's data, then the next size line.
+                if buffer.starts_with(b"\r\n") {
+                    buffer.drain(..2);
+                }
+                match httparse::parse_chunk_size(&buffer) {
+                    Ok(httparse::Status::Complete((used, 0))) => {
+                        buffer.drain(..used);
+                        break;
+                    }
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buffer.drain(..used);
+                        chunk_left = size as usize + 2; // data and its CRLF
+                    }
+                    Ok(httparse::Status::Partial) => break,
+                    Err(_) => return,
+                }
+            }
+        } else {
+            data.extend_from_slice(&buffer);
+            buffer.clear();
+        }
+        let now = shared.now_us();
+        if let Some(end) = memchr::memmem::rfind(&data, b"\n\n") {
+            let complete = end + 2;
+            let mut got = 0u64;
+            for (seq, ts) in markers(&data[..complete]) {
+                if seen.insert(seq) {
+                    got += 1;
+                    batch.push(now.saturating_sub(ts).min(MAX_LATENCY_US));
+                } else {
+                    shared.duplicates.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            data.drain(..complete);
+            if got > 0 {
+                shared.received.fetch_add(got, Ordering::Relaxed);
+                shared.last_receive_us.fetch_max(now, Ordering::Relaxed);
+                let mut histogram = shard.lock().unwrap();
+                for latency in batch.drain(..) {
+                    let _ = histogram.record(latency.max(1));
+                }
+            }
+        }
+        if shared.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        use tokio::io::AsyncReadExt;
+        let mut scratch = [0u8; 8192];
+        match socket.read(&mut scratch).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buffer.extend_from_slice(&scratch[..n]),
+        }
+    }
+}
+
+/// Which sequence numbers a subscriber has seen (a bitset: publishers may race, so messages
+/// can arrive out of order).
+struct Seen {
+    bits: Vec<u64>,
+}
+
+impl Seen {
+    fn new(messages: u64) -> Seen {
+        Seen {
+            bits: vec![0; messages.div_ceil(64) as usize],
+        }
+    }
+
+    /// `true` the first time `seq` is seen.
+    fn insert(&mut self, seq: u64) -> bool {
+        let (word, bit) = ((seq / 64) as usize, seq % 64);
+        let Some(slot) = self.bits.get_mut(word) else {
+            return true; // Beyond the run: count it, it cannot be checked.
+        };
+        if *slot & (1 << bit) != 0 {
+            return false;
+        }
+        *slot |= 1 << bit;
+        true
+    }
+}
+
+/// Opens one SSE stream: the socket, what was read after the head, and whether the body is
+/// chunked. `Err` names why not (a status or an error kind) for the report.
+async fn open_stream(uri: &hyper::Uri) -> Result<(TcpStream, Vec<u8>, bool), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = TcpStream::connect(authority(uri))
+        .await
+        .map_err(|e| format!("connect: {}", e.kind()))?;
+    let _ = socket.set_nodelay(true);
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+        uri.path_and_query().map_or("/", |p| p.as_str()),
+        authority(uri)
+    );
+    socket
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("write: {}", e.kind()))?;
+    let mut buffer = Vec::with_capacity(1024);
+    loop {
+        let mut scratch = [0u8; 4096];
+        let n = socket
+            .read(&mut scratch)
+            .await
+            .map_err(|e| format!("read: {}", e.kind()))?;
+        if n == 0 {
+            return Err("closed before the response head".into());
+        }
+        buffer.extend_from_slice(&scratch[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buffer) {
+            Ok(httparse::Status::Complete(length)) => {
+                let status = response.code.unwrap_or(0);
+                if status != 200 {
+                    return Err(format!("status {status}"));
+                }
+                let chunked = response.headers.iter().any(|h| {
+                    h.name.eq_ignore_ascii_case("transfer-encoding")
+                        && String::from_utf8_lossy(h.value)
+                            .to_ascii_lowercase()
+                            .contains("chunked")
+                });
+                buffer.drain(..length);
+                return Ok((socket, buffer, chunked));
+            }
+            Ok(httparse::Status::Partial) if buffer.len() < 64 * 1024 => continue,
+            _ => return Err("malformed response head".into()),
+        }
+    }
+}
+
+/// One publisher: POSTs its share of the messages at its share of the rate.
+async fn publisher(
+    index: usize,
+    count: usize,
+    uri: hyper::Uri,
+    args: Arc<Args>,
+    shared: Arc<Shared>,
+    next: Arc<AtomicU64>,
+    deadline: Instant,
+) {
+    let rate = args.rate / count as f64;
+    let mut sender = None;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        let seq = next.fetch_add(1, Ordering::Relaxed);
+        if seq >= args.messages || Instant::now() >= deadline {
+            break;
+        }
+        // Pace: this publisher's n-th message is due at n / rate seconds.
+        let due = started + Duration::from_secs_f64(sent as f64 / rate);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        sent += 1;
+        if sender.is_none() {
+            sender = connect_publisher(&uri).await.ok();
+        }
+        let Some(connection) = sender.as_mut() else {
+            count_status(&shared, "publish connect failed".into());
+            continue;
+        };
+        let ts = shared.now_us();
+        let _ = shared.first_send_us.compare_exchange(
+            u64::MAX,
+            ts,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        let body = args
+            .body
+            .replace("{seq}", &seq.to_string())
+            .replace("{ts}", &ts.to_string());
+        let request = Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
+            .header("host", authority(&uri))
+            .header("content-type", &args.content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid request");
+        match connection.send_request(request).await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let _ = response.into_body().collect().await;
+                if !(200..300).contains(&status) {
+                    count_status(&shared, format!("publish status {status}"));
+                }
+            }
+            Err(error) => {
+                count_status(&shared, format!("publish error: {error}"));
+                sender = None;
+            }
+        }
+    }
+    let _ = index;
+}
+
+fn count_status(shared: &Shared, key: String) {
+    *shared.statuses.lock().unwrap().entry(key).or_default() += 1;
+}
+
+async fn connect_publisher(
+    uri: &hyper::Uri,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String> {
+    let stream = TcpStream::connect(authority(uri))
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// Resident memory of the given processes, in KiB.
+fn rss_kib(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    let mut total = 0;
+    for pid in pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        total += line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+#[derive(serde::Serialize)]
+struct Report {
+    subscribers: usize,
+    connected: usize,
+    failed: usize,
+    messages: u64,
+    expected: u64,
+    received: u64,
+    delivered_ratio: f64,
+    gaps: u64,
+    duplicates: u64,
+    deliveries_per_s: f64,
+    latency_us: Latency,
+    rss_kib_before: Option<u64>,
+    rss_kib_connected: Option<u64>,
+    rss_kib_per_connection: Option<f64>,
+    errors: std::collections::BTreeMap<String, u64>,
+    seconds: f64,
+}
+
+#[derive(serde::Serialize, Default)]
+struct Latency {
+    p50: u64,
+    p95: u64,
+    p99: u64,
+    max: u64,
+    mean: f64,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let subscribe = match loopback(&args.subscribe) {
+        Ok(uri) => uri,
+        Err(error) => {
+            eprintln!("temma-load: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let publish = match args.publish.as_deref().map(loopback).transpose() {
+        Ok(uri) => uri,
+        Err(error) => {
+            eprintln!("temma-load: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if args.rate <= 0.0 || !args.rate.is_finite() {
+        eprintln!("temma-load: --rate must be positive");
+        return std::process::ExitCode::from(2);
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let report = runtime.block_on(run(Arc::new(args.clone()), subscribe, publish));
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    if args.json {
+        println!("{}", serde_json::to_string(&report).expect("JSON"));
+    } else {
+        print_text(&report);
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>) -> Report {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.max_secs);
+    let shared = Arc::new(Shared {
+        start: started,
+        connected: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        received: AtomicU64::new(0),
+        duplicates: AtomicU64::new(0),
+        first_send_us: AtomicU64::new(u64::MAX),
+        last_receive_us: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        latencies: (0..SHARDS)
+            .map(|_| {
+                std::sync::Mutex::new(
+                    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("histogram bounds"),
+                )
+            })
+            .collect(),
+        statuses: Default::default(),
+    });
+    let rss_before = rss_kib(&args.pid);
+
+    // Ramp the subscribers up.
+    let mut tasks = Vec::with_capacity(args.subscribers);
+    let per_tick = (args.ramp as usize / 100).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for id in 0..args.subscribers {
+        if id % per_tick == 0 {
+            tick.tick().await;
+        }
+        tasks.push(tokio::spawn(subscriber(
+            id,
+            subscribe.clone(),
+            args.clone(),
+            shared.clone(),
+        )));
+    }
+    // Wait until every subscriber connected or gave up.
+    while shared.connected.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed)
+        < args.subscribers
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the servers settle (and the opening bytes arrive) before measuring memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_connected = rss_kib(&args.pid);
+    if args.hold_secs > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(args.hold_secs)).await;
+    }
+    let connected = shared.connected.load(Ordering::Relaxed);
+
+    let mut messages = 0;
+    if let Some(publish) = publish {
+        messages = args.messages;
+        let count = args
+            .publishers
+            .unwrap_or_else(|| ((args.rate / 200.0).ceil() as usize).clamp(1, 64));
+        let next = Arc::new(AtomicU64::new(0));
+        let publishers: Vec<_> = (0..count)
+            .map(|i| {
+                tokio::spawn(publisher(
+                    i,
+                    count,
+                    publish.clone(),
+                    args.clone(),
+                    shared.clone(),
+                    next.clone(),
+                    deadline,
+                ))
+            })
+            .collect();
+        for publisher in publishers {
+            let _ = publisher.await;
+        }
+        // Drain: until everything arrived, or the drain time passed with nothing new.
+        let expected = messages * connected as u64;
+        let mut last = shared.received.load(Ordering::Relaxed);
+        let mut quiet_since = Instant::now();
+        while Instant::now() < deadline {
+            let now = shared.received.load(Ordering::Relaxed);
+            if now >= expected {
+                break;
+            }
+            if now != last {
+                last = now;
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= Duration::from_millis(args.drain_ms) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    shared.stop.store(true, Ordering::Relaxed);
+    for task in &tasks {
+        task.abort();
+    }
+
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3).expect("bounds");
+    for shard in &shared.latencies {
+        histogram.add(&*shard.lock().unwrap()).expect("same bounds");
+    }
+    let received = shared.received.load(Ordering::Relaxed);
+    let expected = messages * connected as u64;
+    let first = shared.first_send_us.load(Ordering::Relaxed);
+    let last = shared.last_receive_us.load(Ordering::Relaxed);
+    let window = if first != u64::MAX && last > first {
+        (last - first) as f64 / 1e6
+    } else {
+        0.0
+    };
+    let latency = if histogram.is_empty() {
+        Latency::default()
+    } else {
+        Latency {
+            p50: histogram.value_at_quantile(0.50),
+            p95: histogram.value_at_quantile(0.95),
+            p99: histogram.value_at_quantile(0.99),
+            max: histogram.max(),
+            mean: histogram.mean(),
+        }
+    };
+    Report {
+        subscribers: args.subscribers,
+        connected,
+        failed: shared.failed.load(Ordering::Relaxed),
+        messages,
+        expected,
+        received,
+        delivered_ratio: if expected > 0 {
+            received as f64 / expected as f64
+        } else {
+            0.0
+        },
+        // Messages count once per subscriber however often they came: what is missing is a gap.
+        gaps: expected.saturating_sub(received),
+        duplicates: shared.duplicates.load(Ordering::Relaxed),
+        deliveries_per_s: if window > 0.0 {
+            received as f64 / window
+        } else {
+            0.0
+        },
+        latency_us: latency,
+        rss_kib_before: rss_before,
+        rss_kib_connected: rss_connected,
+        rss_kib_per_connection: match (rss_before, rss_connected) {
+            (Some(before), Some(after)) if connected > 0 => {
+                Some((after as f64 - before as f64) / connected as f64)
+            }
+            _ => None,
+        },
+        errors: shared.statuses.lock().unwrap().clone(),
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+fn print_text(report: &Report) {
+    println!(
+        "subscribers: {} connected of {} ({} failed)",
+        report.connected, report.subscribers, report.failed
+    );
+    if report.messages > 0 {
+        println!(
+            "deliveries: {} of {} expected ({:.2} %), {} gaps, {} duplicates",
+            report.received,
+            report.expected,
+            report.delivered_ratio * 100.0,
+            report.gaps,
+            report.duplicates
+        );
+        println!("throughput: {:.0} deliveries/s", report.deliveries_per_s);
+        let l = &report.latency_us;
+        println!(
+            "latency: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            l.p50 as f64 / 1000.0,
+            l.p95 as f64 / 1000.0,
+            l.p99 as f64 / 1000.0,
+            l.max as f64 / 1000.0
+        );
+    }
+    if let (Some(before), Some(after)) = (report.rss_kib_before, report.rss_kib_connected) {
+        println!(
+            "server RSS: {before} KiB before, {after} KiB connected, {:.1} KiB per connection",
+            report.rss_kib_per_connection.unwrap_or(0.0)
+        );
+    }
+    for (error, count) in &report.errors {
+        println!("error: {error} ×{count}");
+    }
+    println!("took {:.1} s", report.seconds);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_are_found_in_any_wrapping() {
+        let temma =
+            b"id: 1-1\nevent: msg\ndata: {\"from\":\"load\",\"text\":\"load-7-123456\"}\n\n";
+        assert_eq!(markers(temma).collect::<Vec<_>>(), [(7, 123456)]);
+        let nchan = b"id: 1:0\ndata: from=load&text=load-8-99\n\n";
+        assert_eq!(markers(nchan).collect::<Vec<_>>(), [(8, 99)]);
+        assert_eq!(markers(b"load-x-1 load-1- load--2").count(), 0);
+        assert_eq!(markers(b"load-1-2 load-3-4").count(), 2);
+    }
+
+    #[test]
+    fn only_loopback_targets() {
+        assert!(loopback("http://127.0.0.1:8000/event/fetch").is_ok());
+        assert!(loopback("http://localhost/x").is_ok());
+        assert!(loopback("http://[::1]:8000/x").is_ok());
+        assert!(loopback("http://example.com/x").is_err());
+        assert!(loopback("https://127.0.0.1/x").is_err());
+    }
+}
