@@ -1,0 +1,190 @@
+//! The two ways an SSE connection is served, and small versions of the load scenarios, so that
+//! `temma-load` keeps working (the benchmarks themselves are in `benches/compare.sh`).
+
+mod common;
+
+use std::process::Command;
+
+use common::TestApp;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LOAD: &str = env!("CARGO_BIN_EXE_temma-load");
+
+/// Reads from a raw connection until `needle` has arrived; returns everything read.
+async fn read_until(socket: &mut tokio::net::TcpStream, needle: &str) -> String {
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    tokio::time::timeout(common::DEADLINE, async {
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            let n = socket.read(&mut buffer).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before {needle:?}: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buffer[..n]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {needle:?} in {}", String::from_utf8_lossy(&seen)));
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_request_and_kept_alive_sse_connections_get_the_same_stream() {
+    let app = TestApp::start().await;
+    app.ready().await;
+    // A connection that opens with the SSE request: served directly.
+    let mut direct = tokio::net::TcpStream::connect(app.http).await.unwrap();
+    direct
+        .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_until(&mut direct, ": ok\n\n").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.contains("Content-Type: text/event-stream\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("X-Accel-Buffering: no\r\n"), "{head}");
+    assert!(head.contains("retry: 2000\n"), "{head}");
+
+    // A kept-alive connection that asked for something else first: served by hyper.
+    let mut kept = tokio::net::TcpStream::connect(app.http).await.unwrap();
+    kept.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut kept, "\"status\":\"ok\"").await;
+    kept.write_all(b"GET /event/fetch HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_until(&mut kept, ": ok\n\n").await;
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+
+    assert_eq!(app.post_form("a", "to both").await.status(), 200);
+    for socket in [&mut direct, &mut kept] {
+        let text = read_until(socket, "to both").await;
+        assert!(text.contains("event: msg\ndata: {"), "{text}");
+    }
+    let metrics = app.app().metrics().clone();
+    assert_eq!(metrics.sse_clients.get(), 2);
+    drop(direct);
+    drop(kept);
+    common::eventually("both clients to be gone", || {
+        let metrics = metrics.clone();
+        async move { (metrics.sse_clients.get() == 0).then_some(()) }
+    })
+    .await;
+    app.stop().await;
+}
+
+fn run_load(args: &[String]) -> Value {
+    let output = Command::new(LOAD)
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run temma-load");
+    assert!(output.status.success(), "{output:?}");
+    serde_json::from_slice(&output.stdout).expect("one JSON report")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_scenario_in_small() {
+    let app = TestApp::start().await;
+    app.ready().await;
+    let args = vec![
+        "--subscribe".into(),
+        app.url("/event/fetch"),
+        "--subscribers".into(),
+        "20".into(),
+        "--publish".into(),
+        app.url("/message/broadcast"),
+        "--rate".into(),
+        "200".into(),
+        "--messages".into(),
+        "30".into(),
+        "--pid".into(),
+        std::process::id().to_string(),
+    ];
+    let report = tokio::task::spawn_blocking(move || run_load(&args))
+        .await
+        .unwrap();
+    assert_eq!(report["connected"], 20, "{report}");
+    assert_eq!(report["expected"], 600, "{report}");
+    assert_eq!(report["received"], 600, "{report}");
+    assert_eq!(report["gaps"], 0, "{report}");
+    assert_eq!(report["duplicates"], 0, "{report}");
+    assert!(
+        report["latency_us"]["p99"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(
+        report["deliveries_per_s"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(
+        report["rss_kib_connected"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_scenario_in_small() {
+    let app = TestApp::start().await;
+    let args = vec![
+        "--subscribe".into(),
+        app.url("/event/fetch"),
+        "--subscribers".into(),
+        "100".into(),
+        "--hold-secs".into(),
+        "0.2".into(),
+        "--pid".into(),
+        std::process::id().to_string(),
+    ];
+    let report = tokio::task::spawn_blocking(move || run_load(&args))
+        .await
+        .unwrap();
+    assert_eq!(report["connected"], 100, "{report}");
+    assert_eq!(report["messages"], 0, "{report}");
+    assert!(report["rss_kib_per_connection"].is_number(), "{report}");
+    let metrics = app.app().metrics().clone();
+    common::eventually("the tool's connections to close", || {
+        let metrics = metrics.clone();
+        async move { (metrics.sse_clients.get() == 0).then_some(()) }
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_subscribers_are_retried_then_counted() {
+    let app = TestApp::start_with(|config| config.event.max_clients = 5).await;
+    let args = vec![
+        "--subscribe".into(),
+        app.url("/event/fetch"),
+        "--subscribers".into(),
+        "8".into(),
+        "--attempts".into(),
+        "2".into(),
+    ];
+    let report = tokio::task::spawn_blocking(move || run_load(&args))
+        .await
+        .unwrap();
+    assert_eq!(report["connected"], 5, "{report}");
+    assert_eq!(report["failed"], 3, "{report}");
+    assert_eq!(report["errors"]["status 503"], 6, "{report}");
+    app.stop().await;
+}
+
+#[test]
+fn the_tool_only_targets_loopback() {
+    let output = Command::new(LOAD)
+        .args(["--subscribe", "http://example.com/event/fetch"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("only loopback targets"));
+}
