@@ -60,7 +60,8 @@ struct Args {
     /// Messages to publish.
     #[arg(long, default_value_t = 1000)]
     messages: u64,
-    /// Concurrent publishers (connections); default: enough for the rate.
+    /// Concurrent publishers (connections); default: one per 20 msg/s (up to 256), so that a
+    /// slow answer does not hold the rate back.
     #[arg(long)]
     publishers: Option<usize>,
     /// Seconds to keep the connections open (after connecting, before publishing).
@@ -92,9 +93,12 @@ struct Shared {
     received: AtomicU64,
     duplicates: AtomicU64,
     first_send_us: AtomicU64,
+    last_send_us: AtomicU64,
     last_receive_us: AtomicU64,
     stop: AtomicBool,
     latencies: Vec<std::sync::Mutex<Histogram<u64>>>,
+    /// Time from sending a POST to its answer.
+    posts: std::sync::Mutex<Histogram<u64>>,
     statuses: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
@@ -368,6 +372,7 @@ async fn publisher(
             Ordering::Relaxed,
             Ordering::Relaxed,
         );
+        shared.last_send_us.fetch_max(ts, Ordering::Relaxed);
         let body = args
             .body
             .replace("{seq}", &seq.to_string())
@@ -381,6 +386,8 @@ async fn publisher(
             Ok(response) => {
                 let status = response.status().as_u16();
                 let _ = response.into_body().collect().await;
+                let took = shared.now_us().saturating_sub(ts).clamp(1, MAX_LATENCY_US);
+                let _ = shared.posts.lock().unwrap().record(took);
                 if !(200..300).contains(&status) {
                     count_status(&shared, format!("publish status {status}"));
                 }
@@ -438,7 +445,11 @@ struct Report {
     gaps: u64,
     duplicates: u64,
     deliveries_per_s: f64,
+    /// Messages actually sent per second (below `--rate` when the server slows publishers).
+    published_per_s: f64,
     latency_us: Latency,
+    /// From sending a POST to its answer (for temma: until the broker published it).
+    post_latency_us: Latency,
     rss_kib_before: Option<u64>,
     rss_kib_connected: Option<u64>,
     rss_kib_per_connection: Option<f64>,
@@ -453,6 +464,31 @@ struct Latency {
     p99: u64,
     max: u64,
     mean: f64,
+}
+
+impl Latency {
+    fn of(histogram: &Histogram<u64>) -> Latency {
+        if histogram.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            p50: histogram.value_at_quantile(0.50),
+            p95: histogram.value_at_quantile(0.95),
+            p99: histogram.value_at_quantile(0.99),
+            max: histogram.max(),
+            mean: histogram.mean(),
+        }
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            self.p50 as f64 / 1000.0,
+            self.p95 as f64 / 1000.0,
+            self.p99 as f64 / 1000.0,
+            self.max as f64 / 1000.0
+        )
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -496,6 +532,7 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
         received: AtomicU64::new(0),
         duplicates: AtomicU64::new(0),
         first_send_us: AtomicU64::new(u64::MAX),
+        last_send_us: AtomicU64::new(0),
         last_receive_us: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         latencies: (0..SHARDS)
@@ -506,6 +543,9 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
             })
             .collect(),
         statuses: Default::default(),
+        posts: std::sync::Mutex::new(
+            Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("histogram bounds"),
+        ),
     });
     let rss_before = rss_kib(&args.pid);
 
@@ -544,7 +584,7 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
         messages = args.messages;
         let count = args
             .publishers
-            .unwrap_or_else(|| ((args.rate / 200.0).ceil() as usize).clamp(1, 64));
+            .unwrap_or_else(|| ((args.rate / 20.0).ceil() as usize).clamp(1, 256));
         let next = Arc::new(AtomicU64::new(0));
         let publishers: Vec<_> = (0..count)
             .map(|i| {
@@ -598,17 +638,8 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
     } else {
         0.0
     };
-    let latency = if histogram.is_empty() {
-        Latency::default()
-    } else {
-        Latency {
-            p50: histogram.value_at_quantile(0.50),
-            p95: histogram.value_at_quantile(0.95),
-            p99: histogram.value_at_quantile(0.99),
-            max: histogram.max(),
-            mean: histogram.mean(),
-        }
-    };
+    let latency = Latency::of(&histogram);
+    let post_latency = Latency::of(&shared.posts.lock().unwrap());
     Report {
         subscribers: args.subscribers,
         connected,
@@ -629,7 +660,16 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
         } else {
             0.0
         },
+        published_per_s: {
+            let last_send = shared.last_send_us.load(Ordering::Relaxed);
+            if first != u64::MAX && last_send > first && messages > 1 {
+                (messages - 1) as f64 * 1e6 / (last_send - first) as f64
+            } else {
+                0.0
+            }
+        },
         latency_us: latency,
+        post_latency_us: post_latency,
         rss_kib_before: rss_before,
         rss_kib_connected: rss_connected,
         rss_kib_per_connection: match (rss_before, rss_connected) {
@@ -657,15 +697,12 @@ fn print_text(report: &Report) {
             report.gaps,
             report.duplicates
         );
-        println!("throughput: {:.0} deliveries/s", report.deliveries_per_s);
-        let l = &report.latency_us;
         println!(
-            "latency: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-            l.p50 as f64 / 1000.0,
-            l.p95 as f64 / 1000.0,
-            l.p99 as f64 / 1000.0,
-            l.max as f64 / 1000.0
+            "throughput: {:.0} deliveries/s, {:.0} messages/s published",
+            report.deliveries_per_s, report.published_per_s
         );
+        println!("latency: {}", report.latency_us.text());
+        println!("POST answered: {}", report.post_latency_us.text());
     }
     if let (Some(before), Some(after)) = (report.rss_kib_before, report.rss_kib_connected) {
         println!(

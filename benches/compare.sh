@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# temma against Nchan, same machine, same load tool, same run.
+#
+#   benches/compare.sh            # everything (about 10 minutes)
+#   SCENARIOS="idle latency" benches/compare.sh
+#
+# Installs Nchan (Debian's nginx + libnginx-mod-nchan) and pyzmq if missing, starts Nchan
+# with benches/nchan.conf and temma with benches/etc/temma.toml on 127.0.0.1, runs the
+# scenarios with target/release/temma-load, prints both and the ratios, writes every report
+# to $OUT (default target/compare), and stops what it started.
+#
+# Scenarios:
+#   fanout   1000 subscribers; the rate rises until delivery drops below 100 %, p99 goes over
+#            100 ms, or the publishers cannot send at the rate (under 95 % of it); the highest
+#            rate held, its deliveries/s and latencies.
+#   idle     10 000 SSE connections held; server RSS per connection.
+#   latency  1000 subscribers × 100 msg/s for 10 s; p50/p99.
+#   broker   PUSH → broker → SUB msgs/s, against libzmq's proxy (cargo bench --bench broker).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+SCENARIOS=${SCENARIOS:-fanout idle latency broker}
+OUT=${OUT:-$ROOT/target/compare}
+WORK=$(mktemp -d /tmp/temma-compare.XXXXXX)
+TEMMA_PORT=${TEMMA_PORT:-8090}
+NCHAN_PORT=8081
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+TEMMA_PID=""
+NGINX_STARTED=""
+cleanup() {
+  [ -n "$TEMMA_PID" ] && kill "$TEMMA_PID" 2>/dev/null && wait "$TEMMA_PID" 2>/dev/null || true
+  if [ -n "$NGINX_STARTED" ] && [ -f "$WORK/nchan/nginx.pid" ]; then
+    kill -QUIT "$(cat "$WORK/nchan/nginx.pid")" 2>/dev/null || true
+    sleep 1
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# 10 000 connections on each side need the descriptors.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [ "$(ulimit -n)" -lt 12000 ]; then
+  echo "warning: ulimit -n is $(ulimit -n); the idle scenario needs more than 10 000" >&2
+fi
+
+echo "--- building (release)"
+cargo build --release --bins
+LOAD=$ROOT/target/release/temma-load
+
+if [ ! -f /usr/lib/nginx/modules/ngx_nchan_module.so ]; then
+  echo "--- installing Nchan"
+  as_root apt-get update
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+    nginx libnginx-mod-nchan
+fi
+
+echo "--- starting Nchan on 127.0.0.1:$NCHAN_PORT"
+mkdir -p "$WORK/nchan/logs" "$WORK/nchan/tmp"
+chmod 755 "$WORK" "$WORK/nchan" "$WORK/nchan/tmp"
+sed "s#@DIR@#$WORK/nchan#g" benches/nchan.conf > "$WORK/nchan/nginx.conf"
+nginx -p "$WORK/nchan" -c nginx.conf > "$WORK/nchan/out.log" 2>&1 &
+NGINX_STARTED=1
+for _ in $(seq 50); do [ -f "$WORK/nchan/nginx.pid" ] && break; sleep 0.1; done
+sleep 0.5
+NCHAN_PIDS=$(pgrep -P "$(cat "$WORK/nchan/nginx.pid")" | tr '\n' ' ')
+
+echo "--- starting temma on 127.0.0.1:$TEMMA_PORT"
+env -u RUST_LOG TEMMA_SERVER__LISTEN="127.0.0.1:$TEMMA_PORT" \
+  "$ROOT/target/release/temma" serve -c benches/etc/temma.toml > "$WORK/temma.log" 2>&1 &
+TEMMA_PID=$!
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$TEMMA_PORT/health" > /dev/null && break; sleep 0.1; done
+
+# target NAME → the arguments temma-load needs for it.
+target() {
+  case $1 in
+    temma) echo "--subscribe http://127.0.0.1:$TEMMA_PORT/event/fetch --publish http://127.0.0.1:$TEMMA_PORT/message/broadcast --pid $TEMMA_PID" ;;
+    nchan) echo "--subscribe http://127.0.0.1:$NCHAN_PORT/sub/chat --publish http://127.0.0.1:$NCHAN_PORT/pub/chat $(for p in $NCHAN_PIDS; do printf -- '--pid %s ' "$p"; done)" ;;
+  esac
+}
+
+# load NAME FILE ARGS… → runs temma-load, keeps its JSON report in $OUT/FILE.
+load() {
+  local name=$1 file=$2; shift 2
+  # shellcheck disable=SC2046
+  "$LOAD" $(target "$name") --json "$@" > "$OUT/$file"
+}
+
+field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, r))" "$@"; }
+
+fanout() {
+  local name=$1 best="none"
+  for rate in 20 50 100 150 200 300 400 500 600 700 800 1000 1200 1500 2000 3000; do
+    load "$name" "fanout-$name-$rate.json" --subscribers 1000 --rate "$rate" \
+      --messages $((rate * 5)) --drain-ms 3000
+    local ratio p99 sent
+    ratio=$(field "$OUT/fanout-$name-$rate.json" "delivered_ratio")
+    p99=$(field "$OUT/fanout-$name-$rate.json" "latency_us['p99']")
+    sent=$(field "$OUT/fanout-$name-$rate.json" "round(published_per_s)")
+    printf '  %-6s %5s msg/s: published %s msg/s, delivered %s, p99 %s µs\n' "$name" "$rate" "$sent" "$ratio" "$p99"
+    if python3 -c "import sys; sys.exit(0 if float('$ratio') >= 1.0 and int('$p99') <= 100000 and float('$sent') >= 0.95 * $rate else 1)"; then
+      best=$rate
+    else
+      break
+    fi
+  done
+  echo "$best" > "$OUT/fanout-$name-best"
+}
+
+summary_fanout() {
+  local name=$1 best
+  best=$(cat "$OUT/fanout-$name-best")
+  if [ "$best" = none ]; then echo "none"; return; fi
+  field "$OUT/fanout-$name-$best.json" \
+    "f'{$best} msg/s: {deliveries_per_s:.0f} deliveries/s, p50 {latency_us[\"p50\"]/1000:.1f} ms, p99 {latency_us[\"p99\"]/1000:.1f} ms'"
+}
+
+for scenario in $SCENARIOS; do
+  case $scenario in
+    fanout)
+      echo "--- scenario 1: fan-out, 1000 subscribers, rising rate"
+      fanout temma
+      fanout nchan
+      ;;
+    idle)
+      echo "--- scenario 2: 10 000 idle SSE connections"
+      load temma idle-temma.json --subscribers 10000 --ramp 2000 --hold-secs 2
+      load nchan idle-nchan.json --subscribers 10000 --ramp 2000 --hold-secs 2
+      ;;
+    latency)
+      echo "--- scenario 3: latency, 1000 subscribers × 100 msg/s"
+      load temma latency-temma.json --subscribers 1000 --rate 100 --messages 1000
+      load nchan latency-nchan.json --subscribers 1000 --rate 100 --messages 1000
+      ;;
+    broker)
+      echo "--- scenario 4: broker"
+      python3 -c "import zmq" 2>/dev/null || pip install --quiet pyzmq || echo "pyzmq unavailable: no libzmq reference" >&2
+      cargo bench --bench broker -- --json > "$OUT/broker.jsonl"
+      ;;
+  esac
+done
+
+echo
+echo "=== results ($(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ))"
+for scenario in $SCENARIOS; do
+  case $scenario in
+    fanout)
+      echo "fan-out (highest rate held at 100 % delivery and p99 ≤ 100 ms):"
+      echo "  temma: $(summary_fanout temma)"
+      echo "  nchan: $(summary_fanout nchan)"
+      t=$(cat "$OUT/fanout-temma-best"); n=$(cat "$OUT/fanout-nchan-best")
+      if [ "$t" != none ] && [ "$n" != none ]; then
+        echo "  ratio: $(python3 -c "
+import json
+t = json.load(open('$OUT/fanout-temma-$t.json')); n = json.load(open('$OUT/fanout-nchan-$n.json'))
+print(f\"{t['deliveries_per_s'] / n['deliveries_per_s']:.2f}× the deliveries/s; p99 {t['latency_us']['p99'] / 1000:.1f} ms vs {n['latency_us']['p99'] / 1000:.1f} ms\")")"
+      fi
+      ;;
+    idle)
+      echo "idle connections (server RSS per connection):"
+      for name in temma nchan; do
+        echo "  $name: $(field "$OUT/idle-$name.json" "f'{connected} connected, {rss_kib_per_connection:.1f} KiB per connection ({rss_kib_before} → {rss_kib_connected} KiB)'")"
+      done
+      echo "  ratio: $(python3 -c "
+import json
+t = json.load(open('$OUT/idle-temma.json')); n = json.load(open('$OUT/idle-nchan.json'))
+print(f\"{t['rss_kib_per_connection'] / n['rss_kib_per_connection']:.2f}× Nchan's memory per connection\")")"
+      ;;
+    latency)
+      echo "latency (1000 subscribers × 100 msg/s):"
+      for name in temma nchan; do
+        echo "  $name: $(field "$OUT/latency-$name.json" "f'{delivered_ratio*100:.2f} % delivered, {deliveries_per_s:.0f} deliveries/s, p50 {latency_us[\"p50\"]/1000:.1f} ms, p95 {latency_us[\"p95\"]/1000:.1f} ms, p99 {latency_us[\"p99\"]/1000:.1f} ms, max {latency_us[\"max\"]/1000:.1f} ms'")"
+      done
+      ;;
+    broker)
+      echo "broker (PUSH → broker → SUB, 100-byte messages):"
+      python3 -c "
+import json
+for line in open('$OUT/broker.jsonl'):
+    r = json.loads(line)
+    if r['scenario'] == 'per-script':
+        continue
+    print(f\"  {r['scenario']:<14} {r['msgs_per_s']:>10.0f} msgs/s, {r['received']}/{r['sent']} received, in order: {r['in_order']}\")"
+      ;;
+  esac
+done
+echo "reports: $OUT"
