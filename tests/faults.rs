@@ -1,12 +1,12 @@
-//! Nothing lost, nothing stuck: bad input, replay, slow consumers, garbage on the broker's port,
-//! connection limits and metrics — each over real sockets against a running app.
+//! Nothing lost, nothing stuck: bad input, replay, garbage on the broker's port, connection
+//! limits and metrics (slow consumers: `slow_consumer.rs`) — each over real sockets against a running app.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use common::{DEADLINE, Sse, TestApp};
+use common::{Sse, TestApp};
 use serde_json::Value;
 use temma::config::Role;
 use zeromq::{PushSocket, Socket, SocketSend, ZmqMessage};
@@ -282,44 +282,16 @@ async fn replay_after_a_disconnect_has_no_gap_and_no_duplicate() {
     let app = TestApp::start().await;
     app.ready().await;
     let mut sse = app.sse().await;
-    for i in 0..5 {
-        assert_eq!(
-            app.post_form("a", &format!("before {i}")).await.status(),
-            200
-        );
-    }
+    app.post_all((0..5).map(|i| format!("before {i}"))).await;
     let seen = sse.messages(5).await;
     let last_id = seen[4].id.clone().unwrap();
     drop(sse);
     // Missed while away.
-    for i in 0..7 {
-        assert_eq!(
-            app.post_form("a", &format!("missed {i}")).await.status(),
-            200
-        );
-    }
+    app.post_all((0..7).map(|i| format!("missed {i}"))).await;
     let mut back = Sse::connect(&app.client, &app.url("/event/fetch"), Some(&last_id)).await;
-    let posting = {
-        let client = app.client.clone();
-        let url = app.url("/message/broadcast");
-        tokio::spawn(async move {
-            for i in 0..5 {
-                let response = client
-                    .post(&url)
-                    .form(&[("from", "a".to_owned()), ("text", format!("live {i}"))])
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 200);
-            }
-        })
-    };
-    let events = back.messages(12).await;
+    let posting = app.post_in_background((0..5).map(|i| format!("live {i}")).collect());
+    let texts = back.texts(12).await;
     posting.await.unwrap();
-    let texts: Vec<String> = events
-        .iter()
-        .map(|e| e.json()["text"].as_str().unwrap().to_owned())
-        .collect();
     let expected: Vec<String> = (0..7)
         .map(|i| format!("missed {i}"))
         .chain((0..5).map(|i| format!("live {i}")))
@@ -339,9 +311,7 @@ async fn replay_through_the_query_parameter_and_for_new_clients() {
     let app = TestApp::start_with(|config| config.event.initial_history = 3).await;
     app.ready().await;
     let mut sse = app.sse().await;
-    for i in 0..6 {
-        assert_eq!(app.post_form("a", &format!("m{i}")).await.status(), 200);
-    }
+    app.post_all((0..6).map(|i| format!("m{i}"))).await;
     let seen = sse.messages(7).await; // the warm-up, then m0..m5 (initial history)
     let id_of_m2 = seen
         .iter()
@@ -353,22 +323,10 @@ async fn replay_through_the_query_parameter_and_for_new_clients() {
     // `?lastEventId=` for a first connection, which cannot set the header.
     let url = app.url(&format!("/event/fetch?lastEventId={id_of_m2}"));
     let mut resumed = Sse::connect(&app.client, &url, None).await;
-    let texts: Vec<_> = resumed
-        .messages(3)
-        .await
-        .iter()
-        .map(|e| e.json()["text"].clone())
-        .collect();
-    assert_eq!(texts, ["m3", "m4", "m5"]);
+    assert_eq!(resumed.texts(3).await, ["m3", "m4", "m5"]);
     // A newcomer gets the last three for context.
     let mut newcomer = app.sse().await;
-    let texts: Vec<_> = newcomer
-        .messages(3)
-        .await
-        .iter()
-        .map(|e| e.json()["text"].clone())
-        .collect();
-    assert_eq!(texts, ["m3", "m4", "m5"]);
+    assert_eq!(newcomer.texts(3).await, ["m3", "m4", "m5"]);
     app.stop().await;
 }
 
@@ -381,9 +339,7 @@ async fn an_id_older_than_the_history_gets_a_reset() {
     .await;
     app.ready().await;
     let mut sse = app.sse().await;
-    for i in 0..6 {
-        assert_eq!(app.post_form("a", &format!("m{i}")).await.status(), 200);
-    }
+    app.post_all((0..6).map(|i| format!("m{i}"))).await;
     let seen = sse.messages(7).await;
     let old_id = seen[1].id.clone().unwrap(); // m0: evicted from a history of 3
     for last in [old_id.as_str(), "garbage", "1-1"] {
@@ -398,13 +354,7 @@ async fn an_id_older_than_the_history_gets_a_reset() {
             "a reset does not move the client's last id"
         );
         // Then the newest messages for context.
-        let texts: Vec<_> = back
-            .messages(2)
-            .await
-            .iter()
-            .map(|e| e.json()["text"].clone())
-            .collect();
-        assert_eq!(texts, ["m4", "m5"]);
+        assert_eq!(back.texts(2).await, ["m4", "m5"]);
     }
     app.stop().await;
 }
@@ -449,106 +399,9 @@ async fn replay_works_across_web_nodes() {
         first.id.as_deref(),
     )
     .await;
-    let texts: Vec<_> = moved
-        .messages(2)
-        .await
-        .iter()
-        .map(|e| e.json()["text"].clone())
-        .collect();
-    assert_eq!(texts, ["second", "third"]);
+    assert_eq!(moved.texts(2).await, ["second", "third"]);
     node_b.stop().await;
     node_a.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_client_that_stops_reading_is_cut_off_and_slows_nobody() {
-    let config = {
-        let mut config = common::test_config();
-        config.event.queue = 64;
-        config.server.socket_send_buffer_bytes = 64 * 1024;
-        config.event.max_clients = 200;
-        config
-    };
-    let app = TestApp::start_config(&config).await;
-    app.ready().await;
-
-    // The slow client: a raw connection with a small receive buffer that reads the headers
-    // and then nothing.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut slow = socket.connect(app.http).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    slow.write_all(b"GET /event/fetch HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = [0u8; 512];
-    let n = slow.read(&mut head).await.unwrap();
-    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
-
-    let mut readers = Vec::new();
-    for _ in 0..100 {
-        readers.push(app.sse().await);
-    }
-    // Enough to fill the slow client's socket buffers (64 KB asked on the server's side), the
-    // server's write buffer for it (64 KB), then its queue (64 frames): about 500 KB. Every other
-    // client gets all of it, at a pace a chat could have.
-    let count = 400;
-    let mut push = broker_push(&app, &config).await;
-    let text = "x".repeat(4000);
-    let consumers: Vec<_> = readers
-        .into_iter()
-        .map(|mut sse| {
-            tokio::spawn(async move {
-                let events = sse.messages(count).await;
-                events
-                    .iter()
-                    .map(|e| e.json()["n"].as_u64().unwrap())
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    let mut pace = tokio::time::interval(Duration::from_millis(10));
-    for n in 0..count {
-        pace.tick().await;
-        push.send(ZmqMessage::from(format!(
-            r#"{{"from":"flood","text":"{text}","n":{n}}}"#
-        )))
-        .await
-        .unwrap();
-    }
-    for consumer in consumers {
-        let got = consumer.await.unwrap();
-        assert_eq!(
-            got,
-            (0..count as u64).collect::<Vec<_>>(),
-            "every message, in order"
-        );
-    }
-    let metrics = app.app().metrics().clone();
-    common::eventually("the slow client to be cut off", || {
-        let metrics = metrics.clone();
-        async move { (metrics.slow_disconnects.get() == 1).then_some(()) }
-    })
-    .await;
-    // Its connection is closed: reading drains what was buffered, then ends.
-    let mut sink = vec![0u8; 1 << 16];
-    let closed = tokio::time::timeout(DEADLINE, async {
-        loop {
-            match slow.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the slow connection was closed");
-    // The readers are gone too (their tasks ended): every place is free again.
-    common::eventually("every client's place to be released", || {
-        let metrics = metrics.clone();
-        async move { (metrics.sse_clients.get() == 0).then_some(()) }
-    })
-    .await;
-    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -556,9 +409,7 @@ async fn metrics_move_when_messages_flow() {
     let app = TestApp::start().await;
     app.ready().await;
     let mut sse = app.sse().await;
-    for i in 0..3 {
-        assert_eq!(app.post_form("a", &format!("m{i}")).await.status(), 200);
-    }
+    app.post_all((0..3).map(|i| format!("m{i}"))).await;
     sse.messages(3).await;
     assert_eq!(app.post_form("", "x").await.status(), 400);
     let response = app.client.get(app.url("/metrics")).send().await.unwrap();

@@ -546,21 +546,7 @@ async fn reload_does_not_drop_or_reorder_messages() {
     let app = app_with_scripts(vec![entry(&file)], OnError::Drop).await;
     app.ready().await;
     let mut sse = app.sse().await;
-    let posting = {
-        let client = app.client.clone();
-        let url = app.url("/message/broadcast");
-        tokio::spawn(async move {
-            for i in 0..200 {
-                let response = client
-                    .post(&url)
-                    .form(&[("from", "a".to_owned()), ("text", i.to_string())])
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 200);
-            }
-        })
-    };
+    let posting = app.post_in_background((0..200).map(|i| i.to_string()).collect());
     for n in 2..6 {
         tokio::time::sleep(Duration::from_millis(30)).await;
         std::fs::write(

@@ -134,6 +134,31 @@ impl TestApp {
             .expect("POST")
     }
 
+    /// Posts each text (as sender `a`) and checks it was published.
+    pub async fn post_all(&self, texts: impl IntoIterator<Item = String>) {
+        for text in texts {
+            let status = self.post_form("a", &text).await.status();
+            assert_eq!(status, 200, "{text}");
+        }
+    }
+
+    /// Posts each text in the background, in order, checking each was published.
+    pub fn post_in_background(&self, texts: Vec<String>) -> tokio::task::JoinHandle<()> {
+        let client = self.client.clone();
+        let url = self.url("/message/broadcast");
+        tokio::spawn(async move {
+            for text in texts {
+                let response = client
+                    .post(&url)
+                    .form(&[("from", "a"), ("text", &text)])
+                    .send()
+                    .await
+                    .expect("POST");
+                assert_eq!(response.status(), 200, "{text}");
+            }
+        })
+    }
+
     pub async fn sse(&self) -> Sse {
         Sse::connect(&self.client, &self.url("/event/fetch"), None).await
     }
@@ -238,6 +263,15 @@ impl Sse {
                 return event;
             }
         }
+    }
+
+    /// The `text` of the next `count` messages.
+    pub async fn texts(&mut self, count: usize) -> Vec<String> {
+        self.messages(count)
+            .await
+            .iter()
+            .map(|event| event.json()["text"].as_str().expect("a text").to_owned())
+            .collect()
     }
 
     /// Reads `count` `msg` events.
