@@ -339,7 +339,7 @@ impl Stamper {
         }
     }
 
-    /// Uses up the id of [`Stamper::next_id`]: published ids are dense within a run, so a web
+    /// Uses up the id the next message gets: published ids are dense within a run, so a web
     /// node that sees a gap knows it missed messages.
     pub fn commit(&mut self) {
         self.seq += 1;

@@ -12,7 +12,7 @@
 //! `ipc:///absolute/path` (an extension over Temma, which only had TCP).
 //!
 //! [`Dsn`] parses itself ([`FromStr`], serde `try_from = "String"`) and prints itself back
-//! ([`Display`]) in a form that parses to the same value.
+//! ([`std::fmt::Display`]) in a form that parses to the same value.
 
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};

@@ -5,6 +5,11 @@
 //! `id: <id>\nevent: msg\ndata: <one-line JSON>\n\n`. A comment keep-alive (`: keep-alive`) is
 //! sent when the stream has been idle for `event.keepalive_secs`. The stream ends when the client
 //! goes away, when it falls too far behind (it reconnects and replays), and on shutdown.
+//!
+//! Two ways in, one behaviour: a connection whose first request is `GET /event/fetch` is served
+//! by [`serve_direct`] straight from the socket (the accept loop in [`crate::server`] sends it
+//! here); the same request later on a kept-alive connection reaches [`Fetch`] through salvo.
+//! Both read the hub the same way.
 
 use std::sync::Arc;
 

@@ -241,9 +241,10 @@ impl Hub {
                 .write_last(settings.initial_history, &mut head),
             Some(text) => match text.parse::<MsgId>() {
                 Ok(id) if state.history.contains(id) => state.history.write_after(id, &mut head),
-                // The client is ahead of this node (it saw a message on another node that has
-                // not reached this one yet): nothing to replay; skip what it already has.
-                Ok(id) if state.newest.is_some_and(|newest| id > newest) => {
+                // The client is up to date, or ahead of this node (it saw a message on another
+                // node that has not reached this one yet): nothing to replay; skip what it
+                // already has.
+                Ok(id) if state.newest.is_some_and(|newest| id >= newest) => {
                     skip_until = Some(id);
                 }
                 _ => {

@@ -11,7 +11,7 @@
 //! - `503` when the message could not be published within `message.publish_timeout_ms`
 //!   (broker down, queue full, shutting down). A POST never hangs.
 //!
-//! One task owns the PUSH socket ([`Publisher::run`]); requests reach it through a bounded
+//! One task owns the PUSH socket ([`PushTask::run`]); requests reach it through a bounded
 //! queue (`message.queue`; when full a request waits until its deadline, then gets `503`).
 //! The zeromq crate's PUSH never recovers once its broker restarted (`ReturnToSender` forever),
 //! so the task rebuilds the socket when the broker goes away and resends the returned message.
@@ -173,12 +173,18 @@ impl Acks {
         Arc::new(Self::default())
     }
 
-    /// A new reference to tag a message with, and where its outcome will arrive.
-    pub fn register(&self) -> (String, u64, oneshot::Receiver<Ack>) {
+    /// A new reference to tag a message with, and where its outcome will arrive. Dropping the
+    /// registration (the request answered, timed out, or its client went away) forgets it.
+    pub fn register(self: &Arc<Self>) -> Registration {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.lock().insert(n, tx);
-        (format!("{}-{n}", self.node), n, rx)
+        Registration {
+            reference: format!("{}-{n}", self.node),
+            outcome: rx,
+            acks: self.clone(),
+            key: n,
+        }
     }
 
     /// Delivers the outcome of a message, if it is one of this node's.
@@ -197,8 +203,7 @@ impl Acks {
         }
     }
 
-    /// Stops waiting for a message (its request gave up).
-    pub fn forget(&self, n: u64) {
+    fn forget(&self, n: u64) {
         self.lock().remove(&n);
     }
 
@@ -209,6 +214,22 @@ impl Acks {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Ack>>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A message this node waits for; see [`Acks::register`].
+pub struct Registration {
+    /// The `ref` to send with the message.
+    pub reference: String,
+    /// Where its outcome arrives.
+    pub outcome: oneshot::Receiver<Ack>,
+    acks: Arc<Acks>,
+    key: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.acks.forget(self.key);
     }
 }
 
@@ -276,58 +297,44 @@ impl Publisher {
                 self.timeout.as_millis()
             ))
         };
+        let shutting_down = || PublishError::Unavailable("the server is shutting down".into());
         let mut body = serde_json::json!({ "from": from, "text": text });
-        let registration = self.confirm.then(|| {
-            let (reference, key, rx) = self.acks.register();
-            body["ref"] = reference.into();
-            (key, rx)
-        });
-        let (sent_tx, sent_rx) = if self.confirm {
-            (None, None)
+        // Confirming: wait for the message to come back published. Otherwise: wait for ZeroMQ
+        // to take it.
+        let mut pending = None;
+        let mut taken = None;
+        let sent = if self.confirm {
+            let registration = self.acks.register();
+            body["ref"] = registration.reference.clone().into();
+            pending = Some(registration);
+            None
         } else {
             let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(rx))
+            taken = Some(rx);
+            Some(tx)
         };
         let outgoing = Outgoing {
             frame: serde_json::to_vec(&body).expect("serializing JSON").into(),
             deadline,
-            sent: sent_tx,
-        };
-        let forget = |registration: &Option<(u64, oneshot::Receiver<Ack>)>| {
-            if let Some((key, _)) = registration {
-                self.acks.forget(*key);
-            }
+            sent,
         };
         match tokio::time::timeout_at(deadline, self.tx.send(outgoing)).await {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => {
-                forget(&registration);
-                return Err(PublishError::Unavailable(
-                    "the server is shutting down".into(),
-                ));
-            }
-            Err(_) => {
-                forget(&registration);
-                return Err(waited("the queue to the broker did not free up"));
-            }
+            Ok(Err(_)) => return Err(shutting_down()),
+            Err(_) => return Err(waited("the queue to the broker did not free up")),
         }
-        if let Some((key, rx)) = registration {
-            match tokio::time::timeout_at(deadline, rx).await {
+        if let Some(mut registration) = pending {
+            match tokio::time::timeout_at(deadline, &mut registration.outcome).await {
                 Ok(Ok(Ack::Published)) => Ok(()),
                 Ok(Ok(Ack::Rejected { reason, status })) => {
                     Err(PublishError::Rejected { reason, status })
                 }
-                Ok(Err(_)) => Err(PublishError::Unavailable(
-                    "the server is shutting down".into(),
-                )),
-                Err(_) => {
-                    self.acks.forget(key);
-                    Err(waited("the broker did not publish the message"))
-                }
+                Ok(Err(_)) => Err(shutting_down()),
+                Err(_) => Err(waited("the broker did not publish the message")),
             }
         } else {
-            let rx = sent_rx.expect("created when not confirming");
-            match tokio::time::timeout_at(deadline, rx).await {
+            let taken = taken.expect("created when not confirming");
+            match tokio::time::timeout_at(deadline, taken).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) | Err(_) => Err(waited("the broker could not be reached")),
             }
@@ -914,27 +921,21 @@ mod tests {
 
     #[tokio::test]
     async fn acks_resolve_only_this_nodes_messages() {
-        let acks = Acks::default();
-        let (reference, _, rx) = acks.register();
+        let acks = Acks::new();
+        let mut registration = acks.register();
         acks.resolve("0000000000000000-1", Ack::Published);
         assert_eq!(acks.pending(), 1, "another node's reference is ignored");
-        acks.resolve(
-            &reference,
-            Ack::Rejected {
-                reason: "no".into(),
-                status: 429,
-            },
-        );
-        assert_eq!(
-            rx.await.unwrap(),
-            Ack::Rejected {
-                reason: "no".into(),
-                status: 429
-            }
-        );
+        let rejected = Ack::Rejected {
+            reason: "no".into(),
+            status: 429,
+        };
+        acks.resolve(&registration.reference, rejected.clone());
         assert_eq!(acks.pending(), 0);
-        let (_, key, _rx) = acks.register();
-        acks.forget(key);
+        assert_eq!((&mut registration.outcome).await.unwrap(), rejected);
+        // A request that gives up (or whose client goes away) leaves nothing behind.
+        let abandoned = acks.register();
+        assert_eq!(acks.pending(), 1);
+        drop(abandoned);
         assert_eq!(acks.pending(), 0);
         acks.resolve("garbage", Ack::Published);
     }

@@ -523,3 +523,28 @@ async fn frames_from_a_foreign_broker_gaps_and_plain_temma_messages() {
     assert_eq!(metrics.drops(temma::metrics::DropReason::Unreadable), 1);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_up_to_date_client_gets_no_reset_even_without_history() {
+    let app = TestApp::start_with(|config| config.event.history_size = 0).await;
+    app.ready().await;
+    let mut sse = app.sse().await;
+    app.post_all(["only".to_owned()]).await;
+    let last = sse.next_message().await.id.unwrap();
+    let mut back = Sse::connect(&app.client, &app.url("/event/fetch"), Some(&last)).await;
+    assert!(back.next().await.unwrap().retry.is_some());
+    app.post_all(["next".to_owned()]).await;
+    let event = loop {
+        let event = back.next().await.expect("open");
+        assert_ne!(event.event.as_deref(), Some("reset"), "{event:?}");
+        if event.event.as_deref() == Some("msg") {
+            break event;
+        }
+    };
+    assert_eq!(
+        event.json()["text"],
+        "next",
+        "nothing replayed, nothing skipped"
+    );
+    app.stop().await;
+}
