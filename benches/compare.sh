@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# temma against Nchan, same machine, same load tool, same run.
+# temma against Nchan (and Pushpin), same machine, same load tool, same run.
 #
-#   benches/compare.sh            # everything (about 10 minutes)
-#   SCENARIOS="idle latency" benches/compare.sh
+#   benches/compare.sh                          # everything (about 15 minutes)
+#   SCENARIOS="idle latency" PEERS=nchan benches/compare.sh
 #
-# Installs Nchan (Debian's nginx + libnginx-mod-nchan) and pyzmq if missing, starts Nchan
-# with benches/nchan.conf and temma with benches/etc/temma.toml on 127.0.0.1, runs the
-# scenarios with target/release/temma-load, prints both and the ratios, writes every report
-# to $OUT (default target/compare), and stops what it started.
+# Installs Nchan (Debian's nginx + libnginx-mod-nchan), Pushpin (Debian's pushpin) and pyzmq
+# if missing, starts Nchan with benches/nchan.conf, Pushpin with Debian's configuration and a
+# GRIP origin (benches/pushpin/origin.py), and temma with benches/etc/temma.toml, all on
+# 127.0.0.1; runs the scenarios with target/release/temma-load, prints the results and the
+# ratios to Nchan, writes every report to $OUT (default target/compare), and stops what it
+# started. Pushpin's outbound rate cap (message_rate=2500/s, message_hwm=25000 by default,
+# which drops deliveries past it) is raised to 1 000 000 so that its engine is measured.
 #
 # Scenarios:
 #   fanout   1000 subscribers; the rate rises until delivery drops below 100 %, p99 goes over
@@ -20,10 +23,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 SCENARIOS=${SCENARIOS:-fanout idle latency broker}
+PEERS=${PEERS:-nchan pushpin}
 OUT=${OUT:-$ROOT/target/compare}
 WORK=$(mktemp -d /tmp/temma-compare.XXXXXX)
 TEMMA_PORT=${TEMMA_PORT:-8090}
 NCHAN_PORT=8081
+PUSHPIN_PORT=7999
+ORIGIN_PORT=8089
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
@@ -33,12 +39,15 @@ as_root() {
 
 TEMMA_PID=""
 NGINX_STARTED=""
+PUSHPIN_PIDS=""
 cleanup() {
   [ -n "$TEMMA_PID" ] && kill "$TEMMA_PID" 2>/dev/null && wait "$TEMMA_PID" 2>/dev/null || true
   if [ -n "$NGINX_STARTED" ] && [ -f "$WORK/nchan/nginx.pid" ]; then
     kill -QUIT "$(cat "$WORK/nchan/nginx.pid")" 2>/dev/null || true
     sleep 1
   fi
+  for pid in $PUSHPIN_PIDS; do kill "$pid" 2>/dev/null || true; done
+  [ -n "$PUSHPIN_PIDS" ] && sleep 2
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -53,22 +62,50 @@ echo "--- building (release)"
 cargo build --release --bins
 LOAD=$ROOT/target/release/temma-load
 
-if [ ! -f /usr/lib/nginx/modules/ngx_nchan_module.so ]; then
-  echo "--- installing Nchan"
+install() {
   as_root apt-get update
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-    nginx libnginx-mod-nchan
-fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"
+}
 
-echo "--- starting Nchan on 127.0.0.1:$NCHAN_PORT"
-mkdir -p "$WORK/nchan/logs" "$WORK/nchan/tmp"
-chmod 755 "$WORK" "$WORK/nchan" "$WORK/nchan/tmp"
-sed "s#@DIR@#$WORK/nchan#g" benches/nchan.conf > "$WORK/nchan/nginx.conf"
-nginx -p "$WORK/nchan" -c nginx.conf > "$WORK/nchan/out.log" 2>&1 &
-NGINX_STARTED=1
-for _ in $(seq 50); do [ -f "$WORK/nchan/nginx.pid" ] && break; sleep 0.1; done
-sleep 0.5
-NCHAN_PIDS=$(pgrep -P "$(cat "$WORK/nchan/nginx.pid")" | tr '\n' ' ')
+for peer in $PEERS; do
+  case $peer in
+    nchan)
+      [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || install nginx libnginx-mod-nchan
+      echo "--- starting Nchan on 127.0.0.1:$NCHAN_PORT"
+      mkdir -p "$WORK/nchan/logs" "$WORK/nchan/tmp"
+      chmod 755 "$WORK" "$WORK/nchan" "$WORK/nchan/tmp"
+      sed "s#@DIR@#$WORK/nchan#g" benches/nchan.conf > "$WORK/nchan/nginx.conf"
+      nginx -p "$WORK/nchan" -c nginx.conf > "$WORK/nchan/out.log" 2>&1 &
+      NGINX_STARTED=1
+      for _ in $(seq 50); do [ -f "$WORK/nchan/nginx.pid" ] && break; sleep 0.1; done
+      sleep 0.5
+      NCHAN_PIDS=$(pgrep -P "$(cat "$WORK/nchan/nginx.pid")" | tr '\n' ' ')
+      ;;
+    pushpin)
+      command -v pushpin > /dev/null || install pushpin
+      echo "--- starting Pushpin on 127.0.0.1:$PUSHPIN_PORT"
+      P=$WORK/pushpin
+      mkdir -p "$P/run" "$P/log" "$P/zurlrun"
+      sed -e "s#^rundir=.*#rundir=$P/run#" -e "s#^logdir=.*#logdir=$P/log#" \
+          -e "s#^http_port=.*#http_port=127.0.0.1:$PUSHPIN_PORT#" \
+          -e "s#^include=.*#include=$P/internal.conf#" \
+          -e "s#^message_rate=.*#message_rate=1000000#" -e "s#^message_hwm=.*#message_hwm=1000000#" \
+          /etc/pushpin/pushpin.conf > "$P/pushpin.conf"
+      sed "s#/var/run/zurl#$P/zurlrun#g" /usr/lib/pushpin/internal.conf > "$P/internal.conf"
+      sed "s#/var/run/zurl#$P/zurlrun#g" /etc/zurl.conf > "$P/zurl.conf"
+      echo "* 127.0.0.1:$ORIGIN_PORT" > "$P/routes"
+      python3 benches/pushpin/origin.py "$ORIGIN_PORT" > "$P/origin.log" 2>&1 &
+      PUSHPIN_PIDS="$PUSHPIN_PIDS $!"
+      zurl --config="$P/zurl.conf" > "$P/zurl.log" 2>&1 &
+      PUSHPIN_PIDS="$PUSHPIN_PIDS $!"
+      (cd "$P" && exec pushpin --config "$P/pushpin.conf") > "$P/pushpin.log" 2>&1 &
+      PUSHPIN_PIDS="$PUSHPIN_PIDS $!"
+      for _ in $(seq 100); do grep -q started "$P/pushpin.log" 2>/dev/null && break; sleep 0.1; done
+      sleep 1
+      PUSHPIN_SERVER_PIDS=$(pgrep -f "condure|pushpin-proxy|pushpin-handler" | tr '\n' ' ')
+      ;;
+  esac
+done
 
 echo "--- starting temma on 127.0.0.1:$TEMMA_PORT"
 env -u RUST_LOG TEMMA_SERVER__LISTEN="127.0.0.1:$TEMMA_PORT" \
@@ -76,26 +113,31 @@ env -u RUST_LOG TEMMA_SERVER__LISTEN="127.0.0.1:$TEMMA_PORT" \
 TEMMA_PID=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$TEMMA_PORT/health" > /dev/null && break; sleep 0.1; done
 
-# target NAME → the arguments temma-load needs for it.
-target() {
-  case $1 in
-    temma) echo "--subscribe http://127.0.0.1:$TEMMA_PORT/event/fetch --publish http://127.0.0.1:$TEMMA_PORT/message/broadcast --pid $TEMMA_PID" ;;
-    nchan) echo "--subscribe http://127.0.0.1:$NCHAN_PORT/sub/chat --publish http://127.0.0.1:$NCHAN_PORT/pub/chat $(for p in $NCHAN_PIDS; do printf -- '--pid %s ' "$p"; done)" ;;
-  esac
-}
+PUSHPIN_BODY='{"items":[{"channel":"chat","formats":{"http-stream":{"content":"data: load-{seq}-{ts}\n\n"}}}]}'
 
-# load NAME FILE ARGS… → runs temma-load, keeps its JSON report in $OUT/FILE.
+# load NAME FILE ARGS… → runs temma-load against NAME, keeps its JSON report in $OUT/FILE.
 load() {
   local name=$1 file=$2; shift 2
-  # shellcheck disable=SC2046
-  "$LOAD" $(target "$name") --json "$@" > "$OUT/$file"
+  local target=()
+  case $name in
+    temma) target=(--subscribe "http://127.0.0.1:$TEMMA_PORT/event/fetch"
+                   --publish "http://127.0.0.1:$TEMMA_PORT/message/broadcast" --pid "$TEMMA_PID") ;;
+    nchan) target=(--subscribe "http://127.0.0.1:$NCHAN_PORT/sub/chat"
+                   --publish "http://127.0.0.1:$NCHAN_PORT/pub/chat")
+           for p in $NCHAN_PIDS; do target+=(--pid "$p"); done ;;
+    pushpin) target=(--subscribe "http://127.0.0.1:$PUSHPIN_PORT/events?channel=chat"
+                     --publish "http://127.0.0.1:5561/publish/" --content-type application/json
+                     --body "$PUSHPIN_BODY")
+             for p in $PUSHPIN_SERVER_PIDS; do target+=(--pid "$p"); done ;;
+  esac
+  "$LOAD" "${target[@]}" --json "$@" > "$OUT/$file"
 }
 
 field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, r))" "$@"; }
 
 fanout() {
   local name=$1 best="none"
-  for rate in 20 50 100 150 200 300 400 500 600 700 800 1000 1200 1500 2000 3000; do
+  for rate in 10 20 50 100 150 200 300 400 500 600 700 800 1000 1200 1500 2000 3000; do
     load "$name" "fanout-$name-$rate.json" --subscribers 1000 --rate "$rate" \
       --messages $((rate * 5)) --drain-ms 3000
     local ratio p99 sent
@@ -125,17 +167,19 @@ for scenario in $SCENARIOS; do
     fanout)
       echo "--- scenario 1: fan-out, 1000 subscribers, rising rate"
       fanout temma
-      fanout nchan
+      for peer in $PEERS; do fanout "$peer"; done
       ;;
     idle)
       echo "--- scenario 2: 10 000 idle SSE connections"
-      load temma idle-temma.json --subscribers 10000 --ramp 2000 --hold-secs 2
-      load nchan idle-nchan.json --subscribers 10000 --ramp 2000 --hold-secs 2
+      for name in temma $PEERS; do
+        load "$name" "idle-$name.json" --subscribers 10000 --ramp 2000 --hold-secs 2
+      done
       ;;
     latency)
       echo "--- scenario 3: latency, 1000 subscribers × 100 msg/s"
-      load temma latency-temma.json --subscribers 1000 --rate 100 --messages 1000
-      load nchan latency-nchan.json --subscribers 1000 --rate 100 --messages 1000
+      for name in temma $PEERS; do
+        load "$name" "latency-$name.json" --subscribers 1000 --rate 100 --messages 1000
+      done
       ;;
     broker)
       echo "--- scenario 4: broker"
@@ -151,29 +195,29 @@ for scenario in $SCENARIOS; do
   case $scenario in
     fanout)
       echo "fan-out (highest rate held at 100 % delivery and p99 ≤ 100 ms):"
-      echo "  temma: $(summary_fanout temma)"
-      echo "  nchan: $(summary_fanout nchan)"
-      t=$(cat "$OUT/fanout-temma-best"); n=$(cat "$OUT/fanout-nchan-best")
+      for name in temma $PEERS; do echo "  $name: $(summary_fanout "$name")"; done
+      t=$(cat "$OUT/fanout-temma-best"); n=$(cat "$OUT/fanout-nchan-best" 2>/dev/null || echo none)
       if [ "$t" != none ] && [ "$n" != none ]; then
         echo "  ratio: $(python3 -c "
 import json
 t = json.load(open('$OUT/fanout-temma-$t.json')); n = json.load(open('$OUT/fanout-nchan-$n.json'))
-print(f\"{t['deliveries_per_s'] / n['deliveries_per_s']:.2f}× the deliveries/s; p99 {t['latency_us']['p99'] / 1000:.1f} ms vs {n['latency_us']['p99'] / 1000:.1f} ms\")")"
+s = json.load(open('$OUT/fanout-temma-$n.json'))
+print(f\"{t['deliveries_per_s'] / n['deliveries_per_s']:.2f}× Nchan's deliveries/s; at each one's highest rate p99 {t['latency_us']['p99'] / 1000:.1f} ms vs {n['latency_us']['p99'] / 1000:.1f} ms; at Nchan's ($n msg/s) temma's p99 is {s['latency_us']['p99'] / 1000:.1f} ms\")")"
       fi
       ;;
     idle)
       echo "idle connections (server RSS per connection):"
-      for name in temma nchan; do
+      for name in temma $PEERS; do
         echo "  $name: $(field "$OUT/idle-$name.json" "f'{connected} connected, {rss_kib_per_connection:.1f} KiB per connection ({rss_kib_before} → {rss_kib_connected} KiB)'")"
       done
-      echo "  ratio: $(python3 -c "
+      [ -f "$OUT/idle-nchan.json" ] && echo "  ratio: $(python3 -c "
 import json
 t = json.load(open('$OUT/idle-temma.json')); n = json.load(open('$OUT/idle-nchan.json'))
 print(f\"{t['rss_kib_per_connection'] / n['rss_kib_per_connection']:.2f}× Nchan's memory per connection\")")"
       ;;
     latency)
       echo "latency (1000 subscribers × 100 msg/s):"
-      for name in temma nchan; do
+      for name in temma $PEERS; do
         echo "  $name: $(field "$OUT/latency-$name.json" "f'{delivered_ratio*100:.2f} % delivered, {deliveries_per_s:.0f} deliveries/s, p50 {latency_us[\"p50\"]/1000:.1f} ms, p95 {latency_us[\"p95\"]/1000:.1f} ms, p99 {latency_us[\"p99\"]/1000:.1f} ms, max {latency_us[\"max\"]/1000:.1f} ms'")"
       done
       ;;
