@@ -126,28 +126,30 @@ fn check_accepts_the_shipped_config() {
     assert!(stdout.contains("http://127.0.0.1:8000"), "{stdout}");
 }
 
-#[test]
-fn check_refuses_a_bad_config_naming_key_and_file() {
-    let dir = TempDir::new("check-bad");
-    let path = write_config(&dir.0, "[server]\nlistn = \"127.0.0.1:1\"\n");
+/// `temma check` on a config made of `body`: the exit code and stderr.
+fn check(dir: &TempDir, body: &str) -> (Option<i32>, String, std::path::PathBuf) {
+    let path = write_config(&dir.0, body);
     let output = temma(&["check", "-c", path.to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(output.status.code(), Some(2), "{output:?}");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code(), stderr, path)
+}
+
+#[test]
+fn check_refuses_a_bad_config_naming_key_and_file() {
+    let dir = TempDir::new("check-bad");
+    let (code, stderr, path) = check(&dir, "[server]\nlistn = \"127.0.0.1:1\"\n");
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains(&path.display().to_string()), "{stderr}");
     assert!(stderr.contains("`server.listn`"), "{stderr}");
     assert!(stderr.contains("unknown field"), "{stderr}");
 
-    let path = write_config(
-        &dir.0,
+    let (code, stderr, _) = check(
+        &dir,
         "[application.dataSources]\nzmq_client_sub = \"zmq://SUB@*:6000\"\n",
     );
-    let output = temma(&["check", "-c", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("`application.dataSources.zmq_client_sub`"),
         "{stderr}"
@@ -155,15 +157,11 @@ fn check_refuses_a_bad_config_naming_key_and_file() {
     assert!(stderr.contains("only a bind"), "{stderr}");
 
     // Semantic problems are all listed together.
-    let path = write_config(
-        &dir.0,
+    let (code, stderr, _) = check(
+        &dir,
         "[message]\npush = \"nope\"\n[event]\nsub = \"zmq_client_push\"\n",
     );
-    let output = temma(&["check", "-c", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("2 problems"), "{stderr}");
     assert!(stderr.contains("`message.push`"), "{stderr}");
     assert!(stderr.contains("`event.sub`"), "{stderr}");
@@ -327,15 +325,11 @@ fn check_reports_a_script_syntax_error_with_file_line_and_column() {
     let dir = TempDir::new("check-script");
     let script = dir.0.join("broken.rhai");
     std::fs::write(&script, "fn on_message(msg) {\n  msg.text = ;\n  msg\n}\n").unwrap();
-    let path = write_config(
-        &dir.0,
+    let (code, stderr, _) = check(
+        &dir,
         &format!("[[broker.scripts]]\nfile = \"{}\"\n", script.display()),
     );
-    let output = temma(&["check", "-c", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2), "{output:?}");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("`broker.scripts[0]`"), "{stderr}");
     assert!(
         stderr.contains(&format!("{}:2:14:", script.display())),
