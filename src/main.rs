@@ -95,6 +95,15 @@ fn main() -> ExitCode {
 
 async fn run(command: Command, config: Config) -> ExitCode {
     let shutdown = CancellationToken::new();
+    // Listen for signals before anything starts: a SIGTERM that arrives during start-up is
+    // then a clean shutdown, not the default action (killed).
+    let signals = match Signals::new() {
+        Ok(signals) => signals,
+        Err(error) => {
+            eprintln!("temma: cannot listen for signals: {error}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
     let started = match command {
         Command::Broker => temma::App::broker(&config, shutdown.clone()).await,
         _ => temma::App::serve(&config, shutdown.clone()).await,
@@ -107,7 +116,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    wait_for_signal(&app).await;
+    signals.wait(&app).await;
     tracing::info!("shutting down");
     shutdown.cancel();
     let limit = Duration::from_secs(config.server.shutdown_grace_secs) + SHUTDOWN_SLACK;
@@ -126,24 +135,34 @@ async fn run(command: Command, config: Config) -> ExitCode {
     }
 }
 
-/// Waits for SIGTERM or SIGINT; on SIGHUP, reloads the moderation scripts and goes on waiting.
-async fn wait_for_signal(app: &temma::App) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut hangup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot listen for signals; stop with Ctrl-C");
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => return,
-            _ = tokio::signal::ctrl_c() => return,
-            _ = hangup.recv() => {
-                tracing::info!("SIGHUP: reloading scripts");
-                app.reload_scripts();
+/// SIGTERM, SIGINT and SIGHUP, registered once at start.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT; on SIGHUP, reloads the moderation scripts and goes on
+    /// waiting.
+    async fn wait(mut self, app: &temma::App) {
+        loop {
+            tokio::select! {
+                _ = self.terminate.recv() => return,
+                _ = self.interrupt.recv() => return,
+                _ = self.hangup.recv() => {
+                    tracing::info!("SIGHUP: reloading scripts");
+                    app.reload_scripts();
+                }
             }
         }
     }
