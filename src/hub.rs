@@ -594,14 +594,6 @@ impl History {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Appends a message; ids arrive in increasing order (an older one is not stored).
     pub fn push(&mut self, id: MsgId, frame: Bytes, now: Instant) {
         if self.max_len == 0 || self.entries.back().is_some_and(|last| last.id >= id) {
@@ -667,7 +659,8 @@ impl History {
         }
     }
 
-    /// The ids held, oldest first (for tests and diagnostics).
+    /// The ids held, oldest first.
+    #[cfg(test)]
     pub fn ids(&self) -> Vec<MsgId> {
         self.entries.iter().map(|entry| entry.id).collect()
     }

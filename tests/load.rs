@@ -80,12 +80,18 @@ async fn first_request_and_kept_alive_sse_connections_get_the_same_stream() {
     app.stop().await;
 }
 
-fn run_load(args: &[String]) -> Value {
-    let output = Command::new(LOAD)
+/// Runs `temma-load --subscribe <app>/event/fetch ARGS --json` off the async runtime; its
+/// report.
+async fn run_load(app: &TestApp, args: &[&str]) -> Value {
+    let mut command = Command::new(LOAD);
+    command
+        .arg("--subscribe")
+        .arg(app.url("/event/fetch"))
         .args(args)
-        .arg("--json")
-        .output()
-        .expect("run temma-load");
+        .arg("--json");
+    let output = tokio::task::spawn_blocking(move || command.output().expect("run temma-load"))
+        .await
+        .unwrap();
     assert!(output.status.success(), "{output:?}");
     serde_json::from_slice(&output.stdout).expect("one JSON report")
 }
@@ -94,23 +100,24 @@ fn run_load(args: &[String]) -> Value {
 async fn fan_out_scenario_in_small() {
     let app = TestApp::start().await;
     app.ready().await;
-    let args = vec![
-        "--subscribe".into(),
-        app.url("/event/fetch"),
-        "--subscribers".into(),
-        "20".into(),
-        "--publish".into(),
-        app.url("/message/broadcast"),
-        "--rate".into(),
-        "200".into(),
-        "--messages".into(),
-        "30".into(),
-        "--pid".into(),
-        std::process::id().to_string(),
-    ];
-    let report = tokio::task::spawn_blocking(move || run_load(&args))
-        .await
-        .unwrap();
+    let publish = app.url("/message/broadcast");
+    let pid = std::process::id().to_string();
+    let report = run_load(
+        &app,
+        &[
+            "--subscribers",
+            "20",
+            "--publish",
+            &publish,
+            "--rate",
+            "200",
+            "--messages",
+            "30",
+            "--pid",
+            &pid,
+        ],
+    )
+    .await;
     assert_eq!(report["connected"], 20, "{report}");
     assert_eq!(report["expected"], 600, "{report}");
     assert_eq!(report["received"], 600, "{report}");
@@ -134,19 +141,12 @@ async fn fan_out_scenario_in_small() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_scenario_in_small() {
     let app = TestApp::start().await;
-    let args = vec![
-        "--subscribe".into(),
-        app.url("/event/fetch"),
-        "--subscribers".into(),
-        "100".into(),
-        "--hold-secs".into(),
-        "0.2".into(),
-        "--pid".into(),
-        std::process::id().to_string(),
-    ];
-    let report = tokio::task::spawn_blocking(move || run_load(&args))
-        .await
-        .unwrap();
+    let pid = std::process::id().to_string();
+    let report = run_load(
+        &app,
+        &["--subscribers", "100", "--hold-secs", "0.2", "--pid", &pid],
+    )
+    .await;
     assert_eq!(report["connected"], 100, "{report}");
     assert_eq!(report["messages"], 0, "{report}");
     assert!(report["rss_kib_per_connection"].is_number(), "{report}");
@@ -162,17 +162,7 @@ async fn idle_scenario_in_small() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_subscribers_are_retried_then_counted() {
     let app = TestApp::start_with(|config| config.event.max_clients = 5).await;
-    let args = vec![
-        "--subscribe".into(),
-        app.url("/event/fetch"),
-        "--subscribers".into(),
-        "8".into(),
-        "--attempts".into(),
-        "2".into(),
-    ];
-    let report = tokio::task::spawn_blocking(move || run_load(&args))
-        .await
-        .unwrap();
+    let report = run_load(&app, &["--subscribers", "8", "--attempts", "2"]).await;
     assert_eq!(report["connected"], 5, "{report}");
     assert_eq!(report["failed"], 3, "{report}");
     assert_eq!(report["errors"]["status 503"], 6, "{report}");

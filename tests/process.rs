@@ -88,6 +88,15 @@ fn spawn(args: &[&str]) -> Running {
     Running(child, rx)
 }
 
+/// `temma broker`, then `temma serve`, from one config; each waited for.
+fn broker_then_web(path: &str) -> (Running, Running) {
+    let mut broker = spawn(&["broker", "-c", path]);
+    broker.wait_for_log("broker started");
+    let mut web = spawn(&["serve", "-c", path]);
+    web.wait_for_log("listening on http://");
+    (broker, web)
+}
+
 fn ports_config(dir: &TempDir, embedded: bool) -> (std::path::PathBuf, u16) {
     let (pull, publish, http) = (free_port(), free_port(), free_port());
     let path = write_config(
@@ -228,10 +237,7 @@ async fn broker_and_web_node_as_two_processes() {
     let dir = TempDir::new("two-processes");
     let (path, http) = ports_config(&dir, false);
     let path = path.to_str().unwrap();
-    let mut broker = spawn(&["broker", "-c", path]);
-    broker.wait_for_log("broker started");
-    let mut web = spawn(&["serve", "-c", path]);
-    web.wait_for_log("listening on http://");
+    let (mut broker, mut web) = broker_then_web(path);
 
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{http}");
@@ -472,10 +478,7 @@ async fn broker_killed_and_restarted_while_the_web_node_runs() {
     )
     .unwrap();
     let path = path.to_str().unwrap();
-    let mut broker = spawn(&["broker", "-c", path]);
-    broker.wait_for_log("broker started");
-    let mut web = spawn(&["serve", "-c", path]);
-    web.wait_for_log("listening on http://");
+    let (mut broker, mut web) = broker_then_web(path);
 
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{http}");
