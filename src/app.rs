@@ -56,6 +56,9 @@ impl App {
         let mut reload = None;
         if config.broker.embedded {
             let broker = Broker::bind(config, &mut bound, metrics.clone()).await?;
+            for counter in broker.peer_counters {
+                tracker.spawn(counter(shutdown.clone()));
+            }
             tracker.spawn(broker.broker.run(shutdown.clone()));
             tracker.spawn(broker.reloader.run(shutdown.clone()));
             reload = Some(broker.reload);
@@ -68,10 +71,12 @@ impl App {
             .map_err(|source| StartError::Http { address, source })?;
 
         let acks = Acks::new();
-        let hub = Hub::new(&config.event, metrics.clone(), acks.clone());
+        let max_published = crate::broker::max_published_bytes(config.broker.max_frame_bytes);
+        let hub = Hub::new(&config.event, max_published, metrics.clone(), acks.clone());
         let (publisher, push_task) = Publisher::new(
             &config.message,
             bound.addresses(config.dsn(Role::MessagePush)),
+            config.broker.max_frame_bytes,
             acks,
             metrics.clone(),
         );
@@ -124,6 +129,9 @@ impl App {
         let tracker = TaskTracker::new();
         let mut bound = Bound::default();
         let broker = Broker::bind(config, &mut bound, metrics.clone()).await?;
+        for counter in broker.peer_counters {
+            tracker.spawn(counter(shutdown.clone()));
+        }
         tracker.spawn(broker.broker.run(shutdown.clone()));
         tracker.spawn(broker.reloader.run(shutdown));
         tracker.close();

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use zeromq::{PubSocket, PullSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::config::{Config, DEFAULT_BROKER_PUB, DEFAULT_BROKER_PULL, Problem, Role};
-use crate::metrics::{DropReason, Metrics};
+use crate::metrics::{DropReason, Metrics, SocketLabels};
 use crate::script::{
     Chain, OnError, Reload, ReloadHandle, Reloader, ScriptConfig, ScriptError, ScriptLimits,
     ScriptSpec, Verdict,
@@ -37,6 +37,16 @@ use crate::socket::{self, SocketError};
 
 /// Default `broker.max_frame_bytes`: frames larger than this are dropped.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
+
+/// How much larger than `broker.max_frame_bytes` a published frame may be (the stamp, what
+/// scripts add). Web nodes accept published frames up to [`max_published_bytes`]; the broker
+/// drops a message that scripts made larger.
+pub const PUBLISH_HEADROOM: usize = 4096;
+
+/// The largest frame the broker publishes (and a web node's SUB accepts).
+pub fn max_published_bytes(max_frame_bytes: usize) -> usize {
+    max_frame_bytes.saturating_add(PUBLISH_HEADROOM)
+}
 
 /// Room for `,"id":"<20 digits>-<20 digits>","time":<20 digits>}`: no reallocation.
 const STAMP_BYTES: usize = 96;
@@ -180,7 +190,16 @@ pub struct Bound {
     pub broker: Broker,
     pub reloader: Reloader,
     pub reload: ReloadHandle,
+    /// Tasks that count the peers of the broker's sockets (`temma_zmq_peers`), given the
+    /// shutdown token.
+    pub peer_counters: Vec<PeerCounter>,
 }
+
+/// Starts a task counting one socket's peers until shutdown.
+pub type PeerCounter = Box<
+    dyn FnOnce(CancellationToken) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send,
+>;
 
 impl Broker {
     /// Compiles the scripts, then binds PUB first (so nothing read is published into the void),
@@ -195,10 +214,27 @@ impl Broker {
         let config_file = (!config.file.as_os_str().is_empty()).then(|| config.file.clone());
         let (reloader, reloads, reload) =
             Reloader::new(specs, config_file, config.broker.watch, metrics.clone());
-        let mut publish = PubSocket::new();
+        let limit = config.broker.max_frame_bytes;
+        let mut publish = PubSocket::with_options(socket::options(limit));
+        let pub_events = publish.monitor();
         socket::bind(&mut publish, config.dsn(Role::BrokerPub), bound).await?;
-        let mut pull = PullSocket::new();
+        let mut pull = PullSocket::with_options(socket::options(limit));
+        let pull_events = pull.monitor();
         socket::bind(&mut pull, config.dsn(Role::BrokerPull), bound).await?;
+        let counter = |events, role: Role| -> PeerCounter {
+            let labels = SocketLabels {
+                socket: role.key().to_owned(),
+            };
+            let peers = metrics.zmq_peers.get_or_create(&labels).clone();
+            let refused = metrics.zmq_refused.get_or_create(&labels).clone();
+            Box::new(move |shutdown| {
+                Box::pin(socket::count_peers(events, peers, refused, shutdown))
+            })
+        };
+        let peer_counters = vec![
+            counter(pub_events, Role::BrokerPub),
+            counter(pull_events, Role::BrokerPull),
+        ];
         let broker = Broker {
             pull,
             publish,
@@ -212,6 +248,7 @@ impl Broker {
             broker,
             reloader,
             reload,
+            peer_counters,
         })
     }
 

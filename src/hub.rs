@@ -81,6 +81,8 @@ struct Settings {
     keepalive: Duration,
     /// Sweeps without progress, with a full queue, before a client is cut off.
     stall_sweeps: u64,
+    /// The largest published frame the SUB socket accepts.
+    max_message_bytes: usize,
 }
 
 struct State {
@@ -164,7 +166,12 @@ impl Drop for ClientGuard {
 }
 
 impl Hub {
-    pub fn new(config: &EventConfig, metrics: Arc<Metrics>, acks: Arc<Acks>) -> Hub {
+    pub fn new(
+        config: &EventConfig,
+        max_message_bytes: usize,
+        metrics: Arc<Metrics>,
+        acks: Arc<Acks>,
+    ) -> Hub {
         let capacity = (config.queue + 1).next_power_of_two();
         let (tx, _) = broadcast::channel(capacity);
         Hub {
@@ -190,6 +197,7 @@ impl Hub {
                         .stall_ms
                         .div_ceil(SWEEP_INTERVAL.as_millis() as u64)
                         .max(1),
+                    max_message_bytes,
                 },
                 metrics,
                 acks,
@@ -475,7 +483,9 @@ impl Hub {
         let addresses = [address];
         loop {
             let make = || {
-                let mut socket = SubSocket::with_options(socket::connect_options());
+                let mut socket = SubSocket::with_options(socket::connect_options(
+                    self.shared.settings.max_message_bytes,
+                ));
                 // Subscribing before connecting: the crate sends it on every connection.
                 let _ = futures_util::FutureExt::now_or_never(socket.subscribe(""));
                 socket

@@ -262,6 +262,8 @@ pub struct Publisher {
 pub struct PushTask {
     rx: mpsc::Receiver<Outgoing>,
     addresses: Vec<String>,
+    /// The most a peer may send (a PULL sends nothing).
+    max_message_bytes: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -269,6 +271,7 @@ impl Publisher {
     pub fn new(
         config: &MessageConfig,
         addresses: Vec<String>,
+        max_message_bytes: usize,
         acks: Arc<Acks>,
         metrics: Arc<Metrics>,
     ) -> (Publisher, PushTask) {
@@ -283,6 +286,7 @@ impl Publisher {
             PushTask {
                 rx,
                 addresses,
+                max_message_bytes,
                 metrics,
             },
         )
@@ -349,7 +353,8 @@ impl PushTask {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut in_hand: Option<Outgoing> = None;
         loop {
-            let make = || PushSocket::with_options(socket::connect_options());
+            let limit = self.max_message_bytes;
+            let make = || PushSocket::with_options(socket::connect_options(limit));
             let Some(mut push) = socket::connect(make, &self.addresses, "PUSH", &shutdown).await
             else {
                 return;

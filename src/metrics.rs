@@ -55,6 +55,12 @@ pub struct ScriptLabels {
     pub outcome: ScriptOutcome,
 }
 
+/// A ZeroMQ socket, by the config key of its role (`broker.pull`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SocketLabels {
+    pub socket: String,
+}
+
 /// The answer a POST got.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PostLabels {
@@ -96,6 +102,10 @@ pub struct Metrics {
     pub sub_connected: Gauge,
     /// Script reloads, successful or not.
     pub script_reloads: Family<ReloadLabels, Counter>,
+    /// Peers connected to each bound ZeroMQ socket.
+    pub zmq_peers: Family<SocketLabels, Gauge>,
+    /// Peers of a bound ZeroMQ socket dropped before or during their handshake.
+    pub zmq_refused: Family<SocketLabels, Counter>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -190,8 +200,22 @@ impl Default for Metrics {
             "Script reloads by result",
             script_reloads.clone(),
         );
+        let zmq_peers = Family::<SocketLabels, Gauge>::default();
+        registry.register(
+            "zmq_peers",
+            "Peers connected to each bound ZeroMQ socket",
+            zmq_peers.clone(),
+        );
+        let zmq_refused = Family::<SocketLabels, Counter>::default();
+        registry.register(
+            "zmq_peers_refused",
+            "Peers of a bound ZeroMQ socket dropped before or during their handshake",
+            zmq_refused.clone(),
+        );
         Metrics {
             registry,
+            zmq_peers,
+            zmq_refused,
             sse_clients,
             broker_published,
             received,

@@ -8,6 +8,10 @@
 //!   it with a short timeout in a retry loop that the caller's task owns and shutdown can stop.
 //! - Only SUB sockets reconnect by themselves, with a backoff that reaches 30 s: every owner
 //!   here rebuilds its socket instead, through [`connect`], as soon as a peer disconnects.
+//! - The crate (0.7.0) reserved whatever length a peer announced, waited forever for a peer's
+//!   handshake, never noticed a PUSH peer leave, and spun on accept errors. temma uses a
+//!   patched copy (`vendor/zeromq/PATCHES.md`): every socket here gets a maximum message size
+//!   and a handshake timeout from [`options`].
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -23,6 +27,52 @@ pub const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
 pub const RETRY_MIN: Duration = Duration::from_millis(50);
 /// Longest pause between connection attempts, so a returning broker is found within it.
 pub const RETRY_MAX: Duration = Duration::from_millis(500);
+
+/// How long a peer that connected to a bound socket may take to complete the ZMTP handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Options for every socket temma makes: inbound messages over `max_message_bytes` disconnect
+/// their peer before anything is allocated for them, and a peer that does not complete its
+/// handshake within [`HANDSHAKE_TIMEOUT`] is dropped.
+pub fn options(max_message_bytes: usize) -> SocketOptions {
+    let mut options = SocketOptions::default();
+    options
+        .max_message_size(Some(max_message_bytes))
+        .handshake_timeout(Some(HANDSHAKE_TIMEOUT));
+    options
+}
+
+/// Counts the peers of a bound socket from its monitor until the socket is gone: `peers` goes
+/// up and down with handshakes and disconnections, `refused` counts peers dropped before or
+/// during their handshake (timeouts, protocol errors).
+pub async fn count_peers(
+    mut events: impl futures_util::Stream<Item = zeromq::SocketEvent> + Unpin,
+    peers: prometheus_client::metrics::gauge::Gauge,
+    refused: prometheus_client::metrics::counter::Counter,
+    shutdown: CancellationToken,
+) {
+    use futures_util::StreamExt;
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return,
+            event = events.next() => event,
+        };
+        let Some(event) = event else { return };
+        match event {
+            zeromq::SocketEvent::Accepted(..) => {
+                peers.inc();
+            }
+            zeromq::SocketEvent::Disconnected(_) => {
+                peers.dec();
+            }
+            zeromq::SocketEvent::AcceptFailed(error) => {
+                refused.inc();
+                tracing::debug!(%error, "ZeroMQ peer refused");
+            }
+            _ => {}
+        }
+    }
+}
 
 /// Binding or preparing a socket failed.
 #[derive(Debug, thiserror::Error)]
@@ -165,10 +215,10 @@ fn remove_stale_ipc(
     Ok(())
 }
 
-/// Socket options for sockets that connect: a short connect timeout, so that [`connect`]'s own
-/// loop (not the crate's 30 s backoff) paces the retries.
-pub fn connect_options() -> SocketOptions {
-    let mut options = SocketOptions::default();
+/// Socket options for sockets that connect: [`options`], and a short connect timeout, so that
+/// [`connect`]'s own loop (not the crate's 30 s backoff) paces the retries.
+pub fn connect_options(max_message_bytes: usize) -> SocketOptions {
+    let mut options = options(max_message_bytes);
     options.connect_timeout(CONNECT_ATTEMPT_TIMEOUT);
     options
 }
@@ -270,7 +320,7 @@ mod tests {
         assert_ne!(addresses[0], "tcp://127.0.0.1:0");
         let shutdown = CancellationToken::new();
         let mut push: PushSocket = connect(
-            || PushSocket::with_options(connect_options()),
+            || PushSocket::with_options(connect_options(1024)),
             &addresses,
             "test",
             &shutdown,
@@ -297,7 +347,7 @@ mod tests {
             let shutdown = shutdown.clone();
             async move {
                 connect(
-                    || PushSocket::with_options(connect_options()),
+                    || PushSocket::with_options(connect_options(1024)),
                     &addresses,
                     "test",
                     &shutdown,
@@ -318,7 +368,7 @@ mod tests {
             stopper.cancel();
         });
         let socket: Option<PushSocket> = connect(
-            || PushSocket::with_options(connect_options()),
+            || PushSocket::with_options(connect_options(1024)),
             &unreachable,
             "test",
             &shutdown,

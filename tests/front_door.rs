@@ -1,0 +1,257 @@
+//! The broker's ZeroMQ ports as an attacker sees them: raw TCP that speaks just enough ZMTP to
+//! announce a huge frame, peers that never finish their handshake, and random bytes and frame
+//! headers. The process must live (in-process: an allocation failure would abort this test
+//! binary), disconnect the offender, count it, and keep relaying for everyone else.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{Sse, TestApp};
+use temma::config::Role;
+
+/// A ZMTP 3.0 greeting with the NULL mechanism (64 bytes).
+fn greeting() -> Vec<u8> {
+    let mut bytes = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0];
+    let mut mechanism = b"NULL".to_vec();
+    mechanism.resize(20, 0);
+    bytes.extend_from_slice(&mechanism);
+    bytes.push(0); // as-server
+    bytes.resize(64, 0);
+    bytes
+}
+
+/// A READY command announcing `socket_type`.
+fn ready(socket_type: &str) -> Vec<u8> {
+    let mut body = vec![5];
+    body.extend_from_slice(b"READY");
+    body.push(11);
+    body.extend_from_slice(b"Socket-Type");
+    body.extend_from_slice(&(socket_type.len() as u32).to_be_bytes());
+    body.extend_from_slice(socket_type.as_bytes());
+    let mut frame = vec![0x04, body.len() as u8];
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// A long frame header announcing `length` bytes.
+fn long_header(length: u64) -> Vec<u8> {
+    let mut header = vec![0x02];
+    header.extend_from_slice(&length.to_be_bytes());
+    header
+}
+
+fn tcp_address(app: &TestApp, config: &temma::Config, role: Role) -> String {
+    app.app().bound().bound(config.dsn(role))[0]
+        .trim_start_matches("tcp://")
+        .to_owned()
+}
+
+/// Completes the handshake as `socket_type`, sends `then`, and returns how the connection
+/// ended: `true` when the server closed it within the deadline.
+fn closed_after(address: &str, socket_type: &str, then: &[u8]) -> bool {
+    let mut stream = TcpStream::connect(address).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    stream.write_all(&greeting()).unwrap();
+    stream.write_all(&ready(socket_type)).unwrap();
+    let _ = stream.write_all(then);
+    let deadline = Instant::now() + common::DEADLINE;
+    let mut buffer = [0u8; 4096];
+    while Instant::now() < deadline {
+        match stream.read(&mut buffer) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(error) if error.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+fn metric(app: &TestApp, line_start: &str) -> Option<f64> {
+    app.app()
+        .metrics()
+        .render()
+        .lines()
+        .find(|line| line.starts_with(line_start))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+async fn relays(app: &TestApp, sse: &mut Sse, text: &str) {
+    assert_eq!(app.post_form("check", text).await.status(), 200, "{text}");
+    assert_eq!(sse.next_message().await.json()["text"], text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_header_claiming_petabytes_disconnects_the_peer_only() {
+    let config = common::test_config();
+    let app = TestApp::start_config(&config).await;
+    app.ready().await;
+    let mut sse = app.sse().await;
+    let pull = tcp_address(&app, &config, Role::BrokerPull);
+    let publish = tcp_address(&app, &config, Role::BrokerPub);
+    for (address, socket_type, claim) in [
+        (&pull, "PUSH", 1u64 << 47),
+        (&pull, "PUSH", 1u64 << 36),
+        (&pull, "PUSH", 300 << 20),
+        // Just over `broker.max_frame_bytes`.
+        (&pull, "PUSH", 64 * 1024 + 1),
+        (&publish, "SUB", 1u64 << 47),
+    ] {
+        let (address, socket_type) = (address.clone(), socket_type.to_owned());
+        let closed = tokio::task::spawn_blocking(move || {
+            closed_after(&address, &socket_type, &long_header(claim))
+        })
+        .await
+        .unwrap();
+        assert!(closed, "a {claim}-byte claim is cut off at once");
+        relays(&app, &mut sse, &format!("after a {claim}-byte claim")).await;
+    }
+    // The peers are gone: only the web node's own PUSH and SUB remain.
+    common::eventually("peers counted back down", || async {
+        let pull = metric(&app, "temma_zmq_peers{socket=\"broker.pull\"}")?;
+        let publish = metric(&app, "temma_zmq_peers{socket=\"broker.pub\"}")?;
+        (pull == 1.0 && publish == 1.0).then_some(())
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_completes_its_handshake_is_dropped_and_counted() {
+    let config = common::test_config();
+    let app = TestApp::start_config(&config).await;
+    app.ready().await;
+    let pull = tcp_address(&app, &config, Role::BrokerPull);
+    // Eight silent connections, and eight that stop after the greeting.
+    let idle: Vec<TcpStream> = (0..16)
+        .map(|i| {
+            let mut stream = TcpStream::connect(&pull).unwrap();
+            if i % 2 == 1 {
+                stream.write_all(&greeting()).unwrap();
+            }
+            stream
+        })
+        .collect();
+    let started = Instant::now();
+    let all_closed = tokio::task::spawn_blocking(move || {
+        idle.into_iter().all(|mut stream| {
+            stream
+                .set_read_timeout(Some(temma::socket::HANDSHAKE_TIMEOUT * 2))
+                .unwrap();
+            let mut buffer = [0u8; 256];
+            loop {
+                match stream.read(&mut buffer) {
+                    Ok(0) => return true,
+                    Ok(_) => continue, // the server's own greeting
+                    Err(error) => return error.kind() == std::io::ErrorKind::ConnectionReset,
+                }
+            }
+        })
+    })
+    .await
+    .unwrap();
+    assert!(all_closed, "every idle peer was disconnected");
+    assert!(started.elapsed() >= temma::socket::HANDSHAKE_TIMEOUT - Duration::from_secs(1));
+    let refused = metric(
+        &app,
+        "temma_zmq_peers_refused_total{socket=\"broker.pull\"}",
+    );
+    assert_eq!(refused, Some(16.0));
+    let mut sse = app.sse().await;
+    relays(&app, &mut sse, "still relaying").await;
+    app.stop().await;
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+
+    /// What one hostile peer sends.
+    #[derive(Debug, Clone)]
+    enum Input {
+        /// Bytes from the first one.
+        Raw(Vec<u8>),
+        /// A valid handshake, then random frame headers with random bodies.
+        Frames(Vec<(u8, u64, Vec<u8>)>),
+    }
+
+    fn input() -> impl Strategy<Value = Input> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..300).prop_map(Input::Raw),
+            proptest::collection::vec(
+                (
+                    any::<u8>(),
+                    prop_oneof![0u64..300, any::<u64>()],
+                    proptest::collection::vec(any::<u8>(), 0..64)
+                ),
+                1..6
+            )
+            .prop_map(Input::Frames),
+        ]
+    }
+
+    fn send(address: &str, input: &Input) {
+        let Ok(mut stream) = TcpStream::connect(address) else {
+            return;
+        };
+        let bytes = match input {
+            Input::Raw(bytes) => bytes.clone(),
+            Input::Frames(frames) => {
+                let mut bytes = greeting();
+                bytes.extend_from_slice(&ready("PUSH"));
+                for (flags, length, body) in frames {
+                    bytes.push(*flags);
+                    if flags & 0x02 != 0 {
+                        bytes.extend_from_slice(&length.to_be_bytes());
+                    } else {
+                        bytes.push(*length as u8);
+                    }
+                    bytes.extend_from_slice(body);
+                }
+                bytes
+            }
+        };
+        let _ = stream.write_all(&bytes);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        stream
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let _ = stream.read(&mut [0u8; 256]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn random_bytes_and_frame_headers_never_stop_the_broker() {
+        let config = common::test_config();
+        let app = TestApp::start_config(&config).await;
+        app.ready().await;
+        let mut sse = app.sse().await;
+        let pull = tcp_address(&app, &config, Role::BrokerPull);
+        let inputs: Vec<Input> = {
+            let mut runner = proptest::test_runner::TestRunner::deterministic();
+            (0..200)
+                .map(|_| input().new_tree(&mut runner).unwrap().current())
+                .collect()
+        };
+        for chunk in inputs.chunks(50) {
+            let chunk = chunk.to_vec();
+            let address = pull.clone();
+            tokio::task::spawn_blocking(move || {
+                for input in &chunk {
+                    send(&address, input);
+                }
+            })
+            .await
+            .unwrap();
+            relays(&app, &mut sse, "between hostile peers").await;
+        }
+        app.stop().await;
+    }
+}
