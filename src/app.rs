@@ -11,12 +11,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
 use crate::config::{Config, Role};
+use crate::direct::{Front, Limits};
 use crate::hub::Hub;
 use crate::message::{Acks, Broadcast, Publisher};
 use crate::metrics::Metrics;
@@ -86,10 +88,17 @@ impl App {
         }
         tracker.spawn(hub.clone().run_timers(shutdown.clone()));
 
-        let direct = server::Direct {
-            hub: hub.clone(),
-            cors_origins: std::sync::Arc::new(config.server.cors_origins.clone()),
-        };
+        let front = Front::new(
+            hub.clone(),
+            config.server.cors_origins.clone(),
+            Limits {
+                max_connections: crate::direct::fit_max_connections(config.server.max_connections),
+                max_pending_heads: config.server.max_pending_heads,
+                head_timeout: Duration::from_secs(config.server.head_timeout_secs),
+                write_stall: Duration::from_secs(config.server.write_stall_timeout_secs),
+            },
+            metrics.clone(),
+        );
         let service = server::router(Routes {
             static_dir: config.resolve(&config.server.static_dir),
             root: config.application.root_controller,
@@ -100,6 +109,7 @@ impl App {
                 sessions: config.application.enable_sessions,
             },
             hub,
+            front: front.clone(),
             metrics: metrics.clone(),
             sessions: crate::session::build(&config.application),
             cors_origins: config.server.cors_origins.clone(),
@@ -108,7 +118,7 @@ impl App {
             listener,
             service,
             config.server.clone(),
-            direct,
+            front,
             tracker.clone(),
             shutdown.clone(),
         ));

@@ -15,6 +15,7 @@
 //! clients; turn them off for plain Temma peers, which would.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -51,8 +52,22 @@ pub fn max_published_bytes(max_frame_bytes: usize) -> usize {
 /// Room for `,"id":"<20 digits>-<20 digits>","time":<20 digits>}`: no reallocation.
 const STAMP_BYTES: usize = 96;
 
-/// Keys the broker owns in a published message; a sender's own values for them are replaced.
-const STAMPED_KEYS: [&str; 3] = ["id", "time", "reject"];
+/// Keys only the broker writes (the message's id and time; the keys of its notices): a
+/// sender's own values are removed, and scripts cannot set them.
+pub const STAMPED_KEYS: [&str; 4] = ["id", "time", "reject", "published"];
+/// The web node's reference of a message, echoed back so it can answer the POST.
+pub const REF: &str = "ref";
+/// A message's idempotency key: read by the broker, never published.
+pub const KEY: &str = "key";
+/// Who sent the message, as the web node saw it (`ip:…`): scripts read it (the rate limit keys
+/// on it), nobody can change it, and it is never published.
+pub const CLIENT: &str = "client";
+/// Keys a web node sends the broker that are never published.
+pub const PRIVATE_KEYS: [&str; 2] = [KEY, CLIENT];
+/// Default `broker.dedupe_window_secs`.
+pub const DEFAULT_DEDUPE_WINDOW_SECS: u64 = 120;
+/// Default `broker.dedupe_max_keys`.
+pub const DEFAULT_DEDUPE_MAX_KEYS: usize = 100_000;
 
 /// The `[broker]` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -74,6 +89,14 @@ pub struct BrokerConfig {
     /// gets a 4xx with the reason. Default `true`; turn off when plain Temma peers subscribe.
     #[serde(default = "default_notify_rejections")]
     pub notify_rejections: bool,
+    /// Seconds a published message's idempotency key is remembered: a message sent again with
+    /// the same key within this window (a retry after a 503) is not published twice. Default
+    /// 120; 0 turns de-duplication off.
+    #[serde(default = "default_dedupe_window")]
+    pub dedupe_window_secs: u64,
+    /// The most idempotency keys remembered; the oldest are forgotten first. Default 100000.
+    #[serde(default = "default_dedupe_max_keys")]
+    pub dedupe_max_keys: usize,
     /// What a failing script does with the message: `"drop"` (default) or `"pass"`.
     #[serde(default)]
     pub on_error: OnError,
@@ -90,6 +113,12 @@ pub struct BrokerConfig {
 
 fn default_watch() -> bool {
     true
+}
+fn default_dedupe_window() -> u64 {
+    DEFAULT_DEDUPE_WINDOW_SECS
+}
+fn default_dedupe_max_keys() -> usize {
+    DEFAULT_DEDUPE_MAX_KEYS
 }
 
 fn default_embedded() -> bool {
@@ -116,6 +145,8 @@ impl Default for BrokerConfig {
             publish: default_publish(),
             max_frame_bytes: default_max_frame_bytes(),
             notify_rejections: default_notify_rejections(),
+            dedupe_window_secs: default_dedupe_window(),
+            dedupe_max_keys: default_dedupe_max_keys(),
             on_error: OnError::default(),
             watch: default_watch(),
             limits: ScriptLimits::default(),
@@ -133,9 +164,14 @@ impl BrokerConfig {
     }
 }
 
-/// A message id: the broker run (start time, Unix ms) and the sequence number within the run.
-/// Printed and parsed as `<run>-<seq>`; ordered by run, then sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A message id: the broker run and the sequence number within the run, printed and parsed as
+/// `<run>-<seq>`.
+///
+/// A run is an epoch: its number (the broker's start time in Unix ms, for readability) is only
+/// ever compared for equality, never for order, so a broker restarted with a clock stepped back,
+/// or on another host, starts a new epoch like any other. Within a run, sequence numbers are
+/// dense and increasing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MsgId {
     pub run: u64,
     pub seq: u64,
@@ -166,6 +202,18 @@ impl FromStr for MsgId {
     }
 }
 
+impl MsgId {
+    /// Whether `self` comes after `other` in the same run; ids of different runs are unordered.
+    pub fn follows(&self, other: &MsgId) -> bool {
+        self.run == other.run && self.seq > other.seq
+    }
+}
+
+/// A new run number (see [`MsgId`]).
+fn new_run() -> u64 {
+    now_ms()
+}
+
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -181,6 +229,8 @@ pub struct Broker {
     chain: Chain,
     reloads: tokio::sync::mpsc::Receiver<Reload>,
     notify_rejections: bool,
+    /// The largest frame published; scripts that make a message larger get it dropped.
+    max_published: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -238,10 +288,15 @@ impl Broker {
         let broker = Broker {
             pull,
             publish,
-            stamper: Stamper::new(config.broker.max_frame_bytes),
+            stamper: Stamper::with_dedupe(
+                config.broker.max_frame_bytes,
+                std::time::Duration::from_secs(config.broker.dedupe_window_secs),
+                config.broker.dedupe_max_keys,
+            ),
             chain,
             reloads,
             notify_rejections: config.broker.notify_rejections,
+            max_published: max_published_bytes(config.broker.max_frame_bytes),
             metrics,
         };
         Ok(Bound {
@@ -304,24 +359,31 @@ impl Broker {
         let frame = message.into_vec().pop().expect("one frame");
         let out = match self.stamper.stamp(&frame, self.chain.is_empty()) {
             Ok(Stamped::Ready(bytes)) => bytes,
-            Ok(Stamped::Parsed(map)) => match self.chain.run(map) {
+            Ok(Stamped::Parsed { map, key }) => match self.chain.run(map) {
+                Verdict::Pass(bytes) if bytes.len() > self.max_published => {
+                    self.metrics.dropped(DropReason::Oversize);
+                    return self.notify(
+                        None,
+                        "the message is too large once moderated",
+                        413,
+                        bytes.len(),
+                    );
+                }
                 Verdict::Pass(bytes) => {
-                    self.stamper.commit();
+                    self.stamper.commit(key);
                     bytes
                 }
                 Verdict::Drop {
                     reference,
                     reason,
                     status,
-                } => {
-                    return match reference {
-                        Some(reference) if self.notify_rejections => {
-                            Some(ZmqMessage::from(rejection(&reference, &reason, status)))
-                        }
-                        _ => None,
-                    };
-                }
+                } => return self.notify(reference, &reason, status, 0),
             },
+            Ok(Stamped::Duplicate { reference, id }) => {
+                // Published already (a retry after a late answer): say so, publish nothing.
+                self.metrics.dropped(DropReason::Duplicate);
+                return reference.map(|reference| ZmqMessage::from(published(&reference, id)));
+            }
             Err(reason) => {
                 self.metrics.dropped(reason);
                 tracing::warn!(?reason, bytes = frame.len(), "dropped an unreadable frame");
@@ -330,6 +392,25 @@ impl Broker {
         };
         self.metrics.broker_published.inc();
         Some(ZmqMessage::from(out))
+    }
+
+    /// The rejection notice for a dropped message, when its sender can be told.
+    fn notify(
+        &self,
+        reference: Option<String>,
+        reason: &str,
+        status: u16,
+        bytes: usize,
+    ) -> Option<ZmqMessage> {
+        if bytes > 0 {
+            tracing::warn!(bytes, "dropped a message that scripts made too large");
+        }
+        match reference {
+            Some(reference) if self.notify_rejections => {
+                Some(ZmqMessage::from(rejection(&reference, reason, status)))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -344,12 +425,88 @@ pub fn rejection(reference: &str, reason: &str, status: u16) -> Bytes {
     .into()
 }
 
+/// The notice for a message whose idempotency key was already published: its sender gets a
+/// `200`, and nothing is published twice.
+pub fn published(reference: &str, id: MsgId) -> Bytes {
+    serde_json::to_vec(&serde_json::json!({
+        "published": reference,
+        "id": id.to_string(),
+    }))
+    .expect("serializing a JSON value cannot fail")
+    .into()
+}
+
 /// What the stamper made of a frame.
 pub enum Stamped {
     /// Stamped and serialized: publish as is (no scripts to run).
     Ready(Bytes),
-    /// Parsed and stamped, for the script chain.
-    Parsed(rhai::Map),
+    /// Parsed and stamped, for the script chain; [`Stamper::commit`] it (with its idempotency
+    /// key) if the chain passes it.
+    Parsed { map: rhai::Map, key: Option<String> },
+    /// Its idempotency key was published within the window, as `id`: not published again.
+    Duplicate {
+        reference: Option<String>,
+        id: MsgId,
+    },
+}
+
+/// Idempotency keys of recently published messages, bounded in count and age: a message
+/// whose key is here is not published again.
+pub struct Recent {
+    window: std::time::Duration,
+    max: usize,
+    ids: HashMap<String, MsgId>,
+    order: VecDeque<(std::time::Instant, String)>,
+}
+
+impl Recent {
+    pub fn new(window: std::time::Duration, max: usize) -> Recent {
+        Recent {
+            window,
+            max,
+            ids: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn expire(&mut self, now: std::time::Instant) {
+        while let Some((at, _)) = self.order.front()
+            && now.duration_since(*at) > self.window
+        {
+            let (_, key) = self.order.pop_front().expect("a front entry");
+            self.ids.remove(&key);
+        }
+    }
+
+    /// The id a key was published as, within the window.
+    pub fn get(&mut self, key: &str) -> Option<MsgId> {
+        self.expire(std::time::Instant::now());
+        self.ids.get(key).copied()
+    }
+
+    /// Remembers a published key; past `max` keys the oldest is forgotten.
+    pub fn insert(&mut self, key: String, id: MsgId) {
+        if self.max == 0 {
+            return;
+        }
+        let now = std::time::Instant::now();
+        self.expire(now);
+        while self.order.len() >= self.max {
+            let (_, old) = self.order.pop_front().expect("a front entry");
+            self.ids.remove(&old);
+        }
+        if self.ids.insert(key.clone(), id).is_none() {
+            self.order.push_back((now, key));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
 }
 
 /// Checks frames and stamps each good one with the next id and the time.
@@ -357,14 +514,32 @@ pub struct Stamper {
     run: u64,
     seq: u64,
     max_frame_bytes: usize,
+    recent: Recent,
 }
+
+/// Idempotency keys longer than this are ignored.
+const MAX_KEY_BYTES: usize = 128;
 
 impl Stamper {
     pub fn new(max_frame_bytes: usize) -> Self {
+        Self::with_dedupe(
+            max_frame_bytes,
+            std::time::Duration::from_secs(DEFAULT_DEDUPE_WINDOW_SECS),
+            DEFAULT_DEDUPE_MAX_KEYS,
+        )
+    }
+
+    /// A stamper that remembers published idempotency keys for `window`, at most `max_keys`.
+    pub fn with_dedupe(
+        max_frame_bytes: usize,
+        window: std::time::Duration,
+        max_keys: usize,
+    ) -> Self {
         Stamper {
-            run: now_ms(),
+            run: new_run(),
             seq: 0,
             max_frame_bytes,
+            recent: Recent::new(window, max_keys),
         }
     }
 
@@ -376,10 +551,25 @@ impl Stamper {
         }
     }
 
-    /// Uses up the id the next message gets: published ids are dense within a run, so a web
-    /// node that sees a gap knows it missed messages.
-    pub fn commit(&mut self) {
+    /// Uses up the id the next message gets (published ids are dense within a run, so a web
+    /// node that sees a gap knows it missed messages) and remembers its idempotency key.
+    pub fn commit(&mut self, key: Option<String>) {
         self.seq += 1;
+        if let Some(key) = key {
+            self.recent.insert(
+                key,
+                MsgId {
+                    run: self.run,
+                    seq: self.seq,
+                },
+            );
+        }
+    }
+
+    /// The id under which a key was published, if it was within the window.
+    fn duplicate(&mut self, key: Option<&str>) -> Option<MsgId> {
+        key.filter(|key| !self.recent.is_empty() && key.len() <= MAX_KEY_BYTES)
+            .and_then(|key| self.recent.get(key))
     }
 
     /// Validates one frame and stamps it with the next id and the time.
@@ -387,7 +577,9 @@ impl Stamper {
     /// With `ready` (no scripts to run), the result is the serialized frame, built without a
     /// full parse: the fields are copied as raw JSON, the stamp appended, and the id used up.
     /// Otherwise it is the parsed map for the script chain; call [`Stamper::commit`] if the
-    /// chain passes it.
+    /// chain passes it. Either way, the keys only the broker writes are removed from what the
+    /// sender sent, and the idempotency key (`key`) and the sender's address (`client`) are
+    /// never published; `client` stays in the map for scripts.
     pub fn stamp(&mut self, frame: &[u8], ready: bool) -> Result<Stamped, DropReason> {
         if frame.len() > self.max_frame_bytes {
             return Err(DropReason::Oversize);
@@ -401,15 +593,34 @@ impl Stamper {
             for key in STAMPED_KEYS {
                 map.remove(key);
             }
+            let key = map
+                .remove(KEY)
+                .and_then(|key| key.into_immutable_string().ok())
+                .map(|key| key.to_string())
+                .filter(|key| key.len() <= MAX_KEY_BYTES);
+            if let Some(id) = self.duplicate(key.as_deref()) {
+                let reference = map
+                    .get(REF)
+                    .and_then(|r| r.clone().into_immutable_string().ok())
+                    .map(|r| r.to_string());
+                return Ok(Stamped::Duplicate { reference, id });
+            }
             map.insert("id".into(), self.next_id().to_string().into());
             map.insert("time".into(), (now_ms() as rhai::INT).into());
-            return Ok(Stamped::Parsed(map));
+            return Ok(Stamped::Parsed { map, key });
         }
         let scan = match serde_json::from_slice::<Scan>(frame) {
             Ok(scan) => scan,
             Err(error) if error.is_data() => return Err(DropReason::NotAnObject),
             Err(_) => return Err(DropReason::InvalidJson),
         };
+        if let Some(id) = self.duplicate(scan.key) {
+            return Ok(Stamped::Duplicate {
+                reference: scan.reference.map(str::to_owned),
+                id,
+            });
+        }
+        let key = scan.key.map(str::to_owned);
         let mut out = Vec::with_capacity(frame.len() + STAMP_BYTES);
         if scan.plain && memchr::memchr2(b'\n', b'\r', frame).is_none() {
             // The common case: a compact object with no key of ours and no duplicate. Copy it
@@ -422,7 +633,7 @@ impl Stamper {
             if scan.keys > 0 {
                 out.push(b',');
             }
-            self.write_stamp(&mut out);
+            self.write_stamp(&mut out, key);
             return Ok(Stamped::Ready(out.into()));
         }
         let fields = match serde_json::from_slice::<Fields<'_>>(frame) {
@@ -437,19 +648,22 @@ impl Stamper {
         // Walk backwards so that, as in JSON.parse, the last of duplicate keys wins; then
         // reverse the kept fields to keep their order.
         let mut kept = Vec::with_capacity(fields.len());
-        for (i, (key, value)) in fields.iter().enumerate().rev() {
+        for (i, (name, value)) in fields.iter().enumerate().rev() {
             let duplicate = if many {
-                !later.insert(key.as_ref())
+                !later.insert(name.as_ref())
             } else {
-                seen_later(i, key)
+                seen_later(i, name)
             };
-            if duplicate || STAMPED_KEYS.contains(&key.as_ref()) {
+            if duplicate
+                || STAMPED_KEYS.contains(&name.as_ref())
+                || PRIVATE_KEYS.contains(&name.as_ref())
+            {
                 continue;
             }
-            kept.push((key, value));
+            kept.push((name, value));
         }
-        for (key, value) in kept.into_iter().rev() {
-            serde_json::to_writer(&mut out, key.as_ref()).expect("writing to a Vec");
+        for (name, value) in kept.into_iter().rev() {
+            serde_json::to_writer(&mut out, name.as_ref()).expect("writing to a Vec");
             out.push(b':');
             let raw = value.get();
             if memchr::memchr2(b'\n', b'\r', raw.as_bytes()).is_some() {
@@ -462,14 +676,14 @@ impl Stamper {
             }
             out.push(b',');
         }
-        self.write_stamp(&mut out);
+        self.write_stamp(&mut out, key);
         Ok(Stamped::Ready(out.into()))
     }
 
     /// Appends `"id":"<run>-<seq>","time":<ms>}` and uses up the id.
-    fn write_stamp(&mut self, out: &mut Vec<u8>) {
+    fn write_stamp(&mut self, out: &mut Vec<u8>, key: Option<String>) {
         let id = self.next_id();
-        self.commit();
+        self.commit(key);
         let mut number = itoa::Buffer::new();
         out.extend_from_slice(b"\"id\":\"");
         out.extend_from_slice(number.format(id.run).as_bytes());
@@ -482,46 +696,68 @@ impl Stamper {
 }
 
 /// What a validating pass over a JSON object found, without keeping anything.
-struct Scan {
+struct Scan<'a> {
     keys: usize,
-    /// No key of ours (`id`, `time`, `reject`), no duplicate key, no escaped key: the frame
-    /// can be stamped by appending to it.
+    /// No key of ours (`id`, `time`, `reject`, `published`, `key`, `client`), no duplicate
+    /// key, no escaped key: the frame can be stamped by appending to it.
     plain: bool,
+    /// The `ref` and `key` values, when they are strings without escapes.
+    reference: Option<&'a str>,
+    key: Option<&'a str>,
 }
 
 /// Objects with more keys than this take the general path.
 const SCAN_MAX_KEYS: usize = 16;
 
-impl<'de> Deserialize<'de> for Scan {
+impl<'de> Deserialize<'de> for Scan<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct ScanVisitor;
         impl<'de> Visitor<'de> for ScanVisitor {
-            type Value = Scan;
+            type Value = Scan<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut seen: [&'de str; SCAN_MAX_KEYS] = [""; SCAN_MAX_KEYS];
-                let mut keys = 0;
-                let mut plain = true;
+                let mut scan = Scan {
+                    keys: 0,
+                    plain: true,
+                    reference: None,
+                    key: None,
+                };
                 while let Some(key) = map.next_key::<Key<'de>>()? {
-                    map.next_value::<de::IgnoredAny>()?;
-                    match key.0 {
-                        Cow::Borrowed(key) if plain && keys < SCAN_MAX_KEYS => {
-                            if STAMPED_KEYS.contains(&key) || seen[..keys].contains(&key) {
-                                plain = false;
-                            }
-                            seen[keys] = key;
+                    match key.0.as_ref() {
+                        REF => scan.reference = plain_str(map.next_value::<&'de RawValue>()?),
+                        KEY => scan.key = plain_str(map.next_value::<&'de RawValue>()?),
+                        _ => {
+                            map.next_value::<de::IgnoredAny>()?;
                         }
-                        _ => plain = false,
                     }
-                    keys += 1;
+                    match key.0 {
+                        Cow::Borrowed(key) if scan.plain && scan.keys < SCAN_MAX_KEYS => {
+                            if STAMPED_KEYS.contains(&key)
+                                || PRIVATE_KEYS.contains(&key)
+                                || seen[..scan.keys].contains(&key)
+                            {
+                                scan.plain = false;
+                            }
+                            seen[scan.keys] = key;
+                        }
+                        _ => scan.plain = false,
+                    }
+                    scan.keys += 1;
                 }
-                Ok(Scan { keys, plain })
+                Ok(scan)
             }
         }
         deserializer.deserialize_map(ScanVisitor)
     }
+}
+
+/// The contents of a JSON string with no escapes (ids, refs and keys never have any).
+pub fn plain_str(raw: &RawValue) -> Option<&str> {
+    let text = raw.get().strip_prefix('"')?.strip_suffix('"')?;
+    (!text.contains(['\\', '"'])).then_some(text)
 }
 
 /// A JSON object read as its keys and raw (unparsed) values, in order.
@@ -602,7 +838,9 @@ mod tests {
                 assert!(!bytes.contains(&b'\n'), "published frames are one line");
                 Ok(serde_json::from_slice(&bytes).unwrap())
             }
-            Stamped::Parsed(_) => panic!("ready stamping returns bytes"),
+            Stamped::Parsed { .. } | Stamped::Duplicate { .. } => {
+                panic!("ready stamping returns bytes")
+            }
         }
     }
 
@@ -623,7 +861,7 @@ mod tests {
         let id2: MsgId = second["id"].as_str().unwrap().parse().unwrap();
         assert_eq!(id1.run, id2.run);
         assert_eq!((id1.seq, id2.seq), (1, 2));
-        assert!(id1 < id2);
+        assert!(id2.follows(&id1));
         assert!(first["time"].as_u64().unwrap() >= before);
     }
 
@@ -691,7 +929,8 @@ mod tests {
     fn parsed_stamping_for_scripts() {
         let text = |map: &rhai::Map, key: &str| map[key].clone().into_string().unwrap();
         let mut stamper = Stamper::new(DEFAULT_MAX_FRAME_BYTES);
-        let Ok(Stamped::Parsed(map)) = stamper.stamp(br#"{"from":"a","id":"x"}"#, false) else {
+        let Ok(Stamped::Parsed { map, .. }) = stamper.stamp(br#"{"from":"a","id":"x"}"#, false)
+        else {
             panic!("parsed")
         };
         assert_eq!(text(&map, "from"), "a");
@@ -702,12 +941,12 @@ mod tests {
             Some(DropReason::NotAnObject)
         );
         // Not committed: the next message gets the same id, until one passes the chain.
-        let Ok(Stamped::Parsed(again)) = stamper.stamp(b"{}", false) else {
+        let Ok(Stamped::Parsed { map: again, .. }) = stamper.stamp(b"{}", false) else {
             panic!("parsed")
         };
         assert_eq!(text(&again, "id"), text(&map, "id"));
-        stamper.commit();
-        let Ok(Stamped::Parsed(next)) = stamper.stamp(b"{}", false) else {
+        stamper.commit(None);
+        let Ok(Stamped::Parsed { map: next, .. }) = stamper.stamp(b"{}", false) else {
             panic!("parsed")
         };
         assert!(text(&next, "id").ends_with("-2"));
@@ -738,11 +977,12 @@ mod tests {
             assert!(bad.parse::<MsgId>().is_err(), "{bad}");
         }
         let older: MsgId = "1-99".parse().unwrap();
-        let newer: MsgId = "2-1".parse().unwrap();
+        let other_run: MsgId = "2-100".parse().unwrap();
         assert!(
-            older < newer,
-            "a later run sorts after every id of an earlier one"
+            !other_run.follows(&older) && !older.follows(&other_run),
+            "runs are unordered"
         );
+        assert!("1-100".parse::<MsgId>().unwrap().follows(&older));
     }
 
     #[test]

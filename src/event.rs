@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use salvo::http::StatusCode;
-use salvo::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use salvo::http::header::{CONNECTION, HeaderValue};
 use salvo::prelude::*;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
@@ -140,13 +140,16 @@ impl EventConfig {
 }
 
 /// `GET /event/fetch` on a connection hyper serves (one that carried another request first).
-/// A connection whose first request is this one is served by [`serve_direct`] instead.
+/// A connection whose first request is this one is served by [`crate::direct`] instead.
 pub struct Fetch {
     pub hub: Hub,
+    /// Where the socket of the connection can be found, to end the stream when the client
+    /// closes (hyper does not read while it streams a response).
+    pub front: Arc<crate::direct::Front>,
 }
 
 /// The `lastEventId` query parameter, if any.
-fn query_last_event_id(query: &str) -> Option<String> {
+pub fn query_last_event_id(query: &str) -> Option<String> {
     form_urlencoded::parse(query.as_bytes())
         .find(|(key, _)| key == "lastEventId")
         .map(|(_, value)| value.into_owned())
@@ -180,12 +183,24 @@ impl Handler for Fetch {
                 return;
             }
         };
+        let socket = req
+            .remote_addr()
+            .as_ipv4()
+            .map(|a| std::net::SocketAddr::V4(*a))
+            .or_else(|| {
+                req.remote_addr()
+                    .as_ipv6()
+                    .map(|a| std::net::SocketAddr::V6(*a))
+            })
+            .and_then(|peer| self.front.socket(peer));
         let headers = res.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        for (name, value) in SSE_HEADERS {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+        // The stream never ends by itself: nothing pipelined after it would be served.
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
         res.status_code(StatusCode::OK);
-        res.stream(stream(self.hub.clone(), subscription));
+        res.stream(stream(self.hub.clone(), subscription, socket));
     }
 }
 
@@ -193,34 +208,53 @@ impl Handler for Fetch {
 fn stream(
     hub: Hub,
     subscription: Subscription,
+    socket: Option<Arc<tokio::net::TcpStream>>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
-    let head = Some(subscription.head.clone());
-    let reader = Reader {
-        hub,
-        sub: subscription,
-        done: false,
-    };
-    futures_util::stream::unfold((reader, head), |(mut reader, head)| async move {
-        if let Some(head) = head {
-            return Some((Ok(head), (reader, None)));
-        }
-        let chunk = reader.next_chunk().await?;
-        Some((Ok(chunk), (reader, None)))
-    })
+    let mut subscription = subscription;
+    // The replay goes out frame by frame (hyper gathers them into few writes) and is dropped
+    // as it goes: nothing of it stays with the connection.
+    let replay = std::mem::take(&mut subscription.replay).into_iter();
+    let reader = Reader::new(hub, subscription);
+    futures_util::stream::unfold(
+        (reader, replay, socket),
+        |(mut reader, mut replay, socket)| async move {
+            if let Some(frame) = replay.next() {
+                return Some((Ok(frame), (reader, replay, socket)));
+            }
+            let chunk = match &socket {
+                Some(socket) => tokio::select! {
+                    // The client closed (or sent more): end the stream and the connection.
+                    () = crate::direct::closed(socket) => None,
+                    chunk = reader.next_chunk() => chunk,
+                },
+                None => reader.next_chunk().await,
+            }?;
+            Some((Ok(chunk), (reader, replay, socket)))
+        },
+    )
 }
 
 /// Takes a client's frames from the hub, a write's worth at a time.
-struct Reader {
+pub struct Reader {
     hub: Hub,
     sub: Subscription,
     done: bool,
 }
 
 impl Reader {
+    /// A reader for a subscription whose replay was taken out.
+    pub fn new(hub: Hub, sub: Subscription) -> Reader {
+        Reader {
+            hub,
+            sub,
+            done: false,
+        }
+    }
+
     /// The next bytes to write: every frame already queued for this client (up to
     /// [`MAX_CHUNK_BYTES`]), waiting for one if none is. `None` when the stream must end: the
     /// server shuts down, or the client fell too far behind (it reconnects and replays).
-    async fn next_chunk(&mut self) -> Option<Bytes> {
+    pub async fn next_chunk(&mut self) -> Option<Bytes> {
         if self.done || self.hub.is_dropped(&self.sub.slot) {
             return None;
         }
@@ -270,125 +304,35 @@ impl Reader {
     }
 }
 
-/// What the direct path needs from a parsed `GET /event/fetch`.
-#[derive(Debug, Default)]
-pub struct SseRequest {
-    pub last_event_id: Option<String>,
-    pub origin: Option<String>,
-}
-
-impl SseRequest {
-    /// Reads a parsed request head: `Some` if it is `GET /event/fetch` (any query).
-    pub fn from_head(request: &httparse::Request<'_, '_>) -> Option<SseRequest> {
-        if request.method != Some("GET") {
-            return None;
-        }
-        let target = request.path?;
-        let (path, query) = match target.split_once('?') {
-            Some((path, query)) => (path, Some(query)),
-            None => (target, None),
-        };
-        if path != FETCH_PATH {
-            return None;
-        }
-        let header = |name: &str| {
-            request
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-                .and_then(|h| std::str::from_utf8(h.value).ok())
-                .map(str::to_owned)
-        };
-        Some(SseRequest {
-            last_event_id: header("last-event-id").or_else(|| query.and_then(query_last_event_id)),
-            origin: header("origin"),
-        })
-    }
-}
-
 /// The SSE route.
 pub const FETCH_PATH: &str = "/event/fetch";
 
-/// Serves an SSE connection whose first request is `GET /event/fetch`, without hyper: a
-/// response head, then the frames written straight to the socket, the body delimited by the
-/// end of the connection (`Connection: close`). Per connection this keeps a task, the socket and
-/// the client's place in the hub — a few KB instead of hyper's two 8 KB buffers — and one
-/// `write` per frame (or per batch of frames for a client that lags).
-pub async fn serve_direct(
-    mut socket: tokio::net::TcpStream,
-    request: SseRequest,
-    hub: Hub,
-    cors: Option<String>,
-) {
-    use tokio::io::AsyncWriteExt;
-    let abort = Arc::new(tokio::sync::Notify::new());
-    let subscription = match hub.subscribe(
-        request.last_event_id.as_deref(),
-        Abort::Notify(abort.clone()),
-    ) {
-        Ok(subscription) => subscription,
-        Err(full) => {
-            let body = serde_json::json!({ "error": full.to_string() }).to_string();
-            let head = format!(
-                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
-                 Cache-Control: no-store\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(head.as_bytes()).await;
-            return;
-        }
-    };
-    let mut head = Vec::with_capacity(256 + subscription.head.len());
-    head.extend_from_slice(
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
-          X-Accel-Buffering: no\r\nConnection: close\r\n",
-    );
+/// The headers of an SSE response, on both paths.
+pub const SSE_HEADERS: [(&str, &str); 3] = [
+    ("content-type", "text/event-stream"),
+    ("cache-control", "no-cache"),
+    // Tells nginx not to buffer the stream.
+    ("x-accel-buffering", "no"),
+];
+
+/// The whole response head the direct path writes: status, [`SSE_HEADERS`], the CORS header
+/// when the origin is allowed, and `Connection: close` (the body ends with the connection).
+pub fn response_head(cors: Option<&str>) -> Vec<u8> {
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    for (name, value) in SSE_HEADERS {
+        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
     if let Some(origin) = cors {
-        head.extend_from_slice(b"Access-Control-Allow-Origin: ");
+        head.extend_from_slice(b"access-control-allow-origin: ");
         head.extend_from_slice(origin.as_bytes());
-        head.extend_from_slice(b"\r\nVary: Origin\r\n");
+        head.extend_from_slice(b"\r\nvary: Origin\r\n");
     }
-    head.extend_from_slice(b"\r\n");
-    head.extend_from_slice(&subscription.head);
-    let mut reader = Reader {
-        hub,
-        sub: subscription,
-        done: false,
-    };
-    let aborted = abort.notified();
-    tokio::pin!(aborted);
-    if socket.write_all(&head).await.is_err() {
-        return;
-    }
-    drop(head);
-    let mut probe = [0u8; 16];
-    loop {
-        let chunk = tokio::select! {
-            () = &mut aborted => return,
-            chunk = reader.next_chunk() => chunk,
-            // The client never sends anything: readable means it closed (or misbehaves).
-            readable = socket.readable() => {
-                if readable.is_err() {
-                    return;
-                }
-                match socket.try_read(&mut probe) {
-                    Ok(0) => return,
-                    Ok(_) => continue,
-                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    Err(_) => return,
-                }
-            }
-        };
-        let Some(chunk) = chunk else {
-            // Shutdown or too far behind: end the response, the browser reconnects.
-            let _ = socket.shutdown().await;
-            return;
-        };
-        tokio::select! {
-            () = &mut aborted => return,
-            written = socket.write_all(&chunk) => if written.is_err() { return },
-        }
-    }
+    head.extend_from_slice(b"connection: close\r\n\r\n");
+    head
 }
 
 /// Frames gathered for one write: the first is shared as is, more are copied together.
@@ -405,7 +349,8 @@ impl Chunk {
         messages: &mut u64,
     ) {
         if let (Some(limit), Some(id)) = (*skip_until, item.id) {
-            if id <= limit {
+            // The client has this one already (same run, not after what it saw).
+            if id.run == limit.run && !id.follows(&limit) {
                 return;
             }
             *skip_until = None;

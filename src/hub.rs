@@ -35,7 +35,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use zeromq::{Socket, SocketEvent, SocketRecv, SubSocket};
 
-use crate::broker::MsgId;
+use crate::broker::{MsgId, REF, plain_str};
 use crate::event::EventConfig;
 use crate::message::{Ack, Acks};
 use crate::metrics::{DropReason, Metrics};
@@ -47,6 +47,9 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
 pub const KEEPALIVE_FRAME: &[u8] = b": keep-alive\n\n";
 /// Coalesce at most this many bytes of queued frames into one write for a client that lags.
 pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
+/// How far ahead of this node's newest message (in the same run) a `Last-Event-ID` may be and
+/// still be taken as "seen on another node, on its way here"; further ahead is reset.
+pub const MAX_AHEAD: u64 = 1024;
 
 /// One broadcast frame: a message (with its id, if the broker gave one) or a keep-alive.
 #[derive(Debug, Clone)]
@@ -142,8 +145,10 @@ pub struct Full(pub usize);
 
 /// A client's subscription: what to send first, then the live receiver.
 pub struct Subscription {
-    /// `retry:`, a comment that opens the stream at once, any `reset` notice, and the replay.
-    pub head: Bytes,
+    /// What to write first: `retry:` with a comment that opens the stream at once and any
+    /// `reset` notice, then the replayed frames — shared with the history, not copied. Written
+    /// once and dropped, so what a connection holds does not grow with the history.
+    pub replay: Vec<Bytes>,
     pub rx: broadcast::Receiver<Item>,
     /// Skip live messages up to this id (the client already has them).
     pub skip_until: Option<MsgId>,
@@ -233,40 +238,61 @@ impl Hub {
             key,
         };
 
-        let mut head = BytesMut::with_capacity(64);
-        head.put_slice(b"retry: ");
-        head.put_slice(itoa::Buffer::new().format(settings.retry_ms).as_bytes());
-        head.put_slice(b"\n: ok\n\n");
+        let mut opening = BytesMut::with_capacity(64);
+        opening.put_slice(b"retry: ");
+        opening.put_slice(itoa::Buffer::new().format(settings.retry_ms).as_bytes());
+        opening.put_slice(b"\n: ok\n\n");
+        let mut replay = Vec::new();
 
         let mut state = shared.lock();
         let now = Instant::now();
         state.history.expire(now);
         let mut skip_until = None;
         let requested = last_event_id.map(str::trim).filter(|id| !id.is_empty());
-        match requested {
+        let reset = |opening: &mut BytesMut, reason: &str| {
+            write_reset(opening, requested.unwrap_or_default(), reason);
+        };
+        match requested.map(|text| text.parse::<MsgId>()) {
             None => state
                 .history
-                .write_last(settings.initial_history, &mut head),
-            Some(text) => match text.parse::<MsgId>() {
-                Ok(id) if state.history.contains(id) => state.history.write_after(id, &mut head),
-                // The client is up to date, or ahead of this node (it saw a message on another
-                // node that has not reached this one yet): nothing to replay; skip what it
-                // already has.
-                Ok(id) if state.newest.is_some_and(|newest| id >= newest) => {
-                    skip_until = Some(id);
-                }
-                _ => {
-                    write_reset(
-                        &mut head,
-                        text,
-                        "the history does not reach back to this id",
-                    );
-                    state
-                        .history
-                        .write_last(settings.initial_history, &mut head);
-                }
-            },
+                .write_last(settings.initial_history, &mut replay),
+            Some(Ok(id)) if state.history.contains(id) => {
+                state.history.write_after(id, &mut replay);
+            }
+            // The client is up to date, or a little ahead of this node (it saw a message on
+            // another node that has not reached this one yet): nothing to replay; skip what it
+            // already has. Further ahead than that is no id this run will reach soon: reset.
+            Some(Ok(id))
+                if state.newest.is_some_and(|newest| {
+                    id.run == newest.run && id.seq >= newest.seq && id.seq - newest.seq <= MAX_AHEAD
+                }) =>
+            {
+                skip_until = Some(id);
+            }
+            Some(Ok(id)) => {
+                let reason = match state.newest {
+                    Some(newest) if id.run == newest.run && id.seq > newest.seq => {
+                        "this id is ahead of every message this server has seen"
+                    }
+                    Some(newest) if id.run != newest.run && !state.history.knows_run(id.run) => {
+                        "this id is from a broker run this server does not know"
+                    }
+                    _ => "the history does not reach back to this id",
+                };
+                reset(&mut opening, reason);
+                state
+                    .history
+                    .write_last(settings.initial_history, &mut replay);
+            }
+            Some(Err(())) => {
+                reset(&mut opening, "this is not a message id");
+                state
+                    .history
+                    .write_last(settings.initial_history, &mut replay);
+            }
         }
+        // Gap notices inside the replay are written between its frames.
+        replay.insert(0, opening.freeze());
         let tx = state.tx.as_ref();
         let rx = match tx {
             Some(tx) => tx.subscribe(),
@@ -288,7 +314,7 @@ impl Hub {
         drop(state);
 
         Ok(Subscription {
-            head: head.freeze(),
+            replay,
             rx,
             skip_until,
             slot,
@@ -318,7 +344,8 @@ impl Hub {
         &self.shared.metrics
     }
 
-    /// Takes one frame published by the broker: a message to fan out, or a rejection notice.
+    /// Takes one frame published by the broker: a message to fan out, or a notice for this
+    /// node's POSTs (a rejection, or "published already" for a retried idempotency key).
     pub fn ingest(&self, frame: &[u8]) {
         let shared = &self.shared;
         let head: Head<'_> = match serde_json::from_slice(frame) {
@@ -344,23 +371,17 @@ impl Hub {
             );
             return;
         }
+        if let Some(reference) = head.published.and_then(plain_str) {
+            shared.acks.resolve(reference, Ack::Published);
+            return;
+        }
         shared.metrics.received.inc();
         let id = head
             .id
             .and_then(plain_str)
             .and_then(|s| s.parse::<MsgId>().ok());
 
-        // The data line must be one line: re-serialize input that is not compact.
-        let compact;
-        let json: &[u8] = if memchr::memchr2(b'\n', b'\r', frame).is_some() {
-            let value: serde_json::Value =
-                serde_json::from_slice(frame).expect("parsed as an object above");
-            compact = serde_json::to_vec(&value).expect("serializing a JSON value");
-            &compact
-        } else {
-            frame
-        };
-        let mut sse = BytesMut::with_capacity(json.len() + 64);
+        let mut sse = BytesMut::with_capacity(frame.len() + 64);
         if let Some(id) = id {
             let mut number = itoa::Buffer::new();
             sse.put_slice(b"id: ");
@@ -370,44 +391,44 @@ impl Hub {
             sse.put_u8(b'\n');
         }
         sse.put_slice(b"event: msg\ndata: ");
-        sse.put_slice(json);
+        write_public_json(&mut sse, frame, head.reference.is_some());
         sse.put_slice(b"\n\n");
         let frame = sse.freeze();
 
         {
             let mut state = shared.lock();
             let now = Instant::now();
-            if id.is_some_and(|id| state.history.contains(id)) {
-                // The same message twice (a broker that re-sent it): clients have it already.
-                drop(state);
-                shared.metrics.dropped(DropReason::Duplicate);
-                return;
-            }
             if let Some(id) = id {
-                if let Some(newest) = state.newest
-                    && id.run == newest.run
-                    && id.seq > newest.seq + 1
-                {
-                    // Published ids are dense within a run: this node missed messages.
-                    let missed = id.seq - newest.seq - 1;
-                    tracing::warn!(missed, after = %newest, "messages missed between broker and this node");
-                    let mut notice = BytesMut::new();
-                    write_reset(
-                        &mut notice,
-                        &newest.to_string(),
-                        "messages were lost before reaching this server",
-                    );
-                    let notice = Item {
-                        id: None,
-                        frame: notice.freeze(),
-                        message: false,
-                    };
-                    state.broadcast(notice);
-                    state.history.mark_gap();
+                match state.newest {
+                    // Within the run: ids are dense and increasing. One already seen (a
+                    // broker that re-sent it) is dropped: clients have it.
+                    Some(newest) if id.run == newest.run && id.seq <= newest.seq => {
+                        drop(state);
+                        shared.metrics.dropped(DropReason::Duplicate);
+                        return;
+                    }
+                    Some(newest) if id.run == newest.run && id.seq > newest.seq + 1 => {
+                        // This node missed messages on their way from the broker.
+                        let missed = id.seq - newest.seq - 1;
+                        tracing::warn!(missed, after = %newest, "messages missed between broker and this node");
+                        let mut notice = BytesMut::new();
+                        write_reset(
+                            &mut notice,
+                            &newest.to_string(),
+                            "messages were lost before reaching this server",
+                        );
+                        state.broadcast(Item {
+                            id: None,
+                            frame: notice.freeze(),
+                            message: false,
+                        });
+                        state.history.mark_gap();
+                    }
+                    // The next id, the first one, or a new run: a new epoch, whatever the
+                    // numbers (runs are never compared for order).
+                    _ => {}
                 }
-                if state.newest.is_none_or(|newest| id > newest) {
-                    state.newest = Some(id);
-                }
+                state.newest = Some(id);
                 state.history.push(id, frame.clone(), now);
             }
             state.broadcast(Item {
@@ -557,16 +578,49 @@ struct Head<'a> {
     reference: Option<&'a RawValue>,
     #[serde(borrow, default)]
     reject: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    published: Option<&'a RawValue>,
     #[serde(default)]
     reason: Option<String>,
     #[serde(default)]
     status: Option<u16>,
 }
 
-/// The contents of a JSON string with no escapes (ids and refs never have any).
-fn plain_str(raw: &RawValue) -> Option<&str> {
-    let text = raw.get().strip_prefix('"')?.strip_suffix('"')?;
-    (!text.contains(['\\', '"'])).then_some(text)
+/// Writes a published message's JSON as one SSE data line: compact, and without the web
+/// node's `ref` (internal: never sent to browsers). The broker writes `ref` first, which is
+/// cut without parsing; anything else is re-serialized.
+fn write_public_json(out: &mut BytesMut, frame: &[u8], has_ref: bool) {
+    let one_line = memchr::memchr2(b'\n', b'\r', frame).is_none();
+    if !has_ref && one_line {
+        out.put_slice(frame);
+        return;
+    }
+    if one_line && let Some(rest) = after_leading_ref(frame) {
+        out.put_u8(b'{');
+        out.put_slice(rest);
+        return;
+    }
+    let mut value: serde_json::Value =
+        serde_json::from_slice(frame).expect("parsed as an object before");
+    if let Some(map) = value.as_object_mut() {
+        map.remove(REF);
+    }
+    out.put_slice(&serde_json::to_vec(&value).expect("serializing a JSON value"));
+}
+
+/// For a frame that starts `{"ref":"<no escapes>",`, what follows the comma (or `}` when
+/// `ref` is the only key).
+fn after_leading_ref(frame: &[u8]) -> Option<&[u8]> {
+    let rest = frame.strip_prefix(b"{\"ref\":\"")?;
+    let end = memchr::memchr2(b'"', b'\\', rest)?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    match rest.get(end + 1)? {
+        b',' => Some(&rest[end + 2..]),
+        b'}' => Some(&rest[end + 1..]),
+        _ => None,
+    }
 }
 
 /// Appends an `event: reset` frame: the client missed messages the server cannot replay.
@@ -577,16 +631,18 @@ fn write_reset(out: &mut BytesMut, last_event_id: &str, reason: &str) {
     out.put_slice(b"\n\n");
 }
 
-/// The bounded history of one web node: message frames by id, oldest first.
+/// The bounded history of one web node: message frames in the order they arrived, oldest
+/// first. Ids increase within a run; a new run (a restarted broker) is a new epoch that follows
+/// whatever came before, whatever its number.
 pub struct History {
-    entries: VecDeque<Entry>,
+    entries: VecDeque<HistoryEntry>,
     max_len: usize,
     max_age: Duration,
     /// Set when messages were lost; the next entry carries it as `gap_before`.
     gap_marker: bool,
 }
 
-struct Entry {
+struct HistoryEntry {
     id: MsgId,
     at: Instant,
     frame: Bytes,
@@ -604,15 +660,22 @@ impl History {
         }
     }
 
-    /// Appends a message; ids arrive in increasing order (an older one is not stored).
+    /// Appends a message. One that does not follow the newest of its run, or that is held
+    /// already, is not stored.
     pub fn push(&mut self, id: MsgId, frame: Bytes, now: Instant) {
-        if self.max_len == 0 || self.entries.back().is_some_and(|last| last.id >= id) {
+        if self.max_len == 0 {
+            return;
+        }
+        if let Some(last) = self.entries.back()
+            && (last.id.run == id.run && !id.follows(&last.id)
+                || last.id.run != id.run && self.contains(id))
+        {
             return;
         }
         if self.entries.len() == self.max_len {
             self.entries.pop_front();
         }
-        self.entries.push_back(Entry {
+        self.entries.push_back(HistoryEntry {
             id,
             at: now,
             frame,
@@ -637,35 +700,44 @@ impl History {
         }
     }
 
-    fn position(&self, id: MsgId) -> Result<usize, usize> {
-        self.entries.binary_search_by(|entry| entry.id.cmp(&id))
+    /// Where `id` is held. Reconnecting clients ask for recent ids: search from the newest.
+    fn position(&self, id: MsgId) -> Option<usize> {
+        self.entries.iter().rposition(|entry| entry.id == id)
     }
 
     pub fn contains(&self, id: MsgId) -> bool {
-        self.position(id).is_ok()
+        self.position(id).is_some()
     }
 
-    /// Writes every message after `id` (which must be in the history).
-    pub fn write_after(&self, id: MsgId, out: &mut BytesMut) {
+    /// Whether any message of this run is held.
+    pub fn knows_run(&self, run: u64) -> bool {
+        self.entries.iter().any(|entry| entry.id.run == run)
+    }
+
+    /// Adds every message after `id` (which must be in the history) to `out`.
+    pub fn write_after(&self, id: MsgId, out: &mut Vec<Bytes>) {
         let start = self.position(id).map_or(0, |i| i + 1);
         self.write_from(start, out);
     }
 
-    /// Writes the newest `count` messages.
-    pub fn write_last(&self, count: usize, out: &mut BytesMut) {
+    /// Adds the newest `count` messages to `out`.
+    pub fn write_last(&self, count: usize, out: &mut Vec<Bytes>) {
         self.write_from(self.entries.len().saturating_sub(count), out);
     }
 
-    fn write_from(&self, start: usize, out: &mut BytesMut) {
+    fn write_from(&self, start: usize, out: &mut Vec<Bytes>) {
+        out.reserve(self.entries.len() - start.min(self.entries.len()));
         for (i, entry) in self.entries.range(start..).enumerate() {
             if entry.gap_before && i > 0 {
+                let mut notice = BytesMut::new();
                 write_reset(
-                    out,
+                    &mut notice,
                     &self.entries[start + i - 1].id.to_string(),
                     "messages were lost before reaching this server",
                 );
+                out.push(notice.freeze());
             }
-            out.put_slice(&entry.frame);
+            out.push(entry.frame.clone());
         }
     }
 
@@ -714,13 +786,14 @@ mod tests {
             let mut history = History::new(max_len, max_age);
             let mut model: Vec<(MsgId, u64)> = Vec::new();
             let mut now_ms = 0u64;
-            let mut id = MsgId { run: 1, seq: 0 };
+            // Runs decrease: a broker restarted with its clock stepped back is a new epoch too.
+            let mut id = MsgId { run: 1_000_000, seq: 0 };
             for op in ops {
                 match op {
                     Op::Push { gap, after_ms } => {
                         now_ms += after_ms;
                         id = if gap == 0 {
-                            MsgId { run: id.run + 1, seq: 1 }
+                            MsgId { run: id.run - 1, seq: 1 }
                         } else {
                             MsgId { run: id.run, seq: id.seq + gap }
                         };
@@ -742,18 +815,18 @@ mod tests {
                 prop_assert_eq!(history.ids(), expected.clone());
                 for (i, held) in expected.iter().enumerate() {
                     prop_assert!(history.contains(*held));
-                    let mut out = BytesMut::new();
+                    let mut out = Vec::new();
                     history.write_after(*held, &mut out);
                     let replayed: Vec<u8> = expected[i + 1..].iter().flat_map(|id| frame(*id).to_vec()).collect();
-                    prop_assert_eq!(out.to_vec(), replayed);
+                    prop_assert_eq!(out.concat(), replayed);
                 }
-                let mut last = BytesMut::new();
+                let mut last = Vec::new();
                 history.write_last(2, &mut last);
                 let newest: Vec<u8> = expected[expected.len().saturating_sub(2)..]
                     .iter()
                     .flat_map(|id| frame(*id).to_vec())
                     .collect();
-                prop_assert_eq!(last.to_vec(), newest);
+                prop_assert_eq!(last.concat(), newest);
             }
         }
     }
@@ -767,9 +840,9 @@ mod tests {
         history.push(id(2), frame(id(2)), now);
         history.mark_gap();
         history.push(id(5), frame(id(5)), now);
-        let mut out = BytesMut::new();
+        let mut out = Vec::new();
         history.write_after(id(1), &mut out);
-        let text = String::from_utf8(out.to_vec()).unwrap();
+        let text = String::from_utf8(out.concat()).unwrap();
         assert_eq!(
             text,
             "id: 1-2\n\nevent: reset\ndata: {\"lastEventId\":\"1-2\",\"reason\":\"messages were lost before reaching this server\"}\n\nid: 1-5\n\n"

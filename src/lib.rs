@@ -13,7 +13,9 @@
 //! - [`broker`]: the Broker component: PULL → scripts → PUB.
 //! - [`script`]: the rhai moderation chain run by the broker, its sandbox and its reloader.
 //! - [`hub`]: one SUB socket per web node, the history ring and the in-process fan-out.
-//! - [`event`]: the Event controller, `GET /event/fetch` (SSE).
+//! - [`event`]: the Event controller, `GET /event/fetch` (SSE), on connections hyper serves.
+//! - [`direct`]: the accept loop (connection caps, deadlines) and the SSE connections served
+//!   straight from the socket.
 //! - [`message`]: the Message controller, `POST /message/broadcast`, and the PUSH publisher.
 //! - [`homepage`]: the Homepage root controller, `GET /`.
 //! - [`session`]: optional signed-cookie sessions (`enableSessions`).
@@ -26,6 +28,7 @@
 pub mod app;
 pub mod broker;
 pub mod config;
+pub mod direct;
 pub mod dsn;
 pub mod error;
 pub mod event;

@@ -210,7 +210,7 @@ fn run_script(file: &std::path::Path, message: &str, params: &str) -> ExitCode {
         }
     };
     let map = match Stamper::new(usize::MAX).stamp(message.as_bytes(), false) {
-        Ok(Stamped::Parsed(map)) => map,
+        Ok(Stamped::Parsed { map, .. }) => map,
         _ => {
             eprintln!("temma: --message is not a JSON object");
             return ExitCode::from(EXIT_CONFIG);

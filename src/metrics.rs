@@ -55,6 +55,24 @@ pub struct ScriptLabels {
     pub outcome: ScriptOutcome,
 }
 
+/// Why the front door refused a connection.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ConnectionRefusal {
+    /// `server.max_connections` were open.
+    MaxConnections,
+    /// `server.max_pending_heads` were still sending their head.
+    MaxPendingHeads,
+    /// Its head did not arrive within `server.head_timeout_secs`.
+    HeadTimeout,
+    /// The process was out of file descriptors.
+    Descriptors,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub reason: ConnectionRefusal,
+}
+
 /// A ZeroMQ socket, by the config key of its role (`broker.pull`).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SocketLabels {
@@ -106,6 +124,12 @@ pub struct Metrics {
     pub zmq_peers: Family<SocketLabels, Gauge>,
     /// Peers of a bound ZeroMQ socket dropped before or during their handshake.
     pub zmq_refused: Family<SocketLabels, Counter>,
+    /// HTTP connections open now.
+    pub connections: Gauge,
+    /// HTTP connections refused or closed early, by reason.
+    pub connections_refused: Family<RefusalLabels, Counter>,
+    /// SSE connections closed because a write made no progress in time.
+    pub write_stalls: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -212,8 +236,29 @@ impl Default for Metrics {
             "Peers of a bound ZeroMQ socket dropped before or during their handshake",
             zmq_refused.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "connections",
+            "HTTP connections open now",
+            connections.clone(),
+        );
+        let connections_refused = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "HTTP connections refused or closed early, by reason",
+            connections_refused.clone(),
+        );
+        let write_stalls = Counter::default();
+        registry.register(
+            "sse_write_stalls",
+            "SSE connections closed because a write made no progress in time",
+            write_stalls.clone(),
+        );
         Metrics {
             registry,
+            connections,
+            connections_refused,
+            write_stalls,
             zmq_peers,
             zmq_refused,
             sse_clients,
@@ -241,6 +286,13 @@ impl Metrics {
     /// Counts one dropped message.
     pub fn dropped(&self, reason: DropReason) {
         self.drops.get_or_create(&DropLabels { reason }).inc();
+    }
+
+    /// Counts one refused connection.
+    pub fn refused_connection(&self, reason: ConnectionRefusal) {
+        self.connections_refused
+            .get_or_create(&RefusalLabels { reason })
+            .inc();
     }
 
     /// The current count of drops for one reason.

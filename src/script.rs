@@ -692,8 +692,18 @@ pub struct Chain {
     metrics: Arc<Metrics>,
 }
 
-/// Keys the broker owns: a script may read them but its changes are undone.
-const OWNED_KEYS: [&str; 3] = ["id", "time", "ref"];
+/// Keys the broker owns: a script may read them but its changes are undone (and one it adds
+/// is removed): the id and time, the web node's reference, the client, and the keys of the
+/// broker's notices (a script that set `reject` would make web nodes take a published message
+/// for a refusal).
+const OWNED_KEYS: [&str; 6] = [
+    "id",
+    "time",
+    crate::broker::REF,
+    crate::broker::CLIENT,
+    "reject",
+    "published",
+];
 
 impl Chain {
     /// Loads every script of the configuration.
@@ -790,8 +800,25 @@ impl Chain {
                 None => message.remove(key),
             };
         }
-        let bytes =
+        // The client is for scripts only; `ref` goes first so web nodes cut it without parsing.
+        message.remove(crate::broker::CLIENT);
+        let reference = message.remove(crate::broker::REF);
+        let body =
             serde_json::to_vec(&Dynamic::from_map(message)).expect("a rhai map serializes to JSON");
+        let bytes = match reference {
+            None => body,
+            Some(reference) => {
+                let mut out = Vec::with_capacity(body.len() + 48);
+                out.extend_from_slice(b"{\"ref\":");
+                serde_json::to_writer(&mut out, &reference)
+                    .expect("a rhai value serializes to JSON");
+                if body.len() > 2 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(&body[1..]);
+                out
+            }
+        };
         Verdict::Pass(bytes.into())
     }
 }

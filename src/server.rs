@@ -18,7 +18,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use salvo::catcher::Catcher;
 use salvo::conn::tcp::TcpCoupler;
 use salvo::conn::{Accepted, Acceptor, Holding, StraightStream};
@@ -32,6 +31,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, RootController};
+use crate::direct::{Conn, Front};
 use crate::error::{JsonError, write_json};
 use crate::event::Fetch;
 use crate::homepage::{Homepage, INDEX};
@@ -49,6 +49,14 @@ pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 5;
 pub const HTTP_BUFFER_BYTES: usize = 64 * 1024;
 /// Default `server.write_stall_timeout_secs`.
 pub const DEFAULT_WRITE_STALL_TIMEOUT_SECS: u64 = 30;
+/// Default `server.head_timeout_secs`.
+pub const DEFAULT_HEAD_TIMEOUT_SECS: u64 = 10;
+/// Default `server.body_timeout_secs`.
+pub const DEFAULT_BODY_TIMEOUT_SECS: u64 = 10;
+/// Default `server.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+/// Default `server.max_pending_heads`.
+pub const DEFAULT_MAX_PENDING_HEADS: usize = 1024;
 
 /// The `[server]` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +76,21 @@ pub struct ServerConfig {
     /// that stopped reading). Default 30.
     #[serde(default = "default_write_stall")]
     pub write_stall_timeout_secs: u64,
+    /// Seconds a request head may take to arrive, whole (not per read); also how long a
+    /// kept-alive connection may wait for its next request. Default 10.
+    #[serde(default = "default_head_timeout")]
+    pub head_timeout_secs: u64,
+    /// Seconds a POST body may take to arrive, whole; then 408. Default 10.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout_secs: u64,
+    /// Open HTTP connections (SSE streams included); a new one past this gets a 503 and is
+    /// closed. Lowered at start to fit the process's descriptor limit. Default 16384.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections still sending their first request head; past this a new one gets a 503.
+    /// Default 1024.
+    #[serde(default = "default_max_pending_heads")]
+    pub max_pending_heads: usize,
     /// Kernel send buffer of each HTTP connection, in bytes; 0 (default) leaves it to the
     /// system's autotuning (up to several MB per connection). A bound caps the kernel memory an
     /// SSE client that stops reading can hold, and lets its queue fill (and the client be cut
@@ -93,6 +116,18 @@ fn default_grace() -> u64 {
 fn default_write_stall() -> u64 {
     DEFAULT_WRITE_STALL_TIMEOUT_SECS
 }
+fn default_head_timeout() -> u64 {
+    DEFAULT_HEAD_TIMEOUT_SECS
+}
+fn default_body_timeout() -> u64 {
+    DEFAULT_BODY_TIMEOUT_SECS
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_max_pending_heads() -> usize {
+    DEFAULT_MAX_PENDING_HEADS
+}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -101,6 +136,10 @@ impl Default for ServerConfig {
             static_dir: default_static_dir(),
             shutdown_grace_secs: default_grace(),
             write_stall_timeout_secs: default_write_stall(),
+            head_timeout_secs: default_head_timeout(),
+            body_timeout_secs: default_body_timeout(),
+            max_connections: default_max_connections(),
+            max_pending_heads: default_max_pending_heads(),
             socket_send_buffer_bytes: 0,
             cors_origins: Vec::new(),
         }
@@ -141,11 +180,19 @@ impl ServerConfig {
                 );
             }
         }
-        if self.write_stall_timeout_secs == 0 {
-            problem(
+        for (key, value) in [
+            (
                 "server.write_stall_timeout_secs",
-                "must be at least 1".to_owned(),
-            );
+                self.write_stall_timeout_secs,
+            ),
+            ("server.head_timeout_secs", self.head_timeout_secs),
+            ("server.body_timeout_secs", self.body_timeout_secs),
+            ("server.max_connections", self.max_connections as u64),
+            ("server.max_pending_heads", self.max_pending_heads as u64),
+        ] {
+            if value == 0 {
+                problem(key, "must be at least 1".to_owned());
+            }
         }
     }
 }
@@ -235,6 +282,7 @@ pub struct Routes {
     pub root: RootController,
     pub broadcast: Broadcast,
     pub hub: Hub,
+    pub front: Arc<Front>,
     pub metrics: Arc<Metrics>,
     pub sessions: Option<salvo::session::SessionHandler<salvo::session::CookieStore>>,
     pub cors_origins: Vec<String>,
@@ -247,6 +295,7 @@ pub fn router(routes: Routes) -> Service {
         root,
         broadcast,
         hub,
+        front,
         metrics,
         sessions,
         cors_origins,
@@ -268,7 +317,10 @@ pub fn router(routes: Routes) -> Service {
         .push(message)
         .push(
             Router::with_path("event/fetch")
-                .get(Fetch { hub: hub.clone() })
+                .get(Fetch {
+                    hub: hub.clone(),
+                    front,
+                })
                 .goal(MethodNotAllowed { allow: "GET" }),
         )
         .push(Router::with_path("health").get(Health {
@@ -408,34 +460,20 @@ pub fn bind(config: &ServerConfig) -> std::io::Result<tokio::net::TcpListener> {
 
 /// Connections waiting to be accepted.
 pub const LISTEN_BACKLOG: u32 = 1024;
-
-/// The longest request head read before a connection is handed on.
-pub const MAX_HEAD_BYTES: usize = 16 * 1024;
-/// How long a new connection may take to send its first request head.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections waiting between the accept loop and the HTTP server.
 const HANDOFF_QUEUE: usize = 1024;
 
-/// What the accept loop needs to serve SSE connections itself.
-#[derive(Clone)]
-pub struct Direct {
-    pub hub: Hub,
-    pub cors_origins: Arc<Vec<String>>,
-}
-
 /// Serves `service` on an already bound listener until `shutdown` fires, then lets open
-/// requests finish for up to `grace`.
+/// requests finish for up to `server.shutdown_grace_secs`.
 ///
-/// One accept loop reads the first request head of every connection. A connection that opens
-/// with `GET /event/fetch` is served by [`crate::event::serve_direct`] on the spot (no hyper
-/// buffers for a connection that will only ever stream); any other is handed, with the bytes
-/// already read, to salvo — which also serves an SSE request that comes later on a kept-alive
-/// connection.
+/// [`crate::direct::accept_loop`] takes every connection: it serves a connection that opens
+/// with `GET /event/fetch` itself, and hands any other, with the bytes already read, to salvo
+/// — which also serves an SSE request that comes later on a kept-alive connection.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: Service,
     config: ServerConfig,
-    direct: Direct,
+    front: Arc<Front>,
     tasks: tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -447,10 +485,10 @@ pub async fn serve(
         }
     };
     let (tx, rx) = tokio::sync::mpsc::channel(HANDOFF_QUEUE);
-    tasks.spawn(accept_loop(
+    tasks.spawn(crate::direct::accept_loop(
         listener,
         tx,
-        direct,
+        front,
         tasks.clone(),
         shutdown.clone(),
     ));
@@ -462,7 +500,10 @@ pub async fn serve(
             http_scheme: Scheme::HTTP,
         }],
     };
+    // The head timeout applies to every later request of a kept-alive connection too (and so
+    // bounds how long one may sit idle between requests).
     let fuse = FuseConfig::default()
+        .with_http1_header_timeout(Duration::from_secs(config.head_timeout_secs))
         .with_write_stall_timeout(Duration::from_secs(config.write_stall_timeout_secs));
     let mut server = Server::new(acceptor).fuse_config(fuse);
     // hyper buffers up to ~400 KB per connection by default; SSE frames are small, and a
@@ -479,86 +520,6 @@ pub async fn serve(
     }
 }
 
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
-    handoff: tokio::sync::mpsc::Sender<(Prefixed, std::net::SocketAddr)>,
-    direct: Direct,
-    tasks: tokio_util::task::TaskTracker,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((socket, peer)) => {
-                tasks.spawn(first_request(
-                    socket,
-                    peer,
-                    handoff.clone(),
-                    direct.clone(),
-                    shutdown.clone(),
-                ));
-            }
-            Err(error) => {
-                // Out of file descriptors, most likely: back off instead of spinning.
-                tracing::warn!(%error, "cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// Reads a connection's first request head and decides who serves it.
-async fn first_request(
-    mut socket: tokio::net::TcpStream,
-    peer: std::net::SocketAddr,
-    handoff: tokio::sync::mpsc::Sender<(Prefixed, std::net::SocketAddr)>,
-    direct: Direct,
-    shutdown: CancellationToken,
-) {
-    use tokio::io::AsyncReadExt;
-    let mut buffer = BytesMut::with_capacity(1024);
-    loop {
-        let read = tokio::select! {
-            () = shutdown.cancelled() => return,
-            read = tokio::time::timeout(HEAD_TIMEOUT, socket.read_buf(&mut buffer)) => read,
-        };
-        match read {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-            Ok(Ok(_)) => {}
-        }
-        let mut headers = [httparse::EMPTY_HEADER; 48];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&buffer) {
-            Ok(httparse::Status::Complete(length)) => {
-                // Only a lone GET (nothing pipelined after it) is served directly.
-                if length == buffer.len()
-                    && let Some(sse) = crate::event::SseRequest::from_head(&request)
-                {
-                    let cors = sse
-                        .origin
-                        .as_deref()
-                        .and_then(|origin| allowed_origin(&direct.cors_origins, origin));
-                    drop(buffer);
-                    crate::event::serve_direct(socket, sse, direct.hub, cors).await;
-                    return;
-                }
-                break;
-            }
-            Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD_BYTES => continue,
-            // Too long or malformed: hyper answers it.
-            _ => break,
-        }
-    }
-    let stream = Prefixed {
-        prefix: buffer.freeze(),
-        inner: socket,
-    };
-    let _ = handoff.send((stream, peer)).await;
-}
-
 /// The `Access-Control-Allow-Origin` value for a request from `origin`, if CORS allows it.
 pub fn allowed_origin(origins: &[String], origin: &str) -> Option<String> {
     if origins.iter().any(|o| o == "*") {
@@ -570,72 +531,15 @@ pub fn allowed_origin(origins: &[String], origin: &str) -> Option<String> {
     }
 }
 
-/// A connection whose first bytes were already read: they are read again first.
-pub struct Prefixed {
-    prefix: Bytes,
-    inner: tokio::net::TcpStream,
-}
-
-impl tokio::io::AsyncRead for Prefixed {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix.split_to(n));
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Prefixed {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// Feeds salvo the connections the accept loop hands on.
 struct HandOff {
-    rx: tokio::sync::mpsc::Receiver<(Prefixed, std::net::SocketAddr)>,
+    rx: tokio::sync::mpsc::Receiver<(Conn, std::net::SocketAddr)>,
     holdings: Vec<Holding>,
 }
 
 impl Acceptor for HandOff {
     type Coupler = TcpCoupler<Self::Stream>;
-    type Stream = StraightStream<Prefixed>;
+    type Stream = StraightStream<Conn>;
 
     fn holdings(&self) -> &[Holding] {
         &self.holdings

@@ -239,10 +239,6 @@ async fn garbage_on_the_broker_port_is_counted_and_dropped() {
             bytes::Bytes::from_static(b",\"text\":\"b\"}"),
         ])
         .unwrap(),
-        ZmqMessage::from(format!(
-            r#"{{"from":"a","text":"{}"}}"#,
-            "x".repeat(1 << 20)
-        )),
         ZmqMessage::from(vec![0xff, 0xfe, 0x00]),
     ];
     for message in garbage {
@@ -273,7 +269,9 @@ async fn garbage_on_the_broker_port_is_counted_and_dropped() {
     assert_eq!(metrics.drops(InvalidJson), 2);
     assert_eq!(metrics.drops(NotAnObject), 2);
     assert_eq!(metrics.drops(Multipart), 1);
-    assert_eq!(metrics.drops(Oversize), 1);
+    // A frame over `broker.max_frame_bytes` disconnects its sender before it is read whole
+    // (tests/front_door.rs); it never reaches the stamper.
+    assert_eq!(metrics.drops(Oversize), 0);
     app.stop().await;
 }
 

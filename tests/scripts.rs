@@ -34,7 +34,7 @@ fn load(file: &Path, params: Value) -> Script {
 /// A message as the broker hands it to scripts: stamped with an id and a time.
 fn message(value: Value) -> Map {
     match Stamper::new(usize::MAX).stamp(value.to_string().as_bytes(), false) {
-        Ok(Stamped::Parsed(map)) => map,
+        Ok(Stamped::Parsed { map, .. }) => map,
         _ => panic!("not an object: {value}"),
     }
 }

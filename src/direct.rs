@@ -1,0 +1,644 @@
+//! Every HTTP connection before hyper sees it, and the SSE connections hyper never sees.
+//!
+//! One accept loop takes every connection. It holds the caps (`server.max_connections` open,
+//! `server.max_pending_heads` still sending their first request head: past either, a new
+//! connection gets a `503` and is closed at once) and survives descriptor exhaustion calmly: it
+//! keeps one descriptor in reserve, and when `accept()` fails for lack of descriptors it gives
+//! the reserve up to accept the waiting connection and close it, then takes it back, pausing
+//! between attempts instead of spinning.
+//!
+//! Each connection's first request head must arrive whole within `server.head_timeout_secs`
+//! (one deadline for the whole head, not per read). A connection that opens with
+//! `GET /event/fetch` (nothing pipelined after it) is served here, straight from the socket: a
+//! response head, the replay, then the frames, each write bounded by
+//! `server.write_stall_timeout_secs`, and the connection closed as soon as the client closes,
+//! sends anything more, stops reading (the hub's sweep aborts it), or the server shuts down.
+//! Any other connection is handed to hyper with the bytes already read ([`Conn`]).
+//!
+//! Per idle SSE client this keeps a task, the socket and the client's place in the hub: a few
+//! KiB, none of it growing with the history (the replay is written from the history's own
+//! frames and dropped).
+
+use std::collections::{HashMap, VecDeque};
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::event::{self, Reader};
+use crate::hub::{Abort, Hub};
+use crate::metrics::{ConnectionRefusal, Metrics};
+
+/// The longest request head read before a connection is handed on.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// How long the accept loop pauses when it cannot accept (out of descriptors).
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Descriptors kept free for everything that is not a client connection (ZeroMQ, files,
+/// scripts' reloads) when `server.max_connections` is fitted to the process's limit.
+pub const RESERVED_DESCRIPTORS: u64 = 256;
+/// Frames written per `writev`.
+const MAX_SLICES: usize = 64;
+
+/// The limits of the HTTP front door.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_pending_heads: usize,
+    pub head_timeout: Duration,
+    pub write_stall: Duration,
+}
+
+/// What the accept loop shares with every connection.
+pub struct Front {
+    pub hub: Hub,
+    pub cors_origins: Arc<Vec<String>>,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    open: AtomicUsize,
+    pending: AtomicUsize,
+    /// The sockets of connections hyper serves, by peer address, so that an SSE response on
+    /// one of them can watch for the client closing (hyper does not read while it streams).
+    sockets: Mutex<HashMap<SocketAddr, Weak<TcpStream>>>,
+}
+
+impl Front {
+    pub fn new(
+        hub: Hub,
+        cors_origins: Vec<String>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Front> {
+        Arc::new(Front {
+            hub,
+            cors_origins: Arc::new(cors_origins),
+            limits,
+            metrics,
+            open: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            sockets: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The socket of a connection hyper serves, for an SSE response to watch.
+    pub fn socket(&self, peer: SocketAddr) -> Option<Arc<TcpStream>> {
+        self.lock_sockets().get(&peer).and_then(Weak::upgrade)
+    }
+
+    fn lock_sockets(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Weak<TcpStream>>> {
+        self.sockets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn refuse(&self, reason: ConnectionRefusal) {
+        self.metrics.refused_connection(reason);
+    }
+}
+
+/// Counts a connection as open until dropped.
+pub struct Open {
+    front: Arc<Front>,
+    peer: SocketAddr,
+    registered: bool,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.front.open.fetch_sub(1, Ordering::AcqRel);
+        self.front.metrics.connections.dec();
+        if self.registered {
+            let mut sockets = self.front.lock_sockets();
+            if sockets
+                .get(&self.peer)
+                .is_some_and(|socket| socket.strong_count() == 0)
+            {
+                sockets.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Counts a connection whose first head is not read yet.
+struct Pending<'a>(&'a Front);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Accepts connections until shutdown; see the module documentation.
+pub async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    handoff: tokio::sync::mpsc::Sender<(Conn, SocketAddr)>,
+    front: Arc<Front>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let mut reserve = std::fs::File::open("/dev/null").ok();
+    let mut failures = Failures::default();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (socket, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                let exhausted = matches!(error.raw_os_error(), Some(23 | 24)); // ENFILE, EMFILE
+                failures.note(&error, exhausted);
+                if exhausted && reserve.take().is_some() {
+                    // Give the reserve up to take the waiting connection off the backlog and
+                    // close it: its client gets an answer (a reset) instead of a hang.
+                    if let Ok((socket, _)) = listener.accept().await {
+                        drop(socket);
+                        front.refuse(ConnectionRefusal::Descriptors);
+                    }
+                    reserve = std::fs::File::open("/dev/null").ok();
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
+                continue;
+            }
+        };
+        if reserve.is_none() {
+            reserve = std::fs::File::open("/dev/null").ok();
+        }
+        let limits = &front.limits;
+        if front.open.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
+            front.open.fetch_sub(1, Ordering::AcqRel);
+            front.refuse(ConnectionRefusal::MaxConnections);
+            refuse_now(
+                &socket,
+                &format!(
+                    "too many connections: this server holds at most {}",
+                    limits.max_connections
+                ),
+            );
+            continue;
+        }
+        front.metrics.connections.inc();
+        let open = Open {
+            front: front.clone(),
+            peer,
+            registered: false,
+        };
+        if front.pending.fetch_add(1, Ordering::AcqRel) >= limits.max_pending_heads {
+            front.pending.fetch_sub(1, Ordering::AcqRel);
+            front.refuse(ConnectionRefusal::MaxPendingHeads);
+            refuse_now(
+                &socket,
+                &format!(
+                    "too many connections still sending their request: at most {}",
+                    limits.max_pending_heads
+                ),
+            );
+            continue;
+        }
+        tasks.spawn(first_request(
+            socket,
+            peer,
+            open,
+            handoff.clone(),
+            shutdown.clone(),
+        ));
+    }
+}
+
+/// Accept failures, logged calmly: the first at once, then a summary at most every 10 s.
+#[derive(Default)]
+struct Failures {
+    last_logged: Option<Instant>,
+    since: u64,
+}
+
+impl Failures {
+    fn note(&mut self, error: &std::io::Error, exhausted: bool) {
+        self.since += 1;
+        if self
+            .last_logged
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(10))
+        {
+            return;
+        }
+        if exhausted {
+            tracing::error!(%error, failures = self.since, "out of file descriptors: refusing connections; raise `ulimit -n` or lower `server.max_connections`");
+        } else {
+            tracing::warn!(%error, failures = self.since, "cannot accept a connection");
+        }
+        self.last_logged = Some(Instant::now());
+        self.since = 0;
+    }
+}
+
+/// Answers `503` with a JSON error on a connection that will not be served, without waiting:
+/// a new socket's send buffer takes a short answer at once, or the client gets nothing.
+fn refuse_now(socket: &TcpStream, message: &str) {
+    let response = error_response(503, "Service Unavailable", message);
+    let _ = socket.try_write(&response);
+}
+
+/// A complete `Connection: close` JSON error response.
+pub fn error_response(status: u16, reason: &str, message: &str) -> Vec<u8> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Reads a connection's first request head, with one deadline for all of it, and decides who
+/// serves it.
+async fn first_request(
+    socket: TcpStream,
+    peer: SocketAddr,
+    mut open: Open,
+    handoff: tokio::sync::mpsc::Sender<(Conn, SocketAddr)>,
+    shutdown: CancellationToken,
+) {
+    use tokio::io::AsyncReadExt;
+    let front = open.front.clone();
+    let pending = Pending(&front);
+    let mut socket = socket;
+    let mut buffer = BytesMut::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + front.limits.head_timeout;
+    loop {
+        let read = tokio::select! {
+            () = shutdown.cancelled() => return,
+            read = tokio::time::timeout_at(deadline, socket.read_buf(&mut buffer)) => read,
+        };
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Err(_) => {
+                front.refuse(ConnectionRefusal::HeadTimeout);
+                if !buffer.is_empty() {
+                    let _ = socket.try_write(&error_response(
+                        408,
+                        "Request Timeout",
+                        "the request head did not arrive in time",
+                    ));
+                }
+                return;
+            }
+            Ok(Ok(_)) => {}
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 48];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buffer) {
+            Ok(httparse::Status::Complete(length)) => {
+                // Only a lone GET (nothing pipelined after it) is served directly.
+                if length == buffer.len()
+                    && let Some(sse) = SseRequest::from_head(&request)
+                {
+                    drop(pending);
+                    drop(buffer);
+                    serve_sse(socket, sse, &front, &shutdown).await;
+                    drop(open);
+                    return;
+                }
+                break;
+            }
+            Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD_BYTES => continue,
+            // Too long or malformed: hyper answers it.
+            _ => break,
+        }
+    }
+    drop(pending);
+    let socket = Arc::new(socket);
+    front.lock_sockets().insert(peer, Arc::downgrade(&socket));
+    open.registered = true;
+    let conn = Conn {
+        prefix: buffer.freeze(),
+        socket,
+        _open: open,
+    };
+    let _ = handoff.send((conn, peer)).await;
+}
+
+/// What the direct path needs from a parsed `GET /event/fetch`.
+#[derive(Debug, Default)]
+pub struct SseRequest {
+    pub last_event_id: Option<String>,
+    pub origin: Option<String>,
+}
+
+impl SseRequest {
+    /// Reads a parsed request head: `Some` if it is `GET /event/fetch` (any query).
+    pub fn from_head(request: &httparse::Request<'_, '_>) -> Option<SseRequest> {
+        if request.method != Some("GET") {
+            return None;
+        }
+        let target = request.path?;
+        let (path, query) = match target.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (target, None),
+        };
+        if path != event::FETCH_PATH {
+            return None;
+        }
+        let header = |name: &str| {
+            request
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .and_then(|h| std::str::from_utf8(h.value).ok())
+                .map(str::to_owned)
+        };
+        Some(SseRequest {
+            last_event_id: header("last-event-id")
+                .or_else(|| query.and_then(event::query_last_event_id)),
+            origin: header("origin"),
+        })
+    }
+}
+
+/// Why a direct SSE connection ended early.
+enum Ended {
+    /// The client closed, sent something, or a write failed.
+    Gone,
+    /// A write made no progress for `server.write_stall_timeout_secs`.
+    Stalled,
+    /// The hub's sweep cut off a client that stopped reading.
+    Aborted,
+    /// The server shuts down.
+    Shutdown,
+}
+
+/// Serves an SSE connection whose first request is `GET /event/fetch`; see the module
+/// documentation.
+async fn serve_sse(
+    socket: TcpStream,
+    request: SseRequest,
+    front: &Front,
+    shutdown: &CancellationToken,
+) {
+    let abort = Arc::new(tokio::sync::Notify::new());
+    let cors = request
+        .origin
+        .as_deref()
+        .and_then(|origin| crate::server::allowed_origin(&front.cors_origins, origin));
+    let mut out = Out {
+        socket,
+        pending: VecDeque::new(),
+        stall: front.limits.write_stall,
+    };
+    let mut subscription = match front.hub.subscribe(
+        request.last_event_id.as_deref(),
+        Abort::Notify(abort.clone()),
+    ) {
+        Ok(subscription) => subscription,
+        Err(full) => {
+            out.pending.push_back(Bytes::from(error_response(
+                503,
+                "Service Unavailable",
+                &full.to_string(),
+            )));
+            let _ = out.flush(&abort, shutdown).await;
+            return;
+        }
+    };
+    out.pending
+        .push_back(event::response_head(cors.as_deref()).into());
+    out.pending.extend(std::mem::take(&mut subscription.replay));
+    let mut reader = Reader::new(front.hub.clone(), subscription);
+    let ended = loop {
+        if let Err(ended) = out.flush(&abort, shutdown).await {
+            break ended;
+        }
+        let chunk = tokio::select! {
+            () = abort.notified() => break Ended::Aborted,
+            () = shutdown.cancelled() => break Ended::Shutdown,
+            () = closed(&out.socket) => break Ended::Gone,
+            chunk = reader.next_chunk() => chunk,
+        };
+        match chunk {
+            Some(chunk) => out.pending.push_back(chunk),
+            None => {
+                // The hub ended the stream (shutdown, or too far behind): the browser
+                // reconnects. Say so cleanly.
+                let _ = tokio::time::timeout(
+                    front.limits.write_stall,
+                    tokio::io::AsyncWriteExt::shutdown(&mut out.socket),
+                )
+                .await;
+                return;
+            }
+        }
+    };
+    if let Ended::Stalled = ended {
+        front.hub.metrics().write_stalls.inc();
+        tracing::debug!("SSE write stalled; connection closed");
+    }
+    // Dropping the socket closes it; dropping the reader frees the client's place.
+}
+
+/// A direct SSE connection's socket and what is queued for it.
+struct Out {
+    socket: TcpStream,
+    pending: VecDeque<Bytes>,
+    stall: Duration,
+}
+
+impl Out {
+    /// Writes everything pending, each `writev` bounded by the stall timeout, while watching
+    /// for the sweep's abort, shutdown and the client going away.
+    async fn flush(
+        &mut self,
+        abort: &tokio::sync::Notify,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Ended> {
+        while !self.pending.is_empty() {
+            let written = {
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                let mut count = 0;
+                for (slice, frame) in slices.iter_mut().zip(&self.pending) {
+                    *slice = IoSlice::new(frame);
+                    count += 1;
+                }
+                tokio::select! {
+                    () = abort.notified() => return Err(Ended::Aborted),
+                    () = shutdown.cancelled() => return Err(Ended::Shutdown),
+                    written = tokio::time::timeout(self.stall, write_vectored(&self.socket, &slices[..count])) => written,
+                }
+            };
+            let mut written = match written {
+                Err(_) => return Err(Ended::Stalled),
+                Ok(Err(_)) | Ok(Ok(0)) => return Err(Ended::Gone),
+                Ok(Ok(n)) => n,
+            };
+            while written > 0 {
+                let front = self.pending.front_mut().expect("written from pending");
+                if written >= front.len() {
+                    written -= front.len();
+                    self.pending.pop_front();
+                } else {
+                    bytes::Buf::advance(front, written);
+                    written = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One `writev` on a shared socket.
+async fn write_vectored(socket: &TcpStream, slices: &[IoSlice<'_>]) -> std::io::Result<usize> {
+    loop {
+        socket.writable().await?;
+        match socket.try_write_vectored(slices) {
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            result => return result,
+        }
+    }
+}
+
+/// Resolves when the client of an SSE stream is gone: it closed (EOF: browsers never
+/// half-close an event stream), reset, or sent anything at all (an SSE client sends nothing
+/// after its request; what it sends is not read, so the connection is closed rather than
+/// spinning on it).
+pub async fn closed(socket: &TcpStream) {
+    std::future::poll_fn(|cx| poll_closed(socket, cx)).await
+}
+
+/// [`closed`] as a poll function.
+pub fn poll_closed(socket: &TcpStream, cx: &mut Context<'_>) -> Poll<()> {
+    let mut probe = [0u8; 64];
+    loop {
+        if ready!(socket.poll_read_ready(cx)).is_err() {
+            return Poll::Ready(());
+        }
+        match socket.try_read(&mut probe) {
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            _ => return Poll::Ready(()),
+        }
+    }
+}
+
+/// A connection handed to hyper: the bytes the accept loop already read come first. The socket
+/// is shared with [`Front`]'s registry (readiness-based I/O on `&TcpStream`), so that an SSE
+/// response hyper streams can watch it for the client closing.
+pub struct Conn {
+    prefix: Bytes,
+    socket: Arc<TcpStream>,
+    _open: Open,
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            ready!(self.socket.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match self.socket.try_read(unfilled) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            ready!(self.socket.poll_write_ready(cx))?;
+            match self.socket.try_write(buf) {
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        loop {
+            ready!(self.socket.poll_write_ready(cx))?;
+            match self.socket.try_write_vectored(bufs) {
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let result = socket2::SockRef::from(&*self.socket).shutdown(std::net::Shutdown::Write);
+        Poll::Ready(match result {
+            Err(error) if error.kind() == std::io::ErrorKind::NotConnected => Ok(()),
+            other => other,
+        })
+    }
+}
+
+/// The soft limit on open descriptors, raised to the hard limit when it is lower; `None` where
+/// it cannot be read.
+pub fn descriptor_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            limit = raised;
+        }
+    }
+    limit.current
+}
+
+/// `server.max_connections` fitted to the descriptors this process may open.
+pub fn fit_max_connections(configured: usize) -> usize {
+    match descriptor_limit() {
+        Some(limit) => {
+            let usable = limit.saturating_sub(RESERVED_DESCRIPTORS).max(16) as usize;
+            if usable < configured {
+                tracing::warn!(
+                    configured,
+                    used = usable,
+                    descriptors = limit,
+                    "`server.max_connections` lowered to fit the descriptor limit (`ulimit -n`)"
+                );
+                usable
+            } else {
+                configured
+            }
+        }
+        None => configured,
+    }
+}
