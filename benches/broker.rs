@@ -311,7 +311,7 @@ fn per_script(calls: usize, json: bool, extra: Option<(String, String)>) {
         let mut script = spec.load().expect("bundled script loads");
         let messages: Vec<_> = (0..calls)
             .map(|i| match stamper.stamp(&frame(i, i % 1000), false) {
-                Ok(Stamped::Parsed(map)) => map,
+                Ok(Stamped::Parsed { map, .. }) => map,
                 _ => unreachable!(),
             })
             .collect();
