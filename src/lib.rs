@@ -18,6 +18,7 @@
 //!   straight from the socket.
 //! - [`message`]: the Message controller, `POST /message/broadcast`, and the PUSH publisher.
 //! - [`homepage`]: the Homepage root controller, `GET /`.
+//! - [`request`]: who sent a request: the cross-site rule and the client address.
 //! - [`session`]: optional signed-cookie sessions (`enableSessions`).
 //! - [`metrics`]: the counters every component updates and `GET /metrics` renders.
 //! - [`server`]: the HTTP router and server (salvo).
@@ -36,6 +37,7 @@ pub mod homepage;
 pub mod hub;
 pub mod message;
 pub mod metrics;
+pub mod request;
 pub mod script;
 pub mod server;
 pub mod session;

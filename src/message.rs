@@ -17,12 +17,11 @@
 //! so the task rebuilds the socket when the broker goes away and resends the returned message.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use rand::RngExt;
 use salvo::http::StatusCode;
 use salvo::prelude::*;
 use salvo::session::SessionDepotExt;
@@ -35,6 +34,7 @@ use zeromq::{PushSocket, Socket, SocketEvent, SocketSend, ZmqError, ZmqMessage};
 use crate::config::DEFAULT_CLIENT_PUSH;
 use crate::error::{JsonError, write_json};
 use crate::metrics::{DropReason, Metrics, PostLabels};
+use crate::request::TrustedProxy;
 use crate::socket;
 
 /// Default `message.max_from_chars`.
@@ -143,26 +143,19 @@ pub enum Ack {
 }
 
 /// Messages this node sent and still waits for, by reference. A reference is
-/// `<node>-<n>`: a random node id, so that each node recognises its own messages among those
-/// every node receives, and a counter.
+/// `<node>-<secret>`: a random node id, so that each node recognises its own messages among
+/// those every node receives, and 128 random bits per message, so that nobody can guess the
+/// reference of another sender's next message and forge its outcome. References are never
+/// sent to browsers.
 pub struct Acks {
     node: String,
-    next: AtomicU64,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Ack>>>,
+    pending: Mutex<HashMap<u128, oneshot::Sender<Ack>>>,
 }
 
 impl Default for Acks {
     fn default() -> Self {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u32(std::process::id());
-        hasher.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
         Acks {
-            node: format!("{:016x}", hasher.finish()),
-            next: AtomicU64::new(1),
+            node: format!("{:016x}", rand::rng().random::<u64>()),
             pending: Mutex::new(HashMap::new()),
         }
     }
@@ -176,35 +169,42 @@ impl Acks {
     /// A new reference to tag a message with, and where its outcome will arrive. Dropping the
     /// registration (the request answered, timed out, or its client went away) forgets it.
     pub fn register(self: &Arc<Self>) -> Registration {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(n, tx);
+        let mut pending = self.lock();
+        let secret = loop {
+            let secret = rand::rng().random::<u128>();
+            if !pending.contains_key(&secret) {
+                break secret;
+            }
+        };
+        pending.insert(secret, tx);
+        drop(pending);
         Registration {
-            reference: format!("{}-{n}", self.node),
+            reference: format!("{}-{secret:032x}", self.node),
             outcome: rx,
             acks: self.clone(),
-            key: n,
+            key: secret,
         }
     }
 
     /// Delivers the outcome of a message, if it is one of this node's.
     pub fn resolve(&self, reference: &str, ack: Ack) {
-        let Some((node, n)) = reference.rsplit_once('-') else {
+        let Some((node, secret)) = reference.rsplit_once('-') else {
             return;
         };
-        if node != self.node {
+        if node != self.node || secret.len() != 32 {
             return;
         }
-        let Ok(n) = n.parse::<u64>() else {
+        let Ok(secret) = u128::from_str_radix(secret, 16) else {
             return;
         };
-        if let Some(tx) = self.lock().remove(&n) {
+        if let Some(tx) = self.lock().remove(&secret) {
             let _ = tx.send(ack);
         }
     }
 
-    fn forget(&self, n: u64) {
-        self.lock().remove(&n);
+    fn forget(&self, secret: u128) {
+        self.lock().remove(&secret);
     }
 
     /// Messages still waiting for their outcome.
@@ -212,7 +212,7 @@ impl Acks {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Ack>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u128, oneshot::Sender<Ack>>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -224,13 +224,26 @@ pub struct Registration {
     /// Where its outcome arrives.
     pub outcome: oneshot::Receiver<Ack>,
     acks: Arc<Acks>,
-    key: u64,
+    key: u128,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         self.acks.forget(self.key);
     }
+}
+
+/// A message as a web node sends it to the broker. `ref` comes first: the broker keeps it
+/// there, and web nodes cut it from the frame they send browsers without parsing it.
+#[derive(serde::Serialize)]
+struct Wire<'a> {
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    client: &'a str,
+    from: &'a str,
+    text: &'a str,
 }
 
 /// Why a message could not be published.
@@ -293,39 +306,50 @@ impl Publisher {
     }
 
     /// Publishes one message and waits for its outcome, at most `publish_timeout_ms`.
-    pub async fn publish(&self, from: &str, text: &str) -> Result<(), PublishError> {
+    pub async fn publish(&self, message: &Checked, client: &str) -> Result<(), PublishError> {
         let deadline = Instant::now() + self.timeout;
-        let waited = |what: &str| {
+        let ms = self.timeout.as_millis();
+        // Sent to the broker, not confirmed: it may still be published later.
+        let unconfirmed = |what: &str| {
             PublishError::Unavailable(format!(
-                "{what} within {} ms; try again",
-                self.timeout.as_millis()
+                "{what} within {ms} ms: the message may still appear; to retry without \
+                 sending it twice, send it again with the same `Idempotency-Key`"
             ))
         };
         let shutting_down = || PublishError::Unavailable("the server is shutting down".into());
-        let mut body = serde_json::json!({ "from": from, "text": text });
         // Confirming: wait for the message to come back published. Otherwise: wait for ZeroMQ
         // to take it.
         let mut pending = None;
         let mut taken = None;
         let sent = if self.confirm {
-            let registration = self.acks.register();
-            body["ref"] = registration.reference.clone().into();
-            pending = Some(registration);
+            pending = Some(self.acks.register());
             None
         } else {
             let (tx, rx) = oneshot::channel();
             taken = Some(rx);
             Some(tx)
         };
+        let wire = Wire {
+            reference: pending.as_ref().map(|r| r.reference.as_str()),
+            key: message.key.as_deref(),
+            client,
+            from: &message.from,
+            text: &message.text,
+        };
         let outgoing = Outgoing {
-            frame: serde_json::to_vec(&body).expect("serializing JSON").into(),
+            frame: serde_json::to_vec(&wire).expect("serializing JSON").into(),
             deadline,
             sent,
         };
         match tokio::time::timeout_at(deadline, self.tx.send(outgoing)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(shutting_down()),
-            Err(_) => return Err(waited("the queue to the broker did not free up")),
+            Err(_) => {
+                return Err(PublishError::Unavailable(format!(
+                    "the server is busy: the queue to the broker did not free up within {ms} \
+                     ms; the message was not sent, try again"
+                )));
+            }
         }
         if let Some(mut registration) = pending {
             match tokio::time::timeout_at(deadline, &mut registration.outcome).await {
@@ -334,13 +358,13 @@ impl Publisher {
                     Err(PublishError::Rejected { reason, status })
                 }
                 Ok(Err(_)) => Err(shutting_down()),
-                Err(_) => Err(waited("the broker did not publish the message")),
+                Err(_) => Err(unconfirmed("the broker did not confirm the message")),
             }
         } else {
             let taken = taken.expect("created when not confirming");
             match tokio::time::timeout_at(deadline, taken).await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) | Err(_) => Err(waited("the broker could not be reached")),
+                Ok(Err(_)) | Err(_) => Err(unconfirmed("the broker could not be reached")),
             }
         }
     }
@@ -409,6 +433,8 @@ impl PushTask {
 pub struct Fields {
     pub from: Option<String>,
     pub text: Option<String>,
+    /// The idempotency key, when given as a field rather than a header.
+    pub key: Option<String>,
 }
 
 impl Fields {
@@ -416,9 +442,10 @@ impl Fields {
         let slot = match name {
             "from" => &mut self.from,
             "text" => &mut self.text,
+            "key" => &mut self.key,
             other => {
                 return Err(JsonError::bad_request(format!(
-                    "unknown field `{}`; a message has `from` and `text`",
+                    "unknown field `{}`; a message has `from`, `text` and an optional `key`",
                     other.escape_default()
                 )));
             }
@@ -508,7 +535,7 @@ fn parse_json(body: &[u8]) -> Result<Fields, JsonError> {
     for (name, value) in members {
         match value {
             serde_json::Value::String(value) => fields.set(&name, value)?,
-            serde_json::Value::Null if matches!(name.as_str(), "from" | "text") => {}
+            serde_json::Value::Null if matches!(name.as_str(), "from" | "text" | "key") => {}
             other => {
                 fields.set(&name, String::new())?;
                 return Err(JsonError::bad_request(format!(
@@ -588,20 +615,77 @@ async fn parse_multipart(body: Bytes, boundary: String) -> Result<Fields, JsonEr
 pub struct Checked {
     pub from: String,
     pub text: String,
+    /// The client's idempotency key, if it sent one.
+    pub key: Option<String>,
 }
 
-/// Applies the rules for both fields.
+/// The longest idempotency key.
+pub const MAX_KEY_CHARS: usize = 64;
+
+/// Applies the rules for both fields and the idempotency key.
 ///
 /// - Both are trimmed; a missing or blank one is refused (Temma's `"0"` quirk is not kept).
-/// - `from` may hold no control character at all (a name is one line).
+/// - `from` may hold no control character at all (a name is one line), no format or other
+///   invisible character (zero-width spaces and joiners, bidirectional controls, fillers: a
+///   name that looks like another must be another), and no whitespace but the space.
 /// - `text` may hold line feeds and tabs (multi-line messages); CR LF and lone CR become LF;
-///   any other control character (NUL, ESC, …) is refused. SSE frames cannot be split either
-///   way: the JSON data line escapes every control character.
+///   any other control character (NUL, ESC, …) is refused, and so is a text with nothing
+///   visible (only invisible characters and spaces). SSE frames cannot be split either way:
+///   the JSON data line escapes every control character.
 /// - Lengths are counted in characters, after trimming.
+/// - The key, if any, is 1 to 64 of `A-Z a-z 0-9 . _ : -` (a UUID fits).
 pub fn check(fields: Fields, config: &MessageConfig) -> Result<Checked, JsonError> {
     let from = check_field("from", fields.from, config.max_from_chars, false)?;
     let text = check_field("text", fields.text, config.max_text_chars, true)?;
-    Ok(Checked { from, text })
+    let key = fields.key.map(|key| check_key(&key)).transpose()?;
+    Ok(Checked { from, text, key })
+}
+
+/// Checks an idempotency key.
+pub fn check_key(key: &str) -> Result<String, JsonError> {
+    let valid = (1..=MAX_KEY_CHARS).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if valid {
+        Ok(key.to_owned())
+    } else {
+        Err(JsonError::bad_request(format!(
+            "the idempotency key must be 1 to {MAX_KEY_CHARS} of A-Z, a-z, 0-9, `.`, `_`, `:` \
+             and `-` (a UUID fits)"
+        )))
+    }
+}
+
+/// Code points that show nothing: Unicode's Default_Ignorable_Code_Point (zero-width spaces
+/// and joiners, bidirectional controls, variation selectors, fillers, tags…, from
+/// DerivedCoreProperties.txt, Unicode 16), plus the Braille blank, which renders as a space.
+const INVISIBLE: &[(char, char)] = &[
+    ('\u{00AD}', '\u{00AD}'),
+    ('\u{034F}', '\u{034F}'),
+    ('\u{061C}', '\u{061C}'),
+    ('\u{115F}', '\u{1160}'),
+    ('\u{17B4}', '\u{17B5}'),
+    ('\u{180B}', '\u{180F}'),
+    ('\u{200B}', '\u{200F}'),
+    ('\u{202A}', '\u{202E}'),
+    ('\u{2060}', '\u{206F}'),
+    ('\u{2800}', '\u{2800}'),
+    ('\u{3164}', '\u{3164}'),
+    ('\u{FE00}', '\u{FE0F}'),
+    ('\u{FEFF}', '\u{FEFF}'),
+    ('\u{FFA0}', '\u{FFA0}'),
+    ('\u{FFF0}', '\u{FFF8}'),
+    ('\u{1BCA0}', '\u{1BCA3}'),
+    ('\u{1D173}', '\u{1D17A}'),
+    ('\u{E0000}', '\u{E0FFF}'),
+];
+
+/// Whether a character shows nothing (see [`INVISIBLE`]).
+pub fn is_invisible(c: char) -> bool {
+    INVISIBLE
+        .iter()
+        .any(|(low, high)| (*low..=*high).contains(&c))
 }
 
 fn check_field(
@@ -636,6 +720,22 @@ fn check_field(
             }
         )));
     }
+    if !multiline
+        && let Some(c) = value
+            .chars()
+            .find(|c| is_invisible(*c) || (c.is_whitespace() && *c != ' '))
+    {
+        return Err(JsonError::bad_request(format!(
+            "field `{name}` contains the invisible character U+{:04X}; a name may hold \
+             visible characters and spaces only",
+            c as u32
+        )));
+    }
+    if value.chars().all(|c| c.is_whitespace() || is_invisible(c)) {
+        return Err(JsonError::bad_request(format!(
+            "field `{name}` has nothing visible in it"
+        )));
+    }
     let chars = value.chars().count();
     if chars > max_chars {
         return Err(JsonError::bad_request(format!(
@@ -651,13 +751,52 @@ pub struct Broadcast {
     pub publisher: Publisher,
     pub metrics: Arc<Metrics>,
     pub sessions: bool,
+    /// `server.cors_origins`: the other sites allowed to post.
+    pub cors_origins: Arc<Vec<String>>,
+    /// `server.trusted_proxies`: peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Arc<Vec<TrustedProxy>>,
+    /// `server.body_timeout_secs`.
+    pub body_timeout: Duration,
 }
 
 impl Broadcast {
     async fn answer(&self, req: &mut Request, depot: &mut Depot) -> Result<(), JsonError> {
-        let body = match req.payload_with_max_size(self.config.max_body_bytes).await {
-            Ok(body) => body.clone(),
-            Err(salvo::http::ParseError::PayloadTooLarge) => {
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        crate::request::check_origin(
+            header("sec-fetch-site"),
+            header("origin"),
+            header("host"),
+            &self.cors_origins,
+        )
+        .map_err(|refused| JsonError::new(StatusCode::FORBIDDEN, refused.0))?;
+        let header_key = match req.headers().get("idempotency-key") {
+            None => None,
+            Some(value) => Some(check_key(value.to_str().unwrap_or_default())?),
+        };
+        let peer = req
+            .remote_addr()
+            .as_ipv4()
+            .map(|a| std::net::IpAddr::V4(*a.ip()))
+            .or_else(|| {
+                req.remote_addr()
+                    .as_ipv6()
+                    .map(|a| std::net::IpAddr::V6(*a.ip()))
+            })
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let client = crate::request::client(peer, header("x-forwarded-for"), &self.trusted_proxies);
+        let read = req.payload_with_max_size(self.config.max_body_bytes);
+        let body = match tokio::time::timeout(self.body_timeout, read).await {
+            Err(_) => {
+                return Err(JsonError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the body did not arrive within {} s",
+                        self.body_timeout.as_secs()
+                    ),
+                ));
+            }
+            Ok(Ok(body)) => body.clone(),
+            Ok(Err(salvo::http::ParseError::PayloadTooLarge)) => {
                 return Err(JsonError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!(
@@ -666,7 +805,7 @@ impl Broadcast {
                     ),
                 ));
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 return Err(JsonError::bad_request(format!(
                     "cannot read the body: {error}"
                 )));
@@ -684,9 +823,18 @@ impl Broadcast {
         {
             fields.from = session.get::<String>(SESSION_FROM);
         }
-        let checked = check(fields, &self.config)?;
+        let mut checked = check(fields, &self.config)?;
+        match (&checked.key, header_key) {
+            (Some(field), Some(header)) if *field != header => {
+                return Err(JsonError::bad_request(
+                    "the `Idempotency-Key` header and the `key` field differ; send one",
+                ));
+            }
+            (None, Some(header)) => checked.key = Some(header),
+            _ => {}
+        }
         let started = std::time::Instant::now();
-        match self.publisher.publish(&checked.from, &checked.text).await {
+        match self.publisher.publish(&checked, &client).await {
             Ok(()) => {
                 self.metrics
                     .publish_latency
@@ -751,6 +899,7 @@ mod tests {
         Fields {
             from: Some(from.into()),
             text: Some(text.into()),
+            key: None,
         }
     }
 
@@ -887,21 +1036,24 @@ mod tests {
             ok("  Zoé ", " hi "),
             Checked {
                 from: "Zoé".into(),
-                text: "hi".into()
+                text: "hi".into(),
+                key: None,
             }
         );
         assert_eq!(
             ok("0", "0"),
             Checked {
                 from: "0".into(),
-                text: "0".into()
+                text: "0".into(),
+                key: None,
             }
         );
         assert_eq!(ok("a", "x\r\ny\rz\tw").text, "x\ny\nz\tw");
         assert!(
             err(Fields {
                 from: None,
-                text: Some("x".into())
+                text: Some("x".into()),
+                key: None,
             })
             .contains("`from` is missing")
         );
@@ -913,6 +1065,33 @@ mod tests {
         assert!(err(fields("éééé", "0123456789x")).contains("the limit is 10"));
         // Characters, not bytes: 5 two-byte characters fit.
         assert_eq!(ok("ééééé", "x").from, "ééééé");
+        // Lookalike names: invisible characters and odd spaces are refused in `from`.
+        assert!(err(fields("ali\u{200B}", "x")).contains("invisible character U+200B"));
+        assert!(err(fields("al\u{202E}i", "x")).contains("U+202E"));
+        assert!(err(fields("a\u{00A0}b", "x")).contains("U+00A0"));
+        assert!(err(fields("\u{3164}", "x")).contains("U+3164"));
+        assert_eq!(ok("Zoé B", "x").from, "Zoé B");
+        // A text needs something visible; emoji sequences keep their joiners.
+        assert!(err(fields("a", "\u{200B}\u{200B}")).contains("`text` has nothing visible"));
+        assert!(err(fields("a", "\u{2800}")).contains("nothing visible"));
+        assert_eq!(ok("a", "👩\u{200D}💻").text, "👩\u{200D}💻");
+        // Idempotency keys.
+        let with_key = |key: &str| {
+            check(
+                Fields {
+                    key: Some(key.into()),
+                    ..fields("a", "b")
+                },
+                &config,
+            )
+        };
+        assert_eq!(
+            with_key("0b5d-uuid:1.2_3").unwrap().key.as_deref(),
+            Some("0b5d-uuid:1.2_3")
+        );
+        assert!(with_key("").is_err());
+        assert!(with_key("a b").is_err());
+        assert!(with_key(&"k".repeat(65)).is_err());
     }
 
     #[tokio::test]

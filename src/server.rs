@@ -102,6 +102,10 @@ pub struct ServerConfig {
     /// only allow the page temma serves itself.
     #[serde(default)]
     pub cors_origins: Vec<String>,
+    /// Reverse proxies whose `X-Forwarded-For` header names the client (addresses or networks,
+    /// e.g. `["127.0.0.1"]` behind a local nginx). Default `[]`: the client is the peer.
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::request::TrustedProxy>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -142,6 +146,7 @@ impl Default for ServerConfig {
             max_pending_heads: default_max_pending_heads(),
             socket_send_buffer_bytes: 0,
             cors_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -300,10 +305,15 @@ pub fn router(routes: Routes) -> Service {
         sessions,
         cors_origins,
     } = routes;
-    let root_handler = match root {
+    let root_handler = || match root {
         RootController::Homepage => Homepage {
             index: static_dir.join(INDEX),
         },
+    };
+    let static_files = || {
+        StaticDir::new([static_dir.clone()])
+            .include_dot_files(false)
+            .auto_list(false)
     };
     let mut message = Router::with_path("message/broadcast");
     if let Some(sessions) = sessions {
@@ -312,8 +322,10 @@ pub fn router(routes: Routes) -> Service {
     let message = message
         .post(broadcast)
         .goal(MethodNotAllowed { allow: "POST" });
+    // HEAD is answered like GET, without the body (hyper drops it).
     let router = Router::new()
-        .get(root_handler)
+        .get(root_handler())
+        .head(root_handler())
         .push(message)
         .push(
             Router::with_path("event/fetch")
@@ -329,11 +341,9 @@ pub fn router(routes: Routes) -> Service {
         }))
         .push(Router::with_path("metrics").get(MetricsPage { metrics }))
         .push(
-            Router::with_path("{**path}").get(
-                StaticDir::new([static_dir])
-                    .include_dot_files(false)
-                    .auto_list(false),
-            ),
+            Router::with_path("{**path}")
+                .get(static_files())
+                .head(static_files()),
         );
     let mut service = Service::new(router).catcher(Catcher::default().hoop(crate::error::catcher));
     // On the service, not the router: preflight requests match no route.

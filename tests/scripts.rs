@@ -444,16 +444,39 @@ async fn bundled_chain_in_a_running_broker() {
             ..entry(&root.join("scripts/profanity.rhai"))
         },
     ];
-    let app = app_with_scripts(scripts, OnError::Drop).await;
-    app.ready().await; // uses up one of warm-up's two messages
+    // Behind a trusted proxy, clients are told apart by `X-Forwarded-For`: the rate limit keys
+    // on the client, whatever name it gives.
+    let app = TestApp::start_with(move |config| {
+        config.broker.scripts = scripts;
+        config.server.trusted_proxies = vec!["127.0.0.1".to_owned().try_into().unwrap()];
+    })
+    .await;
+    app.ready().await;
     let mut sse = app.sse().await;
-    assert_eq!(app.post_form("zoe", "/me says damn").await.status(), 200);
+    let post = |client: &'static str, from: &'static str, text: &'static str| {
+        app.client
+            .post(app.url("/message/broadcast"))
+            .header("x-forwarded-for", client)
+            .form(&[("from", from), ("text", text)])
+            .send()
+    };
+    assert_eq!(
+        post("198.51.100.7", "zoe", "/me says damn")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let event = sse.next_message().await.json();
     assert_eq!(
         (event["kind"].as_str(), event["text"].as_str()),
         (Some("action"), Some("says ****"))
     );
-    let refused = app.post_form("zoe", "/dance").await;
+    assert!(
+        event.get("client").is_none(),
+        "the client is never published: {event}"
+    );
+    let refused = post("198.51.100.7", "zoe", "/dance").await.unwrap();
     assert_eq!(refused.status(), 400);
     assert!(
         refused
@@ -462,11 +485,16 @@ async fn bundled_chain_in_a_running_broker() {
             .unwrap()
             .contains("unknown command /dance")
     );
-    let limited = app.post_form("zoe", "third").await;
+    // Another name from the same client: still that client's third message.
+    let limited = post("198.51.100.7", "zoe2", "third").await.unwrap();
     assert_eq!(limited.status(), 429);
     assert!(limited.text().await.unwrap().contains("too many messages"));
-    // Ids stay dense: a dropped message does not use one up.
-    assert_eq!(app.post_form("other", "next").await.status(), 200);
+    // Another client with the same name is not limited. Ids stay dense: a dropped message
+    // does not use one up.
+    assert_eq!(
+        post("198.51.100.8", "zoe", "next").await.unwrap().status(),
+        200
+    );
     let next = sse.next_message().await;
     let (a, b): (temma::broker::MsgId, temma::broker::MsgId) = (
         event["id"].as_str().unwrap().parse().unwrap(),
