@@ -372,3 +372,138 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+// The `temma` binary as a child process.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+pub const TEMMA: &str = env!("CARGO_BIN_EXE_temma");
+
+pub fn temma(args: &[&str]) -> Command {
+    let mut command = Command::new(TEMMA);
+    command.args(args).env_remove("RUST_LOG");
+    // Environment overrides from the test runner's own environment must not leak in.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("TEMMA_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// A child process killed when the test ends, however it ends, with its log lines.
+pub struct Running(pub Child, pub std::sync::mpsc::Receiver<String>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Running {
+    /// Reads log lines (stderr) until one contains `needle`; returns that line.
+    pub fn wait_for_log(&mut self, needle: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let left = DEADLINE.saturating_sub(start.elapsed());
+            let line = self
+                .1
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line containing {needle:?} in time"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the exit status, failing after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "process did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub fn spawn(args: &[&str]) -> Running {
+    let mut command = temma(args);
+    run(&mut command)
+}
+
+/// A shell command line (to set limits with `ulimit` first), with the same environment
+/// cleaning as [`temma`].
+pub fn spawn_shell(line: &str) -> Running {
+    let mut command = Command::new("sh");
+    command.args(["-c", line]).env_remove("RUST_LOG");
+    for (key, _) in std::env::vars() {
+        if key.starts_with("TEMMA_") {
+            command.env_remove(key);
+        }
+    }
+    run(&mut command)
+}
+
+fn run(command: &mut Command) -> Running {
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn temma");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    Running(child, rx)
+}
+
+/// `temma broker`, then `temma serve`, from one config; each waited for.
+pub fn broker_then_web(path: &str) -> (Running, Running) {
+    let mut broker = spawn(&["broker", "-c", path]);
+    broker.wait_for_log("broker started");
+    let mut web = spawn(&["serve", "-c", path]);
+    web.wait_for_log("listening on http://");
+    (broker, web)
+}
+
+pub fn ports_config(dir: &TempDir, embedded: bool) -> (std::path::PathBuf, u16) {
+    let (pull, publish, http) = (free_port(), free_port(), free_port());
+    let path = write_config(
+        &dir.0,
+        &format!(
+            r#"[application.dataSources]
+zmq_client_push = "zmq://PUSH@127.0.0.1:{pull}"
+zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:{pull}"
+zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
+zmq_client_sub = "zmq://SUB@127.0.0.1:{publish}"
+[server]
+listen = "127.0.0.1:{http}"
+shutdown_grace_secs = 2
+[broker]
+embedded = {embedded}
+[event]
+initial_history = 0
+"#
+        ),
+    );
+    (path, http)
+}
