@@ -130,6 +130,7 @@ struct Pending<'a>(&'a Front);
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         self.0.pending.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.pending_heads.dec();
     }
 }
 
@@ -268,6 +269,7 @@ async fn first_request(
 ) {
     use tokio::io::AsyncReadExt;
     let front = open.front.clone();
+    front.metrics.pending_heads.inc();
     let pending = Pending(&front);
     let mut socket = socket;
     let mut buffer = BytesMut::with_capacity(1024);

@@ -126,6 +126,8 @@ pub struct Metrics {
     pub zmq_refused: Family<SocketLabels, Counter>,
     /// HTTP connections open now.
     pub connections: Gauge,
+    /// HTTP connections still sending their first request head.
+    pub pending_heads: Gauge,
     /// HTTP connections refused or closed early, by reason.
     pub connections_refused: Family<RefusalLabels, Counter>,
     /// SSE connections closed because a write made no progress in time.
@@ -242,6 +244,12 @@ impl Default for Metrics {
             "HTTP connections open now",
             connections.clone(),
         );
+        let pending_heads = Gauge::default();
+        registry.register(
+            "pending_heads",
+            "HTTP connections still sending their first request head",
+            pending_heads.clone(),
+        );
         let connections_refused = Family::<RefusalLabels, Counter>::default();
         registry.register(
             "connections_refused",
@@ -257,6 +265,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             connections,
+            pending_heads,
             connections_refused,
             write_stalls,
             zmq_peers,
