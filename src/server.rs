@@ -239,7 +239,7 @@ fn cors(origins: &[String]) -> Option<salvo::cors::CorsHandler> {
         Cors::new()
             .allow_origin(allow)
             .allow_methods(vec![Method::GET, Method::POST])
-            .allow_headers(vec!["content-type", "last-event-id"])
+            .allow_headers(vec!["content-type", "last-event-id", "idempotency-key"])
             .max_age(3600)
             .into_handler(),
     )

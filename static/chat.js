@@ -88,28 +88,65 @@ events.addEventListener("reset", (event) => {
 });
 
 /* *** MESSAGE SENDING *** */
+/* Each message gets an idempotency key. A 503 (or a network error) may come back for a
+ * message the server publishes anyway a moment later: the page retries with the same key,
+ * and the server publishes a key once, so a retry never posts twice. */
+const RETRY_DELAYS_MS = [500, 1500];
+let outgoing = null; // { from, text, key } until the server confirms it
+
+function newKey() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
+
+async function post(message) {
+  return fetch("/message/broadcast", {
+    method: "POST",
+    headers: { "Idempotency-Key": message.key },
+    body: new URLSearchParams({ from: message.from, text: message.text }),
+  });
+}
+
 async function sendMessage() {
   const from = fromInput.value.trim();
   const text = textInput.value.trim();
   if (!from) { showError("Enter your name first."); fromInput.focus(); return; }
   if (!text) { textInput.focus(); return; }
   localStorage.setItem("temma.from", from);
+  // Sending the same message again (after an error) keeps its key.
+  if (!outgoing || outgoing.from !== from || outgoing.text !== text) {
+    outgoing = { from, text, key: newKey() };
+  }
+  const message = outgoing;
   button.disabled = true;
   showError("");
   try {
-    const response = await fetch("/message/broadcast", {
-      method: "POST",
-      body: new URLSearchParams({ from, text }),
-    });
-    if (response.ok) {
-      textInput.value = "";
-    } else {
-      let message = "the message could not be sent (" + response.status + ")";
-      try { message = (await response.json()).error || message; } catch (_) { /* keep default */ }
-      showError(message);
+    let response = null;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        response = await post(message);
+      } catch (_) {
+        response = null; // unreachable: it may still have been sent
+      }
+      if ((response && response.status !== 503) || attempt >= RETRY_DELAYS_MS.length) break;
+      await sleep(RETRY_DELAYS_MS[attempt]);
     }
-  } catch (error) {
-    showError("the server cannot be reached; try again");
+    if (response && response.ok) {
+      if (outgoing === message) outgoing = null;
+      if (textInput.value.trim() === text) textInput.value = "";
+    } else if (!response) {
+      showError("the server cannot be reached; your message may still appear — press Send to try again (it will not be sent twice)");
+    } else {
+      let error = "the message could not be sent (" + response.status + ")";
+      try { error = (await response.json()).error || error; } catch (_) { /* keep default */ }
+      if (response.status === 503) {
+        error = "the chat server is busy; your message may still appear — press Send to try again (it will not be sent twice)";
+      }
+      showError(error);
+    }
   } finally {
     button.disabled = false;
     textInput.focus();

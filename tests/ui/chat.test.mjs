@@ -43,6 +43,8 @@ zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:${pub}"
 zmq_client_sub = "zmq://SUB@127.0.0.1:${pub}"
 [server]
 listen = "127.0.0.1:${http}"
+# Each browser below gets its own X-Forwarded-For: the rate limit keys on the client.
+trusted_proxies = ["127.0.0.1"]
 [[broker.scripts]]
 file = "scripts/ratelimit.rhai"
 params = { max = 5, window_secs = 60 }
@@ -75,8 +77,10 @@ after(async () => {
   rmSync(work, { recursive: true, force: true });
 });
 
+let clients = 0;
 async function openChat() {
-  const context = await browser.newContext();
+  clients += 1;
+  const context = await browser.newContext({ extraHTTPHeaders: { "x-forwarded-for": `198.51.100.${clients}` } });
   const page = await context.newPage();
   await page.goto(base + "/");
   await page.locator("#status.open").waitFor({ timeout: DEADLINE });
@@ -174,4 +178,32 @@ test("/me shows an action; a moderation refusal is shown to the sender", async (
   await frank.waitForFunction(
     () => /too many messages/.test(document.getElementById("error").textContent), null, { timeout: DEADLINE });
   assert.equal(await frank.locator("#liste li", { hasText: "message 4" }).count(), 0);
+});
+
+test("a 503 is retried with the same idempotency key, and the message appears once", async () => {
+  const gina = await openChat();
+  const keys = [];
+  await gina.route("**/message/broadcast", async (route) => {
+    keys.push(await route.request().headerValue("idempotency-key"));
+    if (keys.length === 1) {
+      await route.fulfill({ status: 503, contentType: "application/json", body: '{"error":"busy"}' });
+    } else {
+      await route.continue();
+    }
+  });
+  await gina.fill("#from", "Gina");
+  const text = `retried ${Date.now()}`;
+  await gina.fill("#text", text);
+  await gina.press("#text", "Enter");
+  await gina.locator("#liste li", { hasText: text }).waitFor({ timeout: DEADLINE });
+  await gina.waitForFunction(() => document.getElementById("text").value === "", null, { timeout: DEADLINE });
+  assert.equal(keys.length, 2, "one retry");
+  assert.ok(keys[0] && keys[0].length >= 16, `a key was sent: ${keys[0]}`);
+  assert.equal(keys[1], keys[0], "the retry carries the same key");
+  assert.equal(await gina.locator("#liste li", { hasText: text }).count(), 1);
+  // A new message gets a new key.
+  await gina.fill("#text", `${text} again`);
+  await gina.press("#text", "Enter");
+  await gina.locator("#liste li", { hasText: `${text} again` }).waitFor({ timeout: DEADLINE });
+  assert.notEqual(keys[2], keys[0]);
 });
