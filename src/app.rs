@@ -73,7 +73,7 @@ impl App {
             .map_err(|source| StartError::Http { address, source })?;
 
         let acks = Acks::new();
-        let max_published = crate::broker::max_published_bytes(config.broker.max_frame_bytes);
+        let max_published = crate::wire::max_published_bytes(config.broker.max_frame_bytes);
         let hub = Hub::new(&config.event, max_published, metrics.clone(), acks.clone());
         let (publisher, push_task) = Publisher::new(
             &config.message,

@@ -17,9 +17,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -35,35 +33,17 @@ use crate::script::{
     ScriptSpec, Verdict,
 };
 use crate::socket::{self, SocketError};
+use crate::wire::{
+    KEY, MsgId, PRIVATE_KEYS, REF, STAMPED_KEYS, max_published_bytes, new_run, now_ms, plain_str,
+    published, rejection,
+};
 
 /// Default `broker.max_frame_bytes`: frames larger than this are dropped.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
 
-/// How much larger than `broker.max_frame_bytes` a published frame may be (the stamp, what
-/// scripts add). Web nodes accept published frames up to [`max_published_bytes`]; the broker
-/// drops a message that scripts made larger.
-pub const PUBLISH_HEADROOM: usize = 4096;
-
-/// The largest frame the broker publishes (and a web node's SUB accepts).
-pub fn max_published_bytes(max_frame_bytes: usize) -> usize {
-    max_frame_bytes.saturating_add(PUBLISH_HEADROOM)
-}
-
 /// Room for `,"id":"<20 digits>-<20 digits>","time":<20 digits>}`: no reallocation.
 const STAMP_BYTES: usize = 96;
 
-/// Keys only the broker writes (the message's id and time; the keys of its notices): a
-/// sender's own values are removed, and scripts cannot set them.
-pub const STAMPED_KEYS: [&str; 4] = ["id", "time", "reject", "published"];
-/// The web node's reference of a message, echoed back so it can answer the POST.
-pub const REF: &str = "ref";
-/// A message's idempotency key: read by the broker, never published.
-pub const KEY: &str = "key";
-/// Who sent the message, as the web node saw it (`ip:…`): scripts read it (the rate limit keys
-/// on it), nobody can change it, and it is never published.
-pub const CLIENT: &str = "client";
-/// Keys a web node sends the broker that are never published.
-pub const PRIVATE_KEYS: [&str; 2] = [KEY, CLIENT];
 /// Default `broker.dedupe_window_secs`.
 pub const DEFAULT_DEDUPE_WINDOW_SECS: u64 = 120;
 /// Default `broker.dedupe_max_keys`.
@@ -162,63 +142,6 @@ impl BrokerConfig {
         }
         crate::script::validate(config, problem);
     }
-}
-
-/// A message id: the broker run and the sequence number within the run, printed and parsed as
-/// `<run>-<seq>`.
-///
-/// A run is an epoch: its number (the broker's start time in Unix ms, for readability) is only
-/// ever compared for equality, never for order, so a broker restarted with a clock stepped back,
-/// or on another host, starts a new epoch like any other. Within a run, sequence numbers are
-/// dense and increasing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct MsgId {
-    pub run: u64,
-    pub seq: u64,
-}
-
-impl fmt::Display for MsgId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.run, self.seq)
-    }
-}
-
-impl FromStr for MsgId {
-    type Err = ();
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (run, seq) = s.split_once('-').ok_or(())?;
-        let digits = |part: &str| {
-            if part.is_empty() || part.len() > 20 || !part.bytes().all(|b| b.is_ascii_digit()) {
-                Err(())
-            } else {
-                part.parse::<u64>().map_err(|_| ())
-            }
-        };
-        Ok(MsgId {
-            run: digits(run)?,
-            seq: digits(seq)?,
-        })
-    }
-}
-
-impl MsgId {
-    /// Whether `self` comes after `other` in the same run; ids of different runs are unordered.
-    pub fn follows(&self, other: &MsgId) -> bool {
-        self.run == other.run && self.seq > other.seq
-    }
-}
-
-/// A new run number (see [`MsgId`]).
-fn new_run() -> u64 {
-    now_ms()
-}
-
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The running broker: owns its two sockets and its script chain.
@@ -412,28 +335,6 @@ impl Broker {
             _ => None,
         }
     }
-}
-
-/// The rejection notice a web node turns into a 4xx for the sender.
-pub fn rejection(reference: &str, reason: &str, status: u16) -> Bytes {
-    serde_json::to_vec(&serde_json::json!({
-        "reject": reference,
-        "reason": reason,
-        "status": status,
-    }))
-    .expect("serializing a JSON value cannot fail")
-    .into()
-}
-
-/// The notice for a message whose idempotency key was already published: its sender gets a
-/// `200`, and nothing is published twice.
-pub fn published(reference: &str, id: MsgId) -> Bytes {
-    serde_json::to_vec(&serde_json::json!({
-        "published": reference,
-        "id": id.to_string(),
-    }))
-    .expect("serializing a JSON value cannot fail")
-    .into()
 }
 
 /// What the stamper made of a frame.
@@ -754,12 +655,6 @@ impl<'de> Deserialize<'de> for Scan<'de> {
     }
 }
 
-/// The contents of a JSON string with no escapes (ids, refs and keys never have any).
-pub fn plain_str(raw: &RawValue) -> Option<&str> {
-    let text = raw.get().strip_prefix('"')?.strip_suffix('"')?;
-    (!text.contains(['\\', '"'])).then_some(text)
-}
-
 /// A JSON object read as its keys and raw (unparsed) values, in order.
 struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
@@ -950,48 +845,5 @@ mod tests {
             panic!("parsed")
         };
         assert!(text(&next, "id").ends_with("-2"));
-    }
-
-    #[test]
-    fn msg_id_parses_and_orders() {
-        let id: MsgId = "1764109484123-42".parse().unwrap();
-        assert_eq!(
-            id,
-            MsgId {
-                run: 1764109484123,
-                seq: 42
-            }
-        );
-        assert_eq!(id.to_string(), "1764109484123-42");
-        for bad in [
-            "",
-            "1",
-            "-1",
-            "1-",
-            "a-1",
-            "1-+2",
-            "1-2-3",
-            "1 -2",
-            "99999999999999999999999-1",
-        ] {
-            assert!(bad.parse::<MsgId>().is_err(), "{bad}");
-        }
-        let older: MsgId = "1-99".parse().unwrap();
-        let other_run: MsgId = "2-100".parse().unwrap();
-        assert!(
-            !other_run.follows(&older) && !older.follows(&other_run),
-            "runs are unordered"
-        );
-        assert!("1-100".parse::<MsgId>().unwrap().follows(&older));
-    }
-
-    #[test]
-    fn rejection_frame() {
-        let frame = rejection("n-1", "too many messages", 429);
-        let value: Value = serde_json::from_slice(&frame).unwrap();
-        assert_eq!(
-            value,
-            json!({"reject":"n-1","reason":"too many messages","status":429})
-        );
     }
 }

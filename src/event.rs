@@ -345,7 +345,7 @@ impl Chunk {
     fn add(
         &mut self,
         item: &Item,
-        skip_until: &mut Option<crate::broker::MsgId>,
+        skip_until: &mut Option<crate::wire::MsgId>,
         messages: &mut u64,
     ) {
         if let (Some(limit), Some(id)) = (*skip_until, item.id) {

@@ -29,22 +29,18 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use salvo::conn::ConnCtrl;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use zeromq::{Socket, SocketEvent, SocketRecv, SubSocket};
 
-use crate::broker::{MsgId, REF, plain_str};
 use crate::event::EventConfig;
 use crate::message::{Ack, Acks};
 use crate::metrics::{DropReason, Metrics};
 use crate::socket;
+use crate::wire::{self, Envelope, KEEPALIVE_FRAME, MsgId, plain_str, write_reset};
 
 /// How often the hub looks for clients that stopped draining their queue.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
-/// The keep-alive comment sent to every client when the stream has been idle.
-pub const KEEPALIVE_FRAME: &[u8] = b": keep-alive\n\n";
 /// Coalesce at most this many bytes of queued frames into one write for a client that lags.
 pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
 /// How far ahead of this node's newest message (in the same run) a `Last-Event-ID` may be and
@@ -348,7 +344,7 @@ impl Hub {
     /// node's POSTs (a rejection, or "published already" for a retried idempotency key).
     pub fn ingest(&self, frame: &[u8]) {
         let shared = &self.shared;
-        let head: Head<'_> = match serde_json::from_slice(frame) {
+        let head: Envelope<'_> = match serde_json::from_slice(frame) {
             Ok(head) => head,
             Err(error) => {
                 shared.metrics.dropped(DropReason::Unreadable);
@@ -363,10 +359,7 @@ impl Hub {
                     reason: head
                         .reason
                         .unwrap_or_else(|| "rejected by moderation".to_owned()),
-                    status: head
-                        .status
-                        .filter(|s| (400..500).contains(s))
-                        .unwrap_or(422),
+                    status: wire::reject_status(head.status),
                 },
             );
             return;
@@ -376,24 +369,8 @@ impl Hub {
             return;
         }
         shared.metrics.received.inc();
-        let id = head
-            .id
-            .and_then(plain_str)
-            .and_then(|s| s.parse::<MsgId>().ok());
-
-        let mut sse = BytesMut::with_capacity(frame.len() + 64);
-        if let Some(id) = id {
-            let mut number = itoa::Buffer::new();
-            sse.put_slice(b"id: ");
-            sse.put_slice(number.format(id.run).as_bytes());
-            sse.put_u8(b'-');
-            sse.put_slice(number.format(id.seq).as_bytes());
-            sse.put_u8(b'\n');
-        }
-        sse.put_slice(b"event: msg\ndata: ");
-        write_public_json(&mut sse, frame, head.reference.is_some());
-        sse.put_slice(b"\n\n");
-        let frame = sse.freeze();
+        let id = head.id();
+        let frame = wire::write_message(frame, id, head.reference.is_some());
 
         {
             let mut state = shared.lock();
@@ -567,68 +544,6 @@ impl State {
             self.sent += 1;
         }
     }
-}
-
-/// The fields of a published frame the hub reads; the rest stays as it is.
-#[derive(Deserialize)]
-struct Head<'a> {
-    #[serde(borrow, default)]
-    id: Option<&'a RawValue>,
-    #[serde(rename = "ref", borrow, default)]
-    reference: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    reject: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    published: Option<&'a RawValue>,
-    #[serde(default)]
-    reason: Option<String>,
-    #[serde(default)]
-    status: Option<u16>,
-}
-
-/// Writes a published message's JSON as one SSE data line: compact, and without the web
-/// node's `ref` (internal: never sent to browsers). The broker writes `ref` first, which is
-/// cut without parsing; anything else is re-serialized.
-fn write_public_json(out: &mut BytesMut, frame: &[u8], has_ref: bool) {
-    let one_line = memchr::memchr2(b'\n', b'\r', frame).is_none();
-    if !has_ref && one_line {
-        out.put_slice(frame);
-        return;
-    }
-    if one_line && let Some(rest) = after_leading_ref(frame) {
-        out.put_u8(b'{');
-        out.put_slice(rest);
-        return;
-    }
-    let mut value: serde_json::Value =
-        serde_json::from_slice(frame).expect("parsed as an object before");
-    if let Some(map) = value.as_object_mut() {
-        map.remove(REF);
-    }
-    out.put_slice(&serde_json::to_vec(&value).expect("serializing a JSON value"));
-}
-
-/// For a frame that starts `{"ref":"<no escapes>",`, what follows the comma (or `}` when
-/// `ref` is the only key).
-fn after_leading_ref(frame: &[u8]) -> Option<&[u8]> {
-    let rest = frame.strip_prefix(b"{\"ref\":\"")?;
-    let end = memchr::memchr2(b'"', b'\\', rest)?;
-    if rest[end] != b'"' {
-        return None;
-    }
-    match rest.get(end + 1)? {
-        b',' => Some(&rest[end + 2..]),
-        b'}' => Some(&rest[end + 1..]),
-        _ => None,
-    }
-}
-
-/// Appends an `event: reset` frame: the client missed messages the server cannot replay.
-fn write_reset(out: &mut BytesMut, last_event_id: &str, reason: &str) {
-    out.put_slice(b"event: reset\ndata: ");
-    let data = serde_json::json!({ "lastEventId": last_event_id, "reason": reason });
-    out.put_slice(&serde_json::to_vec(&data).expect("serializing a JSON value"));
-    out.put_slice(b"\n\n");
 }
 
 /// The bounded history of one web node: message frames in the order they arrived, oldest

@@ -24,6 +24,7 @@
 //! - [`server`]: the HTTP router and server (salvo).
 //! - [`app`]: wires the components for `temma serve` and `temma broker`, and shuts them down.
 //! - [`error`]: JSON error answers.
+//! - [`wire`]: the message format: ids, key names, notices, SSE frames.
 #![forbid(unsafe_code)]
 
 pub mod app;
@@ -42,6 +43,7 @@ pub mod script;
 pub mod server;
 pub mod session;
 pub mod socket;
+pub mod wire;
 
 pub use app::App;
 pub use config::Config;

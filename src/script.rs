@@ -54,6 +54,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::{Metrics, ReloadLabels, ReloadResult, ScriptLabels, ScriptOutcome};
+use crate::wire::DEFAULT_REJECT_STATUS;
 
 /// Default `broker.limits.max_operations` per call.
 pub const DEFAULT_MAX_OPERATIONS: u64 = 100_000;
@@ -69,8 +70,6 @@ pub const DEFAULT_MAX_CALL_DEPTH: usize = 32;
 pub const DEFAULT_MAX_EXPR_DEPTH: usize = 64;
 /// Default `broker.limits.max_ms`: wall-clock time one call may take.
 pub const DEFAULT_MAX_MS: u64 = 50;
-/// Status sent with a rejection that names none.
-pub const DEFAULT_REJECT_STATUS: u16 = 422;
 /// Changes to watched files closer together than this are handled as one.
 pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(100);
 /// Reloads waiting for the broker to swap them in.
@@ -307,7 +306,7 @@ pub fn engine(limits: &ScriptLimits, params: Dynamic, name: &str) -> Sandbox {
         "log_warn",
         move |text: &str| tracing::warn!(script = %label, "{text}"),
     );
-    engine.register_fn("now_ms", || crate::broker::now_ms() as rhai::INT);
+    engine.register_fn("now_ms", || crate::wire::now_ms() as rhai::INT);
     engine.register_type_with_name::<Rejection>("Rejection");
     engine.register_fn("reject", |reason: &str| Rejection {
         reason: reason.to_owned(),
@@ -315,10 +314,7 @@ pub fn engine(limits: &ScriptLimits, params: Dynamic, name: &str) -> Sandbox {
     });
     engine.register_fn("reject", |reason: &str, status: rhai::INT| Rejection {
         reason: reason.to_owned(),
-        status: u16::try_from(status)
-            .ok()
-            .filter(|s| (400..500).contains(s))
-            .unwrap_or(DEFAULT_REJECT_STATUS),
+        status: crate::wire::reject_status(Some(status)),
     });
     engine.register_type_with_name::<WordSet>("WordSet");
     engine.register_fn("word_set", WordSet::new);
@@ -331,7 +327,7 @@ pub fn engine(limits: &ScriptLimits, params: Dynamic, name: &str) -> Sandbox {
     engine.register_type_with_name::<RateLimiter>("RateLimiter");
     engine.register_fn("rate_limiter", RateLimiter::new);
     engine.register_fn("allow", |limiter: &mut RateLimiter, key: &str| {
-        limiter.allow(key, crate::broker::now_ms() as rhai::INT)
+        limiter.allow(key, crate::wire::now_ms() as rhai::INT)
     });
     Sandbox { engine, clock }
 }
@@ -697,12 +693,12 @@ pub struct Chain {
 /// broker's notices (a script that set `reject` would make web nodes take a published message
 /// for a refusal).
 const OWNED_KEYS: [&str; 6] = [
-    "id",
-    "time",
-    crate::broker::REF,
-    crate::broker::CLIENT,
-    "reject",
-    "published",
+    crate::wire::ID,
+    crate::wire::TIME,
+    crate::wire::REF,
+    crate::wire::CLIENT,
+    crate::wire::REJECT,
+    crate::wire::PUBLISHED,
 ];
 
 impl Chain {
@@ -801,8 +797,8 @@ impl Chain {
             };
         }
         // The client is for scripts only; `ref` goes first so web nodes cut it without parsing.
-        message.remove(crate::broker::CLIENT);
-        let reference = message.remove(crate::broker::REF);
+        message.remove(crate::wire::CLIENT);
+        let reference = message.remove(crate::wire::REF);
         let body =
             serde_json::to_vec(&Dynamic::from_map(message)).expect("a rhai map serializes to JSON");
         let bytes = match reference {

@@ -65,7 +65,7 @@ async fn three_clients_receive_a_hundred_messages_in_order() {
 
     for sse in &mut clients {
         let events = sse.messages(100).await;
-        let mut previous: Option<temma::broker::MsgId> = None;
+        let mut previous: Option<temma::wire::MsgId> = None;
         for (i, event) in events.iter().enumerate() {
             assert_eq!(event.event.as_deref(), Some("msg"));
             let id = event.id.clone().expect("every message has an id");
@@ -74,7 +74,7 @@ async fn three_clients_receive_a_hundred_messages_in_order() {
             assert_eq!(body["text"], format!("message {i}"));
             assert_eq!(body["id"], id, "the id line matches the JSON id");
             assert!(body["time"].is_u64());
-            let id: temma::broker::MsgId = id.parse().unwrap();
+            let id: temma::wire::MsgId = id.parse().unwrap();
             assert!(previous.is_none_or(|p| id.follows(&p)), "ids increase");
             previous = Some(id);
         }

@@ -496,7 +496,7 @@ async fn bundled_chain_in_a_running_broker() {
         200
     );
     let next = sse.next_message().await;
-    let (a, b): (temma::broker::MsgId, temma::broker::MsgId) = (
+    let (a, b): (temma::wire::MsgId, temma::wire::MsgId) = (
         event["id"].as_str().unwrap().parse().unwrap(),
         next.id.unwrap().parse().unwrap(),
     );

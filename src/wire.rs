@@ -1,0 +1,335 @@
+//! The message format: what travels between web nodes, the broker and browsers, defined once.
+//!
+//! - **Ids** ([`MsgId`]): `<run>-<seq>`, given by the broker. A run is an epoch, compared only
+//!   for equality; within a run sequence numbers are dense and increasing.
+//! - **Frames on ZeroMQ**: one JSON object per frame. A web node sends
+//!   `{"ref":…,"key":…,"client":…,"from":…,"text":…}` (`ref` first); the broker publishes
+//!   the message with `id` and `time`, `ref` kept first, `key` and `client` removed. Keys only
+//!   the broker writes ([`STAMPED_KEYS`]) are removed from what anyone sends it.
+//! - **Notices** the broker publishes for a web node's POSTs: a refusal
+//!   `{"reject":ref,"reason":…,"status":4xx}` ([`rejection`]) and "published already"
+//!   `{"published":ref,"id":…}` ([`published`]); [`Envelope`] reads them.
+//! - **SSE frames** to browsers: `id: <id>\nevent: msg\ndata: <one-line JSON without ref>\n\n`
+//!   ([`write_message`]), `event: reset` notices ([`write_reset`]) and the keep-alive comment.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// A message id: the broker run and the sequence number within the run, printed and parsed as
+/// `<run>-<seq>`.
+///
+/// A run is an epoch: its number (the broker's start time in Unix ms, for readability) is only
+/// ever compared for equality, never for order, so a broker restarted with a clock stepped back,
+/// or on another host, starts a new epoch like any other. Within a run, sequence numbers are
+/// dense and increasing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MsgId {
+    pub run: u64,
+    pub seq: u64,
+}
+
+impl fmt::Display for MsgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.run, self.seq)
+    }
+}
+
+impl FromStr for MsgId {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (run, seq) = s.split_once('-').ok_or(())?;
+        let digits = |part: &str| {
+            if part.is_empty() || part.len() > 20 || !part.bytes().all(|b| b.is_ascii_digit()) {
+                Err(())
+            } else {
+                part.parse::<u64>().map_err(|_| ())
+            }
+        };
+        Ok(MsgId {
+            run: digits(run)?,
+            seq: digits(seq)?,
+        })
+    }
+}
+
+impl MsgId {
+    /// Whether `self` comes after `other` in the same run; ids of different runs are unordered.
+    pub fn follows(&self, other: &MsgId) -> bool {
+        self.run == other.run && self.seq > other.seq
+    }
+}
+
+/// A new run number (see [`MsgId`]).
+pub fn new_run() -> u64 {
+    now_ms()
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Keys only the broker writes (the message's id and time; the keys of its notices): a
+/// sender's own values are removed, and scripts cannot set them.
+pub const STAMPED_KEYS: [&str; 4] = [ID, TIME, REJECT, PUBLISHED];
+/// A message's id.
+pub const ID: &str = "id";
+/// When the broker published it, Unix ms.
+pub const TIME: &str = "time";
+/// A refusal notice's key: the refused message's `ref`.
+pub const REJECT: &str = "reject";
+/// A "published already" notice's key: the repeated message's `ref`.
+pub const PUBLISHED: &str = "published";
+/// The web node's reference of a message, echoed back so it can answer the POST.
+pub const REF: &str = "ref";
+/// A message's idempotency key: read by the broker, never published.
+pub const KEY: &str = "key";
+/// Who sent the message, as the web node saw it (`ip:…`): scripts read it (the rate limit keys
+/// on it), nobody can change it, and it is never published.
+pub const CLIENT: &str = "client";
+/// Keys a web node sends the broker that are never published.
+pub const PRIVATE_KEYS: [&str; 2] = [KEY, CLIENT];
+/// Status sent with a refusal that names none.
+pub const DEFAULT_REJECT_STATUS: u16 = 422;
+
+/// A refusal's status: a 4xx, or [`DEFAULT_REJECT_STATUS`].
+pub fn reject_status(status: Option<i64>) -> u16 {
+    status
+        .and_then(|s| u16::try_from(s).ok())
+        .filter(|s| (400..500).contains(s))
+        .unwrap_or(DEFAULT_REJECT_STATUS)
+}
+
+/// How much larger than `broker.max_frame_bytes` a published frame may be (the stamp, what
+/// scripts add). Web nodes accept published frames up to [`max_published_bytes`]; the broker
+/// drops a message that scripts made larger.
+pub const PUBLISH_HEADROOM: usize = 4096;
+
+/// The largest frame the broker publishes (and a web node's SUB accepts).
+pub fn max_published_bytes(max_frame_bytes: usize) -> usize {
+    max_frame_bytes.saturating_add(PUBLISH_HEADROOM)
+}
+
+/// The rejection notice a web node turns into a 4xx for the sender.
+pub fn rejection(reference: &str, reason: &str, status: u16) -> Bytes {
+    serde_json::to_vec(&serde_json::json!({
+        "reject": reference,
+        "reason": reason,
+        "status": status,
+    }))
+    .expect("serializing a JSON value cannot fail")
+    .into()
+}
+
+/// The notice for a message whose idempotency key was already published: its sender gets a
+/// `200`, and nothing is published twice.
+pub fn published(reference: &str, id: MsgId) -> Bytes {
+    serde_json::to_vec(&serde_json::json!({
+        "published": reference,
+        "id": id.to_string(),
+    }))
+    .expect("serializing a JSON value cannot fail")
+    .into()
+}
+
+/// The contents of a JSON string with no escapes (ids, refs and keys never have any).
+pub fn plain_str(raw: &RawValue) -> Option<&str> {
+    let text = raw.get().strip_prefix('"')?.strip_suffix('"')?;
+    (!text.contains(['\\', '"'])).then_some(text)
+}
+
+/// The fields of a published frame a web node reads; the rest stays as it is.
+#[derive(Deserialize)]
+pub struct Envelope<'a> {
+    #[serde(borrow, default)]
+    pub id: Option<&'a RawValue>,
+    #[serde(rename = "ref", borrow, default)]
+    pub reference: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub reject: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub published: Option<&'a RawValue>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub status: Option<i64>,
+}
+
+impl Envelope<'_> {
+    /// The message id, when it is one.
+    pub fn id(&self) -> Option<MsgId> {
+        self.id.and_then(plain_str).and_then(|s| s.parse().ok())
+    }
+}
+
+/// Writes `id` as `<run>-<seq>` without allocating.
+pub fn write_id(out: &mut impl BufMut, id: MsgId) {
+    let mut number = itoa::Buffer::new();
+    out.put_slice(number.format(id.run).as_bytes());
+    out.put_u8(b'-');
+    out.put_slice(number.format(id.seq).as_bytes());
+}
+
+/// Writes a JSON value on one line: as it is when it holds no line break, else re-serialized
+/// compactly (pretty-printed input). `None` if it is not valid JSON.
+pub fn write_one_line(out: &mut impl BufMut, json: &[u8]) -> Option<()> {
+    if memchr::memchr2(b'\n', b'\r', json).is_none() {
+        out.put_slice(json);
+        return Some(());
+    }
+    let value: serde_json::Value = serde_json::from_slice(json).ok()?;
+    out.put_slice(&serde_json::to_vec(&value).expect("serializing a JSON value"));
+    Some(())
+}
+
+/// Builds the SSE frame of a published message: `id:` (when it has one), `event: msg`, and the
+/// message as one data line without the web node's `ref` (internal: never sent to browsers).
+/// The broker writes `ref` first, which is cut without parsing; anything else is re-serialized.
+pub fn write_message(frame: &[u8], id: Option<MsgId>, has_ref: bool) -> Bytes {
+    let mut sse = BytesMut::with_capacity(frame.len() + 64);
+    if let Some(id) = id {
+        sse.put_slice(b"id: ");
+        write_id(&mut sse, id);
+        sse.put_u8(b'\n');
+    }
+    sse.put_slice(b"event: msg\ndata: ");
+    let one_line = memchr::memchr2(b'\n', b'\r', frame).is_none();
+    if !has_ref && one_line {
+        sse.put_slice(frame);
+    } else if let Some(rest) = one_line.then(|| after_leading_ref(frame)).flatten() {
+        sse.put_u8(b'{');
+        sse.put_slice(rest);
+    } else {
+        let mut value: serde_json::Value =
+            serde_json::from_slice(frame).expect("parsed as an object before");
+        if let Some(map) = value.as_object_mut() {
+            map.remove(REF);
+        }
+        sse.put_slice(&serde_json::to_vec(&value).expect("serializing a JSON value"));
+    }
+    sse.put_slice(b"\n\n");
+    sse.freeze()
+}
+
+/// For a frame that starts `{"ref":"<no escapes>",`, what follows the comma (or `}` when
+/// `ref` is the only key).
+fn after_leading_ref(frame: &[u8]) -> Option<&[u8]> {
+    let rest = frame.strip_prefix(b"{\"ref\":\"")?;
+    let end = memchr::memchr2(b'"', b'\\', rest)?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    match rest.get(end + 1)? {
+        b',' => Some(&rest[end + 2..]),
+        b'}' => Some(&rest[end + 1..]),
+        _ => None,
+    }
+}
+
+/// The keep-alive comment sent to every client when the stream has been idle.
+pub const KEEPALIVE_FRAME: &[u8] = b": keep-alive\n\n";
+
+/// Appends an `event: reset` frame: the client missed messages the server cannot replay.
+pub fn write_reset(out: &mut BytesMut, last_event_id: &str, reason: &str) {
+    out.put_slice(b"event: reset\ndata: ");
+    let data = serde_json::json!({ "lastEventId": last_event_id, "reason": reason });
+    out.put_slice(&serde_json::to_vec(&data).expect("serializing a JSON value"));
+    out.put_slice(b"\n\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    #[test]
+    fn msg_id_parses_and_orders() {
+        let id: MsgId = "1764109484123-42".parse().unwrap();
+        assert_eq!(
+            id,
+            MsgId {
+                run: 1764109484123,
+                seq: 42
+            }
+        );
+        assert_eq!(id.to_string(), "1764109484123-42");
+        for bad in [
+            "",
+            "1",
+            "-1",
+            "1-",
+            "a-1",
+            "1-+2",
+            "1-2-3",
+            "1 -2",
+            "99999999999999999999999-1",
+        ] {
+            assert!(bad.parse::<MsgId>().is_err(), "{bad}");
+        }
+        let older: MsgId = "1-99".parse().unwrap();
+        let other_run: MsgId = "2-100".parse().unwrap();
+        assert!(
+            !other_run.follows(&older) && !older.follows(&other_run),
+            "runs are unordered"
+        );
+        assert!("1-100".parse::<MsgId>().unwrap().follows(&older));
+    }
+
+    #[test]
+    fn rejection_frame() {
+        let frame = rejection("n-1", "too many messages", 429);
+        let value: Value = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(
+            value,
+            json!({"reject":"n-1","reason":"too many messages","status":429})
+        );
+    }
+
+    #[test]
+    fn sse_frames_never_carry_the_reference() {
+        let text = |frame: Bytes| String::from_utf8(frame.to_vec()).unwrap();
+        let id = MsgId { run: 7, seq: 3 };
+        // Cut without parsing when `ref` comes first.
+        assert_eq!(
+            text(write_message(
+                br#"{"ref":"n-1","from":"a"}"#,
+                Some(id),
+                true
+            )),
+            "id: 7-3\nevent: msg\ndata: {\"from\":\"a\"}\n\n"
+        );
+        assert_eq!(
+            text(write_message(br#"{"ref":"n-1"}"#, None, true)),
+            "event: msg\ndata: {}\n\n"
+        );
+        // Anywhere else, or pretty-printed: re-serialized without it, on one line.
+        assert_eq!(
+            text(write_message(
+                b"{\"from\":\"a\",\n\"ref\":\"n-1\"}",
+                None,
+                true
+            )),
+            "event: msg\ndata: {\"from\":\"a\"}\n\n"
+        );
+        assert_eq!(
+            text(write_message(br#"{"from":"a"}"#, None, false)),
+            "event: msg\ndata: {\"from\":\"a\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn refusal_statuses_are_4xx() {
+        assert_eq!(reject_status(Some(429)), 429);
+        assert_eq!(reject_status(Some(200)), DEFAULT_REJECT_STATUS);
+        assert_eq!(reject_status(Some(-1)), DEFAULT_REJECT_STATUS);
+        assert_eq!(reject_status(None), DEFAULT_REJECT_STATUS);
+    }
+}
