@@ -16,15 +16,15 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::Broker;
-use crate::config::{Config, Role};
-use crate::direct::{Front, Limits};
-use crate::hub::Hub;
-use crate::message::{Acks, Broadcast, Publisher};
+use crate::acks::Acks;
+use crate::broker::BrokerError;
+use crate::config::Config;
+use crate::context::{Context, UnknownDataSource};
+use crate::message::Broadcast;
 use crate::metrics::Metrics;
-use crate::script::ReloadHandle;
+use crate::script::{ChainSource, ReloadHandle};
 use crate::server::{self, Routes};
-use crate::socket::{Bound, SocketError};
+use crate::socket::{Addresses, SocketError};
 
 /// Starting failed before anything ran.
 #[derive(Debug, thiserror::Error)]
@@ -37,33 +37,39 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Broker(#[from] crate::broker::StartError),
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    DataSource(#[from] UnknownDataSource),
 }
 
 /// A running temma process: its tasks and what tests need to reach it.
 pub struct App {
     http: Option<SocketAddr>,
-    bound: Bound,
+    addresses: Addresses,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
+    /// The long-lived tasks, so that a panic in one reaches [`App::wait`].
+    handles: Vec<tokio::task::JoinHandle<()>>,
     reload: Option<ReloadHandle>,
+}
+
+/// Where SIGHUP reads the script chain again: the configuration file.
+fn chain_source(ctx: &Context) -> Option<ChainSource> {
+    let file = ctx.config_file.clone()?;
+    Some(Box::new(move || {
+        let config = Config::load(&file).map_err(|error| error.to_string())?;
+        let specs = config.broker.script_specs(&config.root());
+        Ok((specs, config.broker.compiled.take()))
+    }))
 }
 
 impl App {
     /// `temma serve`: the web node, plus the broker when `broker.embedded` is on.
     pub async fn serve(config: &Config, shutdown: CancellationToken) -> Result<App, StartError> {
-        let metrics = Metrics::new();
-        let tracker = TaskTracker::new();
-        let mut bound = Bound::default();
-        let mut reload = None;
+        let mut app = App::new();
+        let mut ctx = config.context(app.metrics.clone());
         if config.broker.embedded {
-            let broker = Broker::bind(config, &mut bound, metrics.clone()).await?;
-            for counter in broker.peer_counters {
-                tracker.spawn(counter(shutdown.clone()));
-            }
-            tracker.spawn(broker.broker.run(shutdown.clone()));
-            tracker.spawn(broker.reloader.run(shutdown.clone()));
-            reload = Some(broker.reload);
+            app.start_broker(config, &mut ctx, &shutdown).await?;
         }
         let address = config.server.listen;
         let listener =
@@ -73,39 +79,22 @@ impl App {
             .map_err(|source| StartError::Http { address, source })?;
 
         let acks = Acks::new();
-        let max_published = crate::wire::max_published_bytes(config.broker.max_frame_bytes);
-        let hub = Hub::new(&config.event, max_published, metrics.clone(), acks.clone());
-        let (publisher, push_task) = Publisher::new(
-            &config.message,
-            bound.addresses(config.dsn(Role::MessagePush)),
-            config.broker.max_frame_bytes,
-            acks,
-            metrics.clone(),
-        );
-        tracker.spawn(push_task.run(shutdown.clone()));
-        for address in bound.addresses(config.dsn(Role::EventSub)) {
-            tracker.spawn(hub.clone().run_subscriber(address, shutdown.clone()));
+        let hub = config.event.build(&ctx, acks.clone());
+        let (publisher, push_task) = config.message.build(&ctx, acks)?;
+        app.spawn(push_task.run(shutdown.clone()));
+        for address in config.event.sub_addresses(&ctx)? {
+            app.spawn(hub.clone().run_subscriber(address, shutdown.clone()));
         }
-        tracker.spawn(hub.clone().run_timers(shutdown.clone()));
+        app.spawn(hub.clone().run_timers(shutdown.clone()));
 
-        let front = Front::new(
-            hub.clone(),
-            config.server.cors_origins.clone(),
-            Limits {
-                max_connections: crate::direct::fit_max_connections(config.server.max_connections),
-                max_pending_heads: config.server.max_pending_heads,
-                head_timeout: Duration::from_secs(config.server.head_timeout_secs),
-                write_stall: Duration::from_secs(config.server.write_stall_timeout_secs),
-            },
-            metrics.clone(),
-        );
+        let front = config.server.front(hub.clone(), app.metrics.clone());
         let service = server::router(Routes {
             static_dir: config.resolve(&config.server.static_dir),
             root: config.application.root_controller,
             broadcast: Broadcast {
                 config: config.message.clone(),
                 publisher,
-                metrics: metrics.clone(),
+                metrics: app.metrics.clone(),
                 sessions: config.application.enable_sessions,
                 cors_origins: Arc::new(config.server.cors_origins.clone()),
                 trusted_proxies: Arc::new(config.server.trusted_proxies.clone()),
@@ -113,48 +102,66 @@ impl App {
             },
             hub,
             front: front.clone(),
-            metrics: metrics.clone(),
-            sessions: crate::session::build(&config.application),
+            metrics: app.metrics.clone(),
+            sessions: config.sessions(),
             cors_origins: config.server.cors_origins.clone(),
         });
-        tracker.spawn(server::serve(
+        let tracker = app.tracker.clone();
+        app.spawn(server::serve(
             listener,
             service,
             config.server.clone(),
             front,
-            tracker.clone(),
+            tracker,
             shutdown.clone(),
         ));
         tracing::info!(address = %http, "listening on http://{http}");
-        tracker.close();
-        Ok(App {
-            http: Some(http),
-            bound,
-            metrics,
-            tracker,
-            reload,
-        })
+        app.http = Some(http);
+        app.addresses = ctx.addresses;
+        app.tracker.close();
+        Ok(app)
     }
 
     /// `temma broker`: the broker alone.
     pub async fn broker(config: &Config, shutdown: CancellationToken) -> Result<App, StartError> {
-        let metrics = Metrics::new();
-        let tracker = TaskTracker::new();
-        let mut bound = Bound::default();
-        let broker = Broker::bind(config, &mut bound, metrics.clone()).await?;
-        for counter in broker.peer_counters {
-            tracker.spawn(counter(shutdown.clone()));
-        }
-        tracker.spawn(broker.broker.run(shutdown.clone()));
-        tracker.spawn(broker.reloader.run(shutdown));
-        tracker.close();
-        Ok(App {
+        let mut app = App::new();
+        let mut ctx = config.context(app.metrics.clone());
+        app.start_broker(config, &mut ctx, &shutdown).await?;
+        app.addresses = ctx.addresses;
+        app.tracker.close();
+        Ok(app)
+    }
+
+    fn new() -> App {
+        App {
             http: None,
-            bound,
-            metrics,
-            tracker,
-            reload: Some(broker.reload),
-        })
+            addresses: Addresses::default(),
+            metrics: Metrics::new(),
+            tracker: TaskTracker::new(),
+            handles: Vec::new(),
+            reload: None,
+        }
+    }
+
+    fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.handles.push(self.tracker.spawn(task));
+    }
+
+    async fn start_broker(
+        &mut self,
+        config: &Config,
+        ctx: &mut Context,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StartError> {
+        let source = chain_source(ctx);
+        let parts = config.broker.build(ctx, source).await?;
+        for counter in parts.peer_counters {
+            self.spawn(counter(shutdown.clone()));
+        }
+        self.spawn(parts.broker.run(shutdown.clone()));
+        self.spawn(parts.reloader.run(shutdown.clone()));
+        self.reload = Some(parts.reload);
+        Ok(())
     }
 
     /// The HTTP address actually bound (port 0 resolved), for `temma serve`.
@@ -163,8 +170,8 @@ impl App {
     }
 
     /// Where the ZeroMQ sockets this process bound actually listen.
-    pub fn bound(&self) -> &Bound {
-        &self.bound
+    pub fn addresses(&self) -> &Addresses {
+        &self.addresses
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -179,8 +186,16 @@ impl App {
         }
     }
 
-    /// Waits until every task has finished (after shutdown).
+    /// Waits until every task has finished (after shutdown). A panic in one of the
+    /// long-lived tasks is raised again here.
     pub async fn wait(self) {
         self.tracker.wait().await;
+        for handle in self.handles {
+            if let Err(error) = handle.await
+                && error.is_panic()
+            {
+                std::panic::resume_unwind(error.into_panic());
+            }
+        }
     }
 }

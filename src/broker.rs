@@ -26,11 +26,11 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use zeromq::{PubSocket, PullSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
-use crate::config::{Config, DEFAULT_BROKER_PUB, DEFAULT_BROKER_PULL, Problem, Role};
+use crate::context::{Context, Root, UnknownDataSource};
 use crate::metrics::{DropReason, Metrics, SocketLabels};
 use crate::script::{
-    Chain, OnError, Reload, ReloadHandle, Reloader, ScriptConfig, ScriptError, ScriptLimits,
-    ScriptSpec, Verdict,
+    Chain, ChainSource, Compiled, OnError, Reload, ReloadHandle, Reloader, ScriptConfig,
+    ScriptError, ScriptLimits, ScriptSpec, Verdict,
 };
 use crate::socket::{self, SocketError};
 use crate::wire::{
@@ -38,6 +38,10 @@ use crate::wire::{
     published, rejection,
 };
 
+/// Default `broker.pull`: Temma's data source name.
+pub const DEFAULT_BROKER_PULL: &str = "zmq_broker_pull";
+/// Default `broker.pub`.
+pub const DEFAULT_BROKER_PUB: &str = "zmq_broker_pub";
 /// Default `broker.max_frame_bytes`: frames larger than this are dropped.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
 
@@ -89,6 +93,9 @@ pub struct BrokerConfig {
     /// The moderation chain, run in order on every message.
     #[serde(default)]
     pub scripts: Vec<ScriptConfig>,
+    /// The chain as validation compiled it, for the start-up that follows.
+    #[serde(skip)]
+    pub compiled: Compiled,
 }
 
 fn default_watch() -> bool {
@@ -131,16 +138,95 @@ impl Default for BrokerConfig {
             watch: default_watch(),
             limits: ScriptLimits::default(),
             scripts: Vec::new(),
+            compiled: Compiled::default(),
         }
     }
 }
 
 impl BrokerConfig {
-    pub(crate) fn validate(&self, config: &Config, problem: &mut impl FnMut(&str, String)) {
+    /// The chain's specs, in order, paths resolved against `root`.
+    pub fn script_specs(&self, root: &Root) -> Vec<ScriptSpec> {
+        ScriptSpec::chain(&self.scripts, self.limits, self.on_error, root)
+    }
+
+    /// Checks the section and compiles the chain (once: the broker built next takes it),
+    /// reporting each script that does not compile under its own key.
+    pub fn validate(&self, root: &Root, problem: &mut impl FnMut(&str, String)) {
         if self.max_frame_bytes == 0 {
             problem("broker.max_frame_bytes", "must be at least 1".to_owned());
         }
-        crate::script::validate(config, problem);
+        crate::script::validate_limits(&self.limits, problem);
+        match crate::script::compile(&self.script_specs(root)) {
+            Ok(scripts) => self.compiled.put(scripts),
+            Err(errors) => {
+                for (index, error) in errors {
+                    problem(&format!("broker.scripts[{index}]"), error.to_string());
+                }
+            }
+        }
+    }
+
+    /// Binds PUB first (so nothing read is published into the void), then PULL, with the
+    /// chain validation compiled (or compiled now); `source` is where SIGHUP reads the chain
+    /// again.
+    pub async fn build(
+        &self,
+        ctx: &mut Context,
+        source: Option<ChainSource>,
+    ) -> Result<Parts, BrokerError> {
+        let specs = self.script_specs(&ctx.root);
+        let scripts = match self.compiled.take() {
+            Some(scripts) => scripts,
+            None => crate::script::compile(&specs)
+                .map_err(|mut errors| BrokerError::Script(errors.remove(0).1))?,
+        };
+        let chain = Chain::new(scripts, ctx.metrics.clone());
+        let (reloader, reloads, reload) =
+            Reloader::new(specs, source, self.watch, ctx.metrics.clone());
+        let limit = self.max_frame_bytes;
+        let metrics = ctx.metrics.clone();
+        let mut publish = PubSocket::with_options(socket::options(limit));
+        let pub_events = publish.monitor();
+        let dsn = ctx.dsn(&self.publish)?.clone();
+        socket::bind(&mut publish, &dsn, &mut ctx.addresses).await?;
+        let mut pull = PullSocket::with_options(socket::options(limit));
+        let pull_events = pull.monitor();
+        let dsn = ctx.dsn(&self.pull)?.clone();
+        socket::bind(&mut pull, &dsn, &mut ctx.addresses).await?;
+        let counter = |events, key: &str| -> PeerCounter {
+            let labels = SocketLabels {
+                socket: key.to_owned(),
+            };
+            let peers = metrics.zmq_peers.get_or_create(&labels).clone();
+            let refused = metrics.zmq_refused.get_or_create(&labels).clone();
+            Box::new(move |shutdown| {
+                Box::pin(socket::count_peers(events, peers, refused, shutdown))
+            })
+        };
+        let peer_counters = vec![
+            counter(pub_events, "broker.pub"),
+            counter(pull_events, "broker.pull"),
+        ];
+        let broker = Broker {
+            pull,
+            publish,
+            stamper: Stamper::with_dedupe(
+                limit,
+                std::time::Duration::from_secs(self.dedupe_window_secs),
+                self.dedupe_max_keys,
+            ),
+            chain,
+            reloads,
+            notify_rejections: self.notify_rejections,
+            max_published: max_published_bytes(limit),
+            metrics,
+        };
+        Ok(Parts {
+            broker,
+            reloader,
+            reload,
+            peer_counters,
+        })
     }
 }
 
@@ -157,9 +243,9 @@ pub struct Broker {
     metrics: Arc<Metrics>,
 }
 
-/// What [`Broker::bind`] starts: the broker, and the reloader of its scripts with a handle to
-/// ask for a reload (SIGHUP).
-pub struct Bound {
+/// What [`BrokerConfig::build`] makes: the broker, and the reloader of its scripts with a
+/// handle to ask for a reload (SIGHUP).
+pub struct Parts {
     pub broker: Broker,
     pub reloader: Reloader,
     pub reload: ReloadHandle,
@@ -175,61 +261,6 @@ pub type PeerCounter = Box<
 >;
 
 impl Broker {
-    /// Compiles the scripts, then binds PUB first (so nothing read is published into the void),
-    /// then PULL.
-    pub async fn bind(
-        config: &Config,
-        bound: &mut socket::Bound,
-        metrics: Arc<Metrics>,
-    ) -> Result<Bound, StartError> {
-        let specs = ScriptSpec::from_config(config);
-        let chain = Chain::build(&specs, metrics.clone())?;
-        let config_file = (!config.file.as_os_str().is_empty()).then(|| config.file.clone());
-        let (reloader, reloads, reload) =
-            Reloader::new(specs, config_file, config.broker.watch, metrics.clone());
-        let limit = config.broker.max_frame_bytes;
-        let mut publish = PubSocket::with_options(socket::options(limit));
-        let pub_events = publish.monitor();
-        socket::bind(&mut publish, config.dsn(Role::BrokerPub), bound).await?;
-        let mut pull = PullSocket::with_options(socket::options(limit));
-        let pull_events = pull.monitor();
-        socket::bind(&mut pull, config.dsn(Role::BrokerPull), bound).await?;
-        let counter = |events, role: Role| -> PeerCounter {
-            let labels = SocketLabels {
-                socket: role.key().to_owned(),
-            };
-            let peers = metrics.zmq_peers.get_or_create(&labels).clone();
-            let refused = metrics.zmq_refused.get_or_create(&labels).clone();
-            Box::new(move |shutdown| {
-                Box::pin(socket::count_peers(events, peers, refused, shutdown))
-            })
-        };
-        let peer_counters = vec![
-            counter(pub_events, Role::BrokerPub),
-            counter(pull_events, Role::BrokerPull),
-        ];
-        let broker = Broker {
-            pull,
-            publish,
-            stamper: Stamper::with_dedupe(
-                config.broker.max_frame_bytes,
-                std::time::Duration::from_secs(config.broker.dedupe_window_secs),
-                config.broker.dedupe_max_keys,
-            ),
-            chain,
-            reloads,
-            notify_rejections: config.broker.notify_rejections,
-            max_published: max_published_bytes(config.broker.max_frame_bytes),
-            metrics,
-        };
-        Ok(Bound {
-            broker,
-            reloader,
-            reload,
-            peer_counters,
-        })
-    }
-
     /// Relays until `shutdown` fires. A message already read is always published first.
     pub async fn run(mut self, shutdown: CancellationToken) {
         tracing::info!(
@@ -537,7 +568,7 @@ impl Stamper {
             self.write_stamp(&mut out, key);
             return Ok(Stamped::Ready(out.into()));
         }
-        let fields = match serde_json::from_slice::<Fields<'_>>(frame) {
+        let fields = match serde_json::from_slice::<RawFields<'_>>(frame) {
             Ok(fields) => fields.0,
             Err(_) => return Err(DropReason::InvalidJson),
         };
@@ -656,13 +687,13 @@ impl<'de> Deserialize<'de> for Scan<'de> {
 }
 
 /// A JSON object read as its keys and raw (unparsed) values, in order.
-struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+struct RawFields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
-impl<'de> Deserialize<'de> for Fields<'de> {
+impl<'de> Deserialize<'de> for RawFields<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct FieldsVisitor;
         impl<'de> Visitor<'de> for FieldsVisitor {
-            type Value = Fields<'de>;
+            type Value = RawFields<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
             }
@@ -671,7 +702,7 @@ impl<'de> Deserialize<'de> for Fields<'de> {
                 while let Some(key) = map.next_key::<Key<'de>>()? {
                     fields.push((key.0, map.next_value::<&'de RawValue>()?));
                 }
-                Ok(Fields(fields))
+                Ok(RawFields(fields))
             }
         }
         deserializer.deserialize_map(FieldsVisitor)
@@ -705,21 +736,13 @@ impl<'de> Deserialize<'de> for Key<'de> {
 
 /// Starting the broker failed.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub enum BrokerError {
     #[error(transparent)]
     Socket(#[from] SocketError),
     #[error(transparent)]
     Script(#[from] ScriptError),
-}
-
-impl From<StartError> for Problem {
-    fn from(error: StartError) -> Self {
-        Problem {
-            key: String::new(),
-            origin: None,
-            message: error.to_string(),
-        }
-    }
+    #[error(transparent)]
+    DataSource(#[from] UnknownDataSource),
 }
 
 #[cfg(test)]

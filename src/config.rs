@@ -22,6 +22,7 @@ use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 
 use crate::broker::BrokerConfig;
+use crate::context::{Context, Root};
 use crate::dsn::{Dsn, Mode, SocketKind};
 use crate::event::EventConfig;
 use crate::message::MessageConfig;
@@ -43,10 +44,9 @@ pub const DEFAULT_SESSION_DURATION_SECS: u64 = 31_536_000;
 pub const MIN_SESSION_SECRET_BYTES: usize = 64;
 
 /// Default data source names: the four of Temma's chat tutorial.
-pub const DEFAULT_CLIENT_PUSH: &str = "zmq_client_push";
-pub const DEFAULT_BROKER_PULL: &str = "zmq_broker_pull";
-pub const DEFAULT_BROKER_PUB: &str = "zmq_broker_pub";
-pub const DEFAULT_CLIENT_SUB: &str = "zmq_client_sub";
+pub use crate::broker::{DEFAULT_BROKER_PUB, DEFAULT_BROKER_PULL};
+pub use crate::event::DEFAULT_CLIENT_SUB;
+pub use crate::message::DEFAULT_CLIENT_PUSH;
 
 /// Temma's camelCase keys, so that an environment override (lower-cased by the shell
 /// convention) still reaches them: `TEMMA_APPLICATION__ROOTCONTROLLER` → `rootController`.
@@ -87,13 +87,7 @@ pub struct Config {
     pub file: PathBuf,
 }
 
-/// The controllers `rootController` may name.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-pub enum RootController {
-    /// Serves `index.html` from the static folder.
-    #[default]
-    Homepage,
-}
+pub use crate::homepage::RootController;
 
 /// Temma's `[application]` section, with Temma's key names.
 #[derive(Debug, Clone, Deserialize)]
@@ -320,22 +314,43 @@ impl Config {
     }
 
     /// The application root: `application.root` resolved against the config file's directory.
-    pub fn root(&self) -> PathBuf {
+    pub fn root(&self) -> Root {
         let base = self
             .file
             .parent()
             .filter(|dir| !dir.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        base.join(&self.application.root)
+        Root(base.join(&self.application.root))
     }
 
     /// A path from the config resolved against [`Config::root`] (absolute paths stay as they are).
     pub fn resolve(&self, path: &Path) -> PathBuf {
-        if path.is_absolute() {
-            path.to_owned()
-        } else {
-            self.root().join(path)
+        self.root().resolve(path)
+    }
+
+    /// What the components build themselves from.
+    pub fn context(&self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Context {
+        Context {
+            root: self.root(),
+            config_file: (!self.file.as_os_str().is_empty()).then(|| self.file.clone()),
+            data_sources: self.application.data_sources.clone(),
+            addresses: crate::socket::Addresses::default(),
+            metrics,
+            max_frame_bytes: self.broker.max_frame_bytes,
         }
+    }
+
+    /// The session middleware, when sessions are on.
+    pub fn sessions(&self) -> Option<salvo::session::SessionHandler<salvo::session::CookieStore>> {
+        let application = &self.application;
+        application.enable_sessions.then(|| {
+            crate::session::build(crate::session::SessionSettings {
+                secret: application.session_secret.as_deref().unwrap_or_default(),
+                cookie_name: &application.session_name,
+                ttl: std::time::Duration::from_secs(application.session_duration),
+                secure: application.session_secure,
+            })
+        })
     }
 
     /// The data source name a role is configured to use.
@@ -491,10 +506,12 @@ impl Config {
             }
         }
 
-        self.server.validate(self, &mut problem);
+        let root = self.root();
+        self.server
+            .validate(&root, self.application.root_controller, &mut problem);
         self.message.validate(&mut problem);
         self.event.validate(&mut problem);
-        self.broker.validate(self, &mut problem);
+        self.broker.validate(&root, &mut problem);
 
         if problems.is_empty() {
             Ok(())
@@ -718,7 +735,7 @@ mod tests {
             file: PathBuf::from("/srv/chat/etc/temma.toml"),
             ..Config::default()
         };
-        assert_eq!(config.root(), Path::new("/srv/chat/etc/.."));
+        assert_eq!(config.root().path(), Path::new("/srv/chat/etc/.."));
         assert_eq!(
             config.resolve(Path::new("static")),
             Path::new("/srv/chat/etc/../static")

@@ -394,10 +394,10 @@ async fn serve_sse(
         pending: VecDeque::new(),
         stall: front.limits.write_stall,
     };
-    let mut subscription = match front.hub.subscribe(
-        request.last_event_id.as_deref(),
-        Abort::Notify(abort.clone()),
-    ) {
+    let mut subscription = match front.hub.subscribe(request.last_event_id.as_deref(), {
+        let abort = abort.clone();
+        Abort::new(move || abort.notify_one())
+    }) {
         Ok(subscription) => subscription,
         Err(full) => {
             out.pending.push_back(Bytes::from(error_response(

@@ -20,10 +20,12 @@ use salvo::prelude::*;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
-use crate::config::DEFAULT_CLIENT_SUB;
+use crate::context::{Context, UnknownDataSource};
 use crate::error::JsonError;
-use crate::hub::{Abort, Hub, Item, MAX_CHUNK_BYTES, Subscription};
+use crate::hub::{Abort, Hub, Item, MAX_CHUNK_BYTES, Settings, Subscription};
 
+/// Default `event.sub`: Temma's data source name.
+pub const DEFAULT_CLIENT_SUB: &str = "zmq_client_sub";
 /// Default `event.keepalive_secs`.
 pub const DEFAULT_KEEPALIVE_SECS: u64 = 15;
 /// Default `event.retry_ms`: how soon browsers reconnect after the stream ends.
@@ -120,7 +122,28 @@ impl Default for EventConfig {
 }
 
 impl EventConfig {
-    pub(crate) fn validate(&self, problem: &mut impl FnMut(&str, String)) {
+    /// The web node's hub: its fan-out, history and SUB socket settings.
+    pub fn build(&self, ctx: &Context, acks: Arc<crate::acks::Acks>) -> Hub {
+        let settings = Settings {
+            queue: self.queue,
+            max_clients: self.max_clients,
+            history_size: self.history_size,
+            history_ttl: std::time::Duration::from_secs(self.history_ttl_secs),
+            initial_history: self.initial_history,
+            retry_ms: self.retry_ms,
+            keepalive: std::time::Duration::from_secs(self.keepalive_secs),
+            stall: std::time::Duration::from_millis(self.stall_ms),
+            max_message_bytes: crate::wire::max_published_bytes(ctx.max_frame_bytes),
+        };
+        Hub::new(settings, ctx.metrics.clone(), acks)
+    }
+
+    /// Where the hub's SUB sockets connect (a port 0 follows the embedded broker's bind).
+    pub fn sub_addresses(&self, ctx: &Context) -> Result<Vec<String>, UnknownDataSource> {
+        Ok(ctx.addresses.targets(ctx.dsn(&self.sub)?))
+    }
+
+    pub fn validate(&self, problem: &mut impl FnMut(&str, String)) {
         if self.queue == 0 {
             problem("event.queue", "must be at least 1".to_owned());
         }
@@ -173,10 +196,10 @@ impl Handler for Fetch {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
             .or_else(|| req.uri().query().and_then(query_last_event_id));
-        let subscription = match self
-            .hub
-            .subscribe(last_event_id.as_deref(), Abort::Conn(ctrl.conn().clone()))
-        {
+        let subscription = match self.hub.subscribe(last_event_id.as_deref(), {
+            let conn = ctrl.conn().clone();
+            Abort::new(move || conn.abort())
+        }) {
             Ok(subscription) => subscription,
             Err(full) => {
                 JsonError::new(StatusCode::SERVICE_UNAVAILABLE, full.to_string()).write_to(res);

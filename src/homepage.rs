@@ -12,6 +12,14 @@ use salvo::prelude::*;
 
 use crate::error::JsonError;
 
+/// The controllers `application.rootController` may name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub enum RootController {
+    /// Serves `index.html` from the static folder.
+    #[default]
+    Homepage,
+}
+
 /// The page the root controller serves, inside the static folder.
 pub const INDEX: &str = "index.html";
 

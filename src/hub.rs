@@ -25,16 +25,16 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use salvo::conn::ConnCtrl;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use zeromq::{Socket, SocketEvent, SocketRecv, SubSocket};
 
-use crate::event::EventConfig;
-use crate::message::{Ack, Acks};
+use crate::acks::{Ack, Acks};
 use crate::metrics::{DropReason, Metrics};
 use crate::socket;
 use crate::wire::{self, Envelope, KEEPALIVE_FRAME, MsgId, plain_str, write_reset};
@@ -71,17 +71,34 @@ struct Shared {
     next_client: AtomicU64,
 }
 
+/// How a hub behaves (from the `[event]` section: see [`crate::event::EventConfig`]).
 #[derive(Debug, Clone)]
-struct Settings {
-    queue: usize,
-    max_clients: usize,
-    initial_history: usize,
-    retry_ms: u64,
-    keepalive: Duration,
-    /// Sweeps without progress, with a full queue, before a client is cut off.
-    stall_sweeps: u64,
+pub struct Settings {
+    /// Frames a client may lag behind.
+    pub queue: usize,
+    pub max_clients: usize,
+    /// Messages kept for replay, and for how long.
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    /// Newest messages a new client gets.
+    pub initial_history: usize,
+    /// The `retry:` sent to browsers.
+    pub retry_ms: u64,
+    /// Silence before a keep-alive; zero for none.
+    pub keepalive: Duration,
+    /// How long a client with a full queue may take nothing before it is cut off.
+    pub stall: Duration,
     /// The largest published frame the SUB socket accepts.
-    max_message_bytes: usize,
+    pub max_message_bytes: usize,
+}
+
+impl Settings {
+    /// Sweeps without progress, with a full queue, before a client is cut off.
+    fn stall_sweeps(&self) -> u64 {
+        (self.stall.as_millis() as u64)
+            .div_ceil(SWEEP_INTERVAL.as_millis() as u64)
+            .max(1)
+    }
 }
 
 struct State {
@@ -109,21 +126,18 @@ pub struct Slot {
     dropped: AtomicBool,
 }
 
-/// How the sweep cuts off a client that stopped reading.
+/// How the sweep cuts off a client that stopped reading: whatever serves the connection says
+/// how (hyper aborts it; the direct path wakes its task).
 #[derive(Clone)]
-pub enum Abort {
-    /// A connection served by hyper: abort it through salvo.
-    Conn(ConnCtrl),
-    /// A connection temma serves itself: its task waits on this.
-    Notify(Arc<tokio::sync::Notify>),
-}
+pub struct Abort(Arc<dyn Fn() + Send + Sync>);
 
 impl Abort {
+    pub fn new(abort: impl Fn() + Send + Sync + 'static) -> Abort {
+        Abort(Arc::new(abort))
+    }
+
     fn abort(&self) {
-        match self {
-            Abort::Conn(conn) => conn.abort(),
-            Abort::Notify(notify) => notify.notify_one(),
-        }
+        (self.0)()
     }
 }
 
@@ -167,39 +181,20 @@ impl Drop for ClientGuard {
 }
 
 impl Hub {
-    pub fn new(
-        config: &EventConfig,
-        max_message_bytes: usize,
-        metrics: Arc<Metrics>,
-        acks: Arc<Acks>,
-    ) -> Hub {
-        let capacity = (config.queue + 1).next_power_of_two();
+    pub fn new(settings: Settings, metrics: Arc<Metrics>, acks: Arc<Acks>) -> Hub {
+        let capacity = (settings.queue + 1).next_power_of_two();
         let (tx, _) = broadcast::channel(capacity);
         Hub {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
                     tx: Some(tx),
-                    history: History::new(
-                        config.history_size,
-                        Duration::from_secs(config.history_ttl_secs),
-                    ),
+                    history: History::new(settings.history_size, settings.history_ttl),
                     sent: 0,
                     newest: None,
                     slots: HashMap::new(),
                     last_sent: Instant::now(),
                 }),
-                settings: Settings {
-                    queue: config.queue,
-                    max_clients: config.max_clients,
-                    initial_history: config.initial_history,
-                    retry_ms: config.retry_ms,
-                    keepalive: Duration::from_secs(config.keepalive_secs),
-                    stall_sweeps: config
-                        .stall_ms
-                        .div_ceil(SWEEP_INTERVAL.as_millis() as u64)
-                        .max(1),
-                    max_message_bytes,
-                },
+                settings,
                 metrics,
                 acks,
                 clients: AtomicUsize::new(0),
@@ -440,7 +435,7 @@ impl Hub {
                 state.last_sent = Instant::now();
             }
             let queue = self.shared.settings.queue as u64;
-            let stall_sweeps = self.shared.settings.stall_sweeps;
+            let stall_sweeps = self.shared.settings.stall_sweeps();
             let sent = state.sent;
             let metrics = &self.shared.metrics;
             state.slots.retain(|_, slot| {

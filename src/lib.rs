@@ -7,7 +7,9 @@
 //!
 //! # Layout
 //!
+//! - [`acks`]: what became of each message a web node sent (its POST waits on it).
 //! - [`config`]: `etc/temma.toml` → [`Config`], loaded with figment, validated in one pass.
+//! - [`context`]: what components get from the rest of the configuration to build themselves.
 //! - [`dsn`]: Temma's ZeroMQ data source names (`zmq://PUSH@127.0.0.1:5000`).
 //! - [`socket`]: builds zeromq sockets from DSNs (bind, connect with retry).
 //! - [`broker`]: the Broker component: PULL → scripts → PUB.
@@ -27,9 +29,11 @@
 //! - [`wire`]: the message format: ids, key names, notices, SSE frames.
 #![forbid(unsafe_code)]
 
+pub mod acks;
 pub mod app;
 pub mod broker;
 pub mod config;
+pub mod context;
 pub mod direct;
 pub mod dsn;
 pub mod error;

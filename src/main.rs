@@ -265,7 +265,7 @@ fn summary(config: &Config) -> String {
         "  static: {}",
         config.resolve(&config.server.static_dir).display()
     ));
-    let scripts = temma::script::ScriptSpec::from_config(config);
+    let scripts = config.broker.script_specs(&config.root());
     if scripts.is_empty() {
         lines.push("  scripts: none".to_owned());
     }

@@ -16,12 +16,10 @@
 //! The zeromq crate's PUSH never recovers once its broker restarted (`ReturnToSender` forever),
 //! so the task rebuilds the socket when the broker goes away and resends the returned message.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rand::RngExt;
 use salvo::http::StatusCode;
 use salvo::prelude::*;
 use salvo::session::SessionDepotExt;
@@ -31,12 +29,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use zeromq::{PushSocket, Socket, SocketEvent, SocketSend, ZmqError, ZmqMessage};
 
-use crate::config::DEFAULT_CLIENT_PUSH;
+use crate::acks::{Ack, Acks};
+use crate::context::{Context, UnknownDataSource};
 use crate::error::{JsonError, write_json};
 use crate::metrics::{DropReason, Metrics, PostLabels};
 use crate::request::TrustedProxy;
 use crate::socket;
 
+/// Default `message.push`: Temma's data source name.
+pub const DEFAULT_CLIENT_PUSH: &str = "zmq_client_push";
 /// Default `message.max_from_chars`.
 pub const DEFAULT_MAX_FROM_CHARS: usize = 64;
 /// Default `message.max_text_chars`.
@@ -115,7 +116,23 @@ impl Default for MessageConfig {
 }
 
 impl MessageConfig {
-    pub(crate) fn validate(&self, problem: &mut impl FnMut(&str, String)) {
+    /// The publisher POSTs hand their messages to, and the task that owns the PUSH socket.
+    pub fn build(
+        &self,
+        ctx: &Context,
+        acks: Arc<Acks>,
+    ) -> Result<(Publisher, PushTask), UnknownDataSource> {
+        let addresses = ctx.addresses.targets(ctx.dsn(&self.push)?);
+        Ok(Publisher::new(
+            self,
+            addresses,
+            ctx.max_frame_bytes,
+            acks,
+            ctx.metrics.clone(),
+        ))
+    }
+
+    pub fn validate(&self, problem: &mut impl FnMut(&str, String)) {
         for (key, value) in [
             ("message.max_from_chars", self.max_from_chars),
             ("message.max_text_chars", self.max_text_chars),
@@ -132,104 +149,6 @@ impl MessageConfig {
                 "must be at least 1".to_owned(),
             );
         }
-    }
-}
-
-/// What became of a message a node sent, as reported back by the broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ack {
-    Published,
-    Rejected { reason: String, status: u16 },
-}
-
-/// Messages this node sent and still waits for, by reference. A reference is
-/// `<node>-<secret>`: a random node id, so that each node recognises its own messages among
-/// those every node receives, and 128 random bits per message, so that nobody can guess the
-/// reference of another sender's next message and forge its outcome. References are never
-/// sent to browsers.
-pub struct Acks {
-    node: String,
-    pending: Mutex<HashMap<u128, oneshot::Sender<Ack>>>,
-}
-
-impl Default for Acks {
-    fn default() -> Self {
-        Acks {
-            node: format!("{:016x}", rand::rng().random::<u64>()),
-            pending: Mutex::new(HashMap::new()),
-        }
-    }
-}
-
-impl Acks {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    /// A new reference to tag a message with, and where its outcome will arrive. Dropping the
-    /// registration (the request answered, timed out, or its client went away) forgets it.
-    pub fn register(self: &Arc<Self>) -> Registration {
-        let (tx, rx) = oneshot::channel();
-        let mut pending = self.lock();
-        let secret = loop {
-            let secret = rand::rng().random::<u128>();
-            if !pending.contains_key(&secret) {
-                break secret;
-            }
-        };
-        pending.insert(secret, tx);
-        drop(pending);
-        Registration {
-            reference: format!("{}-{secret:032x}", self.node),
-            outcome: rx,
-            acks: self.clone(),
-            key: secret,
-        }
-    }
-
-    /// Delivers the outcome of a message, if it is one of this node's.
-    pub fn resolve(&self, reference: &str, ack: Ack) {
-        let Some((node, secret)) = reference.rsplit_once('-') else {
-            return;
-        };
-        if node != self.node || secret.len() != 32 {
-            return;
-        }
-        let Ok(secret) = u128::from_str_radix(secret, 16) else {
-            return;
-        };
-        if let Some(tx) = self.lock().remove(&secret) {
-            let _ = tx.send(ack);
-        }
-    }
-
-    fn forget(&self, secret: u128) {
-        self.lock().remove(&secret);
-    }
-
-    /// Messages still waiting for their outcome.
-    pub fn pending(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u128, oneshot::Sender<Ack>>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// A message this node waits for; see [`Acks::register`].
-pub struct Registration {
-    /// The `ref` to send with the message.
-    pub reference: String,
-    /// Where its outcome arrives.
-    pub outcome: oneshot::Receiver<Ack>,
-    acks: Arc<Acks>,
-    key: u128,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.acks.forget(self.key);
     }
 }
 
@@ -1092,27 +1011,6 @@ mod tests {
         assert!(with_key("").is_err());
         assert!(with_key("a b").is_err());
         assert!(with_key(&"k".repeat(65)).is_err());
-    }
-
-    #[tokio::test]
-    async fn acks_resolve_only_this_nodes_messages() {
-        let acks = Acks::new();
-        let mut registration = acks.register();
-        acks.resolve("0000000000000000-1", Ack::Published);
-        assert_eq!(acks.pending(), 1, "another node's reference is ignored");
-        let rejected = Ack::Rejected {
-            reason: "no".into(),
-            status: 429,
-        };
-        acks.resolve(&registration.reference, rejected.clone());
-        assert_eq!(acks.pending(), 0);
-        assert_eq!((&mut registration.outcome).await.unwrap(), rejected);
-        // A request that gives up (or whose client goes away) leaves nothing behind.
-        let abandoned = acks.register();
-        assert_eq!(acks.pending(), 1);
-        drop(abandoned);
-        assert_eq!(acks.pending(), 0);
-        acks.resolve("garbage", Ack::Published);
     }
 
     proptest::proptest! {

@@ -52,7 +52,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::context::Root;
 use crate::metrics::{Metrics, ReloadLabels, ReloadResult, ScriptLabels, ScriptOutcome};
 use crate::wire::DEFAULT_REJECT_STATUS;
 
@@ -457,6 +457,8 @@ pub struct Script {
     state: Dynamic,
     scope: Scope<'static>,
     clock: Arc<Clock>,
+    /// What the chain does with a message this script fails on.
+    pub on_error: OnError,
 }
 
 /// Everything needed to (re)load one script.
@@ -475,11 +477,15 @@ pub struct ScriptSpec {
 }
 
 impl ScriptSpec {
-    /// The specs of a configuration's chain, in order.
-    pub fn from_config(config: &Config) -> Vec<ScriptSpec> {
-        config
-            .broker
-            .scripts
+    /// The specs of a chain, in order: `[[broker.scripts]]` entries with the broker's limits
+    /// and default `on_error`, paths resolved against `root`.
+    pub fn chain(
+        entries: &[ScriptConfig],
+        limits: ScriptLimits,
+        on_error: OnError,
+        root: &Root,
+    ) -> Vec<ScriptSpec> {
+        entries
             .iter()
             .map(|entry| ScriptSpec {
                 name: entry.name.clone().unwrap_or_else(|| {
@@ -488,12 +494,12 @@ impl ScriptSpec {
                         |s| s.to_string_lossy().into_owned(),
                     )
                 }),
-                file: config.resolve(&entry.file),
+                file: root.resolve(&entry.file),
                 shown: entry.file.display().to_string(),
                 params: entry.params.clone(),
-                root: config.root(),
-                limits: config.broker.limits,
-                on_error: entry.on_error.unwrap_or(config.broker.on_error),
+                root: root.path().to_owned(),
+                limits,
+                on_error: entry.on_error.unwrap_or(on_error),
             })
             .collect()
     }
@@ -588,6 +594,7 @@ impl ScriptSpec {
             state: Map::new().into(),
             scope: Scope::new(),
             clock,
+            on_error: self.on_error,
         };
         if script
             .ast
@@ -647,7 +654,7 @@ pub enum Verdict {
     },
 }
 
-struct Entry {
+struct ChainEntry {
     script: Script,
     on_error: OnError,
     passed: Counter,
@@ -655,8 +662,8 @@ struct Entry {
     errored: Counter,
 }
 
-impl Entry {
-    fn new(script: Script, on_error: OnError, metrics: &Metrics) -> Entry {
+impl ChainEntry {
+    fn new(script: Script, metrics: &Metrics) -> ChainEntry {
         let counter = |outcome| {
             metrics
                 .scripts
@@ -666,12 +673,12 @@ impl Entry {
                 })
                 .clone()
         };
-        Entry {
+        ChainEntry {
+            on_error: script.on_error,
             passed: counter(ScriptOutcome::Passed),
             dropped: counter(ScriptOutcome::Dropped),
             errored: counter(ScriptOutcome::Errored),
             script,
-            on_error,
         }
     }
 }
@@ -679,12 +686,12 @@ impl Entry {
 /// A new version of the chain, or of one of its scripts, ready to swap in.
 pub enum Reload {
     One { index: usize, script: Box<Script> },
-    All(Vec<(Script, OnError)>),
+    All(Vec<Script>),
 }
 
 /// The chain of scripts the broker runs, in order.
 pub struct Chain {
-    entries: Vec<Entry>,
+    entries: Vec<ChainEntry>,
     metrics: Arc<Metrics>,
 }
 
@@ -701,14 +708,64 @@ const OWNED_KEYS: [&str; 6] = [
     crate::wire::PUBLISHED,
 ];
 
-impl Chain {
-    /// Loads every script of the configuration.
-    pub fn build(specs: &[ScriptSpec], metrics: Arc<Metrics>) -> Result<Chain, ScriptError> {
-        let mut entries = Vec::with_capacity(specs.len());
-        for spec in specs {
-            entries.push(Entry::new(spec.load()?, spec.on_error, &metrics));
+/// Compiles every script of a chain, in order, collecting every failure with its index.
+pub fn compile(specs: &[ScriptSpec]) -> Result<Vec<Script>, Vec<(usize, ScriptError)>> {
+    let mut scripts = Vec::with_capacity(specs.len());
+    let mut errors = Vec::new();
+    for (index, spec) in specs.iter().enumerate() {
+        match spec.load() {
+            Ok(script) => scripts.push(script),
+            Err(error) => errors.push((index, error)),
         }
-        Ok(Chain { entries, metrics })
+    }
+    if errors.is_empty() {
+        Ok(scripts)
+    } else {
+        Err(errors)
+    }
+}
+
+/// A chain compiled while the configuration was validated, kept for the start-up (or reload)
+/// that follows, so that every script compiles (and runs its `init()`) once. Cloning shares it.
+#[derive(Clone, Default)]
+pub struct Compiled(Arc<std::sync::Mutex<Option<Vec<Script>>>>);
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Compiled")
+    }
+}
+
+impl PartialEq for Compiled {
+    /// Compiled scripts are not configuration: any two are alike.
+    fn eq(&self, _other: &Self) -> bool {
+        true
+    }
+}
+
+impl Compiled {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<Script>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn put(&self, scripts: Vec<Script>) {
+        *self.lock() = Some(scripts);
+    }
+
+    /// The scripts compiled by the last validation, once.
+    pub fn take(&self) -> Option<Vec<Script>> {
+        self.lock().take()
+    }
+}
+
+impl Chain {
+    /// The chain of compiled scripts, in order.
+    pub fn new(scripts: Vec<Script>, metrics: Arc<Metrics>) -> Chain {
+        let entries = scripts
+            .into_iter()
+            .map(|script| ChainEntry::new(script, &metrics))
+            .collect();
+        Chain { entries, metrics }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -725,15 +782,14 @@ impl Chain {
             Reload::One { index, script } => {
                 if let Some(entry) = self.entries.get_mut(index) {
                     tracing::info!(script = %script.name, "script reloaded");
-                    let on_error = entry.on_error;
-                    *entry = Entry::new(*script, on_error, &self.metrics);
+                    *entry = ChainEntry::new(*script, &self.metrics);
                 }
             }
             Reload::All(scripts) => {
                 tracing::info!(scripts = scripts.len(), "script chain reloaded");
                 self.entries = scripts
                     .into_iter()
-                    .map(|(script, on_error)| Entry::new(script, on_error, &self.metrics))
+                    .map(|script| ChainEntry::new(script, &self.metrics))
                     .collect();
             }
         }
@@ -823,7 +879,7 @@ impl Chain {
 /// versions to the broker.
 pub struct Reloader {
     specs: Vec<ScriptSpec>,
-    config_file: Option<PathBuf>,
+    source: Option<ChainSource>,
     watch: bool,
     tx: mpsc::Sender<Reload>,
     requests: mpsc::Receiver<()>,
@@ -840,13 +896,18 @@ impl ReloadHandle {
     }
 }
 
+/// Where a full reload (SIGHUP) finds the chain: the configuration file read again, so that
+/// scripts added to or removed from the chain take effect. It answers the specs and, when
+/// reading the file compiled them already, the compiled scripts; or the problems found.
+pub type ChainSource =
+    Box<dyn Fn() -> Result<(Vec<ScriptSpec>, Option<Vec<Script>>), String> + Send + Sync>;
+
 impl Reloader {
     /// A reloader for `specs`, plus the receiving end the broker polls and a handle for
-    /// SIGHUP. `config_file`, when given, is read again on SIGHUP so that scripts added to or
-    /// removed from the chain take effect.
+    /// SIGHUP. Without a `source`, SIGHUP recompiles the same specs.
     pub fn new(
         specs: Vec<ScriptSpec>,
-        config_file: Option<PathBuf>,
+        source: Option<ChainSource>,
         watch: bool,
         metrics: Arc<Metrics>,
     ) -> (Reloader, mpsc::Receiver<Reload>, ReloadHandle) {
@@ -855,7 +916,7 @@ impl Reloader {
         (
             Reloader {
                 specs,
-                config_file,
+                source,
                 watch,
                 tx,
                 requests,
@@ -976,28 +1037,27 @@ impl Reloader {
     /// Reloads the whole chain (re-reading the configuration file, if any). Returns whether
     /// the chain was replaced.
     async fn reload_all(&mut self) -> bool {
-        let specs = match &self.config_file {
-            Some(file) => match Config::load(file) {
-                Ok(config) => ScriptSpec::from_config(&config),
+        let (specs, compiled) = match &self.source {
+            Some(source) => match source() {
+                Ok(loaded) => loaded,
                 Err(error) => {
                     self.count(ReloadResult::Failed);
                     tracing::error!(%error, "configuration not reloaded; the scripts keep running");
                     return false;
                 }
             },
-            None => self.specs.clone(),
+            None => (self.specs.clone(), None),
         };
-        let mut scripts = Vec::with_capacity(specs.len());
-        for spec in &specs {
-            match spec.load() {
-                Ok(script) => scripts.push((script, spec.on_error)),
-                Err(error) => {
-                    self.count(ReloadResult::Failed);
+        let scripts = match compiled.map_or_else(|| compile(&specs), Ok) {
+            Ok(scripts) => scripts,
+            Err(errors) => {
+                self.count(ReloadResult::Failed);
+                for (_, error) in errors {
                     tracing::error!(%error, "script chain not reloaded; the previous one keeps running");
-                    return false;
                 }
+                return false;
             }
-        }
+        };
         self.count(ReloadResult::Ok);
         self.specs = specs;
         let _ = self.tx.send(Reload::All(scripts)).await;
@@ -1036,14 +1096,8 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Adds the configuration's script problems to the list `temma check` and start-up report.
-pub(crate) fn validate(config: &Config, problem: &mut impl FnMut(&str, String)) {
-    for (index, spec) in ScriptSpec::from_config(config).iter().enumerate() {
-        if let Err(error) = spec.load() {
-            problem(&format!("broker.scripts[{index}]"), error.to_string());
-        }
-    }
-    let limits = &config.broker.limits;
+/// Checks the sandbox limits; compiling the chain is [`compile`].
+pub fn validate_limits(limits: &ScriptLimits, problem: &mut impl FnMut(&str, String)) {
     for (key, zero) in [
         ("broker.limits.max_operations", limits.max_operations == 0),
         ("broker.limits.max_string_size", limits.max_string_size == 0),

@@ -30,11 +30,11 @@ use salvo::serve_static::StaticDir;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, RootController};
+use crate::context::Root;
 use crate::direct::{Conn, Front};
 use crate::error::{JsonError, write_json};
 use crate::event::Fetch;
-use crate::homepage::{Homepage, INDEX};
+use crate::homepage::{Homepage, INDEX, RootController};
 use crate::hub::Hub;
 use crate::message::Broadcast;
 use crate::metrics::Metrics;
@@ -152,20 +152,38 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    pub(crate) fn validate(&self, config: &Config, problem: &mut impl FnMut(&str, String)) {
-        let dir = config.resolve(&self.static_dir);
+    /// The front door: connection limits and the direct SSE path, for this hub.
+    pub fn front(&self, hub: Hub, metrics: Arc<Metrics>) -> Arc<Front> {
+        Front::new(
+            hub,
+            self.cors_origins.clone(),
+            crate::direct::Limits {
+                max_connections: crate::direct::fit_max_connections(self.max_connections),
+                max_pending_heads: self.max_pending_heads,
+                head_timeout: Duration::from_secs(self.head_timeout_secs),
+                write_stall: Duration::from_secs(self.write_stall_timeout_secs),
+            },
+            metrics,
+        )
+    }
+
+    pub fn validate(
+        &self,
+        root: &Root,
+        root_controller: RootController,
+        problem: &mut impl FnMut(&str, String),
+    ) {
+        let dir = root.resolve(&self.static_dir);
         if !dir.is_dir() {
             problem(
                 "server.static_dir",
                 format!(
                     "folder `{}` does not exist (relative paths start at the application root `{}`)",
                     dir.display(),
-                    config.root().display()
+                    root.path().display()
                 ),
             );
-        } else if config.application.root_controller == RootController::Homepage
-            && !dir.join(INDEX).is_file()
-        {
+        } else if root_controller == RootController::Homepage && !dir.join(INDEX).is_file() {
             problem(
                 "server.static_dir",
                 format!(

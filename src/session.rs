@@ -9,22 +9,23 @@ use std::time::Duration;
 
 use salvo::session::{CookieStore, SessionHandler};
 
-use crate::config::ApplicationConfig;
+/// The session settings of Temma's `[application]` section.
+pub struct SessionSettings<'a> {
+    pub secret: &'a str,
+    pub cookie_name: &'a str,
+    pub ttl: Duration,
+    pub secure: bool,
+}
 
-/// Builds the session middleware, or `None` when sessions are off.
+/// Builds the session middleware.
 ///
-/// The configuration was validated: the secret is present and long enough.
-pub fn build(config: &ApplicationConfig) -> Option<SessionHandler<CookieStore>> {
-    if !config.enable_sessions {
-        return None;
-    }
-    let secret = config.session_secret.as_deref().unwrap_or_default();
-    let handler = SessionHandler::builder(CookieStore::new(), secret.as_bytes())
-        .cookie_name(config.session_name.clone())
-        .session_ttl(Some(Duration::from_secs(config.session_duration)))
-        .secure_cookie(config.session_secure)
+/// The configuration was validated: the secret is long enough.
+pub fn build(settings: SessionSettings<'_>) -> SessionHandler<CookieStore> {
+    SessionHandler::builder(CookieStore::new(), settings.secret.as_bytes())
+        .cookie_name(settings.cookie_name.to_owned())
+        .session_ttl(Some(settings.ttl))
+        .secure_cookie(settings.secure)
         .save_unchanged(false)
         .build()
-        .expect("a validated secret of 64 bytes or more builds a session handler");
-    Some(handler)
+        .expect("a validated secret of 64 bytes or more builds a session handler")
 }

@@ -115,7 +115,7 @@ pub fn overlaps(a: &Endpoint, b: &Endpoint) -> bool {
 /// The addresses actually bound for configured endpoints, so that a connect DSN naming port 0
 /// in the same process follows the port the system picked.
 #[derive(Debug, Clone, Default)]
-pub struct Bound {
+pub struct Addresses {
     addresses: HashMap<(SocketKind, Endpoint), String>,
 }
 
@@ -131,11 +131,11 @@ pub fn peer_kind(kind: SocketKind) -> SocketKind {
     }
 }
 
-impl Bound {
+impl Addresses {
     /// Every address a DSN connects to. An endpoint with port 0 follows the port the system
     /// picked for the same endpoint bound in this process by a socket of the peer type (a PUSH
     /// follows the PULL, a SUB the PUB).
-    pub fn addresses(&self, dsn: &Dsn) -> Vec<String> {
+    pub fn targets(&self, dsn: &Dsn) -> Vec<String> {
         let peer = peer_kind(dsn.kind);
         dsn.endpoints
             .iter()
@@ -149,7 +149,7 @@ impl Bound {
     }
 
     /// Where a bound DSN actually listens.
-    pub fn bound(&self, dsn: &Dsn) -> Vec<String> {
+    pub fn listening(&self, dsn: &Dsn) -> Vec<String> {
         dsn.endpoints
             .iter()
             .filter_map(|endpoint| self.addresses.get(&(dsn.kind, endpoint.clone())).cloned())
@@ -166,7 +166,7 @@ impl Bound {
 pub async fn bind<S: Socket>(
     socket: &mut S,
     dsn: &Dsn,
-    bound: &mut Bound,
+    bound: &mut Addresses,
 ) -> Result<(), SocketError> {
     if dsn.mode != Mode::Bind {
         return Err(SocketError::NotABind {
@@ -312,11 +312,11 @@ mod tests {
     #[tokio::test]
     async fn bind_port_zero_then_connect_follows_it() {
         let dsn: Dsn = "zmq-bind://PULL@127.0.0.1:0".parse().unwrap();
-        let mut bound = Bound::default();
+        let mut bound = Addresses::default();
         let mut pull = PullSocket::new();
         bind(&mut pull, &dsn, &mut bound).await.unwrap();
         let target: Dsn = "zmq://PUSH@127.0.0.1:0".parse().unwrap();
-        let addresses = bound.addresses(&target);
+        let addresses = bound.targets(&target);
         assert_ne!(addresses[0], "tcp://127.0.0.1:0");
         let shutdown = CancellationToken::new();
         let mut push: PushSocket = connect(
@@ -390,10 +390,12 @@ mod tests {
             .parse()
             .unwrap();
         let mut pull = PullSocket::new();
-        bind(&mut pull, &dsn, &mut Bound::default()).await.unwrap();
+        bind(&mut pull, &dsn, &mut Addresses::default())
+            .await
+            .unwrap();
         // Now it is live: a second bind is refused with a clear error.
         let mut second = PullSocket::new();
-        let error = bind(&mut second, &dsn, &mut Bound::default())
+        let error = bind(&mut second, &dsn, &mut Addresses::default())
             .await
             .unwrap_err();
         assert!(matches!(error, SocketError::IpcInUse { .. }), "{error}");

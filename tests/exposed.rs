@@ -619,13 +619,13 @@ async fn references_are_secret_and_only_the_broker_writes_notices() {
     // and pushes refusals for what it guesses the next ones are.
     let publish = app
         .app()
-        .bound()
-        .bound(config.dsn(temma::config::Role::BrokerPub))[0]
+        .addresses()
+        .listening(config.dsn(temma::config::Role::BrokerPub))[0]
         .clone();
     let pull = app
         .app()
-        .bound()
-        .bound(config.dsn(temma::config::Role::BrokerPull))[0]
+        .addresses()
+        .listening(config.dsn(temma::config::Role::BrokerPull))[0]
         .clone();
     use zeromq::{Socket, SocketRecv, SocketSend};
     let mut spy = zeromq::SubSocket::new();

@@ -217,7 +217,11 @@ async fn sse_connections_beyond_the_maximum_get_503() {
 
 /// A PUSH socket straight into the broker's PULL port.
 async fn broker_push(app: &TestApp, config: &temma::Config) -> PushSocket {
-    let address = app.app().bound().bound(config.dsn(Role::BrokerPull))[0].clone();
+    let address = app
+        .app()
+        .addresses()
+        .listening(config.dsn(Role::BrokerPull))[0]
+        .clone();
     let mut push = PushSocket::new();
     push.connect(&address).await.unwrap();
     push
@@ -245,7 +249,11 @@ async fn garbage_on_the_broker_port_is_counted_and_dropped() {
         push.send(message).await.unwrap();
     }
     // Raw bytes that are not even ZMTP, on the same port.
-    let address = app.app().bound().bound(config.dsn(Role::BrokerPull))[0].clone();
+    let address = app
+        .app()
+        .addresses()
+        .listening(config.dsn(Role::BrokerPull))[0]
+        .clone();
     let tcp = address.trim_start_matches("tcp://").to_owned();
     std::thread::spawn(move || {
         if let Ok(mut stream) = std::net::TcpStream::connect(tcp) {
@@ -362,8 +370,16 @@ async fn replay_works_across_web_nodes() {
     // One broker, two web nodes: a browser that reconnects to the other node resumes there.
     let mut config = common::test_config();
     let node_a = TestApp::start_config(&config).await;
-    let pull = node_a.app().bound().bound(config.dsn(Role::BrokerPull))[0].clone();
-    let publish = node_a.app().bound().bound(config.dsn(Role::BrokerPub))[0].clone();
+    let pull = node_a
+        .app()
+        .addresses()
+        .listening(config.dsn(Role::BrokerPull))[0]
+        .clone();
+    let publish = node_a
+        .app()
+        .addresses()
+        .listening(config.dsn(Role::BrokerPub))[0]
+        .clone();
     config.broker.embedded = false;
     config.application.data_sources.insert(
         "zmq_client_push".into(),

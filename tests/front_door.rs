@@ -44,7 +44,7 @@ fn long_header(length: u64) -> Vec<u8> {
 }
 
 fn tcp_address(app: &TestApp, config: &temma::Config, role: Role) -> String {
-    app.app().bound().bound(config.dsn(role))[0]
+    app.app().addresses().listening(config.dsn(role))[0]
         .trim_start_matches("tcp://")
         .to_owned()
 }

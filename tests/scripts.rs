@@ -215,7 +215,7 @@ fn commands_script() {
 }
 
 fn chain(specs: &[ScriptSpec]) -> Chain {
-    Chain::build(specs, Metrics::new()).unwrap()
+    Chain::new(temma::script::compile(specs).unwrap(), Metrics::new())
 }
 
 fn passed(verdict: Verdict) -> Value {
@@ -316,7 +316,10 @@ fn on_error_drop_and_pass() {
     std::fs::write(&append, r#"fn on_message(msg) { msg.text += "!"; msg }"#).unwrap();
 
     let metrics = Metrics::new();
-    let mut dropping = Chain::build(&[drop, spec(&append, json!({}))], metrics.clone()).unwrap();
+    let mut dropping = Chain::new(
+        temma::script::compile(&[drop, spec(&append, json!({}))]).unwrap(),
+        metrics.clone(),
+    );
     match dropping.run(message(json!({"from": "a", "text": "throw", "ref": "n-1"}))) {
         Verdict::Drop {
             reference,

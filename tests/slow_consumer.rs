@@ -51,7 +51,11 @@ async fn a_client_that_stops_reading_is_cut_off_and_slows_nobody() {
     // its queue (128 frames of 4 KB), then to go on for longer than `event.stall_ms`. Every
     // other client gets all of it, at a pace a chat could have.
     let count = 450;
-    let address = app.app().bound().bound(config.dsn(Role::BrokerPull))[0].clone();
+    let address = app
+        .app()
+        .addresses()
+        .listening(config.dsn(Role::BrokerPull))[0]
+        .clone();
     let mut push = PushSocket::new();
     push.connect(&address).await.unwrap();
     let text = "x".repeat(4000);

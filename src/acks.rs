@@ -1,0 +1,137 @@
+//! Acknowledgements: how a web node learns what became of each message it sent.
+//!
+//! The node tags each message with a secret reference ([`Acks::register`]); the hub, which
+//! reads everything the broker publishes, hands each reference it sees back
+//! ([`Acks::resolve`]): published, refused by a script (with its reason and status), or
+//! published already (a repeated idempotency key). A POST waits on its [`Registration`], and
+//! dropping it (answered, timed out, client gone) forgets the reference.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rand::RngExt;
+use tokio::sync::oneshot;
+
+/// What became of a message a node sent, as reported back by the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ack {
+    Published,
+    Rejected { reason: String, status: u16 },
+}
+
+/// Messages this node sent and still waits for, by reference. A reference is
+/// `<node>-<secret>`: a random node id, so that each node recognises its own messages among
+/// those every node receives, and 128 random bits per message, so that nobody can guess the
+/// reference of another sender's next message and forge its outcome. References are never
+/// sent to browsers.
+pub struct Acks {
+    node: String,
+    pending: Mutex<HashMap<u128, oneshot::Sender<Ack>>>,
+}
+
+impl Default for Acks {
+    fn default() -> Self {
+        Acks {
+            node: format!("{:016x}", rand::rng().random::<u64>()),
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Acks {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A new reference to tag a message with, and where its outcome will arrive. Dropping the
+    /// registration (the request answered, timed out, or its client went away) forgets it.
+    pub fn register(self: &Arc<Self>) -> Registration {
+        let (tx, rx) = oneshot::channel();
+        let mut pending = self.lock();
+        let secret = loop {
+            let secret = rand::rng().random::<u128>();
+            if !pending.contains_key(&secret) {
+                break secret;
+            }
+        };
+        pending.insert(secret, tx);
+        drop(pending);
+        Registration {
+            reference: format!("{}-{secret:032x}", self.node),
+            outcome: rx,
+            acks: self.clone(),
+            key: secret,
+        }
+    }
+
+    /// Delivers the outcome of a message, if it is one of this node's.
+    pub fn resolve(&self, reference: &str, ack: Ack) {
+        let Some((node, secret)) = reference.rsplit_once('-') else {
+            return;
+        };
+        if node != self.node || secret.len() != 32 {
+            return;
+        }
+        let Ok(secret) = u128::from_str_radix(secret, 16) else {
+            return;
+        };
+        if let Some(tx) = self.lock().remove(&secret) {
+            let _ = tx.send(ack);
+        }
+    }
+
+    fn forget(&self, secret: u128) {
+        self.lock().remove(&secret);
+    }
+
+    /// Messages still waiting for their outcome.
+    pub fn pending(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u128, oneshot::Sender<Ack>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A message this node waits for; see [`Acks::register`].
+pub struct Registration {
+    /// The `ref` to send with the message.
+    pub reference: String,
+    /// Where its outcome arrives.
+    pub outcome: oneshot::Receiver<Ack>,
+    acks: Arc<Acks>,
+    key: u128,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.acks.forget(self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn acks_resolve_only_this_nodes_messages() {
+        let acks = Acks::new();
+        let mut registration = acks.register();
+        acks.resolve("0000000000000000-1", Ack::Published);
+        assert_eq!(acks.pending(), 1, "another node's reference is ignored");
+        let rejected = Ack::Rejected {
+            reason: "no".into(),
+            status: 429,
+        };
+        acks.resolve(&registration.reference, rejected.clone());
+        assert_eq!(acks.pending(), 0);
+        assert_eq!((&mut registration.outcome).await.unwrap(), rejected);
+        // A request that gives up (or whose client goes away) leaves nothing behind.
+        let abandoned = acks.register();
+        assert_eq!(acks.pending(), 1);
+        drop(abandoned);
+        assert_eq!(acks.pending(), 0);
+        acks.resolve("garbage", Ack::Published);
+    }
+}
