@@ -92,6 +92,12 @@ impl Front {
         self.lock_sockets().get(&peer).and_then(Weak::upgrade)
     }
 
+    /// [`Front::socket`] for the SSE handler hyper runs.
+    pub fn sockets(self: &Arc<Self>) -> event::Sockets {
+        let front = self.clone();
+        Arc::new(move |peer| front.socket(peer))
+    }
+
     fn lock_sockets(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Weak<TcpStream>>> {
         self.sockets.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -388,7 +394,7 @@ async fn serve_sse(
     let cors = request
         .origin
         .as_deref()
-        .and_then(|origin| crate::server::allowed_origin(&front.cors_origins, origin));
+        .and_then(|origin| crate::request::allowed_origin(&front.cors_origins, origin));
     let mut out = Out {
         socket,
         pending: VecDeque::new(),
@@ -420,7 +426,7 @@ async fn serve_sse(
         let chunk = tokio::select! {
             () = abort.notified() => break Ended::Aborted,
             () = shutdown.cancelled() => break Ended::Shutdown,
-            () = closed(&out.socket) => break Ended::Gone,
+            () = event::closed(&out.socket) => break Ended::Gone,
             chunk = reader.next_chunk() => chunk,
         };
         match chunk {
@@ -500,28 +506,6 @@ async fn write_vectored(socket: &TcpStream, slices: &[IoSlice<'_>]) -> std::io::
         match socket.try_write_vectored(slices) {
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
             result => return result,
-        }
-    }
-}
-
-/// Resolves when the client of an SSE stream is gone: it closed (EOF: browsers never
-/// half-close an event stream), reset, or sent anything at all (an SSE client sends nothing
-/// after its request; what it sends is not read, so the connection is closed rather than
-/// spinning on it).
-pub async fn closed(socket: &TcpStream) {
-    std::future::poll_fn(|cx| poll_closed(socket, cx)).await
-}
-
-/// [`closed`] as a poll function.
-pub fn poll_closed(socket: &TcpStream, cx: &mut Context<'_>) -> Poll<()> {
-    let mut probe = [0u8; 64];
-    loop {
-        if ready!(socket.poll_read_ready(cx)).is_err() {
-            return Poll::Ready(());
-        }
-        match socket.try_read(&mut probe) {
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
-            _ => return Poll::Ready(()),
         }
     }
 }

@@ -7,11 +7,12 @@
 //! goes away, when it falls too far behind (it reconnects and replays), and on shutdown.
 //!
 //! Two ways in, one behaviour: a connection whose first request is `GET /event/fetch` is served
-//! by [`serve_direct`] straight from the socket (the accept loop in [`crate::server`] sends it
+//! by [`crate::direct`] straight from the socket (its accept loop sends it
 //! here); the same request later on a kept-alive connection reaches [`Fetch`] through salvo.
 //! Both read the hub the same way.
 
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
 use salvo::http::StatusCode;
@@ -168,7 +169,7 @@ pub struct Fetch {
     pub hub: Hub,
     /// Where the socket of the connection can be found, to end the stream when the client
     /// closes (hyper does not read while it streams a response).
-    pub front: Arc<crate::direct::Front>,
+    pub sockets: Sockets,
 }
 
 /// The `lastEventId` query parameter, if any.
@@ -215,7 +216,7 @@ impl Handler for Fetch {
                     .as_ipv6()
                     .map(|a| std::net::SocketAddr::V6(*a))
             })
-            .and_then(|peer| self.front.socket(peer));
+            .and_then(|peer| (self.sockets)(peer));
         let headers = res.headers_mut();
         for (name, value) in SSE_HEADERS {
             headers.insert(name, HeaderValue::from_static(value));
@@ -247,7 +248,7 @@ fn stream(
             let chunk = match &socket {
                 Some(socket) => tokio::select! {
                     // The client closed (or sent more): end the stream and the connection.
-                    () = crate::direct::closed(socket) => None,
+                    () = closed(socket) => None,
                     chunk = reader.next_chunk() => chunk,
                 },
                 None => reader.next_chunk().await,
@@ -323,6 +324,33 @@ impl Reader {
             if self.done {
                 return None;
             }
+        }
+    }
+}
+
+/// Finds the socket of a connection hyper serves, by its peer address (the front door keeps
+/// them: see [`crate::direct`]).
+pub type Sockets =
+    Arc<dyn Fn(std::net::SocketAddr) -> Option<Arc<tokio::net::TcpStream>> + Send + Sync>;
+
+/// Resolves when the client of an SSE stream is gone: it closed (EOF: browsers never
+/// half-close an event stream), reset, or sent anything at all (an SSE client sends nothing
+/// after its request; what it sends is not read, so the connection is closed rather than
+/// spinning on it).
+pub async fn closed(socket: &tokio::net::TcpStream) {
+    std::future::poll_fn(|cx| poll_closed(socket, cx)).await
+}
+
+/// [`closed`] as a poll function.
+pub fn poll_closed(socket: &tokio::net::TcpStream, cx: &mut TaskContext<'_>) -> Poll<()> {
+    let mut probe = [0u8; 64];
+    loop {
+        if ready!(socket.poll_read_ready(cx)).is_err() {
+            return Poll::Ready(());
+        }
+        match socket.try_read(&mut probe) {
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+            _ => return Poll::Ready(()),
         }
     }
 }

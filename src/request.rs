@@ -211,3 +211,14 @@ mod tests {
         assert!(TrustedProxy::try_from("localhost".to_owned()).is_err());
     }
 }
+
+/// The `Access-Control-Allow-Origin` value for a request from `origin`, if CORS allows it.
+pub fn allowed_origin(origins: &[String], origin: &str) -> Option<String> {
+    if origins.iter().any(|o| o == "*") {
+        Some("*".to_owned())
+    } else if origins.iter().any(|o| o == origin) {
+        Some(origin.to_owned())
+    } else {
+        None
+    }
+}

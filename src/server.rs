@@ -349,7 +349,7 @@ pub fn router(routes: Routes) -> Service {
             Router::with_path("event/fetch")
                 .get(Fetch {
                     hub: hub.clone(),
-                    front,
+                    sockets: front.sockets(),
                 })
                 .goal(MethodNotAllowed { allow: "GET" }),
         )
@@ -545,17 +545,6 @@ pub async fn serve(
     });
     if let Err(error) = server.try_serve(service).await {
         tracing::error!(%error, "HTTP server failed");
-    }
-}
-
-/// The `Access-Control-Allow-Origin` value for a request from `origin`, if CORS allows it.
-pub fn allowed_origin(origins: &[String], origin: &str) -> Option<String> {
-    if origins.iter().any(|o| o == "*") {
-        Some("*".to_owned())
-    } else if origins.iter().any(|o| o == origin) {
-        Some(origin.to_owned())
-    } else {
-        None
     }
 }
 

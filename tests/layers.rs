@@ -1,0 +1,109 @@
+//! The library's modules form layers that only point down (ARCHITECTURE.md): a module may use
+//! modules of lower layers only. This test reads every file of `src/` and fails on an import
+//! that points up or sideways, so the structure cannot rot silently.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Every module of the library and its layer. A new module gets a line here (and one in
+/// ARCHITECTURE.md's code map).
+const LAYERS: &[(&str, u8)] = &[
+    // Leaves: formats, errors, counters. They import nothing of the crate.
+    ("dsn", 0),
+    ("wire", 0),
+    ("error", 0),
+    ("metrics", 0),
+    ("request", 0),
+    ("acks", 0),
+    ("session", 0),
+    // ZeroMQ sockets from DSNs.
+    ("socket", 1),
+    // What components are built from.
+    ("context", 2),
+    // Components.
+    ("script", 3),
+    ("hub", 3),
+    ("homepage", 3),
+    ("broker", 4),
+    ("event", 4),
+    ("message", 5),
+    ("direct", 5),
+    // The HTTP server wires the controllers.
+    ("server", 6),
+    // The configuration assembles every component's section.
+    ("config", 7),
+    // Start-up and shutdown.
+    ("app", 8),
+];
+
+/// `crate::name` paths in the code of `text` (comments skipped).
+fn imports(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let code = line.split("//").next().unwrap_or_default();
+        let mut rest = code;
+        while let Some(at) = rest.find("crate::") {
+            let after = &rest[at + "crate::".len()..];
+            let name: String = after
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                found.push(name);
+            }
+            rest = after;
+        }
+    }
+    found
+}
+
+#[test]
+fn modules_only_import_lower_layers() {
+    let layers: BTreeMap<&str, u8> = LAYERS.iter().copied().collect();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut problems = Vec::new();
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&src).expect("src/") {
+        let path = entry.expect("an entry").path();
+        let Some(module) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".rs"))
+        else {
+            continue; // src/bin: binaries, above every layer.
+        };
+        if matches!(module, "lib" | "main") {
+            continue;
+        }
+        seen.push(module.to_owned());
+        let Some(&layer) = layers.get(module) else {
+            problems.push(format!(
+                "src/{module}.rs has no layer: add it to LAYERS in tests/layers.rs"
+            ));
+            continue;
+        };
+        let text = std::fs::read_to_string(&path).expect("readable");
+        for import in imports(&text) {
+            match layers.get(import.as_str()) {
+                None => {} // an item of lib.rs (`crate::App`)
+                Some(&other) if other < layer => {}
+                Some(&other) => problems.push(format!(
+                    "src/{module}.rs (layer {layer}) imports `crate::{import}` (layer {other})"
+                )),
+            }
+        }
+    }
+    for (module, _) in LAYERS {
+        assert!(
+            seen.iter().any(|s| s == module),
+            "LAYERS names `{module}`, which is not in src/"
+        );
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_import_reader_sees_paths_and_skips_comments() {
+    let text = "use crate::wire::{MsgId};\n// crate::app in a comment\nlet x = crate::hub::Hub::new(); // crate::config\n";
+    assert_eq!(imports(text), ["wire", "hub"]);
+}
