@@ -131,6 +131,17 @@ fn canonical(address: IpAddr) -> IpAddr {
     }
 }
 
+/// The `Access-Control-Allow-Origin` value for a request from `origin`, if CORS allows it.
+pub fn allowed_origin(origins: &[String], origin: &str) -> Option<String> {
+    if origins.iter().any(|o| o == "*") {
+        Some("*".to_owned())
+    } else if origins.iter().any(|o| o == origin) {
+        Some(origin.to_owned())
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,16 +220,5 @@ mod tests {
         assert_eq!(client(ip("::ffff:192.0.2.1"), None, &[]), "ip:192.0.2.1");
         assert!(TrustedProxy::try_from("10.0.0.0/33".to_owned()).is_err());
         assert!(TrustedProxy::try_from("localhost".to_owned()).is_err());
-    }
-}
-
-/// The `Access-Control-Allow-Origin` value for a request from `origin`, if CORS allows it.
-pub fn allowed_origin(origins: &[String], origin: &str) -> Option<String> {
-    if origins.iter().any(|o| o == "*") {
-        Some("*".to_owned())
-    } else if origins.iter().any(|o| o == origin) {
-        Some(origin.to_owned())
-    } else {
-        None
     }
 }
