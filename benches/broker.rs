@@ -19,6 +19,8 @@
 //! - `trivial`: one script, `fn on_message(msg) { msg }`;
 //! - `default-chain`: the chain of `etc/temma.toml` (rate limit, trim, commands, profanity),
 //!   with the rate limit raised so that every message goes through all four scripts.
+// Tests may unwrap: a failure is the test failing (the library may not: Cargo.toml [lints]).
+#![allow(clippy::unwrap_used)]
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

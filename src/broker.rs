@@ -55,87 +55,62 @@ pub const DEFAULT_DEDUPE_MAX_KEYS: usize = 100_000;
 
 /// The `[broker]` section.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
     /// Run the broker inside `temma serve`. Default `true`. `temma broker` ignores it.
-    #[serde(default = "default_embedded")]
     pub embedded: bool,
     /// Data source the broker reads from: a PULL bind. Default `"zmq_broker_pull"`.
-    #[serde(default = "default_pull")]
     pub pull: String,
     /// Data source the broker publishes on: a PUB bind. Default `"zmq_broker_pub"`.
-    #[serde(rename = "pub", default = "default_publish")]
+    #[serde(rename = "pub")]
     pub publish: String,
     /// Frames larger than this many bytes are dropped. Default 65536.
-    #[serde(default = "default_max_frame_bytes")]
     pub max_frame_bytes: usize,
     /// Publish a rejection notice when a script drops a message from a web node, so its sender
     /// gets a 4xx with the reason. Default `true`; turn off when plain Temma peers subscribe.
-    #[serde(default = "default_notify_rejections")]
     pub notify_rejections: bool,
     /// Seconds a published message's idempotency key is remembered: a message sent again with
     /// the same key within this window (a retry after a 503) is not published twice. Default
     /// 120; 0 turns de-duplication off.
-    #[serde(default = "default_dedupe_window")]
     pub dedupe_window_secs: u64,
     /// The most idempotency keys remembered; the oldest are forgotten first. Default 100000.
-    #[serde(default = "default_dedupe_max_keys")]
     pub dedupe_max_keys: usize,
     /// What a failing script does with the message: `"drop"` (default) or `"pass"`.
-    #[serde(default)]
     pub on_error: OnError,
     /// Reload a script when its file changes (SIGHUP reloads in any case). Default `true`.
-    #[serde(default = "default_watch")]
     pub watch: bool,
     /// The sandbox limits of every script.
-    #[serde(default)]
     pub limits: ScriptLimits,
     /// The moderation chain, run in order on every message.
-    #[serde(default)]
     pub scripts: Vec<ScriptConfig>,
     /// The chain as validation compiled it, for the start-up that follows.
     #[serde(skip)]
     pub compiled: Compiled,
 }
 
-fn default_watch() -> bool {
-    true
-}
 fn default_dedupe_window() -> u64 {
     DEFAULT_DEDUPE_WINDOW_SECS
 }
-fn default_dedupe_max_keys() -> usize {
-    DEFAULT_DEDUPE_MAX_KEYS
-}
 
-fn default_embedded() -> bool {
-    true
-}
 fn default_pull() -> String {
     DEFAULT_BROKER_PULL.to_owned()
 }
-fn default_publish() -> String {
-    DEFAULT_BROKER_PUB.to_owned()
-}
 fn default_max_frame_bytes() -> usize {
     DEFAULT_MAX_FRAME_BYTES
-}
-fn default_notify_rejections() -> bool {
-    true
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
-            embedded: default_embedded(),
+            embedded: true,
             pull: default_pull(),
-            publish: default_publish(),
+            publish: DEFAULT_BROKER_PUB.to_owned(),
             max_frame_bytes: default_max_frame_bytes(),
-            notify_rejections: default_notify_rejections(),
+            notify_rejections: true,
             dedupe_window_secs: default_dedupe_window(),
-            dedupe_max_keys: default_dedupe_max_keys(),
+            dedupe_max_keys: DEFAULT_DEDUPE_MAX_KEYS,
             on_error: OnError::default(),
-            watch: default_watch(),
+            watch: true,
             limits: ScriptLimits::default(),
             scripts: Vec::new(),
             compiled: Compiled::default(),

@@ -62,25 +62,19 @@ const CAMEL_CASE_KEYS: &[&str] = &[
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Temma's `application` section: data sources, root controller, sessions.
-    #[serde(default)]
     pub application: ApplicationConfig,
     /// The HTTP server.
-    #[serde(default)]
     pub server: ServerConfig,
     /// The Broker component (PULL → scripts → PUB).
-    #[serde(default)]
     pub broker: BrokerConfig,
     /// The Message controller (`POST /message/broadcast`).
-    #[serde(default)]
     pub message: MessageConfig,
     /// The Event controller (`GET /event/fetch`) and the web node's fan-out.
-    #[serde(default)]
     pub event: EventConfig,
     /// Logging.
-    #[serde(default)]
     pub log: LogConfig,
     /// The file this configuration was read from (empty for an in-memory configuration).
     #[serde(skip)]
@@ -91,61 +85,48 @@ pub use crate::homepage::RootController;
 
 /// Temma's `[application]` section, with Temma's key names.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ApplicationConfig {
     /// Base directory for every relative path in the file; itself relative to the config file's
     /// directory. Default `".."`.
-    #[serde(default = "default_root")]
     pub root: PathBuf,
     /// The controller that answers `GET /`. Default `"Homepage"` (the only one).
-    #[serde(rename = "rootController", default)]
+    #[serde(rename = "rootController")]
     pub root_controller: RootController,
     /// Signed-cookie sessions that remember the sender's name. Default `false`.
-    #[serde(rename = "enableSessions", default)]
+    #[serde(rename = "enableSessions")]
     pub enable_sessions: bool,
     /// Secret signing the session cookie; required (≥ 64 bytes) when sessions are on. Prefer the
     /// environment: `TEMMA_APPLICATION__SESSIONSECRET`.
-    #[serde(rename = "sessionSecret", default)]
+    #[serde(rename = "sessionSecret")]
     pub session_secret: Option<String>,
     /// Session cookie name. Default `"TemmaSession"`.
-    #[serde(rename = "sessionName", default = "default_session_name")]
+    #[serde(rename = "sessionName")]
     pub session_name: String,
     /// Session lifetime in seconds. Default 31536000 (one year).
-    #[serde(rename = "sessionDuration", default = "default_session_duration")]
+    #[serde(rename = "sessionDuration")]
     pub session_duration: u64,
     /// Mark the session cookie `Secure` (HTTPS only). Default `false`.
-    #[serde(rename = "sessionSecure", default)]
+    #[serde(rename = "sessionSecure")]
     pub session_secure: bool,
     /// Named ZeroMQ sockets as Temma DSNs. Default: the tutorial's four.
-    #[serde(rename = "dataSources", default = "default_data_sources")]
+    #[serde(rename = "dataSources")]
     pub data_sources: BTreeMap<String, Dsn>,
 }
 
 impl Default for ApplicationConfig {
     fn default() -> Self {
         ApplicationConfig {
-            root: default_root(),
+            root: PathBuf::from(DEFAULT_ROOT),
             root_controller: RootController::default(),
             enable_sessions: false,
             session_secret: None,
-            session_name: default_session_name(),
-            session_duration: default_session_duration(),
+            session_name: DEFAULT_SESSION_NAME.to_owned(),
+            session_duration: DEFAULT_SESSION_DURATION_SECS,
             session_secure: false,
             data_sources: default_data_sources(),
         }
     }
-}
-
-fn default_root() -> PathBuf {
-    PathBuf::from(DEFAULT_ROOT)
-}
-
-fn default_session_name() -> String {
-    DEFAULT_SESSION_NAME.to_owned()
-}
-
-fn default_session_duration() -> u64 {
-    DEFAULT_SESSION_DURATION_SECS
 }
 
 /// The tutorial's four data sources, all on 127.0.0.1.

@@ -32,7 +32,7 @@ pub const DEFAULT_KEEPALIVE_SECS: u64 = 15;
 /// Default `event.retry_ms`: how soon browsers reconnect after the stream ends.
 pub const DEFAULT_RETRY_MS: u64 = 2000;
 /// Default `event.queue`: how many frames a client may lag behind before it is disconnected.
-pub const DEFAULT_QUEUE: usize = 1024;
+pub const DEFAULT_CLIENT_QUEUE: usize = 1024;
 /// Default `event.stall_ms`.
 pub const DEFAULT_STALL_MS: u64 = 2000;
 /// Default `event.max_clients`.
@@ -46,78 +46,54 @@ pub const DEFAULT_INITIAL_HISTORY: usize = 50;
 
 /// The `[event]` section.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct EventConfig {
     /// Data source of the SUB socket from the broker. Default `"zmq_client_sub"`.
-    #[serde(default = "default_sub")]
     pub sub: String,
     /// Seconds of silence before a keep-alive comment; 0 turns them off. Default 15.
-    #[serde(default = "default_keepalive")]
     pub keepalive_secs: u64,
     /// The `retry:` sent to browsers, in milliseconds. Default 2000.
-    #[serde(default = "default_retry")]
     pub retry_ms: u64,
     /// Frames a client may lag behind; past that it is disconnected. Default 1024.
-    #[serde(default = "default_queue")]
     pub queue: usize,
     /// Milliseconds a client with a full queue may take nothing before it is disconnected (it
     /// stopped reading). Default 2000.
-    #[serde(default = "default_stall")]
     pub stall_ms: u64,
     /// SSE connections this node accepts; more get 503. Default 10000.
-    #[serde(default = "default_max_clients")]
     pub max_clients: usize,
     /// Messages kept for replay; 0 turns replay off. Default 1000.
-    #[serde(default = "default_history_size")]
     pub history_size: usize,
     /// Seconds a message stays in the history. Default 3600.
-    #[serde(default = "default_history_ttl")]
     pub history_ttl_secs: u64,
     /// Newest messages sent to a client that connects without `Last-Event-ID`. Default 50.
-    #[serde(default = "default_initial_history")]
     pub initial_history: usize,
 }
 
-fn default_sub() -> String {
-    DEFAULT_CLIENT_SUB.to_owned()
-}
 fn default_keepalive() -> u64 {
     DEFAULT_KEEPALIVE_SECS
 }
-fn default_retry() -> u64 {
-    DEFAULT_RETRY_MS
-}
 fn default_queue() -> usize {
-    DEFAULT_QUEUE
-}
-fn default_stall() -> u64 {
-    DEFAULT_STALL_MS
+    DEFAULT_CLIENT_QUEUE
 }
 fn default_max_clients() -> usize {
     DEFAULT_MAX_CLIENTS
 }
-fn default_history_size() -> usize {
-    DEFAULT_HISTORY_SIZE
-}
 fn default_history_ttl() -> u64 {
     DEFAULT_HISTORY_TTL_SECS
-}
-fn default_initial_history() -> usize {
-    DEFAULT_INITIAL_HISTORY
 }
 
 impl Default for EventConfig {
     fn default() -> Self {
         EventConfig {
-            sub: default_sub(),
+            sub: DEFAULT_CLIENT_SUB.to_owned(),
             keepalive_secs: default_keepalive(),
-            retry_ms: default_retry(),
+            retry_ms: DEFAULT_RETRY_MS,
             queue: default_queue(),
-            stall_ms: default_stall(),
+            stall_ms: DEFAULT_STALL_MS,
             max_clients: default_max_clients(),
-            history_size: default_history_size(),
+            history_size: DEFAULT_HISTORY_SIZE,
             history_ttl_secs: default_history_ttl(),
-            initial_history: default_initial_history(),
+            initial_history: DEFAULT_INITIAL_HISTORY,
         }
     }
 }

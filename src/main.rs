@@ -18,8 +18,11 @@ use tracing_subscriber::EnvFilter;
 use temma::config::{self, Config, Role};
 use temma::server::LogFormat;
 
-/// Exit status for an invalid configuration.
-const EXIT_CONFIG: u8 = 2;
+/// Exit status for an invalid configuration: EX_CONFIG from sysexits.h (clap's usage errors
+/// exit 2).
+const EXIT_CONFIG: u8 = 78;
+/// Exit status for bad arguments (clap's own).
+const EXIT_USAGE: u8 = 2;
 /// Exit status when start-up or shutdown fails.
 const EXIT_FAILURE: u8 = 1;
 /// Extra time after the grace period before shutdown is called unclean.
@@ -182,8 +185,8 @@ fn init_logging(config: &Config) {
 }
 
 /// `temma script`: one script, one message, the outcome on stdout. Exit 0 when the script
-/// ran (whether it passed or dropped the message), 1 when it failed on the message, 2 when it
-/// cannot be loaded or the arguments are not JSON.
+/// ran (whether it passed or dropped the message), 1 when it failed on the message, 78 when it
+/// cannot be loaded, 2 when the arguments are not JSON.
 fn run_script(file: &std::path::Path, message: &str, params: &str) -> ExitCode {
     use temma::broker::{Stamped, Stamper};
     use temma::script::{Outcome, ScriptLimits, ScriptSpec};
@@ -198,7 +201,7 @@ fn run_script(file: &std::path::Path, message: &str, params: &str) -> ExitCode {
         Ok(params) => params,
         Err(error) => {
             eprintln!("temma: --params is not a JSON object: {error}");
-            return ExitCode::from(EXIT_CONFIG);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     let spec = ScriptSpec::standalone(file, params, ScriptLimits::default());
@@ -213,7 +216,7 @@ fn run_script(file: &std::path::Path, message: &str, params: &str) -> ExitCode {
         Ok(Stamped::Parsed { map, .. }) => map,
         _ => {
             eprintln!("temma: --message is not a JSON object");
-            return ExitCode::from(EXIT_CONFIG);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     match script.run(map) {

@@ -47,70 +47,51 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024;
 /// Default `message.publish_timeout_ms`.
 pub const DEFAULT_PUBLISH_TIMEOUT_MS: u64 = 1000;
 /// Default `message.queue`.
-pub const DEFAULT_QUEUE: usize = 1024;
+pub const DEFAULT_PUSH_QUEUE: usize = 1024;
 /// The session key remembering the sender's name.
 pub const SESSION_FROM: &str = "from";
 
 /// The `[message]` section.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct MessageConfig {
     /// Data source of the PUSH socket to the broker. Default `"zmq_client_push"`.
-    #[serde(default = "default_push")]
     pub push: String,
     /// Longest sender name, in characters. Default 64.
-    #[serde(default = "default_max_from")]
     pub max_from_chars: usize,
     /// Longest message text, in characters. Default 2000.
-    #[serde(default = "default_max_text")]
     pub max_text_chars: usize,
     /// Largest request body, in bytes; larger gets 413. Default 16384.
-    #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
     /// How long a POST may wait for its message to be published; then 503. Default 1000.
-    #[serde(default = "default_publish_timeout")]
     pub publish_timeout_ms: u64,
     /// Answer 200 only once the broker published the message (`true`, default), or as soon as
     /// ZeroMQ took it (`false`, Temma's behaviour, for brokers that do not echo `ref`).
-    #[serde(default = "default_confirm")]
     pub confirm: bool,
     /// Messages waiting for the PUSH socket. Default 1024.
-    #[serde(default = "default_queue")]
     pub queue: usize,
 }
 
-fn default_push() -> String {
-    DEFAULT_CLIENT_PUSH.to_owned()
-}
 fn default_max_from() -> usize {
     DEFAULT_MAX_FROM_CHARS
-}
-fn default_max_text() -> usize {
-    DEFAULT_MAX_TEXT_CHARS
 }
 fn default_max_body() -> usize {
     DEFAULT_MAX_BODY_BYTES
 }
-fn default_publish_timeout() -> u64 {
-    DEFAULT_PUBLISH_TIMEOUT_MS
-}
 fn default_confirm() -> bool {
     true
-}
-fn default_queue() -> usize {
-    DEFAULT_QUEUE
 }
 
 impl Default for MessageConfig {
     fn default() -> Self {
         MessageConfig {
-            push: default_push(),
+            push: DEFAULT_CLIENT_PUSH.to_owned(),
             max_from_chars: default_max_from(),
-            max_text_chars: default_max_text(),
+            max_text_chars: DEFAULT_MAX_TEXT_CHARS,
             max_body_bytes: default_max_body(),
-            publish_timeout_ms: default_publish_timeout(),
+            publish_timeout_ms: DEFAULT_PUBLISH_TIMEOUT_MS,
             confirm: default_confirm(),
-            queue: default_queue(),
+            queue: DEFAULT_PUSH_QUEUE,
         }
     }
 }

@@ -94,7 +94,7 @@ pub enum OnError {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScriptConfig {
-    /// The script file, relative to the application root.
+    /// The script file, relative to the application root (required).
     pub file: PathBuf,
     /// Parameters, read in the script as `params`. `*_file` keys name files to read.
     #[serde(default)]
@@ -109,63 +109,44 @@ pub struct ScriptConfig {
 
 /// `[broker.limits]`: the sandbox of every script.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ScriptLimits {
     /// Operations one call may run. Default 100000.
-    #[serde(default = "default_max_operations")]
     pub max_operations: u64,
     /// Longest string, in bytes. Default 65536.
-    #[serde(default = "default_max_string_size")]
     pub max_string_size: usize,
     /// Largest array. Default 10000.
-    #[serde(default = "default_max_array_size")]
     pub max_array_size: usize,
     /// Largest map. Default 10000.
-    #[serde(default = "default_max_map_size")]
     pub max_map_size: usize,
     /// Deepest function call nesting. Default 32.
-    #[serde(default = "default_max_call_depth")]
     pub max_call_depth: usize,
     /// Deepest expression nesting. Default 64.
-    #[serde(default = "default_max_expr_depth")]
     pub max_expr_depth: usize,
     /// Milliseconds one call may run. Default 50.
-    #[serde(default = "default_max_ms")]
     pub max_ms: u64,
 }
 
-fn default_max_operations() -> u64 {
-    DEFAULT_MAX_OPERATIONS
-}
 fn default_max_string_size() -> usize {
     DEFAULT_MAX_STRING_SIZE
-}
-fn default_max_array_size() -> usize {
-    DEFAULT_MAX_ARRAY_SIZE
 }
 fn default_max_map_size() -> usize {
     DEFAULT_MAX_MAP_SIZE
 }
-fn default_max_call_depth() -> usize {
-    DEFAULT_MAX_CALL_DEPTH
-}
 fn default_max_expr_depth() -> usize {
     DEFAULT_MAX_EXPR_DEPTH
-}
-fn default_max_ms() -> u64 {
-    DEFAULT_MAX_MS
 }
 
 impl Default for ScriptLimits {
     fn default() -> Self {
         ScriptLimits {
-            max_operations: default_max_operations(),
+            max_operations: DEFAULT_MAX_OPERATIONS,
             max_string_size: default_max_string_size(),
-            max_array_size: default_max_array_size(),
+            max_array_size: DEFAULT_MAX_ARRAY_SIZE,
             max_map_size: default_max_map_size(),
-            max_call_depth: default_max_call_depth(),
+            max_call_depth: DEFAULT_MAX_CALL_DEPTH,
             max_expr_depth: default_max_expr_depth(),
-            max_ms: default_max_ms(),
+            max_ms: DEFAULT_MAX_MS,
         }
     }
 }

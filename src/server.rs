@@ -60,74 +60,51 @@ pub const DEFAULT_MAX_PENDING_HEADS: usize = 1024;
 
 /// The `[server]` section.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address and port of the HTTP server. Default `"127.0.0.1:8000"`.
-    #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     /// Folder of `index.html`, `chat.js` and other static files, relative to the application
     /// root. Default `"static"`.
-    #[serde(default = "default_static_dir")]
     pub static_dir: PathBuf,
     /// Seconds that open requests get to finish on shutdown. Default 5.
-    #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u64,
     /// Seconds a write to a client may stay blocked before the connection is closed (a client
     /// that stopped reading). Default 30.
-    #[serde(default = "default_write_stall")]
     pub write_stall_timeout_secs: u64,
     /// Seconds a request head may take to arrive, whole (not per read); also how long a
     /// kept-alive connection may wait for its next request. Default 10.
-    #[serde(default = "default_head_timeout")]
     pub head_timeout_secs: u64,
     /// Seconds a POST body may take to arrive, whole; then 408. Default 10.
-    #[serde(default = "default_body_timeout")]
     pub body_timeout_secs: u64,
     /// Open HTTP connections (SSE streams included); a new one past this gets a 503 and is
     /// closed. Lowered at start to fit the process's descriptor limit. Default 16384.
-    #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Connections still sending their first request head; past this a new one gets a 503.
     /// Default 1024.
-    #[serde(default = "default_max_pending_heads")]
     pub max_pending_heads: usize,
     /// Kernel send buffer of each HTTP connection, in bytes; 0 (default) leaves it to the
     /// system's autotuning (up to several MB per connection). A bound caps the kernel memory an
     /// SSE client that stops reading can hold, and lets its queue fill (and the client be cut
     /// off) sooner.
-    #[serde(default)]
     pub socket_send_buffer_bytes: u32,
     /// Origins allowed to call temma from another site (CORS), e.g.
     /// `["https://chat.example.com"]`, or `["*"]` for any. Default `[]`: CORS off, browsers
     /// only allow the page temma serves itself.
-    #[serde(default)]
     pub cors_origins: Vec<String>,
     /// Reverse proxies whose `X-Forwarded-For` header names the client (addresses or networks,
     /// e.g. `["127.0.0.1"]` behind a local nginx). Default `[]`: the client is the peer.
-    #[serde(default)]
     pub trusted_proxies: Vec<crate::request::TrustedProxy>,
 }
 
-fn default_listen() -> SocketAddr {
-    DEFAULT_LISTEN.parse().expect("valid default address")
-}
 fn default_static_dir() -> PathBuf {
     PathBuf::from(DEFAULT_STATIC_DIR)
-}
-fn default_grace() -> u64 {
-    DEFAULT_SHUTDOWN_GRACE_SECS
 }
 fn default_write_stall() -> u64 {
     DEFAULT_WRITE_STALL_TIMEOUT_SECS
 }
-fn default_head_timeout() -> u64 {
-    DEFAULT_HEAD_TIMEOUT_SECS
-}
 fn default_body_timeout() -> u64 {
     DEFAULT_BODY_TIMEOUT_SECS
-}
-fn default_max_connections() -> usize {
-    DEFAULT_MAX_CONNECTIONS
 }
 fn default_max_pending_heads() -> usize {
     DEFAULT_MAX_PENDING_HEADS
@@ -136,13 +113,13 @@ fn default_max_pending_heads() -> usize {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            listen: default_listen(),
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             static_dir: default_static_dir(),
-            shutdown_grace_secs: default_grace(),
+            shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             write_stall_timeout_secs: default_write_stall(),
-            head_timeout_secs: default_head_timeout(),
+            head_timeout_secs: DEFAULT_HEAD_TIMEOUT_SECS,
             body_timeout_secs: default_body_timeout(),
-            max_connections: default_max_connections(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_pending_heads: default_max_pending_heads(),
             socket_send_buffer_bytes: 0,
             cors_origins: Vec::new(),
@@ -276,25 +253,19 @@ pub enum LogFormat {
 
 /// The `[log]` section. `RUST_LOG`, when set, overrides `level`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `"text"` (default) or `"json"`.
-    #[serde(default)]
     pub format: LogFormat,
     /// A tracing filter such as `"info"` or `"temma=debug,info"`. Default `"info"`.
-    #[serde(default = "default_level")]
     pub level: String,
-}
-
-fn default_level() -> String {
-    "info".to_owned()
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             format: LogFormat::default(),
-            level: default_level(),
+            level: "info".to_owned(),
         }
     }
 }

@@ -1,5 +1,7 @@
 //! The default chat end to end, over real sockets: HTTP on port 0, ZeroMQ on system-picked
 //! ports, SSE read by a real HTTP client.
+// Tests may unwrap: a failure is the test failing (the library may not: Cargo.toml [lints]).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

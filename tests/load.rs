@@ -1,5 +1,7 @@
 //! The two ways an SSE connection is served, and small versions of the load scenarios, so that
 //! `temma-load` keeps working (the benchmarks themselves are in `benches/compare.sh`).
+// Tests may unwrap: a failure is the test failing (the library may not: Cargo.toml [lints]).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -1,4 +1,6 @@
 //! The `temma` binary as a black box: every exit path, and web node and broker as two processes.
+// Tests may unwrap: a failure is the test failing (the library may not: Cargo.toml [lints]).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -38,7 +40,7 @@ fn check(dir: &TempDir, body: &str) -> (Option<i32>, String, std::path::PathBuf)
 fn check_refuses_a_bad_config_naming_key_and_file() {
     let dir = TempDir::new("check-bad");
     let (code, stderr, path) = check(&dir, "[server]\nlistn = \"127.0.0.1:1\"\n");
-    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(code, Some(78), "{stderr}");
     assert!(stderr.contains(&path.display().to_string()), "{stderr}");
     assert!(stderr.contains("`server.listn`"), "{stderr}");
     assert!(stderr.contains("unknown field"), "{stderr}");
@@ -47,7 +49,7 @@ fn check_refuses_a_bad_config_naming_key_and_file() {
         &dir,
         "[application.dataSources]\nzmq_client_sub = \"zmq://SUB@*:6000\"\n",
     );
-    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(code, Some(78), "{stderr}");
     assert!(
         stderr.contains("`application.dataSources.zmq_client_sub`"),
         "{stderr}"
@@ -59,7 +61,7 @@ fn check_refuses_a_bad_config_naming_key_and_file() {
         &dir,
         "[message]\npush = \"nope\"\n[event]\nsub = \"zmq_client_push\"\n",
     );
-    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(code, Some(78), "{stderr}");
     assert!(stderr.contains("2 problems"), "{stderr}");
     assert!(stderr.contains("`message.push`"), "{stderr}");
     assert!(stderr.contains("`event.sub`"), "{stderr}");
@@ -70,7 +72,7 @@ fn missing_config_file_is_an_error() {
     let output = temma(&["check", "-c", "/nonexistent/temma.toml"])
         .output()
         .unwrap();
-    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(output.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&output.stderr).contains("not found"));
 }
 
@@ -95,7 +97,7 @@ fn environment_overrides_the_file() {
         .env("TEMMA_APPLICATION__ROOTCONTROLLER", "Nope")
         .output()
         .unwrap();
-    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(output.status.code(), Some(78));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("`application.rootController`"), "{stderr}");
     assert!(
@@ -115,7 +117,7 @@ fn serve_with_a_bad_config_exits_before_binding() {
     let output = temma(&["serve", "-c", path.to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(output.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&output.stderr).contains("`message.queue`"));
     // Nothing was bound: the port is still free.
     std::net::TcpListener::bind(("127.0.0.1", http)).expect("port left free");
@@ -224,7 +226,7 @@ fn check_reports_a_script_syntax_error_with_file_line_and_column() {
         &dir,
         &format!("[[broker.scripts]]\nfile = \"{}\"\n", script.display()),
     );
-    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(code, Some(78), "{stderr}");
     assert!(stderr.contains("`broker.scripts[0]`"), "{stderr}");
     assert!(
         stderr.contains(&format!("{}:2:14:", script.display())),

@@ -239,7 +239,7 @@ async fn subscriber(id: usize, uri: hyper::Uri, args: Arc<Args>, shared: Arc<Sha
             if got > 0 {
                 shared.received.fetch_add(got, Ordering::Relaxed);
                 shared.last_receive_us.fetch_max(now, Ordering::Relaxed);
-                let mut histogram = shard.lock().unwrap();
+                let mut histogram = shard.lock().unwrap_or_else(|p| p.into_inner());
                 for latency in batch.drain(..) {
                     let _ = histogram.record(latency.max(1));
                 }
@@ -414,7 +414,11 @@ async fn publisher(
             Ok(status) if (200..300).contains(&status) => {
                 shared.published.fetch_add(1, Ordering::Relaxed);
                 let took = shared.now_us().saturating_sub(ts).clamp(1, MAX_LATENCY_US);
-                let _ = shared.posts.lock().unwrap().record(took);
+                let _ = shared
+                    .posts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .record(took);
             }
             Ok(status) => count_status(&shared, format!("publish status {status}")),
             Err(error) => count_status(&shared, error),
@@ -423,7 +427,12 @@ async fn publisher(
 }
 
 fn count_status(shared: &Shared, key: String) {
-    *shared.statuses.lock().unwrap().entry(key).or_default() += 1;
+    *shared
+        .statuses
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(key)
+        .or_default() += 1;
 }
 
 async fn connect_publisher(
@@ -651,7 +660,9 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
 
     let mut histogram = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3).expect("bounds");
     for shard in &shared.latencies {
-        histogram.add(&*shard.lock().unwrap()).expect("same bounds");
+        histogram
+            .add(&*shard.lock().unwrap_or_else(|p| p.into_inner()))
+            .expect("same bounds");
     }
     let received = shared.received.load(Ordering::Relaxed);
     let accepted = shared.published.load(Ordering::Relaxed);
@@ -664,7 +675,7 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
         0.0
     };
     let latency = Latency::of(&histogram);
-    let post_latency = Latency::of(&shared.posts.lock().unwrap());
+    let post_latency = Latency::of(&shared.posts.lock().unwrap_or_else(|p| p.into_inner()));
     Report {
         subscribers: args.subscribers,
         connected,
@@ -704,7 +715,11 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
             }
             _ => None,
         },
-        errors: shared.statuses.lock().unwrap().clone(),
+        errors: shared
+            .statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
         seconds: started.elapsed().as_secs_f64(),
     }
 }
