@@ -7,7 +7,7 @@
 # Installs Nchan (Debian's nginx + libnginx-mod-nchan), Pushpin (Debian's pushpin) and pyzmq
 # if missing, starts Nchan with benches/nchan.conf, Pushpin with Debian's configuration and a
 # GRIP origin (benches/pushpin/origin.py), and temma with benches/etc/temma.toml, all on
-# 127.0.0.1; runs the scenarios with target/release/temma-load, prints the results and the
+# 127.0.0.1; runs the scenarios with target/release/examples/temma-load, prints the results and the
 # ratios to Nchan, writes every report to $OUT (default target/compare), and stops what it
 # started. Pushpin's outbound rate cap (message_rate=2500/s, message_hwm=25000 by default,
 # which drops deliveries past it) is raised to 1 000 000 so that its engine is measured.
@@ -59,8 +59,8 @@ if [ "$(ulimit -n)" -lt 12000 ]; then
 fi
 
 echo "--- building (release)"
-cargo build --release --bins
-LOAD=$ROOT/target/release/temma-load
+cargo build --release --bin temma --example temma-load
+LOAD=$ROOT/target/release/examples/temma-load
 
 install() {
   as_root apt-get update

@@ -11,7 +11,26 @@ use common::TestApp;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const LOAD: &str = env!("CARGO_BIN_EXE_temma-load");
+/// temma-load, built by `cargo test` as an example next to the test binaries.
+fn load_tool() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary");
+    let profile = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let tool = profile.join("examples/temma-load");
+    if !tool.is_file() {
+        // `cargo test` builds examples; `cargo test --test load` alone does not.
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .args(["build", "--example", "temma-load"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo");
+        assert!(status.success(), "cannot build temma-load");
+    }
+    tool
+}
 
 /// Reads from a raw connection until `needle` has arrived; returns everything read.
 async fn read_until(socket: &mut tokio::net::TcpStream, needle: &str) -> String {
@@ -87,7 +106,7 @@ async fn first_request_and_kept_alive_sse_connections_get_the_same_stream() {
 /// Runs `temma-load --subscribe <app>/event/fetch ARGS --json` off the async runtime; its
 /// report.
 async fn run_load(app: &TestApp, args: &[&str]) -> Value {
-    let mut command = Command::new(LOAD);
+    let mut command = Command::new(load_tool());
     command
         .arg("--subscribe")
         .arg(app.url("/event/fetch"))
@@ -175,7 +194,7 @@ async fn refused_subscribers_are_retried_then_counted() {
 
 #[test]
 fn the_tool_only_targets_loopback() {
-    let output = Command::new(LOAD)
+    let output = Command::new(load_tool())
         .args(["--subscribe", "http://example.com/event/fetch"])
         .output()
         .unwrap();
