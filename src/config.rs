@@ -359,7 +359,28 @@ impl Config {
                 message,
             })
         };
+        self.validate_roles(&mut problem);
+        self.validate_binds(&mut problem);
+        self.validate_port_zero(&mut problem);
+        self.validate_sessions(&mut problem);
+        let root = self.root();
+        self.server
+            .validate(&root, self.application.root_controller, &mut problem);
+        self.message.validate(&mut problem);
+        self.event.validate(&mut problem);
+        self.broker.validate(&root, &mut problem);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError {
+                file: self.file.clone(),
+                problems,
+            })
+        }
+    }
 
+    /// Each role names a defined data source of the right type and direction.
+    fn validate_roles(&self, problem: &mut impl FnMut(&str, String)) {
         let sources = &self.application.data_sources;
         let defined = || {
             sources
@@ -405,7 +426,11 @@ impl Config {
                 Some(_) => {}
             }
         }
+    }
 
+    /// Two binds of one endpoint.
+    fn validate_binds(&self, problem: &mut impl FnMut(&str, String)) {
+        let sources = &self.application.data_sources;
         // Two binds of one endpoint in this file would fail at start-up (or, worse, on another
         // machine): report them now. `*:port` overlaps every host on that port. Port 0 never
         // overlaps: the system picks a free port for each bind.
@@ -426,7 +451,11 @@ impl Config {
                 }
             }
         }
+    }
 
+    /// A connect to port 0 must follow a bind of the embedded broker.
+    fn validate_port_zero(&self, problem: &mut impl FnMut(&str, String)) {
+        let sources = &self.application.data_sources;
         // Port 0 in a connect DSN means "the port the embedded broker got for the same endpoint".
         for role in Role::ALL {
             let Some(dsn) = sources.get(self.role_name(role)) else {
@@ -458,7 +487,10 @@ impl Config {
                 }
             }
         }
+    }
 
+    /// Sessions need a long enough secret.
+    fn validate_sessions(&self, problem: &mut impl FnMut(&str, String)) {
         if self.application.enable_sessions {
             match &self.application.session_secret {
                 None => problem(
@@ -485,22 +517,6 @@ impl Config {
                     "must be at least 1 second".to_owned(),
                 );
             }
-        }
-
-        let root = self.root();
-        self.server
-            .validate(&root, self.application.root_controller, &mut problem);
-        self.message.validate(&mut problem);
-        self.event.validate(&mut problem);
-        self.broker.validate(&root, &mut problem);
-
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError {
-                file: self.file.clone(),
-                problems,
-            })
         }
     }
 }

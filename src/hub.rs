@@ -215,80 +215,15 @@ impl Hub {
         last_event_id: Option<&str>,
         abort: Abort,
     ) -> Result<Subscription, Full> {
+        let (key, guard) = self.admit()?;
         let shared = &self.shared;
-        let settings = &shared.settings;
-        if shared.clients.fetch_add(1, Ordering::AcqRel) >= settings.max_clients {
-            shared.clients.fetch_sub(1, Ordering::AcqRel);
-            shared.metrics.refused_clients.inc();
-            return Err(Full(settings.max_clients));
-        }
-        shared.metrics.sse_clients.inc();
-        let key = shared.next_client.fetch_add(1, Ordering::Relaxed);
-        let guard = ClientGuard {
-            shared: shared.clone(),
-            key,
-        };
-
-        let mut opening = BytesMut::with_capacity(64);
-        opening.put_slice(b"retry: ");
-        opening.put_slice(itoa::Buffer::new().format(settings.retry_ms).as_bytes());
-        opening.put_slice(b"\n: ok\n\n");
-        let mut replay = Vec::new();
-
         let mut state = shared.lock();
-        let now = Instant::now();
-        state.history.expire(now);
-        let mut skip_until = None;
-        let requested = last_event_id.map(str::trim).filter(|id| !id.is_empty());
-        let reset = |opening: &mut BytesMut, reason: &str| {
-            write_reset(opening, requested.unwrap_or_default(), reason);
-        };
-        match requested.map(|text| text.parse::<MsgId>()) {
-            None => state
-                .history
-                .write_last(settings.initial_history, &mut replay),
-            Some(Ok(id)) if state.history.contains(id) => {
-                state.history.write_after(id, &mut replay);
-            }
-            // The client is up to date, or a little ahead of this node (it saw a message on
-            // another node that has not reached this one yet): nothing to replay; skip what it
-            // already has. Further ahead than that is no id this run will reach soon: reset.
-            Some(Ok(id))
-                if state.newest.is_some_and(|newest| {
-                    id.run == newest.run && id.seq >= newest.seq && id.seq - newest.seq <= MAX_AHEAD
-                }) =>
-            {
-                skip_until = Some(id);
-            }
-            Some(Ok(id)) => {
-                let reason = match state.newest {
-                    Some(newest) if id.run == newest.run && id.seq > newest.seq => {
-                        "this id is ahead of every message this server has seen"
-                    }
-                    Some(newest) if id.run != newest.run && !state.history.knows_run(id.run) => {
-                        "this id is from a broker run this server does not know"
-                    }
-                    _ => "the history does not reach back to this id",
-                };
-                reset(&mut opening, reason);
-                state
-                    .history
-                    .write_last(settings.initial_history, &mut replay);
-            }
-            Some(Err(())) => {
-                reset(&mut opening, "this is not a message id");
-                state
-                    .history
-                    .write_last(settings.initial_history, &mut replay);
-            }
-        }
-        // Gap notices inside the replay are written between its frames.
-        replay.insert(0, opening.freeze());
-        let tx = state.tx.as_ref();
-        let rx = match tx {
+        state.history.expire(Instant::now());
+        let (replay, skip_until) = state.replay(&shared.settings, last_event_id);
+        let rx = match state.tx.as_ref() {
             Some(tx) => tx.subscribe(),
             None => {
-                // Shutting down: a closed receiver ends the stream after the head.
+                // Shutting down: a closed receiver ends the stream after the replay.
                 let (tx, rx) = broadcast::channel(1);
                 drop(tx);
                 rx
@@ -303,7 +238,6 @@ impl Hub {
         });
         state.slots.insert(key, slot.clone());
         drop(state);
-
         Ok(Subscription {
             replay,
             rx,
@@ -311,6 +245,24 @@ impl Hub {
             slot,
             guard,
         })
+    }
+
+    /// Takes a place for a new client, or refuses it at `event.max_clients`.
+    fn admit(&self) -> Result<(u64, ClientGuard), Full> {
+        let shared = &self.shared;
+        let max = shared.settings.max_clients;
+        if shared.clients.fetch_add(1, Ordering::AcqRel) >= max {
+            shared.clients.fetch_sub(1, Ordering::AcqRel);
+            shared.metrics.refused_clients.inc();
+            return Err(Full(max));
+        }
+        shared.metrics.sse_clients.inc();
+        let key = shared.next_client.fetch_add(1, Ordering::Relaxed);
+        let guard = ClientGuard {
+            shared: shared.clone(),
+            key,
+        };
+        Ok((key, guard))
     }
 
     /// Records that a client took `count` frames from the ring.
@@ -367,48 +319,9 @@ impl Hub {
         let id = head.id();
         let frame = wire::write_message(frame, id, head.reference.is_some());
 
-        {
-            let mut state = shared.lock();
-            let now = Instant::now();
-            if let Some(id) = id {
-                match state.newest {
-                    // Within the run: ids are dense and increasing. One already seen (a
-                    // broker that re-sent it) is dropped: clients have it.
-                    Some(newest) if id.run == newest.run && id.seq <= newest.seq => {
-                        drop(state);
-                        shared.metrics.dropped(DropReason::Duplicate);
-                        return;
-                    }
-                    Some(newest) if id.run == newest.run && id.seq > newest.seq + 1 => {
-                        // This node missed messages on their way from the broker.
-                        let missed = id.seq - newest.seq - 1;
-                        tracing::warn!(missed, after = %newest, "messages missed between broker and this node");
-                        let mut notice = BytesMut::new();
-                        write_reset(
-                            &mut notice,
-                            &newest.to_string(),
-                            "messages were lost before reaching this server",
-                        );
-                        state.broadcast(Item {
-                            id: None,
-                            frame: notice.freeze(),
-                            message: false,
-                        });
-                        state.history.mark_gap();
-                    }
-                    // The next id, the first one, or a new run: a new epoch, whatever the
-                    // numbers (runs are never compared for order).
-                    _ => {}
-                }
-                state.newest = Some(id);
-                state.history.push(id, frame.clone(), now);
-            }
-            state.broadcast(Item {
-                id,
-                frame,
-                message: true,
-            });
-            state.last_sent = now;
+        if !shared.lock().append(id, frame) {
+            shared.metrics.dropped(DropReason::Duplicate);
+            return;
         }
         if let Some(reference) = head.reference.and_then(plain_str) {
             shared.acks.resolve(reference, Ack::Published);
@@ -532,6 +445,104 @@ impl Shared {
 }
 
 impl State {
+    /// Appends a published message to the history and broadcasts it, under the hub's lock
+    /// (which `subscribe` takes too: a replay then the live stream has no gap and no
+    /// duplicate). `false` for a message already seen.
+    fn append(&mut self, id: Option<MsgId>, frame: Bytes) -> bool {
+        let now = Instant::now();
+        if let Some(id) = id {
+            match self.newest {
+                // Within the run: ids are dense and increasing. One already seen (a broker
+                // that re-sent it) is dropped: clients have it.
+                Some(newest) if id.run == newest.run && id.seq <= newest.seq => return false,
+                Some(newest) if id.run == newest.run && id.seq > newest.seq + 1 => {
+                    // This node missed messages on their way from the broker.
+                    let missed = id.seq - newest.seq - 1;
+                    tracing::warn!(missed, after = %newest, "messages missed between broker and this node");
+                    let mut notice = BytesMut::new();
+                    write_reset(
+                        &mut notice,
+                        &newest.to_string(),
+                        "messages were lost before reaching this server",
+                    );
+                    self.broadcast(Item {
+                        id: None,
+                        frame: notice.freeze(),
+                        message: false,
+                    });
+                    self.history.mark_gap();
+                }
+                // The next id, the first one, or a new run: a new epoch, whatever the numbers
+                // (runs are never compared for order).
+                _ => {}
+            }
+            self.newest = Some(id);
+            self.history.push(id, frame.clone(), now);
+        }
+        self.broadcast(Item {
+            id,
+            frame,
+            message: true,
+        });
+        self.last_sent = now;
+        true
+    }
+
+    /// What a new client gets first: `retry:` and a comment that opens the stream, any `reset`
+    /// notice, and the replay for its `Last-Event-ID` (frames shared with the history); and the
+    /// id up to which it already has the live stream.
+    fn replay(
+        &self,
+        settings: &Settings,
+        last_event_id: Option<&str>,
+    ) -> (Vec<Bytes>, Option<MsgId>) {
+        let mut opening = BytesMut::with_capacity(64);
+        opening.put_slice(b"retry: ");
+        opening.put_slice(itoa::Buffer::new().format(settings.retry_ms).as_bytes());
+        opening.put_slice(b"\n: ok\n\n");
+        let mut replay = Vec::new();
+        let mut skip_until = None;
+        let requested = last_event_id.map(str::trim).filter(|id| !id.is_empty());
+        let reset = match requested.map(|text| text.parse::<MsgId>()) {
+            None => None,
+            Some(Ok(id)) if self.history.contains(id) => {
+                self.history.write_after(id, &mut replay);
+                None
+            }
+            // The client is up to date, or a little ahead of this node (it saw a message on
+            // another node that has not reached this one yet): nothing to replay; skip what it
+            // already has. Further ahead than that is no id this run will reach soon: reset.
+            Some(Ok(id))
+                if self.newest.is_some_and(|newest| {
+                    id.run == newest.run && id.seq >= newest.seq && id.seq - newest.seq <= MAX_AHEAD
+                }) =>
+            {
+                skip_until = Some(id);
+                None
+            }
+            Some(Ok(id)) => Some(match self.newest {
+                Some(newest) if id.run == newest.run && id.seq > newest.seq => {
+                    "this id is ahead of every message this server has seen"
+                }
+                Some(newest) if id.run != newest.run && !self.history.knows_run(id.run) => {
+                    "this id is from a broker run this server does not know"
+                }
+                _ => "the history does not reach back to this id",
+            }),
+            Some(Err(())) => Some("this is not a message id"),
+        };
+        if let Some(reason) = reset {
+            write_reset(&mut opening, requested.unwrap_or_default(), reason);
+        }
+        if requested.is_none() || reset.is_some() {
+            self.history
+                .write_last(settings.initial_history, &mut replay);
+        }
+        // Gap notices inside the replay are written between its frames.
+        replay.insert(0, opening.freeze());
+        (replay, skip_until)
+    }
+
     fn broadcast(&mut self, item: Item) {
         if let Some(tx) = &self.tx {
             // No receiver is fine: nobody is connected.

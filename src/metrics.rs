@@ -147,142 +147,133 @@ pub enum ReloadResult {
 
 impl Default for Metrics {
     fn default() -> Self {
+        /// Registers a metric and keeps a handle on it (metrics are shared handles).
+        fn register<M: prometheus_client::registry::Metric + Clone>(
+            registry: &mut Registry,
+            name: &str,
+            help: &str,
+            metric: M,
+        ) -> M {
+            registry.register(name, help, metric.clone());
+            metric
+        }
         let mut registry = Registry::with_prefix("temma");
-        let sse_clients = Gauge::default();
-        registry.register(
-            "sse_clients",
-            "SSE clients connected now",
-            sse_clients.clone(),
-        );
-        let broker_published = Counter::default();
-        registry.register(
-            "broker_published",
-            "Messages the broker published",
-            broker_published.clone(),
-        );
-        let received = Counter::default();
-        registry.register(
-            "messages_received",
-            "Messages this web node received from the broker",
-            received.clone(),
-        );
-        let delivered = Counter::default();
-        registry.register(
-            "messages_delivered",
-            "Message frames written to SSE clients",
-            delivered.clone(),
-        );
-        let drops = Family::<DropLabels, Counter>::default();
-        registry.register(
-            "drops",
-            "Messages or frames dropped, by reason",
-            drops.clone(),
-        );
-        let scripts = Family::<ScriptLabels, Counter>::default();
-        registry.register(
-            "script_messages",
-            "Messages each moderation script passed, dropped or errored on",
-            scripts.clone(),
-        );
-        let slow_disconnects = Counter::default();
-        registry.register(
-            "slow_consumer_disconnects",
-            "SSE clients disconnected because their queue was full",
-            slow_disconnects.clone(),
-        );
-        let refused_clients = Counter::default();
-        registry.register(
-            "sse_refused",
-            "SSE connections refused at event.max_clients",
-            refused_clients.clone(),
-        );
-        let posts = Family::<PostLabels, Counter>::default();
-        registry.register(
-            "posts",
-            "POST /message/broadcast answers by status",
-            posts.clone(),
-        );
-        let publish_latency = Histogram::new(LATENCY_BUCKETS);
-        registry.register(
-            "publish_latency_seconds",
-            "Seconds from a POST to its publication by the broker",
-            publish_latency.clone(),
-        );
-        let push_connected = Gauge::default();
-        registry.register(
-            "push_connected",
-            "Whether the PUSH socket to the broker is connected",
-            push_connected.clone(),
-        );
-        let sub_connected = Gauge::default();
-        registry.register(
-            "sub_connected",
-            "SUB sockets connected to a broker",
-            sub_connected.clone(),
-        );
-        let script_reloads = Family::<ReloadLabels, Counter>::default();
-        registry.register(
-            "script_reloads",
-            "Script reloads by result",
-            script_reloads.clone(),
-        );
-        let zmq_peers = Family::<SocketLabels, Gauge>::default();
-        registry.register(
-            "zmq_peers",
-            "Peers connected to each bound ZeroMQ socket",
-            zmq_peers.clone(),
-        );
-        let zmq_refused = Family::<SocketLabels, Counter>::default();
-        registry.register(
-            "zmq_peers_refused",
-            "Peers of a bound ZeroMQ socket dropped before or during their handshake",
-            zmq_refused.clone(),
-        );
-        let connections = Gauge::default();
-        registry.register(
-            "connections",
-            "HTTP connections open now",
-            connections.clone(),
-        );
-        let pending_heads = Gauge::default();
-        registry.register(
-            "pending_heads",
-            "HTTP connections still sending their first request head",
-            pending_heads.clone(),
-        );
-        let connections_refused = Family::<RefusalLabels, Counter>::default();
-        registry.register(
-            "connections_refused",
-            "HTTP connections refused or closed early, by reason",
-            connections_refused.clone(),
-        );
-        let write_stalls = Counter::default();
-        registry.register(
-            "sse_write_stalls",
-            "SSE connections closed because a write made no progress in time",
-            write_stalls.clone(),
-        );
         Metrics {
+            sse_clients: register(
+                &mut registry,
+                "sse_clients",
+                "SSE clients connected now",
+                Gauge::default(),
+            ),
+            broker_published: register(
+                &mut registry,
+                "broker_published",
+                "Messages the broker published",
+                Counter::default(),
+            ),
+            received: register(
+                &mut registry,
+                "messages_received",
+                "Messages this web node received from the broker",
+                Counter::default(),
+            ),
+            delivered: register(
+                &mut registry,
+                "messages_delivered",
+                "Message frames written to SSE clients",
+                Counter::default(),
+            ),
+            drops: register(
+                &mut registry,
+                "drops",
+                "Messages or frames dropped, by reason",
+                Family::<DropLabels, Counter>::default(),
+            ),
+            scripts: register(
+                &mut registry,
+                "script_messages",
+                "Messages each moderation script passed, dropped or errored on",
+                Family::<ScriptLabels, Counter>::default(),
+            ),
+            slow_disconnects: register(
+                &mut registry,
+                "slow_consumer_disconnects",
+                "SSE clients disconnected because their queue was full",
+                Counter::default(),
+            ),
+            refused_clients: register(
+                &mut registry,
+                "sse_refused",
+                "SSE connections refused at event.max_clients",
+                Counter::default(),
+            ),
+            posts: register(
+                &mut registry,
+                "posts",
+                "POST /message/broadcast answers by status",
+                Family::<PostLabels, Counter>::default(),
+            ),
+            publish_latency: register(
+                &mut registry,
+                "publish_latency_seconds",
+                "Seconds from a POST to its publication by the broker",
+                Histogram::new(LATENCY_BUCKETS),
+            ),
+            push_connected: register(
+                &mut registry,
+                "push_connected",
+                "Whether the PUSH socket to the broker is connected",
+                Gauge::default(),
+            ),
+            sub_connected: register(
+                &mut registry,
+                "sub_connected",
+                "SUB sockets connected to a broker",
+                Gauge::default(),
+            ),
+            script_reloads: register(
+                &mut registry,
+                "script_reloads",
+                "Script reloads by result",
+                Family::<ReloadLabels, Counter>::default(),
+            ),
+            zmq_peers: register(
+                &mut registry,
+                "zmq_peers",
+                "Peers connected to each bound ZeroMQ socket",
+                Family::<SocketLabels, Gauge>::default(),
+            ),
+            zmq_refused: register(
+                &mut registry,
+                "zmq_peers_refused",
+                "Peers of a bound ZeroMQ socket dropped before or during their handshake",
+                Family::<SocketLabels, Counter>::default(),
+            ),
+            connections: register(
+                &mut registry,
+                "connections",
+                "HTTP connections open now",
+                Gauge::default(),
+            ),
+            pending_heads: register(
+                &mut registry,
+                "pending_heads",
+                "HTTP connections still sending their first request head",
+                Gauge::default(),
+            ),
+            connections_refused: register(
+                &mut registry,
+                "connections_refused",
+                "HTTP connections refused or closed early, by reason",
+                Family::<RefusalLabels, Counter>::default(),
+            ),
+            write_stalls: register(
+                &mut registry,
+                "sse_write_stalls",
+                "SSE connections closed because a write made no progress in time",
+                Counter::default(),
+            ),
             registry,
-            connections,
-            pending_heads,
-            connections_refused,
-            write_stalls,
-            zmq_peers,
-            zmq_refused,
-            sse_clients,
-            broker_published,
-            received,
-            delivered,
-            drops,
-            scripts,
-            slow_disconnects,
-            refused_clients,
-            posts,
-            publish_latency,
-            push_connected,
-            sub_connected,
-            script_reloads,
         }
     }
 }
