@@ -492,29 +492,7 @@ impl Stamper {
             return Err(DropReason::Oversize);
         }
         if !ready {
-            let value: rhai::Dynamic =
-                serde_json::from_slice(frame).map_err(|_| DropReason::InvalidJson)?;
-            let Some(mut map) = value.try_cast::<rhai::Map>() else {
-                return Err(DropReason::NotAnObject);
-            };
-            for key in STAMPED_KEYS {
-                map.remove(key);
-            }
-            let key = map
-                .remove(KEY)
-                .and_then(|key| key.into_immutable_string().ok())
-                .map(|key| key.to_string())
-                .filter(|key| key.len() <= MAX_KEY_BYTES);
-            if let Some(id) = self.duplicate(key.as_deref()) {
-                let reference = map
-                    .get(REF)
-                    .and_then(|r| r.clone().into_immutable_string().ok())
-                    .map(|r| r.to_string());
-                return Ok(Stamped::Duplicate { reference, id });
-            }
-            map.insert("id".into(), self.next_id().to_string().into());
-            map.insert("time".into(), (now_ms() as rhai::INT).into());
-            return Ok(Stamped::Parsed { map, key });
+            return self.parse(frame);
         }
         let scan = match serde_json::from_slice::<Scan>(frame) {
             Ok(scan) => scan,
@@ -543,6 +521,46 @@ impl Stamper {
             self.write_stamp(&mut out, key);
             return Ok(Stamped::Ready(out.into()));
         }
+        self.rewrite(frame, out, key)
+    }
+
+    /// The parsed map for the script chain: the broker's keys removed, the idempotency key
+    /// taken out, the id and time stamped (the id used up only by [`Stamper::commit`]).
+    fn parse(&mut self, frame: &[u8]) -> Result<Stamped, DropReason> {
+        let value: rhai::Dynamic =
+            serde_json::from_slice(frame).map_err(|_| DropReason::InvalidJson)?;
+        let Some(mut map) = value.try_cast::<rhai::Map>() else {
+            return Err(DropReason::NotAnObject);
+        };
+        for key in STAMPED_KEYS {
+            map.remove(key);
+        }
+        let key = map
+            .remove(KEY)
+            .and_then(|key| key.into_immutable_string().ok())
+            .map(|key| key.to_string())
+            .filter(|key| key.len() <= MAX_KEY_BYTES);
+        if let Some(id) = self.duplicate(key.as_deref()) {
+            let reference = map
+                .get(REF)
+                .and_then(|r| r.clone().into_immutable_string().ok())
+                .map(|r| r.to_string());
+            return Ok(Stamped::Duplicate { reference, id });
+        }
+        map.insert(crate::wire::ID.into(), self.next_id().to_string().into());
+        map.insert(crate::wire::TIME.into(), (now_ms() as rhai::INT).into());
+        Ok(Stamped::Parsed { map, key })
+    }
+
+    /// The general path without scripts: the fields copied as raw JSON, without the broker's
+    /// keys, the private ones or duplicates (the last of a key wins, as in `JSON.parse`), on
+    /// one line, then the stamp.
+    fn rewrite(
+        &mut self,
+        frame: &[u8],
+        mut out: Vec<u8>,
+        key: Option<String>,
+    ) -> Result<Stamped, DropReason> {
         let fields = match serde_json::from_slice::<RawFields<'_>>(frame) {
             Ok(fields) => fields.0,
             Err(_) => return Err(DropReason::InvalidJson),

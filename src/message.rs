@@ -661,56 +661,8 @@ pub struct Broadcast {
 
 impl Broadcast {
     async fn answer(&self, req: &mut Request, depot: &mut Depot) -> Result<(), JsonError> {
-        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-        crate::request::check_origin(
-            header("sec-fetch-site"),
-            header("origin"),
-            header("host"),
-            &self.cors_origins,
-        )
-        .map_err(|refused| JsonError::new(StatusCode::FORBIDDEN, refused.0))?;
-        let header_key = match req.headers().get("idempotency-key") {
-            None => None,
-            Some(value) => Some(check_key(value.to_str().unwrap_or_default())?),
-        };
-        let peer = req
-            .remote_addr()
-            .as_ipv4()
-            .map(|a| std::net::IpAddr::V4(*a.ip()))
-            .or_else(|| {
-                req.remote_addr()
-                    .as_ipv6()
-                    .map(|a| std::net::IpAddr::V6(*a.ip()))
-            })
-            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-        let client = crate::request::client(peer, header("x-forwarded-for"), &self.trusted_proxies);
-        let read = req.payload_with_max_size(self.config.max_body_bytes);
-        let body = match tokio::time::timeout(self.body_timeout, read).await {
-            Err(_) => {
-                return Err(JsonError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "the body did not arrive within {} s",
-                        self.body_timeout.as_secs()
-                    ),
-                ));
-            }
-            Ok(Ok(body)) => body.clone(),
-            Ok(Err(salvo::http::ParseError::PayloadTooLarge)) => {
-                return Err(JsonError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "the body is larger than {} bytes",
-                        self.config.max_body_bytes
-                    ),
-                ));
-            }
-            Ok(Err(error)) => {
-                return Err(JsonError::bad_request(format!(
-                    "cannot read the body: {error}"
-                )));
-            }
-        };
+        let (client, header_key) = self.sender(req)?;
+        let body = self.body(req).await?;
         let content_type = req
             .headers()
             .get(salvo::http::header::CONTENT_TYPE)
@@ -753,6 +705,56 @@ impl Broadcast {
                 StatusCode::from_u16(status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY),
                 reason,
             )),
+        }
+    }
+
+    /// Who sends: refuses a cross-site browser request, and reads the client address and the
+    /// `Idempotency-Key` header.
+    fn sender(&self, req: &Request) -> Result<(String, Option<String>), JsonError> {
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        crate::request::check_origin(
+            header("sec-fetch-site"),
+            header("origin"),
+            header("host"),
+            &self.cors_origins,
+        )
+        .map_err(|refused| JsonError::new(StatusCode::FORBIDDEN, refused.0))?;
+        let key = header("idempotency-key").map(check_key).transpose()?;
+        if key.is_none() && req.headers().contains_key("idempotency-key") {
+            return Err(check_key("").expect_err("an empty key is refused"));
+        }
+        let address = req.remote_addr();
+        let peer = address
+            .as_ipv4()
+            .map(|a| std::net::IpAddr::V4(*a.ip()))
+            .or_else(|| address.as_ipv6().map(|a| std::net::IpAddr::V6(*a.ip())))
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        let client = crate::request::client(peer, header("x-forwarded-for"), &self.trusted_proxies);
+        Ok((client, key))
+    }
+
+    /// The whole body, within `server.body_timeout_secs` and `message.max_body_bytes`.
+    async fn body(&self, req: &mut Request) -> Result<Bytes, JsonError> {
+        let read = req.payload_with_max_size(self.config.max_body_bytes);
+        match tokio::time::timeout(self.body_timeout, read).await {
+            Err(_) => Err(JsonError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive within {} s",
+                    self.body_timeout.as_secs()
+                ),
+            )),
+            Ok(Ok(body)) => Ok(body.clone()),
+            Ok(Err(salvo::http::ParseError::PayloadTooLarge)) => Err(JsonError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the body is larger than {} bytes",
+                    self.config.max_body_bytes
+                ),
+            )),
+            Ok(Err(error)) => Err(JsonError::bad_request(format!(
+                "cannot read the body: {error}"
+            ))),
         }
     }
 }

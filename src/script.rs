@@ -257,8 +257,13 @@ pub fn engine(limits: &ScriptLimits, params: Dynamic, name: &str) -> Sandbox {
     let params = params.into_shared();
     #[allow(deprecated)] // `on_var` is stable in practice; rhai marks it as volatile.
     engine.on_var(move |variable, _, _| Ok((variable == "params").then(|| params.clone())));
+    register_logging(&mut engine, Arc::from(name));
+    register_helpers(&mut engine);
+    Sandbox { engine, clock }
+}
 
-    let label: Arc<str> = Arc::from(name);
+/// `print`, `debug`, `log_debug`, `log_info`, `log_warn`: temma's log, tagged with the script.
+fn register_logging(engine: &mut Engine, label: Arc<str>) {
     {
         let label = label.clone();
         engine.on_print(move |text| tracing::info!(script = %label, "{text}"));
@@ -287,6 +292,10 @@ pub fn engine(limits: &ScriptLimits, params: Dynamic, name: &str) -> Sandbox {
         "log_warn",
         move |text: &str| tracing::warn!(script = %label, "{text}"),
     );
+}
+
+/// `now_ms`, `reject`, and the native helpers: word sets and rate limiters.
+fn register_helpers(engine: &mut Engine) {
     engine.register_fn("now_ms", || crate::wire::now_ms() as rhai::INT);
     engine.register_type_with_name::<Rejection>("Rejection");
     engine.register_fn("reject", |reason: &str| Rejection {
@@ -310,7 +319,6 @@ pub fn engine(limits: &ScriptLimits, params: Dynamic, name: &str) -> Sandbox {
     engine.register_fn("allow", |limiter: &mut RateLimiter, key: &str| {
         limiter.allow(key, crate::wire::now_ms() as rhai::INT)
     });
-    Sandbox { engine, clock }
 }
 
 /// A set of words for [`mask_words`], built once (`word_set(params.words)` in `init`): sharing
@@ -442,6 +450,14 @@ pub struct Script {
     pub on_error: OnError,
 }
 
+/// A script's name when its entry gives none: the file name without extension.
+fn name_of(file: &Path) -> String {
+    file.file_stem().map_or_else(
+        || file.display().to_string(),
+        |stem| stem.to_string_lossy().into_owned(),
+    )
+}
+
 /// Everything needed to (re)load one script.
 #[derive(Debug, Clone)]
 pub struct ScriptSpec {
@@ -469,12 +485,7 @@ impl ScriptSpec {
         entries
             .iter()
             .map(|entry| ScriptSpec {
-                name: entry.name.clone().unwrap_or_else(|| {
-                    entry.file.file_stem().map_or_else(
-                        || entry.file.display().to_string(),
-                        |s| s.to_string_lossy().into_owned(),
-                    )
-                }),
+                name: entry.name.clone().unwrap_or_else(|| name_of(&entry.file)),
                 file: root.resolve(&entry.file),
                 shown: entry.file.display().to_string(),
                 params: entry.params.clone(),
@@ -492,9 +503,7 @@ impl ScriptSpec {
         limits: ScriptLimits,
     ) -> ScriptSpec {
         ScriptSpec {
-            name: file
-                .file_stem()
-                .map_or_else(|| "script".to_owned(), |s| s.to_string_lossy().into_owned()),
+            name: name_of(file),
             file: file.to_owned(),
             shown: file.display().to_string(),
             params,
@@ -504,33 +513,43 @@ impl ScriptSpec {
         }
     }
 
-    /// Reads, compiles and initializes the script.
-    pub fn load(&self) -> Result<Script, ScriptError> {
-        let shown = self.shown.clone();
-        let source = std::fs::read_to_string(&self.file).map_err(|error| ScriptError::Read {
-            file: shown.clone(),
-            message: error.to_string(),
-        })?;
+    /// Where a `_file` parameter's path points (relative to the application root).
+    fn param_path(&self, path: &str) -> PathBuf {
+        Root(self.root.clone()).resolve(Path::new(path))
+    }
+
+    /// Every file the script depends on: itself and its `_file` parameters.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.file.clone()];
+        for (key, value) in &self.params {
+            if key.ends_with("_file")
+                && let serde_json::Value::String(path) = value
+            {
+                files.push(self.param_path(path));
+            }
+        }
+        files
+    }
+
+    /// The script's `params`, with each `_file` parameter's lines (trimmed, blank lines and
+    /// `#` comments skipped) under the name without the suffix; and the files read.
+    fn read_params(&self) -> Result<(Map, Vec<PathBuf>), ScriptError> {
+        let shown = &self.shown;
         let mut files = vec![self.file.clone()];
         let mut params = Map::new();
         for (key, value) in &self.params {
+            let problem = |message: String| ScriptError::Param {
+                file: shown.clone(),
+                key: key.clone(),
+                message,
+            };
             if let Some(base) = key.strip_suffix("_file") {
                 let serde_json::Value::String(path) = value else {
-                    return Err(ScriptError::Param {
-                        file: shown,
-                        key: key.clone(),
-                        message: "must be a file path (a string)".into(),
-                    });
+                    return Err(problem("must be a file path (a string)".into()));
                 };
-                let path = if Path::new(path).is_absolute() {
-                    PathBuf::from(path)
-                } else {
-                    self.root.join(path)
-                };
-                let text = std::fs::read_to_string(&path).map_err(|error| ScriptError::Param {
-                    file: shown.clone(),
-                    key: key.clone(),
-                    message: format!("cannot read `{}`: {error}", path.display()),
+                let path = self.param_path(path);
+                let text = std::fs::read_to_string(&path).map_err(|error| {
+                    problem(format!("cannot read `{}`: {error}", path.display()))
                 })?;
                 let lines: rhai::Array = text
                     .lines()
@@ -541,14 +560,21 @@ impl ScriptSpec {
                 params.insert(base.into(), lines.into());
                 files.push(path);
             }
-            let value = rhai::serde::to_dynamic(value).map_err(|error| ScriptError::Param {
-                file: shown.clone(),
-                key: key.clone(),
-                message: error.to_string(),
-            })?;
+            let value =
+                rhai::serde::to_dynamic(value).map_err(|error| problem(error.to_string()))?;
             params.insert(key.as_str().into(), value);
         }
+        Ok((params, files))
+    }
 
+    /// Reads, compiles and initializes the script.
+    pub fn load(&self) -> Result<Script, ScriptError> {
+        let shown = self.shown.clone();
+        let source = std::fs::read_to_string(&self.file).map_err(|error| ScriptError::Read {
+            file: shown.clone(),
+            message: error.to_string(),
+        })?;
+        let (params, files) = self.read_params()?;
         let Sandbox { engine, clock } = engine(&self.limits, params.into(), &self.name);
         let mut ast = engine.compile(&source).map_err(|error| {
             let position = error.position();
@@ -950,7 +976,7 @@ impl Reloader {
         if !self.watch {
             return None;
         }
-        let watched: Vec<PathBuf> = self.specs.iter().flat_map(spec_files).collect();
+        let watched: Vec<PathBuf> = self.specs.iter().flat_map(ScriptSpec::files).collect();
         if watched.is_empty() {
             return None;
         }
@@ -990,7 +1016,8 @@ impl Reloader {
 
     async fn reload_changed(&mut self, changed: &[PathBuf]) {
         for (index, spec) in self.specs.iter().enumerate() {
-            if !spec_files(spec)
+            if !spec
+                .files()
                 .iter()
                 .any(|file| changed.iter().any(|c| same_file(file, c)))
             {
@@ -1044,22 +1071,6 @@ impl Reloader {
         let _ = self.tx.send(Reload::All(scripts)).await;
         true
     }
-}
-
-fn spec_files(spec: &ScriptSpec) -> Vec<PathBuf> {
-    let mut files = vec![spec.file.clone()];
-    for (key, value) in &spec.params {
-        if key.ends_with("_file")
-            && let serde_json::Value::String(path) = value
-        {
-            files.push(if Path::new(path).is_absolute() {
-                PathBuf::from(path)
-            } else {
-                spec.root.join(path)
-            });
-        }
-    }
-    files
 }
 
 /// Whether two paths name the same file (the watcher reports canonical paths).
