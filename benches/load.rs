@@ -557,7 +557,44 @@ fn main() -> std::process::ExitCode {
 async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>) -> Report {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.max_secs);
-    let shared = Arc::new(Shared {
+    let shared = new_shared(started);
+    let rss_before = rss_kib(&args.pid);
+    let tasks = ramp_up(&args, &subscribe, &shared).await;
+    // Wait until every subscriber connected or gave up.
+    while shared.connected.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed)
+        < args.subscribers
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the servers settle (and the opening bytes arrive) before measuring memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_connected = rss_kib(&args.pid);
+    if args.hold_secs > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(args.hold_secs)).await;
+    }
+    let connected = shared.connected.load(Ordering::Relaxed);
+    let messages = match publish {
+        Some(publish) => publish_all(&args, publish, &shared, connected, deadline).await,
+        None => 0,
+    };
+    shared.stop.store(true, Ordering::Relaxed);
+    for task in &tasks {
+        task.abort();
+    }
+    report(
+        &args,
+        &shared,
+        started,
+        connected,
+        messages,
+        (rss_before, rss_connected),
+    )
+}
+
+/// The counters every task updates.
+fn new_shared(started: Instant) -> Arc<Shared> {
+    Arc::new(Shared {
         start: started,
         connected: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
@@ -579,10 +616,15 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
         posts: std::sync::Mutex::new(
             Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("histogram bounds"),
         ),
-    });
-    let rss_before = rss_kib(&args.pid);
+    })
+}
 
-    // Ramp the subscribers up.
+/// Opens the subscribers, `--ramp` a second.
+async fn ramp_up(
+    args: &Arc<Args>,
+    subscribe: &hyper::Uri,
+    shared: &Arc<Shared>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::with_capacity(args.subscribers);
     let per_tick = (args.ramp as usize / 100).max(1);
     let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -597,24 +639,19 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
             shared.clone(),
         )));
     }
-    // Wait until every subscriber connected or gave up.
-    while shared.connected.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed)
-        < args.subscribers
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Let the servers settle (and the opening bytes arrive) before measuring memory.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_connected = rss_kib(&args.pid);
-    if args.hold_secs > 0.0 {
-        tokio::time::sleep(Duration::from_secs_f64(args.hold_secs)).await;
-    }
-    let connected = shared.connected.load(Ordering::Relaxed);
+    tasks
+}
 
-    let mut messages = 0;
-    if let Some(publish) = publish {
-        messages = args.messages;
+/// Publishes `--messages` at `--rate`, then drains: until everything arrived, or the drain
+/// time passed with nothing new. Returns how many messages were to be sent.
+async fn publish_all(
+    args: &Arc<Args>,
+    publish: hyper::Uri,
+    shared: &Arc<Shared>,
+    connected: usize,
+    deadline: Instant,
+) -> u64 {
+    {
         let count = args
             .publishers
             .unwrap_or_else(|| ((args.rate / 20.0).ceil() as usize).clamp(1, 256));
@@ -653,11 +690,18 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    shared.stop.store(true, Ordering::Relaxed);
-    for task in &tasks {
-        task.abort();
-    }
+    args.messages
+}
 
+/// The report, from the counters.
+fn report(
+    args: &Args,
+    shared: &Shared,
+    started: Instant,
+    connected: usize,
+    messages: u64,
+    (rss_before, rss_connected): (Option<u64>, Option<u64>),
+) -> Report {
     let mut histogram = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3).expect("bounds");
     for shard in &shared.latencies {
         histogram

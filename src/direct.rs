@@ -179,37 +179,9 @@ pub async fn accept_loop(
         if reserve.is_none() {
             reserve = std::fs::File::open("/dev/null").ok();
         }
-        let limits = &front.limits;
-        if front.open.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
-            front.open.fetch_sub(1, Ordering::AcqRel);
-            front.refuse(ConnectionRefusal::MaxConnections);
-            refuse_now(
-                &socket,
-                &format!(
-                    "too many connections: this server holds at most {}",
-                    limits.max_connections
-                ),
-            );
+        let Some(open) = admit(&front, &socket, peer) else {
             continue;
-        }
-        front.metrics.connections.inc();
-        let open = Open {
-            front: front.clone(),
-            peer,
-            registered: false,
         };
-        if front.pending.fetch_add(1, Ordering::AcqRel) >= limits.max_pending_heads {
-            front.pending.fetch_sub(1, Ordering::AcqRel);
-            front.refuse(ConnectionRefusal::MaxPendingHeads);
-            refuse_now(
-                &socket,
-                &format!(
-                    "too many connections still sending their request: at most {}",
-                    limits.max_pending_heads
-                ),
-            );
-            continue;
-        }
         tasks.spawn(first_request(
             socket,
             peer,
@@ -218,6 +190,43 @@ pub async fn accept_loop(
             shutdown.clone(),
         ));
     }
+}
+
+/// Counts a new connection in, or answers it `503` past `server.max_connections` or
+/// `server.max_pending_heads`.
+fn admit(front: &Arc<Front>, socket: &TcpStream, peer: SocketAddr) -> Option<Open> {
+    let limits = &front.limits;
+    if front.open.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
+        front.open.fetch_sub(1, Ordering::AcqRel);
+        front.refuse(ConnectionRefusal::MaxConnections);
+        refuse_now(
+            socket,
+            &format!(
+                "too many connections: this server holds at most {}",
+                limits.max_connections
+            ),
+        );
+        return None;
+    }
+    front.metrics.connections.inc();
+    let open = Open {
+        front: front.clone(),
+        peer,
+        registered: false,
+    };
+    if front.pending.fetch_add(1, Ordering::AcqRel) >= limits.max_pending_heads {
+        front.pending.fetch_sub(1, Ordering::AcqRel);
+        front.refuse(ConnectionRefusal::MaxPendingHeads);
+        refuse_now(
+            socket,
+            &format!(
+                "too many connections still sending their request: at most {}",
+                limits.max_pending_heads
+            ),
+        );
+        return None;
+    }
+    Some(open)
 }
 
 /// Accept failures, logged calmly: the first at once, then a summary at most every 10 s.

@@ -853,33 +853,35 @@ impl Chain {
                 }
             }
         }
-        for (key, value) in owned {
-            match value {
-                Some(value) => message.insert(key.into(), value),
-                None => message.remove(key),
-            };
-        }
-        // The client is for scripts only; `ref` goes first so web nodes cut it without parsing.
-        message.remove(crate::wire::CLIENT);
-        let reference = message.remove(crate::wire::REF);
-        let body =
-            serde_json::to_vec(&Dynamic::from_map(message)).expect("a rhai map serializes to JSON");
-        let bytes = match reference {
-            None => body,
-            Some(reference) => {
-                let mut out = Vec::with_capacity(body.len() + 48);
-                out.extend_from_slice(b"{\"ref\":");
-                serde_json::to_writer(&mut out, &reference)
-                    .expect("a rhai value serializes to JSON");
-                if body.len() > 2 {
-                    out.push(b',');
-                }
-                out.extend_from_slice(&body[1..]);
-                out
-            }
-        };
-        Verdict::Pass(bytes.into())
+        Verdict::Pass(publishable(message, owned))
     }
+}
+
+/// The frame to publish once the chain passed a message: the keys the broker owns put back as
+/// they were before the scripts, the client removed (for scripts only), `ref` first so that web
+/// nodes cut it without parsing.
+fn publishable(mut message: Map, owned: [(&str, Option<Dynamic>); 6]) -> Bytes {
+    for (key, value) in owned {
+        match value {
+            Some(value) => message.insert(key.into(), value),
+            None => message.remove(key),
+        };
+    }
+    message.remove(crate::wire::CLIENT);
+    let reference = message.remove(crate::wire::REF);
+    let body =
+        serde_json::to_vec(&Dynamic::from_map(message)).expect("a rhai map serializes to JSON");
+    let Some(reference) = reference else {
+        return body.into();
+    };
+    let mut out = Vec::with_capacity(body.len() + 48);
+    out.extend_from_slice(b"{\"ref\":");
+    serde_json::to_writer(&mut out, &reference).expect("a rhai value serializes to JSON");
+    if body.len() > 2 {
+        out.push(b',');
+    }
+    out.extend_from_slice(&body[1..]);
+    out.into()
 }
 
 /// Recompiles scripts when their files change or on request (SIGHUP), and hands the new
