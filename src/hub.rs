@@ -752,6 +752,112 @@ mod tests {
         }
     }
 
+    fn settings() -> Settings {
+        Settings {
+            queue: 4,
+            max_clients: 10,
+            history_size: 100,
+            history_ttl: Duration::from_secs(60),
+            initial_history: 10,
+            retry_ms: 2000,
+            keepalive: Duration::from_secs(15),
+            stall: Duration::from_millis(400),
+            max_message_bytes: 1 << 16,
+        }
+    }
+
+    fn hub(settings: Settings) -> Hub {
+        Hub::new(settings, Metrics::new(), Acks::new())
+    }
+
+    fn message(seq: u64) -> Vec<u8> {
+        format!(r#"{{"from":"a","text":"m{seq}","id":"1-{seq}","time":1}}"#).into_bytes()
+    }
+
+    /// Timers run on tokio's clock: these tests move it instead of sleeping.
+    #[tokio::test(start_paused = true)]
+    async fn a_keep_alive_follows_silence() {
+        let hub = hub(settings());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(hub.clone().run_timers(shutdown.clone()));
+        let mut sub = hub.subscribe(None, Abort::new(|| {})).unwrap();
+        tokio::time::advance(Duration::from_secs(14)).await;
+        tokio::task::yield_now().await;
+        assert!(sub.rx.try_recv().is_err(), "nothing before 15 s of silence");
+        hub.ingest(&message(1));
+        assert!(!sub.rx.recv().await.unwrap().frame.starts_with(b":"));
+        // 15 s after the message, not after the start.
+        tokio::time::advance(Duration::from_secs(14)).await;
+        tokio::task::yield_now().await;
+        assert!(sub.rx.try_recv().is_err());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let item = sub.rx.recv().await.unwrap();
+        assert_eq!(&item.frame[..], KEEPALIVE_FRAME);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn history_entries_expire_after_their_ttl() {
+        let hub = hub(settings());
+        hub.ingest(&message(1));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        hub.ingest(&message(2));
+        let replayed = |hub: &Hub| {
+            let sub = hub.subscribe(None, Abort::new(|| {})).unwrap();
+            String::from_utf8(sub.replay.concat()).unwrap()
+        };
+        let both = replayed(&hub);
+        assert!(both.contains("\"m1\"") && both.contains("\"m2\""), "{both}");
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let newer = replayed(&hub);
+        assert!(
+            !newer.contains("\"m1\"") && newer.contains("\"m2\""),
+            "{newer}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_cut_off_by_the_sweep() {
+        let hub = hub(settings());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(hub.clone().run_timers(shutdown.clone()));
+        let aborted = Arc::new(AtomicBool::new(false));
+        let _stuck = {
+            let aborted = aborted.clone();
+            hub.subscribe(
+                None,
+                Abort::new(move || aborted.store(true, Ordering::SeqCst)),
+            )
+            .unwrap()
+        };
+        let mut reading = hub
+            .subscribe(None, Abort::new(|| panic!("a reader is never cut")))
+            .unwrap();
+        for seq in 1..=6 {
+            hub.ingest(&message(seq));
+            // The reading client takes everything.
+            while reading.rx.try_recv().is_ok() {
+                hub.consumed(&reading.slot, 1);
+            }
+        }
+        tokio::time::advance(Duration::from_millis(200)).await;
+        tokio::task::yield_now().await;
+        assert!(
+            !aborted.load(Ordering::SeqCst),
+            "not before `event.stall_ms`"
+        );
+        for _ in 0..4 {
+            tokio::time::advance(SWEEP_INTERVAL).await;
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            aborted.load(Ordering::SeqCst),
+            "cut off after `event.stall_ms`"
+        );
+        assert_eq!(hub.metrics().slow_disconnects.get(), 1);
+        shutdown.cancel();
+    }
+
     #[test]
     fn a_gap_is_replayed_as_a_reset() {
         let mut history = History::new(10, Duration::from_secs(60));
