@@ -590,15 +590,9 @@ impl Stamper {
         for (name, value) in kept.into_iter().rev() {
             serde_json::to_writer(&mut out, name.as_ref()).expect("writing to a Vec");
             out.push(b':');
-            let raw = value.get();
-            if memchr::memchr2(b'\n', b'\r', raw.as_bytes()).is_some() {
-                // Pretty-printed input: re-serialize compactly so the frame stays one line.
-                let value: serde_json::Value =
-                    serde_json::from_str(raw).map_err(|_| DropReason::InvalidJson)?;
-                serde_json::to_writer(&mut out, &value).expect("writing to a Vec");
-            } else {
-                out.extend_from_slice(raw.as_bytes());
-            }
+            // Pretty-printed input is re-serialized compactly: the frame stays one line.
+            crate::wire::write_one_line(&mut out, value.get().as_bytes())
+                .ok_or(DropReason::InvalidJson)?;
             out.push(b',');
         }
         self.write_stamp(&mut out, key);
@@ -609,13 +603,10 @@ impl Stamper {
     fn write_stamp(&mut self, out: &mut Vec<u8>, key: Option<String>) {
         let id = self.next_id();
         self.commit(key);
-        let mut number = itoa::Buffer::new();
         out.extend_from_slice(b"\"id\":\"");
-        out.extend_from_slice(number.format(id.run).as_bytes());
-        out.push(b'-');
-        out.extend_from_slice(number.format(id.seq).as_bytes());
+        crate::wire::write_id(out, id);
         out.extend_from_slice(b"\",\"time\":");
-        out.extend_from_slice(number.format(now_ms()).as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(now_ms()).as_bytes());
         out.push(b'}');
     }
 }

@@ -58,6 +58,25 @@ async fn read_until(socket: &mut TcpStream, needle: &str) -> String {
     String::from_utf8_lossy(&seen).into_owned()
 }
 
+/// Opens an SSE stream on a raw connection: as its first request (served directly), or after
+/// a `GET /health` on the same connection (`kept_alive`: served by hyper). Reads until `until`.
+async fn open_sse(address: std::net::SocketAddr, kept_alive: bool, until: &str) -> TcpStream {
+    let mut socket = TcpStream::connect(address).await.unwrap();
+    if kept_alive {
+        socket
+            .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut socket, "\"status\"").await;
+    }
+    socket
+        .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut socket, until).await;
+    socket
+}
+
 async fn sse_request(app: &TestApp) -> TcpStream {
     let mut socket = TcpStream::connect(app.http).await.unwrap();
     socket
@@ -68,14 +87,7 @@ async fn sse_request(app: &TestApp) -> TcpStream {
 }
 
 fn metric(app: &TestApp, line_start: &str) -> f64 {
-    app.app()
-        .metrics()
-        .render()
-        .lines()
-        .find(|line| line.starts_with(line_start))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0.0)
+    common::metric(app, line_start).unwrap_or(0.0)
 }
 
 async fn clients_drop_to(app: &TestApp, count: i64) {
@@ -156,22 +168,7 @@ async fn idle_clients_cost_the_same_whatever_the_history_holds() {
     }
     let address: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // Each client gets the whole replay (the newest message ends it), then stays idle.
-    let open = |kept_alive: bool| async move {
-        let mut socket = TcpStream::connect(address).await.unwrap();
-        if kept_alive {
-            socket
-                .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-                .await
-                .unwrap();
-            read_until(&mut socket, "\"status\"").await;
-        }
-        socket
-            .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        read_until(&mut socket, "\"text\":\"48 ").await;
-        socket
-    };
+    let open = |kept_alive: bool| open_sse(address, kept_alive, "\"text\":\"48 ");
     // Warm the allocator and the runtime first.
     let mut sockets = Vec::new();
     for _ in 0..100 {
@@ -494,19 +491,7 @@ async fn bytes_after_the_sse_request_close_the_connection() {
     let app = TestApp::start().await;
     app.ready().await;
     for kept_alive in [false, true] {
-        let mut socket = TcpStream::connect(app.http).await.unwrap();
-        if kept_alive {
-            socket
-                .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-                .await
-                .unwrap();
-            read_until(&mut socket, "\"status\"").await;
-        }
-        socket
-            .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        read_until(&mut socket, ": ok").await;
+        let mut socket = open_sse(app.http, kept_alive, ": ok").await;
         let junk = vec![b'x'; 64 * 1024];
         let started = Instant::now();
         let mut closed = false;
@@ -883,17 +868,7 @@ async fn a_client_that_closes_ends_its_subscription_on_both_paths() {
     }
     // Kept alive, then the SSE request, then closed.
     for _ in 0..5 {
-        let mut socket = TcpStream::connect(app.http).await.unwrap();
-        socket
-            .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        read_until(&mut socket, "\"status\"").await;
-        socket
-            .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        read_until(&mut socket, ": ok").await;
+        drop(open_sse(app.http, true, ": ok").await);
     }
     clients_drop_to(&app, 0).await;
     // Every place is free.

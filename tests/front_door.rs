@@ -75,16 +75,6 @@ fn closed_after(address: &str, socket_type: &str, then: &[u8]) -> bool {
     false
 }
 
-fn metric(app: &TestApp, line_start: &str) -> Option<f64> {
-    app.app()
-        .metrics()
-        .render()
-        .lines()
-        .find(|line| line.starts_with(line_start))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
-
 async fn relays(app: &TestApp, sse: &mut Sse, text: &str) {
     assert_eq!(app.post_form("check", text).await.status(), 200, "{text}");
     assert_eq!(sse.next_message().await.json()["text"], text);
@@ -117,8 +107,8 @@ async fn a_frame_header_claiming_petabytes_disconnects_the_peer_only() {
     }
     // The peers are gone: only the web node's own PUSH and SUB remain.
     common::eventually("peers counted back down", || async {
-        let pull = metric(&app, "temma_zmq_peers{socket=\"broker.pull\"}")?;
-        let publish = metric(&app, "temma_zmq_peers{socket=\"broker.pub\"}")?;
+        let pull = common::metric(&app, "temma_zmq_peers{socket=\"broker.pull\"}")?;
+        let publish = common::metric(&app, "temma_zmq_peers{socket=\"broker.pub\"}")?;
         (pull == 1.0 && publish == 1.0).then_some(())
     })
     .await;
@@ -161,7 +151,7 @@ async fn a_peer_that_never_completes_its_handshake_is_dropped_and_counted() {
     .unwrap();
     assert!(all_closed, "every idle peer was disconnected");
     assert!(started.elapsed() >= temma::socket::HANDSHAKE_TIMEOUT - Duration::from_secs(1));
-    let refused = metric(
+    let refused = common::metric(
         &app,
         "temma_zmq_peers_refused_total{socket=\"broker.pull\"}",
     );

@@ -179,6 +179,17 @@ impl Drop for TestApp {
     }
 }
 
+/// The value of the first `/metrics` line that starts with `line_start`.
+pub fn metric(app: &TestApp, line_start: &str) -> Option<f64> {
+    app.app()
+        .metrics()
+        .render()
+        .lines()
+        .find(|line| line.starts_with(line_start))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
 /// One SSE event as read off the wire.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Event {
