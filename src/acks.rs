@@ -90,7 +90,7 @@ impl Acks {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u128, oneshot::Sender<Ack>>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+        crate::error::lock(&self.pending)
     }
 }
 

@@ -99,7 +99,7 @@ impl Front {
     }
 
     fn lock_sockets(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Weak<TcpStream>>> {
-        self.sockets.lock().unwrap_or_else(|p| p.into_inner())
+        crate::error::lock(&self.sockets)
     }
 
     fn refuse(&self, reason: ConnectionRefusal) {

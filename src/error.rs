@@ -1,4 +1,5 @@
-//! JSON error answers: every 4xx and 5xx temma sends is `{"error": "…"}` saying what was wrong.
+//! JSON error answers: every 4xx and 5xx temma sends is `{"error": "…"}` saying what was wrong;
+//! and [`lock`], how temma survives a panic while a lock was held.
 
 use salvo::http::StatusCode;
 use salvo::http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
@@ -76,4 +77,13 @@ pub async fn catcher(req: &Request, res: &mut Response, ctrl: &mut FlowCtrl) {
     };
     JsonError::new(status, message).write_to(res);
     ctrl.skip_rest();
+}
+
+/// Locks a mutex even if a thread panicked while holding it: every lock in temma guards state
+/// that a panic cannot leave half-updated in a way that matters more than losing the process,
+/// so the others keep serving.
+pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -436,11 +436,7 @@ impl Hub {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the state half-updated in a way that
-        // matters more than losing the node: keep serving.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::error::lock(&self.state)
     }
 }
 

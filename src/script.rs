@@ -752,7 +752,7 @@ impl PartialEq for Compiled {
 
 impl Compiled {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<Script>>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        crate::error::lock(&self.0)
     }
 
     pub fn put(&self, scripts: Vec<Script>) {

@@ -16,10 +16,10 @@ const LAYERS: &[(&str, u8)] = &[
     ("error", 0),
     ("metrics", 0),
     ("request", 0),
-    ("acks", 0),
     ("session", 0),
-    // ZeroMQ sockets from DSNs.
+    // ZeroMQ sockets from DSNs; what became of each message sent.
     ("socket", 1),
+    ("acks", 1),
     // What components are built from.
     ("context", 2),
     // Components.
