@@ -162,24 +162,7 @@ fn markers(data: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
 /// data. (A full HTTP client costs a second task and a channel hop per event, which would
 /// measure the tool more than the server.)
 async fn subscriber(id: usize, uri: hyper::Uri, args: Arc<Args>, shared: Arc<Shared>) {
-    let mut opened = None;
-    for attempt in 0..args.attempts {
-        if shared.stop.load(Ordering::Relaxed) {
-            return;
-        }
-        match open_stream(&uri).await {
-            Ok(stream) => {
-                opened = Some(stream);
-                break;
-            }
-            Err(error) => {
-                count_status(&shared, error);
-                let backoff = Duration::from_millis(100 << attempt.min(5));
-                tokio::time::sleep(backoff).await;
-            }
-        }
-    }
-    let Some((mut socket, mut buffer, chunked)) = opened else {
+    let Some((mut socket, mut buffer, chunked)) = connect(&uri, &args, &shared).await else {
         shared.failed.fetch_add(1, Ordering::Relaxed);
         return;
     };
@@ -187,41 +170,14 @@ async fn subscriber(id: usize, uri: hyper::Uri, args: Arc<Args>, shared: Arc<Sha
     let shard = &shared.latencies[id % SHARDS];
     let mut seen = Seen::new(args.messages);
     let mut data: Vec<u8> = Vec::with_capacity(4096);
-    let mut chunk_left = 0usize;
+    let mut body = Body {
+        chunked,
+        chunk_left: 0,
+    };
     let mut batch: Vec<u64> = Vec::with_capacity(64);
     loop {
-        // Unframe what is buffered into `data`.
-        if chunked {
-            loop {
-                if chunk_left > 0 {
-                    let take = chunk_left.min(buffer.len());
-                    data.extend_from_slice(&buffer[..take]);
-                    buffer.drain(..take);
-                    chunk_left -= take;
-                    if chunk_left > 0 {
-                        break;
-                    }
-                }
-                // The CRLF after a chunk's data, then the next size line.
-                if buffer.starts_with(b"\r\n") {
-                    buffer.drain(..2);
-                }
-                match httparse::parse_chunk_size(&buffer) {
-                    Ok(httparse::Status::Complete((used, 0))) => {
-                        buffer.drain(..used);
-                        break;
-                    }
-                    Ok(httparse::Status::Complete((used, size))) => {
-                        buffer.drain(..used);
-                        chunk_left = size as usize + 2; // data and its CRLF
-                    }
-                    Ok(httparse::Status::Partial) => break,
-                    Err(_) => return,
-                }
-            }
-        } else {
-            data.extend_from_slice(&buffer);
-            buffer.clear();
+        if body.unframe(&mut buffer, &mut data).is_none() {
+            return;
         }
         let now = shared.now_us();
         if let Some(end) = memchr::memmem::rfind(&data, b"\n\n") {
@@ -253,6 +209,74 @@ async fn subscriber(id: usize, uri: hyper::Uri, args: Arc<Args>, shared: Arc<Sha
         match socket.read(&mut scratch).await {
             Ok(0) | Err(_) => break,
             Ok(n) => buffer.extend_from_slice(&scratch[..n]),
+        }
+    }
+}
+
+/// Opens the stream, retrying refusals with a backoff as a browser does.
+async fn connect(
+    uri: &hyper::Uri,
+    args: &Args,
+    shared: &Shared,
+) -> Option<(TcpStream, Vec<u8>, bool)> {
+    for attempt in 0..args.attempts {
+        if shared.stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        match open_stream(uri).await {
+            Ok(stream) => return Some(stream),
+            Err(error) => {
+                count_status(shared, error);
+                let backoff = Duration::from_millis(100 << attempt.min(5));
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    }
+    None
+}
+
+/// A response body: chunked (hyper) or delimited by the end of the connection (temma's direct
+/// path, Nchan, Pushpin).
+struct Body {
+    chunked: bool,
+    /// Bytes left in the current chunk, with its CRLF.
+    chunk_left: usize,
+}
+
+impl Body {
+    /// Moves the body bytes of `buffer` to `data`; `None` on a malformed chunk.
+    fn unframe(&mut self, buffer: &mut Vec<u8>, data: &mut Vec<u8>) -> Option<()> {
+        if !self.chunked {
+            data.extend_from_slice(buffer);
+            buffer.clear();
+            return Some(());
+        }
+        loop {
+            if self.chunk_left > 0 {
+                let take = self.chunk_left.min(buffer.len());
+                data.extend_from_slice(&buffer[..take]);
+                buffer.drain(..take);
+                self.chunk_left -= take;
+                if self.chunk_left > 0 {
+                    return Some(());
+                }
+            }
+            // The CRLF after a chunk's data, then the next size line.
+            if buffer.starts_with(b"\r\n") {
+                buffer.drain(..2);
+            }
+            match httparse::parse_chunk_size(buffer) {
+                Ok(httparse::Status::Complete((used, 0))) => {
+                    buffer.drain(..used);
+                    return Some(());
+                }
+                Ok(httparse::Status::Complete((used, size))) => {
+                    buffer.drain(..used);
+                    self.chunk_left = size as usize + 2; // data and its CRLF
+                }
+                Ok(httparse::Status::Partial) => return Some(()),
+                Err(_) => return None,
+            }
         }
     }
 }
@@ -372,44 +396,7 @@ async fn publisher(
                 .replace("{seq}", &seq.to_string())
                 .replace("{ts}", &ts.to_string()),
         );
-        // A server may close the connection after an answer: open another and send again
-        // (once) when the request could not even be sent.
-        let mut outcome = Err("not sent".to_owned());
-        for _ in 0..2 {
-            if sender.as_ref().is_none_or(|s| s.is_closed()) {
-                sender = connect_publisher(&uri).await.ok();
-            }
-            let Some(connection) = sender.as_mut() else {
-                outcome = Err("publish connect failed".into());
-                break;
-            };
-            if connection.ready().await.is_err() {
-                sender = None;
-                continue;
-            }
-            let request = Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
-                .header("host", authority(&uri))
-                .header("content-type", &args.content_type)
-                .body(Full::new(body.clone()))
-                .expect("valid request");
-            match connection.send_request(request).await {
-                Ok(response) => {
-                    let status = response.status().as_u16();
-                    let _ = response.into_body().collect().await;
-                    outcome = Ok(status);
-                    break;
-                }
-                Err(error) if error.is_canceled() => {
-                    sender = None;
-                    outcome = Err(format!("publish error: {error}"));
-                }
-                Err(error) => {
-                    sender = None;
-                    outcome = Err(format!("publish error: {error}"));
-                    break;
-                }
-            }
-        }
+        let outcome = post(&mut sender, &uri, &args.content_type, body).await;
         match outcome {
             Ok(status) if (200..300).contains(&status) => {
                 shared.published.fetch_add(1, Ordering::Relaxed);
@@ -424,6 +411,50 @@ async fn publisher(
             Err(error) => count_status(&shared, error),
         }
     }
+}
+
+/// One POST on the publisher's connection. A server may close the connection after an
+/// answer: open another and send again (once) when the request could not even be sent.
+async fn post(
+    sender: &mut Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+    uri: &hyper::Uri,
+    content_type: &str,
+    body: Bytes,
+) -> Result<u16, String> {
+    let mut outcome = Err("not sent".to_owned());
+    for _ in 0..2 {
+        if sender.as_ref().is_none_or(|s| s.is_closed()) {
+            *sender = connect_publisher(uri).await.ok();
+        }
+        let Some(connection) = sender.as_mut() else {
+            return Err("publish connect failed".into());
+        };
+        if connection.ready().await.is_err() {
+            *sender = None;
+            continue;
+        }
+        let request = Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
+            .header("host", authority(uri))
+            .header("content-type", content_type)
+            .body(Full::new(body.clone()))
+            .expect("valid request");
+        match connection.send_request(request).await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let _ = response.into_body().collect().await;
+                return Ok(status);
+            }
+            Err(error) if error.is_canceled() => {
+                *sender = None;
+                outcome = Err(format!("publish error: {error}"));
+            }
+            Err(error) => {
+                *sender = None;
+                return Err(format!("publish error: {error}"));
+            }
+        }
+    }
+    outcome
 }
 
 fn count_status(shared: &Shared, key: String) {

@@ -26,7 +26,7 @@ use crate::context::{Context, Root};
 use crate::dsn::{Dsn, Mode, SocketKind};
 use crate::event::EventConfig;
 use crate::message::MessageConfig;
-use crate::server::{LogConfig, ServerConfig};
+use crate::server::ServerConfig;
 
 /// Where `temma` looks for its configuration when `-c` is not given.
 pub const DEFAULT_PATH: &str = "etc/temma.toml";
@@ -82,6 +82,36 @@ pub struct Config {
 }
 
 pub use crate::homepage::RootController;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The `[log]` section. `RUST_LOG`, when set, overrides `level`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `"text"` (default) or `"json"`.
+    pub format: LogFormat,
+    /// A tracing filter such as `"info"` or `"temma=debug,info"`. Default `"info"`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::default(),
+            level: "info".to_owned(),
+        }
+    }
+}
 
 /// Temma's `[application]` section, with Temma's key names.
 #[derive(Debug, Clone, Deserialize)]

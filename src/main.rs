@@ -15,8 +15,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+use temma::config::LogFormat;
 use temma::config::{self, Config, Role};
-use temma::server::LogFormat;
 
 /// Exit status for an invalid configuration: EX_CONFIG from sysexits.h (clap's usage errors
 /// exit 2).

@@ -1,4 +1,4 @@
-//! The HTTP side: the `[server]` and `[log]` sections, the router, and the salvo server.
+//! The HTTP side: the `[server]` section, the router, and the salvo server.
 //!
 //! Routes follow Temma's `/controller/action` convention:
 //!
@@ -238,36 +238,6 @@ fn cors(origins: &[String]) -> Option<salvo::cors::CorsHandler> {
             .max_age(3600)
             .into_handler(),
     )
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// The `[log]` section. `RUST_LOG`, when set, overrides `level`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
-    /// `"text"` (default) or `"json"`.
-    pub format: LogFormat,
-    /// A tracing filter such as `"info"` or `"temma=debug,info"`. Default `"info"`.
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: LogFormat::default(),
-            level: "info".to_owned(),
-        }
-    }
 }
 
 /// Everything the router serves.
