@@ -467,54 +467,81 @@ struct Out {
 }
 
 impl Out {
-    /// Writes everything pending, each `writev` bounded by the stall timeout, while watching
-    /// for the sweep's abort, shutdown and the client going away.
+    /// Writes everything pending. What the socket takes at once is written without waiting
+    /// (the common case); the rest waits, each `writev` bounded by the stall timeout, while
+    /// watching for the sweep's abort, shutdown and the client going away. The waiting part is
+    /// boxed: an idle connection's task does not carry its state.
     async fn flush(
         &mut self,
         abort: &tokio::sync::Notify,
         shutdown: &CancellationToken,
     ) -> Result<(), Ended> {
+        loop {
+            if self.pending.is_empty() {
+                return Ok(());
+            }
+            match self.write_now() {
+                Ok(0) => return Err(Ended::Gone),
+                Ok(written) => self.advance(written),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(Ended::Gone),
+            }
+        }
+        Box::pin(self.flush_waiting(abort, shutdown)).await
+    }
+
+    /// One `writev` of what is pending, without waiting.
+    fn write_now(&self) -> std::io::Result<usize> {
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let mut count = 0;
+        for (slice, frame) in slices.iter_mut().zip(&self.pending) {
+            *slice = IoSlice::new(frame);
+            count += 1;
+        }
+        self.socket.try_write_vectored(&slices[..count])
+    }
+
+    async fn flush_waiting(
+        &mut self,
+        abort: &tokio::sync::Notify,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Ended> {
         while !self.pending.is_empty() {
-            let written = {
-                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-                let mut count = 0;
-                for (slice, frame) in slices.iter_mut().zip(&self.pending) {
-                    *slice = IoSlice::new(frame);
-                    count += 1;
-                }
-                tokio::select! {
-                    () = abort.notified() => return Err(Ended::Aborted),
-                    () = shutdown.cancelled() => return Err(Ended::Shutdown),
-                    written = tokio::time::timeout(self.stall, write_vectored(&self.socket, &slices[..count])) => written,
-                }
+            let written = tokio::select! {
+                () = abort.notified() => return Err(Ended::Aborted),
+                () = shutdown.cancelled() => return Err(Ended::Shutdown),
+                written = tokio::time::timeout(self.stall, self.writable()) => written,
             };
-            let mut written = match written {
+            match written {
                 Err(_) => return Err(Ended::Stalled),
-                Ok(Err(_)) | Ok(Ok(0)) => return Err(Ended::Gone),
-                Ok(Ok(n)) => n,
-            };
-            while written > 0 {
-                let front = self.pending.front_mut().expect("written from pending");
-                if written >= front.len() {
-                    written -= front.len();
-                    self.pending.pop_front();
-                } else {
-                    bytes::Buf::advance(front, written);
-                    written = 0;
-                }
+                Ok(Err(_)) => return Err(Ended::Gone),
+                Ok(Ok(())) => {}
+            }
+            match self.write_now() {
+                Ok(0) => return Err(Ended::Gone),
+                Ok(written) => self.advance(written),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(Ended::Gone),
             }
         }
         Ok(())
     }
-}
 
-/// One `writev` on a shared socket.
-async fn write_vectored(socket: &TcpStream, slices: &[IoSlice<'_>]) -> std::io::Result<usize> {
-    loop {
-        socket.writable().await?;
-        match socket.try_write_vectored(slices) {
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
-            result => return result,
+    async fn writable(&self) -> std::io::Result<()> {
+        self.socket.writable().await
+    }
+
+    /// Drops what was written from the pending frames.
+    fn advance(&mut self, mut written: usize) {
+        while written > 0 {
+            let front = self.pending.front_mut().expect("written from pending");
+            if written >= front.len() {
+                written -= front.len();
+                self.pending.pop_front();
+            } else {
+                bytes::Buf::advance(front, written);
+                written = 0;
+            }
         }
     }
 }
