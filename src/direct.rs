@@ -45,7 +45,7 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// scripts' reloads) when `server.max_connections` is fitted to the process's limit.
 pub const RESERVED_DESCRIPTORS: u64 = 256;
 /// Frames written per `writev`.
-const MAX_SLICES: usize = 64;
+const MAX_SLICES: usize = 16;
 
 /// The limits of the HTTP front door.
 #[derive(Debug, Clone)]
@@ -420,7 +420,10 @@ async fn serve_sse(
                 "Service Unavailable",
                 &full.to_string(),
             )));
-            let _ = out.flush(&abort, shutdown).await;
+            let aborted = abort.notified();
+            let cancelled = shutdown.cancelled();
+            tokio::pin!(aborted, cancelled);
+            let _ = out.flush(&mut Stop { aborted, cancelled }).await;
             return;
         }
     };
@@ -428,13 +431,19 @@ async fn serve_sse(
         .push_back(event::response_head(cors.as_deref()).into());
     out.pending.extend(std::mem::take(&mut subscription.replay));
     let mut reader = Reader::new(front.hub.clone(), subscription);
+    // Registered once: a new `cancelled()` per wake-up would lock the shared token each time,
+    // for every client.
+    let aborted = abort.notified();
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(aborted, cancelled);
+    let mut stop = Stop { aborted, cancelled };
     let ended = loop {
-        if let Err(ended) = out.flush(&abort, shutdown).await {
+        if let Err(ended) = out.flush(&mut stop).await {
             break ended;
         }
         let chunk = tokio::select! {
-            () = abort.notified() => break Ended::Aborted,
-            () = shutdown.cancelled() => break Ended::Shutdown,
+            () = stop.aborted.as_mut() => break Ended::Aborted,
+            () = stop.cancelled.as_mut() => break Ended::Shutdown,
             () = event::closed(&out.socket) => break Ended::Gone,
             chunk = reader.next_chunk() => chunk,
         };
@@ -459,6 +468,12 @@ async fn serve_sse(
     // Dropping the socket closes it; dropping the reader frees the client's place.
 }
 
+/// What ends a direct SSE connection from outside: the sweep's abort and shutdown.
+struct Stop<'a, 'b> {
+    aborted: Pin<&'b mut tokio::sync::futures::Notified<'a>>,
+    cancelled: Pin<&'b mut tokio_util::sync::WaitForCancellationFuture<'a>>,
+}
+
 /// A direct SSE connection's socket and what is queued for it.
 struct Out {
     socket: TcpStream,
@@ -471,11 +486,7 @@ impl Out {
     /// (the common case); the rest waits, each `writev` bounded by the stall timeout, while
     /// watching for the sweep's abort, shutdown and the client going away. The waiting part is
     /// boxed: an idle connection's task does not carry its state.
-    async fn flush(
-        &mut self,
-        abort: &tokio::sync::Notify,
-        shutdown: &CancellationToken,
-    ) -> Result<(), Ended> {
+    async fn flush(&mut self, stop: &mut Stop<'_, '_>) -> Result<(), Ended> {
         loop {
             if self.pending.is_empty() {
                 return Ok(());
@@ -487,7 +498,7 @@ impl Out {
                 Err(_) => return Err(Ended::Gone),
             }
         }
-        Box::pin(self.flush_waiting(abort, shutdown)).await
+        Box::pin(self.flush_waiting(stop)).await
     }
 
     /// One `writev` of what is pending, without waiting.
@@ -501,15 +512,11 @@ impl Out {
         self.socket.try_write_vectored(&slices[..count])
     }
 
-    async fn flush_waiting(
-        &mut self,
-        abort: &tokio::sync::Notify,
-        shutdown: &CancellationToken,
-    ) -> Result<(), Ended> {
+    async fn flush_waiting(&mut self, stop: &mut Stop<'_, '_>) -> Result<(), Ended> {
         while !self.pending.is_empty() {
             let written = tokio::select! {
-                () = abort.notified() => return Err(Ended::Aborted),
-                () = shutdown.cancelled() => return Err(Ended::Shutdown),
+                () = stop.aborted.as_mut() => return Err(Ended::Aborted),
+                () = stop.cancelled.as_mut() => return Err(Ended::Shutdown),
                 written = tokio::time::timeout(self.stall, self.writable()) => written,
             };
             match written {
