@@ -389,6 +389,8 @@ enum Ended {
     Aborted,
     /// The server shuts down.
     Shutdown,
+    /// The hub ended the stream (shutdown, or the client fell too far behind).
+    Finished,
 }
 
 /// Serves an SSE connection whose first request is `GET /event/fetch`; see the module
@@ -400,72 +402,75 @@ async fn serve_sse(
     shutdown: &CancellationToken,
 ) {
     let abort = Arc::new(tokio::sync::Notify::new());
-    let cors = request
-        .origin
-        .as_deref()
-        .and_then(|origin| crate::request::allowed_origin(&front.cors_origins, origin));
     let mut out = Out {
         socket,
         pending: VecDeque::new(),
         stall: front.limits.write_stall,
     };
-    let mut subscription = match front.hub.subscribe(request.last_event_id.as_deref(), {
-        let abort = abort.clone();
-        Abort::new(move || abort.notify_one())
-    }) {
-        Ok(subscription) => subscription,
-        Err(full) => {
-            out.pending.push_back(Bytes::from(error_response(
-                503,
-                "Service Unavailable",
-                &full.to_string(),
-            )));
-            let aborted = abort.notified();
-            let cancelled = shutdown.cancelled();
-            tokio::pin!(aborted, cancelled);
-            let _ = out.flush(&mut Stop { aborted, cancelled }).await;
-            return;
-        }
-    };
-    out.pending
-        .push_back(event::response_head(cors.as_deref()).into());
-    out.pending.extend(std::mem::take(&mut subscription.replay));
-    let mut reader = Reader::new(front.hub.clone(), subscription);
     // Registered once: a new `cancelled()` per wake-up would lock the shared token each time,
     // for every client.
     let aborted = abort.notified();
     let cancelled = shutdown.cancelled();
     tokio::pin!(aborted, cancelled);
     let mut stop = Stop { aborted, cancelled };
-    let ended = loop {
-        if let Err(ended) = out.flush(&mut stop).await {
-            break ended;
+    let subscription = front.hub.subscribe(request.last_event_id.as_deref(), {
+        let abort = abort.clone();
+        Abort::new(move || abort.notify_one())
+    });
+    let mut subscription = match subscription {
+        Ok(subscription) => subscription,
+        Err(full) => {
+            let refusal = error_response(503, "Service Unavailable", &full.to_string());
+            out.pending.push_back(Bytes::from(refusal));
+            let _ = out.flush(&mut stop).await;
+            return;
+        }
+    };
+    let cors = request
+        .origin
+        .as_deref()
+        .and_then(|origin| crate::request::allowed_origin(&front.cors_origins, origin));
+    out.pending
+        .push_back(event::response_head(cors.as_deref()).into());
+    out.pending.extend(std::mem::take(&mut subscription.replay));
+    let reader = Reader::new(front.hub.clone(), subscription);
+    match stream(&mut out, reader, &mut stop).await {
+        Ended::Stalled => {
+            front.hub.metrics().write_stalls.inc();
+            tracing::debug!("SSE write stalled; connection closed");
+        }
+        Ended::Finished => {
+            // The hub ended the stream (shutdown, or too far behind): the browser
+            // reconnects. Say so cleanly.
+            let _ = tokio::time::timeout(
+                front.limits.write_stall,
+                tokio::io::AsyncWriteExt::shutdown(&mut out.socket),
+            )
+            .await;
+        }
+        Ended::Gone | Ended::Aborted | Ended::Shutdown => {}
+    }
+    // Dropping the socket closes it; dropping the reader frees the client's place.
+}
+
+/// Writes what is pending, then each chunk the hub has for the client, until something ends
+/// the stream.
+async fn stream(out: &mut Out, mut reader: Reader, stop: &mut Stop<'_, '_>) -> Ended {
+    loop {
+        if let Err(ended) = out.flush(stop).await {
+            return ended;
         }
         let chunk = tokio::select! {
-            () = stop.aborted.as_mut() => break Ended::Aborted,
-            () = stop.cancelled.as_mut() => break Ended::Shutdown,
-            () = event::closed(&out.socket) => break Ended::Gone,
+            () = stop.aborted.as_mut() => return Ended::Aborted,
+            () = stop.cancelled.as_mut() => return Ended::Shutdown,
+            () = event::closed(&out.socket) => return Ended::Gone,
             chunk = reader.next_chunk() => chunk,
         };
         match chunk {
             Some(chunk) => out.pending.push_back(chunk),
-            None => {
-                // The hub ended the stream (shutdown, or too far behind): the browser
-                // reconnects. Say so cleanly.
-                let _ = tokio::time::timeout(
-                    front.limits.write_stall,
-                    tokio::io::AsyncWriteExt::shutdown(&mut out.socket),
-                )
-                .await;
-                return;
-            }
+            None => return Ended::Finished,
         }
-    };
-    if let Ended::Stalled = ended {
-        front.hub.metrics().write_stalls.inc();
-        tracing::debug!("SSE write stalled; connection closed");
     }
-    // Dropping the socket closes it; dropping the reader frees the client's place.
 }
 
 /// What ends a direct SSE connection from outside: the sweep's abort and shutdown.
