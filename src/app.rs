@@ -31,7 +31,15 @@ use crate::socket::{Addresses, SocketError};
 pub enum StartError {
     #[error(transparent)]
     Socket(#[from] SocketError),
-    #[error("cannot listen on http://{address}: {source}")]
+    #[error(
+        "cannot listen on http://{address}: {source}{}",
+        if source.kind() == std::io::ErrorKind::AddrInUse {
+            "; another process holds this address: stop it, or set `server.listen` \
+             (TEMMA_SERVER__LISTEN) to a free one"
+        } else {
+            ""
+        }
+    )]
     Http {
         address: SocketAddr,
         source: std::io::Error,

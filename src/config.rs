@@ -551,10 +551,13 @@ impl Config {
     }
 }
 
-/// `TEMMA_SECTION__KEY` → `section.key`, with Temma's camelCase keys restored.
+/// `TEMMA_SECTION__KEY` → `section.key`, with Temma's camelCase keys restored. Only names of
+/// that form (with the double underscore) are configuration: `TEMMA_HOME`, or the
+/// `TEMMA_PORT` and `TEMMA_SERVICE_HOST` Kubernetes sets for a Service named `temma`, are not.
 fn environment() -> Env {
     // `lowercase(false)` must come last: figment's `map` turns lower-casing back on.
     Env::prefixed(ENV_PREFIX)
+        .filter(|key| key.as_str().contains(ENV_SEPARATOR))
         .map(|key| env_key(key.as_str()).into())
         .lowercase(false)
 }

@@ -114,8 +114,8 @@ async fn run(command: Command, config: Config) -> ExitCode {
     let app = match started {
         Ok(app) => app,
         Err(error) => {
-            tracing::error!(%error, "start-up failed");
-            eprintln!("temma: {error}");
+            // Logged once: the log goes to stderr too.
+            tracing::error!("start-up failed: {error}");
             return ExitCode::from(EXIT_FAILURE);
         }
     };

@@ -62,7 +62,9 @@ pub const DEFAULT_MAX_PENDING_HEADS: usize = 1024;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Address and port of the HTTP server. Default `"127.0.0.1:8000"`.
+    /// Address and port of the HTTP server: `IP:PORT`, `[IPv6]:PORT`, `localhost:PORT`
+    /// (127.0.0.1) or `*:PORT` (every interface). Default `"127.0.0.1:8000"`.
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     /// Folder of `index.html`, `chat.js` and other static files, relative to the application
     /// root. Default `"static"`.
@@ -195,6 +197,33 @@ impl ServerConfig {
             }
         }
     }
+}
+
+/// Reads `server.listen`: an IP address and port, `localhost:PORT` or `*:PORT`; an error
+/// repeats the value and shows the forms.
+fn listen_address<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_listen(&text).map_err(serde::de::Error::custom)
+}
+
+/// See [`listen_address`].
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Ok(address);
+    }
+    let port = |rest: &str| rest.parse::<u16>().ok();
+    if let Some(port) = text.strip_prefix("localhost:").and_then(port) {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    if let Some(port) = text.strip_prefix("*:").and_then(port) {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    Err(format!(
+        "`{text}` is not an address to listen on: write IP:PORT, such as `127.0.0.1:8000`, \
+         `0.0.0.0:8000` or `[::1]:8000`, or `localhost:8000` or `*:8000`"
+    ))
 }
 
 /// `*`, or `http(s)://host[:port]` with nothing after.

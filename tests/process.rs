@@ -107,6 +107,41 @@ fn environment_overrides_the_file() {
 }
 
 #[test]
+fn only_section_key_variables_are_configuration() {
+    let path = manifest_dir().join("etc/temma.toml");
+    // What a shell or Kubernetes (a Service named `temma`) may set: not configuration.
+    let output = temma(&["check", "-c", path.to_str().unwrap()])
+        .env("TEMMA_HOME", "/opt/temma")
+        .env("TEMMA_PORT", "tcp://10.0.0.7:80")
+        .env("TEMMA_SERVICE_HOST", "10.0.0.7")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    // A misspelt key of the configuration's form is still an error, naming the variable.
+    let output = temma(&["check", "-c", path.to_str().unwrap()])
+        .env("TEMMA_SERVER__LISTN", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`server.listn`"), "{stderr}");
+    assert!(stderr.contains("TEMMA_SERVER__LISTN"), "{stderr}");
+}
+
+#[test]
+fn listen_addresses_say_the_forms() {
+    let dir = TempDir::new("listen");
+    let (code, stderr, _) = check(&dir, "[server]\nlisten = \"localhost:28000\"\n");
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr, _) = check(&dir, "[server]\nlisten = \"example:80\"\n");
+    assert_eq!(code, Some(78));
+    assert!(
+        stderr.contains("`example:80` is not an address to listen on: write IP:PORT"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn serve_with_a_bad_config_exits_before_binding() {
     let dir = TempDir::new("serve-bad");
     let http = free_port();
@@ -214,6 +249,32 @@ fn bind_conflict_fails_start_up_with_a_clear_error() {
     assert!(
         stderr.contains(&format!("cannot bind `127.0.0.1:{port}`")),
         "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("cannot bind").count(),
+        1,
+        "said once: {stderr}"
+    );
+}
+
+#[test]
+fn http_port_in_use_names_the_key_once() {
+    let dir = TempDir::new("http-conflict");
+    let (path, port) = ports_config(&dir, true);
+    let _holder = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let output = temma(&["serve", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("set `server.listen` (TEMMA_SERVER__LISTEN) to a free one"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("cannot listen").count(),
+        1,
+        "said once: {stderr}"
     );
 }
 
