@@ -123,7 +123,19 @@ impl App {
             tracker,
             shutdown.clone(),
         ));
-        tracing::info!(address = %http, "listening on http://{http}");
+        let scripts: Vec<String> = config
+            .broker
+            .script_specs(&config.root())
+            .into_iter()
+            .map(|spec| spec.name)
+            .collect();
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            config = %config.file.display(),
+            broker = if config.broker.embedded { "embedded" } else { "separate (`temma broker`)" },
+            scripts = ?scripts,
+            "listening on http://{http}"
+        );
         app.http = Some(http);
         app.addresses = ctx.addresses;
         app.tracker.close();

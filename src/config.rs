@@ -364,6 +364,52 @@ impl Config {
         })
     }
 
+    /// Connects of this web node that no bind of its embedded broker matches (the broker may
+    /// be elsewhere, so these are warnings, not errors): each says what would happen.
+    pub fn wiring_warnings(&self) -> Vec<String> {
+        use crate::dsn::{Endpoint, Host};
+        if !self.broker.embedded {
+            return Vec::new();
+        }
+        let mut warnings = Vec::new();
+        for (connect, bind, consequence) in [
+            (
+                Role::MessagePush,
+                Role::BrokerPull,
+                "every POST would get 503",
+            ),
+            (
+                Role::EventSub,
+                Role::BrokerPub,
+                "no browser would receive a message",
+            ),
+        ] {
+            let binds = &self.dsn(bind).endpoints;
+            for endpoint in &self.dsn(connect).endpoints {
+                let named = matches!(
+                    endpoint,
+                    Endpoint::Tcp {
+                        host: Host::Name(_),
+                        ..
+                    }
+                );
+                if named || endpoint.port() == Some(0) {
+                    continue; // a name is resolved later; port 0 follows the bind
+                }
+                if !binds.iter().any(|b| crate::socket::overlaps(b, endpoint)) {
+                    warnings.push(format!(
+                        "`{}` connects to `{endpoint}`, which the embedded broker does not bind \
+                         (`{}` binds `{}`): {consequence} unless another broker listens there",
+                        connect.key(),
+                        bind.key(),
+                        self.dsn(bind)
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+
     /// The data source name a role is configured to use.
     pub fn role_name(&self, role: Role) -> &str {
         match role {

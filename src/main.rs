@@ -175,6 +175,11 @@ fn init_logging(config: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // salvo announces its listener too: temma's own start-up line says it once, with more.
+    let filter = match "salvo_core::server=warn".parse() {
+        Ok(quiet) if !format!("{filter}").contains("salvo") => filter.add_directive(quiet),
+        _ => filter,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -247,6 +252,9 @@ fn summary(config: &Config) -> String {
         "configuration `{}` is valid",
         config.file.display()
     )];
+    for warning in config.wiring_warnings() {
+        lines.push(format!("  warning: {warning}"));
+    }
     lines.push(format!("  http: http://{}", config.server.listen));
     lines.push(format!(
         "  broker: {}",

@@ -264,7 +264,7 @@ where
             }
             Some((address, error)) => {
                 if failures == 0 {
-                    tracing::warn!(socket = what, %address, %error, "cannot connect ZeroMQ socket; retrying");
+                    tracing::warn!(socket = what, %address, %error, "cannot connect ZeroMQ socket; retrying (is the broker running? start it with `temma broker`, or set `[broker] embedded = true`)");
                 } else {
                     tracing::debug!(socket = what, %address, %error, "ZeroMQ connect retry failed");
                 }

@@ -129,6 +129,60 @@ fn only_section_key_variables_are_configuration() {
 }
 
 #[test]
+fn check_warns_about_a_connect_the_embedded_broker_does_not_bind() {
+    let dir = TempDir::new("wiring");
+    let (code, _, path) = check(
+        &dir,
+        "[application.dataSources]\nzmq_client_push = \"zmq://PUSH@127.0.0.1:5001\"\n\
+         zmq_broker_pull = \"zmq-bind://PULL@127.0.0.1:5000\"\n\
+         zmq_broker_pub = \"zmq-bind://PUB@*:6000\"\n\
+         zmq_client_sub = \"zmq://SUB@127.0.0.1:6000\"\n",
+    );
+    assert_eq!(code, Some(0));
+    let output = temma(&["check", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(
+            "warning: `message.push` connects to `127.0.0.1:5001`, which the embedded broker does not bind"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("every POST would get 503"), "{stdout}");
+    assert_eq!(
+        stdout.matches("warning").count(),
+        1,
+        "the SUB matches `*:6000`: {stdout}"
+    );
+}
+
+#[test]
+fn start_up_says_once_what_runs() {
+    let dir = TempDir::new("start-up");
+    let (path, _) = ports_config(&dir, true);
+    let mut web = spawn(&["serve", "-c", path.to_str().unwrap()]);
+    let line = web.wait_for_log("listening on http://");
+    assert!(
+        line.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")))
+            || line.contains(&format!("version={}", env!("CARGO_PKG_VERSION"))),
+        "{line}"
+    );
+    assert!(line.contains("temma.toml"), "{line}");
+    assert!(
+        line.contains("broker=\"embedded\"") || line.contains("broker=embedded"),
+        "{line}"
+    );
+    web.signal("TERM");
+    assert!(web.wait_exit(DEADLINE).success());
+    let rest: Vec<String> = web.1.try_iter().collect();
+    assert!(
+        rest.iter().all(|l| !l.contains("listening")),
+        "listening said once: {rest:?}"
+    );
+}
+
+#[test]
 fn listen_addresses_say_the_forms() {
     let dir = TempDir::new("listen");
     let (code, stderr, _) = check(&dir, "[server]\nlisten = \"localhost:28000\"\n");
