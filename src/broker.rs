@@ -131,11 +131,14 @@ impl BrokerConfig {
             problem("broker.max_frame_bytes", "must be at least 1".to_owned());
         }
         crate::script::validate_limits(&self.limits, problem);
-        match crate::script::compile(&self.script_specs(root)) {
+        let specs = self.script_specs(root);
+        match crate::script::compile(&specs) {
             Ok(scripts) => self.compiled.put(scripts),
             Err(errors) => {
                 for (index, error) in errors {
-                    problem(&format!("broker.scripts[{index}]"), error.to_string());
+                    // Named by position (the key) and by name (what logs and metrics say).
+                    let key = format!("broker.scripts[{index}] ({})", specs[index].name);
+                    problem(&key, error.to_string());
                 }
             }
         }

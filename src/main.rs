@@ -108,7 +108,14 @@ async fn run(command: Command, config: Config) -> ExitCode {
         }
     };
     let started = match command {
-        Command::Broker => temma::App::broker(&config, shutdown.clone()).await,
+        Command::Broker => {
+            if config.broker.embedded {
+                tracing::warn!(
+                    "`[broker] embedded = true` in this configuration: a `temma serve` started from it will run its own broker on the same ports and fail to bind; set `embedded = false` (TEMMA_BROKER__EMBEDDED=false) for the web nodes"
+                );
+            }
+            temma::App::broker(&config, shutdown.clone()).await
+        }
         _ => temma::App::serve(&config, shutdown.clone()).await,
     };
     let app = match started {
@@ -282,7 +289,7 @@ fn summary(config: &Config) -> String {
     }
     for spec in scripts {
         lines.push(format!(
-            "  script {}: {} compiled (on_error = {:?})",
+            "  script {}: {} compiled (on_error = {})",
             spec.name,
             spec.file.display(),
             spec.on_error

@@ -79,15 +79,38 @@ pub const ENTRY_POINT: &str = "on_message";
 /// The optional set-up function.
 pub const INIT: &str = "init";
 
-/// What to do with a message when a script fails on it.
+/// What to do with a message when a script fails on it: `"drop"` or `"pass"`, in any case.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum OnError {
     /// Pass the message on unchanged (fail open).
     Pass,
     /// Drop it; the sender gets a 422 (fail closed, the default).
     #[default]
     Drop,
+}
+
+impl TryFrom<String> for OnError {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        match text.to_ascii_lowercase().as_str() {
+            "drop" => Ok(OnError::Drop),
+            "pass" => Ok(OnError::Pass),
+            _ => Err(format!(
+                "`{text}` is not a choice: write \"drop\" or \"pass\""
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for OnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnError::Drop => "drop",
+            OnError::Pass => "pass",
+        })
+    }
 }
 
 /// One `[[broker.scripts]]` entry.
@@ -154,8 +177,12 @@ impl Default for ScriptLimits {
 /// A script that could not be loaded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScriptError {
-    #[error("cannot read script `{file}`: {message}")]
-    Read { file: String, message: String },
+    #[error("cannot read script `{file}` (looked for `{resolved}`): {message}")]
+    Read {
+        file: String,
+        resolved: String,
+        message: String,
+    },
     #[error("{file}:{line}:{column}: {message}")]
     Compile {
         file: String,
@@ -572,6 +599,7 @@ impl ScriptSpec {
         let shown = self.shown.clone();
         let source = std::fs::read_to_string(&self.file).map_err(|error| ScriptError::Read {
             file: shown.clone(),
+            resolved: self.file.display().to_string(),
             message: error.to_string(),
         })?;
         let (params, files) = self.read_params()?;

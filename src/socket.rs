@@ -77,7 +77,16 @@ pub async fn count_peers(
 /// Binding or preparing a socket failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
-    #[error("cannot bind `{endpoint}` ({dsn}): {source}")]
+    #[error(
+        "cannot bind `{endpoint}` ({dsn}): {source}{}",
+        if matches!(source, zeromq::ZmqError::Network(e) if e.kind() == std::io::ErrorKind::AddrInUse) {
+            "; another process holds it (a `temma broker`, or a `temma serve` with `[broker] \
+             embedded = true`): stop it, set `[broker] embedded = false` if a broker already \
+             runs, or change the data source"
+        } else {
+            ""
+        }
+    )]
     Bind {
         dsn: String,
         endpoint: String,

@@ -183,6 +183,28 @@ fn start_up_says_once_what_runs() {
 }
 
 #[test]
+fn a_missing_script_is_reported_where_it_was_looked_for_and_by_name() {
+    let dir = TempDir::new("missing-script");
+    let (code, stderr, _) = check(
+        &dir,
+        "[[broker.scripts]]\nfile = \"scripts/nope.rhai\"\non_error = \"Drop\"\n",
+    );
+    assert_eq!(code, Some(78));
+    assert!(stderr.contains("`broker.scripts[0] (nope)`"), "{stderr}");
+    let resolved = manifest_dir().join("scripts/nope.rhai");
+    assert!(
+        stderr.contains(&format!("(looked for `{}`)", resolved.display())),
+        "{stderr}"
+    );
+    let (code, stderr, _) = check(&dir, "[broker]\non_error = \"maybe\"\n");
+    assert_eq!(code, Some(78));
+    assert!(
+        stderr.contains("`maybe` is not a choice: write \"drop\" or \"pass\""),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn listen_addresses_say_the_forms() {
     let dir = TempDir::new("listen");
     let (code, stderr, _) = check(&dir, "[server]\nlisten = \"localhost:28000\"\n");
@@ -342,7 +364,7 @@ fn check_reports_a_script_syntax_error_with_file_line_and_column() {
         &format!("[[broker.scripts]]\nfile = \"{}\"\n", script.display()),
     );
     assert_eq!(code, Some(78), "{stderr}");
-    assert!(stderr.contains("`broker.scripts[0]`"), "{stderr}");
+    assert!(stderr.contains("`broker.scripts[0] (broken)`"), "{stderr}");
     assert!(
         stderr.contains(&format!("{}:2:14:", script.display())),
         "{stderr}"
