@@ -191,9 +191,14 @@ mod fuzz {
     }
 
     fn send(address: &str, input: &Input) {
-        let Ok(mut stream) = TcpStream::connect(address) else {
+        // Bounded waits: a broker that stops accepting fails the test instead of hanging it.
+        let address: std::net::SocketAddr = address.parse().unwrap();
+        let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_secs(2)) else {
             return;
         };
+        stream
+            .set_write_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
         let bytes = match input {
             Input::Raw(bytes) => bytes.clone(),
             Input::Frames(frames) => {
@@ -235,14 +240,21 @@ mod fuzz {
         for chunk in inputs.chunks(50) {
             let chunk = chunk.to_vec();
             let address = pull.clone();
-            tokio::task::spawn_blocking(move || {
+            let sent = tokio::task::spawn_blocking(move || {
                 for input in &chunk {
                     send(&address, input);
                 }
-            })
+            });
+            tokio::time::timeout(common::DEADLINE * 3, sent)
+                .await
+                .expect("the broker's PULL port kept accepting hostile peers")
+                .unwrap();
+            tokio::time::timeout(
+                common::DEADLINE,
+                relays(&app, &mut sse, "between hostile peers"),
+            )
             .await
-            .unwrap();
-            relays(&app, &mut sse, "between hostile peers").await;
+            .expect("a message relayed between hostile peers");
         }
         app.stop().await;
     }
