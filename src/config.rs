@@ -636,11 +636,37 @@ fn figment_problem(error: figment::Error) -> Problem {
             error.path.join(ENV_SEPARATOR).to_uppercase()
         )
     });
+    let message = match &error.kind {
+        figment::error::Kind::UnknownField(field, expected) => unknown_key(field, expected),
+        kind => kind.to_string(),
+    };
     Problem {
         key,
         origin,
-        message: error.kind.to_string(),
+        message,
     }
+}
+
+/// An unknown key: the closest known one when it is a likely typo, and the keys allowed there.
+fn unknown_key(field: &str, expected: &[&str]) -> String {
+    let closest = expected
+        .iter()
+        .map(|known| {
+            (
+                strsim::jaro_winkler(&field.to_lowercase(), &known.to_lowercase()),
+                known,
+            )
+        })
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, known)| format!("; did you mean `{known}`?"))
+        .unwrap_or_default();
+    let keys = expected
+        .iter()
+        .map(|known| format!("`{known}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("unknown key `{field}`{closest} (the keys here: {keys})")
 }
 
 #[cfg(test)]
@@ -694,7 +720,22 @@ mod tests {
         let found = problems("[server]\nlisten = \"127.0.0.1:8000\"\nlistn = 1\n");
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].key, "server.listn");
-        assert!(found[0].message.contains("unknown field"), "{}", found[0]);
+        assert!(
+            found[0].message.starts_with(
+                "unknown key `listn`; did you mean `listen`? (the keys here: `listen`, "
+            ),
+            "{}",
+            found[0]
+        );
+        // Nothing close: no guess, the keys only.
+        let found = problems("[event]\nzzz = 1\n");
+        assert!(
+            found[0]
+                .message
+                .starts_with("unknown key `zzz` (the keys here: `sub`, "),
+            "{}",
+            found[0]
+        );
         let found = problems("[aplication]\n");
         assert_eq!(found[0].key, "aplication");
     }
