@@ -43,7 +43,10 @@ fn check_refuses_a_bad_config_naming_key_and_file() {
     assert_eq!(code, Some(78), "{stderr}");
     assert!(stderr.contains(&path.display().to_string()), "{stderr}");
     assert!(stderr.contains("`server.listn`"), "{stderr}");
-    assert!(stderr.contains("unknown key `listn`; did you mean `listen`?"), "{stderr}");
+    assert!(
+        stderr.contains("unknown key `listn`; did you mean `listen`?"),
+        "{stderr}"
+    );
 
     let (code, stderr, _) = check(
         &dir,
