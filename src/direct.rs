@@ -23,7 +23,6 @@ use std::collections::{HashMap, VecDeque};
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -62,8 +61,6 @@ pub struct Front {
     pub cors_origins: Arc<Vec<String>>,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
-    open: AtomicUsize,
-    pending: AtomicUsize,
     /// The sockets of connections hyper serves, by peer address, so that an SSE response on
     /// one of them can watch for the client closing (hyper does not read while it streams).
     sockets: Mutex<HashMap<SocketAddr, Weak<TcpStream>>>,
@@ -81,8 +78,6 @@ impl Front {
             cors_origins: Arc::new(cors_origins),
             limits,
             metrics,
-            open: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
             sockets: Mutex::new(HashMap::new()),
         })
     }
@@ -116,7 +111,6 @@ pub struct Open {
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.front.open.fetch_sub(1, Ordering::AcqRel);
         self.front.metrics.connections.dec();
         if self.registered {
             let mut sockets = self.front.lock_sockets();
@@ -135,7 +129,6 @@ struct Pending<'a>(&'a Front);
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        self.0.pending.fetch_sub(1, Ordering::AcqRel);
         self.0.metrics.pending_heads.dec();
     }
 }
@@ -196,37 +189,46 @@ pub async fn accept_loop(
 /// `server.max_pending_heads`.
 fn admit(front: &Arc<Front>, socket: &TcpStream, peer: SocketAddr) -> Option<Open> {
     let limits = &front.limits;
-    if front.open.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
-        front.open.fetch_sub(1, Ordering::AcqRel);
-        front.refuse(ConnectionRefusal::MaxConnections);
-        refuse_now(
-            socket,
-            &format!(
+    let metrics = &front.metrics;
+    let refusal = if !take_place(&metrics.connections, limits.max_connections) {
+        (
+            ConnectionRefusal::MaxConnections,
+            format!(
                 "too many connections: this server holds at most {}",
                 limits.max_connections
             ),
-        );
-        return None;
-    }
-    front.metrics.connections.inc();
-    let open = Open {
-        front: front.clone(),
-        peer,
-        registered: false,
-    };
-    if front.pending.fetch_add(1, Ordering::AcqRel) >= limits.max_pending_heads {
-        front.pending.fetch_sub(1, Ordering::AcqRel);
-        front.refuse(ConnectionRefusal::MaxPendingHeads);
-        refuse_now(
-            socket,
-            &format!(
+        )
+    } else {
+        let open = Open {
+            front: front.clone(),
+            peer,
+            registered: false,
+        };
+        if take_place(&metrics.pending_heads, limits.max_pending_heads) {
+            return Some(open);
+        }
+        (
+            ConnectionRefusal::MaxPendingHeads,
+            format!(
                 "too many connections still sending their request: at most {}",
                 limits.max_pending_heads
             ),
-        );
-        return None;
+        )
+    };
+    front.refuse(refusal.0);
+    refuse_now(socket, &refusal.1);
+    None
+}
+
+/// Counts one more in `gauge` if it holds fewer than `max`: the gauges are the counts the caps
+/// are checked against, not copies of them.
+fn take_place(gauge: &prometheus_client::metrics::gauge::Gauge, max: usize) -> bool {
+    if gauge.inc() >= max as i64 {
+        gauge.dec();
+        false
+    } else {
+        true
     }
-    Some(open)
 }
 
 /// Accept failures, logged calmly: the first at once, then a summary at most every 10 s.
@@ -284,7 +286,6 @@ async fn first_request(
 ) {
     use tokio::io::AsyncReadExt;
     let front = open.front.clone();
-    front.metrics.pending_heads.inc();
     let pending = Pending(&front);
     let mut socket = socket;
     let mut buffer = BytesMut::with_capacity(1024);

@@ -719,10 +719,11 @@ impl Broadcast {
             &self.cors_origins,
         )
         .map_err(|refused| JsonError::new(StatusCode::FORBIDDEN, refused.0))?;
-        let key = header("idempotency-key").map(check_key).transpose()?;
-        if key.is_none() && req.headers().contains_key("idempotency-key") {
-            return Err(check_key("").expect_err("an empty key is refused"));
-        }
+        let key = req
+            .headers()
+            .get("idempotency-key")
+            .map(|value| check_key(value.to_str().unwrap_or_default()))
+            .transpose()?;
         let address = req.remote_addr();
         let peer = address
             .as_ipv4()

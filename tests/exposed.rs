@@ -200,6 +200,18 @@ async fn idle_clients_cost_the_same_whatever_the_history_holds() {
     drop(sockets);
 }
 
+/// An SSE client with a 1 KiB receive window that never reads.
+async fn never_reading(app: &TestApp) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(1024).unwrap();
+    let mut stream = socket.connect(app.http).await.unwrap();
+    stream
+        .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    stream
+}
+
 // 3. A client that never reads its first write is cut off, frees its place, and does not hold
 // shutdown up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,14 +235,7 @@ async fn a_client_that_never_reads_is_cut_off_and_its_place_freed() {
     // Three clients with a tiny receive window that never read.
     let mut stuck = Vec::new();
     for _ in 0..3 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(1024).unwrap();
-        let mut stream = socket.connect(app.http).await.unwrap();
-        stream
-            .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        stuck.push(stream);
+        stuck.push(never_reading(&app).await);
     }
     eventually("the stuck clients cut off", || async {
         (metric(&app, "temma_sse_write_stalls_total") >= 3.0).then_some(())
@@ -244,14 +249,7 @@ async fn a_client_that_never_reads_is_cut_off_and_its_place_freed() {
     // Stuck again, then shutdown: the server stops at once, not after a grace period.
     let mut stuck_again = Vec::new();
     for _ in 0..2 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(1024).unwrap();
-        let mut stream = socket.connect(app.http).await.unwrap();
-        stream
-            .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        stuck_again.push(stream);
+        stuck_again.push(never_reading(&app).await);
     }
     clients_drop_to(&app, 2).await;
     let started = Instant::now();
