@@ -35,9 +35,9 @@ const SHUTDOWN_SLACK: Duration = Duration::from_secs(2);
     about = "A config-first real-time chat server (SSE + ZeroMQ)"
 )]
 struct Cli {
-    /// Configuration file.
-    #[arg(short, long, global = true, default_value = config::DEFAULT_PATH)]
-    config: PathBuf,
+    /// Configuration file [default: etc/temma.toml].
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -50,30 +50,51 @@ enum Command {
     Broker,
     /// Validate the configuration (scripts included) exactly as start-up does, binding nothing.
     Check,
-    /// Run one moderation script on one message and print the outcome.
+    /// Run moderation scripts on one message and print what each did, publishing nothing.
+    ///
+    /// With a configuration (`-c`, or etc/temma.toml when it exists), a script of its chain
+    /// runs with its `params`, `[broker.limits]` and `on_error`, as the broker would run it;
+    /// without SCRIPT, the whole chain runs in order.
     Script {
-        /// The script file.
-        file: PathBuf,
+        /// The script: a file, or the name of a script of the configuration's chain.
+        script: Option<String>,
         /// The message, as JSON.
         #[arg(short, long, default_value = r#"{"from":"alice","text":"hello"}"#)]
         message: String,
-        /// The script's parameters, as a JSON object (`*_file` paths resolve from here).
-        #[arg(short, long, default_value = "{}")]
-        params: String,
+        /// Parameters as a JSON object, over the configuration's (`*_file` paths resolve from
+        /// the application root, or from here without a configuration).
+        #[arg(short, long)]
+        params: Option<String>,
+        /// Ignore the configuration: default limits, `on_error = "drop"`, only `--params`.
+        #[arg(long)]
+        no_config: bool,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Script {
-        file,
+        script,
         message,
         params,
+        no_config,
     }) = &cli.command
     {
-        return run_script(file, message, params);
+        let config = if *no_config {
+            None
+        } else {
+            cli.config.clone().or_else(|| {
+                let default = PathBuf::from(config::DEFAULT_PATH);
+                default.is_file().then_some(default)
+            })
+        };
+        return run_script(script.as_deref(), message, params.as_deref(), config);
     }
-    let config = match Config::load(&cli.config) {
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+    let config = match Config::load(&path) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("temma: {error}");
@@ -196,12 +217,18 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// `temma script`: one script, one message, the outcome on stdout. Exit 0 when the script
-/// ran (whether it passed or dropped the message), 1 when it failed on the message, 78 when it
-/// cannot be loaded, 2 when the arguments are not JSON.
-fn run_script(file: &std::path::Path, message: &str, params: &str) -> ExitCode {
+/// `temma script`: scripts run on one message, each one's outcome on stdout, then the message
+/// as the broker would publish it. Exit 0 when the scripts ran (whether they passed or dropped
+/// the message), 1 when one failed on it, 78 when the configuration or a script cannot be
+/// loaded, 2 when the arguments are wrong.
+fn run_script(
+    wanted: Option<&str>,
+    message: &str,
+    params: Option<&str>,
+    config: Option<PathBuf>,
+) -> ExitCode {
     use temma::broker::{Stamped, Stamper};
-    use temma::script::{Outcome, ScriptLimits, ScriptSpec};
+    use temma::script::{OnError, ScriptLimits, ScriptSpec, Step};
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("debug")),
@@ -209,48 +236,120 @@ fn run_script(file: &std::path::Path, message: &str, params: &str) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let params = match serde_json::from_str(params) {
-        Ok(params) => params,
-        Err(error) => {
-            eprintln!("temma: --params is not a JSON object: {error}");
-            return ExitCode::from(EXIT_USAGE);
-        }
+    let usage = |message: String| {
+        eprintln!("temma: {message}");
+        ExitCode::from(EXIT_USAGE)
     };
-    let spec = ScriptSpec::standalone(file, params, ScriptLimits::default());
-    let mut script = match spec.load() {
-        Ok(script) => script,
+    let params: std::collections::BTreeMap<String, serde_json::Value> =
+        match params.map(serde_json::from_str).transpose() {
+            Ok(params) => params.unwrap_or_default(),
+            Err(error) => return usage(format!("--params is not a JSON object: {error}")),
+        };
+    let config = match config.map(|path| Config::load(&path)).transpose() {
+        Ok(config) => config,
         Err(error) => {
             eprintln!("temma: {error}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let map = match Stamper::new(usize::MAX).stamp(message.as_bytes(), false) {
-        Ok(Stamped::Parsed { map, .. }) => map,
-        _ => {
-            eprintln!("temma: --message is not a JSON object");
-            return ExitCode::from(EXIT_USAGE);
+    let mut specs = match (&config, wanted) {
+        (Some(config), wanted) => {
+            let chain = config.broker.script_specs(&config.root());
+            let file = config.file.display();
+            match wanted {
+                None if chain.is_empty() => {
+                    return usage(format!(
+                        "`{file}` has no `[[broker.scripts]]`: name a script file to run"
+                    ));
+                }
+                None => {
+                    eprintln!("temma: the chain of `{file}`, in order");
+                    chain
+                }
+                Some(wanted) => match temma::script::find(&chain, wanted) {
+                    Some(index) => {
+                        eprintln!(
+                            "temma: `broker.scripts[{index}] ({})` of `{file}`: its params, [broker.limits] and on_error",
+                            chain[index].name
+                        );
+                        vec![chain[index].clone()]
+                    }
+                    None => {
+                        eprintln!(
+                            "temma: `{wanted}` is not in the chain of `{file}`: its [broker.limits] and on_error, params from --params only"
+                        );
+                        let mut spec = ScriptSpec::standalone(
+                            std::path::Path::new(wanted),
+                            Default::default(),
+                            config.broker.limits,
+                        );
+                        spec.on_error = config.broker.on_error;
+                        vec![spec]
+                    }
+                },
+            }
+        }
+        (None, Some(wanted)) => vec![ScriptSpec::standalone(
+            std::path::Path::new(wanted),
+            Default::default(),
+            ScriptLimits::default(),
+        )],
+        (None, None) => {
+            return usage(
+                "name a script file, or give a configuration (`-c FILE`) whose chain to run"
+                    .to_owned(),
+            );
         }
     };
-    match script.run(map) {
-        Ok(Outcome::Pass(map)) => {
-            let json = serde_json::to_string(&rhai::Dynamic::from_map(map))
-                .unwrap_or_else(|error| format!("(not JSON: {error})"));
-            println!("passed: {json}");
-            ExitCode::SUCCESS
+    for spec in &mut specs {
+        spec.params.extend(params.clone());
+    }
+    let mut scripts = match temma::script::compile(&specs) {
+        Ok(scripts) => scripts,
+        Err(errors) => {
+            for (_, error) in errors {
+                eprintln!("temma: {error}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
         }
-        Ok(Outcome::Drop(None)) => {
-            println!("dropped");
-            ExitCode::SUCCESS
-        }
-        Ok(Outcome::Drop(Some(rejection))) => {
-            println!("rejected ({}): {}", rejection.status, rejection.reason);
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            println!("error: {error}");
-            ExitCode::from(EXIT_FAILURE)
+    };
+    let map = match Stamper::new(usize::MAX).stamp(message.as_bytes(), false) {
+        Ok(Stamped::Parsed { map, .. }) => map,
+        _ => return usage("--message is not a JSON object".to_owned()),
+    };
+    let (steps, published) = temma::script::trial(&mut scripts, map);
+    let chain = steps.len() > 1 || wanted.is_none();
+    let mut code = ExitCode::SUCCESS;
+    for (name, step) in steps {
+        let line = match step {
+            Step::Passed { changed: true } => "passed (changed)".to_owned(),
+            Step::Passed { changed: false } => "passed (unchanged)".to_owned(),
+            Step::Dropped(None) => "dropped".to_owned(),
+            Step::Dropped(Some(rejection)) => {
+                format!("rejected ({}): {}", rejection.status, rejection.reason)
+            }
+            Step::Failed { error, on_error } => {
+                code = ExitCode::from(EXIT_FAILURE);
+                let then = match on_error {
+                    OnError::Drop => "the broker drops the message (on_error = drop)",
+                    OnError::Pass => "the broker passes the message on unchanged (on_error = pass)",
+                };
+                format!("error: {error}\n  {then}")
+            }
+        };
+        if chain {
+            println!("{name}: {line}");
+        } else if published.is_none() || line.starts_with("error") {
+            // One script: its outcome is the answer (a pass is said by the message below).
+            println!("{line}");
         }
     }
+    if let Some(map) = published {
+        let json = serde_json::to_string(&rhai::Dynamic::from_map(map))
+            .unwrap_or_else(|error| format!("(not JSON: {error})"));
+        println!("passed: {json}");
+    }
+    code
 }
 
 /// What `temma check` prints for a valid configuration.

@@ -198,7 +198,8 @@ pub enum ScriptError {
         key: String,
         message: String,
     },
-    #[error("script `{file}`: `fn {INIT}()` failed: {message}")]
+    /// `message` starts with the file and position ([`describe`]).
+    #[error("`fn {INIT}()` failed at {message}")]
     Init { file: String, message: String },
 }
 
@@ -475,6 +476,72 @@ pub struct Script {
     clock: Arc<Clock>,
     /// What the chain does with a message this script fails on.
     pub on_error: OnError,
+    /// The sandbox it runs in, to name a limit that stops it.
+    limits: ScriptLimits,
+    /// How the file is named in the configuration, for error messages.
+    shown: String,
+}
+
+/// A script's failure, told as an operator needs it: where (`file:line:column`, the innermost
+/// position rhai knows), in which function when it is not the entry point, and, when one of
+/// `[broker.limits]` stopped it, which one with its value.
+pub fn describe(error: &rhai::EvalAltResult, limits: &ScriptLimits, file: &str) -> String {
+    use rhai::EvalAltResult as E;
+    let mut inner = error;
+    let mut position = error.position();
+    let mut function = None;
+    while let E::ErrorInFunctionCall(name, _, nested, at) = inner {
+        if !at.is_none() {
+            position = *at;
+        }
+        function = Some(name.as_str());
+        inner = nested;
+    }
+    if !inner.position().is_none() {
+        position = inner.position();
+    }
+    let limit =
+        |key: &str, value: &dyn std::fmt::Display| format!("(`broker.limits.{key}` = {value})");
+    let what = match inner {
+        E::ErrorTooManyOperations(..) => format!(
+            "stopped after too many operations {}",
+            limit("max_operations", &limits.max_operations)
+        ),
+        E::ErrorTerminated(..) => format!(
+            "stopped: ran longer than {} ms {}",
+            limits.max_ms,
+            limit("max_ms", &limits.max_ms)
+        ),
+        E::ErrorStackOverflow(..) => format!(
+            "stopped: function calls nested too deep {}",
+            limit("max_call_depth", &limits.max_call_depth)
+        ),
+        E::ErrorDataTooLarge(what, ..) => {
+            let (noun, key, value) = match what.as_str() {
+                "Length of string" => ("a string", "max_string_size", limits.max_string_size),
+                "Size of object map" => ("a map", "max_map_size", limits.max_map_size),
+                _ => ("an array", "max_array_size", limits.max_array_size),
+            };
+            format!("stopped: {noun} grew too large {}", limit(key, &value))
+        }
+        // A script's own `throw "…"`: its words, as written.
+        E::ErrorRuntime(value, ..) if !value.is_unit() => value.to_string(),
+        other => {
+            // rhai's text ends with " (line L, position C)": said once, in front.
+            let text = other.to_string();
+            let suffix = format!(" ({})", other.position());
+            text.strip_suffix(&suffix).unwrap_or(&text).to_owned()
+        }
+    };
+    let place = match (position.line(), position.position()) {
+        (Some(line), Some(column)) => format!("{file}:{line}:{column}"),
+        (Some(line), None) => format!("{file}:{line}"),
+        _ => file.to_owned(),
+    };
+    match function {
+        Some(function) => format!("{place}: {what} (in `fn {function}`)"),
+        None => format!("{place}: {what}"),
+    }
 }
 
 /// A script's name when its entry gives none: the file name without extension.
@@ -630,6 +697,8 @@ impl ScriptSpec {
             scope: Scope::new(),
             clock,
             on_error: self.on_error,
+            limits: self.limits,
+            shown: shown.clone(),
         };
         if script
             .ast
@@ -654,7 +723,7 @@ impl Script {
             .bind_this_ptr(&mut self.state);
         self.engine
             .call_fn_with_options::<Dynamic>(options, &mut self.scope, &self.ast, function, args)
-            .map_err(|error| error.to_string())
+            .map_err(|error| describe(&error, &self.limits, &self.shown))
     }
 
     /// Runs `on_message` on one message.
@@ -670,10 +739,72 @@ impl Script {
             return Ok(Outcome::Drop(Some(result.cast::<Rejection>())));
         }
         Err(format!(
-            "`{ENTRY_POINT}` returned {}, not a map, `()` or `reject(…)`",
+            "{}: `{ENTRY_POINT}` returned {}, not a map, `()` or `reject(…)`",
+            self.shown,
             result.type_name()
         ))
     }
+}
+
+/// What one script did in a [`trial`] run.
+#[derive(Debug)]
+pub enum Step {
+    /// Passed the message on, changed or not.
+    Passed { changed: bool },
+    /// Dropped it, with the script's `reject(…)` if it gave one.
+    Dropped(Option<Rejection>),
+    /// Failed on it; `on_error` says what the broker then does.
+    Failed { error: String, on_error: OnError },
+}
+
+/// Runs `message` through `scripts` in order as the broker's chain would, publishing nothing
+/// (`temma script`): what each script did, and the message as it would be published, or `None`
+/// when a script dropped it.
+pub fn trial(scripts: &mut [Script], mut message: Map) -> (Vec<(String, Step)>, Option<Map>) {
+    let json = |map: &Map| serde_json::to_string(&Dynamic::from_map(map.clone())).ok();
+    let mut steps = Vec::with_capacity(scripts.len());
+    for script in scripts {
+        let before = json(&message);
+        let step = match script.run(message.clone()) {
+            Ok(Outcome::Pass(out)) => {
+                let changed = json(&out) != before;
+                message = out;
+                Step::Passed { changed }
+            }
+            Ok(Outcome::Drop(rejection)) => Step::Dropped(rejection),
+            Err(error) => Step::Failed {
+                error,
+                on_error: script.on_error,
+            },
+        };
+        let stop = matches!(
+            step,
+            Step::Dropped(_)
+                | Step::Failed {
+                    on_error: OnError::Drop,
+                    ..
+                }
+        );
+        steps.push((script.name.clone(), step));
+        if stop {
+            return (steps, None);
+        }
+    }
+    (steps, Some(message))
+}
+
+/// Which spec of a chain `wanted` names: a script's name, or its file (as written in the
+/// configuration, or any path to the same file).
+pub fn find(specs: &[ScriptSpec], wanted: &str) -> Option<usize> {
+    specs
+        .iter()
+        .position(|spec| spec.name == wanted || spec.shown == wanted)
+        .or_else(|| {
+            let path = Path::new(wanted);
+            specs
+                .iter()
+                .position(|spec| path.is_file() && same_file(&spec.file, path))
+        })
 }
 
 /// The verdict of the whole chain on one message.

@@ -424,15 +424,172 @@ fn script_command_shows_each_outcome() {
     let dir = TempDir::new("script-command");
     let failing = dir.0.join("fail.rhai");
     std::fs::write(&failing, "fn on_message(msg) { throw \"no\" }").unwrap();
-    let output = temma(&["script", failing.to_str().unwrap()])
+    let output = temma(&["script", "--no-config", failing.to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stdout).starts_with("error: Runtime error: no"));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        format!(
+            "error: {}:1:22: no\n  the broker drops the message (on_error = drop)\n",
+            failing.display()
+        )
+    );
     let output = temma(&["script", failing.to_str().unwrap(), "-m", "[1]"])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
+}
+
+/// `temma script` with a configuration: a script of the chain (by file or by name) runs with
+/// the entry's params, limits and on_error; without a script, the whole chain runs.
+#[test]
+fn script_command_uses_the_configuration() {
+    let shipped = manifest_dir().join("etc/temma.toml");
+    let run = |args: &[&str]| {
+        let output = temma(args).current_dir(manifest_dir()).output().unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let damn = r#"{"from":"a","text":"damn"}"#;
+    // The issue's command: the word list of the config's entry is used.
+    let (code, out, err) = run(&[
+        "script",
+        "-c",
+        shipped.to_str().unwrap(),
+        "scripts/profanity.rhai",
+        "-m",
+        damn,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with(r#"passed: {"from":"a","id":""#), "{out}");
+    assert!(out.contains(r#""text":"****""#), "{out}");
+    assert!(
+        err.contains(&format!(
+            "temma: `broker.scripts[3] (profanity)` of `{}`: its params, [broker.limits] and on_error",
+            shipped.display()
+        )),
+        "{err}"
+    );
+    // By name, with the default configuration found from the working directory.
+    let (code, out, _) = run(&["script", "profanity", "-m", damn]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains(r#""text":"****""#), "{out}");
+    // --params go over the entry's.
+    let (code, out, _) = run(&["script", "profanity", "-m", damn, "-p", r#"{"mask":"x"}"#]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains(r#""text":"xxxx""#), "{out}");
+    // The whole chain, each script's step, then what would be published.
+    let (code, out, _) = run(&["script", "-m", r#"{"from":"a","text":"  /me says damn  "}"#]);
+    assert_eq!(code, Some(0));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[..4],
+        [
+            "ratelimit: passed (unchanged)",
+            "trim: passed (changed)",
+            "commands: passed (changed)",
+            "profanity: passed (changed)",
+        ],
+        "{out}"
+    );
+    assert!(
+        lines[4].contains(r#""kind":"action","text":"says ****""#),
+        "{out}"
+    );
+    let (code, out, _) = run(&[
+        "script",
+        "-m",
+        r#"{"from":"a","text":"x"}"#,
+        "-p",
+        r#"{"max":0}"#,
+    ]);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        out,
+        "ratelimit: rejected (429): too many messages: at most 0 every 10 seconds\n"
+    );
+
+    // Without its word list, the shipped profanity script refuses to load: no false "passed".
+    let (code, out, err) = run(&[
+        "script",
+        "--no-config",
+        "scripts/profanity.rhai",
+        "-m",
+        damn,
+    ]);
+    assert_eq!((code, out.as_str()), (Some(78), ""), "{err}");
+    assert!(
+        err.contains(
+            "temma: `fn init()` failed at scripts/profanity.rhai:9:9: no words to mask: set `params.words_file` (a file, one word per line)"
+        ),
+        "{err}"
+    );
+}
+
+/// A limit that stops a script is named with its key and value, and where it stopped.
+#[test]
+fn script_limits_are_named_with_the_line() {
+    let dir = TempDir::new("script-limits");
+    let config = write_config(
+        &dir.0,
+        "[broker.limits]\nmax_operations = 1000\nmax_ms = 60000\nmax_call_depth = 8\nmax_string_size = 100\n\n[broker]\non_error = \"pass\"\n",
+    );
+    let script = |name: &str, body: &str| {
+        let path = dir.0.join(name);
+        std::fs::write(&path, body).unwrap();
+        let output = temma(&[
+            "script",
+            "-c",
+            config.to_str().unwrap(),
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            path.display().to_string(),
+        )
+    };
+    let (code, out, file) = script(
+        "loop.rhai",
+        "fn on_message(msg) {\n    let n = 0;\n    loop {\n        n += 1;\n    }\n}\n",
+    );
+    assert_eq!(code, Some(1));
+    assert!(
+        out.starts_with(&format!(
+            "error: {file}:4:11: stopped after too many operations (`broker.limits.max_operations` = 1000)\n"
+        )),
+        "{out}"
+    );
+    // on_error comes from the configuration: the message passes, unchanged.
+    assert!(
+        out.contains("  the broker passes the message on unchanged (on_error = pass)\npassed: {"),
+        "{out}"
+    );
+    let (_, out, file) = script(
+        "deep.rhai",
+        "fn down(n) {\n    down(n + 1)\n}\nfn on_message(msg) {\n    down(0);\n    msg\n}\n",
+    );
+    assert!(
+        out.starts_with(&format!(
+            "error: {file}:2:5: stopped: function calls nested too deep (`broker.limits.max_call_depth` = 8)\n"
+        )),
+        "{out}"
+    );
+    let (_, out, file) = script(
+        "big.rhai",
+        "fn on_message(msg) {\n    let s = \"0123456789\";\n    for i in 0..5 { s += s; }\n    msg\n}\n",
+    );
+    assert!(out.starts_with(&format!("error: {file}:3:")), "{out}");
+    assert!(
+        out.contains(": stopped: a string grew too large (`broker.limits.max_string_size` = 100)"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

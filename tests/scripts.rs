@@ -285,11 +285,20 @@ fn a_failing_script_is_an_error_never_a_crash() {
     let dir = TempDir::new("sandbox");
     let mut script = load(&misbehaving(&dir), json!({}));
     for (text, needle) in [
-        ("loop", "operations"),
-        ("throw", "refusing on purpose"),
-        ("number", "returned i64"),
-        ("big", "too large"),
-        ("deep", "stack"),
+        (
+            "loop",
+            "stopped after too many operations (`broker.limits.max_operations` = 100000)",
+        ),
+        ("throw", ":5:20: refusing on purpose"),
+        ("number", "misbehaving.rhai: `on_message` returned i64"),
+        (
+            "big",
+            "a string grew too large (`broker.limits.max_string_size` = 65536)",
+        ),
+        (
+            "deep",
+            "function calls nested too deep (`broker.limits.max_call_depth` = 32)",
+        ),
     ] {
         let started = Instant::now();
         let error = script
@@ -297,7 +306,7 @@ fn a_failing_script_is_an_error_never_a_crash() {
             .unwrap_err();
         let took = started.elapsed();
         println!("{text}: stopped after {took:?}: {error}");
-        assert!(error.to_lowercase().contains(needle), "{text}: {error}");
+        assert!(error.contains(needle), "{text}: {error}");
     }
     // The same script still works on the next message.
     assert!(matches!(
