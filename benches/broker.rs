@@ -126,7 +126,7 @@ level = "warn,temma::broker=info"
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn temma broker");
-    wait_for_line(&mut child, "broker started");
+    wait_for_line(&mut child, "broker running");
     BrokerProcess {
         child,
         pull: format!("tcp://127.0.0.1:{pull}"),

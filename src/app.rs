@@ -34,13 +34,17 @@ pub enum StartError {
     #[error(
         "cannot listen on http://{address}: {source}{}",
         if source.kind() == std::io::ErrorKind::AddrInUse {
-            "; another process holds this address: stop it, or set `server.listen` \
-             (TEMMA_SERVER__LISTEN) to a free one"
+            format!(
+                "; another process holds this address: stop it, or set `{key}` ({}) to a free one",
+                crate::config::env_name(key)
+            )
         } else {
-            ""
+            String::new()
         }
     )]
     Http {
+        /// The configuration key of the address.
+        key: &'static str,
         address: SocketAddr,
         source: std::io::Error,
     },
@@ -59,6 +63,8 @@ pub struct App {
     /// The long-lived tasks, so that a panic in one reaches [`App::wait`].
     handles: Vec<tokio::task::JoinHandle<()>>,
     reload: Option<ReloadHandle>,
+    /// The broker's run id, when this process runs one.
+    run: Option<u64>,
 }
 
 /// Where SIGHUP reads the script chain again: the configuration file.
@@ -71,6 +77,16 @@ fn chain_source(ctx: &Context) -> Option<ChainSource> {
     }))
 }
 
+/// The chain's scripts by name, in order, for start-up lines and health.
+fn script_names(config: &Config) -> Vec<String> {
+    config
+        .broker
+        .script_specs(&config.root())
+        .into_iter()
+        .map(|spec| spec.name)
+        .collect()
+}
+
 impl App {
     /// `temma serve`: the web node, plus the broker when `broker.embedded` is on.
     pub async fn serve(config: &Config, shutdown: CancellationToken) -> Result<App, StartError> {
@@ -80,11 +96,14 @@ impl App {
             app.start_broker(config, &mut ctx, &shutdown).await?;
         }
         let address = config.server.listen;
-        let listener =
-            server::bind(&config.server).map_err(|source| StartError::Http { address, source })?;
-        let http = listener
-            .local_addr()
-            .map_err(|source| StartError::Http { address, source })?;
+        let key = "server.listen";
+        let failed = |source| StartError::Http {
+            key,
+            address,
+            source,
+        };
+        let listener = server::bind(&config.server).map_err(failed)?;
+        let http = listener.local_addr().map_err(failed)?;
 
         let acks = Acks::new();
         let hub = config.event.build(&ctx, acks.clone());
@@ -123,12 +142,7 @@ impl App {
             tracker,
             shutdown.clone(),
         ));
-        let scripts: Vec<String> = config
-            .broker
-            .script_specs(&config.root())
-            .into_iter()
-            .map(|spec| spec.name)
-            .collect();
+        let scripts = script_names(config);
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             config = %config.file.display(),
@@ -147,6 +161,36 @@ impl App {
         let mut app = App::new();
         let mut ctx = config.context(app.metrics.clone());
         app.start_broker(config, &mut ctx, &shutdown).await?;
+        let scripts = script_names(config);
+        if let Some(address) = config.broker.http {
+            let failed = |source| StartError::Http {
+                key: "broker.http",
+                address,
+                source,
+            };
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(failed)?;
+            let http = listener.local_addr().map_err(failed)?;
+            let service = server::broker_router(app.metrics.clone(), scripts.clone());
+            app.spawn(server::serve_status(
+                listener,
+                service,
+                Duration::from_secs(config.server.head_timeout_secs),
+                shutdown.clone(),
+            ));
+            app.http = Some(http);
+        }
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            config = %config.file.display(),
+            run = app.run.unwrap_or_default(),
+            pull = %config.dsn(crate::config::Role::BrokerPull),
+            publish = %config.dsn(crate::config::Role::BrokerPub),
+            scripts = ?scripts,
+            http = %app.http.map_or_else(|| "none (set `broker.http`)".to_owned(), |a| format!("http://{a}/health, /metrics")),
+            "broker running"
+        );
         app.addresses = ctx.addresses;
         app.tracker.close();
         Ok(app)
@@ -160,6 +204,7 @@ impl App {
             tracker: TaskTracker::new(),
             handles: Vec::new(),
             reload: None,
+            run: None,
         }
     }
 
@@ -178,13 +223,15 @@ impl App {
         for counter in parts.peer_counters {
             self.spawn(counter(shutdown.clone()));
         }
+        self.run = Some(parts.broker.run_id());
         self.spawn(parts.broker.run(shutdown.clone()));
         self.spawn(parts.reloader.run(shutdown.clone()));
         self.reload = Some(parts.reload);
         Ok(())
     }
 
-    /// The HTTP address actually bound (port 0 resolved), for `temma serve`.
+    /// The HTTP address actually bound (port 0 resolved): `server.listen` for `temma serve`,
+    /// `broker.http` for `temma broker`.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http
     }

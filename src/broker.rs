@@ -59,6 +59,11 @@ pub const DEFAULT_DEDUPE_MAX_KEYS: usize = 100_000;
 pub struct BrokerConfig {
     /// Run the broker inside `temma serve`. Default `true`. `temma broker` ignores it.
     pub embedded: bool,
+    /// Where `temma broker` serves `GET /health` and `GET /metrics` (its script counters
+    /// among them), e.g. `"127.0.0.1:8001"`. Default: none. With the embedded broker, the web
+    /// node's own `/metrics` has them.
+    #[serde(deserialize_with = "crate::dsn::optional_listen_address")]
+    pub http: Option<std::net::SocketAddr>,
     /// Data source the broker reads from: a PULL bind. Default `"zmq_broker_pull"`.
     pub pull: String,
     /// Data source the broker publishes on: a PUB bind. Default `"zmq_broker_pub"`.
@@ -103,6 +108,7 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
             embedded: true,
+            http: None,
             pull: default_pull(),
             publish: DEFAULT_BROKER_PUB.to_owned(),
             max_frame_bytes: default_max_frame_bytes(),
@@ -239,12 +245,18 @@ pub type PeerCounter = Box<
 >;
 
 impl Broker {
+    /// This run's id: the first part of every id it stamps.
+    pub fn run_id(&self) -> u64 {
+        self.stamper.run
+    }
+
     /// Relays until `shutdown` fires. A message already read is always published first.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        tracing::info!(
+        // The start-up line is the app's ("broker running", or the web node's "listening on").
+        tracing::debug!(
             run = self.stamper.run,
             scripts = self.chain.len(),
-            "broker started"
+            "broker relaying"
         );
         // Registered once: a new `cancelled()` per message would lock the token each time.
         let cancelled = shutdown.cancelled();

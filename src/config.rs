@@ -368,10 +368,17 @@ impl Config {
     /// be elsewhere, so these are warnings, not errors): each says what would happen.
     pub fn wiring_warnings(&self) -> Vec<String> {
         use crate::dsn::{Endpoint, Host};
-        if !self.broker.embedded {
-            return Vec::new();
-        }
         let mut warnings = Vec::new();
+        if !self.broker.embedded {
+            return warnings;
+        }
+        if let Some(http) = self.broker.http {
+            warnings.push(format!(
+                "`broker.http` (`{http}`) is served by `temma broker` only: with the embedded \
+                 broker, `http://{}/metrics` has the broker's counters",
+                self.server.listen
+            ));
+        }
         for (connect, bind, consequence) in [
             (
                 Role::MessagePush,
@@ -608,6 +615,18 @@ fn environment() -> Env {
         .lowercase(false)
 }
 
+/// The environment variable that overrides a dotted key: `server.listen` →
+/// `TEMMA_SERVER__LISTEN`.
+pub fn env_name(key: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        key.split('.')
+            .collect::<Vec<_>>()
+            .join(ENV_SEPARATOR)
+            .to_uppercase()
+    )
+}
+
 /// Maps an environment variable name, prefix removed, to a dotted config key.
 fn env_key(name: &str) -> String {
     name.split(ENV_SEPARATOR)
@@ -630,12 +649,7 @@ fn figment_problem(error: figment::Error) -> Problem {
         .metadata
         .as_ref()
         .is_some_and(|metadata| metadata.name.contains("environment"));
-    let origin = from_environment.then(|| {
-        format!(
-            "environment variable {ENV_PREFIX}{}",
-            error.path.join(ENV_SEPARATOR).to_uppercase()
-        )
-    });
+    let origin = from_environment.then(|| format!("environment variable {}", env_name(&key)));
     let message = match &error.kind {
         figment::error::Kind::UnknownField(field, expected) => unknown_key(field, expected),
         kind => kind.to_string(),

@@ -15,7 +15,7 @@
 //! ([`std::fmt::Display`]) in a form that parses to the same value.
 
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -299,6 +299,46 @@ impl fmt::Display for Dsn {
         }
         Ok(())
     }
+}
+
+/// Reads an HTTP address to listen on (`server.listen`, `broker.http`): an IP address and port, `localhost:PORT` or `*:PORT`; an error
+/// repeats the value and shows the forms.
+pub fn listen_address<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<SocketAddr, D::Error> {
+    let text = <String as Deserialize>::deserialize(deserializer)?;
+    parse_listen(&text).map_err(serde::de::Error::custom)
+}
+
+/// See [`listen_address`].
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Ok(address);
+    }
+    let port = |rest: &str| rest.parse::<u16>().ok();
+    if let Some(port) = text.strip_prefix("localhost:").and_then(port) {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    if let Some(port) = text.strip_prefix("*:").and_then(port) {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    Err(format!(
+        "`{text}` is not an address to listen on: write IP:PORT, such as `127.0.0.1:8000`, \
+         `0.0.0.0:8000` or `[::1]:8000`, or `localhost:8000` or `*:8000`"
+    ))
+}
+
+/// [`listen_address`] for an optional key: absent or `""` is `None`.
+pub fn optional_listen_address<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text = <String as Deserialize>::deserialize(deserializer)?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    parse_listen(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 #[cfg(test)]

@@ -370,6 +370,11 @@ fn summary(config: &Config) -> String {
             "separate (`temma broker`)"
         }
     ));
+    if let Some(http) = config.broker.http {
+        lines.push(format!(
+            "  broker http: http://{http}/health, /metrics (`temma broker`)"
+        ));
+    }
     for role in Role::ALL {
         lines.push(format!(
             "  {}: {} = {}",

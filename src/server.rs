@@ -64,7 +64,7 @@ pub const DEFAULT_MAX_PENDING_HEADS: usize = 1024;
 pub struct ServerConfig {
     /// Address and port of the HTTP server: `IP:PORT`, `[IPv6]:PORT`, `localhost:PORT`
     /// (127.0.0.1) or `*:PORT` (every interface). Default `"127.0.0.1:8000"`.
-    #[serde(deserialize_with = "listen_address")]
+    #[serde(deserialize_with = "crate::dsn::listen_address")]
     pub listen: SocketAddr,
     /// Folder of `index.html`, `chat.js` and other static files, relative to the application
     /// root. Default `"static"`.
@@ -197,33 +197,6 @@ impl ServerConfig {
             }
         }
     }
-}
-
-/// Reads `server.listen`: an IP address and port, `localhost:PORT` or `*:PORT`; an error
-/// repeats the value and shows the forms.
-fn listen_address<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<SocketAddr, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    parse_listen(&text).map_err(serde::de::Error::custom)
-}
-
-/// See [`listen_address`].
-pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
-    if let Ok(address) = text.parse::<SocketAddr>() {
-        return Ok(address);
-    }
-    let port = |rest: &str| rest.parse::<u16>().ok();
-    if let Some(port) = text.strip_prefix("localhost:").and_then(port) {
-        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
-    }
-    if let Some(port) = text.strip_prefix("*:").and_then(port) {
-        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
-    }
-    Err(format!(
-        "`{text}` is not an address to listen on: write IP:PORT, such as `127.0.0.1:8000`, \
-         `0.0.0.0:8000` or `[::1]:8000`, or `localhost:8000` or `*:8000`"
-    ))
 }
 
 /// `*`, or `http(s)://host[:port]` with nothing after.
@@ -432,6 +405,87 @@ impl Handler for MetricsPage {
             ),
         );
         let _ = res.write_body(self.metrics.render());
+    }
+}
+
+/// The HTTP side of a standalone broker (`broker.http`): `GET /health` and `GET /metrics`, a
+/// JSON 404 for anything else.
+pub fn broker_router(metrics: Arc<Metrics>, scripts: Vec<String>) -> Service {
+    let router = Router::new()
+        .push(Router::with_path("health").get(BrokerHealth {
+            metrics: metrics.clone(),
+            scripts: Arc::new(scripts),
+        }))
+        .push(Router::with_path("metrics").get(MetricsPage { metrics }));
+    Service::new(router).catcher(Catcher::default().hoop(crate::error::catcher))
+}
+
+/// Serves a small status service (a standalone broker's `broker.http`) on a bound listener
+/// until `shutdown` fires; a request head must arrive within `head_timeout`.
+pub async fn serve_status(
+    listener: tokio::net::TcpListener,
+    service: Service,
+    head_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let acceptor = match salvo::conn::tcp::TcpAcceptor::try_from(listener) {
+        Ok(acceptor) => acceptor,
+        Err(error) => {
+            tracing::error!(%error, "cannot serve the broker's HTTP address");
+            return;
+        }
+    };
+    let fuse = FuseConfig::default()
+        .with_http1_header_timeout(head_timeout)
+        .with_write_stall_timeout(head_timeout);
+    let server = Server::new(acceptor).fuse_config(fuse);
+    let handle = server.handle();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        handle.stop_graceful(Duration::from_secs(1));
+    });
+    if let Err(error) = server.try_serve(service).await {
+        tracing::error!(%error, "the broker's HTTP server failed");
+    }
+}
+
+/// A standalone broker's `GET /health`: always 200 while it runs (its sockets are bound), with
+/// its peers, what it published and its scripts.
+struct BrokerHealth {
+    metrics: Arc<Metrics>,
+    scripts: Arc<Vec<String>>,
+}
+
+#[async_trait]
+impl Handler for BrokerHealth {
+    async fn handle(
+        &self,
+        _req: &mut Request,
+        _depot: &mut Depot,
+        res: &mut Response,
+        ctrl: &mut FlowCtrl,
+    ) {
+        ctrl.skip_rest();
+        let peers = |socket: &str| {
+            self.metrics
+                .zmq_peers
+                .get_or_create(&crate::metrics::SocketLabels {
+                    socket: socket.to_owned(),
+                })
+                .get()
+        };
+        write_json(
+            res,
+            &serde_json::json!({
+                "status": "ok",
+                "role": "broker",
+                "version": env!("CARGO_PKG_VERSION"),
+                "pull_peers": peers("broker.pull"),
+                "pub_peers": peers("broker.pub"),
+                "published": self.metrics.broker_published.get(),
+                "scripts": *self.scripts,
+            }),
+        );
     }
 }
 

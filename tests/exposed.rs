@@ -709,7 +709,7 @@ async fn a_late_publish_then_a_retry_makes_one_message() {
     let dir = TempDir::new("late");
     let (path, _) = ports_config(&dir, false);
     let mut broker = spawn(&["broker", "-c", path.to_str().unwrap()]);
-    broker.wait_for_log("broker started");
+    broker.wait_for_log("broker running");
     let mut config = temma::Config::load(&path).unwrap();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.message.publish_timeout_ms = 400;
@@ -904,7 +904,7 @@ async fn head_requests_and_health_after_the_broker_dies() {
     let dir = TempDir::new("health");
     let (path, _) = ports_config(&dir, false);
     let mut broker = spawn(&["broker", "-c", path.to_str().unwrap()]);
-    broker.wait_for_log("broker started");
+    broker.wait_for_log("broker running");
     let mut config = temma::Config::load(&path).unwrap();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     let app = TestApp::start_config(&config).await;

@@ -241,8 +241,24 @@ fn serve_with_a_bad_config_exits_before_binding() {
 async fn broker_and_web_node_as_two_processes() {
     let dir = TempDir::new("two-processes");
     let (path, http) = ports_config(&dir, false);
+    // The standalone broker serves /health and /metrics on `broker.http`, scripts counted.
+    let broker_http = free_port();
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "[broker]\nembedded = false\n",
+        &format!("[broker]\nembedded = false\nhttp = \"localhost:{broker_http}\"\n"),
+    ) + "[[broker.scripts]]\nfile = \"scripts/trim.rhai\"\n";
+    std::fs::write(&path, text).unwrap();
     let path = path.to_str().unwrap();
-    let (mut broker, mut web) = broker_then_web(path);
+    let mut broker = spawn(&["broker", "-c", path]);
+    let started = broker.wait_for_log("broker running");
+    assert!(
+        started.contains(&format!(
+            "http=http://127.0.0.1:{broker_http}/health, /metrics"
+        )) && started.contains("scripts=[\"trim\"]"),
+        "{started}"
+    );
+    let mut web = spawn(&["serve", "-c", path]);
+    web.wait_for_log("listening on http://");
 
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{http}");
@@ -271,6 +287,38 @@ async fn broker_and_web_node_as_two_processes() {
     let event = sse.next_message().await;
     assert_eq!(event.json()["text"], "across processes");
     assert!(event.id.is_some());
+
+    let status = format!("http://127.0.0.1:{broker_http}");
+    let health = client.get(format!("{status}/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let health: serde_json::Value = health.json().await.unwrap();
+    assert_eq!(health["role"], "broker");
+    assert_eq!(health["scripts"], serde_json::json!(["trim"]));
+    assert_eq!(health["pull_peers"], 1, "{health}");
+    assert_eq!(health["pub_peers"], 1, "{health}");
+    assert!(health["published"].as_u64().unwrap() >= 2, "{health}");
+    let metrics = client
+        .get(format!("{status}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let passed = metrics
+        .lines()
+        .find(|line| {
+            line.starts_with(r#"temma_script_messages_total{script="trim",outcome="Passed"}"#)
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(passed.is_some_and(|n| n >= 2), "{metrics}");
+    let missing = client
+        .get(format!("{status}/message/broadcast"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert!(missing.text().await.unwrap().contains("\"error\""));
 
     broker.signal("TERM");
     assert!(broker.wait_exit(DEADLINE).success());
@@ -354,6 +402,67 @@ fn http_port_in_use_names_the_key_once() {
         stderr.matches("cannot listen").count(),
         1,
         "said once: {stderr}"
+    );
+}
+
+/// `broker.http`: its value checked like `server.listen`, a warning when the broker is
+/// embedded (only `temma broker` serves it), and a port in use named by its key.
+#[test]
+fn the_broker_http_address_is_checked_and_named() {
+    let dir = TempDir::new("broker-http");
+    let (path, http) = ports_config(&dir, true);
+    let base = std::fs::read_to_string(&path).unwrap();
+    let with = |embedded: bool, value: &str| {
+        let text = base.replace(
+            "[broker]\nembedded = true\n",
+            &format!("[broker]\nembedded = {embedded}\nhttp = \"{value}\"\n"),
+        );
+        std::fs::write(&path, text).unwrap();
+    };
+    let port = free_port();
+    with(true, &format!("127.0.0.1:{port}"));
+    let output = temma(&["check", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "  warning: `broker.http` (`127.0.0.1:{port}`) is served by `temma broker` only: with the embedded broker, `http://127.0.0.1:{http}/metrics` has the broker's counters\n"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "  broker http: http://127.0.0.1:{port}/health, /metrics (`temma broker`)\n"
+        )),
+        "{stdout}"
+    );
+
+    with(false, "nowhere");
+    let output = temma(&["check", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("`broker.http`: `nowhere` is not an address to listen on: write IP:PORT"),
+        "{stderr}"
+    );
+
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap();
+    with(false, &taken.to_string());
+    let output = temma(&["broker", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot listen on http://{taken}: Address already in use (os error 98); another process holds this address: stop it, or set `broker.http` (TEMMA_BROKER__HTTP) to a free one"
+        )),
+        "{stderr}"
     );
 }
 
@@ -698,7 +807,7 @@ async fn broker_killed_and_restarted_while_the_web_node_runs() {
     assert_eq!(health.status(), 503);
 
     let mut broker = spawn(&["broker", "-c", path]);
-    broker.wait_for_log("broker started");
+    broker.wait_for_log("broker running");
     let restarted = Instant::now();
     common::eventually("messages to flow again", || async {
         (post("after").await == 200).then_some(())

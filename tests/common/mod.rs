@@ -490,7 +490,7 @@ fn run(command: &mut Command) -> Running {
 /// `temma broker`, then `temma serve`, from one config; each waited for.
 pub fn broker_then_web(path: &str) -> (Running, Running) {
     let mut broker = spawn(&["broker", "-c", path]);
-    broker.wait_for_log("broker started");
+    broker.wait_for_log("broker running");
     let mut web = spawn(&["serve", "-c", path]);
     web.wait_for_log("listening on http://");
     (broker, web)
