@@ -134,7 +134,10 @@ impl BrokerConfig {
     /// reporting each script that does not compile under its own key.
     pub fn validate(&self, root: &Root, problem: &mut impl FnMut(&str, String)) {
         if self.max_frame_bytes == 0 {
-            problem("broker.max_frame_bytes", "must be at least 1".to_owned());
+            problem(
+                "broker.max_frame_bytes",
+                "is 0: must be at least 1".to_owned(),
+            );
         }
         crate::script::validate_limits(&self.limits, problem);
         let specs = self.script_specs(root);

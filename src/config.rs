@@ -320,7 +320,19 @@ impl Config {
             problems: error.into_iter().map(figment_problem).collect(),
         })?;
         config.file = file.to_owned();
-        config.validate()?;
+        config.validate().map_err(|mut error| {
+            // A value that an environment variable set: say so, as figment's errors do.
+            for problem in &mut error.problems {
+                let key = problem.key.split([' ', '[']).next().unwrap_or_default();
+                let from_environment = figment
+                    .find_metadata(key)
+                    .is_some_and(|metadata| metadata.name.contains("environment"));
+                if from_environment && problem.origin.is_none() {
+                    problem.origin = Some(format!("environment variable {}", env_name(key)));
+                }
+            }
+            error
+        })?;
         Ok(config)
     }
 
@@ -597,7 +609,7 @@ impl Config {
             if self.application.session_duration == 0 {
                 problem(
                     "application.sessionDuration",
-                    "must be at least 1 second".to_owned(),
+                    "is 0: must be at least 1 second".to_owned(),
                 );
             }
         }
@@ -644,21 +656,125 @@ fn env_key(name: &str) -> String {
 /// Turns one figment error into a [`Problem`] naming the key and, for an environment
 /// override, the variable it came from.
 fn figment_problem(error: figment::Error) -> Problem {
-    let key = error.path.join(".");
     let from_environment = error
         .metadata
         .as_ref()
         .is_some_and(|metadata| metadata.name.contains("environment"));
-    let origin = from_environment.then(|| format!("environment variable {}", env_name(&key)));
-    let message = match &error.kind {
-        figment::error::Kind::UnknownField(field, expected) => unknown_key(field, expected),
-        kind => kind.to_string(),
-    };
+    let origin = from_environment
+        .then(|| format!("environment variable {}", env_name(&error.path.join("."))));
     Problem {
-        key,
+        key: key_of(&error.path),
         origin,
-        message,
+        message: kind_message(&error.kind),
     }
+}
+
+/// A dotted key with array positions as `[i]`: `broker.scripts[0].file`.
+fn key_of(path: &[String]) -> String {
+    let mut key = String::new();
+    for part in path {
+        if part.parse::<usize>().is_ok() && !key.is_empty() {
+            key.push_str(&format!("[{part}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(part);
+        }
+    }
+    key
+}
+
+/// What serde (through figment) found wrong, said with the value given and what to write.
+fn kind_message(kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    match kind {
+        Kind::UnknownField(field, expected) => unknown_key(field, expected),
+        Kind::UnknownVariant(given, choices) => {
+            let choices: Vec<String> = choices.iter().map(|c| format!("\"{c}\"")).collect();
+            format!("`{given}` is not a choice: write {}", one_of(&choices))
+        }
+        Kind::InvalidType(actual, expected) => {
+            format!("{} is not {}", given(actual), expected_form(expected))
+        }
+        Kind::InvalidValue(actual, expected) => format!(
+            "{} is out of range: write {}",
+            given(actual),
+            expected_form(expected)
+        ),
+        Kind::MissingField(field) => format!("`{field}` is missing: it is required here"),
+        Kind::Message(text) => toml_message(text).unwrap_or_else(|| text.clone()),
+        other => other.to_string(),
+    }
+}
+
+/// `a`, `a or b`, `a, b or c`.
+fn one_of(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
+    }
+}
+
+/// The value a configuration gave, as it would be written in TOML.
+fn given(actual: &figment::error::Actual) -> String {
+    use figment::error::Actual;
+    match actual {
+        Actual::Str(text) => format!("the string {text:?}"),
+        Actual::Unsigned(n) => format!("the number `{n}`"),
+        Actual::Signed(n) => format!("the number `{n}`"),
+        Actual::Float(n) => format!("the number `{n}`"),
+        Actual::Bool(b) => format!("`{b}`"),
+        Actual::Seq => "an array".to_owned(),
+        Actual::Map => "a table".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+/// What serde expected, in the words of a TOML file.
+fn expected_form(expected: &str) -> String {
+    match expected {
+        "u8" => "a whole number from 0 to 255".to_owned(),
+        "u16" => "a whole number from 0 to 65535".to_owned(),
+        "u32" => "a whole number from 0 to 4294967295".to_owned(),
+        "u64" | "usize" => "a whole number, 0 or more".to_owned(),
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number".to_owned(),
+        "f32" | "f64" => "a number".to_owned(),
+        "a boolean" => "`true` or `false`".to_owned(),
+        "a string" => "a string (in quotes)".to_owned(),
+        "a sequence" => "an array (`[…]`)".to_owned(),
+        "a map" => "a table".to_owned(),
+        other if other.starts_with("struct ") => "a table".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
+/// A TOML syntax error on one line: `line 3, column 10: invalid string; expected `"`, `'` (in
+/// `garbage =`)`, instead of the parser's multi-line drawing.
+fn toml_message(text: &str) -> Option<String> {
+    let mut lines = text.lines();
+    let place = lines
+        .next()?
+        .strip_prefix("TOML parse error at ")?
+        .to_owned();
+    let mut source = None;
+    let mut message = Vec::new();
+    for line in lines {
+        match line.split_once('|') {
+            Some((number, code)) if !number.trim().is_empty() => {
+                source = Some(code.trim().to_owned());
+            }
+            Some(_) => {}
+            None if !line.trim().is_empty() => message.push(line.trim().to_owned()),
+            None => {}
+        }
+    }
+    let mut out = format!("{place}: {}", message.join("; "));
+    if let Some(source) = source.filter(|source| !source.is_empty()) {
+        out.push_str(&format!(" (in `{source}`)"));
+    }
+    Some(out)
 }
 
 /// An unknown key: the closest known one when it is a likely typo, and the keys allowed there.

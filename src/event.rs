@@ -122,10 +122,10 @@ impl EventConfig {
 
     pub fn validate(&self, problem: &mut impl FnMut(&str, String)) {
         if self.queue == 0 {
-            problem("event.queue", "must be at least 1".to_owned());
+            problem("event.queue", "is 0: must be at least 1".to_owned());
         }
         if self.max_clients == 0 {
-            problem("event.max_clients", "must be at least 1".to_owned());
+            problem("event.max_clients", "is 0: must be at least 1".to_owned());
         }
         if self.initial_history > self.history_size {
             problem(

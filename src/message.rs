@@ -121,13 +121,13 @@ impl MessageConfig {
             ("message.queue", self.queue),
         ] {
             if value == 0 {
-                problem(key, "must be at least 1".to_owned());
+                problem(key, "is 0: must be at least 1".to_owned());
             }
         }
         if self.publish_timeout_ms == 0 {
             problem(
                 "message.publish_timeout_ms",
-                "must be at least 1".to_owned(),
+                "is 0: must be at least 1".to_owned(),
             );
         }
     }

@@ -1261,7 +1261,7 @@ pub fn validate_limits(limits: &ScriptLimits, problem: &mut impl FnMut(&str, Str
         ("broker.limits.max_ms", limits.max_ms == 0),
     ] {
         if zero {
-            problem(key, "must be at least 1".to_owned());
+            problem(key, "is 0: must be at least 1".to_owned());
         }
     }
 }

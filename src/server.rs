@@ -193,7 +193,7 @@ impl ServerConfig {
             ("server.max_pending_heads", self.max_pending_heads as u64),
         ] {
             if value == 0 {
-                problem(key, "must be at least 1".to_owned());
+                problem(key, "is 0: must be at least 1".to_owned());
             }
         }
     }
