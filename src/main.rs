@@ -69,10 +69,41 @@ enum Command {
         #[arg(long)]
         no_config: bool,
     },
+    /// Print a shell completion script: `temma completions bash > ~/.local/share/bash-completion/completions/temma`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (roff), one per command, into DIR: `temma man /usr/local/share/man/man1`.
+    Man {
+        /// The folder to write `temma.1`, `temma-serve.1`, … into.
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Some(Command::Completions { shell }) => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "temma", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Man { dir }) => {
+            use clap::CommandFactory;
+            return match clap_mangen::generate_to(Cli::command(), dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!(
+                        "temma: cannot write the manual pages into `{}`: {error}",
+                        dir.display()
+                    );
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            };
+        }
+        _ => {}
+    }
     if let Some(Command::Script {
         script,
         message,

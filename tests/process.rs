@@ -466,6 +466,34 @@ fn the_broker_http_address_is_checked_and_named() {
     );
 }
 
+/// Shell completions and manual pages describe every command.
+#[test]
+fn completions_and_manual_pages_cover_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let output = temma(&["completions", shell]).output().unwrap();
+        assert!(output.status.success(), "{shell}: {output:?}");
+        let script = String::from_utf8_lossy(&output.stdout);
+        for command in ["serve", "broker", "check", "script", "no-config"] {
+            assert!(script.contains(command), "{shell} lacks {command}");
+        }
+    }
+    let dir = TempDir::new("man");
+    let output = temma(&["man", dir.0.to_str().unwrap()]).output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    for page in [
+        "temma.1",
+        "temma-serve.1",
+        "temma-broker.1",
+        "temma-check.1",
+        "temma-script.1",
+    ] {
+        let text = std::fs::read_to_string(dir.0.join(page)).unwrap();
+        assert!(text.contains(".TH temma"), "{page}: {text}");
+    }
+    let script = std::fs::read_to_string(dir.0.join("temma-script.1")).unwrap();
+    assert!(script.contains("no\\-config"), "{script}");
+}
+
 #[test]
 fn check_reports_a_script_syntax_error_with_file_line_and_column() {
     let dir = TempDir::new("check-script");
