@@ -641,9 +641,13 @@ impl ScriptSpec {
                 let serde_json::Value::String(path) = value else {
                     return Err(problem("must be a file path (a string)".into()));
                 };
+                let written = path;
                 let path = self.param_path(path);
                 let text = std::fs::read_to_string(&path).map_err(|error| {
-                    problem(format!("cannot read `{}`: {error}", path.display()))
+                    problem(format!(
+                        "cannot read `{written}` (looked for `{}`): {error}",
+                        path.display()
+                    ))
                 })?;
                 let lines: rhai::Array = text
                     .lines()

@@ -157,7 +157,9 @@ impl ServerConfig {
             problem(
                 "server.static_dir",
                 format!(
-                    "folder `{}` does not exist (relative paths start at the application root `{}`)",
+                    "folder `{}` does not exist (looked for `{}`; relative paths start at the \
+                     application root `{}`)",
+                    self.static_dir.display(),
                     dir.display(),
                     root.path().display()
                 ),

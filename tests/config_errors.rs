@@ -146,7 +146,14 @@ const CASES: &[Case] = &[
         toml: "[server]\nstatic_dir = \"nope\"\n",
         env: &[],
         problems: &[
-            "`server.static_dir`: folder `{root}/nope` does not exist (relative paths start at the application root `{root}`)",
+            "`server.static_dir`: folder `nope` does not exist (looked for `{root}/nope`; relative paths start at the application root `{root}`)",
+        ],
+    },
+    Case {
+        toml: "[[broker.scripts]]\nfile = \"scripts/profanity.rhai\"\nparams = { words_file = \"scripts/nowords.txt\" }\n",
+        env: &[],
+        problems: &[
+            "`broker.scripts[0] (profanity)`: script `scripts/profanity.rhai`, parameter `words_file`: cannot read `scripts/nowords.txt` (looked for `{root}/scripts/nowords.txt`): No such file or directory (os error 2)",
         ],
     },
     // Environment overrides are named, for type errors and for validation alike.
