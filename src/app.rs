@@ -106,7 +106,7 @@ impl App {
         let http = listener.local_addr().map_err(failed)?;
 
         let acks = Acks::new();
-        let hub = config.event.build(&ctx, acks.clone());
+        let hub = config.event.build(&ctx, acks.clone(), &config.rooms);
         let (publisher, push_task) = config.message.build(&ctx, acks)?;
         app.spawn(push_task.run(shutdown.clone()));
         for address in config.event.sub_addresses(&ctx)? {
@@ -126,6 +126,7 @@ impl App {
                 cors_origins: Arc::new(config.server.cors_origins.clone()),
                 trusted_proxies: Arc::new(config.server.trusted_proxies.clone()),
                 body_timeout: Duration::from_secs(config.server.body_timeout_secs),
+                default_room: Arc::from(config.rooms.default.as_str()),
             },
             hub,
             front: front.clone(),

@@ -74,6 +74,8 @@ pub struct Config {
     pub message: MessageConfig,
     /// The Event controller (`GET /event/fetch`) and the web node's fan-out.
     pub event: EventConfig,
+    /// Rooms: the default one, how many a node holds, their idle time and history budget.
+    pub rooms: crate::hub::RoomsConfig,
     /// Logging.
     pub log: LogConfig,
     /// The file this configuration was read from (empty for an in-memory configuration).
@@ -463,6 +465,7 @@ impl Config {
             .validate(&root, self.application.root_controller, &mut problem);
         self.message.validate(&mut problem);
         self.event.validate(&mut problem);
+        self.rooms.validate(&mut problem);
         self.broker.validate(&root, &mut problem);
         if problems.is_empty() {
             Ok(())

@@ -344,8 +344,10 @@ async fn first_request(
 }
 
 /// What the direct path needs from a parsed `GET /event/fetch`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SseRequest {
+    /// The `room` parameter, checked (`Err`: the rule it breaks, a 400).
+    pub room: Result<Option<String>, String>,
     pub last_event_id: Option<String>,
     pub origin: Option<String>,
 }
@@ -373,6 +375,7 @@ impl SseRequest {
                 .map(str::to_owned)
         };
         Some(SseRequest {
+            room: event::query_room(query),
             last_event_id: header("last-event-id")
                 .or_else(|| query.and_then(event::query_last_event_id)),
             origin: header("origin"),
@@ -414,14 +417,25 @@ async fn serve_sse(
     let cancelled = shutdown.cancelled();
     tokio::pin!(aborted, cancelled);
     let mut stop = Stop { aborted, cancelled };
-    let subscription = front.hub.subscribe(request.last_event_id.as_deref(), {
-        let abort = abort.clone();
-        Abort::new(move || abort.notify_one())
-    });
+    let room = match request.room {
+        Ok(room) => room,
+        Err(error) => {
+            let refusal = error_response(400, "Bad Request", &error);
+            out.pending.push_back(Bytes::from(refusal));
+            let _ = out.flush(&mut stop).await;
+            return;
+        }
+    };
+    let subscription = front
+        .hub
+        .subscribe(room.as_deref(), request.last_event_id.as_deref(), {
+            let abort = abort.clone();
+            Abort::new(move || abort.notify_one())
+        });
     let mut subscription = match subscription {
         Ok(subscription) => subscription,
-        Err(full) => {
-            let refusal = error_response(503, "Service Unavailable", &full.to_string());
+        Err(refused) => {
+            let refusal = error_response(503, "Service Unavailable", &refused.to_string());
             out.pending.push_back(Bytes::from(refusal));
             let _ = out.flush(&mut stop).await;
             return;

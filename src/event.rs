@@ -61,7 +61,7 @@ pub struct EventConfig {
     pub stall_ms: u64,
     /// SSE connections this node accepts; more get 503. Default 10000.
     pub max_clients: usize,
-    /// Messages kept for replay; 0 turns replay off. Default 1000.
+    /// Messages kept per room for replay; 0 turns replay off. Default 1000.
     pub history_size: usize,
     /// Seconds a message stays in the history. Default 3600.
     pub history_ttl_secs: u64,
@@ -100,7 +100,12 @@ impl Default for EventConfig {
 
 impl EventConfig {
     /// The web node's hub: its fan-out, history and SUB socket settings.
-    pub fn build(&self, ctx: &Context, acks: Arc<crate::acks::Acks>) -> Hub {
+    pub fn build(
+        &self,
+        ctx: &Context,
+        acks: Arc<crate::acks::Acks>,
+        rooms: &crate::hub::RoomsConfig,
+    ) -> Hub {
         let settings = Settings {
             queue: self.queue,
             max_clients: self.max_clients,
@@ -111,6 +116,10 @@ impl EventConfig {
             keepalive: std::time::Duration::from_secs(self.keepalive_secs),
             stall: std::time::Duration::from_millis(self.stall_ms),
             max_message_bytes: crate::wire::max_published_bytes(ctx.max_frame_bytes),
+            default_room: Arc::from(rooms.default.as_str()),
+            max_rooms: rooms.max,
+            room_idle: std::time::Duration::from_secs(rooms.idle_secs),
+            history_bytes: rooms.history_bytes,
         };
         Hub::new(settings, ctx.metrics.clone(), acks)
     }
@@ -155,6 +164,17 @@ pub fn query_last_event_id(query: &str) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
+/// The `room` query parameter, checked: `Ok(None)` when absent (the default room).
+pub fn query_room(query: Option<&str>) -> Result<Option<String>, String> {
+    let Some(query) = query else {
+        return Ok(None);
+    };
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == "room")
+        .map(|(_, value)| crate::wire::room_name(&value))
+        .transpose()
+}
+
 #[async_trait]
 impl Handler for Fetch {
     async fn handle(
@@ -173,13 +193,22 @@ impl Handler for Fetch {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
             .or_else(|| req.uri().query().and_then(query_last_event_id));
-        let subscription = match self.hub.subscribe(last_event_id.as_deref(), {
-            let conn = ctrl.conn().clone();
-            Abort::new(move || conn.abort())
-        }) {
+        let room = match query_room(req.uri().query()) {
+            Ok(room) => room,
+            Err(error) => {
+                JsonError::bad_request(error).write_to(res);
+                return;
+            }
+        };
+        let subscription = match self
+            .hub
+            .subscribe(room.as_deref(), last_event_id.as_deref(), {
+                let conn = ctrl.conn().clone();
+                Abort::new(move || conn.abort())
+            }) {
             Ok(subscription) => subscription,
-            Err(full) => {
-                JsonError::new(StatusCode::SERVICE_UNAVAILABLE, full.to_string()).write_to(res);
+            Err(refused) => {
+                JsonError::new(StatusCode::SERVICE_UNAVAILABLE, refused.to_string()).write_to(res);
                 return;
             }
         };

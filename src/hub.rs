@@ -17,6 +17,14 @@
 //! - The history keeps at most `event.history_size` messages, none older than
 //!   `event.history_ttl_secs`; older entries are evicted.
 //!
+//! Rooms: each client follows one room, each published message belongs to one (its `room`, or
+//! the default room). The hub keeps, per room, a broadcast ring, a history and the clients'
+//! slots, so that a message wakes only the clients of its room. At most `rooms.max` rooms are
+//! held; a room with no client and no message for `rooms.idle_secs` is dropped, and past the
+//! cap the least recently active room without clients makes way (or, if every room has
+//! clients, the new room is refused). All histories together hold at most
+//! `rooms.history_bytes`; the oldest message of any room goes first.
+//!
 //! Replay: a client that reconnects with `Last-Event-ID` (or `?lastEventId=`) gets every message
 //! after that id from the history, then the live stream, with no gap and no duplicate — the
 //! history append and the broadcast happen under one lock, and subscribing takes the same lock.
@@ -90,6 +98,74 @@ pub struct Settings {
     pub stall: Duration,
     /// The largest published frame the SUB socket accepts.
     pub max_message_bytes: usize,
+    /// The room of a message or a stream that names none.
+    pub default_room: Arc<str>,
+    /// Rooms held at most.
+    pub max_rooms: usize,
+    /// How long a room with no client and no message is kept.
+    pub room_idle: Duration,
+    /// Bytes of history over all rooms.
+    pub history_bytes: usize,
+}
+
+/// The `[rooms]` section.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomsConfig {
+    /// The room of a message or a stream that names none (plain Temma peers, old pages).
+    /// Default `"general"`.
+    pub default: String,
+    /// Rooms this node holds, with clients or history; past it the least recently active room
+    /// without clients is dropped, and if every room has clients a new one is refused (503).
+    /// Default 1000.
+    pub max: usize,
+    /// Seconds a room with no client and no new message is kept; then its history is dropped.
+    /// Default 600.
+    pub idle_secs: u64,
+    /// Bytes of history this node keeps over all rooms; the oldest messages go first.
+    /// Default 67108864 (64 MiB).
+    pub history_bytes: usize,
+}
+
+/// Default `rooms.default`.
+pub const DEFAULT_ROOM: &str = "general";
+/// Default `rooms.max`.
+pub const DEFAULT_MAX_ROOMS: usize = 1000;
+/// Default `rooms.idle_secs`.
+pub const DEFAULT_ROOM_IDLE_SECS: u64 = 600;
+/// Default `rooms.history_bytes`.
+pub const DEFAULT_HISTORY_BYTES: usize = 64 * 1024 * 1024;
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        RoomsConfig {
+            default: DEFAULT_ROOM.to_owned(),
+            max: DEFAULT_MAX_ROOMS,
+            idle_secs: DEFAULT_ROOM_IDLE_SECS,
+            history_bytes: DEFAULT_HISTORY_BYTES,
+        }
+    }
+}
+
+impl RoomsConfig {
+    pub fn validate(&self, problem: &mut impl FnMut(&str, String)) {
+        match wire::room_name(&self.default) {
+            Ok(name) if name != self.default => problem(
+                "rooms.default",
+                format!("`{}` has capitals: write `{name}`", self.default),
+            ),
+            Ok(_) => {}
+            Err(error) => problem("rooms.default", error),
+        }
+        for (key, value) in [
+            ("rooms.max", self.max),
+            ("rooms.history_bytes", self.history_bytes),
+        ] {
+            if value == 0 {
+                problem(key, "is 0: must be at least 1".to_owned());
+            }
+        }
+    }
 }
 
 impl Settings {
@@ -102,16 +178,50 @@ impl Settings {
 }
 
 struct State {
+    /// Set once the hub shut down: no room gets a sender again, and new clients get a closed
+    /// receiver.
+    closed: bool,
+    rooms: HashMap<Arc<str>, Room>,
+    /// The newest message id received (any room), to detect gaps and ids from the future.
+    newest: Option<MsgId>,
+    /// Bytes held by every room's history.
+    history_bytes: usize,
+}
+
+/// One room of one node: its ring, its history and its clients.
+struct Room {
     /// `None` once the hub shut down: receivers see `Closed` and their streams end.
     tx: Option<broadcast::Sender<Item>>,
     history: History,
-    /// Frames broadcast so far.
+    /// Frames broadcast so far in this room.
     sent: u64,
-    /// The newest message id received, to detect gaps and ids from the future.
-    newest: Option<MsgId>,
     slots: HashMap<u64, Arc<Slot>>,
     /// When the last frame was broadcast, for keep-alives.
     last_sent: Instant,
+    /// When a client or a message last came, for idle eviction.
+    last_active: Instant,
+}
+
+impl Room {
+    fn new(settings: &Settings, now: Instant, closed: bool) -> Room {
+        let capacity = (settings.queue + 1).next_power_of_two();
+        Room {
+            tx: (!closed).then(|| broadcast::channel(capacity).0),
+            history: History::new(settings.history_size, settings.history_ttl),
+            sent: 0,
+            slots: HashMap::new(),
+            last_sent: now,
+            last_active: now,
+        }
+    }
+
+    fn broadcast(&mut self, item: Item) {
+        if let Some(tx) = &self.tx {
+            // No receiver is fine: nobody is connected.
+            let _ = tx.send(item);
+            self.sent += 1;
+        }
+    }
 }
 
 /// What the hub knows of one client, for the slow-consumer sweep.
@@ -148,10 +258,17 @@ impl Slot {
     }
 }
 
-/// `subscribe` refused a client: `event.max_clients` are connected.
+/// Why `subscribe` refused a client (a 503).
 #[derive(Debug, thiserror::Error)]
-#[error("too many SSE clients: this node serves at most {0}")]
-pub struct Full(pub usize);
+pub enum Refused {
+    #[error("too many SSE clients: this node serves at most {0}")]
+    Full(usize),
+    #[error(
+        "too many rooms: this node holds at most {0} (`rooms.max`) and each has clients; \
+         try again later"
+    )]
+    Rooms(usize),
+}
 
 /// A client's subscription: what to send first, then the live receiver.
 pub struct Subscription {
@@ -170,29 +287,33 @@ pub struct Subscription {
 pub struct ClientGuard {
     shared: Arc<Shared>,
     key: u64,
+    /// Its room, once it has one.
+    room: Option<Arc<str>>,
 }
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
         self.shared.clients.fetch_sub(1, Ordering::AcqRel);
         self.shared.metrics.sse_clients.dec();
-        self.shared.lock().slots.remove(&self.key);
+        if let Some(room) = &self.room {
+            let mut state = self.shared.lock();
+            if let Some(room) = state.rooms.get_mut(room) {
+                room.slots.remove(&self.key);
+                room.last_active = Instant::now();
+            }
+        }
     }
 }
 
 impl Hub {
     pub fn new(settings: Settings, metrics: Arc<Metrics>, acks: Arc<Acks>) -> Hub {
-        let capacity = (settings.queue + 1).next_power_of_two();
-        let (tx, _) = broadcast::channel(capacity);
         Hub {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
-                    tx: Some(tx),
-                    history: History::new(settings.history_size, settings.history_ttl),
-                    sent: 0,
+                    closed: false,
+                    rooms: HashMap::new(),
                     newest: None,
-                    slots: HashMap::new(),
-                    last_sent: Instant::now(),
+                    history_bytes: 0,
                 }),
                 settings,
                 metrics,
@@ -203,26 +324,55 @@ impl Hub {
         }
     }
 
+    /// The room a stream or message that names none belongs to.
+    pub fn default_room(&self) -> &str {
+        &self.shared.settings.default_room
+    }
+
+    /// The rooms this node holds, with the clients each has here, by name.
+    pub fn rooms(&self) -> Vec<(String, usize)> {
+        let state = self.shared.lock();
+        let mut rooms: Vec<(String, usize)> = state
+            .rooms
+            .iter()
+            .map(|(name, room)| (name.to_string(), room.slots.len()))
+            .collect();
+        rooms.sort();
+        rooms
+    }
+
     /// Clients connected now.
     pub fn clients(&self) -> usize {
         self.shared.clients.load(Ordering::Acquire)
     }
 
-    /// Registers a client. `last_event_id` is what the browser sent back (header or query);
-    /// `abort` lets the sweep cut the connection off if the client stops reading.
+    /// Registers a client in `room` (a checked name; `None`: the default room).
+    /// `last_event_id` is what the browser sent back (header or query); `abort` lets the sweep
+    /// cut the connection off if the client stops reading.
     pub fn subscribe(
         &self,
+        room: Option<&str>,
         last_event_id: Option<&str>,
         abort: Abort,
-    ) -> Result<Subscription, Full> {
-        let (key, guard) = self.admit()?;
+    ) -> Result<Subscription, Refused> {
+        let (key, mut guard) = self.admit()?;
         let shared = &self.shared;
+        let name: Arc<str> = Arc::from(room.unwrap_or(&shared.settings.default_room));
+        let now = Instant::now();
         let mut state = shared.lock();
-        state.history.expire(Instant::now());
-        let (replay, skip_until) = state.replay(&shared.settings, last_event_id);
-        let rx = match state.tx.as_ref() {
-            Some(tx) => tx.subscribe(),
-            None => {
+        let newest = state.newest;
+        let closed = state.closed;
+        let Some(room) = state.room(&name, &shared.settings, &shared.metrics, now) else {
+            drop(state);
+            shared.metrics.refused_clients.inc();
+            return Err(Refused::Rooms(shared.settings.max_rooms));
+        };
+        room.history.expire(now);
+        room.last_active = now;
+        let (replay, skip_until) = room.replay(&shared.settings, newest, last_event_id);
+        let rx = match room.tx.as_ref() {
+            Some(tx) if !closed => tx.subscribe(),
+            _ => {
                 // Shutting down: a closed receiver ends the stream after the replay.
                 let (tx, rx) = broadcast::channel(1);
                 drop(tx);
@@ -230,14 +380,15 @@ impl Hub {
             }
         };
         let slot = Arc::new(Slot {
-            consumed: AtomicU64::new(state.sent),
-            swept: AtomicU64::new(state.sent),
+            consumed: AtomicU64::new(room.sent),
+            swept: AtomicU64::new(room.sent),
             stalled: AtomicU64::new(0),
             abort,
             dropped: AtomicBool::new(false),
         });
-        state.slots.insert(key, slot.clone());
+        room.slots.insert(key, slot.clone());
         drop(state);
+        guard.room = Some(name);
         Ok(Subscription {
             replay,
             rx,
@@ -248,19 +399,20 @@ impl Hub {
     }
 
     /// Takes a place for a new client, or refuses it at `event.max_clients`.
-    fn admit(&self) -> Result<(u64, ClientGuard), Full> {
+    fn admit(&self) -> Result<(u64, ClientGuard), Refused> {
         let shared = &self.shared;
         let max = shared.settings.max_clients;
         if shared.clients.fetch_add(1, Ordering::AcqRel) >= max {
             shared.clients.fetch_sub(1, Ordering::AcqRel);
             shared.metrics.refused_clients.inc();
-            return Err(Full(max));
+            return Err(Refused::Full(max));
         }
         shared.metrics.sse_clients.inc();
         let key = shared.next_client.fetch_add(1, Ordering::Relaxed);
         let guard = ClientGuard {
             shared: shared.clone(),
             key,
+            room: None,
         };
         Ok((key, guard))
     }
@@ -317,9 +469,30 @@ impl Hub {
         }
         shared.metrics.received.inc();
         let id = head.id();
-        let frame = wire::write_message(frame, id, head.reference.is_some());
-
-        if !shared.lock().append(id, frame) {
+        let room = match head.room {
+            None => Ok(None),
+            Some(raw) => plain_str(raw)
+                .ok_or_else(|| format!("`{}` is not a room name", raw.get()))
+                .and_then(wire::room_name)
+                .map(Some),
+        };
+        let appended = match room {
+            Ok(room) => {
+                let room = room.map_or_else(|| shared.settings.default_room.clone(), Arc::from);
+                let frame = wire::write_message(frame, id, head.reference.is_some());
+                shared
+                    .lock()
+                    .append(&room, id, frame, &shared.settings, &shared.metrics)
+            }
+            Err(error) => {
+                // Only a script can do this (web nodes check the room): the message was
+                // published, but belongs to no room a client can follow.
+                shared.metrics.dropped(DropReason::Unreadable);
+                tracing::warn!(%error, "dropped a published message with an invalid room");
+                Appended::Stored
+            }
+        };
+        if appended == Appended::Duplicate {
             shared.metrics.dropped(DropReason::Duplicate);
             return;
         }
@@ -328,56 +501,78 @@ impl Hub {
         }
     }
 
-    /// Sends keep-alives, sweeps slow clients, and ends every stream on shutdown.
+    /// Sends keep-alives, sweeps slow clients, drops idle rooms, and ends every stream on
+    /// shutdown.
     pub async fn run_timers(self, shutdown: CancellationToken) {
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let keepalive = self.shared.settings.keepalive;
+        let settings = &self.shared.settings;
+        let keepalive = settings.keepalive;
+        let mut ticks = 0u64;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 _ = sweep.tick() => {}
             }
+            ticks += 1;
+            let now = Instant::now();
             let mut state = self.shared.lock();
-            if !keepalive.is_zero() && state.last_sent.elapsed() >= keepalive {
-                state.broadcast(Item {
-                    id: None,
-                    frame: Bytes::from_static(KEEPALIVE_FRAME),
-                    message: false,
-                });
-                state.last_sent = Instant::now();
-            }
-            let queue = self.shared.settings.queue as u64;
-            let stall_sweeps = self.shared.settings.stall_sweeps();
-            let sent = state.sent;
+            let queue = settings.queue as u64;
+            let stall_sweeps = settings.stall_sweeps();
             let metrics = &self.shared.metrics;
-            state.slots.retain(|_, slot| {
-                let consumed = slot.consumed.load(Ordering::Relaxed);
-                let behind = sent.saturating_sub(consumed);
-                // A full queue and not one frame taken for `stall_sweeps` sweeps in a row: the
-                // connection stopped draining. (A client that lags during a burst but keeps
-                // reading is only cut if the ring overwrites what it has not read yet.)
-                let moved = consumed != slot.swept.swap(consumed, Ordering::Relaxed);
-                let stalled = if behind >= queue && !moved {
-                    slot.stalled.fetch_add(1, Ordering::Relaxed) + 1
-                } else {
-                    slot.stalled.store(0, Ordering::Relaxed);
-                    0
-                };
-                if stalled >= stall_sweeps {
-                    if slot.drop_slow() {
-                        metrics.slow_disconnects.inc();
-                        tracing::warn!(behind, "SSE client stopped reading; connection aborted");
-                    }
-                    slot.abort.abort();
-                    false
-                } else {
-                    true
+            for room in state.rooms.values_mut() {
+                if room.slots.is_empty() {
+                    continue;
                 }
-            });
+                if !keepalive.is_zero() && now.duration_since(room.last_sent) >= keepalive {
+                    room.broadcast(Item {
+                        id: None,
+                        frame: Bytes::from_static(KEEPALIVE_FRAME),
+                        message: false,
+                    });
+                    room.last_sent = now;
+                }
+                let sent = room.sent;
+                room.slots.retain(|_, slot| {
+                    let consumed = slot.consumed.load(Ordering::Relaxed);
+                    let behind = sent.saturating_sub(consumed);
+                    // A full queue and not one frame taken for `stall_sweeps` sweeps in a row:
+                    // the connection stopped draining. (A client that lags during a burst but
+                    // keeps reading is only cut if the ring overwrites what it has not read.)
+                    let moved = consumed != slot.swept.swap(consumed, Ordering::Relaxed);
+                    let stalled = if behind >= queue && !moved {
+                        slot.stalled.fetch_add(1, Ordering::Relaxed) + 1
+                    } else {
+                        slot.stalled.store(0, Ordering::Relaxed);
+                        0
+                    };
+                    if stalled >= stall_sweeps {
+                        if slot.drop_slow() {
+                            metrics.slow_disconnects.inc();
+                            tracing::warn!(
+                                behind,
+                                "SSE client stopped reading; connection aborted"
+                            );
+                        }
+                        slot.abort.abort();
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+            // Once a second: histories past their TTL, and rooms idle past `rooms.idle_secs`.
+            if ticks.is_multiple_of(5) {
+                state.expire(now, settings, metrics);
+            }
         }
-        // Dropping the sender ends every stream once it has sent what it already had.
-        self.shared.lock().tx = None;
+        // Dropping the senders ends every stream once it has sent what it already had.
+        let mut state = self.shared.lock();
+        state.closed = true;
+        for room in state.rooms.values_mut() {
+            room.tx = None;
+        }
+        drop(state);
         tracing::info!("event streams closed");
     }
 
@@ -440,56 +635,155 @@ impl Shared {
     }
 }
 
+/// What [`State::append`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Appended {
+    Stored,
+    /// Already seen: clients have it.
+    Duplicate,
+}
+
 impl State {
-    /// Appends a published message to the history and broadcasts it, under the hub's lock
-    /// (which `subscribe` takes too: a replay then the live stream has no gap and no
-    /// duplicate). `false` for a message already seen.
-    fn append(&mut self, id: Option<MsgId>, frame: Bytes) -> bool {
+    /// The room `name`, created if needed. At `rooms.max`, the least recently active room
+    /// without clients makes way; `None` if every room has clients.
+    fn room(
+        &mut self,
+        name: &Arc<str>,
+        settings: &Settings,
+        metrics: &Metrics,
+        now: Instant,
+    ) -> Option<&mut Room> {
+        if !self.rooms.contains_key(name) {
+            if self.rooms.len() >= settings.max_rooms {
+                let idle = self
+                    .rooms
+                    .iter()
+                    .filter(|(_, room)| room.slots.is_empty())
+                    .min_by_key(|(_, room)| room.last_active)
+                    .map(|(name, _)| name.clone())?;
+                self.remove_room(&idle, metrics);
+            }
+            self.rooms
+                .insert(name.clone(), Room::new(settings, now, self.closed));
+            metrics.rooms.set(self.rooms.len() as i64);
+        }
+        self.rooms.get_mut(name)
+    }
+
+    fn remove_room(&mut self, name: &Arc<str>, metrics: &Metrics) {
+        if let Some(room) = self.rooms.remove(name) {
+            self.history_bytes -= room.history.bytes();
+        }
+        metrics.rooms.set(self.rooms.len() as i64);
+    }
+
+    /// Appends a published message to its room's history and broadcasts it there, under the
+    /// hub's lock (which `subscribe` takes too: a replay then the live stream has no gap and
+    /// no duplicate).
+    fn append(
+        &mut self,
+        room: &Arc<str>,
+        id: Option<MsgId>,
+        frame: Bytes,
+        settings: &Settings,
+        metrics: &Metrics,
+    ) -> Appended {
         let now = Instant::now();
         if let Some(id) = id {
             match self.newest {
-                // Within the run: ids are dense and increasing. One already seen (a broker
-                // that re-sent it) is dropped: clients have it.
-                Some(newest) if id.run == newest.run && id.seq <= newest.seq => return false,
+                // Within the run: ids are dense and increasing over all rooms. One already
+                // seen (a broker that re-sent it) is dropped: clients have it.
+                Some(newest) if id.run == newest.run && id.seq <= newest.seq => {
+                    return Appended::Duplicate;
+                }
                 Some(newest) if id.run == newest.run && id.seq > newest.seq + 1 => {
-                    // This node missed messages on their way from the broker.
+                    // This node missed messages on their way from the broker: they may belong
+                    // to any room.
                     let missed = id.seq - newest.seq - 1;
                     tracing::warn!(missed, after = %newest, "messages missed between broker and this node");
-                    let mut notice = BytesMut::new();
-                    write_reset(
-                        &mut notice,
-                        &newest.to_string(),
-                        "messages were lost before reaching this server",
-                    );
-                    self.broadcast(Item {
-                        id: None,
-                        frame: notice.freeze(),
-                        message: false,
-                    });
-                    self.history.mark_gap();
+                    for room in self.rooms.values_mut() {
+                        let last = room
+                            .history
+                            .newest()
+                            .map_or_else(|| newest.to_string(), |id| id.to_string());
+                        let mut notice = BytesMut::new();
+                        write_reset(
+                            &mut notice,
+                            &last,
+                            "messages were lost before reaching this server",
+                        );
+                        room.broadcast(Item {
+                            id: None,
+                            frame: notice.freeze(),
+                            message: false,
+                        });
+                        room.history.mark_gap();
+                    }
                 }
                 // The next id, the first one, or a new run: a new epoch, whatever the numbers
                 // (runs are never compared for order).
                 _ => {}
             }
             self.newest = Some(id);
-            self.history.push(id, frame.clone(), now);
         }
-        self.broadcast(Item {
+        let Some(target) = self.room(room, settings, metrics, now) else {
+            // Every room this node holds has clients: this one has none here, so nobody here
+            // misses it live; it is only not kept for replay.
+            metrics.dropped(DropReason::Rooms);
+            return Appended::Stored;
+        };
+        target.last_active = now;
+        target.last_sent = now;
+        let before = target.history.bytes();
+        if let Some(id) = id {
+            target.history.push(id, frame.clone(), now);
+        }
+        let after = target.history.bytes();
+        target.broadcast(Item {
             id,
             frame,
             message: true,
         });
-        self.last_sent = now;
-        true
+        self.history_bytes = self.history_bytes + after - before;
+        // The node-wide budget: the oldest message of any room goes first.
+        while self.history_bytes > settings.history_bytes {
+            let oldest = self
+                .rooms
+                .values_mut()
+                .filter_map(|room| room.history.oldest_at().map(|at| (at, room)))
+                .min_by_key(|(at, _)| *at);
+            let Some((_, room)) = oldest else { break };
+            self.history_bytes -= room.history.pop_oldest();
+        }
+        Appended::Stored
     }
 
+    /// Drops history past its TTL, and rooms without clients idle past `rooms.idle_secs`.
+    fn expire(&mut self, now: Instant, settings: &Settings, metrics: &Metrics) {
+        let mut idle = Vec::new();
+        let mut bytes = 0;
+        for (name, room) in &mut self.rooms {
+            room.history.expire(now);
+            bytes += room.history.bytes();
+            if room.slots.is_empty() && now.duration_since(room.last_active) >= settings.room_idle {
+                idle.push(name.clone());
+            }
+        }
+        self.history_bytes = bytes;
+        for name in idle {
+            self.remove_room(&name, metrics);
+        }
+    }
+}
+
+impl Room {
     /// What a new client gets first: `retry:` and a comment that opens the stream, any `reset`
     /// notice, and the replay for its `Last-Event-ID` (frames shared with the history); and the
-    /// id up to which it already has the live stream.
+    /// id up to which it already has the live stream. `newest` is the newest id of any room.
     fn replay(
         &self,
         settings: &Settings,
+        newest: Option<MsgId>,
         last_event_id: Option<&str>,
     ) -> (Vec<Bytes>, Option<MsgId>) {
         let mut opening = BytesMut::with_capacity(64);
@@ -509,14 +803,14 @@ impl State {
             // another node that has not reached this one yet): nothing to replay; skip what it
             // already has. Further ahead than that is no id this run will reach soon: reset.
             Some(Ok(id))
-                if self.newest.is_some_and(|newest| {
+                if newest.is_some_and(|newest| {
                     id.run == newest.run && id.seq >= newest.seq && id.seq - newest.seq <= MAX_AHEAD
                 }) =>
             {
                 skip_until = Some(id);
                 None
             }
-            Some(Ok(id)) => Some(match self.newest {
+            Some(Ok(id)) => Some(match newest {
                 Some(newest) if id.run == newest.run && id.seq > newest.seq => {
                     "this id is ahead of every message this server has seen"
                 }
@@ -538,14 +832,6 @@ impl State {
         replay.insert(0, opening.freeze());
         (replay, skip_until)
     }
-
-    fn broadcast(&mut self, item: Item) {
-        if let Some(tx) = &self.tx {
-            // No receiver is fine: nobody is connected.
-            let _ = tx.send(item);
-            self.sent += 1;
-        }
-    }
 }
 
 /// The bounded history of one web node: message frames in the order they arrived, oldest
@@ -557,6 +843,8 @@ pub struct History {
     max_age: Duration,
     /// Set when messages were lost; the next entry carries it as `gap_before`.
     gap_marker: bool,
+    /// Bytes of the frames held.
+    bytes: usize,
 }
 
 struct HistoryEntry {
@@ -574,7 +862,33 @@ impl History {
             max_len,
             max_age,
             gap_marker: false,
+            bytes: 0,
         }
+    }
+
+    /// Bytes of the frames held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The newest id held.
+    pub fn newest(&self) -> Option<MsgId> {
+        self.entries.back().map(|entry| entry.id)
+    }
+
+    /// When the oldest entry arrived.
+    fn oldest_at(&self) -> Option<Instant> {
+        self.entries.front().map(|entry| entry.at)
+    }
+
+    /// Drops the oldest entry; the bytes freed.
+    fn pop_oldest(&mut self) -> usize {
+        let freed = self
+            .entries
+            .pop_front()
+            .map_or(0, |entry| entry.frame.len());
+        self.bytes -= freed;
+        freed
     }
 
     /// Appends a message. One that does not follow the newest of its run, or that is held
@@ -590,8 +904,9 @@ impl History {
             return;
         }
         if self.entries.len() == self.max_len {
-            self.entries.pop_front();
+            self.pop_oldest();
         }
+        self.bytes += frame.len();
         self.entries.push_back(HistoryEntry {
             id,
             at: now,
@@ -613,7 +928,7 @@ impl History {
             .front()
             .is_some_and(|entry| now.duration_since(entry.at) > self.max_age)
         {
-            self.entries.pop_front();
+            self.pop_oldest();
         }
     }
 
@@ -759,6 +1074,10 @@ mod tests {
             keepalive: Duration::from_secs(15),
             stall: Duration::from_millis(400),
             max_message_bytes: 1 << 16,
+            default_room: Arc::from("general"),
+            max_rooms: 4,
+            room_idle: Duration::from_secs(60),
+            history_bytes: 1 << 20,
         }
     }
 
@@ -776,7 +1095,7 @@ mod tests {
         let hub = hub(settings());
         let shutdown = CancellationToken::new();
         tokio::spawn(hub.clone().run_timers(shutdown.clone()));
-        let mut sub = hub.subscribe(None, Abort::new(|| {})).unwrap();
+        let mut sub = hub.subscribe(None, None, Abort::new(|| {})).unwrap();
         tokio::time::advance(Duration::from_secs(14)).await;
         tokio::task::yield_now().await;
         assert!(sub.rx.try_recv().is_err(), "nothing before 15 s of silence");
@@ -799,7 +1118,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(30)).await;
         hub.ingest(&message(2));
         let replayed = |hub: &Hub| {
-            let sub = hub.subscribe(None, Abort::new(|| {})).unwrap();
+            let sub = hub.subscribe(None, None, Abort::new(|| {})).unwrap();
             String::from_utf8(sub.replay.concat()).unwrap()
         };
         let both = replayed(&hub);
@@ -822,12 +1141,13 @@ mod tests {
             let aborted = aborted.clone();
             hub.subscribe(
                 None,
+                None,
                 Abort::new(move || aborted.store(true, Ordering::SeqCst)),
             )
             .unwrap()
         };
         let mut reading = hub
-            .subscribe(None, Abort::new(|| panic!("a reader is never cut")))
+            .subscribe(None, None, Abort::new(|| panic!("a reader is never cut")))
             .unwrap();
         for seq in 1..=6 {
             hub.ingest(&message(seq));

@@ -142,6 +142,8 @@ struct Wire<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     key: Option<&'a str>,
     client: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<&'a str>,
     from: &'a str,
     text: &'a str,
 }
@@ -233,6 +235,7 @@ impl Publisher {
             reference: pending.as_ref().map(|r| r.reference.as_str()),
             key: message.key.as_deref(),
             client,
+            room: message.room.as_deref(),
             from: &message.from,
             text: &message.text,
         };
@@ -335,6 +338,8 @@ pub struct Fields {
     pub text: Option<String>,
     /// The idempotency key, when given as a field rather than a header.
     pub key: Option<String>,
+    /// The room, when given.
+    pub room: Option<String>,
 }
 
 impl Fields {
@@ -343,9 +348,10 @@ impl Fields {
             "from" => &mut self.from,
             "text" => &mut self.text,
             "key" => &mut self.key,
+            "room" => &mut self.room,
             other => {
                 return Err(JsonError::bad_request(format!(
-                    "unknown field `{}`; a message has `from`, `text` and an optional `key`",
+                    "unknown field `{}`; a message has `from`, `text`, and optionally `room` and `key`",
                     other.escape_default()
                 )));
             }
@@ -435,7 +441,8 @@ fn parse_json(body: &[u8]) -> Result<Fields, JsonError> {
     for (name, value) in members {
         match value {
             serde_json::Value::String(value) => fields.set(&name, value)?,
-            serde_json::Value::Null if matches!(name.as_str(), "from" | "text" | "key") => {}
+            serde_json::Value::Null
+                if matches!(name.as_str(), "from" | "text" | "key" | "room") => {}
             other => {
                 fields.set(&name, String::new())?;
                 return Err(JsonError::bad_request(format!(
@@ -517,6 +524,8 @@ pub struct Checked {
     pub text: String,
     /// The client's idempotency key, if it sent one.
     pub key: Option<String>,
+    /// The room, checked and case-folded; `None` when the sender named none.
+    pub room: Option<String>,
 }
 
 /// The longest idempotency key.
@@ -538,7 +547,16 @@ pub fn check(fields: Fields, config: &MessageConfig) -> Result<Checked, JsonErro
     let from = check_field("from", fields.from, config.max_from_chars, false)?;
     let text = check_field("text", fields.text, config.max_text_chars, true)?;
     let key = fields.key.map(|key| check_key(&key)).transpose()?;
-    Ok(Checked { from, text, key })
+    let room = fields
+        .room
+        .map(|room| crate::wire::room_name(room.trim()).map_err(JsonError::bad_request))
+        .transpose()?;
+    Ok(Checked {
+        from,
+        text,
+        key,
+        room,
+    })
 }
 
 /// Checks an idempotency key.
@@ -657,6 +675,8 @@ pub struct Broadcast {
     pub trusted_proxies: Arc<Vec<TrustedProxy>>,
     /// `server.body_timeout_secs`.
     pub body_timeout: Duration,
+    /// `rooms.default`: the room of a message that names none.
+    pub default_room: Arc<str>,
 }
 
 impl Broadcast {
@@ -676,6 +696,10 @@ impl Broadcast {
             fields.from = session.get::<String>(SESSION_FROM);
         }
         let mut checked = check(fields, &self.config)?;
+        // Always named for the broker: scripts read `msg.room` whatever the sender gave.
+        checked
+            .room
+            .get_or_insert_with(|| self.default_room.to_string());
         match (&checked.key, header_key) {
             (Some(field), Some(header)) if *field != header => {
                 return Err(JsonError::bad_request(
@@ -803,6 +827,7 @@ mod tests {
             from: Some(from.into()),
             text: Some(text.into()),
             key: None,
+            room: None,
         }
     }
 
@@ -941,6 +966,7 @@ mod tests {
                 from: "Zoé".into(),
                 text: "hi".into(),
                 key: None,
+                room: None,
             }
         );
         assert_eq!(
@@ -949,6 +975,7 @@ mod tests {
                 from: "0".into(),
                 text: "0".into(),
                 key: None,
+                room: None,
             }
         );
         assert_eq!(ok("a", "x\r\ny\rz\tw").text, "x\ny\nz\tw");
@@ -957,6 +984,7 @@ mod tests {
                 from: None,
                 text: Some("x".into()),
                 key: None,
+                room: None,
             })
             .contains("`from` is missing")
         );

@@ -34,6 +34,9 @@ pub enum DropReason {
     Expired,
     /// Web node: a message whose id it already has.
     Duplicate,
+    /// Web node: a message for a new room while every room held (`rooms.max`) has clients:
+    /// delivered to nobody here, not kept for replay.
+    Rooms,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,6 +99,8 @@ pub struct Metrics {
     registry: Registry,
     /// SSE clients connected now.
     pub sse_clients: Gauge,
+    /// Rooms this web node holds now.
+    pub rooms: Gauge,
     /// Messages the broker published.
     pub broker_published: Counter,
     /// Messages this web node received from the broker.
@@ -163,6 +168,12 @@ impl Default for Metrics {
                 &mut registry,
                 "sse_clients",
                 "SSE clients connected now",
+                Gauge::default(),
+            ),
+            rooms: register(
+                &mut registry,
+                "rooms",
+                "Rooms this web node holds (with clients or history)",
                 Gauge::default(),
             ),
             broker_published: register(

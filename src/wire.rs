@@ -95,6 +95,31 @@ pub const KEY: &str = "key";
 /// Who sent the message, as the web node saw it (`ip:…`): scripts read it (the rate limit keys
 /// on it), nobody can change it, and it is never published.
 pub const CLIENT: &str = "client";
+/// The room a message belongs to. Web nodes always set it (the default room when the sender
+/// named none); a message without one (from a plain Temma peer) is in the default room.
+pub const ROOM: &str = "room";
+/// The longest room name.
+pub const MAX_ROOM_CHARS: usize = 64;
+
+/// A room name as given (form field, query parameter, `msg.room`), checked and case-folded:
+/// 1 to 64 of `a-z`, `0-9`, `_` and `-`, capitals folded to lower case. The error says the
+/// rule.
+pub fn room_name(text: &str) -> Result<String, String> {
+    let valid = (1..=MAX_ROOM_CHARS).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if valid {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "`{}` is not a room name: a room is 1 to {MAX_ROOM_CHARS} of a-z, 0-9, `_` and `-` \
+             (capitals are folded to lower case)",
+            text.chars().take(80).collect::<String>().escape_default()
+        ))
+    }
+}
+
 /// Keys a web node sends the broker that are never published.
 pub const PRIVATE_KEYS: [&str; 2] = [KEY, CLIENT];
 /// Status sent with a refusal that names none.
@@ -157,6 +182,8 @@ pub struct Envelope<'a> {
     pub reject: Option<&'a RawValue>,
     #[serde(borrow, default)]
     pub published: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub room: Option<&'a RawValue>,
     #[serde(default)]
     pub reason: Option<String>,
     #[serde(default)]
@@ -323,6 +350,20 @@ mod tests {
             text(write_message(br#"{"from":"a"}"#, None, false)),
             "event: msg\ndata: {\"from\":\"a\"}\n\n"
         );
+    }
+
+    #[test]
+    fn room_names_follow_the_rule() {
+        assert_eq!(room_name("General").unwrap(), "general");
+        assert_eq!(room_name("a-b_9").unwrap(), "a-b_9");
+        assert_eq!(room_name(&"x".repeat(64)).unwrap().len(), 64);
+        for bad in ["", "a b", "é", "a/b", "a.b", &"x".repeat(65)] {
+            let error = room_name(bad).unwrap_err();
+            assert!(
+                error.contains("is not a room name: a room is 1 to 64 of a-z"),
+                "{error}"
+            );
+        }
     }
 
     #[test]
