@@ -113,6 +113,12 @@ impl App {
             app.spawn(hub.clone().run_subscriber(address, shutdown.clone()));
         }
         app.spawn(hub.clone().run_timers(shutdown.clone()));
+        let reports = publisher.clone();
+        app.spawn(hub.clone().run_presence(
+            config.rooms.presence,
+            move |report| reports.send_report(report),
+            shutdown.clone(),
+        ));
 
         let front = config.server.front(hub.clone(), app.metrics.clone());
         let service = server::router(Routes {

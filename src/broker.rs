@@ -304,6 +304,11 @@ impl Broker {
             return None;
         }
         let frame = message.into_vec().pop().expect("one frame");
+        if frame.starts_with(crate::hub::PRESENCE_PREFIX) {
+            // A web node's presence report: for the other web nodes, as it is. Not a message:
+            // no id, no scripts, not counted.
+            return Some(ZmqMessage::from(frame));
+        }
         let out = match self.stamper.stamp(&frame, self.chain.is_empty()) {
             Ok(Stamped::Ready(bytes)) => bytes,
             Ok(Stamped::Parsed { map, key }) => match self.chain.run(map) {

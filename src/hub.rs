@@ -55,6 +55,18 @@ pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
 /// still be taken as "seen on another node, on its way here"; further ahead is reset.
 pub const MAX_AHEAD: u64 = 1024;
 
+/// How often a node tells the others (through the broker) how many clients each of its rooms
+/// has, and sends its clients the counts that changed.
+pub const PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
+/// A node not heard from for this long is no longer counted.
+pub const PRESENCE_EXPIRY: Duration = Duration::from_secs(3);
+/// How a presence report starts on the wire: the broker relays such frames as they are (no
+/// id, no scripts), and web nodes read them apart from messages.
+pub const PRESENCE_PREFIX: &[u8] = b"{\"presence\":";
+
+/// Other nodes remembered at most (a forged flood of node names stays bounded).
+const MAX_NODES: usize = 1024;
+
 /// One broadcast frame: a message (with its id, if the broker gave one) or a keep-alive.
 #[derive(Debug, Clone)]
 pub struct Item {
@@ -72,6 +84,8 @@ pub struct Hub {
 
 struct Shared {
     state: Mutex<State>,
+    /// This node's name in presence reports, random per process.
+    node: String,
     settings: Settings,
     metrics: Arc<Metrics>,
     acks: Arc<Acks>,
@@ -125,6 +139,11 @@ pub struct RoomsConfig {
     /// Bytes of history this node keeps over all rooms; the oldest messages go first.
     /// Default 67108864 (64 MiB).
     pub history_bytes: usize,
+    /// Share each room's client count with the other web nodes through the broker (a small
+    /// `{"presence":…}` frame every second while this node has clients), so that browsers see
+    /// the count over all nodes. Default `true`; turn off when plain Temma subscribers read the
+    /// broker's PUB socket.
+    pub presence: bool,
 }
 
 /// Default `rooms.default`.
@@ -143,6 +162,7 @@ impl Default for RoomsConfig {
             max: DEFAULT_MAX_ROOMS,
             idle_secs: DEFAULT_ROOM_IDLE_SECS,
             history_bytes: DEFAULT_HISTORY_BYTES,
+            presence: true,
         }
     }
 }
@@ -186,6 +206,13 @@ struct State {
     newest: Option<MsgId>,
     /// Bytes held by every room's history.
     history_bytes: usize,
+    /// What the other web nodes last reported: clients per room, and when.
+    others: HashMap<String, (Instant, HashMap<String, u64>)>,
+    /// The count each room's clients were last told.
+    shown: HashMap<Arc<str>, u64>,
+    /// Whether the last report of this node named any room (one empty report follows the
+    /// last client's departure, then silence).
+    reported: bool,
 }
 
 /// One room of one node: its ring, its history and its clients.
@@ -314,7 +341,11 @@ impl Hub {
                     rooms: HashMap::new(),
                     newest: None,
                     history_bytes: 0,
+                    others: HashMap::new(),
+                    shown: HashMap::new(),
+                    reported: false,
                 }),
+                node: format!("{:016x}", rand::random::<u64>()),
                 settings,
                 metrics,
                 acks,
@@ -344,6 +375,148 @@ impl Hub {
     /// Clients connected now.
     pub fn clients(&self) -> usize {
         self.shared.clients.load(Ordering::Acquire)
+    }
+
+    /// Every room known here or on another node, with the clients it has over all nodes
+    /// (`GET /rooms`), busiest first.
+    pub fn room_counts(&self) -> Vec<(String, u64)> {
+        let mut state = self.shared.lock();
+        state.expire_others(Instant::now());
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        for (name, room) in &state.rooms {
+            if !room.slots.is_empty() {
+                *counts.entry(name.to_string()).or_default() += room.slots.len() as u64;
+            }
+        }
+        for (_, rooms) in state.others.values() {
+            for (name, count) in rooms {
+                *counts.entry(name.clone()).or_default() += count;
+            }
+        }
+        let mut counts: Vec<(String, u64)> =
+            counts.into_iter().filter(|(_, count)| *count > 0).collect();
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        counts
+    }
+
+    /// This node's presence report, `{"presence":{"node":…,"rooms":{"name":clients,…}}}`, for
+    /// the other nodes; `None` when there is nothing new to say (no clients now, nor at the
+    /// last report).
+    pub fn presence_report(&self) -> Option<Bytes> {
+        let mut state = self.shared.lock();
+        let rooms: serde_json::Map<String, serde_json::Value> = state
+            .rooms
+            .iter()
+            .filter(|(_, room)| !room.slots.is_empty())
+            .map(|(name, room)| (name.to_string(), room.slots.len().into()))
+            .collect();
+        if rooms.is_empty() && !state.reported {
+            return None;
+        }
+        state.reported = !rooms.is_empty();
+        let report = serde_json::json!({ "node": self.shared.node, "rooms": rooms });
+        let mut frame = PRESENCE_PREFIX.to_vec();
+        frame.extend_from_slice(report.to_string().as_bytes());
+        frame.push(b'}');
+        Some(frame.into())
+    }
+
+    /// Every [`PRESENCE_INTERVAL`]: this node's report handed to `send` (when `share`), and
+    /// the changed counts sent to clients.
+    pub async fn run_presence(
+        self,
+        share: bool,
+        send: impl Fn(Bytes) + Send + 'static,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(PRESENCE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if share && let Some(report) = self.presence_report() {
+                send(report);
+            }
+            self.presence_tick();
+        }
+    }
+
+    /// Reads another node's presence report (its own echo is ignored).
+    fn ingest_presence(&self, frame: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Report {
+            presence: Body,
+        }
+        #[derive(serde::Deserialize)]
+        struct Body {
+            node: String,
+            rooms: HashMap<String, u64>,
+        }
+        let Ok(Report { presence }) = serde_json::from_slice::<Report>(frame) else {
+            self.shared.metrics.dropped(DropReason::Unreadable);
+            return;
+        };
+        if presence.node == self.shared.node {
+            return;
+        }
+        let mut state = self.shared.lock();
+        // Bounded: a report names at most the room cap's worth of rooms.
+        let rooms = presence
+            .rooms
+            .into_iter()
+            .filter(|(name, _)| wire::room_name(name).is_ok_and(|folded| folded == *name))
+            .take(self.shared.settings.max_rooms)
+            .collect();
+        if state.others.len() < MAX_NODES || state.others.contains_key(&presence.node) {
+            state.others.insert(presence.node, (Instant::now(), rooms));
+        }
+    }
+
+    /// Sends each room's clients its count over all nodes when it changed since they were
+    /// last told (`event: presence`, at most once per [`PRESENCE_INTERVAL`]).
+    pub fn presence_tick(&self) {
+        let mut state = self.shared.lock();
+        state.expire_others(Instant::now());
+        let mut totals: HashMap<Arc<str>, u64> = HashMap::new();
+        for (name, room) in &state.rooms {
+            if !room.slots.is_empty() {
+                totals.insert(name.clone(), room.slots.len() as u64);
+            }
+        }
+        let State {
+            others,
+            rooms,
+            shown,
+            ..
+        } = &mut *state;
+        for (_, counts) in others.values() {
+            for (name, count) in counts {
+                if let Some(total) = totals.get_mut(name.as_str()) {
+                    *total += count;
+                }
+            }
+        }
+        shown.retain(|name, _| totals.contains_key(name));
+        for (name, total) in totals {
+            if shown.get(&name) == Some(&total) {
+                continue;
+            }
+            if let Some(room) = rooms.get_mut(&name) {
+                let data = serde_json::json!({ "room": &*name, "count": total });
+                let mut frame = BytesMut::with_capacity(64);
+                frame.put_slice(b"event: presence\ndata: ");
+                frame.put_slice(data.to_string().as_bytes());
+                frame.put_slice(b"\n\n");
+                room.broadcast(Item {
+                    id: None,
+                    frame: frame.freeze(),
+                    message: false,
+                });
+            }
+            shown.insert(name, total);
+        }
     }
 
     /// Registers a client in `room` (a checked name; `None`: the default room).
@@ -442,6 +615,10 @@ impl Hub {
     /// Takes one frame published by the broker: a message to fan out, or a notice for this
     /// node's POSTs (a rejection, or "published already" for a retried idempotency key).
     pub fn ingest(&self, frame: &[u8]) {
+        if frame.starts_with(PRESENCE_PREFIX) {
+            self.ingest_presence(frame);
+            return;
+        }
         let shared = &self.shared;
         let head: Envelope<'_> = match serde_json::from_slice(frame) {
             Ok(head) => head,
@@ -644,6 +821,12 @@ enum Appended {
 }
 
 impl State {
+    /// Forgets nodes not heard from for [`PRESENCE_EXPIRY`].
+    fn expire_others(&mut self, now: Instant) {
+        self.others
+            .retain(|_, (heard, _)| now.duration_since(*heard) < PRESENCE_EXPIRY);
+    }
+
     /// The room `name`, created if needed. At `rooms.max`, the least recently active room
     /// without clients makes way; `None` if every room has clients.
     fn room(

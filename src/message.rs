@@ -160,6 +160,8 @@ pub enum PublishError {
 struct Outgoing {
     frame: Bytes,
     deadline: Instant,
+    /// A presence report: not a message (not counted when it expires unsent).
+    report: bool,
     /// With `confirm = false`: told once ZeroMQ took the message.
     sent: Option<oneshot::Sender<()>>,
 }
@@ -242,6 +244,7 @@ impl Publisher {
         let outgoing = Outgoing {
             frame: serde_json::to_vec(&wire).expect("serializing JSON").into(),
             deadline,
+            report: false,
             sent,
         };
         match tokio::time::timeout_at(deadline, self.tx.send(outgoing)).await {
@@ -270,6 +273,19 @@ impl Publisher {
                 Ok(Err(_)) | Err(_) => Err(unconfirmed("the broker could not be reached")),
             }
         }
+    }
+}
+
+impl Publisher {
+    /// Queues a presence report for the broker, if there is room: a report that cannot go now
+    /// is replaced by the next one.
+    pub fn send_report(&self, frame: Bytes) {
+        let _ = self.tx.try_send(Outgoing {
+            frame,
+            deadline: Instant::now() + crate::hub::PRESENCE_INTERVAL,
+            report: true,
+            sent: None,
+        });
     }
 }
 
@@ -307,7 +323,9 @@ impl PushTask {
                     },
                 };
                 if Instant::now() >= item.deadline {
-                    self.metrics.dropped(DropReason::Expired);
+                    if !item.report {
+                        self.metrics.dropped(DropReason::Expired);
+                    }
                     continue;
                 }
                 match push.send(ZmqMessage::from(item.frame.clone())).await {

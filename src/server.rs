@@ -9,6 +9,7 @@
 //! | `GET /event/fetch`         | [`crate::event`] (SSE)                      |
 //! | `GET /health`              | liveness and ZeroMQ connection state        |
 //! | `GET /metrics`             | Prometheus text format ([`crate::metrics`]) |
+//! | `GET /rooms`               | rooms with their client counts, all nodes   |
 //! | `GET /<file>`              | files of the static folder                  |
 //!
 //! Anything else gets a JSON 404 (or 405 for a known route and the wrong method).
@@ -278,6 +279,7 @@ pub fn router(routes: Routes) -> Service {
             .include_dot_files(false)
             .auto_list(false)
     };
+    let hub_rooms = hub.clone();
     let mut message = Router::with_path("message/broadcast");
     if let Some(sessions) = sessions {
         message = message.hoop(sessions);
@@ -303,6 +305,7 @@ pub fn router(routes: Routes) -> Service {
             metrics: metrics.clone(),
         }))
         .push(Router::with_path("metrics").get(MetricsPage { metrics }))
+        .push(Router::with_path("rooms").get(RoomList { hub: hub_rooms }))
         .push(
             Router::with_path("{**path}")
                 .get(static_files())
@@ -381,6 +384,39 @@ impl Handler for Health {
                 "sub_connected": sub,
                 "sse_clients": self.hub.clients(),
             }),
+        );
+    }
+}
+
+/// `GET /rooms`: every room with clients on any node, busiest first, with its count over all
+/// nodes; and the default room.
+struct RoomList {
+    hub: Hub,
+}
+
+#[async_trait]
+impl Handler for RoomList {
+    async fn handle(
+        &self,
+        _req: &mut Request,
+        _depot: &mut Depot,
+        res: &mut Response,
+        ctrl: &mut FlowCtrl,
+    ) {
+        ctrl.skip_rest();
+        let rooms: Vec<serde_json::Value> = self
+            .hub
+            .room_counts()
+            .into_iter()
+            .map(|(room, count)| serde_json::json!({ "room": room, "count": count }))
+            .collect();
+        res.headers_mut().insert(
+            salvo::http::header::CACHE_CONTROL,
+            salvo::http::HeaderValue::from_static("no-store"),
+        );
+        write_json(
+            res,
+            &serde_json::json!({ "default": self.hub.default_room(), "rooms": rooms }),
         );
     }
 }

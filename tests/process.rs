@@ -829,7 +829,7 @@ async fn broker_killed_and_restarted_while_the_web_node_runs() {
     let waited = started.elapsed();
     assert!(waited < Duration::from_millis(1500), "503 after {waited:?}");
     // The SSE client stays connected: keep-alives go on.
-    let keepalive = sse.next().await.expect("still connected");
+    let keepalive = sse.next_but_presence().await.expect("still connected");
     assert_eq!(keepalive.comments, ["keep-alive"]);
     let health = client.get(format!("{url}/health")).send().await.unwrap();
     assert_eq!(health.status(), 503);

@@ -276,3 +276,100 @@ async fn histories_share_one_byte_budget() {
     assert!(!kept.contains(&"m0".to_owned()), "{kept:?}");
     app.stop().await;
 }
+
+/// A second web node on the first one's broker.
+async fn second_node(first: &TestApp) -> TestApp {
+    use temma::config::Role;
+    let config = common::test_config();
+    let pull = first
+        .app()
+        .addresses()
+        .listening(config.dsn(Role::BrokerPull))[0]
+        .clone();
+    let publish = first
+        .app()
+        .addresses()
+        .listening(config.dsn(Role::BrokerPub))[0]
+        .clone();
+    TestApp::start_with(move |config| {
+        config.broker.embedded = false;
+        for (name, dsn) in [
+            (
+                "zmq_client_push",
+                format!("zmq://PUSH@{}", pull.trim_start_matches("tcp://")),
+            ),
+            (
+                "zmq_client_sub",
+                format!("zmq://SUB@{}", publish.trim_start_matches("tcp://")),
+            ),
+        ] {
+            config
+                .application
+                .data_sources
+                .insert(name.into(), dsn.parse().unwrap());
+        }
+    })
+    .await
+}
+
+/// The next `presence` event's count.
+async fn next_count(sse: &mut Sse) -> u64 {
+    loop {
+        let event = sse.next().await.expect("stream open");
+        if event.event.as_deref() == Some("presence") {
+            return event.json()["count"].as_u64().unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_counts_clients_over_every_node() {
+    let one = TestApp::start().await;
+    one.ready().await;
+    let two = second_node(&one).await;
+    two.ready().await;
+
+    let mut first = sse(&one, Some("lobby"), None).await;
+    assert_eq!(next_count(&mut first).await, 1);
+    let mut elsewhere = sse(&one, Some("other"), None).await;
+    let second = sse(&two, Some("lobby"), None).await;
+    // The node-one client learns of the node-two client within a few seconds.
+    assert_eq!(next_count(&mut first).await, 2);
+    assert_eq!(
+        next_count(&mut elsewhere).await,
+        1,
+        "another room's count is its own"
+    );
+    let rooms: serde_json::Value = two
+        .client
+        .get(two.url("/rooms"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        rooms,
+        serde_json::json!({
+            "default": "general",
+            "rooms": [{"room": "lobby", "count": 2}, {"room": "other", "count": 1}],
+        })
+    );
+    // A client leaves: the count goes down on the other node.
+    drop(second);
+    assert_eq!(next_count(&mut first).await, 1);
+    // A node that dies stops being counted within a few seconds.
+    let mut third = sse(&two, Some("lobby"), None).await;
+    assert_eq!(next_count(&mut first).await, 2);
+    assert_eq!(next_count(&mut third).await, 2);
+    let started = std::time::Instant::now();
+    two.stop().await;
+    assert_eq!(next_count(&mut first).await, 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    one.stop().await;
+}

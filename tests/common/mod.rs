@@ -266,6 +266,16 @@ impl Sse {
         }
     }
 
+    /// The next event that is not a presence count (`event: presence`).
+    pub async fn next_but_presence(&mut self) -> Option<Event> {
+        loop {
+            let event = self.next().await?;
+            if event.event.as_deref() != Some("presence") {
+                return Some(event);
+            }
+        }
+    }
+
     /// The next `msg` event, skipping comments, keep-alives and the opening block.
     pub async fn next_message(&mut self) -> Event {
         loop {
