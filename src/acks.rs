@@ -15,8 +15,12 @@ use tokio::sync::oneshot;
 /// What became of a message a node sent, as reported back by the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ack {
-    Published,
-    Rejected { reason: String, status: u16 },
+    /// Published, with its id when the broker gave one.
+    Published(Option<crate::wire::MsgId>),
+    Rejected {
+        reason: String,
+        status: u16,
+    },
 }
 
 /// Messages this node sent and still waits for, by reference. A reference is
@@ -118,7 +122,7 @@ mod tests {
     async fn acks_resolve_only_this_nodes_messages() {
         let acks = Acks::new();
         let mut registration = acks.register();
-        acks.resolve("0000000000000000-1", Ack::Published);
+        acks.resolve("0000000000000000-1", Ack::Published(None));
         assert_eq!(acks.pending(), 1, "another node's reference is ignored");
         let rejected = Ack::Rejected {
             reason: "no".into(),
@@ -132,6 +136,6 @@ mod tests {
         assert_eq!(acks.pending(), 1);
         drop(abandoned);
         assert_eq!(acks.pending(), 0);
-        acks.resolve("garbage", Ack::Published);
+        acks.resolve("garbage", Ack::Published(None));
     }
 }

@@ -641,7 +641,7 @@ impl Hub {
             return;
         }
         if let Some(reference) = head.published.and_then(plain_str) {
-            shared.acks.resolve(reference, Ack::Published);
+            shared.acks.resolve(reference, Ack::Published(head.id()));
             return;
         }
         shared.metrics.received.inc();
@@ -674,7 +674,7 @@ impl Hub {
             return;
         }
         if let Some(reference) = head.reference.and_then(plain_str) {
-            shared.acks.resolve(reference, Ack::Published);
+            shared.acks.resolve(reference, Ack::Published(id));
         }
     }
 

@@ -48,6 +48,8 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024;
 pub const DEFAULT_PUBLISH_TIMEOUT_MS: u64 = 1000;
 /// Default `message.queue`.
 pub const DEFAULT_PUSH_QUEUE: usize = 1024;
+/// The response header of a `200` that carries the published message's id.
+pub const MESSAGE_ID_HEADER: &str = "x-message-id";
 /// The session key remembering the sender's name.
 pub const SESSION_FROM: &str = "from";
 
@@ -209,8 +211,13 @@ impl Publisher {
         )
     }
 
-    /// Publishes one message and waits for its outcome, at most `publish_timeout_ms`.
-    pub async fn publish(&self, message: &Checked, client: &str) -> Result<(), PublishError> {
+    /// Publishes one message and waits for its outcome, at most `publish_timeout_ms`: its id
+    /// once published (`None` with `confirm = false`: ZeroMQ took it, nobody said its id).
+    pub async fn publish(
+        &self,
+        message: &Checked,
+        client: &str,
+    ) -> Result<Option<crate::wire::MsgId>, PublishError> {
         let deadline = Instant::now() + self.timeout;
         let ms = self.timeout.as_millis();
         // Sent to the broker, not confirmed: it may still be published later.
@@ -259,7 +266,7 @@ impl Publisher {
         }
         if let Some(mut registration) = pending {
             match tokio::time::timeout_at(deadline, &mut registration.outcome).await {
-                Ok(Ok(Ack::Published)) => Ok(()),
+                Ok(Ok(Ack::Published(id))) => Ok(id),
                 Ok(Ok(Ack::Rejected { reason, status })) => {
                     Err(PublishError::Rejected { reason, status })
                 }
@@ -269,7 +276,7 @@ impl Publisher {
         } else {
             let taken = taken.expect("created when not confirming");
             match tokio::time::timeout_at(deadline, taken).await {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(())) => Ok(None),
                 Ok(Err(_)) | Err(_) => Err(unconfirmed("the broker could not be reached")),
             }
         }
@@ -675,7 +682,7 @@ fn check_field(
     let chars = value.chars().count();
     if chars > max_chars {
         return Err(JsonError::bad_request(format!(
-            "field `{name}` is {chars} characters long; the limit is {max_chars}"
+            "`{name}` is too long: {chars} of {max_chars} characters"
         )));
     }
     Ok(value.to_owned())
@@ -698,7 +705,11 @@ pub struct Broadcast {
 }
 
 impl Broadcast {
-    async fn answer(&self, req: &mut Request, depot: &mut Depot) -> Result<(), JsonError> {
+    async fn answer(
+        &self,
+        req: &mut Request,
+        depot: &mut Depot,
+    ) -> Result<Option<crate::wire::MsgId>, JsonError> {
         let (client, header_key) = self.sender(req)?;
         let body = self.body(req).await?;
         let content_type = req
@@ -729,7 +740,7 @@ impl Broadcast {
         }
         let started = std::time::Instant::now();
         match self.publisher.publish(&checked, &client).await {
-            Ok(()) => {
+            Ok(id) => {
                 self.metrics
                     .publish_latency
                     .observe(started.elapsed().as_secs_f64());
@@ -738,7 +749,7 @@ impl Broadcast {
                 {
                     let _ = session.insert(SESSION_FROM, &checked.from);
                 }
-                Ok(())
+                Ok(id)
             }
             Err(PublishError::Unavailable(message)) => {
                 Err(JsonError::new(StatusCode::SERVICE_UNAVAILABLE, message))
@@ -812,8 +823,15 @@ impl Handler for Broadcast {
         ctrl: &mut FlowCtrl,
     ) {
         let status = match self.answer(req, depot).await {
-            Ok(()) => {
+            Ok(id) => {
                 res.status_code(StatusCode::OK);
+                // The published id, so that a page can tell its own message among the stream's
+                // (the body stays Temma's `true`).
+                if let Some(value) =
+                    id.and_then(|id| salvo::http::HeaderValue::from_str(&id.to_string()).ok())
+                {
+                    res.headers_mut().insert(MESSAGE_ID_HEADER, value);
+                }
                 write_json(res, &serde_json::Value::Bool(true));
                 StatusCode::OK
             }
@@ -1010,7 +1028,7 @@ mod tests {
         assert!(err(fields("a\nb", "x")).contains("`from` contains the control character U+000A"));
         assert!(err(fields("a", "x\0y")).contains("U+0000; only line feeds and tabs"));
         assert!(err(fields("a", "x\u{1b}[31m")).contains("U+001B"));
-        assert!(err(fields("abcdef", "x")).contains("`from` is 6 characters long; the limit is 5"));
+        assert!(err(fields("abcdef", "x")).contains("`from` is too long: 6 of 5 characters"));
         assert!(err(fields("éééé", "0123456789x")).contains("the limit is 10"));
         // Characters, not bytes: 5 two-byte characters fit.
         assert_eq!(ok("ééééé", "x").from, "ééééé");

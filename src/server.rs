@@ -240,6 +240,7 @@ fn cors(origins: &[String]) -> Option<salvo::cors::CorsHandler> {
             .allow_origin(allow)
             .allow_methods(vec![Method::GET, Method::POST])
             .allow_headers(vec!["content-type", "last-event-id", "idempotency-key"])
+            .expose_headers(vec![crate::message::MESSAGE_ID_HEADER])
             .max_age(3600)
             .into_handler(),
     )
@@ -280,6 +281,10 @@ pub fn router(routes: Routes) -> Service {
             .auto_list(false)
     };
     let hub_rooms = hub.clone();
+    let limits = (
+        broadcast.config.max_text_chars,
+        broadcast.config.max_from_chars,
+    );
     let mut message = Router::with_path("message/broadcast");
     if let Some(sessions) = sessions {
         message = message.hoop(sessions);
@@ -305,7 +310,10 @@ pub fn router(routes: Routes) -> Service {
             metrics: metrics.clone(),
         }))
         .push(Router::with_path("metrics").get(MetricsPage { metrics }))
-        .push(Router::with_path("rooms").get(RoomList { hub: hub_rooms }))
+        .push(Router::with_path("rooms").get(RoomList {
+            hub: hub_rooms,
+            limits,
+        }))
         .push(
             Router::with_path("{**path}")
                 .get(static_files())
@@ -392,6 +400,8 @@ impl Handler for Health {
 /// nodes; and the default room.
 struct RoomList {
     hub: Hub,
+    /// `message.max_text_chars` and `message.max_from_chars`, for the page's counters.
+    limits: (usize, usize),
 }
 
 #[async_trait]
@@ -416,7 +426,11 @@ impl Handler for RoomList {
         );
         write_json(
             res,
-            &serde_json::json!({ "default": self.hub.default_room(), "rooms": rooms }),
+            &serde_json::json!({
+                "default": self.hub.default_room(),
+                "rooms": rooms,
+                "limits": { "text": self.limits.0, "from": self.limits.1 },
+            }),
         );
     }
 }

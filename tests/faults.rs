@@ -46,14 +46,14 @@ async fn each_bad_input_gets_a_clear_error_and_affects_nothing_else() {
             form,
             format!("from={}&text=x", "a".repeat(65)).into_bytes(),
             400,
-            "`from` is 65 characters long; the limit is 64",
+            "`from` is too long: 65 of 64 characters",
         ),
         (
             "text too long",
             form,
             format!("from=a&text={}", "é".repeat(2001)).into_bytes(),
             400,
-            "`text` is 2001 characters long; the limit is 2000",
+            "`text` is too long: 2001 of 2000 characters",
         ),
         (
             "body too large",

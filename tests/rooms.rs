@@ -62,12 +62,19 @@ async fn each_stream_gets_its_room_only() {
     );
     let mut b_hyper = Sse::connect(&kept, &app.url("/event/fetch?room=beta"), None).await;
 
-    assert_eq!(post(&app, Some("alpha"), "to alpha").await.status(), 200);
+    let response = post(&app, Some("alpha"), "to alpha").await;
+    assert_eq!(response.status(), 200);
+    // The 200 says the published id, so that a page can tell its own message.
+    let id = response.headers()["x-message-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(post(&app, Some("Beta"), "to beta").await.status(), 200);
     assert_eq!(post(&app, None, "to everyone here").await.status(), 200);
 
     for stream in [&mut a1, &mut a2] {
         let event = stream.next_message().await;
+        assert_eq!(event.id.as_deref(), Some(id.as_str()));
         assert_eq!(event.json()["text"], "to alpha");
         assert_eq!(event.json()["room"], "alpha");
         silent(stream).await;
@@ -354,6 +361,7 @@ async fn presence_counts_clients_over_every_node() {
         serde_json::json!({
             "default": "general",
             "rooms": [{"room": "lobby", "count": 2}, {"room": "other", "count": 1}],
+            "limits": {"text": 2000, "from": 64},
         })
     );
     // A client leaves: the count goes down on the other node.
