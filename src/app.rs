@@ -62,7 +62,8 @@ pub struct App {
     tracker: TaskTracker,
     /// The long-lived tasks, so that a panic in one reaches [`App::wait`].
     handles: Vec<tokio::task::JoinHandle<()>>,
-    reload: Option<ReloadHandle>,
+    /// What SIGHUP reloads: the broker's chain, the access hook.
+    reload: Vec<ReloadHandle>,
     /// The broker's run id, when this process runs one.
     run: Option<u64>,
 }
@@ -120,7 +121,10 @@ impl App {
             shutdown.clone(),
         ));
 
-        let front = config.server.front(hub.clone(), app.metrics.clone());
+        let access = app.start_access(config, &shutdown);
+        let front = config
+            .server
+            .front(hub.clone(), app.metrics.clone(), access.clone());
         let service = server::router(Routes {
             static_dir: config.resolve(&config.server.static_dir),
             root: config.application.root_controller,
@@ -133,6 +137,7 @@ impl App {
                 trusted_proxies: Arc::new(config.server.trusted_proxies.clone()),
                 body_timeout: Duration::from_secs(config.server.body_timeout_secs),
                 default_room: Arc::from(config.rooms.default.as_str()),
+                access,
             },
             hub,
             front: front.clone(),
@@ -210,7 +215,7 @@ impl App {
             metrics: Metrics::new(),
             tracker: TaskTracker::new(),
             handles: Vec::new(),
-            reload: None,
+            reload: Vec::new(),
             run: None,
         }
     }
@@ -233,8 +238,51 @@ impl App {
         self.run = Some(parts.broker.run_id());
         self.spawn(parts.broker.run(shutdown.clone()));
         self.spawn(parts.reloader.run(shutdown.clone()));
-        self.reload = Some(parts.reload);
+        self.reload.push(parts.reload);
         Ok(())
+    }
+
+    /// The access hook, if the configuration has one, and the tasks that reload it (on file
+    /// change, and from the configuration file on SIGHUP).
+    fn start_access(
+        &mut self,
+        config: &Config,
+        shutdown: &CancellationToken,
+    ) -> Option<crate::script::Hook> {
+        let root = config.root();
+        let spec = config.access.spec(&root)?;
+        let script = match config.access.compiled.take().and_then(|mut s| s.pop()) {
+            Some(script) => script,
+            // Validated already: a failure now (the file changed since) is logged, and the
+            // node runs without the hook rather than open nothing.
+            None => match spec.load() {
+                Ok(script) => script,
+                Err(error) => {
+                    tracing::error!(%error, "the access hook cannot be loaded; every request is refused");
+                    return Some(crate::script::Hook::refusing());
+                }
+            },
+        };
+        let hook = crate::script::Hook::new(script);
+        let file = config.file.clone();
+        let source: Option<ChainSource> = (!file.as_os_str().is_empty()).then(|| {
+            Box::new(move || {
+                let config = Config::load(&file).map_err(|error| error.to_string())?;
+                let spec = config.access.spec(&config.root());
+                let compiled = config.access.compiled.take();
+                Ok((spec.into_iter().collect(), compiled))
+            }) as ChainSource
+        });
+        let (reloader, reloads, handle) = crate::script::Reloader::new(
+            vec![spec],
+            source,
+            config.broker.watch,
+            self.metrics.clone(),
+        );
+        self.spawn(reloader.run(shutdown.clone()));
+        self.spawn(hook.clone().follow(reloads, shutdown.clone()));
+        self.reload.push(handle);
+        Some(hook)
     }
 
     /// The HTTP address actually bound (port 0 resolved): `server.listen` for `temma serve`,
@@ -255,7 +303,7 @@ impl App {
     /// Asks the broker to reload its scripts (and its chain from the config file), as SIGHUP
     /// does. Does nothing in a web node without an embedded broker.
     pub fn reload_scripts(&self) {
-        if let Some(reload) = &self.reload {
+        for reload in &self.reload {
             reload.reload();
         }
     }

@@ -76,6 +76,8 @@ pub struct Config {
     pub event: EventConfig,
     /// Rooms: the default one, how many a node holds, their idle time and history budget.
     pub rooms: crate::hub::RoomsConfig,
+    /// The web node's access hook (`on_subscribe`, `on_publish`).
+    pub access: crate::script::AccessConfig,
     /// Logging.
     pub log: LogConfig,
     /// The file this configuration was read from (empty for an in-memory configuration).
@@ -466,6 +468,7 @@ impl Config {
         self.message.validate(&mut problem);
         self.event.validate(&mut problem);
         self.rooms.validate(&mut problem);
+        self.access.validate(&root, &mut problem);
         self.broker.validate(&root, &mut problem);
         if problems.is_empty() {
             Ok(())

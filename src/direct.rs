@@ -35,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::event::{self, Reader};
 use crate::hub::{Abort, Hub};
 use crate::metrics::{ConnectionRefusal, Metrics};
+use crate::script::{Access, Hook};
 
 /// The longest request head read before a connection is handed on.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -61,6 +62,8 @@ pub struct Front {
     pub cors_origins: Arc<Vec<String>>,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
+    /// The access hook, if any: `on_subscribe` runs before a stream opens.
+    pub access: Option<Hook>,
     /// The sockets of connections hyper serves, by peer address, so that an SSE response on
     /// one of them can watch for the client closing (hyper does not read while it streams).
     sockets: Mutex<HashMap<SocketAddr, Weak<TcpStream>>>,
@@ -72,12 +75,14 @@ impl Front {
         cors_origins: Vec<String>,
         limits: Limits,
         metrics: Arc<Metrics>,
+        access: Option<Hook>,
     ) -> Arc<Front> {
         Arc::new(Front {
             hub,
             cors_origins: Arc::new(cors_origins),
             limits,
             metrics,
+            access,
             sockets: Mutex::new(HashMap::new()),
         })
     }
@@ -320,7 +325,7 @@ async fn first_request(
                 {
                     drop(pending);
                     drop(buffer);
-                    serve_sse(socket, sse, &front, &shutdown).await;
+                    serve_sse(socket, peer, sse, &front, &shutdown).await;
                     drop(open);
                     return;
                 }
@@ -350,6 +355,9 @@ pub struct SseRequest {
     pub room: Result<Option<String>, String>,
     pub last_event_id: Option<String>,
     pub origin: Option<String>,
+    /// The query string, and the headers the access hook may read.
+    pub query: Option<String>,
+    pub hook_headers: Vec<(&'static str, String)>,
 }
 
 impl SseRequest {
@@ -379,6 +387,11 @@ impl SseRequest {
             last_event_id: header("last-event-id")
                 .or_else(|| query.and_then(event::query_last_event_id)),
             origin: header("origin"),
+            query: query.map(str::to_owned),
+            hook_headers: crate::script::HOOK_HEADERS
+                .iter()
+                .filter_map(|name| Some((*name, header(name)?)))
+                .collect(),
         })
     }
 }
@@ -401,6 +414,7 @@ enum Ended {
 /// documentation.
 async fn serve_sse(
     socket: TcpStream,
+    peer: SocketAddr,
     request: SseRequest,
     front: &Front,
     shutdown: &CancellationToken,
@@ -426,6 +440,28 @@ async fn serve_sse(
             return;
         }
     };
+    if let Some(hook) = &front.access {
+        let room = room.as_deref().unwrap_or(front.hub.default_room());
+        let req = Hook::request(
+            room,
+            None,
+            &peer.ip().to_string(),
+            request.query.as_deref(),
+            |name| {
+                request
+                    .hook_headers
+                    .iter()
+                    .find(|(known, _)| *known == name)
+                    .map(|(_, value)| value.clone())
+            },
+        );
+        if let Access::Refuse { status, reason } = hook.check(crate::script::ON_SUBSCRIBE, req) {
+            let refusal = error_response(status, reason_phrase(status), &reason);
+            out.pending.push_back(Bytes::from(refusal));
+            let _ = out.flush(&mut stop).await;
+            return;
+        }
+    }
     let subscription = front
         .hub
         .subscribe(room.as_deref(), request.last_event_id.as_deref(), {
@@ -690,4 +726,12 @@ pub fn fit_max_connections(configured: usize) -> usize {
         }
         None => configured,
     }
+}
+
+/// The reason phrase of a 4xx a hook may answer with.
+fn reason_phrase(status: u16) -> &'static str {
+    salvo::http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|status| status.canonical_reason())
+        .unwrap_or("Refused")
 }

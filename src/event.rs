@@ -155,6 +155,8 @@ pub struct Fetch {
     /// Where the socket of the connection can be found, to end the stream when the client
     /// closes (hyper does not read while it streams a response).
     pub sockets: Sockets,
+    /// The access hook, if any: `on_subscribe` runs before the stream opens.
+    pub access: Option<crate::script::Hook>,
 }
 
 /// The `lastEventId` query parameter, if any.
@@ -200,6 +202,36 @@ impl Handler for Fetch {
                 return;
             }
         };
+        if let Some(hook) = &self.access {
+            let client = req
+                .remote_addr()
+                .as_ipv4()
+                .map(|a| a.ip().to_string())
+                .or_else(|| req.remote_addr().as_ipv6().map(|a| a.ip().to_string()))
+                .unwrap_or_default();
+            let hook_req = crate::script::Hook::request(
+                room.as_deref().unwrap_or(self.hub.default_room()),
+                None,
+                &client,
+                req.uri().query(),
+                |name| {
+                    req.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                },
+            );
+            if let crate::script::Access::Refuse { status, reason } =
+                hook.check(crate::script::ON_SUBSCRIBE, hook_req)
+            {
+                JsonError::new(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN),
+                    reason,
+                )
+                .write_to(res);
+                return;
+            }
+        }
         let subscription = match self
             .hub
             .subscribe(room.as_deref(), last_event_id.as_deref(), {

@@ -702,6 +702,8 @@ pub struct Broadcast {
     pub body_timeout: Duration,
     /// `rooms.default`: the room of a message that names none.
     pub default_room: Arc<str>,
+    /// The access hook, if any: `on_publish` runs before a message is sent to the broker.
+    pub access: Option<crate::script::Hook>,
 }
 
 impl Broadcast {
@@ -737,6 +739,29 @@ impl Broadcast {
             }
             (None, Some(header)) => checked.key = Some(header),
             _ => {}
+        }
+        if let Some(hook) = &self.access {
+            let mut hook_req = crate::script::Hook::request(
+                checked.room.as_deref().unwrap_or(&self.default_room),
+                Some(&checked.from),
+                &client,
+                req.uri().query(),
+                |name| {
+                    req.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                },
+            );
+            hook_req.insert("text".into(), checked.text.clone().into());
+            if let crate::script::Access::Refuse { status, reason } =
+                hook.check(crate::script::ON_PUBLISH, hook_req)
+            {
+                return Err(JsonError::new(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN),
+                    reason,
+                ));
+            }
         }
         let started = std::time::Instant::now();
         match self.publisher.publish(&checked, &client).await {

@@ -78,6 +78,19 @@ pub const RELOAD_QUEUE: usize = 8;
 pub const ENTRY_POINT: &str = "on_message";
 /// The optional set-up function.
 pub const INIT: &str = "init";
+/// The access hook's function for a stream (`GET /event/fetch`).
+pub const ON_SUBSCRIBE: &str = "on_subscribe";
+/// The access hook's function for a message (`POST /message/broadcast`).
+pub const ON_PUBLISH: &str = "on_publish";
+
+/// What a script is for, and so which functions it must define.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScriptKind {
+    /// A script of the broker's chain: `fn on_message(msg)`.
+    Moderation,
+    /// The web node's access hook: `fn on_subscribe(req)` and/or `fn on_publish(req)`.
+    Access,
+}
 
 /// What to do with a message when a script fails on it: `"drop"` or `"pass"`, in any case.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -190,8 +203,8 @@ pub enum ScriptError {
         column: usize,
         message: String,
     },
-    #[error("script `{file}` defines no `fn {ENTRY_POINT}(msg)`")]
-    NoEntryPoint { file: String },
+    #[error("script `{file}` defines no {expected}")]
+    NoEntryPoint { file: String, expected: String },
     #[error("script `{file}`, parameter `{key}`: {message}")]
     Param {
         file: String,
@@ -342,11 +355,31 @@ fn register_helpers(engine: &mut Engine) {
     engine.register_fn("mask_words", |text: &str, words: WordSet, mask: &str| {
         mask_words(text, &words, mask)
     });
+    engine.register_fn("hmac_sha256", hmac_sha256);
+    engine.register_fn("same", |a: &str, b: &str| {
+        use subtle::ConstantTimeEq;
+        bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+    });
     engine.register_type_with_name::<RateLimiter>("RateLimiter");
     engine.register_fn("rate_limiter", RateLimiter::new);
     engine.register_fn("allow", |limiter: &mut RateLimiter, key: &str| {
         limiter.allow(key, crate::wire::now_ms() as rhai::INT)
     });
+}
+
+/// `hmac_sha256(secret, text)`: the HMAC-SHA256 of `text` under `secret`, in lower-case hex,
+/// for scripts that check signed tokens (compare with `same(a, b)`, in constant time).
+pub fn hmac_sha256(secret: &str, text: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) else {
+        return String::new(); // HMAC takes a key of any length: not reached
+    };
+    mac.update(text.as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A set of words for [`mask_words`], built once (`word_set(params.words)` in `init`): sharing
@@ -565,6 +598,7 @@ pub struct ScriptSpec {
     pub root: PathBuf,
     pub limits: ScriptLimits,
     pub on_error: OnError,
+    pub kind: ScriptKind,
 }
 
 impl ScriptSpec {
@@ -586,6 +620,7 @@ impl ScriptSpec {
                 root: root.path().to_owned(),
                 limits,
                 on_error: entry.on_error.unwrap_or(on_error),
+                kind: ScriptKind::Moderation,
             })
             .collect()
     }
@@ -604,6 +639,7 @@ impl ScriptSpec {
             root: PathBuf::from("."),
             limits,
             on_error: OnError::Drop,
+            kind: ScriptKind::Moderation,
         }
     }
 
@@ -685,11 +721,21 @@ impl ScriptSpec {
             }
         })?;
         ast.set_source(shown.as_str());
+        let (entry_points, expected): (&[&str], &str) = match self.kind {
+            ScriptKind::Moderation => (&[ENTRY_POINT], "`fn on_message(msg)`"),
+            ScriptKind::Access => (
+                &[ON_SUBSCRIBE, ON_PUBLISH],
+                "`fn on_subscribe(req)` nor `fn on_publish(req)`",
+            ),
+        };
         if !ast
             .iter_functions()
-            .any(|f| f.name == ENTRY_POINT && f.params.len() == 1)
+            .any(|f| entry_points.contains(&f.name) && f.params.len() == 1)
         {
-            return Err(ScriptError::NoEntryPoint { file: shown });
+            return Err(ScriptError::NoEntryPoint {
+                file: shown,
+                expected: expected.to_owned(),
+            });
         }
         let mut script = Script {
             name: self.name.clone(),
@@ -1266,6 +1312,212 @@ pub fn validate_limits(limits: &ScriptLimits, problem: &mut impl FnMut(&str, Str
     ] {
         if zero {
             problem(key, "is 0: must be at least 1".to_owned());
+        }
+    }
+}
+
+/// The `[access]` section: the web node's access hook.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessConfig {
+    /// The hook script, relative to the application root; none by default (everyone may
+    /// follow and post in every room).
+    pub file: Option<PathBuf>,
+    /// Parameters, read in the script as `params`. `*_file` keys name files to read.
+    pub params: BTreeMap<String, serde_json::Value>,
+    /// What a failing hook does: `"drop"` (default: refuse, 403) or `"pass"` (allow).
+    pub on_error: OnError,
+    /// The sandbox limits of the hook (the same keys as `[broker.limits]`).
+    pub limits: ScriptLimits,
+    /// The hook as validation compiled it, for the start-up that follows.
+    #[serde(skip)]
+    pub compiled: Compiled,
+}
+
+impl AccessConfig {
+    /// The hook's spec, if one is configured.
+    pub fn spec(&self, root: &Root) -> Option<ScriptSpec> {
+        let file = self.file.as_ref()?;
+        Some(ScriptSpec {
+            name: name_of(file),
+            file: root.resolve(file),
+            shown: file.display().to_string(),
+            params: self.params.clone(),
+            root: root.path().to_owned(),
+            limits: self.limits,
+            on_error: self.on_error,
+            kind: ScriptKind::Access,
+        })
+    }
+
+    /// Checks the section and compiles the hook (once: the web node built next takes it).
+    pub fn validate(&self, root: &Root, problem: &mut impl FnMut(&str, String)) {
+        let mut limits = |key: &str, message: String| {
+            problem(&key.replace("broker.limits", "access.limits"), message)
+        };
+        validate_limits(&self.limits, &mut limits);
+        if let Some(spec) = self.spec(root) {
+            match spec.load() {
+                Ok(script) => self.compiled.put(vec![script]),
+                Err(error) => problem(&format!("access.file ({})", spec.name), error.to_string()),
+            }
+        }
+    }
+}
+
+/// What the access hook decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    Allow,
+    /// Refused: a 4xx with the reason.
+    Refuse {
+        status: u16,
+        reason: String,
+    },
+}
+
+/// The web node's access hook: one script, shared by every request (one call at a time; a
+/// call is a few microseconds), swapped whole when it is reloaded.
+#[derive(Clone)]
+pub struct Hook {
+    script: Arc<std::sync::Mutex<Option<Script>>>,
+    /// Set when the configured hook could not be loaded at start.
+    refuse_all: bool,
+}
+
+/// The header names the hook sees (others, cookies among them, are not given to it).
+pub const HOOK_HEADERS: [&str; 4] = ["authorization", "origin", "referer", "user-agent"];
+/// Query parameters given to the hook at most, and the longest value.
+const HOOK_MAX_QUERY: usize = 32;
+const HOOK_MAX_VALUE: usize = 1024;
+
+impl Hook {
+    pub fn new(script: Script) -> Hook {
+        Hook {
+            script: Arc::new(std::sync::Mutex::new(Some(script))),
+            refuse_all: false,
+        }
+    }
+
+    /// A hook that refuses everything: the configured one could not be loaded (fail closed).
+    pub fn refusing() -> Hook {
+        Hook {
+            script: Arc::new(std::sync::Mutex::new(None)),
+            refuse_all: true,
+        }
+    }
+
+    /// The request as the hook reads it: `room`, `name` (or `()`), `client`, `query` (a map of
+    /// the query string's parameters) and `headers` (the [`HOOK_HEADERS`] present, lower-case
+    /// names), plus `extra` (e.g. `text` for a message).
+    pub fn request(
+        room: &str,
+        name: Option<&str>,
+        client: &str,
+        query: Option<&str>,
+        header: impl Fn(&str) -> Option<String>,
+    ) -> Map {
+        let mut req = Map::new();
+        req.insert("room".into(), room.into());
+        req.insert(
+            "name".into(),
+            name.map_or(Dynamic::UNIT, |name| name.to_owned().into()),
+        );
+        req.insert("client".into(), client.into());
+        let mut params = Map::new();
+        for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .filter(|(_, value)| value.len() <= HOOK_MAX_VALUE)
+            .take(HOOK_MAX_QUERY)
+        {
+            params
+                .entry(key.as_ref().into())
+                .or_insert_with(|| value.into_owned().into());
+        }
+        req.insert("query".into(), params.into());
+        let mut headers = Map::new();
+        for name in HOOK_HEADERS {
+            if let Some(value) = header(name).filter(|value| value.len() <= HOOK_MAX_VALUE) {
+                headers.insert(name.into(), value.into());
+            }
+        }
+        req.insert("headers".into(), headers.into());
+        req
+    }
+
+    /// Runs `function` (`on_subscribe` or `on_publish`) on a request. A hook that does not
+    /// define it allows everything.
+    pub fn check(&self, function: &str, req: Map) -> Access {
+        let mut guard = crate::error::lock(&self.script);
+        let Some(script) = guard.as_mut() else {
+            return if self.refuse_all {
+                Access::Refuse {
+                    status: 403,
+                    reason: "access could not be checked".to_owned(),
+                }
+            } else {
+                Access::Allow
+            };
+        };
+        if !script
+            .ast
+            .iter_functions()
+            .any(|f| f.name == function && f.params.len() == 1)
+        {
+            return Access::Allow;
+        }
+        let outcome = script
+            .call(function, (Dynamic::from_map(req),))
+            .and_then(|value| {
+                if value.is_unit() || value.as_bool() == Ok(true) {
+                    Ok(Access::Allow)
+                } else if value.as_bool() == Ok(false) {
+                    Ok(Access::Refuse {
+                        status: 403,
+                        reason: "not allowed".to_owned(),
+                    })
+                } else if value.is::<Rejection>() {
+                    let Rejection { reason, status } = value.cast::<Rejection>();
+                    Ok(Access::Refuse { status, reason })
+                } else {
+                    Err(format!(
+                        "{}: `{function}` returned {}, not `()`, `true`, `false` or `reject(…)`",
+                        script.shown,
+                        value.type_name()
+                    ))
+                }
+            });
+        match outcome {
+            Ok(access) => access,
+            Err(error) => {
+                tracing::warn!(script = %script.name, %error, on_error = %script.on_error, "the access hook failed");
+                match script.on_error {
+                    OnError::Pass => Access::Allow,
+                    OnError::Drop => Access::Refuse {
+                        status: 403,
+                        reason: "access could not be checked".to_owned(),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Takes reloaded versions of the hook from its [`Reloader`] until shutdown. A reload that
+    /// brings no script (the hook was removed from the configuration) allows everything.
+    pub async fn follow(self, mut reloads: mpsc::Receiver<Reload>, shutdown: CancellationToken) {
+        loop {
+            let reload = tokio::select! {
+                () = shutdown.cancelled() => return,
+                reload = reloads.recv() => match reload {
+                    Some(reload) => reload,
+                    None => return,
+                },
+            };
+            let script = match reload {
+                Reload::One { script, .. } => Some(*script),
+                Reload::All(scripts) => scripts.into_iter().next(),
+            };
+            tracing::info!(hook = script.is_some(), "access hook reloaded");
+            *crate::error::lock(&self.script) = script;
         }
     }
 }

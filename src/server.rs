@@ -133,7 +133,12 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     /// The front door: connection limits and the direct SSE path, for this hub.
-    pub fn front(&self, hub: Hub, metrics: Arc<Metrics>) -> Arc<Front> {
+    pub fn front(
+        &self,
+        hub: Hub,
+        metrics: Arc<Metrics>,
+        access: Option<crate::script::Hook>,
+    ) -> Arc<Front> {
         Front::new(
             hub,
             self.cors_origins.clone(),
@@ -144,6 +149,7 @@ impl ServerConfig {
                 write_stall: Duration::from_secs(self.write_stall_timeout_secs),
             },
             metrics,
+            access,
         )
     }
 
@@ -302,6 +308,7 @@ pub fn router(routes: Routes) -> Service {
                 .get(Fetch {
                     hub: hub.clone(),
                     sockets: front.sockets(),
+                    access: front.access.clone(),
                 })
                 .goal(MethodNotAllowed { allow: "GET" }),
         )

@@ -26,6 +26,11 @@ let limits = { text: 2000, from: 64 }; // replaced by the server's, from GET /ro
 let defaultRoom = "general";
 let lastRooms = [];
 let room = ""; // "" is the server's default room
+/* A private room's token (the access hook's `token` parameter), from the page's URL: passed
+ * on to the stream and the POSTs of that room only. */
+const opened = new URLSearchParams(location.search);
+const token = opened.get("token");
+let tokenRoom = null;
 let events = null;
 let streamOpen = false;
 let canSend = true; // false while the node's /health says its broker link is down
@@ -186,8 +191,16 @@ function confirmSent(entry, id) {
 
 /* *** RECEPTION BY SSE *** */
 
+function tokenFor(name) {
+  return token && name === tokenRoom ? token : null;
+}
+
 function streamUrl() {
-  return room ? "/event/fetch?room=" + encodeURIComponent(room) : "/event/fetch";
+  const query = new URLSearchParams();
+  if (room) query.set("room", room);
+  if (tokenFor(room)) query.set("token", tokenFor(room));
+  const text = query.toString();
+  return text ? "/event/fetch?" + text : "/event/fetch";
 }
 
 function openStream() {
@@ -357,7 +370,9 @@ const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
 async function post(message) {
   const fields = { from: message.from, text: message.text };
   if (message.room) fields.room = message.room;
-  return fetch("/message/broadcast", {
+  const private_ = tokenFor(message.room);
+  const url = private_ ? "/message/broadcast?token=" + encodeURIComponent(private_) : "/message/broadcast";
+  return fetch(url, {
     method: "POST",
     headers: { "Idempotency-Key": message.key },
     body: new URLSearchParams(fields),
@@ -445,6 +460,7 @@ form.addEventListener("submit", (event) => {
 
 /* *** START *** */
 room = roomFromLocation();
+tokenRoom = room;
 updateTitle();
 renderRooms();
 openStream();

@@ -67,6 +67,9 @@ file = "scripts/ratelimit.rhai"
 params = { max = 5, window_secs = 60 }
 [[broker.scripts]]
 file = "scripts/commands.rhai"
+[access]
+file = "scripts/private_rooms.rhai"
+params = { rooms = { ui-private = "t0k" } }
 `);
   base = `http://127.0.0.1:${http}`;
   server = await startTemma(["serve", "-c", config], {}, "listening on http://");
@@ -390,4 +393,24 @@ embedded = false
   }
   await page.locator("#liste li", { hasText: "after the restart" }).waitFor({ timeout: DEADLINE });
   assert.equal(await page.locator("#liste li", { hasText: "after the restart" }).count(), 1);
+});
+
+test("a private room refuses a session without its token, and lets one with it in", async () => {
+  clients += 1;
+  const context = await browser.newContext();
+  const outsider = await context.newPage();
+  await outsider.goto(base + "/?room=ui-private");
+  await outsider.locator("#status.closed").waitFor({ timeout: DEADLINE });
+  await outsider.waitForFunction(
+    () => document.getElementById("error").textContent === "room ui-private is private: it needs its token",
+    null, { timeout: DEADLINE });
+  const member = await openChat("/?room=ui-private&token=t0k");
+  await member.fill("#from", "Member");
+  await send(member, "for members only");
+  await member.locator("#liste li.own:not(.pending)", { hasText: "for members only" }).waitFor({ timeout: DEADLINE });
+  // The token goes to that room only: another room is open without it.
+  await member.fill("#join-name", "ui-public");
+  await member.press("#join-name", "Enter");
+  await member.locator("#status.open").waitFor({ timeout: DEADLINE });
+  assert.equal(new URL(member.url()).searchParams.get("token"), null);
 });
