@@ -182,3 +182,66 @@ fn a_broken_hook_is_a_configuration_error_with_its_place() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_tokens_open_one_room_until_they_expire() {
+    let secret = "a long random secret";
+    let app = TestApp::start_with(|config| {
+        config.access.file = Some(manifest_dir().join("scripts/signed_rooms.rhai"));
+        config
+            .access
+            .params
+            .insert("secret".into(), serde_json::json!(secret));
+    })
+    .await;
+    app.ready().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = |room: &str, expiry: u64| {
+        let signature = temma::script::hmac_sha256(secret, &format!("{room}.{expiry}"));
+        format!("{expiry}.{signature}")
+    };
+    let status = |query: String| {
+        let client = app.client.clone();
+        let url = app.url(&format!("/event/fetch?{query}"));
+        async move {
+            let response = client.get(url).send().await.unwrap();
+            error(response).await
+        }
+    };
+    let valid = token("staff", now + 3600);
+    let sse = Sse::connect(
+        &app.client,
+        &app.url(&format!("/event/fetch?room=staff&token={valid}")),
+        None,
+    )
+    .await;
+    assert_eq!(sse.status, 200);
+    assert_eq!(
+        status(format!("room=board&token={valid}")).await,
+        (403, "this token does not open room board".to_owned())
+    );
+    assert_eq!(
+        status(format!("room=staff&token={}", token("staff", now - 10))).await,
+        (401, "this token has expired".to_owned())
+    );
+    assert_eq!(
+        status("room=staff".to_owned()).await,
+        (401, "room staff needs a token".to_owned())
+    );
+    assert_eq!(
+        status("room=staff&token=garbage".to_owned()).await,
+        (401, "this is not a token".to_owned())
+    );
+    // The open room needs nothing.
+    let general = Sse::connect(&app.client, &app.url("/event/fetch"), None).await;
+    assert_eq!(general.status, 200);
+    // The signature matches the shell recipe of the script's comment (openssl's HMAC).
+    assert_eq!(
+        temma::script::hmac_sha256("key", "The quick brown fox jumps over the lazy dog"),
+        "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
+    );
+    app.stop().await;
+}
