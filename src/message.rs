@@ -1054,7 +1054,9 @@ mod tests {
         assert!(err(fields("a", "x\0y")).contains("U+0000; only line feeds and tabs"));
         assert!(err(fields("a", "x\u{1b}[31m")).contains("U+001B"));
         assert!(err(fields("abcdef", "x")).contains("`from` is too long: 6 of 5 characters"));
-        assert!(err(fields("éééé", "0123456789x")).contains("the limit is 10"));
+        assert!(
+            err(fields("éééé", "0123456789x")).contains("`text` is too long: 11 of 10 characters")
+        );
         // Characters, not bytes: 5 two-byte characters fit.
         assert_eq!(ok("ééééé", "x").from, "ééééé");
         // Lookalike names: invisible characters and odd spaces are refused in `from`.
