@@ -79,6 +79,19 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Spread the load over this many rooms (`r0`, `r1`…): subscriber `i` follows room
+    /// `r{i % N}` (`room=` is added to `--subscribe`), message `seq` goes to room `r{seq % N}`
+    /// (`{room}` in `--body`, or `&room=…` added to a form body), and every delivery is checked
+    /// to be of its subscriber's room. 0: no rooms.
+    #[arg(long, default_value_t = 0)]
+    rooms: usize,
+}
+
+impl Args {
+    /// The room of a subscriber or a message (`None` without `--rooms`).
+    fn room(&self, n: u64) -> Option<u64> {
+        (self.rooms > 0).then(|| n % self.rooms as u64)
+    }
 }
 
 /// Histograms are sharded so that subscribers rarely contend for one.
@@ -98,6 +111,11 @@ struct Shared {
     last_send_us: AtomicU64,
     last_receive_us: AtomicU64,
     stop: AtomicBool,
+    /// With `--rooms`: messages accepted and subscribers connected, per room; deliveries of a
+    /// message to a subscriber of another room.
+    published_rooms: Vec<AtomicU64>,
+    connected_rooms: Vec<AtomicU64>,
+    misrouted: AtomicU64,
     latencies: Vec<std::sync::Mutex<Histogram<u64>>>,
     /// Time from sending a POST to its answer.
     posts: std::sync::Mutex<Histogram<u64>>,
@@ -107,6 +125,20 @@ struct Shared {
 impl Shared {
     fn now_us(&self) -> u64 {
         self.start.elapsed().as_micros() as u64
+    }
+
+    /// Deliveries expected: every accepted message by every subscriber (of its room).
+    fn expected(&self, connected: usize) -> u64 {
+        if self.published_rooms.is_empty() {
+            return self.published.load(Ordering::Relaxed) * connected as u64;
+        }
+        self.published_rooms
+            .iter()
+            .zip(&self.connected_rooms)
+            .map(|(published, connected)| {
+                published.load(Ordering::Relaxed) * connected.load(Ordering::Relaxed)
+            })
+            .sum()
     }
 }
 
@@ -162,11 +194,25 @@ fn markers(data: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
 /// data. (A full HTTP client costs a second task and a channel hop per event, which would
 /// measure the tool more than the server.)
 async fn subscriber(id: usize, uri: hyper::Uri, args: Arc<Args>, shared: Arc<Shared>) {
+    let room = args.room(id as u64);
+    let uri = match room {
+        Some(room) => {
+            let target = uri.path_and_query().map_or("/", |p| p.as_str());
+            let separator = if target.contains('?') { '&' } else { '?' };
+            format!("http://{}{target}{separator}room=r{room}", authority(&uri))
+                .parse()
+                .expect("a valid URI")
+        }
+        None => uri,
+    };
     let Some((mut socket, mut buffer, chunked)) = connect(&uri, &args, &shared).await else {
         shared.failed.fetch_add(1, Ordering::Relaxed);
         return;
     };
     shared.connected.fetch_add(1, Ordering::Relaxed);
+    if let Some(room) = room {
+        shared.connected_rooms[room as usize].fetch_add(1, Ordering::Relaxed);
+    }
     let shard = &shared.latencies[id % SHARDS];
     let mut seen = Seen::new(args.messages);
     let mut data: Vec<u8> = Vec::with_capacity(4096);
@@ -184,6 +230,10 @@ async fn subscriber(id: usize, uri: hyper::Uri, args: Arc<Args>, shared: Arc<Sha
             let complete = end + 2;
             let mut got = 0u64;
             for (seq, ts) in markers(&data[..complete]) {
+                if room.is_some() && args.room(seq) != room {
+                    shared.misrouted.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 if seen.insert(seq) {
                     got += 1;
                     batch.push(now.saturating_sub(ts).min(MAX_LATENCY_US));
@@ -391,15 +441,26 @@ async fn publisher(
             Ordering::Relaxed,
         );
         shared.last_send_us.fetch_max(ts, Ordering::Relaxed);
-        let body = Bytes::from(
-            args.body
-                .replace("{seq}", &seq.to_string())
-                .replace("{ts}", &ts.to_string()),
-        );
+        let mut body = args
+            .body
+            .replace("{seq}", &seq.to_string())
+            .replace("{ts}", &ts.to_string());
+        let room = args.room(seq);
+        if let Some(room) = room {
+            if body.contains("{room}") {
+                body = body.replace("{room}", &format!("r{room}"));
+            } else {
+                body.push_str(&format!("&room=r{room}"));
+            }
+        }
+        let body = Bytes::from(body);
         let outcome = post(&mut sender, &uri, &args.content_type, body).await;
         match outcome {
             Ok(status) if (200..300).contains(&status) => {
                 shared.published.fetch_add(1, Ordering::Relaxed);
+                if let Some(room) = room {
+                    shared.published_rooms[room as usize].fetch_add(1, Ordering::Relaxed);
+                }
                 let took = shared.now_us().saturating_sub(ts).clamp(1, MAX_LATENCY_US);
                 let _ = shared
                     .posts
@@ -507,6 +568,9 @@ struct Report {
     delivered_ratio: f64,
     gaps: u64,
     duplicates: u64,
+    /// With `--rooms`: how many, and deliveries of a message to a subscriber of another room.
+    rooms: usize,
+    misrouted: u64,
     deliveries_per_s: f64,
     /// Messages actually sent per second (below `--rate` when the server slows publishers).
     published_per_s: f64,
@@ -588,7 +652,7 @@ fn main() -> std::process::ExitCode {
 async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>) -> Report {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.max_secs);
-    let shared = new_shared(started);
+    let shared = new_shared(started, args.rooms);
     let rss_before = rss_kib(&args.pid);
     let tasks = ramp_up(&args, &subscribe, &shared).await;
     // Wait until every subscriber connected or gave up.
@@ -624,7 +688,7 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
 }
 
 /// The counters every task updates.
-fn new_shared(started: Instant) -> Arc<Shared> {
+fn new_shared(started: Instant, rooms: usize) -> Arc<Shared> {
     Arc::new(Shared {
         start: started,
         connected: AtomicUsize::new(0),
@@ -636,6 +700,9 @@ fn new_shared(started: Instant) -> Arc<Shared> {
         last_send_us: AtomicU64::new(0),
         last_receive_us: AtomicU64::new(0),
         stop: AtomicBool::new(false),
+        published_rooms: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
+        connected_rooms: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
+        misrouted: AtomicU64::new(0),
         latencies: (0..SHARDS)
             .map(|_| {
                 std::sync::Mutex::new(
@@ -704,7 +771,7 @@ async fn publish_all(
         }
         // Drain: until everything arrived, or the drain time passed with nothing new.
         // Only what the publish endpoint accepted is expected.
-        let expected = shared.published.load(Ordering::Relaxed) * connected as u64;
+        let expected = shared.expected(connected);
         let mut last = shared.received.load(Ordering::Relaxed);
         let mut quiet_since = Instant::now();
         while Instant::now() < deadline {
@@ -741,7 +808,7 @@ fn report(
     }
     let received = shared.received.load(Ordering::Relaxed);
     let accepted = shared.published.load(Ordering::Relaxed);
-    let expected = accepted * connected as u64;
+    let expected = shared.expected(connected);
     let first = shared.first_send_us.load(Ordering::Relaxed);
     let last = shared.last_receive_us.load(Ordering::Relaxed);
     let window = if first != u64::MAX && last > first {
@@ -767,6 +834,8 @@ fn report(
         // Messages count once per subscriber however often they came: what is missing is a gap.
         gaps: expected.saturating_sub(received),
         duplicates: shared.duplicates.load(Ordering::Relaxed),
+        rooms: args.rooms,
+        misrouted: shared.misrouted.load(Ordering::Relaxed),
         deliveries_per_s: if window > 0.0 {
             received as f64 / window
         } else {
@@ -799,6 +868,11 @@ fn report(
     }
 }
 
+/// Whether the run spread its load over rooms.
+fn args_rooms(report: &Report) -> bool {
+    report.rooms > 0
+}
+
 fn print_text(report: &Report) {
     println!(
         "subscribers: {} connected of {} ({} failed)",
@@ -817,6 +891,12 @@ fn print_text(report: &Report) {
             report.gaps,
             report.duplicates
         );
+        if args_rooms(report) {
+            println!(
+                "rooms: {} deliveries to a subscriber of another room",
+                report.misrouted
+            );
+        }
         println!(
             "throughput: {:.0} deliveries/s, {:.0} messages/s published",
             report.deliveries_per_s, report.published_per_s

@@ -161,6 +161,39 @@ async fn fan_out_scenario_in_small() {
     app.stop().await;
 }
 
+/// The rooms scenario (1,000 rooms × 10 subscribers in `benches/compare.sh`), small: each
+/// subscriber gets every message of its room and none of another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_scenario_in_small() {
+    let app = TestApp::start().await;
+    app.ready().await;
+    let publish = app.url("/message/broadcast");
+    let report = run_load(
+        &app,
+        &[
+            "--subscribers",
+            "40",
+            "--rooms",
+            "10",
+            "--publish",
+            &publish,
+            "--rate",
+            "200",
+            "--messages",
+            "50",
+        ],
+    )
+    .await;
+    assert_eq!(report["connected"], 40, "{report}");
+    // 50 messages over 10 rooms of 4 subscribers: 5 messages × 4 per room.
+    assert_eq!(report["expected"], 200, "{report}");
+    assert_eq!(report["received"], 200, "{report}");
+    assert_eq!(report["misrouted"], 0, "{report}");
+    assert_eq!(report["gaps"], 0, "{report}");
+    assert_eq!(report["duplicates"], 0, "{report}");
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_scenario_in_small() {
     let app = TestApp::start().await;
