@@ -19,6 +19,10 @@
 #   idle     10 000 SSE connections held; server RSS per connection.
 #   latency  1000 subscribers × 100 msg/s for 10 s; p50/p99.
 #   broker   PUSH → broker → SUB msgs/s, against libzmq's proxy (cargo bench --bench broker).
+#   rooms    temma only (the peers name channels in the URL path, which temma-load does not
+#            vary): 1000 rooms × 10 subscribers, one message per room per second for 20 s, every
+#            delivery checked to be of its room; then 20 000 messages to 5000 rooms with no
+#            subscriber (past `rooms.max` = 1000): RSS stays bounded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -186,6 +190,12 @@ for scenario in $SCENARIOS; do
       python3 -c "import zmq" 2>/dev/null || pip install --quiet pyzmq || echo "pyzmq unavailable: no libzmq reference" >&2
       cargo bench --bench broker -- --json > "$OUT/broker.jsonl"
       ;;
+    rooms)
+      echo "--- scenario 5: rooms, 1000 rooms × 10 subscribers, 1 msg/room/s"
+      load temma rooms-temma.json --subscribers 10000 --ramp 2000 --rooms 1000 \
+        --rate 1000 --messages 20000 --drain-ms 3000
+      load temma rooms-cap-temma.json --subscribers 0 --rooms 5000 --rate 2000 --messages 20000
+      ;;
   esac
 done
 
@@ -220,6 +230,11 @@ print(f\"{t['rss_kib_per_connection'] / n['rss_kib_per_connection']:.2f}× Nchan
       for name in temma $PEERS; do
         echo "  $name: $(field "$OUT/latency-$name.json" "f'{delivered_ratio*100:.2f} % delivered, {deliveries_per_s:.0f} deliveries/s, p50 {latency_us[\"p50\"]/1000:.1f} ms, p95 {latency_us[\"p95\"]/1000:.1f} ms, p99 {latency_us[\"p99\"]/1000:.1f} ms, max {latency_us[\"max\"]/1000:.1f} ms'")"
       done
+      ;;
+    rooms)
+      echo "rooms (temma, 1000 rooms × 10 subscribers, 1 msg/room/s for 20 s):"
+      echo "  $(field "$OUT/rooms-temma.json" "f'{connected} connected, {received} of {expected} deliveries ({delivered_ratio*100:.2f} %), {misrouted} to another room, {duplicates} duplicates; p50 {latency_us[\"p50\"]/1000:.1f} ms, p99 {latency_us[\"p99\"]/1000:.1f} ms; RSS {rss_kib_connected} KiB connected, {rss_kib_after} KiB after'")"
+      echo "  past the room cap: $(field "$OUT/rooms-cap-temma.json" "f'{accepted} messages to 5000 rooms; RSS {rss_kib_before} KiB before, {rss_kib_after} KiB after'")"
       ;;
     broker)
       echo "broker (PUSH → broker → SUB, 100-byte messages):"

@@ -579,6 +579,8 @@ struct Report {
     post_latency_us: Latency,
     rss_kib_before: Option<u64>,
     rss_kib_connected: Option<u64>,
+    /// After the messages were delivered (the history and rooms they left behind).
+    rss_kib_after: Option<u64>,
     rss_kib_per_connection: Option<f64>,
     errors: std::collections::BTreeMap<String, u64>,
     seconds: f64,
@@ -853,6 +855,7 @@ fn report(
         post_latency_us: post_latency,
         rss_kib_before: rss_before,
         rss_kib_connected: rss_connected,
+        rss_kib_after: rss_kib(&args.pid),
         rss_kib_per_connection: match (rss_before, rss_connected) {
             (Some(before), Some(after)) if connected > 0 => {
                 Some((after as f64 - before as f64) / connected as f64)
@@ -909,6 +912,9 @@ fn print_text(report: &Report) {
             "server RSS: {before} KiB before, {after} KiB connected, {:.1} KiB per connection",
             report.rss_kib_per_connection.unwrap_or(0.0)
         );
+        if let Some(after) = report.rss_kib_after {
+            println!("server RSS after the messages: {after} KiB");
+        }
     }
     for (error, count) in &report.errors {
         println!("error: {error} ×{count}");

@@ -54,7 +54,8 @@ pub struct EventConfig {
     pub keepalive_secs: u64,
     /// The `retry:` sent to browsers, in milliseconds. Default 2000.
     pub retry_ms: u64,
-    /// Frames a client may lag behind; past that it is disconnected. Default 1024.
+    /// Frames a client may lag behind; past that it is disconnected. Default 1024. (In rooms
+    /// other than the default one: `rooms.queue`.)
     pub queue: usize,
     /// Milliseconds a client with a full queue may take nothing before it is disconnected (it
     /// stopped reading). Default 2000.
@@ -120,6 +121,7 @@ impl EventConfig {
             max_rooms: rooms.max,
             room_idle: std::time::Duration::from_secs(rooms.idle_secs),
             history_bytes: rooms.history_bytes,
+            room_queue: rooms.queue,
         };
         Hub::new(settings, ctx.metrics.clone(), acks)
     }

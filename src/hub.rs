@@ -120,6 +120,8 @@ pub struct Settings {
     pub room_idle: Duration,
     /// Bytes of history over all rooms.
     pub history_bytes: usize,
+    /// Frames a client of a room other than the default one may lag behind.
+    pub room_queue: usize,
 }
 
 /// The `[rooms]` section.
@@ -144,6 +146,11 @@ pub struct RoomsConfig {
     /// the count over all nodes. Default `true`; turn off when plain Temma subscribers read the
     /// broker's PUB socket.
     pub presence: bool,
+    /// Frames a client of a room other than the default one may lag behind before it is
+    /// disconnected (it reconnects and replays). Each room with clients has a ring of this
+    /// many frames (about 90 bytes each); the default room's is `event.queue`, for one-room
+    /// deployments' fan-out headroom. Default 128.
+    pub queue: usize,
 }
 
 /// Default `rooms.default`.
@@ -152,6 +159,8 @@ pub const DEFAULT_ROOM: &str = "general";
 pub const DEFAULT_MAX_ROOMS: usize = 1000;
 /// Default `rooms.idle_secs`.
 pub const DEFAULT_ROOM_IDLE_SECS: u64 = 600;
+/// Default `rooms.queue`.
+pub const DEFAULT_ROOM_QUEUE: usize = 128;
 /// Default `rooms.history_bytes`.
 pub const DEFAULT_HISTORY_BYTES: usize = 64 * 1024 * 1024;
 
@@ -163,6 +172,7 @@ impl Default for RoomsConfig {
             idle_secs: DEFAULT_ROOM_IDLE_SECS,
             history_bytes: DEFAULT_HISTORY_BYTES,
             presence: true,
+            queue: DEFAULT_ROOM_QUEUE,
         }
     }
 }
@@ -180,6 +190,7 @@ impl RoomsConfig {
         for (key, value) in [
             ("rooms.max", self.max),
             ("rooms.history_bytes", self.history_bytes),
+            ("rooms.queue", self.queue),
         ] {
             if value == 0 {
                 problem(key, "is 0: must be at least 1".to_owned());
@@ -217,7 +228,9 @@ struct State {
 
 /// One room of one node: its ring, its history and its clients.
 struct Room {
-    /// `None` once the hub shut down: receivers see `Closed` and their streams end.
+    /// The ring its clients read: made for the first client, dropped with the last (a ring
+    /// costs about 100 bytes per frame of `event.queue`), and on shutdown (receivers then see
+    /// `Closed` and their streams end).
     tx: Option<broadcast::Sender<Item>>,
     history: History,
     /// Frames broadcast so far in this room.
@@ -227,13 +240,20 @@ struct Room {
     last_sent: Instant,
     /// When a client or a message last came, for idle eviction.
     last_active: Instant,
+    /// Frames each client may lag behind: the ring's size.
+    queue: usize,
 }
 
 impl Room {
-    fn new(settings: &Settings, now: Instant, closed: bool) -> Room {
-        let capacity = (settings.queue + 1).next_power_of_two();
+    fn new(name: &str, settings: &Settings, now: Instant) -> Room {
         Room {
-            tx: (!closed).then(|| broadcast::channel(capacity).0),
+            queue: if name == &*settings.default_room {
+                settings.queue
+            } else {
+                settings.room_queue
+            }
+            .max(1),
+            tx: None,
             history: History::new(settings.history_size, settings.history_ttl),
             sent: 0,
             slots: HashMap::new(),
@@ -327,6 +347,9 @@ impl Drop for ClientGuard {
             if let Some(room) = state.rooms.get_mut(room) {
                 room.slots.remove(&self.key);
                 room.last_active = Instant::now();
+                if room.slots.is_empty() {
+                    room.tx = None;
+                }
             }
         }
     }
@@ -543,6 +566,10 @@ impl Hub {
         room.history.expire(now);
         room.last_active = now;
         let (replay, skip_until) = room.replay(&shared.settings, newest, last_event_id);
+        if room.tx.is_none() && !closed {
+            // Each client may lag `event.queue` frames behind (tokio rounds up to a power of 2).
+            room.tx = Some(broadcast::channel(room.queue).0);
+        }
         let rx = match room.tx.as_ref() {
             Some(tx) if !closed => tx.subscribe(),
             _ => {
@@ -694,7 +721,6 @@ impl Hub {
             ticks += 1;
             let now = Instant::now();
             let mut state = self.shared.lock();
-            let queue = settings.queue as u64;
             let stall_sweeps = settings.stall_sweeps();
             let metrics = &self.shared.metrics;
             for room in state.rooms.values_mut() {
@@ -710,6 +736,7 @@ impl Hub {
                     room.last_sent = now;
                 }
                 let sent = room.sent;
+                let queue = room.queue as u64;
                 room.slots.retain(|_, slot| {
                     let consumed = slot.consumed.load(Ordering::Relaxed);
                     let behind = sent.saturating_sub(consumed);
@@ -847,7 +874,7 @@ impl State {
                 self.remove_room(&idle, metrics);
             }
             self.rooms
-                .insert(name.clone(), Room::new(settings, now, self.closed));
+                .insert(name.clone(), Room::new(name, settings, now));
             metrics.rooms.set(self.rooms.len() as i64);
         }
         self.rooms.get_mut(name)
@@ -1041,7 +1068,8 @@ struct HistoryEntry {
 impl History {
     pub fn new(max_len: usize, max_age: Duration) -> History {
         History {
-            entries: VecDeque::with_capacity(max_len.min(4096)),
+            // Grown as messages come: a room that gets few does not hold room for many.
+            entries: VecDeque::new(),
             max_len,
             max_age,
             gap_marker: false,
@@ -1261,6 +1289,7 @@ mod tests {
             max_rooms: 4,
             room_idle: Duration::from_secs(60),
             history_bytes: 1 << 20,
+            room_queue: 4,
         }
     }
 

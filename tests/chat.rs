@@ -133,7 +133,7 @@ async fn homepage_static_files_and_unknown_routes() {
             .text()
             .await
             .unwrap()
-            .contains("EventSource(\"/event/fetch\")")
+            .contains("new EventSource(streamUrl())")
     );
 
     for path in ["/nope", "/message/unknown", "/chat.jss", "/../etc/passwd"] {

@@ -30,7 +30,7 @@ const CASES: &[Case] = &[
         toml: "[serverr]\nlisten = \"127.0.0.1:8000\"\n",
         env: &[],
         problems: &[
-            "`serverr`: unknown key `serverr`; did you mean `server`? (the keys here: `application`, `server`, `broker`, `message`, `event`, `rooms`, `log`)",
+            "`serverr`: unknown key `serverr`; did you mean `server`? (the keys here: `application`, `server`, `broker`, `message`, `event`, `rooms`, `access`, `log`)",
         ],
     },
     // Array positions are written as in TOML's arrays of tables.
