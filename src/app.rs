@@ -122,9 +122,15 @@ impl App {
         ));
 
         let access = app.start_access(config, &shutdown);
-        let front = config
-            .server
-            .front(hub.clone(), app.metrics.clone(), access.clone());
+        let front = config.server.front(
+            hub.clone(),
+            app.metrics.clone(),
+            access.clone(),
+            config
+                .application
+                .enable_sessions
+                .then(|| config.application.session_name.clone()),
+        );
         let service = server::router(Routes {
             static_dir: config.resolve(&config.server.static_dir),
             root: config.application.root_controller,
@@ -143,6 +149,7 @@ impl App {
             front: front.clone(),
             metrics: app.metrics.clone(),
             sessions: config.sessions(),
+            fetch_sessions: config.sessions(),
             cors_origins: config.server.cors_origins.clone(),
         });
         let tracker = app.tracker.clone();

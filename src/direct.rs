@@ -64,18 +64,35 @@ pub struct Front {
     pub metrics: Arc<Metrics>,
     /// The access hook, if any: `on_subscribe` runs before a stream opens.
     pub access: Option<Hook>,
+    /// With sessions on, the session cookie's name: a stream request that carries it goes to
+    /// salvo (which reads the session for the room's list of names) instead of the direct
+    /// path.
+    pub session_cookie: Option<String>,
     /// The sockets of connections hyper serves, by peer address, so that an SSE response on
     /// one of them can watch for the client closing (hyper does not read while it streams).
     sockets: Mutex<HashMap<SocketAddr, Weak<TcpStream>>>,
 }
 
 impl Front {
+    /// Whether a request's `Cookie` header carries the session cookie (sessions on).
+    fn has_session(&self, cookie: Option<&str>) -> bool {
+        let (Some(name), Some(cookie)) = (&self.session_cookie, cookie) else {
+            return false;
+        };
+        cookie.split(';').any(|pair| {
+            pair.trim_start()
+                .split_once('=')
+                .is_some_and(|(key, _)| key == name)
+        })
+    }
+
     pub fn new(
         hub: Hub,
         cors_origins: Vec<String>,
         limits: Limits,
         metrics: Arc<Metrics>,
         access: Option<Hook>,
+        session_cookie: Option<String>,
     ) -> Arc<Front> {
         Arc::new(Front {
             hub,
@@ -83,6 +100,7 @@ impl Front {
             limits,
             metrics,
             access,
+            session_cookie,
             sockets: Mutex::new(HashMap::new()),
         })
     }
@@ -322,6 +340,7 @@ async fn first_request(
                 // Only a lone GET (nothing pipelined after it) is served directly.
                 if length == buffer.len()
                     && let Some(sse) = SseRequest::from_head(&request)
+                    && !front.has_session(sse.cookie.as_deref())
                 {
                     drop(pending);
                     drop(buffer);
@@ -358,6 +377,8 @@ pub struct SseRequest {
     /// The query string, and the headers the access hook may read.
     pub query: Option<String>,
     pub hook_headers: Vec<(&'static str, String)>,
+    /// The `Cookie` header.
+    pub cookie: Option<String>,
 }
 
 impl SseRequest {
@@ -388,6 +409,7 @@ impl SseRequest {
                 .or_else(|| query.and_then(event::query_last_event_id)),
             origin: header("origin"),
             query: query.map(str::to_owned),
+            cookie: header("cookie"),
             hook_headers: crate::script::HOOK_HEADERS
                 .iter()
                 .filter_map(|name| Some((*name, header(name)?)))

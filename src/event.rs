@@ -184,7 +184,7 @@ impl Handler for Fetch {
     async fn handle(
         &self,
         req: &mut Request,
-        _depot: &mut Depot,
+        depot: &mut Depot,
         res: &mut Response,
         ctrl: &mut FlowCtrl,
     ) {
@@ -234,12 +234,18 @@ impl Handler for Fetch {
                 return;
             }
         }
-        let subscription = match self
-            .hub
-            .subscribe(room.as_deref(), last_event_id.as_deref(), {
+        let name = depot
+            .session()
+            .and_then(|session| session.get::<String>(crate::session::SESSION_FROM));
+        let subscription = match self.hub.subscribe_named(
+            room.as_deref(),
+            name.as_deref(),
+            last_event_id.as_deref(),
+            {
                 let conn = ctrl.conn().clone();
                 Abort::new(move || conn.abort())
-            }) {
+            },
+        ) {
             Ok(subscription) => subscription,
             Err(refused) => {
                 JsonError::new(StatusCode::SERVICE_UNAVAILABLE, refused.to_string()).write_to(res);

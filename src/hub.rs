@@ -66,6 +66,9 @@ pub const PRESENCE_PREFIX: &[u8] = b"{\"presence\":";
 
 /// Other nodes remembered at most (a forged flood of node names stays bounded).
 const MAX_NODES: usize = 1024;
+/// Names listed per room in presence reports and frames, at most; and their length.
+pub const MAX_NAMES: usize = 100;
+const MAX_NAME_CHARS: usize = 64;
 
 /// One broadcast frame: a message (with its id, if the broker gave one) or a keep-alive.
 #[derive(Debug, Clone)]
@@ -217,13 +220,62 @@ struct State {
     newest: Option<MsgId>,
     /// Bytes held by every room's history.
     history_bytes: usize,
-    /// What the other web nodes last reported: clients per room, and when.
-    others: HashMap<String, (Instant, HashMap<String, u64>)>,
-    /// The count each room's clients were last told.
-    shown: HashMap<Arc<str>, u64>,
+    /// What the other web nodes last reported: clients (and names) per room, and when.
+    others: HashMap<String, (Instant, HashMap<String, Present>)>,
+    /// What each room's clients were last told: the count and the names.
+    shown: HashMap<Arc<str>, (u64, Vec<String>)>,
     /// Whether the last report of this node named any room (one empty report follows the
     /// last client's departure, then silence).
     reported: bool,
+}
+
+/// Who is in a room on one node, as presence reports say it: a count, or a count and names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum Present {
+    #[default]
+    Nobody,
+    Count(u64),
+    Named {
+        count: u64,
+        names: Vec<String>,
+    },
+}
+
+impl Present {
+    fn count(&self) -> u64 {
+        match self {
+            Present::Nobody => 0,
+            Present::Count(count) | Present::Named { count, .. } => *count,
+        }
+    }
+
+    fn names(&self) -> &[String] {
+        match self {
+            Present::Named { names, .. } => names,
+            _ => &[],
+        }
+    }
+}
+
+impl Room {
+    /// Who is here on this node.
+    fn present(&self) -> Present {
+        let mut names: Vec<String> = self
+            .slots
+            .values()
+            .filter_map(|slot| slot.name.as_deref().map(str::to_owned))
+            .collect();
+        names.sort();
+        names.dedup();
+        names.truncate(MAX_NAMES);
+        let count = self.slots.len() as u64;
+        if names.is_empty() {
+            Present::Count(count)
+        } else {
+            Present::Named { count, names }
+        }
+    }
 }
 
 /// One room of one node: its ring, its history and its clients.
@@ -281,6 +333,8 @@ pub struct Slot {
     stalled: AtomicU64,
     abort: Abort,
     dropped: AtomicBool,
+    /// The client's name (its session's), for the room's list of who is here.
+    name: Option<Arc<str>>,
 }
 
 /// How the sweep cuts off a client that stopped reading: whatever serves the connection says
@@ -412,8 +466,8 @@ impl Hub {
             }
         }
         for (_, rooms) in state.others.values() {
-            for (name, count) in rooms {
-                *counts.entry(name.clone()).or_default() += count;
+            for (name, present) in rooms {
+                *counts.entry(name.clone()).or_default() += present.count();
             }
         }
         let mut counts: Vec<(String, u64)> =
@@ -431,7 +485,10 @@ impl Hub {
             .rooms
             .iter()
             .filter(|(_, room)| !room.slots.is_empty())
-            .map(|(name, room)| (name.to_string(), room.slots.len().into()))
+            .map(|(name, room)| {
+                let present = serde_json::to_value(room.present()).unwrap_or_default();
+                (name.to_string(), present)
+            })
             .collect();
         if rooms.is_empty() && !state.reported {
             return None;
@@ -475,7 +532,7 @@ impl Hub {
         #[derive(serde::Deserialize)]
         struct Body {
             node: String,
-            rooms: HashMap<String, u64>,
+            rooms: HashMap<String, Present>,
         }
         let Ok(Report { presence }) = serde_json::from_slice::<Report>(frame) else {
             self.shared.metrics.dropped(DropReason::Unreadable);
@@ -491,6 +548,20 @@ impl Hub {
             .into_iter()
             .filter(|(name, _)| wire::room_name(name).is_ok_and(|folded| folded == *name))
             .take(self.shared.settings.max_rooms)
+            .map(|(name, present)| {
+                // Bounded whatever a peer sends: names listed, and their length.
+                let present = match present {
+                    Present::Named { count, mut names } => {
+                        names.truncate(MAX_NAMES);
+                        for name in &mut names {
+                            *name = name.chars().take(MAX_NAME_CHARS).collect();
+                        }
+                        Present::Named { count, names }
+                    }
+                    other => other,
+                };
+                (name, present)
+            })
             .collect();
         if state.others.len() < MAX_NODES || state.others.contains_key(&presence.node) {
             state.others.insert(presence.node, (Instant::now(), rooms));
@@ -502,10 +573,11 @@ impl Hub {
     pub fn presence_tick(&self) {
         let mut state = self.shared.lock();
         state.expire_others(Instant::now());
-        let mut totals: HashMap<Arc<str>, u64> = HashMap::new();
+        let mut totals: HashMap<Arc<str>, (u64, Vec<String>)> = HashMap::new();
         for (name, room) in &state.rooms {
             if !room.slots.is_empty() {
-                totals.insert(name.clone(), room.slots.len() as u64);
+                let present = room.present();
+                totals.insert(name.clone(), (present.count(), present.names().to_vec()));
             }
         }
         let State {
@@ -515,19 +587,28 @@ impl Hub {
             ..
         } = &mut *state;
         for (_, counts) in others.values() {
-            for (name, count) in counts {
-                if let Some(total) = totals.get_mut(name.as_str()) {
-                    *total += count;
+            for (name, present) in counts {
+                if let Some((total, names)) = totals.get_mut(name.as_str()) {
+                    *total += present.count();
+                    names.extend(present.names().iter().cloned());
                 }
             }
         }
         shown.retain(|name, _| totals.contains_key(name));
-        for (name, total) in totals {
-            if shown.get(&name) == Some(&total) {
+        for (name, (total, mut names)) in totals {
+            names.sort();
+            names.dedup();
+            names.truncate(MAX_NAMES);
+            let now = (total, names);
+            if shown.get(&name) == Some(&now) {
                 continue;
             }
             if let Some(room) = rooms.get_mut(&name) {
-                let data = serde_json::json!({ "room": &*name, "count": total });
+                let data = if now.1.is_empty() {
+                    serde_json::json!({ "room": &*name, "count": now.0 })
+                } else {
+                    serde_json::json!({ "room": &*name, "count": now.0, "names": now.1 })
+                };
                 let mut frame = BytesMut::with_capacity(64);
                 frame.put_slice(b"event: presence\ndata: ");
                 frame.put_slice(data.to_string().as_bytes());
@@ -538,7 +619,7 @@ impl Hub {
                     message: false,
                 });
             }
-            shown.insert(name, total);
+            shown.insert(name, now);
         }
     }
 
@@ -548,6 +629,18 @@ impl Hub {
     pub fn subscribe(
         &self,
         room: Option<&str>,
+        last_event_id: Option<&str>,
+        abort: Abort,
+    ) -> Result<Subscription, Refused> {
+        self.subscribe_named(room, None, last_event_id, abort)
+    }
+
+    /// [`Hub::subscribe`] for a client with a name (with sessions on): the room's presence
+    /// lists it.
+    pub fn subscribe_named(
+        &self,
+        room: Option<&str>,
+        client_name: Option<&str>,
         last_event_id: Option<&str>,
         abort: Abort,
     ) -> Result<Subscription, Refused> {
@@ -585,6 +678,9 @@ impl Hub {
             stalled: AtomicU64::new(0),
             abort,
             dropped: AtomicBool::new(false),
+            name: client_name
+                .map(|name| name.chars().take(MAX_NAME_CHARS).collect::<String>())
+                .map(Arc::from),
         });
         room.slots.insert(key, slot.clone());
         drop(state);

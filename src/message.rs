@@ -51,7 +51,7 @@ pub const DEFAULT_PUSH_QUEUE: usize = 1024;
 /// The response header of a `200` that carries the published message's id.
 pub const MESSAGE_ID_HEADER: &str = "x-message-id";
 /// The session key remembering the sender's name.
-pub const SESSION_FROM: &str = "from";
+pub use crate::session::SESSION_FROM;
 
 /// The `[message]` section.
 #[derive(Debug, Clone, Deserialize)]

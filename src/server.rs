@@ -138,6 +138,7 @@ impl ServerConfig {
         hub: Hub,
         metrics: Arc<Metrics>,
         access: Option<crate::script::Hook>,
+        session_cookie: Option<String>,
     ) -> Arc<Front> {
         Front::new(
             hub,
@@ -150,6 +151,7 @@ impl ServerConfig {
             },
             metrics,
             access,
+            session_cookie,
         )
     }
 
@@ -261,6 +263,8 @@ pub struct Routes {
     pub front: Arc<Front>,
     pub metrics: Arc<Metrics>,
     pub sessions: Option<salvo::session::SessionHandler<salvo::session::CookieStore>>,
+    /// The same sessions, read by `GET /event/fetch` for the room's list of names.
+    pub fetch_sessions: Option<salvo::session::SessionHandler<salvo::session::CookieStore>>,
     pub cors_origins: Vec<String>,
 }
 
@@ -274,6 +278,7 @@ pub fn router(routes: Routes) -> Service {
         front,
         metrics,
         sessions,
+        fetch_sessions,
         cors_origins,
     } = routes;
     let root_handler = || match root {
@@ -286,6 +291,18 @@ pub fn router(routes: Routes) -> Service {
             .include_dot_files(false)
             .auto_list(false)
     };
+    // With sessions, the stream reads (never writes) the session for the room's names.
+    let mut fetch = Router::with_path("event/fetch");
+    if let Some(sessions) = fetch_sessions {
+        fetch = fetch.hoop(sessions);
+    }
+    let fetch = fetch
+        .get(Fetch {
+            hub: hub.clone(),
+            sockets: front.sockets(),
+            access: front.access.clone(),
+        })
+        .goal(MethodNotAllowed { allow: "GET" });
     let hub_rooms = hub.clone();
     let limits = (
         broadcast.config.max_text_chars,
@@ -303,15 +320,7 @@ pub fn router(routes: Routes) -> Service {
         .get(root_handler())
         .head(root_handler())
         .push(message)
-        .push(
-            Router::with_path("event/fetch")
-                .get(Fetch {
-                    hub: hub.clone(),
-                    sockets: front.sockets(),
-                    access: front.access.clone(),
-                })
-                .goal(MethodNotAllowed { allow: "GET" }),
-        )
+        .push(fetch)
         .push(Router::with_path("health").get(Health {
             hub,
             metrics: metrics.clone(),

@@ -2,10 +2,15 @@
 //!
 //! The session lives entirely in a signed cookie (salvo's `CookieStore`): no server-side store,
 //! no lock, so it can never serialize or block requests — Temma's PHP file sessions deadlocked
-//! the never-ending SSE request. Only `POST /message/broadcast` uses it, to remember the
-//! sender's name; with sessions off no cookie is ever set.
+//! the never-ending SSE request. `POST /message/broadcast` uses it to remember the sender's
+//! name, and `GET /event/fetch` reads it (never writes it) to list who is in the room; with
+//! sessions off no cookie is ever set.
 
 use std::time::Duration;
+
+/// The session key remembering the sender's name (set by a POST, read by the SSE stream for
+/// the room's list of who is here).
+pub const SESSION_FROM: &str = "from";
 
 use salvo::session::{CookieStore, SessionHandler};
 

@@ -243,8 +243,11 @@ function openStream() {
   });
   source.addEventListener("presence", (event) => {
     try {
-      const { count } = JSON.parse(event.data);
+      const { count, names } = JSON.parse(event.data);
       presenceLine.textContent = count === 1 ? "1 person here" : `${count} people here`;
+      // With sessions on, who they are (never rendered as HTML).
+      presenceLine.title = Array.isArray(names) && names.length ? names.map(String).join(", ") : "";
+      if (presenceLine.title) presenceLine.textContent += ": " + presenceLine.title;
       const known = lastRooms.find((r) => r.room === currentRoom());
       if (known) known.count = count; else lastRooms.push({ room: currentRoom(), count });
       renderRooms();

@@ -381,3 +381,62 @@ async fn presence_counts_clients_over_every_node() {
     );
     one.stop().await;
 }
+
+/// The next `presence` event's data.
+async fn next_presence(sse: &mut Sse) -> serde_json::Value {
+    loop {
+        let event = sse.next().await.expect("stream open");
+        if event.event.as_deref() == Some("presence") {
+            return event.json();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sessions_presence_lists_the_names() {
+    let app = TestApp::start_with(|config| {
+        config.application.enable_sessions = true;
+        config.application.session_secret = Some("k".repeat(64));
+    })
+    .await;
+    app.ready().await;
+    // Each person posts once (the session remembers the name), then follows the room.
+    let person = |name: &'static str| {
+        let app = &app;
+        async move {
+            let client = reqwest::Client::builder()
+                .cookie_store(true)
+                .build()
+                .unwrap();
+            let response = client
+                .post(app.url("/message/broadcast"))
+                .form(&[("from", name), ("text", "hi"), ("room", "lobby")])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let sse = Sse::connect(&client, &app.url("/event/fetch?room=lobby"), None).await;
+            assert_eq!(sse.status, 200);
+            // The stream reads the session, never writes it.
+            assert!(sse.headers.get("set-cookie").is_none());
+            sse
+        }
+    };
+    let mut ann = person("Ann").await;
+    assert_eq!(
+        next_presence(&mut ann).await,
+        serde_json::json!({"room": "lobby", "count": 1, "names": ["Ann"]})
+    );
+    let _ben = person("Ben").await;
+    assert_eq!(
+        next_presence(&mut ann).await,
+        serde_json::json!({"room": "lobby", "count": 2, "names": ["Ann", "Ben"]})
+    );
+    // Someone without a session is counted, not named.
+    let _anonymous = sse(&app, Some("lobby"), None).await;
+    assert_eq!(
+        next_presence(&mut ann).await,
+        serde_json::json!({"room": "lobby", "count": 3, "names": ["Ann", "Ben"]})
+    );
+    app.stop().await;
+}
