@@ -168,6 +168,45 @@ pub fn query_last_event_id(query: &str) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
+/// The TCP peer of a request salvo serves.
+pub fn peer_of(req: &Request) -> Option<std::net::SocketAddr> {
+    let address = req.remote_addr();
+    address
+        .as_ipv4()
+        .map(|a| std::net::SocketAddr::V4(*a))
+        .or_else(|| address.as_ipv6().map(|a| std::net::SocketAddr::V6(*a)))
+}
+
+/// Runs the access hook's `function` on a request salvo serves: `Err` is the refusal to send.
+/// `client` is who sends it; `text` is the message's, for `on_publish`.
+pub fn check_access(
+    hook: &crate::script::Hook,
+    function: &str,
+    room: &str,
+    name: Option<&str>,
+    client: &str,
+    req: &Request,
+    text: Option<&str>,
+) -> Result<(), JsonError> {
+    let mut hook_req =
+        crate::script::Hook::request(room, name, client, req.uri().query(), |header| {
+            req.headers()
+                .get(header)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        });
+    if let Some(text) = text {
+        hook_req.insert("text".into(), text.into());
+    }
+    match hook.check(function, hook_req) {
+        crate::script::Access::Allow => Ok(()),
+        crate::script::Access::Refuse { status, reason } => Err(JsonError::new(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN),
+            reason,
+        )),
+    }
+}
+
 /// The `room` query parameter, checked: `Ok(None)` when absent (the default room).
 pub fn query_room(query: Option<&str>) -> Result<Option<String>, String> {
     let Some(query) = query else {
@@ -204,35 +243,21 @@ impl Handler for Fetch {
                 return;
             }
         };
-        if let Some(hook) = &self.access {
-            let client = req
-                .remote_addr()
-                .as_ipv4()
-                .map(|a| a.ip().to_string())
-                .or_else(|| req.remote_addr().as_ipv6().map(|a| a.ip().to_string()))
-                .unwrap_or_default();
-            let hook_req = crate::script::Hook::request(
+        if let Some(hook) = &self.access
+            && let Err(refused) = check_access(
+                hook,
+                crate::script::ON_SUBSCRIBE,
                 room.as_deref().unwrap_or(self.hub.default_room()),
                 None,
-                &client,
-                req.uri().query(),
-                |name| {
-                    req.headers()
-                        .get(name)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned)
-                },
-            );
-            if let crate::script::Access::Refuse { status, reason } =
-                hook.check(crate::script::ON_SUBSCRIBE, hook_req)
-            {
-                JsonError::new(
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN),
-                    reason,
-                )
-                .write_to(res);
-                return;
-            }
+                &peer_of(req)
+                    .map(|peer| peer.ip().to_string())
+                    .unwrap_or_default(),
+                req,
+                None,
+            )
+        {
+            refused.write_to(res);
+            return;
         }
         let name = depot
             .session()
@@ -252,16 +277,7 @@ impl Handler for Fetch {
                 return;
             }
         };
-        let socket = req
-            .remote_addr()
-            .as_ipv4()
-            .map(|a| std::net::SocketAddr::V4(*a))
-            .or_else(|| {
-                req.remote_addr()
-                    .as_ipv6()
-                    .map(|a| std::net::SocketAddr::V6(*a))
-            })
-            .and_then(|peer| (self.sockets)(peer));
+        let socket = peer_of(req).and_then(|peer| (self.sockets)(peer));
         let headers = res.headers_mut();
         for (name, value) in SSE_HEADERS {
             headers.insert(name, HeaderValue::from_static(value));

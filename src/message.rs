@@ -741,27 +741,15 @@ impl Broadcast {
             _ => {}
         }
         if let Some(hook) = &self.access {
-            let mut hook_req = crate::script::Hook::request(
+            crate::event::check_access(
+                hook,
+                crate::script::ON_PUBLISH,
                 checked.room.as_deref().unwrap_or(&self.default_room),
                 Some(&checked.from),
                 &client,
-                req.uri().query(),
-                |name| {
-                    req.headers()
-                        .get(name)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned)
-                },
-            );
-            hook_req.insert("text".into(), checked.text.clone().into());
-            if let crate::script::Access::Refuse { status, reason } =
-                hook.check(crate::script::ON_PUBLISH, hook_req)
-            {
-                return Err(JsonError::new(
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN),
-                    reason,
-                ));
-            }
+                req,
+                Some(&checked.text),
+            )?;
         }
         let started = std::time::Instant::now();
         match self.publisher.publish(&checked, &client).await {
@@ -802,11 +790,8 @@ impl Broadcast {
             .get("idempotency-key")
             .map(|value| check_key(value.to_str().unwrap_or_default()))
             .transpose()?;
-        let address = req.remote_addr();
-        let peer = address
-            .as_ipv4()
-            .map(|a| std::net::IpAddr::V4(*a.ip()))
-            .or_else(|| address.as_ipv6().map(|a| std::net::IpAddr::V6(*a.ip())))
+        let peer = crate::event::peer_of(req)
+            .map(|peer| peer.ip())
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         let client = crate::request::client(peer, header("x-forwarded-for"), &self.trusted_proxies);
         Ok((client, key))
