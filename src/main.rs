@@ -283,6 +283,8 @@ fn run_script(
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Said once we know the script is one of the chain's kind, not the access hook.
+    let mut note = None;
     let mut specs = match (&config, wanted) {
         (Some(config), wanted) => {
             let chain = config.broker.script_specs(&config.root());
@@ -306,9 +308,9 @@ fn run_script(
                         vec![chain[index].clone()]
                     }
                     None => {
-                        eprintln!(
+                        note = Some(format!(
                             "temma: `{wanted}` is not in the chain of `{file}`: its [broker.limits] and on_error, params from --params only"
-                        );
+                        ));
                         let mut spec = ScriptSpec::standalone(
                             std::path::Path::new(wanted),
                             Default::default(),
@@ -332,6 +334,35 @@ fn run_script(
             );
         }
     };
+    // The access hook: `[access]` named by file or name, or a file that defines its functions.
+    let configured = config
+        .as_ref()
+        .and_then(|config| config.access.spec(&config.root()))
+        .filter(|spec| {
+            wanted.is_some_and(|w| temma::script::find(std::slice::from_ref(spec), w).is_some())
+        });
+    let hook = configured.or_else(|| {
+        let [spec] = specs.as_slice() else {
+            return None;
+        };
+        let mut hook = spec.clone();
+        hook.kind = temma::script::ScriptKind::Access;
+        let not_moderation = matches!(
+            spec.load(),
+            Err(temma::script::ScriptError::NoEntryPoint { .. })
+        );
+        (not_moderation && hook.load().is_ok()).then_some(hook)
+    });
+    if let Some(mut spec) = hook {
+        spec.params.extend(params);
+        let room = config
+            .as_ref()
+            .map_or("general", |c| c.rooms.default.as_str());
+        return run_hook(spec, message, room);
+    }
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
     for spec in &mut specs {
         spec.params.extend(params.clone());
     }
@@ -381,6 +412,66 @@ fn run_script(
         println!("passed: {json}");
     }
     code
+}
+
+/// `temma script` on the access hook: `message` is the request (`room`, `name` or `from`,
+/// `client`, `query`, `headers`, `text`), and each of `on_subscribe` and `on_publish` says
+/// whether it lets it through.
+fn run_hook(spec: temma::script::ScriptSpec, message: &str, default_room: &str) -> ExitCode {
+    use temma::script::{Access, Hook};
+    let script = match spec.load() {
+        Ok(script) => script,
+        Err(error) => {
+            eprintln!("temma: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let fields: serde_json::Map<String, serde_json::Value> = match serde_json::from_str(message) {
+        Ok(fields) => fields,
+        Err(_) => {
+            eprintln!("temma: --message is not a JSON object");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let text = |key: &str| fields.get(key).and_then(|v| v.as_str());
+    let query: String = fields
+        .get("query")
+        .and_then(|q| q.as_object())
+        .map(|query| {
+            let mut encoded = form_urlencoded::Serializer::new(String::new());
+            for (key, value) in query {
+                encoded.append_pair(key, value.as_str().unwrap_or_default());
+            }
+            encoded.finish()
+        })
+        .unwrap_or_default();
+    let headers = fields.get("headers").and_then(|h| h.as_object());
+    let mut req = Hook::request(
+        text("room").unwrap_or(default_room),
+        text("name").or_else(|| text("from")),
+        text("client").unwrap_or("127.0.0.1"),
+        Some(&query),
+        |name| {
+            headers
+                .and_then(|h| h.get(name))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        },
+    );
+    if let Some(message) = text("text") {
+        req.insert("text".into(), message.into());
+    }
+    eprintln!("temma: `{}` is an access hook ([access])", spec.shown);
+    let hook = Hook::new(script);
+    for function in [temma::script::ON_SUBSCRIBE, temma::script::ON_PUBLISH] {
+        match hook.check(function, req.clone()) {
+            Access::Allow => println!("{function}: allowed"),
+            Access::Refuse { status, reason } => {
+                println!("{function}: refused ({status}): {reason}")
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// What `temma check` prints for a valid configuration.

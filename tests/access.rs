@@ -245,3 +245,36 @@ async fn signed_tokens_open_one_room_until_they_expire() {
     );
     app.stop().await;
 }
+
+/// `temma script` runs the access hook too: each function's verdict on a request.
+#[test]
+fn temma_script_tries_the_access_hook() {
+    let run = |message: &str| {
+        let output = common::temma(&[
+            "script",
+            "--no-config",
+            "scripts/private_rooms.rhai",
+            "-p",
+            r#"{"rooms":{"staff":"s3cret"}}"#,
+            "-m",
+            message,
+        ])
+        .current_dir(manifest_dir())
+        .output()
+        .unwrap();
+        assert_eq!(output.status.code(), Some(0), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    assert_eq!(
+        run(r#"{"room":"staff"}"#),
+        "on_subscribe: refused (403): room staff is private: it needs its token\non_publish: refused (403): room staff is private: it needs its token\n"
+    );
+    assert_eq!(
+        run(r#"{"room":"staff","query":{"token":"s3cret"}}"#),
+        "on_subscribe: allowed\non_publish: allowed\n"
+    );
+    assert_eq!(
+        run(r#"{"room":"staff","headers":{"authorization":"Bearer s3cret"}}"#),
+        "on_subscribe: allowed\non_publish: allowed\n"
+    );
+}
