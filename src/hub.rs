@@ -64,8 +64,9 @@ pub const PRESENCE_EXPIRY: Duration = Duration::from_secs(3);
 /// id, no scripts), and web nodes read them apart from messages.
 pub const PRESENCE_PREFIX: &[u8] = b"{\"presence\":";
 
-/// Other nodes remembered at most (a forged flood of node names stays bounded).
-const MAX_NODES: usize = 1024;
+/// Other nodes remembered at most (a forged flood of node names stays bounded: a report is at
+/// most one frame, `broker.max_frame_bytes`, so what is held is at most this many frames).
+const MAX_NODES: usize = 256;
 /// Names listed per room in presence reports and frames, at most; and their length.
 pub const MAX_NAMES: usize = 100;
 const MAX_NAME_CHARS: usize = 64;
