@@ -440,3 +440,69 @@ async fn with_sessions_presence_lists_the_names() {
     );
     app.stop().await;
 }
+
+/// Presence reports forged on the broker's PULL socket (anyone who can reach it can send
+/// them): what a node remembers stays bounded, bad names and frames are dropped, and the node
+/// goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_presence_stays_bounded() {
+    use zeromq::{Socket, SocketSend};
+    let app = TestApp::start().await;
+    app.ready().await;
+    let config = common::test_config();
+    let pull = app
+        .app()
+        .addresses()
+        .listening(config.dsn(temma::config::Role::BrokerPull))[0]
+        .clone();
+    let mut forger = zeromq::PushSocket::new();
+    forger.connect(&pull).await.unwrap();
+    let long_name = "N".repeat(500);
+    for node in 0..400 {
+        let report = serde_json::json!({"presence": {
+            "node": format!("forged-{node}"),
+            "rooms": {
+                "lobby": {"count": 1, "names": [long_name]},
+                "Bad Name": 5,
+                "../etc": 7,
+            },
+        }});
+        forger
+            .send(zeromq::ZmqMessage::from(report.to_string()))
+            .await
+            .unwrap();
+    }
+    forger
+        .send(zeromq::ZmqMessage::from("{\"presence\": not json"))
+        .await
+        .unwrap();
+    let rooms = common::eventually("the forged reports to arrive", || async {
+        let rooms: serde_json::Value = app
+            .client
+            .get(app.url("/rooms"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (rooms["rooms"][0]["count"] == 256).then_some(rooms)
+    })
+    .await;
+    // 256 nodes at most, and only rooms with valid names.
+    assert_eq!(
+        rooms["rooms"],
+        serde_json::json!([{"room": "lobby", "count": 256}]),
+        "{rooms}"
+    );
+    // A local client sees the names cut to 64 characters, listed once.
+    let mut lobby = sse(&app, Some("lobby"), None).await;
+    let presence = next_presence(&mut lobby).await;
+    assert_eq!(presence["count"], 257);
+    assert_eq!(presence["names"], serde_json::json!(["N".repeat(64)]));
+    assert!(metric(&app, "temma_drops_total{reason=\"Unreadable\"}").unwrap_or(0.0) >= 1.0);
+    // Still serving: a message goes through.
+    assert_eq!(post(&app, Some("lobby"), "still here").await.status(), 200);
+    assert_eq!(lobby.texts(1).await, ["still here"]);
+    app.stop().await;
+}
