@@ -18,6 +18,11 @@
 #            rate held, its deliveries/s and latencies.
 #   idle     10 000 SSE connections held; server RSS per connection.
 #   latency  1000 subscribers × 100 msg/s for 10 s; p50/p99.
+#   light    10 subscribers × 20 msg/s for 10 s; medium: 100 subscribers × 50 msg/s for 10 s:
+#            where the per-message path (not the fan-out) decides.
+# Every scenario that publishes reports the server's CPU time (user + system of its processes,
+# from /proc) per message and per delivery: on two cores shared with the load tool, the
+# server's CPU is latency.
 #   broker   PUSH → broker → SUB msgs/s, against libzmq's proxy (cargo bench --bench broker).
 #   rooms    temma only (the peers name channels in the URL path, which temma-load does not
 #            vary): 1000 rooms × 10 subscribers, one message per room per second for 20 s, every
@@ -26,7 +31,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-SCENARIOS=${SCENARIOS:-fanout idle latency broker}
+SCENARIOS=${SCENARIOS:-fanout idle latency light medium broker}
 PEERS=${PEERS:-nchan pushpin}
 OUT=${OUT:-$ROOT/target/compare}
 WORK=$(mktemp -d /tmp/temma-compare.XXXXXX)
@@ -185,6 +190,18 @@ for scenario in $SCENARIOS; do
         load "$name" "latency-$name.json" --subscribers 1000 --rate 100 --messages 1000
       done
       ;;
+    light)
+      echo "--- scenario: light, 10 subscribers × 20 msg/s"
+      for name in temma $PEERS; do
+        load "$name" "light-$name.json" --subscribers 10 --rate 20 --messages 200
+      done
+      ;;
+    medium)
+      echo "--- scenario: medium, 100 subscribers × 50 msg/s"
+      for name in temma $PEERS; do
+        load "$name" "medium-$name.json" --subscribers 100 --rate 50 --messages 500
+      done
+      ;;
     broker)
       echo "--- scenario 4: broker"
       python3 -c "import zmq" 2>/dev/null || pip install --quiet pyzmq || echo "pyzmq unavailable: no libzmq reference" >&2
@@ -225,10 +242,10 @@ import json
 t = json.load(open('$OUT/idle-temma.json')); n = json.load(open('$OUT/idle-nchan.json'))
 print(f\"{t['rss_kib_per_connection'] / n['rss_kib_per_connection']:.2f}× Nchan's memory per connection\")")"
       ;;
-    latency)
-      echo "latency (1000 subscribers × 100 msg/s):"
+    latency|light|medium)
+      echo "$scenario:"
       for name in temma $PEERS; do
-        echo "  $name: $(field "$OUT/latency-$name.json" "f'{delivered_ratio*100:.2f} % delivered, {deliveries_per_s:.0f} deliveries/s, p50 {latency_us[\"p50\"]/1000:.1f} ms, p95 {latency_us[\"p95\"]/1000:.1f} ms, p99 {latency_us[\"p99\"]/1000:.1f} ms, max {latency_us[\"max\"]/1000:.1f} ms'")"
+        echo "  $name: $(field "$OUT/$scenario-$name.json" "f'{delivered_ratio*100:.2f} % delivered, p50 {latency_us[\"p50\"]/1000:.2f} ms, p99 {latency_us[\"p99\"]/1000:.2f} ms, POST p50 {post_latency_us[\"p50\"]/1000:.2f} ms; server CPU ' + (f'{server_cpu[\"per_message_us\"]:.0f} µs/message, {server_cpu[\"per_delivery_us\"]:.1f} µs/delivery' if server_cpu else 'not measured')")"
       done
       ;;
     rooms)

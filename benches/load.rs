@@ -9,7 +9,10 @@
 //! - subscribers connected; deliveries expected and received; gaps and duplicates per client;
 //! - deliveries/s sustained (from the first send to the last receipt);
 //! - latency from publish to receipt, p50/p95/p99/max (HdrHistogram);
-//! - with `--pid`, the server's RSS before and after connecting, and per connection.
+//! - with `--pid`, the server's RSS before and after connecting, and per connection; and its
+//!   CPU time (user + system, `/proc/PID/stat`) from the first POST to the end of the drain,
+//!   per message and per delivery: on a machine whose cores the tool shares, the server's
+//!   CPU is the latency the clients pay.
 //!
 //! Loopback targets only; every phase has a count and a time limit. `--json` prints one JSON
 //! object. `--hold-secs` keeps the connections open that long before publishing (idle tests).
@@ -555,6 +558,34 @@ fn rss_kib(pids: &[u32]) -> Option<u64> {
     Some(total)
 }
 
+/// CPU time (user + system) the `--pid` processes have used so far, in µs: field 14 and 15 of
+/// `/proc/PID/stat`, in clock ticks. Each process's threads are included.
+fn cpu_us(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    let ticks_per_s = rustix::param::clock_ticks_per_second().max(1);
+    let mut ticks = 0;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the command name, which may hold spaces, in parentheses.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // `rest` starts at field 3 (state): utime is field 14, stime 15.
+        ticks += fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    }
+    Some(ticks * 1_000_000 / ticks_per_s)
+}
+
+/// The server's CPU time over the publishing phase, and per message and per delivery.
+#[derive(serde::Serialize, Default)]
+struct Cpu {
+    /// User + system time of the `--pid` processes from the first POST to the end of the drain.
+    total_ms: f64,
+    per_message_us: f64,
+    per_delivery_us: f64,
+}
+
 #[derive(serde::Serialize)]
 struct Report {
     subscribers: usize,
@@ -581,6 +612,8 @@ struct Report {
     rss_kib_connected: Option<u64>,
     /// After the messages were delivered (the history and rooms they left behind).
     rss_kib_after: Option<u64>,
+    /// With `--pid`, the server's CPU time while publishing and delivering.
+    server_cpu: Option<Cpu>,
     rss_kib_per_connection: Option<f64>,
     errors: std::collections::BTreeMap<String, u64>,
     seconds: f64,
@@ -671,22 +704,32 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
         tokio::time::sleep(Duration::from_secs_f64(args.hold_secs)).await;
     }
     let connected = shared.connected.load(Ordering::Relaxed);
+    let cpu_before = cpu_us(&args.pid);
     let messages = match publish {
         Some(publish) => publish_all(&args, publish, &shared, connected, deadline).await,
         None => 0,
     };
+    let cpu_used = cpu_before
+        .zip(cpu_us(&args.pid))
+        .map(|(a, b)| b.saturating_sub(a));
     shared.stop.store(true, Ordering::Relaxed);
     for task in &tasks {
         task.abort();
     }
-    report(
+    let mut report = report(
         &args,
         &shared,
         started,
         connected,
         messages,
         (rss_before, rss_connected),
-    )
+    );
+    report.server_cpu = cpu_used.map(|us| Cpu {
+        total_ms: us as f64 / 1000.0,
+        per_message_us: us as f64 / report.accepted.max(1) as f64,
+        per_delivery_us: us as f64 / report.received.max(1) as f64,
+    });
+    report
 }
 
 /// The counters every task updates.
@@ -856,6 +899,7 @@ fn report(
         rss_kib_before: rss_before,
         rss_kib_connected: rss_connected,
         rss_kib_after: rss_kib(&args.pid),
+        server_cpu: None,
         rss_kib_per_connection: match (rss_before, rss_connected) {
             (Some(before), Some(after)) if connected > 0 => {
                 Some((after as f64 - before as f64) / connected as f64)
@@ -915,6 +959,12 @@ fn print_text(report: &Report) {
         if let Some(after) = report.rss_kib_after {
             println!("server RSS after the messages: {after} KiB");
         }
+    }
+    if let Some(cpu) = &report.server_cpu {
+        println!(
+            "server CPU: {:.0} ms, {:.1} µs per message, {:.2} µs per delivery",
+            cpu.total_ms, cpu.per_message_us, cpu.per_delivery_us
+        );
     }
     for (error, count) in &report.errors {
         println!("error: {error} ×{count}");

@@ -158,6 +158,18 @@ async fn fan_out_scenario_in_small() {
         report["rss_kib_connected"].as_u64().unwrap() > 0,
         "{report}"
     );
+    // The server's CPU (here the test process, which runs it) per message and per delivery.
+    let cpu = &report["server_cpu"];
+    assert!(cpu["total_ms"].as_f64().unwrap() > 0.0, "{report}");
+    let per_delivery = cpu["per_delivery_us"].as_f64().unwrap();
+    assert!(
+        (per_delivery - cpu["total_ms"].as_f64().unwrap() * 1000.0 / 600.0).abs() < 1e-6,
+        "{report}"
+    );
+    assert!(
+        (cpu["per_message_us"].as_f64().unwrap() - per_delivery * 20.0).abs() < 1e-3,
+        "{report}"
+    );
     app.stop().await;
 }
 
