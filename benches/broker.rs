@@ -113,7 +113,7 @@ zmq_client_sub = "zmq://SUB@127.0.0.1:{publish}"
 watch = false
 {scripts}
 [log]
-level = "warn,temma::broker=info"
+level = "warn,temma::app=info"
 "#,
             root = root().display()
         ),
