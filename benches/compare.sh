@@ -20,6 +20,8 @@
 #   latency  1000 subscribers × 100 msg/s for 10 s; p50/p99.
 #   light    10 subscribers × 20 msg/s for 10 s; medium: 100 subscribers × 50 msg/s for 10 s:
 #            where the per-message path (not the fan-out) decides.
+#   independent  500 subscribers × 10 msg/s × 100 messages read by benches/sse_reader.py, a
+#            client written apart from temma (Python asyncio), against temma and Nchan.
 # Every scenario that publishes reports the server's CPU time (user + system of its processes,
 # from /proc) per message and per delivery: on two cores shared with the load tool, the
 # server's CPU is latency.
@@ -31,7 +33,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-SCENARIOS=${SCENARIOS:-fanout idle latency light medium broker}
+SCENARIOS=${SCENARIOS:-fanout idle latency light medium independent broker}
 PEERS=${PEERS:-nchan pushpin}
 OUT=${OUT:-$ROOT/target/compare}
 WORK=$(mktemp -d /tmp/temma-compare.XXXXXX)
@@ -202,6 +204,17 @@ for scenario in $SCENARIOS; do
         load "$name" "medium-$name.json" --subscribers 100 --rate 50 --messages 500
       done
       ;;
+    independent)
+      echo "--- scenario: an independent client (benches/sse_reader.py), 500 × 10 msg/s"
+      python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$TEMMA_PORT/event/fetch" \
+        --publish "http://127.0.0.1:$TEMMA_PORT/message/broadcast" \
+        --subscribers 500 --rate 10 --messages 100 > "$OUT/independent-temma.json"
+      case " $PEERS " in *" nchan "*)
+        python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$NCHAN_PORT/sub/chat" \
+          --publish "http://127.0.0.1:$NCHAN_PORT/pub/chat" \
+          --subscribers 500 --rate 10 --messages 100 > "$OUT/independent-nchan.json" ;;
+      esac
+      ;;
     broker)
       echo "--- scenario 4: broker"
       python3 -c "import zmq" 2>/dev/null || pip install --quiet pyzmq || echo "pyzmq unavailable: no libzmq reference" >&2
@@ -246,6 +259,12 @@ print(f\"{t['rss_kib_per_connection'] / n['rss_kib_per_connection']:.2f}× Nchan
       echo "$scenario:"
       for name in temma $PEERS; do
         echo "  $name: $(field "$OUT/$scenario-$name.json" "f'{delivered_ratio*100:.2f} % delivered, p50 {latency_us[\"p50\"]/1000:.2f} ms, p99 {latency_us[\"p99\"]/1000:.2f} ms, POST p50 {post_latency_us[\"p50\"]/1000:.2f} ms; server CPU ' + (f'{server_cpu[\"per_message_us\"]:.0f} µs/message, {server_cpu[\"per_delivery_us\"]:.1f} µs/delivery' if server_cpu else 'not measured')")"
+      done
+      ;;
+    independent)
+      echo "independent client (benches/sse_reader.py, 500 × 10 msg/s):"
+      for file in "$OUT"/independent-*.json; do
+        echo "  $(basename "$file" .json | sed 's/independent-//'): $(field "$file" "f'{received} of {expected} ({delivered_ratio*100:.2f} %), p50 {latency_ms[\"p50\"]:.2f} ms, p99 {latency_ms[\"p99\"]:.2f} ms, max {latency_ms[\"max\"]:.2f} ms'")"
       done
       ;;
     rooms)
