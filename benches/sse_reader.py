@@ -96,7 +96,8 @@ async def publish(url, body_template, content_type, rate, messages, stats):
                 length = int(line.split(b":")[1])
         if length:
             await reader.readexactly(length)
-        if b" 200 " in head.split(b"\r\n")[0] or b" 202 " in head.split(b"\r\n")[0]:
+        status = head.split(b"\r\n")[0].split(b" ")[1]
+        if status.startswith(b"2"):
             stats["accepted"] += 1
     writer.close()
 
