@@ -509,6 +509,24 @@ fn summary(config: &Config) -> String {
         "  static: {}",
         config.resolve(&config.server.static_dir).display()
     ));
+    lines.push(format!(
+        "  rooms: default `{}`, at most {} per node{}",
+        config.rooms.default,
+        config.rooms.max,
+        if config.rooms.presence {
+            ", presence shared"
+        } else {
+            ""
+        }
+    ));
+    match config.access.spec(&config.root()) {
+        Some(spec) => lines.push(format!(
+            "  access hook: {} compiled (on_error = {})",
+            spec.file.display(),
+            spec.on_error
+        )),
+        None => lines.push("  access hook: none (every room open)".to_owned()),
+    }
     let scripts = config.broker.script_specs(&config.root());
     if scripts.is_empty() {
         lines.push("  scripts: none".to_owned());

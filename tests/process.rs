@@ -24,6 +24,14 @@ fn check_accepts_the_shipped_config() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("is valid"), "{stdout}");
     assert!(stdout.contains("http://127.0.0.1:8000"), "{stdout}");
+    assert!(
+        stdout.contains("\n  rooms: default `general`, at most 1000 per node, presence shared\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\n  access hook: none (every room open)\n"),
+        "{stdout}"
+    );
 }
 
 /// `temma check` on a config made of `body`: the exit code and stderr.
