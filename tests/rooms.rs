@@ -506,3 +506,54 @@ async fn forged_presence_stays_bounded() {
     assert_eq!(lobby.texts(1).await, ["still here"]);
     app.stop().await;
 }
+
+/// A room's history that no longer reaches back to a client's last id says so with
+/// `event: reset`, then the room's newest messages; other rooms' traffic does not push a
+/// room's own messages out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_whose_history_cannot_cover_an_id_resets() {
+    let app = TestApp::start_with(|config| {
+        config.event.history_size = 2;
+        config.event.initial_history = 2;
+    })
+    .await;
+    app.ready().await;
+    let mut alpha = sse(&app, Some("alpha"), None).await;
+    assert_eq!(post(&app, Some("alpha"), "a0").await.status(), 200);
+    let first = alpha.next_message().await.id.unwrap();
+    drop(alpha);
+    // Busy elsewhere: alpha's history (2 per room) keeps a0.
+    for i in 0..5 {
+        assert_eq!(
+            post(&app, Some("beta"), &format!("b{i}")).await.status(),
+            200
+        );
+    }
+    let mut back = sse(&app, Some("alpha"), Some(&first)).await;
+    assert_eq!(post(&app, Some("alpha"), "a1").await.status(), 200);
+    // The opening, then a1: no reset on the way.
+    loop {
+        let event = back.next_but_presence().await.unwrap();
+        assert_ne!(event.event.as_deref(), Some("reset"), "{event:?}");
+        if event.event.as_deref() == Some("msg") {
+            assert_eq!(event.json()["text"], "a1");
+            break;
+        }
+    }
+    drop(back);
+    // Now alpha's own messages push a0 out: a reset, then the newest two.
+    for i in 2..5 {
+        assert_eq!(
+            post(&app, Some("alpha"), &format!("a{i}")).await.status(),
+            200
+        );
+    }
+    let mut late = sse(&app, Some("alpha"), Some(&first)).await;
+    let opening = late.next().await.unwrap();
+    assert!(opening.retry.is_some());
+    let reset = late.next().await.unwrap();
+    assert_eq!(reset.event.as_deref(), Some("reset"), "{reset:?}");
+    assert_eq!(reset.json()["lastEventId"], first.as_str());
+    assert_eq!(late.texts(2).await, ["a3", "a4"]);
+    app.stop().await;
+}
