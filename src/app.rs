@@ -167,6 +167,11 @@ impl App {
             config = %config.file.display(),
             broker = if config.broker.embedded { "embedded" } else { "separate (`temma broker`)" },
             scripts = ?scripts,
+            access = %config
+                .access
+                .spec(&config.root())
+                .map_or_else(|| "none".to_owned(), |spec| spec.name),
+            default_room = %config.rooms.default,
             "listening on http://{http}"
         );
         app.http = Some(http);

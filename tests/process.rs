@@ -184,6 +184,10 @@ fn start_up_says_once_what_runs() {
         line.contains("broker=\"embedded\"") || line.contains("broker=embedded"),
         "{line}"
     );
+    assert!(
+        line.contains("access=none") && line.contains("default_room=general"),
+        "{line}"
+    );
     web.signal("TERM");
     assert!(web.wait_exit(DEADLINE).success());
     let rest: Vec<String> = web.1.try_iter().collect();
