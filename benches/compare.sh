@@ -34,7 +34,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 SCENARIOS=${SCENARIOS:-fanout idle latency light medium independent broker}
-PEERS=${PEERS:-nchan pushpin}
+PEERS=${PEERS-nchan pushpin}
 OUT=${OUT:-$ROOT/target/compare}
 WORK=$(mktemp -d /tmp/temma-compare.XXXXXX)
 TEMMA_PORT=${TEMMA_PORT:-8090}

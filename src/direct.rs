@@ -333,26 +333,34 @@ async fn first_request(
             }
             Ok(Ok(_)) => {}
         }
-        let mut headers = [httparse::EMPTY_HEADER; 48];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&buffer) {
-            Ok(httparse::Status::Complete(length)) => {
+        // Parsed in a block of its own: the header array (1.5 KiB) is never held across an
+        // await, so it takes no room in this task's future while the stream is served.
+        let head = {
+            let mut headers = [httparse::EMPTY_HEADER; 48];
+            let mut request = httparse::Request::new(&mut headers);
+            match request.parse(&buffer) {
                 // Only a lone GET (nothing pipelined after it) is served directly.
-                if length == buffer.len()
-                    && let Some(sse) = SseRequest::from_head(&request)
-                    && !front.has_session(sse.cookie.as_deref())
-                {
-                    drop(pending);
-                    drop(buffer);
-                    serve_sse(socket, peer, sse, &front, &shutdown).await;
-                    drop(open);
-                    return;
-                }
-                break;
+                Ok(httparse::Status::Complete(length)) => Head::Complete(
+                    (length == buffer.len())
+                        .then(|| SseRequest::from_head(&request))
+                        .flatten()
+                        .filter(|sse| !front.has_session(sse.cookie.as_deref())),
+                ),
+                Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD_BYTES => Head::Partial,
+                // Too long or malformed: hyper answers it.
+                _ => Head::Complete(None),
             }
-            Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD_BYTES => continue,
-            // Too long or malformed: hyper answers it.
-            _ => break,
+        };
+        match head {
+            Head::Partial => continue,
+            Head::Complete(Some(sse)) => {
+                drop(pending);
+                drop(buffer);
+                serve_sse(socket, peer, sse, &front, &shutdown).await;
+                drop(open);
+                return;
+            }
+            Head::Complete(None) => break,
         }
     }
     drop(pending);
@@ -365,6 +373,14 @@ async fn first_request(
         _open: open,
     };
     let _ = handoff.send((conn, peer)).await;
+}
+
+/// A first request head as read so far.
+enum Head {
+    /// More bytes are needed.
+    Partial,
+    /// Whole (or past saving): an SSE request the direct path serves, or `None` for salvo.
+    Complete(Option<SseRequest>),
 }
 
 /// What the direct path needs from a parsed `GET /event/fetch`.
