@@ -779,11 +779,11 @@ impl Hub {
         };
         let appended = match room {
             Ok(room) => {
-                let room = room.map_or_else(|| shared.settings.default_room.clone(), Arc::from);
+                let room = room.as_deref().unwrap_or(&shared.settings.default_room);
                 let frame = wire::write_message(frame, id, head.reference.is_some());
                 shared
                     .lock()
-                    .append(&room, id, frame, &shared.settings, &shared.metrics)
+                    .append(room, id, frame, &shared.settings, &shared.metrics)
             }
             Err(error) => {
                 // Only a script can do this (web nodes check the room): the message was
@@ -955,7 +955,7 @@ impl State {
     /// without clients makes way; `None` if every room has clients.
     fn room(
         &mut self,
-        name: &Arc<str>,
+        name: &str,
         settings: &Settings,
         metrics: &Metrics,
         now: Instant,
@@ -970,8 +970,9 @@ impl State {
                     .map(|(name, _)| name.clone())?;
                 self.remove_room(&idle, metrics);
             }
+            // The name is copied once, when the room is made; lookups borrow it.
             self.rooms
-                .insert(name.clone(), Room::new(name, settings, now));
+                .insert(Arc::from(name), Room::new(name, settings, now));
             metrics.rooms.set(self.rooms.len() as i64);
         }
         self.rooms.get_mut(name)
@@ -989,7 +990,7 @@ impl State {
     /// no duplicate).
     fn append(
         &mut self,
-        room: &Arc<str>,
+        room: &str,
         id: Option<MsgId>,
         frame: Bytes,
         settings: &Settings,
