@@ -110,8 +110,24 @@ impl App {
         let hub = config.event.build(&ctx, acks.clone(), &config.rooms);
         let (publisher, push_task) = config.message.build(&ctx, acks)?;
         app.spawn(push_task.run(shutdown.clone()));
+        let mut snapshot = None;
+        if let Some(addresses) = config.event.snapshot_addresses(&ctx)? {
+            let (client, task) = crate::snapshot::client(
+                addresses,
+                crate::wire::max_published_bytes(ctx.max_frame_bytes),
+                shutdown.clone(),
+            );
+            app.spawn(task);
+            hub.expect_snapshot();
+            snapshot = Some(client);
+        }
         for address in config.event.sub_addresses(&ctx)? {
-            app.spawn(hub.clone().run_subscriber(address, shutdown.clone()));
+            // Validation allows a snapshot with one SUB address only.
+            let client = snapshot.take();
+            app.spawn(
+                hub.clone()
+                    .run_subscriber(address, client, shutdown.clone()),
+            );
         }
         app.spawn(hub.clone().run_timers(shutdown.clone()));
         let reports = publisher.clone();
@@ -248,6 +264,9 @@ impl App {
             self.spawn(counter(shutdown.clone()));
         }
         self.run = Some(parts.broker.run_id());
+        if let Some(server) = parts.snapshot {
+            self.spawn(server.run(self.metrics.clone(), shutdown.clone()));
+        }
         self.spawn(parts.broker.run(shutdown.clone()));
         self.spawn(parts.reloader.run(shutdown.clone()));
         self.reload.push(parts.reload);

@@ -17,7 +17,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -32,6 +32,7 @@ use crate::script::{
     Chain, ChainSource, Compiled, OnError, Reload, ReloadHandle, Reloader, ScriptConfig,
     ScriptError, ScriptLimits, ScriptSpec, Verdict,
 };
+use crate::snapshot::{self, Archive, Limits};
 use crate::socket::{self, SocketError};
 use crate::wire::{
     KEY, MsgId, PRIVATE_KEYS, REF, STAMPED_KEYS, max_published_bytes, new_run, now_ms, plain_str,
@@ -52,6 +53,13 @@ const STAMP_BYTES: usize = 96;
 pub const DEFAULT_DEDUPE_WINDOW_SECS: u64 = 120;
 /// Default `broker.dedupe_max_keys`.
 pub const DEFAULT_DEDUPE_MAX_KEYS: usize = 100_000;
+
+/// Default `broker.history_size`.
+pub const DEFAULT_ARCHIVE_SIZE: usize = 1000;
+/// Default `broker.history_bytes`.
+pub const DEFAULT_ARCHIVE_BYTES: usize = 64 * 1024 * 1024;
+/// Default `broker.history_ttl_secs`.
+pub const DEFAULT_ARCHIVE_TTL_SECS: u64 = 3600;
 
 /// The `[broker]` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -88,6 +96,18 @@ pub struct BrokerConfig {
     pub limits: ScriptLimits,
     /// The moderation chain, run in order on every message.
     pub scripts: Vec<ScriptConfig>,
+    /// Data source of the snapshot socket, a ROUTER bind (e.g. `"zmq_broker_snapshot"` =
+    /// `"zmq-bind://ROUTER@127.0.0.1:7000"`): the broker keeps the recent history and web nodes
+    /// (`event.snapshot`) fill theirs from it when they start or reconnect, so a restarted node
+    /// replays what its browsers missed. Default: none (no history kept here).
+    pub snapshot: Option<String>,
+    /// Messages kept per room for snapshots. Default 1000 (as `event.history_size`).
+    pub history_size: usize,
+    /// Bytes of messages kept for snapshots over all rooms; the oldest go first. Default
+    /// 67108864 (64 MiB).
+    pub history_bytes: usize,
+    /// Seconds a message is kept for snapshots. Default 3600 (as `event.history_ttl_secs`).
+    pub history_ttl_secs: u64,
     /// The chain as validation compiled it, for the start-up that follows.
     #[serde(skip)]
     pub compiled: Compiled,
@@ -119,6 +139,10 @@ impl Default for BrokerConfig {
             watch: true,
             limits: ScriptLimits::default(),
             scripts: Vec::new(),
+            snapshot: None,
+            history_size: DEFAULT_ARCHIVE_SIZE,
+            history_bytes: DEFAULT_ARCHIVE_BYTES,
+            history_ttl_secs: DEFAULT_ARCHIVE_TTL_SECS,
             compiled: Compiled::default(),
         }
     }
@@ -137,6 +161,12 @@ impl BrokerConfig {
             problem(
                 "broker.max_frame_bytes",
                 "is 0: must be at least 1".to_owned(),
+            );
+        }
+        if self.snapshot.is_some() && self.history_bytes == 0 {
+            problem(
+                "broker.history_bytes",
+                "is 0: must be at least 1 when `broker.snapshot` is set".to_owned(),
             );
         }
         crate::script::validate_limits(&self.limits, problem);
@@ -190,18 +220,43 @@ impl BrokerConfig {
                 Box::pin(socket::count_peers(events, peers, refused, shutdown))
             })
         };
-        let peer_counters = vec![
+        let mut peer_counters = vec![
             counter(pub_events, "broker.pub"),
             counter(pull_events, "broker.pull"),
         ];
+        let stamper = Stamper::with_dedupe(
+            limit,
+            std::time::Duration::from_secs(self.dedupe_window_secs),
+            self.dedupe_max_keys,
+        );
+        let snapshot = match &self.snapshot {
+            None => None,
+            Some(name) => {
+                // A request is one small frame: nothing larger is read.
+                let mut router = snapshot::router(4096);
+                let events = router.monitor();
+                let dsn = ctx.dsn(name)?.clone();
+                socket::bind(&mut router, &dsn, &mut ctx.addresses).await?;
+                peer_counters.push(counter(events, "broker.snapshot"));
+                let archive = Archive::new(
+                    stamper.run,
+                    Limits {
+                        per_room: self.history_size,
+                        bytes: self.history_bytes,
+                        ttl: std::time::Duration::from_secs(self.history_ttl_secs),
+                    },
+                );
+                Some(SnapshotServer {
+                    router,
+                    archive: Arc::new(Mutex::new(archive)),
+                })
+            }
+        };
         let broker = Broker {
             pull,
             publish,
-            stamper: Stamper::with_dedupe(
-                limit,
-                std::time::Duration::from_secs(self.dedupe_window_secs),
-                self.dedupe_max_keys,
-            ),
+            stamper,
+            archive: snapshot.as_ref().map(|server| server.archive.clone()),
             chain,
             reloads,
             notify_rejections: self.notify_rejections,
@@ -213,6 +268,7 @@ impl BrokerConfig {
             reloader,
             reload,
             peer_counters,
+            snapshot,
         })
     }
 }
@@ -222,6 +278,8 @@ pub struct Broker {
     pull: PullSocket,
     publish: PubSocket,
     stamper: Stamper,
+    /// What was published, for snapshots (with `broker.snapshot`).
+    archive: Option<Arc<Mutex<Archive>>>,
     chain: Chain,
     reloads: tokio::sync::mpsc::Receiver<Reload>,
     notify_rejections: bool,
@@ -239,6 +297,21 @@ pub struct Parts {
     /// Tasks that count the peers of the broker's sockets (`temma_zmq_peers`), given the
     /// shutdown token.
     pub peer_counters: Vec<PeerCounter>,
+    /// The snapshot socket and the archive it answers from (with `broker.snapshot`).
+    pub snapshot: Option<SnapshotServer>,
+}
+
+/// The broker's snapshot socket, bound, and the archive the broker fills.
+pub struct SnapshotServer {
+    pub router: zeromq::RouterSocket,
+    pub archive: Arc<Mutex<Archive>>,
+}
+
+impl SnapshotServer {
+    /// Answers snapshot requests until shutdown.
+    pub async fn run(self, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+        snapshot::serve(self.router, self.archive, metrics, shutdown).await;
+    }
 }
 
 /// Starts a task counting one socket's peers until shutdown.
@@ -343,6 +416,17 @@ impl Broker {
             }
         };
         self.metrics.broker_published.inc();
+        if let Some(archive) = &self.archive {
+            let room = crate::wire::room_of(&out);
+            let mut archive = crate::error::lock(archive);
+            archive.push(
+                self.stamper.seq,
+                room,
+                out.clone(),
+                tokio::time::Instant::now(),
+            );
+            self.metrics.archive_messages.set(archive.len() as i64);
+        }
         Some(ZmqMessage::from(out))
     }
 

@@ -187,15 +187,22 @@ pub enum Role {
     BrokerPull,
     /// `broker.pub`: the broker's output.
     BrokerPub,
+    /// `event.snapshot` (optional): the web node's DEALER socket to the broker's snapshots.
+    EventSnapshot,
+    /// `broker.snapshot` (optional): the broker's ROUTER socket answering snapshot requests.
+    BrokerSnapshot,
 }
 
 impl Role {
+    /// The roles every configuration has.
     pub const ALL: [Role; 4] = [
         Role::MessagePush,
         Role::EventSub,
         Role::BrokerPull,
         Role::BrokerPub,
     ];
+    /// The roles a configuration may leave out.
+    pub const OPTIONAL: [Role; 2] = [Role::EventSnapshot, Role::BrokerSnapshot];
 
     /// The config key naming this role's data source.
     pub fn key(self) -> &'static str {
@@ -204,6 +211,8 @@ impl Role {
             Role::EventSub => "event.sub",
             Role::BrokerPull => "broker.pull",
             Role::BrokerPub => "broker.pub",
+            Role::EventSnapshot => "event.snapshot",
+            Role::BrokerSnapshot => "broker.snapshot",
         }
     }
 
@@ -214,6 +223,8 @@ impl Role {
             Role::EventSub => SocketKind::Sub,
             Role::BrokerPull => SocketKind::Pull,
             Role::BrokerPub => SocketKind::Pub,
+            Role::EventSnapshot => SocketKind::Dealer,
+            Role::BrokerSnapshot => SocketKind::Router,
         }
     }
 
@@ -227,7 +238,20 @@ impl Role {
     }
 
     fn is_broker(self) -> bool {
-        matches!(self, Role::BrokerPull | Role::BrokerPub)
+        matches!(
+            self,
+            Role::BrokerPull | Role::BrokerPub | Role::BrokerSnapshot
+        )
+    }
+
+    /// The broker's role a web node's role connects to.
+    pub fn peer(self) -> Option<Role> {
+        match self {
+            Role::MessagePush => Some(Role::BrokerPull),
+            Role::EventSub => Some(Role::BrokerPub),
+            Role::EventSnapshot => Some(Role::BrokerSnapshot),
+            Role::BrokerPull | Role::BrokerPub | Role::BrokerSnapshot => None,
+        }
     }
 }
 
@@ -406,7 +430,24 @@ impl Config {
                 Role::BrokerPub,
                 "no browser would receive a message",
             ),
+            (
+                Role::EventSnapshot,
+                Role::BrokerSnapshot,
+                "this node would go on without history from the broker",
+            ),
         ] {
+            if self.role_name(connect).is_empty() {
+                continue;
+            }
+            if self.role_name(bind).is_empty() {
+                warnings.push(format!(
+                    "`{}` is set but the embedded broker has no `{}`: {consequence} unless \
+                     another broker answers there",
+                    connect.key(),
+                    bind.key()
+                ));
+                continue;
+            }
             let binds = &self.dsn(bind).endpoints;
             for endpoint in &self.dsn(connect).endpoints {
                 let named = matches!(
@@ -433,14 +474,25 @@ impl Config {
         warnings
     }
 
-    /// The data source name a role is configured to use.
+    /// The data source name a role is configured to use (empty: an optional role left out).
     pub fn role_name(&self, role: Role) -> &str {
         match role {
             Role::MessagePush => &self.message.push,
             Role::EventSub => &self.event.sub,
             Role::BrokerPull => &self.broker.pull,
             Role::BrokerPub => &self.broker.publish,
+            Role::EventSnapshot => self.event.snapshot.as_deref().unwrap_or_default(),
+            Role::BrokerSnapshot => self.broker.snapshot.as_deref().unwrap_or_default(),
         }
+    }
+
+    /// The roles this configuration uses: every required one, and the optional ones set.
+    pub fn roles(&self) -> impl Iterator<Item = Role> + '_ {
+        Role::ALL.into_iter().chain(
+            Role::OPTIONAL
+                .into_iter()
+                .filter(|role| !self.role_name(*role).is_empty()),
+        )
     }
 
     /// The DSN a role uses. Only call on a validated configuration.
@@ -461,6 +513,7 @@ impl Config {
         self.validate_roles(&mut problem);
         self.validate_binds(&mut problem);
         self.validate_port_zero(&mut problem);
+        self.validate_snapshot(&mut problem);
         self.validate_sessions(&mut problem);
         let root = self.root();
         self.server
@@ -490,7 +543,7 @@ impl Config {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        for role in Role::ALL {
+        for role in self.roles() {
             let name = self.role_name(role);
             match sources.get(name) {
                 None => problem(
@@ -529,6 +582,24 @@ impl Config {
         }
     }
 
+    /// A snapshot is taken from one broker: the one the SUB socket follows.
+    fn validate_snapshot(&self, problem: &mut impl FnMut(&str, String)) {
+        let sources = &self.application.data_sources;
+        if self.event.snapshot.is_some()
+            && let Some(sub) = sources.get(&self.event.sub)
+            && sub.endpoints.len() != 1
+        {
+            problem(
+                "event.snapshot",
+                format!(
+                    "needs `event.sub` to connect to one broker, but `{}` (`{sub}`) names {} endpoints",
+                    self.event.sub,
+                    sub.endpoints.len()
+                ),
+            );
+        }
+    }
+
     /// Two binds of one endpoint.
     fn validate_binds(&self, problem: &mut impl FnMut(&str, String)) {
         let sources = &self.application.data_sources;
@@ -558,7 +629,7 @@ impl Config {
     fn validate_port_zero(&self, problem: &mut impl FnMut(&str, String)) {
         let sources = &self.application.data_sources;
         // Port 0 in a connect DSN means "the port the embedded broker got for the same endpoint".
-        for role in Role::ALL {
+        for role in self.roles() {
             let Some(dsn) = sources.get(self.role_name(role)) else {
                 continue;
             };
@@ -566,11 +637,7 @@ impl Config {
                 continue;
             }
             for endpoint in dsn.endpoints.iter().filter(|e| e.port() == Some(0)) {
-                let peer = match role {
-                    Role::MessagePush => Some(Role::BrokerPull),
-                    Role::EventSub => Some(Role::BrokerPub),
-                    Role::BrokerPull | Role::BrokerPub => None,
-                };
+                let peer = role.peer();
                 let follows_embedded_bind = self.broker.embedded
                     && peer.is_some_and(|peer| {
                         sources

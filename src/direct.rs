@@ -500,6 +500,8 @@ async fn serve_sse(
             return;
         }
     }
+    // A node just started fills its history from the broker first (`event.snapshot`).
+    front.hub.synced().await;
     let subscription = front
         .hub
         .subscribe(room.as_deref(), request.last_event_id.as_deref(), {

@@ -24,7 +24,7 @@ use serde::Deserialize;
 /// Every valid form, quoted by each parse error so a user can fix the value at once.
 pub const VALID_FORMS: &str = "valid forms: `zmq://TYPE@HOST:PORT` (connect) or \
 `zmq-bind://TYPE@HOST:PORT` (bind), several endpoints separated by `;`; \
-TYPE is one of PUSH, PULL, PUB, SUB, REQ, REP; an endpoint is `127.0.0.1:5000`, \
+TYPE is one of PUSH, PULL, PUB, SUB, REQ, REP, ROUTER, DEALER; an endpoint is `127.0.0.1:5000`, \
 `localhost:5000`, `*:5000` (bind only), `[::1]:5000` or `ipc:///absolute/path`";
 
 /// Whether the socket binds its endpoints or connects to them.
@@ -45,6 +45,10 @@ pub enum SocketKind {
     Sub,
     Req,
     Rep,
+    /// The broker's snapshot socket (answers web nodes' history requests).
+    Router,
+    /// A web node's snapshot socket (asks the broker for its history).
+    Dealer,
 }
 
 impl SocketKind {
@@ -57,6 +61,8 @@ impl SocketKind {
             SocketKind::Sub => "SUB",
             SocketKind::Req => "REQ",
             SocketKind::Rep => "REP",
+            SocketKind::Router => "ROUTER",
+            SocketKind::Dealer => "DEALER",
         }
     }
 }
@@ -154,7 +160,7 @@ pub enum DsnError {
     #[error("DSN `{0}` has no `TYPE@` before its endpoints; {VALID_FORMS}")]
     MissingType(String),
     #[error(
-        "DSN `{dsn}` names socket type `{kind}`, which is not one of PUSH, PULL, PUB, SUB, REQ, REP (upper case); {VALID_FORMS}"
+        "DSN `{dsn}` names socket type `{kind}`, which is not one of PUSH, PULL, PUB, SUB, REQ, REP, ROUTER, DEALER (upper case); {VALID_FORMS}"
     )]
     UnknownType { dsn: String, kind: String },
     #[error("DSN `{0}` has an empty endpoint; {VALID_FORMS}")]
@@ -189,6 +195,8 @@ impl FromStr for Dsn {
             "SUB" => SocketKind::Sub,
             "REQ" => SocketKind::Req,
             "REP" => SocketKind::Rep,
+            "ROUTER" => SocketKind::Router,
+            "DEALER" => SocketKind::Dealer,
             "" => return Err(DsnError::MissingType(dsn.to_owned())),
             other => {
                 return Err(DsnError::UnknownType {
@@ -446,10 +454,10 @@ mod tests {
                 },
             ),
             (
-                "zmq://DEALER@127.0.0.1:5000",
+                "zmq://STREAM@127.0.0.1:5000",
                 DsnError::UnknownType {
-                    dsn: "zmq://DEALER@127.0.0.1:5000".into(),
-                    kind: "DEALER".into(),
+                    dsn: "zmq://STREAM@127.0.0.1:5000".into(),
+                    kind: "STREAM".into(),
                 },
             ),
             ("zmq://PUSH@", DsnError::EmptyEndpoint("zmq://PUSH@".into())),

@@ -68,6 +68,11 @@ pub struct EventConfig {
     pub history_ttl_secs: u64,
     /// Newest messages sent to a client that connects without `Last-Event-ID`. Default 50.
     pub initial_history: usize,
+    /// Data source of the snapshot socket, a DEALER connect to the broker's `broker.snapshot`
+    /// (e.g. `"zmq_client_snapshot"` = `"zmq://DEALER@127.0.0.1:7000"`): when it starts and
+    /// whenever its SUB reconnects or misses messages, this node fills its history from the
+    /// broker's before it serves replays. Default: none (a restarted node starts empty).
+    pub snapshot: Option<String>,
 }
 
 fn default_keepalive() -> u64 {
@@ -95,6 +100,7 @@ impl Default for EventConfig {
             history_size: DEFAULT_HISTORY_SIZE,
             history_ttl_secs: default_history_ttl(),
             initial_history: DEFAULT_INITIAL_HISTORY,
+            snapshot: None,
         }
     }
 }
@@ -129,6 +135,17 @@ impl EventConfig {
     /// Where the hub's SUB sockets connect (a port 0 follows the embedded broker's bind).
     pub fn sub_addresses(&self, ctx: &Context) -> Result<Vec<String>, UnknownDataSource> {
         Ok(ctx.addresses.targets(ctx.dsn(&self.sub)?))
+    }
+
+    /// Where the snapshot socket connects, when there is one.
+    pub fn snapshot_addresses(
+        &self,
+        ctx: &Context,
+    ) -> Result<Option<Vec<String>>, UnknownDataSource> {
+        match &self.snapshot {
+            None => Ok(None),
+            Some(name) => Ok(Some(ctx.addresses.targets(ctx.dsn(name)?))),
+        }
     }
 
     pub fn validate(&self, problem: &mut impl FnMut(&str, String)) {
@@ -262,6 +279,7 @@ impl Handler for Fetch {
         let name = depot
             .session()
             .and_then(|session| session.get::<String>(crate::session::SESSION_FROM));
+        self.hub.synced().await;
         let subscription = match self.hub.subscribe_named(
             room.as_deref(),
             name.as_deref(),

@@ -43,7 +43,9 @@ use tokio_util::sync::CancellationToken;
 use zeromq::{Socket, SocketEvent, SocketRecv, SubSocket};
 
 use crate::acks::{Ack, Acks};
+use crate::metrics::SnapshotResult;
 use crate::metrics::{DropReason, Metrics};
+use crate::snapshot::{self, Reply};
 use crate::socket;
 use crate::wire::{self, Envelope, KEEPALIVE_FRAME, MsgId, plain_str, write_reset};
 
@@ -95,6 +97,11 @@ struct Shared {
     acks: Arc<Acks>,
     clients: AtomicUsize,
     next_client: AtomicU64,
+    /// `false` until the first snapshot is in (with `event.snapshot`): replays wait for it.
+    synced: tokio::sync::watch::Sender<bool>,
+    /// When the hub was made: replays wait for the first snapshot at most until
+    /// [`snapshot::TIMEOUT`] after it.
+    born: Instant,
 }
 
 /// How a hub behaves (from the `[event]` section: see [`crate::event::EventConfig`]).
@@ -429,8 +436,31 @@ impl Hub {
                 acks,
                 clients: AtomicUsize::new(0),
                 next_client: AtomicU64::new(0),
+                synced: tokio::sync::watch::Sender::new(true),
+                born: Instant::now(),
             }),
         }
+    }
+
+    /// Makes replays wait for the first snapshot (call before serving, when the node has a
+    /// snapshot socket).
+    pub fn expect_snapshot(&self) {
+        self.shared.synced.send_replace(false);
+    }
+
+    /// Waits until the first snapshot is in, at most until [`snapshot::TIMEOUT`] after the
+    /// hub was made (a node whose broker is away serves what it has after that).
+    pub async fn synced(&self) {
+        let shared = &self.shared;
+        if *shared.synced.borrow() {
+            return;
+        }
+        let mut synced = shared.synced.subscribe();
+        let _ = tokio::time::timeout_at(
+            shared.born + snapshot::TIMEOUT,
+            synced.wait_for(|done| *done),
+        )
+        .await;
     }
 
     /// The room a stream or message that names none belongs to.
@@ -739,9 +769,15 @@ impl Hub {
     /// Takes one frame published by the broker: a message to fan out, or a notice for this
     /// node's POSTs (a rejection, or "published already" for a retried idempotency key).
     pub fn ingest(&self, frame: &[u8]) {
+        self.ingest_as(frame, Source::Live { check: false });
+    }
+
+    /// [`Hub::ingest`], saying where the frame comes from. A live frame checked for gaps that
+    /// would leave one is not taken: [`Ingested::Gap`] (the SUB task fetches a snapshot).
+    fn ingest_as(&self, frame: &[u8], source: Source) -> Ingested {
         if frame.starts_with(PRESENCE_PREFIX) {
             self.ingest_presence(frame);
-            return;
+            return Ingested::Taken;
         }
         let shared = &self.shared;
         let head: Envelope<'_> = match serde_json::from_slice(frame) {
@@ -749,7 +785,7 @@ impl Hub {
             Err(error) => {
                 shared.metrics.dropped(DropReason::Unreadable);
                 tracing::warn!(%error, bytes = frame.len(), "dropped a published frame that is not a JSON object");
-                return;
+                return Ingested::Taken;
             }
         };
         if let Some(reference) = head.reject.and_then(plain_str) {
@@ -762,14 +798,20 @@ impl Hub {
                     status: wire::reject_status(head.status),
                 },
             );
-            return;
+            return Ingested::Taken;
         }
         if let Some(reference) = head.published.and_then(plain_str) {
             shared.acks.resolve(reference, Ack::Published(head.id()));
-            return;
+            return Ingested::Taken;
+        }
+        let id = head.id();
+        if source == (Source::Live { check: true })
+            && let Some(id) = id
+            && shared.lock().would_gap(id)
+        {
+            return Ingested::Gap;
         }
         shared.metrics.received.inc();
-        let id = head.id();
         let room = match head.room {
             None => Ok(None),
             Some(raw) => plain_str(raw)
@@ -781,9 +823,14 @@ impl Hub {
             Ok(room) => {
                 let room = room.as_deref().unwrap_or(&shared.settings.default_room);
                 let frame = wire::write_message(frame, id, head.reference.is_some());
-                shared
-                    .lock()
-                    .append(room, id, frame, &shared.settings, &shared.metrics)
+                shared.lock().append(
+                    room,
+                    id,
+                    frame,
+                    source == Source::Snapshot,
+                    &shared.settings,
+                    &shared.metrics,
+                )
             }
             Err(error) => {
                 // Only a script can do this (web nodes check the room): the message was
@@ -794,11 +841,34 @@ impl Hub {
             }
         };
         if appended == Appended::Duplicate {
-            shared.metrics.dropped(DropReason::Duplicate);
-            return;
+            if source != Source::Snapshot {
+                shared.metrics.dropped(DropReason::Duplicate);
+            }
+            return Ingested::Taken;
+        }
+        if source == Source::Snapshot {
+            shared.metrics.snapshot_recovered.inc();
         }
         if let Some(reference) = head.reference.and_then(plain_str) {
             shared.acks.resolve(reference, Ack::Published(id));
+        }
+        Ingested::Taken
+    }
+
+    /// The newest message id this node holds.
+    pub fn newest(&self) -> Option<MsgId> {
+        self.shared.lock().newest
+    }
+
+    /// A snapshot's head: if the broker no longer holds everything this node lacks, its
+    /// clients are told (`event: reset`), as for a gap.
+    fn snapshot_head(&self, head: &snapshot::Head) {
+        let mut state = self.shared.lock();
+        if let Some(newest) = state.newest
+            && !head.covered
+        {
+            tracing::warn!(after = %newest, "the broker's snapshot does not reach back to this node's newest message");
+            state.lost(newest);
         }
     }
 
@@ -880,9 +950,20 @@ impl Hub {
     /// Owns one SUB socket connected to `address` and feeds the hub until shutdown. Rebuilds the
     /// socket as soon as the broker goes away, retrying every few hundred milliseconds, so that
     /// messages flow again quickly when it is back (the crate's own backoff reaches 30 s).
-    pub async fn run_subscriber(self, address: String, shutdown: CancellationToken) {
+    ///
+    /// With a snapshot `client` (`event.snapshot`), every time the SUB socket connects, and
+    /// whenever a live message shows that some were missed, the node asks the broker for
+    /// everything after its newest message: live frames that arrive meanwhile are kept, the
+    /// snapshot is taken, then the kept frames (what the snapshot had is dropped by id).
+    pub async fn run_subscriber(
+        self,
+        address: String,
+        mut client: Option<snapshot::Client>,
+        shutdown: CancellationToken,
+    ) {
         let what = format!("SUB {address}");
         let addresses = [address];
+        let mut requests = 0u64;
         loop {
             let make = || {
                 let mut socket = SubSocket::with_options(socket::connect_options(
@@ -897,7 +978,18 @@ impl Hub {
             };
             let mut events = sub.monitor();
             self.shared.metrics.sub_connected.inc();
+            // Subscribed: now the snapshot, so that nothing falls between the two.
+            let mut sync = client
+                .as_ref()
+                .map(|client| self.ask(client, &mut requests, Vec::new()));
             loop {
+                let replies = async {
+                    match client.as_mut() {
+                        Some(client) => client.replies.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let deadline = sync.as_ref().map(|sync| sync.deadline);
                 tokio::select! {
                     () = shutdown.cancelled() => {
                         self.shared.metrics.sub_connected.dec();
@@ -912,7 +1004,22 @@ impl Hub {
                     },
                     received = sub.recv() => match received {
                         Ok(message) if message.len() == 1 => {
-                            self.ingest(message.get(0).expect("one frame"));
+                            let frame = message.into_vec().pop().expect("one frame");
+                            sync = match (sync.take(), client.as_ref()) {
+                                (Some(mut waiting), _) => {
+                                    if waiting.keep(frame) {
+                                        Some(waiting)
+                                    } else {
+                                        self.give_up(waiting, "too many live messages meanwhile");
+                                        None
+                                    }
+                                }
+                                (None, Some(client)) => self.take_live(client, &mut requests, vec![frame], 0),
+                                (None, None) => {
+                                    self.ingest(&frame);
+                                    None
+                                }
+                            };
                         }
                         Ok(message) => {
                             self.shared.metrics.dropped(DropReason::Unreadable);
@@ -923,10 +1030,152 @@ impl Hub {
                             break;
                         }
                     },
+                    reply = replies => {
+                        let Some(reply) = reply else {
+                            // The snapshot task ended (shutdown): go on without.
+                            client = None;
+                            if let Some(waiting) = sync.take() {
+                                self.give_up(waiting, "the snapshot socket closed");
+                            }
+                            continue;
+                        };
+                        let Some(waiting) = sync.as_mut().filter(|waiting| waiting.n == reply.n()) else {
+                            continue; // the answer to a request given up on
+                        };
+                        match reply {
+                            Reply::Head(_, head) => {
+                                waiting.covered = head.covered;
+                                self.snapshot_head(&head);
+                            }
+                            Reply::Batch(_, frames) => {
+                                for frame in frames {
+                                    self.ingest_as(&frame, Source::Snapshot);
+                                }
+                            }
+                            Reply::End(_) => {
+                                let done = sync.take().expect("waiting");
+                                self.shared.metrics.snapshot_synced(if done.covered {
+                                    SnapshotResult::Complete
+                                } else {
+                                    SnapshotResult::Partial
+                                });
+                                self.shared.synced.send_replace(true);
+                                let client = client.as_ref().expect("a client answered");
+                                sync = self.take_live(client, &mut requests, done.kept, done.tries + 1);
+                            }
+                        }
+                    }
+                    () = sleep_until_some(deadline) => {
+                        if let Some(waiting) = sync.take() {
+                            self.give_up(waiting, "no whole answer in time");
+                        }
+                    }
                 }
             }
             self.shared.metrics.sub_connected.dec();
+            if let Some(waiting) = sync.take() {
+                self.give_up(waiting, "the broker went away");
+            }
         }
+    }
+
+    /// Asks the broker for everything after this node's newest message; `kept` are live frames
+    /// already waiting.
+    fn ask(&self, client: &snapshot::Client, requests: &mut u64, kept: Vec<Bytes>) -> Awaited {
+        *requests += 1;
+        let request = snapshot::Request {
+            after: self.newest().map(|id| id.to_string()),
+            n: *requests,
+        };
+        // A full queue: the request is lost, and the deadline gives up on it.
+        let _ = client.requests.try_send(request);
+        let bytes = kept.iter().map(Bytes::len).sum();
+        Awaited {
+            n: *requests,
+            kept,
+            bytes,
+            covered: false,
+            tries: 0,
+            deadline: Instant::now() + snapshot::TIMEOUT,
+        }
+    }
+
+    /// Takes live frames in order until one leaves a gap: then a snapshot is asked for, and the
+    /// rest wait for it. After [`MAX_SYNC_TRIES`] snapshots in a row, the gap is taken (its
+    /// clients get `event: reset`).
+    fn take_live(
+        &self,
+        client: &snapshot::Client,
+        requests: &mut u64,
+        frames: Vec<Bytes>,
+        tries: u32,
+    ) -> Option<Awaited> {
+        let check = tries < MAX_SYNC_TRIES;
+        let mut frames = frames.into_iter();
+        while let Some(frame) = frames.next() {
+            if self.ingest_as(&frame, Source::Live { check }) == Ingested::Gap {
+                let mut kept = vec![frame];
+                kept.extend(frames);
+                let mut sync = self.ask(client, requests, kept);
+                sync.tries = tries;
+                return Some(sync);
+            }
+        }
+        None
+    }
+
+    /// Goes on without the snapshot: the kept frames are taken as they are (a gap is reset).
+    fn give_up(&self, waiting: Awaited, why: &str) {
+        tracing::warn!(
+            kept = waiting.kept.len(),
+            why,
+            "went on without the broker's snapshot"
+        );
+        self.shared
+            .metrics
+            .snapshot_synced(SnapshotResult::TimedOut);
+        self.shared.synced.send_replace(true);
+        for frame in waiting.kept {
+            self.ingest(&frame);
+        }
+    }
+}
+
+/// Snapshots asked for in a row, each answered by live frames with a gap still, before the
+/// gap is taken as lost.
+const MAX_SYNC_TRIES: u32 = 3;
+/// Live frames kept while a snapshot is awaited, at most (in bytes); past that the node goes on
+/// without it.
+const MAX_KEPT_BYTES: usize = 64 * 1024 * 1024;
+
+/// A snapshot awaited.
+struct Awaited {
+    /// The request's number.
+    n: u64,
+    /// Live frames that arrived meanwhile, in order.
+    kept: Vec<Bytes>,
+    bytes: usize,
+    /// What the head said.
+    covered: bool,
+    /// Snapshots asked for in a row before this one.
+    tries: u32,
+    deadline: Instant,
+}
+
+impl Awaited {
+    /// Keeps a live frame; `false` past [`MAX_KEPT_BYTES`].
+    fn keep(&mut self, frame: Bytes) -> bool {
+        self.bytes += frame.len();
+        self.kept.push(frame);
+        self.bytes <= MAX_KEPT_BYTES
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -934,6 +1183,23 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         crate::error::lock(&self.state)
     }
+}
+
+/// Where a frame comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The SUB socket; `check`: refuse a frame that leaves a gap (a snapshot can fill it).
+    Live { check: bool },
+    /// A snapshot: holes are messages the broker dropped, not gaps.
+    Snapshot,
+}
+
+/// What [`Hub::ingest_as`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ingested {
+    Taken,
+    /// Not taken: it leaves a gap.
+    Gap,
 }
 
 /// What [`State::append`] did with a message.
@@ -945,6 +1211,39 @@ enum Appended {
 }
 
 impl State {
+    /// Whether `id` would leave a gap after the newest message: the next one of a run was
+    /// missed (a new run's first message is 1).
+    fn would_gap(&self, id: MsgId) -> bool {
+        match self.newest {
+            Some(newest) if newest.run == id.run => id.seq > newest.seq + 1,
+            Some(_) => id.seq > 1,
+            None => false,
+        }
+    }
+
+    /// Messages after `newest` were lost, in any room: every room's clients get a reset, and
+    /// replays show where.
+    fn lost(&mut self, newest: MsgId) {
+        for room in self.rooms.values_mut() {
+            let last = room
+                .history
+                .newest()
+                .map_or_else(|| newest.to_string(), |id| id.to_string());
+            let mut notice = BytesMut::new();
+            write_reset(
+                &mut notice,
+                &last,
+                "messages were lost before reaching this server",
+            );
+            room.broadcast(Item {
+                id: None,
+                frame: notice.freeze(),
+                message: false,
+            });
+            room.history.mark_gap();
+        }
+    }
+
     /// Forgets nodes not heard from for [`PRESENCE_EXPIRY`].
     fn expire_others(&mut self, now: Instant) {
         self.others
@@ -993,6 +1292,7 @@ impl State {
         room: &str,
         id: Option<MsgId>,
         frame: Bytes,
+        from_snapshot: bool,
         settings: &Settings,
         metrics: &Metrics,
     ) -> Appended {
@@ -1004,29 +1304,15 @@ impl State {
                 Some(newest) if id.run == newest.run && id.seq <= newest.seq => {
                     return Appended::Duplicate;
                 }
-                Some(newest) if id.run == newest.run && id.seq > newest.seq + 1 => {
+                // A snapshot skips what the broker dropped (its head said if that matters).
+                Some(newest)
+                    if !from_snapshot && id.run == newest.run && id.seq > newest.seq + 1 =>
+                {
                     // This node missed messages on their way from the broker: they may belong
                     // to any room.
                     let missed = id.seq - newest.seq - 1;
                     tracing::warn!(missed, after = %newest, "messages missed between broker and this node");
-                    for room in self.rooms.values_mut() {
-                        let last = room
-                            .history
-                            .newest()
-                            .map_or_else(|| newest.to_string(), |id| id.to_string());
-                        let mut notice = BytesMut::new();
-                        write_reset(
-                            &mut notice,
-                            &last,
-                            "messages were lost before reaching this server",
-                        );
-                        room.broadcast(Item {
-                            id: None,
-                            frame: notice.freeze(),
-                            message: false,
-                        });
-                        room.history.mark_gap();
-                    }
+                    self.lost(newest);
                 }
                 // The next id, the first one, or a new run: a new epoch, whatever the numbers
                 // (runs are never compared for order).

@@ -11,6 +11,8 @@
 //! - [`config`]: `etc/temma.toml` → [`Config`], loaded with figment, validated in one pass.
 //! - [`context`]: what components get from the rest of the configuration to build themselves.
 //! - [`dsn`]: Temma's ZeroMQ data source names (`zmq://PUSH@127.0.0.1:5000`).
+//! - [`snapshot`]: the broker's archive of recent messages and the snapshot protocol web
+//!   nodes fill their history with.
 //! - [`socket`]: builds zeromq sockets from DSNs (bind, connect with retry).
 //! - [`broker`]: the Broker component: PULL → scripts → PUB.
 //! - [`script`]: the rhai moderation chain run by the broker, its sandbox and its reloader.
@@ -46,6 +48,7 @@ pub mod request;
 pub mod script;
 pub mod server;
 pub mod session;
+pub mod snapshot;
 pub mod socket;
 pub mod wire;
 

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use temma::config::LogFormat;
-use temma::config::{self, Config, Role};
+use temma::config::{self, Config};
 
 /// Exit status for an invalid configuration: EX_CONFIG from sysexits.h (clap's usage errors
 /// exit 2).
@@ -497,13 +497,24 @@ fn summary(config: &Config) -> String {
             "  broker http: http://{http}/health, /metrics (`temma broker`)"
         ));
     }
-    for role in Role::ALL {
+    for role in config.roles() {
         lines.push(format!(
             "  {}: {} = {}",
             role.key(),
             config.role_name(role),
             config.dsn(role)
         ));
+    }
+    if config.broker.snapshot.is_some() {
+        lines.push(format!(
+            "  broker history for snapshots: {} per room, {} bytes, {} s",
+            config.broker.history_size, config.broker.history_bytes, config.broker.history_ttl_secs
+        ));
+    }
+    if config.event.snapshot.is_none() {
+        lines.push(
+            "  event.snapshot: none (a restarted node starts with an empty history)".to_owned(),
+        );
     }
     lines.push(format!(
         "  static: {}",

@@ -82,6 +82,30 @@ pub struct SocketLabels {
     pub socket: String,
 }
 
+/// What became of a snapshot request (broker side) or a snapshot sync (web node side).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum SnapshotResult {
+    /// Broker: answered in full.
+    Served,
+    /// Broker: not a request (dropped).
+    Malformed,
+    /// Broker: the node went away or did not read its answer in time.
+    Failed,
+    /// Web node: the snapshot was taken, and it covered what the node lacked.
+    Complete,
+    /// Web node: taken, but the broker no longer held all the node lacked (clients got a
+    /// reset).
+    Partial,
+    /// Web node: no whole answer in time (or too many live frames meanwhile): the node went on
+    /// without it.
+    TimedOut,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SnapshotLabels {
+    pub result: SnapshotResult,
+}
+
 /// The answer a POST got.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PostLabels {
@@ -137,6 +161,10 @@ pub struct Metrics {
     pub connections_refused: Family<RefusalLabels, Counter>,
     /// SSE connections closed because a write made no progress in time.
     pub write_stalls: Counter,
+    pub snapshots_served: Family<SnapshotLabels, Counter>,
+    pub snapshot_syncs: Family<SnapshotLabels, Counter>,
+    pub snapshot_recovered: Counter,
+    pub archive_messages: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -284,6 +312,30 @@ impl Default for Metrics {
                 "SSE connections closed because a write made no progress in time",
                 Counter::default(),
             ),
+            snapshots_served: register(
+                &mut registry,
+                "snapshots_served",
+                "Broker: snapshot requests from web nodes, by result",
+                Family::<SnapshotLabels, Counter>::default(),
+            ),
+            snapshot_syncs: register(
+                &mut registry,
+                "snapshot_syncs",
+                "Web node: history fetched from the broker's snapshot, by result",
+                Family::<SnapshotLabels, Counter>::default(),
+            ),
+            snapshot_recovered: register(
+                &mut registry,
+                "snapshot_recovered_messages",
+                "Web node: messages taken from snapshots that it did not hold yet",
+                Counter::default(),
+            ),
+            archive_messages: register(
+                &mut registry,
+                "archive_messages",
+                "Broker: messages held for snapshots",
+                Gauge::default(),
+            ),
             registry,
         }
     }
@@ -292,6 +344,20 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Counts one snapshot request the broker handled.
+    pub fn snapshot_served(&self, result: SnapshotResult) {
+        self.snapshots_served
+            .get_or_create(&SnapshotLabels { result })
+            .inc();
+    }
+
+    /// Counts one snapshot sync of a web node.
+    pub fn snapshot_synced(&self, result: SnapshotResult) {
+        self.snapshot_syncs
+            .get_or_create(&SnapshotLabels { result })
+            .inc();
     }
 
     /// Counts one dropped message.

@@ -137,6 +137,8 @@ pub fn peer_kind(kind: SocketKind) -> SocketKind {
         SocketKind::Sub => SocketKind::Pub,
         SocketKind::Req => SocketKind::Rep,
         SocketKind::Rep => SocketKind::Req,
+        SocketKind::Router => SocketKind::Dealer,
+        SocketKind::Dealer => SocketKind::Router,
     }
 }
 

@@ -197,6 +197,18 @@ impl Envelope<'_> {
     }
 }
 
+/// The `room` a published frame names, as written (`None`: the default room). A name with
+/// escapes or not a string is kept as its raw JSON: web nodes drop such a message anyway.
+pub fn room_of(frame: &[u8]) -> Option<&str> {
+    #[derive(Deserialize)]
+    struct Room<'a> {
+        #[serde(borrow, default)]
+        room: Option<&'a RawValue>,
+    }
+    let room = serde_json::from_slice::<Room<'_>>(frame).ok()?.room?;
+    Some(plain_str(room).unwrap_or(room.get()))
+}
+
 /// Writes `id` as `<run>-<seq>` without allocating.
 pub fn write_id(out: &mut impl BufMut, id: MsgId) {
     let mut number = itoa::Buffer::new();

@@ -115,7 +115,7 @@ const CASES: &[Case] = &[
         toml: "[application.dataSources]\nzmq_client_push = \"zmq://PUSH@127.0.0.1\"\n",
         env: &[],
         problems: &[
-            "`application.dataSources.zmq_client_push`: DSN `zmq://PUSH@127.0.0.1`: endpoint `127.0.0.1` has no `:port`; valid forms: `zmq://TYPE@HOST:PORT` (connect) or `zmq-bind://TYPE@HOST:PORT` (bind), several endpoints separated by `;`; TYPE is one of PUSH, PULL, PUB, SUB, REQ, REP; an endpoint is `127.0.0.1:5000`, `localhost:5000`, `*:5000` (bind only), `[::1]:5000` or `ipc:///absolute/path`",
+            "`application.dataSources.zmq_client_push`: DSN `zmq://PUSH@127.0.0.1`: endpoint `127.0.0.1` has no `:port`; valid forms: `zmq://TYPE@HOST:PORT` (connect) or `zmq-bind://TYPE@HOST:PORT` (bind), several endpoints separated by `;`; TYPE is one of PUSH, PULL, PUB, SUB, REQ, REP, ROUTER, DEALER; an endpoint is `127.0.0.1:5000`, `localhost:5000`, `*:5000` (bind only), `[::1]:5000` or `ipc:///absolute/path`",
         ],
     },
     Case {

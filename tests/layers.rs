@@ -22,6 +22,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("acks", 1),
     // What components are built from.
     ("context", 2),
+    ("snapshot", 2),
     // Components.
     ("script", 3),
     ("hub", 3),

@@ -1,0 +1,540 @@
+//! History that outlives a web node: the broker keeps the recent messages too, and web nodes
+//! fetch them on their own ZeroMQ socket (the ZeroMQ guide's "Clone" pattern: snapshot, live
+//! updates, sequence numbers).
+//!
+//! - The broker's [`Archive`] holds every message it published in this run, bounded per room
+//!   (`broker.history_size`), in bytes (`broker.history_bytes`) and in age
+//!   (`broker.history_ttl_secs`). [`serve`] owns the broker's ROUTER socket (`broker.snapshot`)
+//!   and answers requests from it.
+//! - A web node's [`run_client`] owns its DEALER socket (`event.snapshot`). The hub's SUB task
+//!   subscribes first, then asks for everything after the newest id it holds, keeps the live
+//!   frames that arrive meanwhile, takes the snapshot, then the kept frames (those it already
+//!   has are dropped by id): nothing falls between the two.
+//!
+//! The protocol, both ends in this file. A request is one frame, one JSON object:
+//! `{"after":"<run>-<seq>","n":7}` (`"after":null` for everything). The answer is a series of
+//! multipart messages, in order: `["head", "7", <json>]` with
+//! `{"run":"<run>","covered":true,"held":123}` (`covered`: every message of the run after
+//! `after` is held — for another run's id or none, every message since the run began); then
+//! `["batch", "7", <frame>, <frame>…]`, each frame a published frame exactly as PUB sent it,
+//! oldest first, at most [`BATCH_BYTES`] per batch; then `["end", "7"]`. A published frame is
+//! always one part, so no message can pose as these.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use zeromq::{DealerSocket, RouterSocket, Socket, SocketEvent, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::metrics::{Metrics, SnapshotResult};
+use crate::socket;
+use crate::wire::MsgId;
+
+/// Frames per batch message, at most this many bytes (a single larger frame goes alone).
+pub const BATCH_BYTES: usize = 256 * 1024;
+/// How long a web node waits for a whole snapshot before it goes on without it.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the broker waits for a web node to take one batch (a peer that stopped reading
+/// does not hold the others' snapshots).
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// The room key of messages that name none.
+const NO_ROOM: &str = "";
+
+/// How the archive is bounded (the `[broker]` keys).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Messages kept per room.
+    pub per_room: usize,
+    /// Bytes of frames kept over all rooms.
+    pub bytes: usize,
+    /// Age past which a message is dropped.
+    pub ttl: Duration,
+}
+
+/// The broker's copy of the recent history: per room, the frames it published, oldest first.
+pub struct Archive {
+    run: u64,
+    limits: Limits,
+    rooms: HashMap<Arc<str>, VecDeque<Entry>>,
+    /// Every message held, oldest first, by sequence number and room (entries a room dropped
+    /// on its own are skipped, and compacted away when they pile up).
+    order: VecDeque<(u64, Arc<str>)>,
+    held: usize,
+    bytes: usize,
+    /// The highest sequence number dropped: every message after it is held.
+    forgotten: u64,
+}
+
+struct Entry {
+    seq: u64,
+    at: Instant,
+    frame: Bytes,
+}
+
+/// What the archive holds after an id: the head of an answer and its frames.
+pub struct Found {
+    pub head: Head,
+    pub frames: Vec<Bytes>,
+}
+
+/// The first part of an answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Head {
+    /// The broker's run, as in ids.
+    pub run: String,
+    /// Whether every message after the requested id (of another run: since this run began) is
+    /// in the answer.
+    pub covered: bool,
+    /// Messages in the answer.
+    pub held: usize,
+}
+
+/// A request, as sent on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// The newest id the node holds; `None` for everything.
+    pub after: Option<String>,
+    /// The request's number, repeated in every part of the answer.
+    pub n: u64,
+}
+
+impl Archive {
+    pub fn new(run: u64, limits: Limits) -> Archive {
+        Archive {
+            run,
+            limits,
+            rooms: HashMap::new(),
+            order: VecDeque::new(),
+            held: 0,
+            bytes: 0,
+            forgotten: 0,
+        }
+    }
+
+    /// Messages held.
+    pub fn len(&self) -> usize {
+        self.held
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held == 0
+    }
+
+    /// Bytes of frames held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Keeps a published message (`seq` of this run; `room` as the frame names it, `None` for
+    /// the default room).
+    pub fn push(&mut self, seq: u64, room: Option<&str>, frame: Bytes, now: Instant) {
+        if self.limits.per_room == 0 {
+            self.forgotten = seq;
+            return;
+        }
+        let room = room.unwrap_or(NO_ROOM);
+        let key = match self.rooms.get_key_value(room) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(room),
+        };
+        let entries = self.rooms.entry(key.clone()).or_default();
+        if entries.len() >= self.limits.per_room
+            && let Some(old) = entries.pop_front()
+        {
+            self.held -= 1;
+            self.bytes -= old.frame.len();
+            self.forgotten = self.forgotten.max(old.seq);
+        }
+        self.bytes += frame.len();
+        self.held += 1;
+        entries.push_back(Entry {
+            seq,
+            at: now,
+            frame,
+        });
+        self.order.push_back((seq, key));
+        while self.bytes > self.limits.bytes && self.pop_oldest() {}
+        self.expire(now);
+        if self.order.len() > 2 * self.held + 1024 {
+            let rooms = &self.rooms;
+            self.order
+                .retain(|(seq, room)| rooms.get(room).is_some_and(|e| live(e, *seq)));
+        }
+    }
+
+    /// Drops messages past their age.
+    pub fn expire(&mut self, now: Instant) {
+        while let Some(at) = self.oldest_at() {
+            if now.duration_since(at) <= self.limits.ttl {
+                break;
+            }
+            self.pop_oldest();
+        }
+    }
+
+    /// When the oldest message held arrived (stale order entries are dropped on the way).
+    fn oldest_at(&mut self) -> Option<Instant> {
+        while let Some((seq, room)) = self.order.front() {
+            match self.rooms.get(room).and_then(|entries| entries.front()) {
+                Some(entry) if entry.seq == *seq => return Some(entry.at),
+                _ => {
+                    self.order.pop_front();
+                }
+            }
+        }
+        None
+    }
+
+    /// Drops the oldest message held; `false` if there is none.
+    fn pop_oldest(&mut self) -> bool {
+        if self.oldest_at().is_none() {
+            return false;
+        }
+        let Some((seq, room)) = self.order.pop_front() else {
+            return false;
+        };
+        let Some(entries) = self.rooms.get_mut(&room) else {
+            return false;
+        };
+        if let Some(old) = entries.pop_front() {
+            self.held -= 1;
+            self.bytes -= old.frame.len();
+            self.forgotten = self.forgotten.max(seq);
+        }
+        if entries.is_empty() {
+            self.rooms.remove(&room);
+        }
+        true
+    }
+
+    /// Every message held after `after`, oldest first (frames shared, not copied).
+    pub fn after(&mut self, after: Option<MsgId>, now: Instant) -> Found {
+        self.expire(now);
+        let from = after.filter(|id| id.run == self.run).map_or(0, |id| id.seq);
+        let mut found: Vec<(u64, Bytes)> = Vec::new();
+        for entries in self.rooms.values() {
+            let start = entries.partition_point(|entry| entry.seq <= from);
+            found.extend(
+                entries
+                    .range(start..)
+                    .map(|entry| (entry.seq, entry.frame.clone())),
+            );
+        }
+        found.sort_unstable_by_key(|(seq, _)| *seq);
+        Found {
+            head: Head {
+                run: self.run.to_string(),
+                covered: from >= self.forgotten,
+                held: found.len(),
+            },
+            frames: found.into_iter().map(|(_, frame)| frame).collect(),
+        }
+    }
+}
+
+/// Whether the message `seq` of a room is still held (a room drops its oldest first).
+fn live(entries: &VecDeque<Entry>, seq: u64) -> bool {
+    entries.front().is_some_and(|front| front.seq <= seq)
+}
+
+/// Answers snapshot requests on the broker's ROUTER socket until shutdown. One request at a
+/// time: a node that stops reading holds it for at most [`SEND_TIMEOUT`] per batch.
+pub async fn serve(
+    mut router: RouterSocket,
+    archive: Arc<Mutex<Archive>>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return,
+            received = router.recv() => match received {
+                Ok(message) => message,
+                Err(error) => {
+                    tracing::debug!(%error, "snapshot socket: peer dropped");
+                    continue;
+                }
+            },
+        };
+        let parts = message.into_vec();
+        let request = match parts.as_slice() {
+            [identity, frame] => serde_json::from_slice::<Request>(frame)
+                .ok()
+                .map(|request| (identity.clone(), request)),
+            _ => None,
+        };
+        let Some((identity, request)) = request else {
+            metrics.snapshot_served(SnapshotResult::Malformed);
+            tracing::warn!(
+                parts = parts.len(),
+                "snapshot socket: dropped a request that is not one JSON request"
+            );
+            continue;
+        };
+        let after = match request.after.as_deref().map(str::parse::<MsgId>) {
+            None => None,
+            Some(Ok(id)) => Some(id),
+            Some(Err(())) => {
+                metrics.snapshot_served(SnapshotResult::Malformed);
+                continue;
+            }
+        };
+        let found = crate::error::lock(&archive).after(after, Instant::now());
+        let result = tokio::time::timeout(
+            SEND_TIMEOUT * (1 + found.frames.len() / 1000) as u32,
+            answer(&mut router, identity, request.n, found),
+        )
+        .await;
+        match result {
+            Ok(Ok(held)) => {
+                metrics.snapshot_served(SnapshotResult::Served);
+                tracing::debug!(held, "snapshot served");
+            }
+            Ok(Err(error)) => {
+                metrics.snapshot_served(SnapshotResult::Failed);
+                tracing::warn!(%error, "snapshot socket: could not answer a request");
+            }
+            Err(_) => {
+                metrics.snapshot_served(SnapshotResult::Failed);
+                tracing::warn!("snapshot socket: a web node did not take its snapshot in time");
+            }
+        }
+    }
+}
+
+/// Sends one answer: head, batches, end.
+async fn answer(
+    router: &mut RouterSocket,
+    identity: Bytes,
+    n: u64,
+    found: Found,
+) -> zeromq::ZmqResult<usize> {
+    let n = Bytes::from(n.to_string());
+    let message = |kind: &'static str| {
+        let mut message = ZmqMessage::from(identity.clone());
+        message.push_back(Bytes::from_static(kind.as_bytes()));
+        message.push_back(n.clone());
+        message
+    };
+    let mut head = message("head");
+    head.push_back(Bytes::from(
+        serde_json::to_vec(&found.head).expect("a head serializes"),
+    ));
+    router.send(head).await?;
+    let mut frames = found.frames.into_iter().peekable();
+    while frames.peek().is_some() {
+        let mut batch = message("batch");
+        let mut bytes = 0;
+        while let Some(frame) =
+            frames.next_if(|frame| bytes == 0 || bytes + frame.len() <= BATCH_BYTES)
+        {
+            bytes += frame.len();
+            batch.push_back(frame);
+        }
+        router.send(batch).await?;
+    }
+    router.send(message("end")).await?;
+    Ok(found.head.held)
+}
+
+/// One part of an answer, as the web node's client reads it.
+#[derive(Debug)]
+pub enum Reply {
+    Head(u64, Head),
+    Batch(u64, Vec<Bytes>),
+    End(u64),
+}
+
+impl Reply {
+    /// The request this answers.
+    pub fn n(&self) -> u64 {
+        match self {
+            Reply::Head(n, _) | Reply::Batch(n, _) | Reply::End(n) => *n,
+        }
+    }
+
+    fn read(message: ZmqMessage) -> Option<Reply> {
+        let mut parts = message.into_vec().into_iter();
+        let kind = parts.next()?;
+        let n = std::str::from_utf8(&parts.next()?).ok()?.parse().ok()?;
+        match kind.as_ref() {
+            b"head" => {
+                let head = serde_json::from_slice(&parts.next()?).ok()?;
+                Some(Reply::Head(n, head))
+            }
+            b"batch" => Some(Reply::Batch(n, parts.collect())),
+            b"end" => Some(Reply::End(n)),
+            _ => None,
+        }
+    }
+}
+
+/// The web node's side: requests go in, the parts of the answers come out.
+pub struct Client {
+    pub requests: mpsc::Sender<Request>,
+    pub replies: mpsc::Receiver<Reply>,
+}
+
+/// Owns the web node's DEALER socket: connects (again after the broker goes away), sends each
+/// request, and hands every part of the answers to the hub's SUB task.
+pub async fn run_client(
+    addresses: Vec<String>,
+    max_message_bytes: usize,
+    mut requests: mpsc::Receiver<Request>,
+    replies: mpsc::Sender<Reply>,
+    shutdown: CancellationToken,
+) {
+    let what = format!("DEALER {}", addresses.join(";"));
+    // A batch holds up to BATCH_BYTES of frames, and one frame may be as large as PUB allows.
+    let limit = BATCH_BYTES + max_message_bytes + 1024;
+    loop {
+        let make = || DealerSocket::with_options(socket::connect_options(limit));
+        let Some(mut dealer) = socket::connect(make, &addresses, &what, &shutdown).await else {
+            return;
+        };
+        let mut events = dealer.monitor();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                event = futures_util::StreamExt::next(&mut events) => match event {
+                    Some(SocketEvent::Disconnected(_)) | None => break,
+                    Some(_) => {}
+                },
+                request = requests.recv() => {
+                    let Some(request) = request else { return };
+                    let frame = serde_json::to_vec(&request).expect("a request serializes");
+                    if let Err(error) = dealer.send(ZmqMessage::from(frame)).await {
+                        tracing::warn!(socket = %what, %error, "could not ask for a snapshot");
+                        break;
+                    }
+                }
+                received = dealer.recv() => match received {
+                    Ok(message) => match Reply::read(message) {
+                        Some(reply) => {
+                            if replies.send(reply).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => tracing::warn!(socket = %what, "dropped an unreadable snapshot answer"),
+                    },
+                    Err(error) => {
+                        tracing::warn!(socket = %what, %error, "snapshot socket failed; reconnecting");
+                        break;
+                    }
+                },
+            }
+        }
+        tracing::warn!(socket = %what, "broker went away; reconnecting the snapshot socket");
+    }
+}
+
+/// A client and the task that owns its socket (to spawn).
+pub fn client(
+    addresses: Vec<String>,
+    max_message_bytes: usize,
+    shutdown: CancellationToken,
+) -> (Client, impl std::future::Future<Output = ()> + Send) {
+    let (request_tx, request_rx) = mpsc::channel(4);
+    let (reply_tx, reply_rx) = mpsc::channel(16);
+    let task = run_client(addresses, max_message_bytes, request_rx, reply_tx, shutdown);
+    (
+        Client {
+            requests: request_tx,
+            replies: reply_rx,
+        },
+        task,
+    )
+}
+
+/// The broker's ROUTER socket, bound (its task is [`serve`]).
+pub fn router(max_frame_bytes: usize) -> RouterSocket {
+    RouterSocket::with_options(socket::options(max_frame_bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(per_room: usize, bytes: usize) -> Limits {
+        Limits {
+            per_room,
+            bytes,
+            ttl: Duration::from_secs(60),
+        }
+    }
+
+    fn frame(seq: u64) -> Bytes {
+        Bytes::from(format!("{{\"id\":\"1-{seq}\"}}"))
+    }
+
+    fn seqs(found: &Found) -> Vec<u64> {
+        found
+            .frames
+            .iter()
+            .map(|f| {
+                let text = std::str::from_utf8(f).unwrap();
+                text.trim_start_matches("{\"id\":\"1-")
+                    .trim_end_matches("\"}")
+                    .parse()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn answers_in_order_over_rooms_and_says_what_it_covers() {
+        let now = Instant::now();
+        let mut archive = Archive::new(1, limits(2, 1 << 20));
+        for (seq, room) in [
+            (1, None),
+            (2, Some("a")),
+            (3, None),
+            (4, Some("a")),
+            (5, None),
+        ] {
+            archive.push(seq, room, frame(seq), now);
+        }
+        // The default room keeps 3 and 5, room a keeps 2 and 4: 1 was dropped.
+        assert_eq!(archive.len(), 4);
+        let all = archive.after(None, now);
+        assert_eq!(seqs(&all), [2, 3, 4, 5]);
+        assert!(!all.head.covered, "message 1 is gone");
+        let after_1 = archive.after(Some(MsgId { run: 1, seq: 1 }), now);
+        assert_eq!(seqs(&after_1), [2, 3, 4, 5]);
+        assert!(after_1.head.covered);
+        let after_4 = archive.after(Some(MsgId { run: 1, seq: 4 }), now);
+        assert_eq!(seqs(&after_4), [5]);
+        // Another run's id: everything held, and it does not reach back to this run's start.
+        let other = archive.after(Some(MsgId { run: 9, seq: 4 }), now);
+        assert_eq!(seqs(&other), [2, 3, 4, 5]);
+        assert!(!other.head.covered);
+    }
+
+    #[test]
+    fn bytes_and_age_bound_it_and_stale_order_entries_are_compacted() {
+        let now = Instant::now();
+        let size = frame(1).len();
+        let mut archive = Archive::new(1, limits(1, 3 * size));
+        // One busy room with a cap of one: the order index must not grow with it.
+        for seq in 1..=10_000 {
+            archive.push(seq, Some("busy"), frame(seq), now);
+        }
+        assert_eq!(archive.len(), 1);
+        assert!(archive.order.len() <= 2 * archive.len() + 1024);
+        let mut archive = Archive::new(1, limits(100, 3 * size));
+        for seq in 1..=5 {
+            archive.push(seq, Some(&format!("r{seq}")), frame(seq), now);
+        }
+        assert_eq!(seqs(&archive.after(None, now)), [3, 4, 5]);
+        assert!(archive.bytes() <= 3 * size);
+        let later = now + Duration::from_secs(61);
+        assert!(archive.after(None, later).frames.is_empty());
+        assert!(archive.is_empty());
+    }
+}

@@ -1,0 +1,370 @@
+//! History that outlives a web node: the broker keeps the recent messages (`broker.snapshot`,
+//! a ROUTER) and web nodes fill their history from it (`event.snapshot`, a DEALER) when they
+//! start, when their SUB socket reconnects, and when they notice they missed messages.
+//! Real sockets throughout; where a broker must misbehave on purpose (skip a message), the
+//! test plays the broker with real ZeroMQ sockets.
+// Tests may unwrap: a failure is the test failing (the library may not: Cargo.toml [lints]).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Sse, TestApp};
+use temma::config::Role;
+use temma::{App, Config};
+use tokio_util::sync::CancellationToken;
+use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+/// A configuration with the snapshot sockets on port 0 (the broker binds, nodes follow).
+fn snapshot_config() -> Config {
+    let mut config = common::test_config();
+    let sources = &mut config.application.data_sources;
+    sources.insert(
+        "zmq_broker_snapshot".into(),
+        "zmq-bind://ROUTER@127.0.0.1:0".parse().unwrap(),
+    );
+    sources.insert(
+        "zmq_client_snapshot".into(),
+        "zmq://DEALER@127.0.0.1:0".parse().unwrap(),
+    );
+    config.broker.snapshot = Some("zmq_broker_snapshot".into());
+    config.event.snapshot = Some("zmq_client_snapshot".into());
+    config.validate().unwrap();
+    config
+}
+
+/// A separate broker (as `temma broker` runs it), with its snapshot socket.
+async fn start_broker(config: &Config) -> (App, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let broker = App::broker(config, shutdown.clone()).await.unwrap();
+    (broker, shutdown)
+}
+
+fn address(app: &App, config: &Config, role: Role) -> String {
+    app.addresses().listening(config.dsn(role))[0]
+        .trim_start_matches("tcp://")
+        .to_owned()
+}
+
+/// A web node on `broker`, with or without a snapshot socket.
+async fn node(broker: &App, config: &Config, snapshot: bool) -> TestApp {
+    let pull = address(broker, config, Role::BrokerPull);
+    let publish = address(broker, config, Role::BrokerPub);
+    let router = address(broker, config, Role::BrokerSnapshot);
+    TestApp::start_with(move |config| {
+        config.broker.embedded = false;
+        let sources = &mut config.application.data_sources;
+        sources.insert(
+            "zmq_client_push".into(),
+            format!("zmq://PUSH@{pull}").parse().unwrap(),
+        );
+        sources.insert(
+            "zmq_client_sub".into(),
+            format!("zmq://SUB@{publish}").parse().unwrap(),
+        );
+        if snapshot {
+            sources.insert(
+                "zmq_client_snapshot".into(),
+                format!("zmq://DEALER@{router}").parse().unwrap(),
+            );
+            config.event.snapshot = Some("zmq_client_snapshot".into());
+        }
+    })
+    .await
+}
+
+/// Reads `count` events after the opening, `msg` and `reset` alike.
+async fn events(sse: &mut Sse, count: usize) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while out.len() < count {
+        let event = sse.next_but_presence().await.expect("stream open");
+        match event.event.as_deref() {
+            Some("msg") => out.push(("msg".into(), event.json()["text"].as_str().unwrap().into())),
+            Some("reset") => out.push(("reset".into(), event.data.clone())),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn msgs(texts: &[&str]) -> Vec<(String, String)> {
+    texts
+        .iter()
+        .map(|text| ("msg".to_owned(), (*text).to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_replays_what_its_browsers_missed() {
+    let config = snapshot_config();
+    let (broker, broker_stop) = start_broker(&config).await;
+    let first = node(&broker, &config, true).await;
+    first.ready().await;
+    let other = node(&broker, &config, true).await;
+    other.ready().await;
+    // A browser on the first node sees m1..m3, then its node goes away (a deploy).
+    let mut browser = first.sse().await;
+    first.post_all(["m1", "m2", "m3"].map(String::from)).await;
+    let seen = browser.messages(3).await;
+    let last_id = seen[2].id.clone().unwrap();
+    drop(browser);
+    first.stop().await;
+    // Meanwhile the chat goes on through the other node.
+    other.post_all(["m4", "m5"].map(String::from)).await;
+    // The node comes back empty, fills its history from the broker, and the browser's
+    // reconnection with Last-Event-ID gets what it missed: no reset.
+    let restarted = node(&broker, &config, true).await;
+    let mut browser = Sse::connect(
+        &restarted.client,
+        &restarted.url("/event/fetch"),
+        Some(&last_id),
+    )
+    .await;
+    assert_eq!(events(&mut browser, 2).await, msgs(&["m4", "m5"]));
+    // Then the live stream, in order.
+    assert_eq!(restarted.post_form("a", "m6").await.status(), 200);
+    assert_eq!(events(&mut browser, 1).await, msgs(&["m6"]));
+    let metrics = restarted.app().metrics().render();
+    assert!(
+        metrics.contains("temma_snapshot_syncs_total{result=\"Complete\"} 1"),
+        "{metrics}"
+    );
+    let served = broker.metrics().render();
+    assert!(
+        served.contains("temma_snapshots_served_total{result=\"Served\"}"),
+        "{served}"
+    );
+    // The same restart without a snapshot socket: the history is gone, the browser is reset.
+    let plain = node(&broker, &config, false).await;
+    let mut browser = Sse::connect(&plain.client, &plain.url("/event/fetch"), Some(&last_id)).await;
+    let first_event = events(&mut browser, 1).await;
+    assert_eq!(first_event[0].0, "reset", "{first_event:?}");
+    plain.stop().await;
+    restarted.stop().await;
+    other.stop().await;
+    broker_stop.cancel();
+    broker.wait().await;
+}
+
+/// The test plays a broker that skips a message on PUB (as a broker whose PUB dropped it for a
+/// slow subscriber would) and answers snapshots on its ROUTER.
+struct FakeBroker {
+    publish: PubSocket,
+    router: RouterSocket,
+    frames: Vec<Bytes>,
+}
+
+const RUN: u64 = 1_700_000_000_000;
+
+fn frame(seq: u64) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"from":"b","text":"m{seq}","id":"{RUN}-{seq}","time":1}}"#
+    ))
+}
+
+impl FakeBroker {
+    async fn publish(&mut self, seq: u64, on_pub: bool) {
+        self.frames.push(frame(seq));
+        if on_pub {
+            self.publish
+                .send(ZmqMessage::from(frame(seq)))
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Answers one snapshot request with everything after the id asked for.
+    async fn answer(&mut self) -> serde_json::Value {
+        let request = self.router.recv().await.unwrap().into_vec();
+        let asked: serde_json::Value = serde_json::from_slice(&request[1]).unwrap();
+        let after = asked["after"].as_str().map_or(0, |id| {
+            id.split('-').nth(1).unwrap().parse::<u64>().unwrap()
+        });
+        let n = Bytes::from(asked["n"].to_string());
+        let part = |kind: &'static str| {
+            let mut message = ZmqMessage::from(request[0].clone());
+            message.push_back(Bytes::from_static(kind.as_bytes()));
+            message.push_back(n.clone());
+            message
+        };
+        let found: Vec<Bytes> = self.frames[after as usize..].to_vec();
+        let mut head = part("head");
+        head.push_back(Bytes::from(format!(
+            r#"{{"run":"{RUN}","covered":true,"held":{}}}"#,
+            found.len()
+        )));
+        self.router.send(head).await.unwrap();
+        if !found.is_empty() {
+            let mut batch = part("batch");
+            for frame in found {
+                batch.push_back(frame);
+            }
+            self.router.send(batch).await.unwrap();
+        }
+        self.router.send(part("end")).await.unwrap();
+        asked
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_missed_on_the_way_is_fetched_not_reset() {
+    let mut publish = PubSocket::new();
+    let pub_address = publish.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    let mut router = RouterSocket::new();
+    let router_address = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
+    let mut broker = FakeBroker {
+        publish,
+        router,
+        frames: Vec::new(),
+    };
+    let pull = common::free_port();
+    let app = TestApp::start_with(|config| {
+        config.broker.embedded = false;
+        let sources = &mut config.application.data_sources;
+        sources.insert(
+            "zmq_client_push".into(),
+            format!("zmq://PUSH@127.0.0.1:{pull}").parse().unwrap(),
+        );
+        sources.insert(
+            "zmq_client_sub".into(),
+            format!("zmq://SUB@{}", router_free(&pub_address))
+                .parse()
+                .unwrap(),
+        );
+        sources.insert(
+            "zmq_client_snapshot".into(),
+            format!("zmq://DEALER@{}", router_free(&router_address))
+                .parse()
+                .unwrap(),
+        );
+        config.event.snapshot = Some("zmq_client_snapshot".into());
+    })
+    .await;
+    // The node subscribes, then asks for everything (it holds nothing yet).
+    let asked = tokio::time::timeout(common::DEADLINE, broker.answer())
+        .await
+        .unwrap();
+    assert_eq!(asked["after"], serde_json::Value::Null);
+    let mut browser = app.sse().await;
+    // The subscription reaches PUB a little after the connection: publish until it shows.
+    broker.publish(1, true).await;
+    let mut texts = Vec::new();
+    let mut seq = 1;
+    while texts.is_empty() {
+        if let Ok(Some(event)) = browser.next_within(Duration::from_millis(100)).await
+            && event.event.as_deref() == Some("msg")
+        {
+            texts.push(event.json()["text"].as_str().unwrap().to_owned());
+        } else {
+            seq += 1;
+            broker.publish(seq, true).await;
+        }
+    }
+    // Before its first message a node has no newest id: nothing before it counts as missed.
+    while let Ok(Some(event)) = browser.next_within(Duration::from_millis(200)).await {
+        if event.event.as_deref() == Some("msg") {
+            texts.push(event.json()["text"].as_str().unwrap().to_owned());
+        }
+    }
+    let newest = seq;
+    // Now one message is lost on the way: the next one shows the gap, the node asks for the
+    // messages after its newest, and its clients get both in order, with no reset.
+    broker.publish(newest + 1, false).await;
+    broker.publish(newest + 2, true).await;
+    let asked = tokio::time::timeout(common::DEADLINE, broker.answer())
+        .await
+        .unwrap();
+    assert_eq!(asked["after"], format!("{RUN}-{newest}"));
+    let after = events(&mut browser, 2).await;
+    assert_eq!(
+        after,
+        vec![
+            ("msg".to_owned(), format!("m{}", newest + 1)),
+            ("msg".to_owned(), format!("m{}", newest + 2)),
+        ]
+    );
+    let metrics = app.app().metrics().render();
+    // The start-up snapshot and the one that filled the gap.
+    assert!(
+        metrics.contains("temma_snapshot_syncs_total{result=\"Complete\"} 2"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("TimedOut"), "{metrics}");
+    app.stop().await;
+}
+
+fn router_free(address: &str) -> &str {
+    address.trim_start_matches("tcp://")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_does_not_answer_delays_nothing_for_long() {
+    // A node whose snapshot socket leads nowhere (a plain Temma broker, or none yet) serves
+    // after the snapshot timeout, and messages flow as before.
+    let app = TestApp::start_with(|config| {
+        let sources = &mut config.application.data_sources;
+        let port = common::free_port();
+        sources.insert(
+            "zmq_client_snapshot".into(),
+            format!("zmq://DEALER@127.0.0.1:{port}").parse().unwrap(),
+        );
+        config.event.snapshot = Some("zmq_client_snapshot".into());
+    })
+    .await;
+    app.ready().await;
+    let mut sse = app.sse().await;
+    assert_eq!(app.post_form("a", "still here").await.status(), 200);
+    assert_eq!(sse.next_message().await.json()["text"], "still here");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_snapshot_port_is_dropped_and_others_are_served() {
+    let config = snapshot_config();
+    let (broker, broker_stop) = start_broker(&config).await;
+    let router = address(&broker, &config, Role::BrokerSnapshot);
+    // Malformed requests, over ZeroMQ and as raw bytes.
+    let mut dealer = zeromq::DealerSocket::new();
+    dealer.connect(&format!("tcp://{router}")).await.unwrap();
+    for junk in [
+        ZmqMessage::from("not json"),
+        ZmqMessage::from(r#"{"after":"x-y","n":1}"#),
+        ZmqMessage::from(r#"{"after":null,"n":1,"extra":true}"#),
+        ZmqMessage::try_from(vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]).unwrap(),
+    ] {
+        dealer.send(junk).await.unwrap();
+    }
+    let raw = router.clone();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        if let Ok(mut stream) = std::net::TcpStream::connect(raw) {
+            let _ = stream.write_all(&[0xff; 4096]);
+        }
+    });
+    // A huge request is refused by the frame limit, before it is read whole.
+    let mut big = zeromq::DealerSocket::new();
+    big.connect(&format!("tcp://{router}")).await.unwrap();
+    let _ = big.send(ZmqMessage::from(vec![b'x'; 1 << 20])).await;
+    // A real node is still served.
+    let good = node(&broker, &config, true).await;
+    good.ready().await;
+
+    common::eventually("a served snapshot", || async {
+        broker
+            .metrics()
+            .render()
+            .contains("temma_snapshots_served_total{result=\"Served\"}")
+            .then_some(())
+    })
+    .await;
+    let metrics = broker.metrics().render();
+    assert!(
+        metrics.contains("temma_snapshots_served_total{result=\"Malformed\"} 4"),
+        "{metrics}"
+    );
+    good.stop().await;
+    broker_stop.cancel();
+    broker.wait().await;
+}
