@@ -481,6 +481,11 @@ pub fn spawn_shell(line: &str) -> Running {
     run(&mut command)
 }
 
+/// Runs a prepared command (its environment set) as a [`Running`].
+pub fn run_command(command: &mut Command) -> Running {
+    run(command)
+}
+
 fn run(command: &mut Command) -> Running {
     let mut child = command
         .stdout(Stdio::null())
