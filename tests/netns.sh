@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# temma on separate hosts: network namespaces stand for hosts, joined by a bridge in a namespace
+# of its own, with addresses (10.253.7.0/24) that exist only inside them: nothing reaches the
+# machine's own network. A broker host, two web hosts, a client host. The client posts on one
+# web node and reads SSE on both (tests/netns/sse_log.py, an EventSource-like reader); then:
+#   1. web2's link is cut for 5 s and restored: its readers recover without loss;
+#   2. the broker is restarted (SIGTERM, new process): posts during the gap get 503, never a
+#      200 that is lost; messages flow again;
+#   3. web2 is restarted while posts go on through web1: its readers reconnect with
+#      Last-Event-ID and the new process replays what they missed from the broker's snapshot.
+# Every message that got a 200 must be seen once, in order, with no reset, by both readers.
+# Needs root, iproute2, curl, python3. Run by .ci/run; alone: sudo tests/netns.sh [TEMMA_BINARY]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TEMMA=$(realpath "${1:-target/debug/temma}")
+NET=10.253.7
+P=tnet$$                       # namespace prefix: unique per run
+WORK=$(mktemp -d /tmp/temma-netns.XXXXXX)
+PIDS=()
+
+cleanup() {
+  status=$?
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # Whatever still runs in a namespace goes with it.
+  for ns in sw broker web1 web2 client; do
+    ip netns pids "$P-$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  for ns in sw broker web1 web2 client; do ip netns del "$P-$ns" 2>/dev/null || true; done
+  if [ "$status" -ne 0 ]; then
+    echo "--- netns test failed; logs:"
+    tail -n 30 "$WORK"/*.log 2>/dev/null || true
+  fi
+  rm -rf "$WORK"
+  exit "$status"
+}
+trap cleanup EXIT INT TERM
+
+step() { echo "--- netns: $*"; }
+
+# Hosts: each namespace gets eth0 (a veth whose other end is on the bridge).
+ip netns add "$P-sw"
+ip -n "$P-sw" link add br0 type bridge
+ip -n "$P-sw" link set br0 up
+add_host() {  # name last-octet
+  ip netns add "$P-$1"
+  ip link add "$P-$1" type veth peer name eth0 netns "$P-$1"
+  ip link set "$P-$1" netns "$P-sw"
+  ip -n "$P-sw" link set "$P-$1" master br0 up
+  ip -n "$P-$1" addr add "$NET.$2/24" dev eth0
+  ip -n "$P-$1" link set eth0 up
+  ip -n "$P-$1" link set lo up
+}
+add_host broker 1
+add_host web1 11
+add_host web2 12
+add_host client 100
+in_ns() { local ns=$1; shift; ip netns exec "$P-$ns" "$@"; }
+
+# One configuration (the shipped file) and, per host, environment overrides.
+COMMON=(
+  TEMMA_BROKER__EMBEDDED=false
+  TEMMA_BROKER__SCRIPTS=[]           # the transport is under test, not the rate limit
+  TEMMA_BROKER__SNAPSHOT=zmq_broker_snapshot
+  TEMMA_EVENT__SNAPSHOT=zmq_client_snapshot
+  TEMMA_APPLICATION__DATASOURCES__ZMQ_BROKER_PULL="zmq-bind://PULL@$NET.1:5000"
+  TEMMA_APPLICATION__DATASOURCES__ZMQ_BROKER_PUB="zmq-bind://PUB@$NET.1:6000"
+  TEMMA_APPLICATION__DATASOURCES__ZMQ_BROKER_SNAPSHOT="zmq-bind://ROUTER@$NET.1:7000"
+  TEMMA_APPLICATION__DATASOURCES__ZMQ_CLIENT_PUSH="zmq://PUSH@$NET.1:5000"
+  TEMMA_APPLICATION__DATASOURCES__ZMQ_CLIENT_SUB="zmq://SUB@$NET.1:6000"
+  TEMMA_APPLICATION__DATASOURCES__ZMQ_CLIENT_SNAPSHOT="zmq://DEALER@$NET.1:7000"
+  TEMMA_SERVER__SHUTDOWN_GRACE_SECS=1
+)
+declare -A PID_OF
+start() {  # name command... : runs in the host's namespace, logs to $WORK/name.log
+  local name=$1; shift
+  # `ip netns exec` and `env` exec: $! is the process itself, for `kill` and `wait`.
+  ip netns exec "$P-$name" env "${COMMON[@]}" "$@" >>"$WORK/$name.log" 2>&1 &
+  PID_OF[$name]=$!
+  PIDS+=("$!")
+}
+start_broker() { start broker "$TEMMA" broker -c etc/temma.toml; }
+start_web() {  # name address
+  start "$1" env TEMMA_SERVER__LISTEN="$2:8000" "$TEMMA" serve -c etc/temma.toml
+}
+stop() {  # name: SIGTERM and wait; it must exit cleanly
+  kill -TERM "${PID_OF[$1]}"
+  wait "${PID_OF[$1]}"
+}
+wait_log() {  # name text
+  for _ in $(seq 100); do grep -q "$2" "$WORK/$1.log" && return 0; sleep 0.1; done
+  echo "no \"$2\" in $1's log"; return 1
+}
+
+OK=$WORK/ok.txt
+: >"$OK"
+n=0
+post() {  # count: posts on web1 from the client host; remembers what got a 200
+  for _ in $(seq "$1"); do
+    n=$((n + 1))
+    code=$(in_ns client curl -s -o /dev/null -w '%{http_code}' -m 5 \
+      --data-urlencode from=netns --data-urlencode "text=m$n" "http://$NET.11:8000/message/broadcast" || true)
+    if [ "$code" = 200 ]; then echo "m$n" >>"$OK"; fi
+    sleep 0.02
+  done
+}
+count_ok() { wc -l <"$OK"; }
+wait_seen() {  # every 200 in both readers' logs
+  for _ in $(seq 300); do
+    if python3 tests/netns/sse_log.py check "$WORK/r1.log" "$OK" >/dev/null &&
+       python3 tests/netns/sse_log.py check "$WORK/r2.log" "$OK" >/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  python3 tests/netns/sse_log.py check "$WORK/r1.log" "$OK" || true
+  python3 tests/netns/sse_log.py check "$WORK/r2.log" "$OK" || true
+  return 1
+}
+
+step "hosts up: broker $NET.1, web1 $NET.11, web2 $NET.12, client $NET.100"
+start_broker; wait_log broker "broker running"
+start_web web1 "$NET.11"; wait_log web1 "listening on"
+start_web web2 "$NET.12"; wait_log web2 "listening on"
+: >"$WORK/r1.log"; : >"$WORK/r2.log"
+ip netns exec "$P-client" python3 tests/netns/sse_log.py read "http://$NET.11:8000/event/fetch" "$WORK/r1.log" &
+PIDS+=("$!")
+ip netns exec "$P-client" python3 tests/netns/sse_log.py read "http://$NET.12:8000/event/fetch" "$WORK/r2.log" &
+PIDS+=("$!")
+# Both web nodes reach the broker: a post on web1 gets a 200 once both SUBs are in.
+for _ in $(seq 100); do
+  code=$(in_ns client curl -s -o /dev/null -w '%{http_code}' -m 5 \
+    --data-urlencode from=netns --data-urlencode text=warm-up "http://$NET.11:8000/message/broadcast" || true)
+  [ "$code" = 200 ] && grep -q warm-up "$WORK/r2.log" && break
+  sleep 0.1
+done
+grep -q warm-up "$WORK/r2.log"
+post 20; wait_seen
+step "$(count_ok) messages across hosts"
+
+step "web2's link down for 5 s"
+ip -n "$P-sw" link set "$P-web2" down
+post 20
+sleep 4
+ip -n "$P-sw" link set "$P-web2" up
+post 5; wait_seen
+step "web2 back: its reader has all $(count_ok)"
+
+step "broker restart"
+stop broker
+post 5        # no broker: 503, not remembered
+start_broker; wait_log broker "broker running"
+sleep 1
+post 20; wait_seen
+step "after the broker restart: $(count_ok) messages, none lost"
+
+step "web2 restart while web1 takes posts"
+stop web2
+post 20
+start_web web2 "$NET.12"
+post 5; wait_seen
+# The new web2 took its history from the broker's snapshot.
+in_ns client curl -s "http://$NET.12:8000/metrics" | grep 'temma_snapshot_syncs_total{result="Complete"}'
+python3 tests/netns/sse_log.py check "$WORK/r1.log" "$OK"
+python3 tests/netns/sse_log.py check "$WORK/r2.log" "$OK"
+step "all green"
