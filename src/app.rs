@@ -227,6 +227,11 @@ impl App {
             run = app.run.unwrap_or_default(),
             pull = %config.dsn(crate::config::Role::BrokerPull),
             publish = %config.dsn(crate::config::Role::BrokerPub),
+            snapshot = %config
+                .broker
+                .snapshot
+                .as_ref()
+                .map_or_else(|| "none".to_owned(), |_| config.dsn(crate::config::Role::BrokerSnapshot).to_string()),
             scripts = ?scripts,
             http = %app.http.map_or_else(|| "none (set `broker.http`)".to_owned(), |a| format!("http://{a}/health, /metrics")),
             "broker running"

@@ -143,8 +143,10 @@ pub struct ApplicationConfig {
     /// Mark the session cookie `Secure` (HTTPS only). Default `false`.
     #[serde(rename = "sessionSecure")]
     pub session_secure: bool,
-    /// Named ZeroMQ sockets as Temma DSNs. Default: the tutorial's four.
-    #[serde(rename = "dataSources")]
+    /// Named ZeroMQ sockets as Temma DSNs. The tutorial's four are defined unless the file
+    /// (or the environment) defines them otherwise: a table that names only some keeps the
+    /// others.
+    #[serde(rename = "dataSources", deserialize_with = "over_default_data_sources")]
     pub data_sources: BTreeMap<String, Dsn>,
 }
 
@@ -161,6 +163,16 @@ impl Default for ApplicationConfig {
             data_sources: default_data_sources(),
         }
     }
+}
+
+/// The data sources a file gives, over the built-in ones.
+fn over_default_data_sources<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, Dsn>, D::Error> {
+    let given = BTreeMap::<String, Dsn>::deserialize(deserializer)?;
+    let mut sources = default_data_sources();
+    sources.extend(given);
+    Ok(sources)
 }
 
 /// The tutorial's four data sources, all on 127.0.0.1.

@@ -368,3 +368,78 @@ async fn garbage_on_the_snapshot_port_is_dropped_and_others_are_served() {
     broker_stop.cancel();
     broker.wait().await;
 }
+
+#[test]
+fn check_shows_the_snapshot_wiring_and_refuses_a_snapshot_with_several_brokers() {
+    let dir = common::TempDir::new("snapshot-check");
+    let path = common::write_config(
+        &dir.0,
+        r#"[application.dataSources]
+zmq_broker_snapshot = "zmq-bind://ROUTER@127.0.0.1:7100"
+zmq_client_snapshot = "zmq://DEALER@127.0.0.1:7101"
+[broker]
+snapshot = "zmq_broker_snapshot"
+[event]
+snapshot = "zmq_client_snapshot"
+"#,
+    );
+    let output = common::temma(&["check", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let all = format!("{stdout}{stderr}");
+    assert!(output.status.success(), "{all}");
+    assert!(
+        all.contains("event.snapshot: zmq_client_snapshot = zmq://DEALER@127.0.0.1:7101"),
+        "{all}"
+    );
+    assert!(
+        all.contains("broker.snapshot: zmq_broker_snapshot = zmq-bind://ROUTER@127.0.0.1:7100"),
+        "{all}"
+    );
+    // The node would ask a port nothing binds: said, with what would happen.
+    assert!(
+        all.contains("`event.snapshot` connects to `127.0.0.1:7101`"),
+        "{all}"
+    );
+    assert!(
+        all.contains("this node would go on without history from the broker"),
+        "{all}"
+    );
+    // A snapshot follows one broker: a SUB with two endpoints is refused, named.
+    let error = Config::from_toml(
+        r#"[application.dataSources]
+zmq_client_sub = "zmq://SUB@10.0.0.1:6000;10.0.0.2:6000"
+zmq_client_snapshot = "zmq://DEALER@10.0.0.1:7000"
+[broker]
+embedded = false
+[event]
+snapshot = "zmq_client_snapshot"
+"#,
+        &common::manifest_dir().join("etc/test.toml"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("`event.snapshot`: needs `event.sub` to connect to one broker"),
+        "{error}"
+    );
+    // A snapshot data source of the wrong type is named too.
+    let error = Config::from_toml(
+        r#"[application.dataSources]
+zmq_client_snapshot = "zmq://SUB@127.0.0.1:7000"
+[event]
+snapshot = "zmq_client_snapshot"
+"#,
+        &common::manifest_dir().join("etc/test.toml"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains(
+            "is a SUB socket (`zmq://SUB@127.0.0.1:7000`), but this role needs a DEALER socket"
+        ),
+        "{error}"
+    );
+}
