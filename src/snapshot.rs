@@ -39,8 +39,8 @@ use crate::wire::MsgId;
 pub const BATCH_BYTES: usize = 256 * 1024;
 /// How long a web node waits for a whole snapshot before it goes on without it.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the broker waits for a web node to take one batch (a peer that stopped reading
-/// does not hold the others' snapshots).
+/// How long the broker gives a web node to take a whole answer (a peer that stops reading holds
+/// the others' snapshots this long at most; a node gives up after [`TIMEOUT`] anyway).
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// The room key of messages that name none.
 const NO_ROOM: &str = "";
@@ -244,7 +244,7 @@ fn live(entries: &VecDeque<Entry>, seq: u64) -> bool {
 }
 
 /// Answers snapshot requests on the broker's ROUTER socket until shutdown. One request at a
-/// time: a node that stops reading holds it for at most [`SEND_TIMEOUT`] per batch.
+/// time: a node that stops reading holds it for at most [`SEND_TIMEOUT`].
 pub async fn serve(
     mut router: RouterSocket,
     archive: Arc<Mutex<Archive>>,
@@ -287,7 +287,7 @@ pub async fn serve(
         };
         let found = crate::error::lock(&archive).after(after, Instant::now());
         let result = tokio::time::timeout(
-            SEND_TIMEOUT * (1 + found.frames.len() / 1000) as u32,
+            SEND_TIMEOUT,
             answer(&mut router, identity, request.n, found),
         )
         .await;

@@ -140,7 +140,7 @@ step "$(count_ok) messages across hosts"
 step "web2's link down for 5 s"
 ip -n "$P-sw" link set "$P-web2" down
 post 20
-sleep 4
+sleep 5
 ip -n "$P-sw" link set "$P-web2" up
 post 5; wait_seen
 step "web2 back: its reader has all $(count_ok)"
