@@ -66,6 +66,105 @@ pub struct App {
     reload: Vec<ReloadHandle>,
     /// The broker's run id, when this process runs one.
     run: Option<u64>,
+    /// A web node's connections, which SIGHUP may move.
+    wiring: Option<tokio::sync::Mutex<Wiring>>,
+}
+
+/// What [`App::rewire`] did.
+#[derive(Debug, Default)]
+pub struct Rewired {
+    /// Each connection moved, with its new addresses.
+    pub changed: Vec<String>,
+    /// Changes that take a restart.
+    pub restart: Vec<String>,
+}
+
+/// A web node's ZeroMQ connections and how to move them.
+struct Wiring {
+    hub: crate::hub::Hub,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    push: tokio::sync::watch::Sender<Vec<String>>,
+    snapshot: Option<tokio::sync::watch::Sender<Vec<String>>>,
+    subs: Vec<SubTask>,
+}
+
+/// One SUB socket's task.
+struct SubTask {
+    address: String,
+    stop: CancellationToken,
+    /// Gives the snapshot client back when the task stops.
+    handle: tokio::task::JoinHandle<Option<crate::snapshot::Client>>,
+}
+
+/// How long a new SUB socket gets to connect before the one it replaces closes anyway.
+const REWIRE_CONNECT: Duration = Duration::from_secs(5);
+
+impl Wiring {
+    fn start_sub(&mut self, address: String, client: Option<crate::snapshot::Client>) {
+        let stop = self.shutdown.child_token();
+        let handle = self.tracker.spawn(self.hub.clone().run_subscriber(
+            address.clone(),
+            client,
+            stop.clone(),
+        ));
+        self.subs.push(SubTask {
+            address,
+            stop,
+            handle,
+        });
+    }
+
+    /// Replaces the SUB sockets with sockets to `addresses` (and moves the snapshot socket to
+    /// `snapshot`, when given).
+    ///
+    /// The new sockets first; the old ones close once those are connected and had a moment
+    /// (their subscription reaches the broker): a message published in between comes on both
+    /// or on one, and the hub drops a second copy by id. With a snapshot socket (one SUB
+    /// socket, which holds the snapshot client), the new SUB socket overlaps the old one
+    /// without it; then the client moves, and a SUB socket holding it replaces the overlapping
+    /// one: it asks at once for what came after the node's newest message of that broker.
+    async fn move_subs(
+        &mut self,
+        addresses: Vec<String>,
+        snapshot: Option<Vec<String>>,
+        metrics: &Metrics,
+    ) {
+        let (kept, removed): (Vec<SubTask>, Vec<SubTask>) = std::mem::take(&mut self.subs)
+            .into_iter()
+            .partition(|sub| addresses.contains(&sub.address));
+        let added: Vec<String> = addresses
+            .into_iter()
+            .filter(|address| !kept.iter().any(|sub| &sub.address == address))
+            .collect();
+        self.subs = kept;
+        let wanted = metrics.sub_connected.get() + added.len() as i64;
+        for address in &added {
+            self.start_sub(address.clone(), None);
+        }
+        let _ = tokio::time::timeout(REWIRE_CONNECT, async {
+            while metrics.sub_connected.get() < wanted {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        tokio::time::sleep(crate::message::REWIRE_LINGER).await;
+        let mut client = None;
+        for sub in removed {
+            sub.stop.cancel();
+            client = client.or(sub.handle.await.ok().flatten());
+        }
+        if let (Some(targets), Some(snapshot)) = (&self.snapshot, snapshot) {
+            targets.send_replace(snapshot);
+        }
+        if let Some(client) = client
+            && let Some(overlapping) = self.subs.pop()
+        {
+            overlapping.stop.cancel();
+            let _ = overlapping.handle.await;
+            self.start_sub(overlapping.address, Some(client));
+        }
+    }
 }
 
 /// Where SIGHUP reads the script chain again: the configuration file.
@@ -109,10 +208,12 @@ impl App {
         let acks = Acks::new();
         let hub = config.event.build(&ctx, acks.clone(), &config.rooms);
         let (publisher, push_task) = config.message.build(&ctx, acks)?;
+        let push_targets = push_task.addresses.clone();
         app.spawn(push_task.run(shutdown.clone()));
         let mut snapshot = None;
+        let mut snapshot_targets = None;
         if let Some(addresses) = config.event.snapshot_addresses(&ctx)? {
-            let (client, task) = crate::snapshot::client(
+            let (client, task, targets) = crate::snapshot::client(
                 addresses,
                 crate::wire::max_published_bytes(ctx.max_frame_bytes),
                 shutdown.clone(),
@@ -120,14 +221,19 @@ impl App {
             app.spawn(task);
             hub.expect_snapshot();
             snapshot = Some(client);
+            snapshot_targets = Some(targets);
         }
+        let mut wiring = Wiring {
+            hub: hub.clone(),
+            shutdown: shutdown.clone(),
+            tracker: app.tracker.clone(),
+            push: push_targets,
+            snapshot: snapshot_targets,
+            subs: Vec::new(),
+        };
         for address in config.event.sub_addresses(&ctx)? {
             // Validation allows a snapshot with one SUB address only.
-            let client = snapshot.take();
-            app.spawn(
-                hub.clone()
-                    .run_subscriber(address, client, shutdown.clone()),
-            );
+            wiring.start_sub(address, snapshot.take());
         }
         app.spawn(hub.clone().run_timers(shutdown.clone()));
         let reports = publisher.clone();
@@ -192,8 +298,63 @@ impl App {
         );
         app.http = Some(http);
         app.addresses = ctx.addresses;
+        app.wiring = Some(tokio::sync::Mutex::new(wiring));
         app.tracker.close();
         Ok(app)
+    }
+
+    /// Moves the web node's ZeroMQ connections to where `config` says (SIGHUP, after the file
+    /// was read and validated): `message.push`, `event.sub` and `event.snapshot` addresses.
+    /// No SSE client is closed: a new SUB socket is connected (and given a moment) before a
+    /// removed one closes, or, with a snapshot socket, the new one fills what the switch
+    /// missed; the old PUSH socket stays open a moment for what it holds. Returns what changed,
+    /// and what needs a restart to change.
+    pub async fn rewire(&self, config: &Config) -> Rewired {
+        use crate::config::Role;
+        let mut rewired = Rewired::default();
+        let Some(wiring) = &self.wiring else {
+            return rewired;
+        };
+        let mut wiring = wiring.lock().await;
+        let push = self.addresses.targets(config.dsn(Role::MessagePush));
+        if *wiring.push.borrow() != push {
+            rewired
+                .changed
+                .push(format!("message.push → {}", push.join(", ")));
+            wiring.push.send_replace(push);
+        }
+        let snapshot = config
+            .event
+            .snapshot
+            .as_ref()
+            .map(|_| self.addresses.targets(config.dsn(Role::EventSnapshot)));
+        // The snapshot socket moves with the SUB socket it serves (after it).
+        let mut snapshot_to = None;
+        match (&wiring.snapshot, snapshot) {
+            (Some(targets), Some(snapshot)) => {
+                if *targets.borrow() != snapshot {
+                    rewired
+                        .changed
+                        .push(format!("event.snapshot → {}", snapshot.join(", ")));
+                    snapshot_to = Some(snapshot);
+                }
+            }
+            (None, None) => {}
+            _ => rewired
+                .restart
+                .push("event.snapshot (turned on or off)".to_owned()),
+        }
+        let subs = self.addresses.targets(config.dsn(Role::EventSub));
+        let current: Vec<String> = wiring.subs.iter().map(|sub| sub.address.clone()).collect();
+        if current != subs {
+            rewired
+                .changed
+                .push(format!("event.sub → {}", subs.join(", ")));
+            wiring.move_subs(subs, snapshot_to, &self.metrics).await;
+        } else if let (Some(targets), Some(snapshot)) = (&wiring.snapshot, snapshot_to) {
+            targets.send_replace(snapshot);
+        }
+        rewired
     }
 
     /// `temma broker`: the broker alone.
@@ -248,6 +409,7 @@ impl App {
             metrics: Metrics::new(),
             tracker: TaskTracker::new(),
             handles: Vec::new(),
+            wiring: None,
             reload: Vec::new(),
             run: None,
         }

@@ -226,6 +226,10 @@ struct State {
     rooms: HashMap<Arc<str>, Room>,
     /// The newest message id received (any room), to detect gaps and ids from the future.
     newest: Option<MsgId>,
+    /// The highest sequence number received per broker run, for the runs seen last (a node
+    /// may get messages of two runs at once while it moves between brokers): a message at or
+    /// below its run's mark is a duplicate, one further than the next leaves a gap.
+    marks: VecDeque<MsgId>,
     /// Bytes held by every room's history.
     history_bytes: usize,
     /// What the other web nodes last reported: clients (and names) per room, and when.
@@ -425,6 +429,7 @@ impl Hub {
                     closed: false,
                     rooms: HashMap::new(),
                     newest: None,
+                    marks: VecDeque::new(),
                     history_bytes: 0,
                     others: HashMap::new(),
                     shown: HashMap::new(),
@@ -860,10 +865,17 @@ impl Hub {
         self.shared.lock().newest
     }
 
+    /// The newest id of each broker run this node has messages of, newest run first.
+    pub fn marks(&self) -> Vec<MsgId> {
+        self.shared.lock().marks.iter().copied().collect()
+    }
+
     /// A snapshot's head: if the broker no longer holds everything this node lacks, its
     /// clients are told (`event: reset`), as for a gap.
     fn snapshot_head(&self, head: &snapshot::Head) {
         let mut state = self.shared.lock();
+        // Messages of this run dropped by the broker that this node never got; or, for a run
+        // it never saw, the start of that run (a node that had nothing yet loses nothing).
         if let Some(newest) = state.newest
             && !head.covered
         {
@@ -955,12 +967,13 @@ impl Hub {
     /// whenever a live message shows that some were missed, the node asks the broker for
     /// everything after its newest message: live frames that arrive meanwhile are kept, the
     /// snapshot is taken, then the kept frames (what the snapshot had is dropped by id).
+    /// Returns the snapshot client when it stops (a rewiring hands it to the next task).
     pub async fn run_subscriber(
         self,
         address: String,
         mut client: Option<snapshot::Client>,
         shutdown: CancellationToken,
-    ) {
+    ) -> Option<snapshot::Client> {
         let what = format!("SUB {address}");
         let addresses = [address];
         let mut requests = 0u64;
@@ -974,7 +987,7 @@ impl Hub {
                 socket
             };
             let Some(mut sub) = socket::connect(make, &addresses, &what, &shutdown).await else {
-                return;
+                return client;
             };
             let mut events = sub.monitor();
             self.shared.metrics.sub_connected.inc();
@@ -993,7 +1006,10 @@ impl Hub {
                 tokio::select! {
                     () = shutdown.cancelled() => {
                         self.shared.metrics.sub_connected.dec();
-                        return;
+                        if let Some(waiting) = sync.take() {
+                            self.give_up(waiting, "this SUB socket stopped");
+                        }
+                        return client;
                     }
                     event = futures_util::StreamExt::next(&mut events) => match event {
                         Some(SocketEvent::Disconnected(_)) | None => {
@@ -1040,7 +1056,8 @@ impl Hub {
                             continue;
                         };
                         let Some(waiting) = sync.as_mut().filter(|waiting| waiting.n == reply.n()) else {
-                            continue; // the answer to a request given up on
+                            tracing::debug!(n = reply.n(), "ignored the answer to a request given up on");
+                            continue;
                         };
                         match reply {
                             Reply::Head(_, head) => {
@@ -1054,6 +1071,7 @@ impl Hub {
                             }
                             Reply::End(_) => {
                                 let done = sync.take().expect("waiting");
+                                tracing::debug!(n = done.n, kept = done.kept.len(), "snapshot taken");
                                 self.shared.metrics.snapshot_synced(if done.covered {
                                     SnapshotResult::Complete
                                 } else {
@@ -1084,9 +1102,10 @@ impl Hub {
     fn ask(&self, client: &snapshot::Client, requests: &mut u64, kept: Vec<Bytes>) -> Awaited {
         *requests += 1;
         let request = snapshot::Request {
-            after: self.newest().map(|id| id.to_string()),
+            after: self.marks().iter().map(MsgId::to_string).collect(),
             n: *requests,
         };
+        tracing::debug!(n = request.n, after = ?request.after, "asking the broker for a snapshot");
         // A full queue: the request is lost, and the deadline gives up on it.
         let _ = client.requests.try_send(request);
         let bytes = kept.iter().map(Bytes::len).sum();
@@ -1141,6 +1160,9 @@ impl Hub {
     }
 }
 
+/// Broker runs whose marks a node keeps (two brokers' runs during a move, and the ones
+/// before).
+const MAX_RUNS: usize = 8;
 /// Snapshots asked for in a row, each answered by live frames with a gap still, before the
 /// gap is taken as lost.
 const MAX_SYNC_TRIES: u32 = 3;
@@ -1214,10 +1236,31 @@ impl State {
     /// Whether `id` would leave a gap after the newest message: the next one of a run was
     /// missed (a new run's first message is 1).
     fn would_gap(&self, id: MsgId) -> bool {
-        match self.newest {
-            Some(newest) if newest.run == id.run => id.seq > newest.seq + 1,
-            Some(_) => id.seq > 1,
-            None => false,
+        match self.mark(id.run) {
+            Some(mark) => id.seq > mark + 1,
+            None => self.newest.is_some() && id.seq > 1,
+        }
+    }
+
+    /// The highest sequence number received in `run`.
+    fn mark(&self, run: u64) -> Option<u64> {
+        self.marks
+            .iter()
+            .find(|mark| mark.run == run)
+            .map(|mark| mark.seq)
+    }
+
+    /// Records `id` as received: its run's mark moves up, and its run becomes the newest.
+    fn raise_mark(&mut self, id: MsgId) {
+        if let Some(at) = self.marks.iter().position(|mark| mark.run == id.run) {
+            let mark = self.marks.remove(at).expect("found");
+            self.marks.push_front(MsgId {
+                run: id.run,
+                seq: mark.seq.max(id.seq),
+            });
+        } else {
+            self.marks.push_front(id);
+            self.marks.truncate(MAX_RUNS);
         }
     }
 
@@ -1298,26 +1341,28 @@ impl State {
     ) -> Appended {
         let now = Instant::now();
         if let Some(id) = id {
-            match self.newest {
-                // Within the run: ids are dense and increasing over all rooms. One already
-                // seen (a broker that re-sent it) is dropped: clients have it.
-                Some(newest) if id.run == newest.run && id.seq <= newest.seq => {
-                    return Appended::Duplicate;
-                }
+            match self.mark(id.run) {
+                // Within a run: ids are dense and increasing over all rooms. One already
+                // seen (a broker that re-sent it, a snapshot overlapping the live stream) is
+                // dropped: clients have it.
+                Some(mark) if id.seq <= mark => return Appended::Duplicate,
                 // A snapshot skips what the broker dropped (its head said if that matters).
-                Some(newest)
-                    if !from_snapshot && id.run == newest.run && id.seq > newest.seq + 1 =>
-                {
+                Some(mark) if !from_snapshot && id.seq > mark + 1 => {
                     // This node missed messages on their way from the broker: they may belong
                     // to any room.
-                    let missed = id.seq - newest.seq - 1;
-                    tracing::warn!(missed, after = %newest, "messages missed between broker and this node");
-                    self.lost(newest);
+                    let missed = id.seq - mark - 1;
+                    let after = MsgId {
+                        run: id.run,
+                        seq: mark,
+                    };
+                    tracing::warn!(missed, %after, "messages missed between broker and this node");
+                    self.lost(after);
                 }
-                // The next id, the first one, or a new run: a new epoch, whatever the numbers
+                // The next id, or a run not seen lately: a new epoch, whatever the numbers
                 // (runs are never compared for order).
                 _ => {}
             }
+            self.raise_mark(id);
             self.newest = Some(id);
         }
         let Some(target) = self.room(room, settings, metrics, now) else {

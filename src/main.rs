@@ -178,7 +178,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    signals.wait(&app).await;
+    signals.wait(&app, &config).await;
     tracing::info!("shutting down");
     shutdown.cancel();
     let limit = Duration::from_secs(config.server.shutdown_grace_secs) + SHUTDOWN_SLACK;
@@ -214,20 +214,67 @@ impl Signals {
         })
     }
 
-    /// Waits for SIGTERM or SIGINT; on SIGHUP, reloads the moderation scripts and goes on
-    /// waiting.
-    async fn wait(mut self, app: &temma::App) {
+    /// Waits for SIGTERM or SIGINT. On SIGHUP, reloads the scripts, reads the configuration
+    /// file again and, if it is valid, moves a web node's ZeroMQ connections to where it says;
+    /// an invalid file is reported as `temma check` would and the running configuration stays.
+    async fn wait(mut self, app: &temma::App, running: &Config) {
         loop {
             tokio::select! {
                 _ = self.terminate.recv() => return,
                 _ = self.interrupt.recv() => return,
                 _ = self.hangup.recv() => {
-                    tracing::info!("SIGHUP: reloading scripts");
+                    tracing::info!("SIGHUP: reloading scripts and re-reading {}", running.file.display());
                     app.reload_scripts();
+                    let config = match Config::load(&running.file) {
+                        Ok(config) => config,
+                        Err(error) => {
+                            tracing::error!("SIGHUP: {error}\nthe running configuration stays");
+                            continue;
+                        }
+                    };
+                    let rewired = tokio::select! {
+                        rewired = app.rewire(&config) => rewired,
+                        _ = self.terminate.recv() => return,
+                        _ = self.interrupt.recv() => return,
+                    };
+                    for change in &rewired.changed {
+                        tracing::info!("SIGHUP: rewired {change}");
+                    }
+                    let mut restart = rewired.restart;
+                    restart.extend(restart_only(running, &config));
+                    if !restart.is_empty() {
+                        tracing::warn!("SIGHUP: these changes take effect at the next start: {}", restart.join(", "));
+                    }
+                    if rewired.changed.is_empty() {
+                        tracing::info!("SIGHUP: the ZeroMQ connections are unchanged");
+                    }
                 }
             }
         }
     }
+}
+
+/// Keys a running process cannot change: they take a restart.
+fn restart_only(running: &Config, new: &Config) -> Vec<String> {
+    use temma::config::Role;
+    let mut keys = Vec::new();
+    if running.server.listen != new.server.listen {
+        keys.push("server.listen".to_owned());
+    }
+    if running.broker.embedded != new.broker.embedded {
+        keys.push("broker.embedded".to_owned());
+    }
+    if running.broker.embedded || new.broker.embedded {
+        for role in [Role::BrokerPull, Role::BrokerPub, Role::BrokerSnapshot] {
+            let dsn = |config: &Config| {
+                (!config.role_name(role).is_empty()).then(|| config.dsn(role).to_string())
+            };
+            if dsn(running) != dsn(new) {
+                keys.push(role.key().to_owned());
+            }
+        }
+    }
+    keys
 }
 
 fn init_logging(config: &Config) {

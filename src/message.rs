@@ -180,7 +180,8 @@ pub struct Publisher {
 /// The PUSH socket's owner; see [`PushTask::run`].
 pub struct PushTask {
     rx: mpsc::Receiver<Outgoing>,
-    addresses: Vec<String>,
+    /// Where the PUSH socket connects; a new value (SIGHUP) moves it there.
+    pub addresses: tokio::sync::watch::Sender<Vec<String>>,
     /// The most a peer may send (a PULL sends nothing).
     max_message_bytes: usize,
     metrics: Arc<Metrics>,
@@ -204,7 +205,7 @@ impl Publisher {
             },
             PushTask {
                 rx,
-                addresses,
+                addresses: tokio::sync::watch::Sender::new(addresses),
                 max_message_bytes,
                 metrics,
             },
@@ -300,17 +301,28 @@ impl PushTask {
     /// Owns the PUSH socket until shutdown: connects (retrying), sends what requests queue,
     /// and rebuilds the socket whenever the broker goes away, resending the message in hand.
     /// Messages whose request already gave up (deadline passed) are dropped, not sent late.
+    ///
+    /// A new address list (`addresses`, on SIGHUP) makes it connect there; the old socket is
+    /// kept a moment so that what it holds is still sent.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut in_hand: Option<Outgoing> = None;
+        let mut targets = self.addresses.subscribe();
         loop {
             let limit = self.max_message_bytes;
             let make = || PushSocket::with_options(socket::connect_options(limit));
-            let Some(mut push) = socket::connect(make, &self.addresses, "PUSH", &shutdown).await
-            else {
+            let addresses = targets.borrow_and_update().clone();
+            tracing::debug!(?addresses, "PUSH connecting");
+            let connected = tokio::select! {
+                connected = socket::connect(make, &addresses, "PUSH", &shutdown) => connected,
+                // Rewired while still connecting: connect to the new addresses instead.
+                _ = targets.changed() => continue,
+            };
+            let Some(mut push) = connected else {
                 return;
             };
             let mut events = push.monitor();
             self.metrics.push_connected.set(1);
+            let mut rewired = false;
             loop {
                 let item = match in_hand.take() {
                     Some(item) => item,
@@ -318,6 +330,19 @@ impl PushTask {
                         () = shutdown.cancelled() => {
                             self.metrics.push_connected.set(0);
                             return;
+                        }
+                        changed = targets.changed() => {
+                            if changed.is_ok() {
+                                tracing::info!(addresses = ?*targets.borrow(), "PUSH socket rewired");
+                                // What the old socket still holds goes out before it closes.
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(REWIRE_LINGER).await;
+                                    drop(push);
+                                });
+                                rewired = true;
+                                break;
+                            }
+                            continue;
                         }
                         event = futures_util::StreamExt::next(&mut events) => match event {
                             Some(SocketEvent::Disconnected(_)) | None => break,
@@ -351,10 +376,15 @@ impl PushTask {
                 }
             }
             self.metrics.push_connected.set(0);
-            tracing::warn!("broker went away; reconnecting the PUSH socket");
+            if !rewired {
+                tracing::warn!("broker went away; reconnecting the PUSH socket");
+            }
         }
     }
 }
+
+/// How long a socket replaced by a rewiring stays open, for what it still holds.
+pub const REWIRE_LINGER: Duration = Duration::from_secs(1);
 
 /// The two fields of a chat message, as sent.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -12,7 +12,8 @@
 //!   has are dropped by id): nothing falls between the two.
 //!
 //! The protocol, both ends in this file. A request is one frame, one JSON object:
-//! `{"after":"<run>-<seq>","n":7}` (`"after":null` for everything). The answer is a series of
+//! `{"after":["<run>-<seq>",…],"n":7}`: the newest id the node holds of each broker run it
+//! knows (the broker reads the one of its own run; none of it: everything). The answer is a series of
 //! multipart messages, in order: `["head", "7", <json>]` with
 //! `{"run":"<run>","covered":true,"held":123}` (`covered`: every message of the run after
 //! `after` is held — for another run's id or none, every message since the run began); then
@@ -42,6 +43,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the broker gives a web node to take a whole answer (a peer that stops reading holds
 /// the others' snapshots this long at most; a node gives up after [`TIMEOUT`] anyway).
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Ids read from a request, at most.
+const MAX_MARKS: usize = 16;
 /// The room key of messages that name none.
 const NO_ROOM: &str = "";
 
@@ -98,8 +101,9 @@ pub struct Head {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Request {
-    /// The newest id the node holds; `None` for everything.
-    pub after: Option<String>,
+    /// The newest id the node holds of each broker run it knows (the broker reads the one of
+    /// its own run); empty or none of this run: everything.
+    pub after: Vec<String>,
     /// The request's number, repeated in every part of the answer.
     pub n: u64,
 }
@@ -277,15 +281,21 @@ pub async fn serve(
             );
             continue;
         };
-        let after = match request.after.as_deref().map(str::parse::<MsgId>) {
-            None => None,
-            Some(Ok(id)) => Some(id),
-            Some(Err(())) => {
-                metrics.snapshot_served(SnapshotResult::Malformed);
-                continue;
-            }
+        let Ok(marks) = request
+            .after
+            .iter()
+            .take(MAX_MARKS)
+            .map(|id| id.parse::<MsgId>())
+            .collect::<Result<Vec<MsgId>, ()>>()
+        else {
+            metrics.snapshot_served(SnapshotResult::Malformed);
+            continue;
         };
-        let found = crate::error::lock(&archive).after(after, Instant::now());
+        let found = {
+            let mut archive = crate::error::lock(&archive);
+            let after = marks.into_iter().find(|id| id.run == archive.run);
+            archive.after(after, Instant::now())
+        };
         let result = tokio::time::timeout(
             SEND_TIMEOUT,
             answer(&mut router, identity, request.n, found),
@@ -384,24 +394,44 @@ pub struct Client {
 /// Owns the web node's DEALER socket: connects (again after the broker goes away), sends each
 /// request, and hands every part of the answers to the hub's SUB task.
 pub async fn run_client(
-    addresses: Vec<String>,
+    mut targets: tokio::sync::watch::Receiver<Vec<String>>,
     max_message_bytes: usize,
     mut requests: mpsc::Receiver<Request>,
     replies: mpsc::Sender<Reply>,
     shutdown: CancellationToken,
 ) {
-    let what = format!("DEALER {}", addresses.join(";"));
     // A batch holds up to BATCH_BYTES of frames, and one frame may be as large as PUB allows.
     let limit = BATCH_BYTES + max_message_bytes + 1024;
+    // The request not answered yet: sent again after a reconnection (the answer to the lost
+    // one will not come).
+    let mut unanswered: Option<Request> = None;
     loop {
+        let addresses = targets.borrow_and_update().clone();
+        let what = format!("DEALER {}", addresses.join(";"));
         let make = || DealerSocket::with_options(socket::connect_options(limit));
-        let Some(mut dealer) = socket::connect(make, &addresses, &what, &shutdown).await else {
+        let connected = tokio::select! {
+            connected = socket::connect(make, &addresses, &what, &shutdown) => connected,
+            _ = targets.changed() => continue,
+        };
+        let Some(mut dealer) = connected else {
             return;
         };
         let mut events = dealer.monitor();
+        if let Some(request) = &unanswered {
+            let frame = serde_json::to_vec(request).expect("a request serializes");
+            let _ = dealer.send(ZmqMessage::from(frame)).await;
+        }
+        let mut rewired = false;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                changed = targets.changed() => {
+                    if changed.is_ok() {
+                        tracing::info!(addresses = ?*targets.borrow(), "snapshot socket rewired");
+                        rewired = true;
+                        break;
+                    }
+                }
                 event = futures_util::StreamExt::next(&mut events) => match event {
                     Some(SocketEvent::Disconnected(_)) | None => break,
                     Some(_) => {}
@@ -409,6 +439,7 @@ pub async fn run_client(
                 request = requests.recv() => {
                     let Some(request) = request else { return };
                     let frame = serde_json::to_vec(&request).expect("a request serializes");
+                    unanswered = Some(request);
                     if let Err(error) = dealer.send(ZmqMessage::from(frame)).await {
                         tracing::warn!(socket = %what, %error, "could not ask for a snapshot");
                         break;
@@ -417,6 +448,11 @@ pub async fn run_client(
                 received = dealer.recv() => match received {
                     Ok(message) => match Reply::read(message) {
                         Some(reply) => {
+                            if let Reply::End(n) = reply
+                                && unanswered.as_ref().is_some_and(|request| request.n == n)
+                            {
+                                unanswered = None;
+                            }
                             if replies.send(reply).await.is_err() {
                                 return;
                             }
@@ -430,25 +466,39 @@ pub async fn run_client(
                 },
             }
         }
-        tracing::warn!(socket = %what, "broker went away; reconnecting the snapshot socket");
+        if !rewired {
+            tracing::warn!(socket = %what, "broker went away; reconnecting the snapshot socket");
+        }
     }
 }
 
-/// A client and the task that owns its socket (to spawn).
+/// A client, the task that owns its socket (to spawn), and where to send new addresses.
 pub fn client(
     addresses: Vec<String>,
     max_message_bytes: usize,
     shutdown: CancellationToken,
-) -> (Client, impl std::future::Future<Output = ()> + Send) {
+) -> (
+    Client,
+    impl std::future::Future<Output = ()> + Send,
+    tokio::sync::watch::Sender<Vec<String>>,
+) {
     let (request_tx, request_rx) = mpsc::channel(4);
     let (reply_tx, reply_rx) = mpsc::channel(16);
-    let task = run_client(addresses, max_message_bytes, request_rx, reply_tx, shutdown);
+    let targets = tokio::sync::watch::Sender::new(addresses);
+    let task = run_client(
+        targets.subscribe(),
+        max_message_bytes,
+        request_rx,
+        reply_tx,
+        shutdown,
+    );
     (
         Client {
             requests: request_tx,
             replies: reply_rx,
         },
         task,
+        targets,
     )
 }
 
