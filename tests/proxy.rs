@@ -25,9 +25,25 @@ impl Drop for Nginx {
     }
 }
 
-fn start_nginx(dir: &TempDir, upstream: u16, listen: u16) -> Nginx {
+fn start_nginx(dir: &TempDir, upstream: u16, listen: u16, tls: u16) -> Nginx {
     let locations = manifest_dir().join("etc/nginx/temma-locations.conf");
     let prefix = dir.0.display();
+    // A self-signed certificate for the HTTP/2 server (browsers speak HTTP/2 over TLS only).
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(dir.0.join("key.pem"))
+        .arg("-out")
+        .arg(dir.0.join("cert.pem"))
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
     let config = format!(
         r#"daemon off;
 master_process off;
@@ -48,6 +64,14 @@ http {{
     server {{
         listen 127.0.0.1:{listen};
         server_name localhost;
+        include {locations};
+    }}
+    # As etc/nginx/temma.conf: TLS and HTTP/2.
+    server {{
+        listen 127.0.0.1:{tls} ssl http2;
+        server_name localhost;
+        ssl_certificate {prefix}/cert.pem;
+        ssl_certificate_key {prefix}/key.pem;
         include {locations};
     }}
 }}
@@ -86,8 +110,8 @@ async fn sse_through_nginx_is_unbuffered_and_replays() {
     let app = TestApp::start().await;
     app.ready().await;
     let dir = TempDir::new("nginx");
-    let listen = free_port();
-    let _nginx = start_nginx(&dir, app.http.port(), listen);
+    let (listen, tls) = (free_port(), free_port());
+    let _nginx = start_nginx(&dir, app.http.port(), listen, tls);
     let proxy = format!("http://127.0.0.1:{listen}");
     let client = reqwest::Client::new();
     common::eventually("nginx answering", || async {
@@ -150,6 +174,39 @@ async fn sse_through_nginx_is_unbuffered_and_replays() {
         "a frame took {slowest:?} through nginx: is it buffering?"
     );
     assert!(!last_id.is_empty());
+
+    // Over TLS and HTTP/2, as browsers reach it: the stream is HTTP/2 and frames arrive.
+    let mut curl = Command::new("curl")
+        .args(["-sk", "--http2", "-N", "--max-time", "5"])
+        .args(["-w", "\nHTTP version %{http_version}\n"])
+        .arg(format!("https://localhost:{tls}/event/fetch"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl is installed");
+    // curl connects at its own pace: post a few, one after another.
+    for i in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let answer = client
+            .post(format!("{proxy}/message/broadcast"))
+            .form(&[
+                ("from", "proxy"),
+                ("text", format!("over http2 {i}").as_str()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let output = tokio::task::spawn_blocking(move || {
+        let _ = curl.wait();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut curl.stdout.take().unwrap(), &mut text).unwrap();
+        text
+    })
+    .await
+    .unwrap();
+    assert!(output.contains("HTTP version 2"), "{output}");
+    assert!(output.contains("\"text\":\"over http2 9\""), "{output}");
 
     // The page comes through; /metrics is for the proxy host only (allowed here, as the test
     // runs on it) and says where the POSTs came from.
