@@ -219,6 +219,12 @@ impl Archive {
 
     /// Every message held after `after`, oldest first (frames shared, not copied).
     pub fn after(&mut self, after: Option<MsgId>, now: Instant) -> Found {
+        self.gather(after, now).sorted()
+    }
+
+    /// [`Archive::after`] in two steps: what is held, gathered room by room (under the lock
+    /// the broker shares, O(n)), then put in order ([`Gathered::sorted`], outside it).
+    pub fn gather(&mut self, after: Option<MsgId>, now: Instant) -> Gathered {
         self.expire(now);
         let from = after.filter(|id| id.run == self.run).map_or(0, |id| id.seq);
         let mut found: Vec<(u64, Bytes)> = Vec::new();
@@ -230,14 +236,32 @@ impl Archive {
                     .map(|entry| (entry.seq, entry.frame.clone())),
             );
         }
-        found.sort_unstable_by_key(|(seq, _)| *seq);
+        Gathered {
+            run: self.run,
+            covered: from >= self.forgotten,
+            found,
+        }
+    }
+}
+
+/// What [`Archive::gather`] found, not in order yet.
+pub struct Gathered {
+    run: u64,
+    covered: bool,
+    found: Vec<(u64, Bytes)>,
+}
+
+impl Gathered {
+    /// Oldest first.
+    pub fn sorted(mut self) -> Found {
+        self.found.sort_unstable_by_key(|(seq, _)| *seq);
         Found {
             head: Head {
                 run: self.run.to_string(),
-                covered: from >= self.forgotten,
-                held: found.len(),
+                covered: self.covered,
+                held: self.found.len(),
             },
-            frames: found.into_iter().map(|(_, frame)| frame).collect(),
+            frames: self.found.into_iter().map(|(_, frame)| frame).collect(),
         }
     }
 }
@@ -291,11 +315,13 @@ pub async fn serve(
             metrics.snapshot_served(SnapshotResult::Malformed);
             continue;
         };
-        let found = {
+        let gathered = {
+            // The broker appends under this lock: hold it only to gather, sort after.
             let mut archive = crate::error::lock(&archive);
             let after = marks.into_iter().find(|id| id.run == archive.run);
-            archive.after(after, Instant::now())
+            archive.gather(after, Instant::now())
         };
+        let found = gathered.sorted();
         let result = tokio::time::timeout(
             SEND_TIMEOUT,
             answer(&mut router, identity, request.n, found),

@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 
 TEMMA=$(realpath "${1:-target/debug/temma}")
 NET=10.253.7
-P=tnet$$                       # namespace prefix: unique per run
+P=t$$                          # namespace and interface prefix: unique per run, and short
+                               # (an interface name has at most 15 characters)
 WORK=$(mktemp -d /tmp/temma-netns.XXXXXX)
 PIDS=()
 
@@ -43,11 +44,14 @@ step() { echo "--- netns: $*"; }
 ip netns add "$P-sw"
 ip -n "$P-sw" link add br0 type bridge
 ip -n "$P-sw" link set br0 up
+veth() {  # the bridge side of a host's link: t<pid>b, t<pid>w1, …
+  case $1 in broker) echo "${P}b" ;; web1) echo "${P}w1" ;; web2) echo "${P}w2" ;; client) echo "${P}c" ;; esac
+}
 add_host() {  # name last-octet
   ip netns add "$P-$1"
-  ip link add "$P-$1" type veth peer name eth0 netns "$P-$1"
-  ip link set "$P-$1" netns "$P-sw"
-  ip -n "$P-sw" link set "$P-$1" master br0 up
+  ip link add "$(veth "$1")" type veth peer name eth0 netns "$P-$1"
+  ip link set "$(veth "$1")" netns "$P-sw"
+  ip -n "$P-sw" link set "$(veth "$1")" master br0 up
   ip -n "$P-$1" addr add "$NET.$2/24" dev eth0
   ip -n "$P-$1" link set eth0 up
   ip -n "$P-$1" link set lo up
@@ -138,10 +142,10 @@ post 20; wait_seen
 step "$(count_ok) messages across hosts"
 
 step "web2's link down for 5 s"
-ip -n "$P-sw" link set "$P-web2" down
+ip -n "$P-sw" link set "$(veth web2)" down
 post 20
 sleep 5
-ip -n "$P-sw" link set "$P-web2" up
+ip -n "$P-sw" link set "$(veth web2)" up
 post 5; wait_seen
 step "web2 back: its reader has all $(count_ok)"
 
