@@ -35,8 +35,8 @@ use crate::script::{
 use crate::snapshot::{self, Archive, Limits};
 use crate::socket::{self, SocketError};
 use crate::wire::{
-    KEY, MsgId, PRIVATE_KEYS, REF, STAMPED_KEYS, max_published_bytes, new_run, now_ms, plain_str,
-    published, rejection,
+    KEY, MsgId, PRIVATE_KEYS, REF, ROOM, STAMPED_KEYS, max_published_bytes, new_run, now_ms,
+    plain_str, published, rejection,
 };
 
 /// Default `broker.pull`: Temma's data source name.
@@ -382,8 +382,13 @@ impl Broker {
             // no id, no scripts, not counted.
             return Some(ZmqMessage::from(frame));
         }
+        // Where the frame's room is, when the stamper saw it (the archive keeps rooms apart).
+        let mut room_at = RoomAt::Unknown;
         let out = match self.stamper.stamp(&frame, self.chain.is_empty()) {
-            Ok(Stamped::Ready(bytes)) => bytes,
+            Ok(Stamped::Ready(bytes, at)) => {
+                room_at = at;
+                bytes
+            }
             Ok(Stamped::Parsed { map, key }) => match self.chain.run(map) {
                 Verdict::Pass(bytes) if bytes.len() > self.max_published => {
                     self.metrics.dropped(DropReason::Oversize);
@@ -417,7 +422,11 @@ impl Broker {
         };
         self.metrics.broker_published.inc();
         if let Some(archive) = &self.archive {
-            let room = crate::wire::room_of(&out);
+            let room = match &room_at {
+                RoomAt::Default => None,
+                RoomAt::At(range) => std::str::from_utf8(&out[range.clone()]).ok(),
+                RoomAt::Unknown => crate::wire::room_of(&out),
+            };
             let mut archive = crate::error::lock(archive);
             archive.push(
                 self.stamper.seq,
@@ -450,10 +459,21 @@ impl Broker {
     }
 }
 
+/// Where a stamped frame names its room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomAt {
+    /// It names none: the default room.
+    Default,
+    /// The room name (a string without escapes) is these bytes of the frame.
+    At(std::ops::Range<usize>),
+    /// Not looked at: read it from the frame.
+    Unknown,
+}
+
 /// What the stamper made of a frame.
 pub enum Stamped {
-    /// Stamped and serialized: publish as is (no scripts to run).
-    Ready(Bytes),
+    /// Stamped and serialized: publish as is (no scripts to run); where its room is.
+    Ready(Bytes, RoomAt),
     /// Parsed and stamped, for the script chain; [`Stamper::commit`] it (with its idempotency
     /// key) if the chain passes it.
     Parsed { map: rhai::Map, key: Option<String> },
@@ -626,7 +646,16 @@ impl Stamper {
                 out.push(b',');
             }
             self.write_stamp(&mut out, key);
-            return Ok(Stamped::Ready(out.into()));
+            // The frame is copied as it is: the room stays where the scan found it.
+            let room = match scan.room {
+                Room::None => RoomAt::Default,
+                Room::Plain(name) => {
+                    let start = name.as_ptr() as usize - frame.as_ptr() as usize;
+                    RoomAt::At(start..start + name.len())
+                }
+                Room::Other => RoomAt::Unknown,
+            };
+            return Ok(Stamped::Ready(out.into(), room));
         }
         self.rewrite(frame, out, key)
     }
@@ -703,7 +732,7 @@ impl Stamper {
             out.push(b',');
         }
         self.write_stamp(&mut out, key);
-        Ok(Stamped::Ready(out.into()))
+        Ok(Stamped::Ready(out.into(), RoomAt::Unknown))
     }
 
     /// Appends `"id":"<run>-<seq>","time":<ms>}` and uses up the id.
@@ -727,6 +756,16 @@ struct Scan<'a> {
     /// The `ref` and `key` values, when they are strings without escapes.
     reference: Option<&'a str>,
     key: Option<&'a str>,
+    room: Room<'a>,
+}
+
+/// The `room` a scan found.
+enum Room<'a> {
+    None,
+    /// A string without escapes.
+    Plain(&'a str),
+    /// Anything else (web nodes drop such a message).
+    Other,
 }
 
 /// Objects with more keys than this take the general path.
@@ -747,11 +786,16 @@ impl<'de> Deserialize<'de> for Scan<'de> {
                     plain: true,
                     reference: None,
                     key: None,
+                    room: Room::None,
                 };
                 while let Some(key) = map.next_key::<Key<'de>>()? {
                     match key.0.as_ref() {
                         REF => scan.reference = plain_str(map.next_value::<&'de RawValue>()?),
                         KEY => scan.key = plain_str(map.next_value::<&'de RawValue>()?),
+                        ROOM => {
+                            scan.room = plain_str(map.next_value::<&'de RawValue>()?)
+                                .map_or(Room::Other, Room::Plain);
+                        }
                         _ => {
                             map.next_value::<de::IgnoredAny>()?;
                         }
@@ -843,7 +887,7 @@ mod tests {
 
     fn ready(stamper: &mut Stamper, frame: &[u8]) -> Result<Value, DropReason> {
         match stamper.stamp(frame, true)? {
-            Stamped::Ready(bytes) => {
+            Stamped::Ready(bytes, _) => {
                 assert!(!bytes.contains(&b'\n'), "published frames are one line");
                 Ok(serde_json::from_slice(&bytes).unwrap())
             }
@@ -851,6 +895,32 @@ mod tests {
                 panic!("ready stamping returns bytes")
             }
         }
+    }
+
+    #[test]
+    fn the_room_is_found_where_the_frame_names_it() {
+        let mut stamper = Stamper::new(4096);
+        let frame = br#"{"from":"a","room":"blue-room","text":"x"}"#;
+        let Ok(Stamped::Ready(bytes, RoomAt::At(range))) = stamper.stamp(frame, true) else {
+            panic!("a plain frame with a room");
+        };
+        assert_eq!(&bytes[range], b"blue-room");
+        let Ok(Stamped::Ready(_, at)) = stamper.stamp(br#"{"from":"a","text":"x"}"#, true) else {
+            panic!("a plain frame");
+        };
+        assert_eq!(at, RoomAt::Default);
+        // Rewritten frames (a key of the broker's to remove) are read again.
+        let Ok(Stamped::Ready(bytes, at)) =
+            stamper.stamp(br#"{"id":"x","room":"r","text":"x"}"#, true)
+        else {
+            panic!("a rewritten frame");
+        };
+        assert_eq!(at, RoomAt::Unknown);
+        assert_eq!(crate::wire::room_of(&bytes), Some("r"));
+        let Ok(Stamped::Ready(_, at)) = stamper.stamp(br#"{"room":7,"text":"x"}"#, true) else {
+            panic!("a frame with a number for a room");
+        };
+        assert_eq!(at, RoomAt::Unknown);
     }
 
     #[test]

@@ -63,10 +63,10 @@ pub struct Limits {
 pub struct Archive {
     run: u64,
     limits: Limits,
-    rooms: HashMap<Arc<str>, VecDeque<Entry>>,
-    /// Every message held, oldest first, by sequence number and room (entries a room dropped
-    /// on its own are skipped, and compacted away when they pile up).
-    order: VecDeque<(u64, Arc<str>)>,
+    rooms: HashMap<Arc<str>, RoomEntries>,
+    /// Every message held, oldest first, by sequence number, room and arrival (entries a room
+    /// dropped on its own are skipped, and compacted away when they pile up).
+    order: VecDeque<(u64, Arc<str>, Instant)>,
     held: usize,
     bytes: usize,
     /// The highest sequence number dropped: every message after it is held.
@@ -75,8 +75,13 @@ pub struct Archive {
 
 struct Entry {
     seq: u64,
-    at: Instant,
     frame: Bytes,
+}
+
+/// One room's messages, oldest first, and its name (shared with the order index).
+struct RoomEntries {
+    name: Arc<str>,
+    entries: VecDeque<Entry>,
 }
 
 /// What the archive holds after an id: the head of an answer and its frames.
@@ -143,78 +148,81 @@ impl Archive {
             return;
         }
         let room = room.unwrap_or(NO_ROOM);
-        let key = match self.rooms.get_key_value(room) {
-            Some((key, _)) => key.clone(),
-            None => Arc::from(room),
+        // One lookup for a room that exists (most messages).
+        let held = match self.rooms.get_mut(room) {
+            Some(held) => held,
+            None => {
+                let name: Arc<str> = Arc::from(room);
+                self.rooms.entry(name.clone()).or_insert(RoomEntries {
+                    name,
+                    entries: VecDeque::new(),
+                })
+            }
         };
-        let entries = self.rooms.entry(key.clone()).or_default();
-        if entries.len() >= self.limits.per_room
-            && let Some(old) = entries.pop_front()
+        if held.entries.len() >= self.limits.per_room
+            && let Some(old) = held.entries.pop_front()
         {
             self.held -= 1;
             self.bytes -= old.frame.len();
             self.forgotten = self.forgotten.max(old.seq);
+            // Usually also the oldest of all (one busy room): its order entry goes now.
+            if self
+                .order
+                .front()
+                .is_some_and(|(seq, name, _)| *seq == old.seq && Arc::ptr_eq(name, &held.name))
+            {
+                self.order.pop_front();
+            }
         }
         self.bytes += frame.len();
         self.held += 1;
-        entries.push_back(Entry {
-            seq,
-            at: now,
-            frame,
-        });
-        self.order.push_back((seq, key));
+        held.entries.push_back(Entry { seq, frame });
+        self.order.push_back((seq, held.name.clone(), now));
         while self.bytes > self.limits.bytes && self.pop_oldest() {}
         self.expire(now);
         if self.order.len() > 2 * self.held + 1024 {
             let rooms = &self.rooms;
-            self.order
-                .retain(|(seq, room)| rooms.get(room).is_some_and(|e| live(e, *seq)));
+            self.order.retain(|(seq, room, _)| {
+                rooms
+                    .get(room)
+                    .is_some_and(|held| live(&held.entries, *seq))
+            });
         }
     }
 
-    /// Drops messages past their age.
+    /// Drops messages past their age (the order index says when each arrived: no lookup
+    /// unless one is due).
     pub fn expire(&mut self, now: Instant) {
-        while let Some(at) = self.oldest_at() {
-            if now.duration_since(at) <= self.limits.ttl {
-                break;
-            }
+        while self
+            .order
+            .front()
+            .is_some_and(|(_, _, at)| now.duration_since(*at) > self.limits.ttl)
+        {
             self.pop_oldest();
         }
     }
 
-    /// When the oldest message held arrived (stale order entries are dropped on the way).
-    fn oldest_at(&mut self) -> Option<Instant> {
-        while let Some((seq, room)) = self.order.front() {
-            match self.rooms.get(room).and_then(|entries| entries.front()) {
-                Some(entry) if entry.seq == *seq => return Some(entry.at),
-                _ => {
-                    self.order.pop_front();
-                }
-            }
-        }
-        None
-    }
-
-    /// Drops the oldest message held; `false` if there is none.
+    /// Drops the oldest message held (order entries of messages a room dropped already are
+    /// skipped); `false` if there is none.
     fn pop_oldest(&mut self) -> bool {
-        if self.oldest_at().is_none() {
-            return false;
+        while let Some((seq, room, _)) = self.order.pop_front() {
+            let Some(held) = self.rooms.get_mut(&room) else {
+                continue;
+            };
+            if held.entries.front().is_none_or(|entry| entry.seq != seq) {
+                continue;
+            }
+            if let Some(old) = held.entries.pop_front() {
+                self.held -= 1;
+                self.bytes -= old.frame.len();
+                self.forgotten = self.forgotten.max(seq);
+            }
+            if held.entries.is_empty() {
+                self.rooms.remove(&room);
+            }
+            return true;
         }
-        let Some((seq, room)) = self.order.pop_front() else {
-            return false;
-        };
-        let Some(entries) = self.rooms.get_mut(&room) else {
-            return false;
-        };
-        if let Some(old) = entries.pop_front() {
-            self.held -= 1;
-            self.bytes -= old.frame.len();
-            self.forgotten = self.forgotten.max(seq);
-        }
-        if entries.is_empty() {
-            self.rooms.remove(&room);
-        }
-        true
+        false
     }
 
     /// Every message held after `after`, oldest first (frames shared, not copied).
@@ -228,7 +236,8 @@ impl Archive {
         self.expire(now);
         let from = after.filter(|id| id.run == self.run).map_or(0, |id| id.seq);
         let mut found: Vec<(u64, Bytes)> = Vec::new();
-        for entries in self.rooms.values() {
+        for held in self.rooms.values() {
+            let entries = &held.entries;
             let start = entries.partition_point(|entry| entry.seq <= from);
             found.extend(
                 entries
