@@ -453,3 +453,44 @@ snapshot = "zmq_client_snapshot"
         "{error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_broker_no_longer_holds_is_a_reset_not_a_silent_gap() {
+    let mut config = snapshot_config();
+    config.broker.history_size = 2;
+    config.validate().unwrap();
+    let (broker, broker_stop) = start_broker(&config).await;
+    let first = node(&broker, &config, true).await;
+    first.ready().await;
+    let other = node(&broker, &config, true).await;
+    other.ready().await;
+    let mut browser = first.sse().await;
+    first.post_all(["m1", "m2"].map(String::from)).await;
+    let last_id = browser.messages(2).await[1].id.clone().unwrap();
+    drop(browser);
+    first.stop().await;
+    // Five more while the node is away: the broker keeps only the last two.
+    other
+        .post_all(["m3", "m4", "m5", "m6", "m7"].map(String::from))
+        .await;
+    let restarted = node(&broker, &config, true).await;
+    let mut browser = Sse::connect(
+        &restarted.client,
+        &restarted.url("/event/fetch"),
+        Some(&last_id),
+    )
+    .await;
+    // Not m6 and m7 as if nothing were missing: a reset first, then what is held.
+    let seen = events(&mut browser, 1).await;
+    assert_eq!(seen[0].0, "reset", "{seen:?}");
+    let metrics = restarted.app().metrics().render();
+    // The node's own sync says the broker no longer held everything.
+    assert!(
+        metrics.contains("temma_snapshot_syncs_total{result=\"Partial\"} 1"),
+        "{metrics}"
+    );
+    restarted.stop().await;
+    other.stop().await;
+    broker_stop.cancel();
+    broker.wait().await;
+}
