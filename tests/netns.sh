@@ -7,7 +7,9 @@
 #   2. the broker is restarted (SIGTERM, new process): posts during the gap get 503, never a
 #      200 that is lost; messages flow again;
 #   3. web2 is restarted while posts go on through web1: its readers reconnect with
-#      Last-Event-ID and the new process replays what they missed from the broker's snapshot.
+#      Last-Event-ID and the new process replays what they missed from the broker's snapshot;
+#   4. a second broker host comes up and both web nodes are moved to it with SIGHUP (their
+#      configuration file edited): no stream closes; the first broker is then stopped.
 # Every message that got a 200 must be seen once, in order, with no reset, by both readers.
 # Needs root, iproute2, curl, python3. Run by .ci/run; alone: sudo tests/netns.sh [TEMMA_BINARY]
 set -euo pipefail
@@ -24,11 +26,11 @@ cleanup() {
   status=$?
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   # Whatever still runs in a namespace goes with it.
-  for ns in sw broker web1 web2 client; do
+  for ns in sw broker broker2 web1 web2 client; do
     ip netns pids "$P-$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
   done
   wait 2>/dev/null || true
-  for ns in sw broker web1 web2 client; do ip netns del "$P-$ns" 2>/dev/null || true; done
+  for ns in sw broker broker2 web1 web2 client; do ip netns del "$P-$ns" 2>/dev/null || true; done
   if [ "$status" -ne 0 ]; then
     echo "--- netns test failed; logs:"
     tail -n 30 "$WORK"/*.log 2>/dev/null || true
@@ -45,7 +47,7 @@ ip netns add "$P-sw"
 ip -n "$P-sw" link add br0 type bridge
 ip -n "$P-sw" link set br0 up
 veth() {  # the bridge side of a host's link: t<pid>b, t<pid>w1, …
-  case $1 in broker) echo "${P}b" ;; web1) echo "${P}w1" ;; web2) echo "${P}w2" ;; client) echo "${P}c" ;; esac
+  case $1 in broker) echo "${P}b" ;; broker2) echo "${P}b2" ;; web1) echo "${P}w1" ;; web2) echo "${P}w2" ;; client) echo "${P}c" ;; esac
 }
 add_host() {  # name last-octet
   ip netns add "$P-$1"
@@ -57,6 +59,7 @@ add_host() {  # name last-octet
   ip -n "$P-$1" link set lo up
 }
 add_host broker 1
+add_host broker2 2
 add_host web1 11
 add_host web2 12
 add_host client 100
@@ -66,16 +69,28 @@ in_ns() { local ns=$1; shift; ip netns exec "$P-$ns" "$@"; }
 COMMON=(
   TEMMA_BROKER__EMBEDDED=false
   TEMMA_BROKER__SCRIPTS=[]           # the transport is under test, not the rate limit
-  TEMMA_BROKER__SNAPSHOT=zmq_broker_snapshot
-  TEMMA_EVENT__SNAPSHOT=zmq_client_snapshot
-  TEMMA_APPLICATION__DATASOURCES__ZMQ_BROKER_PULL="zmq-bind://PULL@$NET.1:5000"
-  TEMMA_APPLICATION__DATASOURCES__ZMQ_BROKER_PUB="zmq-bind://PUB@$NET.1:6000"
-  TEMMA_APPLICATION__DATASOURCES__ZMQ_BROKER_SNAPSHOT="zmq-bind://ROUTER@$NET.1:7000"
-  TEMMA_APPLICATION__DATASOURCES__ZMQ_CLIENT_PUSH="zmq://PUSH@$NET.1:5000"
-  TEMMA_APPLICATION__DATASOURCES__ZMQ_CLIENT_SUB="zmq://SUB@$NET.1:6000"
-  TEMMA_APPLICATION__DATASOURCES__ZMQ_CLIENT_SNAPSHOT="zmq://DEALER@$NET.1:7000"
   TEMMA_SERVER__SHUTDOWN_GRACE_SECS=1
 )
+# A broker binds its own host's address (the environment of its host).
+broker_env() {  # last-octet
+  echo TEMMA_BROKER__SNAPSHOT=zmq_broker_snapshot \
+    TEMMA_APPLICATION__DATASOURCES__ZMQ_BROKER_PULL="zmq-bind://PULL@$NET.$1:5000" \
+    TEMMA_APPLICATION__DATASOURCES__ZMQ_BROKER_PUB="zmq-bind://PUB@$NET.$1:6000" \
+    TEMMA_APPLICATION__DATASOURCES__ZMQ_BROKER_SNAPSHOT="zmq-bind://ROUTER@$NET.$1:7000"
+}
+# Web nodes read where the broker is from a file (SIGHUP reads it again; the environment of a
+# running process cannot change); everything else is the shipped file's.
+WEB_CONFIG=$WORK/etc/temma.toml
+point_web_nodes_at() {  # last-octet of the broker host
+  mkdir -p "$WORK/etc"
+  sed -e "s|^zmq_client_push = .*|zmq_client_push = \"zmq://PUSH@$NET.$1:5000\"|" \
+      -e "s|^zmq_client_sub = .*|zmq_client_sub = \"zmq://SUB@$NET.$1:6000\"|" \
+      -e "s|^# zmq_client_snapshot = .*|zmq_client_snapshot = \"zmq://DEALER@$NET.$1:7000\"|" \
+      -e "s|^# snapshot = \"zmq_client_snapshot\"|snapshot = \"zmq_client_snapshot\"|" \
+      -e "s|^root = \"..\"|root = \"$PWD\"|" etc/temma.toml >"$WEB_CONFIG.new"
+  mv "$WEB_CONFIG.new" "$WEB_CONFIG"
+}
+point_web_nodes_at 1
 declare -A PID_OF
 start() {  # name command... : runs in the host's namespace, logs to $WORK/name.log
   local name=$1; shift
@@ -84,9 +99,13 @@ start() {  # name command... : runs in the host's namespace, logs to $WORK/name.
   PID_OF[$name]=$!
   PIDS+=("$!")
 }
-start_broker() { start broker "$TEMMA" broker -c etc/temma.toml; }
+start_broker() {  # [name last-octet]
+  local name=${1:-broker} octet=${2:-1}
+  # shellcheck disable=SC2046
+  start "$name" env $(broker_env "$octet") "$TEMMA" broker -c etc/temma.toml
+}
 start_web() {  # name address
-  start "$1" env TEMMA_SERVER__LISTEN="$2:8000" "$TEMMA" serve -c etc/temma.toml
+  start "$1" env TEMMA_SERVER__LISTEN="$2:8000" "$TEMMA" serve -c "$WEB_CONFIG"
 }
 stop() {  # name: SIGTERM and wait; it must exit cleanly
   kill -TERM "${PID_OF[$1]}"
@@ -164,6 +183,21 @@ start_web web2 "$NET.12"
 post 5; wait_seen
 # The new web2 took its history from the broker's snapshot.
 in_ns client curl -s "http://$NET.12:8000/metrics" | grep 'temma_snapshot_syncs_total{result="Complete"}'
+
+step "a second broker host; both web nodes moved to it by SIGHUP"
+start_broker broker2 2; wait_log broker2 "broker running"
+opens() { cat "$WORK/r1.log" "$WORK/r2.log" | grep -c '^open ' || true; }
+opened=$(opens)
+point_web_nodes_at 2
+kill -HUP "${PID_OF[web1]}" "${PID_OF[web2]}"
+post 20
+wait_log web1 "rewired event.sub"
+wait_log web2 "rewired event.sub"
+post 10; wait_seen
+if [ "$(opens)" != "$opened" ]; then echo "an SSE stream was closed by the move"; exit 1; fi
+step "the first broker stopped: everything goes through the second"
+stop broker
+post 20; wait_seen
 python3 tests/netns/sse_log.py check "$WORK/r1.log" "$OK"
 python3 tests/netns/sse_log.py check "$WORK/r2.log" "$OK"
 step "all green"

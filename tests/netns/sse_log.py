@@ -3,7 +3,8 @@
 
   sse_log.py read URL OUT   read URL as a browser's EventSource does (reconnect with
                             Last-Event-ID after the stream ends or the server is away) and
-                            append one line per event to OUT: "msg <id> <text>" or "reset <data>"
+                            append one line per event to OUT: "msg <id> <text>" or
+                            "reset <data>", and "open <url>" for each connection
   sse_log.py check OUT OK   every text listed in OK (one per line) is in OUT exactly once, ids
                             increase within each broker run, and OUT has no reset
 """
@@ -27,6 +28,7 @@ def read(url, out):
                 response = conn.getresponse()
                 if response.status != 200:
                     raise OSError(f"status {response.status}")
+                log.write(f"open {url}\n")
                 event, data, ident = None, [], None
                 while True:
                     line = response.fp.readline()
@@ -59,6 +61,8 @@ def check(out, ok):
     problems = []
     for line in open(out):
         kind, rest = line.rstrip("\n").split(" ", 1)
+        if kind == "open":
+            continue
         if kind == "reset":
             problems.append(f"reset: {rest}")
             continue
