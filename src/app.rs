@@ -101,11 +101,17 @@ struct SubTask {
 const REWIRE_CONNECT: Duration = Duration::from_secs(5);
 
 impl Wiring {
-    fn start_sub(&mut self, address: String, client: Option<crate::snapshot::Client>) {
+    fn start_sub(
+        &mut self,
+        address: String,
+        client: Option<crate::snapshot::Client>,
+        strict: bool,
+    ) {
         let stop = self.shutdown.child_token();
         let handle = self.tracker.spawn(self.hub.clone().run_subscriber(
             address.clone(),
             client,
+            strict,
             stop.clone(),
         ));
         self.subs.push(SubTask {
@@ -139,8 +145,11 @@ impl Wiring {
             .collect();
         self.subs = kept;
         let wanted = metrics.sub_connected.get() + added.len() as i64;
+        // With a snapshot socket, the overlapping one leaves what follows a gap to the
+        // snapshot its replacement asks for.
+        let strict = self.snapshot.is_some();
         for address in &added {
-            self.start_sub(address.clone(), None);
+            self.start_sub(address.clone(), None, strict);
         }
         let _ = tokio::time::timeout(REWIRE_CONNECT, async {
             while metrics.sub_connected.get() < wanted {
@@ -162,7 +171,7 @@ impl Wiring {
         {
             overlapping.stop.cancel();
             let _ = overlapping.handle.await;
-            self.start_sub(overlapping.address, Some(client));
+            self.start_sub(overlapping.address, Some(client), false);
         }
     }
 }
@@ -233,7 +242,7 @@ impl App {
         };
         for address in config.event.sub_addresses(&ctx)? {
             // Validation allows a snapshot with one SUB address only.
-            wiring.start_sub(address, snapshot.take());
+            wiring.start_sub(address, snapshot.take(), false);
         }
         app.spawn(hub.clone().run_timers(shutdown.clone()));
         let reports = publisher.clone();
@@ -316,13 +325,6 @@ impl App {
             return rewired;
         };
         let mut wiring = wiring.lock().await;
-        let push = self.addresses.targets(config.dsn(Role::MessagePush));
-        if *wiring.push.borrow() != push {
-            rewired
-                .changed
-                .push(format!("message.push → {}", push.join(", ")));
-            wiring.push.send_replace(push);
-        }
         let snapshot = config
             .event
             .snapshot
@@ -353,6 +355,15 @@ impl App {
             wiring.move_subs(subs, snapshot_to, &self.metrics).await;
         } else if let (Some(targets), Some(snapshot)) = (&wiring.snapshot, snapshot_to) {
             targets.send_replace(snapshot);
+        }
+        // The PUSH socket moves last: by then this node hears the new broker, so its own
+        // messages come back to it.
+        let push = self.addresses.targets(config.dsn(Role::MessagePush));
+        if *wiring.push.borrow() != push {
+            rewired
+                .changed
+                .push(format!("message.push → {}", push.join(", ")));
+            wiring.push.send_replace(push);
         }
         rewired
     }

@@ -968,10 +968,15 @@ impl Hub {
     /// everything after its newest message: live frames that arrive meanwhile are kept, the
     /// snapshot is taken, then the kept frames (what the snapshot had is dropped by id).
     /// Returns the snapshot client when it stops (a rewiring hands it to the next task).
+    ///
+    /// `strict` (a SUB socket that overlaps the one holding the snapshot client, during a
+    /// rewiring): without a client, a message after a gap is dropped, not taken, so that the
+    /// snapshot the client's next holder asks for brings it and everything after it.
     pub async fn run_subscriber(
         self,
         address: String,
         mut client: Option<snapshot::Client>,
+        strict: bool,
         shutdown: CancellationToken,
     ) -> Option<snapshot::Client> {
         let what = format!("SUB {address}");
@@ -1032,7 +1037,14 @@ impl Hub {
                                 }
                                 (None, Some(client)) => self.take_live(client, &mut requests, vec![frame], 0),
                                 (None, None) => {
-                                    self.ingest(&frame);
+                                    if strict
+                                        && self.ingest_as(&frame, Source::Live { check: true })
+                                            == Ingested::Gap
+                                    {
+                                        self.shared.metrics.dropped(DropReason::Gap);
+                                    } else if !strict {
+                                        self.ingest(&frame);
+                                    }
                                     None
                                 }
                             };
@@ -1358,8 +1370,21 @@ impl State {
                     tracing::warn!(missed, %after, "messages missed between broker and this node");
                     self.lost(after);
                 }
-                // The next id, or a run not seen lately: a new epoch, whatever the numbers
-                // (runs are never compared for order).
+                // A run this node joins after its start (a restarted broker, another broker):
+                // its first messages came before this node was subscribed. Its clients had
+                // another run's messages: they are told, never left with a silent gap.
+                None if !from_snapshot && id.seq > 1 => {
+                    if let Some(newest) = self.newest {
+                        tracing::warn!(
+                            missed = id.seq - 1,
+                            run = id.run,
+                            "a broker run's first messages came before this node subscribed"
+                        );
+                        self.lost(newest);
+                    }
+                }
+                // The next id, or the first of a run: a new epoch, whatever the numbers (runs
+                // are never compared for order).
                 _ => {}
             }
             self.raise_mark(id);

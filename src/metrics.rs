@@ -37,6 +37,9 @@ pub enum DropReason {
     /// Web node: a message for a new room while every room held (`rooms.max`) has clients:
     /// delivered to nobody here, not kept for replay.
     Rooms,
+    /// Web node: a message after a gap that a SUB socket without the snapshot client (the
+    /// new one, while a rewiring moves the client) leaves to the snapshot that follows.
+    Gap,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
