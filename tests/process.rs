@@ -372,14 +372,24 @@ fn bind_conflict_fails_start_up_with_a_clear_error() {
     let dir = TempDir::new("bind-conflict");
     let (path, _) = ports_config(&dir, true);
     let text = std::fs::read_to_string(&path).unwrap();
-    // Occupy the broker's PULL port.
-    let port: u16 = text
+    // Occupy a port (held from the start: no other test can take it in between) and make it
+    // the broker's PULL port.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let pull: u16 = text
         .split("zmq-bind://PULL@127.0.0.1:")
         .nth(1)
         .and_then(|rest| rest.split('"').next())
         .and_then(|p| p.parse().ok())
         .unwrap();
-    let _holder = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    std::fs::write(
+        &path,
+        text.replace(
+            &format!("127.0.0.1:{pull}\""),
+            &format!("127.0.0.1:{port}\""),
+        ),
+    )
+    .unwrap();
     let output = temma(&["serve", "-c", path.to_str().unwrap()])
         .output()
         .unwrap();
