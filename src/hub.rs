@@ -810,13 +810,6 @@ impl Hub {
             return Ingested::Taken;
         }
         let id = head.id();
-        if source == (Source::Live { check: true })
-            && let Some(id) = id
-            && shared.lock().would_gap(id)
-        {
-            return Ingested::Gap;
-        }
-        shared.metrics.received.inc();
         let room = match head.room {
             None => Ok(None),
             Some(raw) => plain_str(raw)
@@ -829,22 +822,31 @@ impl Hub {
                 let room = room.as_deref().unwrap_or(&shared.settings.default_room);
                 let frame = wire::write_message(frame, id, head.reference.is_some());
                 shared.lock().append(
-                    room,
+                    Some((room, frame)),
                     id,
-                    frame,
-                    source == Source::Snapshot,
+                    source,
                     &shared.settings,
                     &shared.metrics,
                 )
             }
             Err(error) => {
                 // Only a script can do this (web nodes check the room): the message was
-                // published, but belongs to no room a client can follow.
-                shared.metrics.dropped(DropReason::Unreadable);
-                tracing::warn!(%error, "dropped a published message with an invalid room");
-                Appended::Stored
+                // published, but belongs to no room a client can follow. Its id still counts.
+                let appended =
+                    shared
+                        .lock()
+                        .append(None, id, source, &shared.settings, &shared.metrics);
+                if appended == Appended::Stored {
+                    shared.metrics.dropped(DropReason::Unreadable);
+                    tracing::warn!(%error, "dropped a published message with an invalid room");
+                }
+                appended
             }
         };
+        if appended == Appended::Gap {
+            return Ingested::Gap;
+        }
+        shared.metrics.received.inc();
         if appended == Appended::Duplicate {
             if source != Source::Snapshot {
                 shared.metrics.dropped(DropReason::Duplicate);
@@ -858,11 +860,6 @@ impl Hub {
             shared.acks.resolve(reference, Ack::Published(id));
         }
         Ingested::Taken
-    }
-
-    /// The newest message id this node holds.
-    pub fn newest(&self) -> Option<MsgId> {
-        self.shared.lock().newest
     }
 
     /// The newest id of each broker run this node has messages of, newest run first.
@@ -1242,6 +1239,8 @@ enum Appended {
     Stored,
     /// Already seen: clients have it.
     Duplicate,
+    /// Not taken: it would leave a gap (a live frame checked for gaps).
+    Gap,
 }
 
 impl State {
@@ -1342,16 +1341,25 @@ impl State {
     /// Appends a published message to its room's history and broadcasts it there, under the
     /// hub's lock (which `subscribe` takes too: a replay then the live stream has no gap and
     /// no duplicate).
+    ///
+    /// `message` is the room and the SSE frame; `None` for a message no client can follow
+    /// (its id still counts). A live frame checked for gaps that would leave one is not taken.
     fn append(
         &mut self,
-        room: &str,
+        message: Option<(&str, Bytes)>,
         id: Option<MsgId>,
-        frame: Bytes,
-        from_snapshot: bool,
+        source: Source,
         settings: &Settings,
         metrics: &Metrics,
     ) -> Appended {
         let now = Instant::now();
+        let from_snapshot = source == Source::Snapshot;
+        if source == (Source::Live { check: true })
+            && let Some(id) = id
+            && self.would_gap(id)
+        {
+            return Appended::Gap;
+        }
         if let Some(id) = id {
             match self.mark(id.run) {
                 // Within a run: ids are dense and increasing over all rooms. One already
@@ -1390,6 +1398,9 @@ impl State {
             self.raise_mark(id);
             self.newest = Some(id);
         }
+        let Some((room, frame)) = message else {
+            return Appended::Stored;
+        };
         let Some(target) = self.room(room, settings, metrics, now) else {
             // Every room this node holds has clients: this one has none here, so nobody here
             // misses it live; it is only not kept for replay.

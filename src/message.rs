@@ -311,7 +311,6 @@ impl PushTask {
             let limit = self.max_message_bytes;
             let make = || PushSocket::with_options(socket::connect_options(limit));
             let addresses = targets.borrow_and_update().clone();
-            tracing::debug!(?addresses, "PUSH connecting");
             let connected = tokio::select! {
                 connected = socket::connect(make, &addresses, "PUSH", &shutdown) => connected,
                 // Rewired while still connecting: connect to the new addresses instead.
