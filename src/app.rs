@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::acks::Acks;
 use crate::broker::BrokerError;
-use crate::config::Config;
+use crate::config::{Config, Role};
 use crate::context::{Context, UnknownDataSource};
 use crate::message::Broadcast;
 use crate::metrics::Metrics;
@@ -66,6 +66,8 @@ pub struct App {
     reload: Vec<ReloadHandle>,
     /// The broker's run id, when this process runs one.
     run: Option<u64>,
+    /// With `broker.peer`: what the broker is in its pair.
+    pair_status: Option<tokio::sync::watch::Receiver<serde_json::Value>>,
     /// A web node's connections, which SIGHUP may move.
     wiring: Option<tokio::sync::Mutex<Wiring>>,
 }
@@ -87,6 +89,8 @@ struct Wiring {
     push: tokio::sync::watch::Sender<Vec<String>>,
     snapshot: Option<tokio::sync::watch::Sender<Vec<String>>>,
     subs: Vec<SubTask>,
+    /// With `event.failover`: the node's view of the two brokers.
+    failover: Option<Arc<crate::failover::Brokers>>,
 }
 
 /// One SUB socket's task.
@@ -108,10 +112,16 @@ impl Wiring {
         strict: bool,
     ) {
         let stop = self.shutdown.child_token();
+        // With `event.failover`, the SUB sockets are started once, in the brokers' order.
+        let failover = self
+            .failover
+            .as_ref()
+            .map(|brokers| (self.subs.len(), brokers.clone()));
         let handle = self.tracker.spawn(self.hub.clone().run_subscriber(
             address.clone(),
             client,
             strict,
+            failover,
             stop.clone(),
         ));
         self.subs.push(SubTask {
@@ -176,6 +186,34 @@ impl Wiring {
     }
 }
 
+/// With `event.failover`: points the PUSH socket at the broker the node pushes to (the active
+/// one, or the one that may take over), until shutdown.
+async fn follow_target(
+    brokers: Arc<crate::failover::Brokers>,
+    pushes: Vec<String>,
+    push: tokio::sync::watch::Sender<Vec<String>>,
+    shutdown: CancellationToken,
+) {
+    let mut target = brokers.target();
+    loop {
+        let index = *target.borrow_and_update();
+        if let Some(address) = pushes.get(index) {
+            push.send_if_modified(|current| {
+                let changed = current.as_slice() != std::slice::from_ref(address);
+                if changed {
+                    tracing::info!(%address, "pushing to this broker");
+                    *current = vec![address.clone()];
+                }
+                changed
+            });
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = target.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
 /// Where SIGHUP reads the script chain again: the configuration file.
 fn chain_source(ctx: &Context) -> Option<ChainSource> {
     let file = ctx.config_file.clone()?;
@@ -218,32 +256,65 @@ impl App {
         let hub = config.event.build(&ctx, acks.clone(), &config.rooms);
         let (publisher, push_task) = config.message.build(&ctx, acks)?;
         let push_targets = push_task.addresses.clone();
-        app.spawn(push_task.run(shutdown.clone()));
-        let mut snapshot = None;
-        let mut snapshot_targets = None;
-        if let Some(addresses) = config.event.snapshot_addresses(&ctx)? {
-            let (client, task, targets) = crate::snapshot::client(
-                addresses,
-                crate::wire::max_published_bytes(ctx.max_frame_bytes),
-                shutdown.clone(),
-            );
-            app.spawn(task);
-            hub.expect_snapshot();
-            snapshot = Some(client);
-            snapshot_targets = Some(targets);
+        if config.event.failover {
+            // One broker at a time: the first until the heartbeats say which is active.
+            push_targets.send_modify(|targets| targets.truncate(1));
         }
+        app.spawn(push_task.run(shutdown.clone()));
         let mut wiring = Wiring {
             hub: hub.clone(),
             shutdown: shutdown.clone(),
             tracker: app.tracker.clone(),
             push: push_targets,
-            snapshot: snapshot_targets,
+            snapshot: None,
             subs: Vec::new(),
+            failover: None,
         };
-        for address in config.event.sub_addresses(&ctx)? {
-            // Validation allows a snapshot with one SUB address only.
-            wiring.start_sub(address, snapshot.take(), false);
+        let subs = config.event.sub_addresses(&ctx)?;
+        let snapshots = config.event.snapshot_addresses(&ctx)?;
+        let max_published = crate::wire::max_published_bytes(ctx.max_frame_bytes);
+        if config.event.failover {
+            // Validated: as many snapshot and push endpoints as SUB ones, in the same order.
+            let pushes = ctx.addresses.targets(config.dsn(Role::MessagePush));
+            let brokers = Arc::new(crate::failover::Brokers::new(
+                subs.len(),
+                app.metrics.clone(),
+            ));
+            app.spawn(brokers.clone().run(shutdown.clone()));
+            app.spawn(follow_target(
+                brokers.clone(),
+                pushes,
+                wiring.push.clone(),
+                shutdown.clone(),
+            ));
+            wiring.failover = Some(brokers);
+            hub.expect_snapshot();
+            let snapshots = snapshots.unwrap_or_default();
+            for (address, snapshot) in subs.into_iter().zip(snapshots) {
+                let (client, task, _) =
+                    crate::snapshot::client(vec![snapshot], max_published, shutdown.clone());
+                app.spawn(task);
+                wiring.start_sub(address, Some(client), false);
+            }
+        } else {
+            let mut snapshot = None;
+            if let Some(addresses) = snapshots {
+                let (client, task, targets) =
+                    crate::snapshot::client(addresses, max_published, shutdown.clone());
+                app.spawn(task);
+                hub.expect_snapshot();
+                snapshot = Some(client);
+                wiring.snapshot = Some(targets);
+            }
+            for address in subs {
+                // Validation allows a snapshot with one SUB address only.
+                wiring.start_sub(address, snapshot.take(), false);
+            }
         }
+        let brokers = wiring.failover.clone().map(|brokers| {
+            let addresses = wiring.subs.iter().map(|sub| sub.address.clone()).collect();
+            (brokers, addresses)
+        });
         app.spawn(hub.clone().run_timers(shutdown.clone()));
         let reports = publisher.clone();
         app.spawn(hub.clone().run_presence(
@@ -282,6 +353,7 @@ impl App {
             sessions: config.sessions(),
             fetch_sessions: config.sessions(),
             cors_origins: config.server.cors_origins.clone(),
+            brokers,
         });
         let tracker = app.tracker.clone();
         app.spawn(server::serve(
@@ -319,12 +391,23 @@ impl App {
     /// missed; the old PUSH socket stays open a moment for what it holds. Returns what changed,
     /// and what needs a restart to change.
     pub async fn rewire(&self, config: &Config) -> Rewired {
-        use crate::config::Role;
         let mut rewired = Rewired::default();
         let Some(wiring) = &self.wiring else {
             return rewired;
         };
         let mut wiring = wiring.lock().await;
+        if wiring.failover.is_some() || config.event.failover {
+            // A pair's lists are paired by place: moved by a restart (one node at a time).
+            let subs: Vec<String> = wiring.subs.iter().map(|sub| sub.address.clone()).collect();
+            let new_subs = self.addresses.targets(config.dsn(Role::EventSub));
+            if wiring.failover.is_some() != config.event.failover || subs != new_subs {
+                rewired.restart.push(
+                    "event.failover and the brokers it lists (message.push, event.sub, event.snapshot)"
+                        .to_owned(),
+                );
+            }
+            return rewired;
+        }
         let snapshot = config
             .event
             .snapshot
@@ -384,7 +467,11 @@ impl App {
                 .await
                 .map_err(failed)?;
             let http = listener.local_addr().map_err(failed)?;
-            let service = server::broker_router(app.metrics.clone(), scripts.clone());
+            let service = server::broker_router(
+                app.metrics.clone(),
+                scripts.clone(),
+                app.pair_status.clone(),
+            );
             app.spawn(server::serve_status(
                 listener,
                 service,
@@ -423,6 +510,7 @@ impl App {
             wiring: None,
             reload: Vec::new(),
             run: None,
+            pair_status: None,
         }
     }
 
@@ -438,10 +526,11 @@ impl App {
     ) -> Result<(), StartError> {
         let source = chain_source(ctx);
         let parts = config.broker.build(ctx, source).await?;
-        for counter in parts.peer_counters {
-            self.spawn(counter(shutdown.clone()));
+        for task in parts.peer_counters.into_iter().chain(parts.pair_tasks) {
+            self.spawn(task(shutdown.clone()));
         }
         self.run = Some(parts.broker.run_id());
+        self.pair_status = parts.pair_status;
         if let Some(server) = parts.snapshot {
             self.spawn(server.run(self.metrics.clone(), shutdown.clone()));
         }

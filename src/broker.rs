@@ -27,16 +27,17 @@ use tokio_util::sync::CancellationToken;
 use zeromq::{PubSocket, PullSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::context::{Context, Root, UnknownDataSource};
+use crate::failover::{Beat, Pair, PeerFrame, Role};
 use crate::metrics::{DropReason, Metrics, SocketLabels};
 use crate::script::{
     Chain, ChainSource, Compiled, OnError, Reload, ReloadHandle, Reloader, ScriptConfig,
     ScriptError, ScriptLimits, ScriptSpec, Verdict,
 };
-use crate::snapshot::{self, Archive, Limits};
+use crate::snapshot::{self, Archive, Limits, Reply};
 use crate::socket::{self, SocketError};
 use crate::wire::{
-    KEY, MsgId, PRIVATE_KEYS, REF, ROOM, STAMPED_KEYS, max_published_bytes, new_run, now_ms,
-    plain_str, published, rejection,
+    Envelope, KEY, MsgId, PRIVATE_KEYS, REF, ROOM, STAMPED_KEYS, max_published_bytes, new_run,
+    now_ms, plain_str, published, rejection,
 };
 
 /// Default `broker.pull`: Temma's data source name.
@@ -108,6 +109,14 @@ pub struct BrokerConfig {
     pub history_bytes: usize,
     /// Seconds a message is kept for snapshots. Default 3600 (as `event.history_ttl_secs`).
     pub history_ttl_secs: u64,
+    /// Data source of the SUB socket to the other broker of a pair (its `broker.pub`), e.g.
+    /// `"zmq_broker_peer"` = `"zmq://SUB@10.0.0.2:5001"`: two brokers, one active, the other a
+    /// live copy that takes over when the active one is gone (see the README, "Two brokers").
+    /// Needs `broker.snapshot` and `broker.peer_snapshot`. Default: none (one broker).
+    pub peer: Option<String>,
+    /// Data source of the DEALER socket to the peer's `broker.snapshot`, from which a backup
+    /// copies the history and fills what it missed. Default: none.
+    pub peer_snapshot: Option<String>,
     /// The chain as validation compiled it, for the start-up that follows.
     #[serde(skip)]
     pub compiled: Compiled,
@@ -143,6 +152,8 @@ impl Default for BrokerConfig {
             history_size: DEFAULT_ARCHIVE_SIZE,
             history_bytes: DEFAULT_ARCHIVE_BYTES,
             history_ttl_secs: DEFAULT_ARCHIVE_TTL_SECS,
+            peer: None,
+            peer_snapshot: None,
             compiled: Compiled::default(),
         }
     }
@@ -168,6 +179,25 @@ impl BrokerConfig {
                 "broker.history_bytes",
                 "is 0: must be at least 1 when `broker.snapshot` is set".to_owned(),
             );
+        }
+        match (&self.peer, &self.peer_snapshot, &self.snapshot) {
+            (Some(_), None, _) => problem(
+                "broker.peer_snapshot",
+                "is not set: a broker with `broker.peer` copies its peer's history from the \
+                 peer's `broker.snapshot`; name a DEALER connect to it"
+                    .to_owned(),
+            ),
+            (None, Some(_), _) => problem(
+                "broker.peer_snapshot",
+                "is set without `broker.peer`: it only serves a pair of brokers".to_owned(),
+            ),
+            (Some(_), Some(_), None) => problem(
+                "broker.snapshot",
+                "is not set: a broker with `broker.peer` keeps the history (its peer and the \
+                 web nodes fetch it); name a ROUTER bind"
+                    .to_owned(),
+            ),
+            _ => {}
         }
         crate::script::validate_limits(&self.limits, problem);
         let specs = self.script_specs(root);
@@ -238,21 +268,55 @@ impl BrokerConfig {
                 let dsn = ctx.dsn(name)?.clone();
                 socket::bind(&mut router, &dsn, &mut ctx.addresses).await?;
                 peer_counters.push(counter(events, "broker.snapshot"));
-                let archive = Archive::new(
-                    stamper.run,
-                    Limits {
-                        per_room: self.history_size,
-                        bytes: self.history_bytes,
-                        ttl: std::time::Duration::from_secs(self.history_ttl_secs),
-                    },
-                );
+                let archive = Archive::new(Limits {
+                    per_room: self.history_size,
+                    bytes: self.history_bytes,
+                    ttl: std::time::Duration::from_secs(self.history_ttl_secs),
+                });
                 Some(SnapshotServer {
                     router,
                     archive: Arc::new(Mutex::new(archive)),
                 })
             }
         };
+        let mut pair_tasks: Vec<PeerCounter> = Vec::new();
+        let pair_status = tokio::sync::watch::Sender::new(serde_json::Value::Null);
+        let pair = match (&self.peer, &self.peer_snapshot) {
+            (Some(peer), Some(peer_snapshot)) => {
+                let max = max_published_bytes(limit);
+                let sub = ctx.addresses.targets(ctx.dsn(peer)?);
+                let dealer = ctx.addresses.targets(ctx.dsn(peer_snapshot)?);
+                let (tx, frames) = tokio::sync::mpsc::channel(1024);
+                pair_tasks.push(Box::new(move |shutdown| {
+                    Box::pin(crate::failover::run_peer_sub(sub, max, tx, shutdown))
+                }));
+                let (request_tx, request_rx) = tokio::sync::mpsc::channel(4);
+                let (reply_tx, replies) = tokio::sync::mpsc::channel(16);
+                let targets = tokio::sync::watch::Sender::new(dealer);
+                pair_tasks.push(Box::new(move |shutdown| {
+                    Box::pin(snapshot::run_client(
+                        targets.subscribe(),
+                        max,
+                        request_rx,
+                        reply_tx,
+                        shutdown,
+                    ))
+                }));
+                metrics.broker_active.set(0);
+                Some(PairLink {
+                    state: Pair::new(tokio::time::Instant::now()),
+                    frames: Some(frames),
+                    requests: request_tx,
+                    replies: Some(replies),
+                    sync: None,
+                    asked: 0,
+                    status: pair_status.clone(),
+                })
+            }
+            _ => None,
+        };
         let broker = Broker {
+            pair,
             pull,
             publish,
             stamper,
@@ -263,8 +327,11 @@ impl BrokerConfig {
             max_published: max_published_bytes(limit),
             metrics,
         };
+        let pair_status = broker.pair.is_some().then(|| pair_status.subscribe());
         Ok(Parts {
             broker,
+            pair_tasks,
+            pair_status,
             reloader,
             reload,
             peer_counters,
@@ -275,6 +342,8 @@ impl BrokerConfig {
 
 /// The running broker: owns its two sockets and its script chain.
 pub struct Broker {
+    /// With `broker.peer`: the pair's state and the channels to the peer's sockets' tasks.
+    pair: Option<PairLink>,
     pull: PullSocket,
     publish: PubSocket,
     stamper: Stamper,
@@ -288,10 +357,64 @@ pub struct Broker {
     metrics: Arc<Metrics>,
 }
 
+/// A broker's link to its peer (`broker.peer`).
+struct PairLink {
+    state: Pair,
+    /// From the task that owns the SUB socket to the peer (taken by [`Broker::run`]).
+    frames: Option<tokio::sync::mpsc::Receiver<PeerFrame>>,
+    /// To and from the task that owns the DEALER socket to the peer's snapshots.
+    requests: tokio::sync::mpsc::Sender<snapshot::Request>,
+    replies: Option<tokio::sync::mpsc::Receiver<Reply>>,
+    /// The peer's snapshot awaited.
+    sync: Option<PeerSync>,
+    /// Requests sent.
+    asked: u64,
+    /// What `/health` says of the pair, updated with each heartbeat.
+    status: tokio::sync::watch::Sender<serde_json::Value>,
+}
+
+/// Snapshots asked for in a row, each answered by live frames with a gap still, before the
+/// gap is taken as it is.
+const MAX_SYNC_TRIES: u32 = 3;
+/// Live frames kept while the peer's snapshot is awaited, at most (in bytes): past that they
+/// are dropped, and the gap they leave fetched next.
+const MAX_KEPT_BYTES: usize = 64 * 1024 * 1024;
+
+/// A snapshot from the peer awaited.
+struct PeerSync {
+    n: u64,
+    kept: Vec<Bytes>,
+    bytes: usize,
+    tries: u32,
+    deadline: tokio::time::Instant,
+}
+
+impl PeerSync {
+    fn keep(&mut self, frame: Bytes) {
+        if self.bytes + frame.len() <= MAX_KEPT_BYTES {
+            self.bytes += frame.len();
+            self.kept.push(frame);
+        }
+    }
+}
+
+/// Receives from `rx`, or waits forever without one.
+async fn recv_some<T>(rx: Option<&mut tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What [`BrokerConfig::build`] makes: the broker, and the reloader of its scripts with a
 /// handle to ask for a reload (SIGHUP).
 pub struct Parts {
     pub broker: Broker,
+    /// With `broker.peer`: the tasks that own the sockets to the peer (given the shutdown
+    /// token).
+    pub pair_tasks: Vec<PeerCounter>,
+    /// With `broker.peer`: what this broker is in its pair, for `/health`.
+    pub pair_status: Option<tokio::sync::watch::Receiver<serde_json::Value>>,
     pub reloader: Reloader,
     pub reload: ReloadHandle,
     /// Tasks that count the peers of the broker's sockets (`temma_zmq_peers`), given the
@@ -327,6 +450,10 @@ impl Broker {
     }
 
     /// Relays until `shutdown` fires. A message already read is always published first.
+    ///
+    /// With `broker.peer`, the same task also reads the peer's frames and snapshot answers, and
+    /// publishes the heartbeat (see [`crate::failover`]): all that goes out of PUB goes from
+    /// here, in order.
     pub async fn run(mut self, shutdown: CancellationToken) {
         // The start-up line is the app's ("broker running", or the web node's "listening on").
         tracing::debug!(
@@ -337,6 +464,11 @@ impl Broker {
         // Registered once: a new `cancelled()` per message would lock the token each time.
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
+        let mut beats = tokio::time::interval(crate::failover::BEAT_INTERVAL);
+        beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let paired = self.pair.is_some();
+        let mut peer_frames = self.pair.as_mut().and_then(|pair| pair.frames.take());
+        let mut peer_replies = self.pair.as_mut().and_then(|pair| pair.replies.take());
         loop {
             let received = tokio::select! {
                 biased;
@@ -344,6 +476,18 @@ impl Broker {
                 // Between two messages: none is dropped or reordered by a reload.
                 Some(reload) = self.reloads.recv() => {
                     self.chain.apply(reload);
+                    continue;
+                }
+                _ = beats.tick(), if paired => {
+                    self.tick().await;
+                    continue;
+                }
+                Some(frame) = recv_some(peer_frames.as_mut()) => {
+                    self.peer_frame(frame).await;
+                    continue;
+                }
+                Some(reply) = recv_some(peer_replies.as_mut()) => {
+                    self.snapshot_reply(reply).await;
                     continue;
                 }
                 received = self.pull.recv() => received,
@@ -357,13 +501,306 @@ impl Broker {
                     continue;
                 }
             };
-            if let Some(out) = self.handle(message)
-                && let Err(error) = self.publish.send(out).await
+            if let Some(pair) = &self.pair
+                && pair.state.role == Role::Backup
             {
-                tracing::error!(%error, "broker could not publish a message");
+                if pair.state.may_take_over(tokio::time::Instant::now()) {
+                    // A web node pushes here: it no longer hears the active broker either.
+                    self.take_over().await;
+                } else {
+                    self.metrics.dropped(DropReason::Standby);
+                    continue;
+                }
+            }
+            if let Some(out) = self.handle(message) {
+                self.send(out).await;
+                if let Some(pair) = &mut self.pair
+                    && pair
+                        .state
+                        .check_backup(self.stamper.seq, tokio::time::Instant::now())
+                {
+                    self.beat().await;
+                }
             }
         }
         tracing::info!("broker stopped");
+    }
+
+    async fn send(&mut self, out: ZmqMessage) {
+        if let Err(error) = self.publish.send(out).await {
+            tracing::error!(%error, "broker could not publish a message");
+        }
+    }
+
+    /// Publishes this broker's heartbeat.
+    async fn beat(&mut self) {
+        let Some(pair) = &self.pair else { return };
+        let seq = match pair.state.role {
+            Role::Active => self.stamper.seq,
+            Role::Backup => {
+                let run = pair
+                    .state
+                    .peer(tokio::time::Instant::now())
+                    .and_then(|beat| beat.run.parse().ok());
+                let archive = self
+                    .archive
+                    .as_ref()
+                    .map(|archive| crate::error::lock(archive));
+                run.and_then(|run| archive.and_then(|archive| archive.mark(run)))
+                    .unwrap_or(0)
+            }
+        };
+        let beat = pair.state.beat(self.stamper.run, seq);
+        let now = tokio::time::Instant::now();
+        pair.status.send_replace(serde_json::json!({
+            "state": beat.state.as_str(),
+            "term": beat.term,
+            "run": beat.run,
+            "seq": beat.seq,
+            "backup_confirmed": beat.backup,
+            "following": beat.following,
+            "peer": pair.state.peer(now).map(|peer| serde_json::json!({
+                "state": peer.state.as_str(),
+                "term": peer.term,
+                "run": peer.run,
+            })),
+        }));
+        self.send(ZmqMessage::from(beat.frame())).await;
+    }
+
+    /// Every [`crate::failover::BEAT_INTERVAL`]: the heartbeat, the backup's state, a snapshot
+    /// that took too long.
+    async fn tick(&mut self) {
+        let now = tokio::time::Instant::now();
+        let seq = self.stamper.seq;
+        let Some(pair) = &mut self.pair else { return };
+        pair.state.check_backup(seq, now);
+        self.metrics
+            .broker_active
+            .set(i64::from(pair.state.role == Role::Active));
+        if let Some(sync) = &pair.sync
+            && now >= sync.deadline
+        {
+            tracing::warn!("the peer's snapshot did not come in time; asking again");
+            let kept = pair.sync.take().map(|sync| sync.kept).unwrap_or_default();
+            self.ask_peer(kept);
+        }
+        self.beat().await;
+    }
+
+    /// Becomes the active broker: a new run (ids never collide with the peer's) and term.
+    async fn take_over(&mut self) {
+        let Some(pair) = &mut self.pair else { return };
+        pair.state.take_over();
+        pair.sync = None;
+        let term = pair.state.term;
+        let archive = self.archive.clone();
+        self.stamper.restart(|run| {
+            archive
+                .as_ref()
+                .is_some_and(|archive| crate::error::lock(archive).mark(run).is_some())
+        });
+        self.metrics.broker_active.set(1);
+        self.metrics
+            .role_changed(crate::metrics::RoleChange::Active);
+        tracing::warn!(
+            term,
+            run = self.stamper.run,
+            "no active broker heard and a web node pushes here: this broker is now the active one"
+        );
+        self.beat().await;
+    }
+
+    /// A frame from the peer's PUB socket.
+    async fn peer_frame(&mut self, frame: PeerFrame) {
+        let now = tokio::time::Instant::now();
+        let run = self.stamper.run;
+        let seq = self.stamper.seq;
+        let Some(pair) = &mut self.pair else { return };
+        let frame = match frame {
+            PeerFrame::Connected => {
+                if pair.state.role == Role::Backup {
+                    self.ask_peer(Vec::new());
+                }
+                return;
+            }
+            PeerFrame::Frame(frame) => frame,
+        };
+        if let Some(beat) = Beat::read(&frame) {
+            if pair.state.heard(beat, run, now) {
+                self.step_down().await;
+                return;
+            }
+            if pair.state.check_backup(seq, now) {
+                self.beat().await;
+            }
+            return;
+        }
+        if pair.state.role == Role::Active {
+            // The backup's copy of what this broker published: how far it holds.
+            if let Some(id) = serde_json::from_slice::<Envelope<'_>>(&frame)
+                .ok()
+                .and_then(|head| head.id())
+                && id.run == run
+            {
+                pair.state.republished(id.seq);
+                if pair.state.check_backup(seq, now) {
+                    self.beat().await;
+                }
+            }
+            return;
+        }
+        if let Some(sync) = &mut pair.sync {
+            sync.keep(frame);
+            return;
+        }
+        self.copy(vec![frame], 0).await;
+    }
+
+    /// Backup: takes the active broker's frames in order into the archive and out on PUB, until
+    /// one leaves a gap: then the peer's snapshot is asked for and the rest wait for it. After
+    /// [`MAX_SYNC_TRIES`] in a row, the gap is taken as it is.
+    async fn copy(&mut self, frames: Vec<Bytes>, tries: u32) {
+        let mut frames = frames.into_iter();
+        while let Some(frame) = frames.next() {
+            let id = serde_json::from_slice::<Envelope<'_>>(&frame)
+                .ok()
+                .and_then(|head| head.id());
+            let Some(id) = id else {
+                // Not a message (presence reports, notices for POSTs): passed on.
+                if self.pair.as_ref().is_some_and(|pair| pair.state.following) {
+                    self.send(ZmqMessage::from(frame)).await;
+                }
+                continue;
+            };
+            let mark = self
+                .archive
+                .as_ref()
+                .and_then(|archive| crate::error::lock(archive).mark(id.run));
+            let next = match mark {
+                Some(mark) if id.seq <= mark => continue,
+                Some(mark) => id.seq == mark + 1,
+                None => id.seq == 1,
+            };
+            if !next && tries < MAX_SYNC_TRIES {
+                let mut kept = vec![frame];
+                kept.extend(frames);
+                self.ask_peer(kept);
+                if let Some(sync) = self.pair.as_mut().and_then(|pair| pair.sync.as_mut()) {
+                    sync.tries = tries + 1;
+                }
+                return;
+            }
+            self.keep(id, frame.clone());
+            if self.pair.as_ref().is_some_and(|pair| pair.state.following) {
+                self.send(ZmqMessage::from(frame)).await;
+            }
+        }
+    }
+
+    /// Archives a frame copied from the peer.
+    fn keep(&self, id: MsgId, frame: Bytes) {
+        if let Some(archive) = &self.archive {
+            let room = crate::wire::room_of(&frame).map(str::to_owned);
+            let mut archive = crate::error::lock(archive);
+            archive.push(id, room.as_deref(), frame, tokio::time::Instant::now());
+            self.metrics.archive_messages.set(archive.len() as i64);
+        }
+    }
+
+    /// Asks the peer for everything after what the archive holds; `kept`: live frames waiting.
+    fn ask_peer(&mut self, kept: Vec<Bytes>) {
+        let marks = self
+            .archive
+            .as_ref()
+            .map(|archive| crate::error::lock(archive).marks())
+            .unwrap_or_default();
+        let Some(pair) = &mut self.pair else { return };
+        pair.asked += 1;
+        let request = snapshot::Request {
+            after: marks.iter().map(MsgId::to_string).collect(),
+            n: pair.asked,
+        };
+        tracing::debug!(n = request.n, after = ?request.after, "asking the peer broker for its history");
+        let _ = pair.requests.try_send(request);
+        let bytes = kept.iter().map(Bytes::len).sum();
+        pair.sync = Some(PeerSync {
+            n: pair.asked,
+            kept,
+            bytes,
+            tries: 0,
+            deadline: tokio::time::Instant::now() + snapshot::TIMEOUT,
+        });
+    }
+
+    /// A part of the peer's answer to [`Broker::ask_peer`].
+    async fn snapshot_reply(&mut self, reply: Reply) {
+        let Some(pair) = &mut self.pair else { return };
+        if pair.state.role != Role::Backup
+            || pair.sync.as_ref().is_none_or(|sync| sync.n != reply.n())
+        {
+            return;
+        }
+        match reply {
+            Reply::Head(_, head) => {
+                if !head.covered {
+                    tracing::warn!(
+                        "the peer broker no longer holds all of its history this broker lacks"
+                    );
+                }
+            }
+            Reply::Batch(_, frames) => {
+                let following = pair.state.following;
+                for frame in frames {
+                    let Some(id) = serde_json::from_slice::<Envelope<'_>>(&frame)
+                        .ok()
+                        .and_then(|head| head.id())
+                    else {
+                        continue;
+                    };
+                    let mark = self
+                        .archive
+                        .as_ref()
+                        .and_then(|archive| crate::error::lock(archive).mark(id.run));
+                    if mark.is_some_and(|mark| id.seq <= mark) {
+                        continue;
+                    }
+                    self.keep(id, frame.clone());
+                    // A backup already followed: web nodes that read it need these too.
+                    if following {
+                        self.send(ZmqMessage::from(frame)).await;
+                    }
+                }
+            }
+            Reply::End(_) => {
+                let sync = pair.sync.take().expect("waiting");
+                if !pair.state.following {
+                    tracing::info!("this broker holds its peer's history: it is the backup");
+                }
+                pair.state.following = true;
+                self.copy(sync.kept, sync.tries).await;
+            }
+        }
+    }
+
+    /// Another active broker outranks this one (a split brain healed): it becomes the backup,
+    /// forgets its history (what it published alone reached no web node that follows the
+    /// other) and copies the other's.
+    async fn step_down(&mut self) {
+        let Some(pair) = &mut self.pair else { return };
+        pair.state.step_down();
+        tracing::warn!(
+            term = pair.state.term,
+            "another broker is active with a higher term: this broker is now its backup"
+        );
+        self.metrics.broker_active.set(0);
+        self.metrics
+            .role_changed(crate::metrics::RoleChange::Backup);
+        if let Some(archive) = &self.archive {
+            crate::error::lock(archive).clear();
+        }
+        self.ask_peer(Vec::new());
+        self.beat().await;
     }
 
     /// One input message → the frame to publish, if any.
@@ -429,7 +866,10 @@ impl Broker {
             };
             let mut archive = crate::error::lock(archive);
             archive.push(
-                self.stamper.seq,
+                MsgId {
+                    run: self.stamper.run,
+                    seq: self.stamper.seq,
+                },
                 room,
                 out.clone(),
                 tokio::time::Instant::now(),
@@ -578,6 +1018,16 @@ impl Stamper {
     }
 
     /// The id the next published message gets.
+    /// A new run (not one `taken` says is known), from sequence number 1.
+    pub fn restart(&mut self, taken: impl Fn(u64) -> bool) {
+        let mut run = new_run().max(self.run + 1);
+        while taken(run) {
+            run += 1;
+        }
+        self.run = run;
+        self.seq = 0;
+    }
+
     fn next_id(&self) -> MsgId {
         MsgId {
             run: self.run,

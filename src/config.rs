@@ -203,6 +203,10 @@ pub enum Role {
     EventSnapshot,
     /// `broker.snapshot` (optional): the broker's ROUTER socket answering snapshot requests.
     BrokerSnapshot,
+    /// `broker.peer` (optional): a broker's SUB socket to the other broker of its pair.
+    BrokerPeer,
+    /// `broker.peer_snapshot` (optional): a broker's DEALER socket to its peer's snapshots.
+    BrokerPeerSnapshot,
 }
 
 impl Role {
@@ -214,7 +218,12 @@ impl Role {
         Role::BrokerPub,
     ];
     /// The roles a configuration may leave out.
-    pub const OPTIONAL: [Role; 2] = [Role::EventSnapshot, Role::BrokerSnapshot];
+    pub const OPTIONAL: [Role; 4] = [
+        Role::EventSnapshot,
+        Role::BrokerSnapshot,
+        Role::BrokerPeer,
+        Role::BrokerPeerSnapshot,
+    ];
 
     /// The config key naming this role's data source.
     pub fn key(self) -> &'static str {
@@ -225,6 +234,8 @@ impl Role {
             Role::BrokerPub => "broker.pub",
             Role::EventSnapshot => "event.snapshot",
             Role::BrokerSnapshot => "broker.snapshot",
+            Role::BrokerPeer => "broker.peer",
+            Role::BrokerPeerSnapshot => "broker.peer_snapshot",
         }
     }
 
@@ -237,6 +248,8 @@ impl Role {
             Role::BrokerPub => SocketKind::Pub,
             Role::EventSnapshot => SocketKind::Dealer,
             Role::BrokerSnapshot => SocketKind::Router,
+            Role::BrokerPeer => SocketKind::Sub,
+            Role::BrokerPeerSnapshot => SocketKind::Dealer,
         }
     }
 
@@ -260,8 +273,8 @@ impl Role {
     pub fn peer(self) -> Option<Role> {
         match self {
             Role::MessagePush => Some(Role::BrokerPull),
-            Role::EventSub => Some(Role::BrokerPub),
-            Role::EventSnapshot => Some(Role::BrokerSnapshot),
+            Role::EventSub | Role::BrokerPeer => Some(Role::BrokerPub),
+            Role::EventSnapshot | Role::BrokerPeerSnapshot => Some(Role::BrokerSnapshot),
             Role::BrokerPull | Role::BrokerPub | Role::BrokerSnapshot => None,
         }
     }
@@ -495,6 +508,8 @@ impl Config {
             Role::BrokerPub => &self.broker.publish,
             Role::EventSnapshot => self.event.snapshot.as_deref().unwrap_or_default(),
             Role::BrokerSnapshot => self.broker.snapshot.as_deref().unwrap_or_default(),
+            Role::BrokerPeer => self.broker.peer.as_deref().unwrap_or_default(),
+            Role::BrokerPeerSnapshot => self.broker.peer_snapshot.as_deref().unwrap_or_default(),
         }
     }
 
@@ -597,6 +612,47 @@ impl Config {
     /// A snapshot is taken from one broker: the one the SUB socket follows.
     fn validate_snapshot(&self, problem: &mut impl FnMut(&str, String)) {
         let sources = &self.application.data_sources;
+        if self.event.failover {
+            let count = |name: &str| sources.get(name).map(|dsn| dsn.endpoints.len());
+            let subs = count(&self.event.sub);
+            if subs.is_some_and(|n| n < 2) {
+                problem(
+                    "event.failover",
+                    format!(
+                        "needs `event.sub` to name both brokers' PUB sockets, but `{}` names one endpoint",
+                        self.event.sub
+                    ),
+                );
+            }
+            let Some(subs) = subs.filter(|n| *n >= 2) else {
+                return;
+            };
+            for (key, name) in [
+                ("message.push", Some(self.message.push.as_str())),
+                ("event.snapshot", self.event.snapshot.as_deref()),
+            ] {
+                match name {
+                    None => problem(
+                        "event.failover",
+                        format!(
+                            "needs `{key}`: the brokers' snapshot sockets, in the order of `event.sub`"
+                        ),
+                    ),
+                    Some(name) => {
+                        if let Some(n) = count(name).filter(|n| *n != subs) {
+                            problem(
+                                key,
+                                format!(
+                                    "`{name}` names {n} endpoints, but `event.sub` names {subs}: with `event.failover`, \
+                                     each lists the brokers in the same order"
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+            return;
+        }
         if self.event.snapshot.is_some()
             && let Some(sub) = sources.get(&self.event.sub)
             && sub.endpoints.len() != 1

@@ -73,6 +73,10 @@ pub struct EventConfig {
     /// whenever its SUB reconnects or misses messages, this node fills its history from the
     /// broker's before it serves replays. Default: none (a restarted node starts empty).
     pub snapshot: Option<String>,
+    /// Two brokers, one active (see the README, "Two brokers"): `message.push`, `event.sub`
+    /// and `event.snapshot` each list the brokers' endpoints in the same order; this node
+    /// pushes to the active one only and delivers what both hold. Default `false`.
+    pub failover: bool,
 }
 
 fn default_keepalive() -> u64 {
@@ -101,6 +105,7 @@ impl Default for EventConfig {
             history_ttl_secs: default_history_ttl(),
             initial_history: DEFAULT_INITIAL_HISTORY,
             snapshot: None,
+            failover: false,
         }
     }
 }

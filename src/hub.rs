@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use zeromq::{Socket, SocketEvent, SocketRecv, SubSocket};
 
 use crate::acks::{Ack, Acks};
+use crate::failover::Brokers;
 use crate::metrics::SnapshotResult;
 use crate::metrics::{DropReason, Metrics};
 use crate::snapshot::{self, Reply};
@@ -780,6 +781,10 @@ impl Hub {
     /// [`Hub::ingest`], saying where the frame comes from. A live frame checked for gaps that
     /// would leave one is not taken: [`Ingested::Gap`] (the SUB task fetches a snapshot).
     fn ingest_as(&self, frame: &[u8], source: Source) -> Ingested {
+        if frame.starts_with(crate::failover::BEAT_PREFIX) {
+            // A broker's heartbeat (a pair's): for the failover logic, not for clients.
+            return Ingested::Taken;
+        }
         if frame.starts_with(PRESENCE_PREFIX) {
             self.ingest_presence(frame);
             return Ingested::Taken;
@@ -974,11 +979,20 @@ impl Hub {
         address: String,
         mut client: Option<snapshot::Client>,
         strict: bool,
+        failover: Option<(usize, Arc<Brokers>)>,
         shutdown: CancellationToken,
     ) -> Option<snapshot::Client> {
         let what = format!("SUB {address}");
         let addresses = [address];
         let mut requests = 0u64;
+        // With `event.failover`: whether this socket's broker is the one whose frames are
+        // delivered (the others' are read for their heartbeats only).
+        let mut source = failover.as_ref().map(|(_, brokers)| brokers.source());
+        let standby = |failover: &Option<(usize, Arc<Brokers>)>| {
+            failover
+                .as_ref()
+                .is_some_and(|(index, brokers)| !brokers.is_source(*index))
+        };
         loop {
             let make = || {
                 let mut socket = SubSocket::with_options(socket::connect_options(
@@ -996,8 +1010,15 @@ impl Hub {
             // Subscribed: now the snapshot, so that nothing falls between the two.
             let mut sync = client
                 .as_ref()
+                .filter(|_| !standby(&failover))
                 .map(|client| self.ask(client, &mut requests, Vec::new()));
             loop {
+                let source_changed = async {
+                    match source.as_mut() {
+                        Some(source) => source.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
                 let replies = async {
                     match client.as_mut() {
                         Some(client) => client.replies.recv().await,
@@ -1020,9 +1041,30 @@ impl Hub {
                         }
                         Some(_) => {}
                     },
+                    changed = source_changed => {
+                        if !changed {
+                            source = None;
+                        } else if !standby(&failover)
+                            && sync.is_none()
+                            && let Some(client) = client.as_ref()
+                        {
+                            // Now the source: what this broker has that the node lacks.
+                            tracing::info!(socket = %what, "delivering this broker's messages");
+                            sync = Some(self.ask(client, &mut requests, Vec::new()));
+                        }
+                    }
                     received = sub.recv() => match received {
                         Ok(message) if message.len() == 1 => {
                             let frame = message.into_vec().pop().expect("one frame");
+                            if let Some((index, brokers)) = &failover {
+                                if frame.starts_with(crate::failover::BEAT_PREFIX) {
+                                    brokers.heard(*index, &frame);
+                                    continue;
+                                }
+                                if !brokers.is_source(*index) {
+                                    continue;
+                                }
+                            }
                             sync = match (sync.take(), client.as_ref()) {
                                 (Some(mut waiting), _) => {
                                     if waiting.keep(frame) {
@@ -1074,8 +1116,12 @@ impl Hub {
                                 self.snapshot_head(&head);
                             }
                             Reply::Batch(_, frames) => {
-                                for frame in frames {
-                                    self.ingest_as(&frame, Source::Snapshot);
+                                // From a broker that stopped being the source meanwhile: not
+                                // delivered (it may not be on the other).
+                                if !standby(&failover) {
+                                    for frame in frames {
+                                        self.ingest_as(&frame, Source::Snapshot);
+                                    }
                                 }
                             }
                             Reply::End(_) => {
@@ -1088,7 +1134,9 @@ impl Hub {
                                 });
                                 self.shared.synced.send_replace(true);
                                 let client = client.as_ref().expect("a client answered");
-                                sync = self.take_live(client, &mut requests, done.kept, done.tries + 1);
+                                if !standby(&failover) {
+                                    sync = self.take_live(client, &mut requests, done.kept, done.tries + 1);
+                                }
                             }
                         }
                     }

@@ -40,6 +40,7 @@ pub mod direct;
 pub mod dsn;
 pub mod error;
 pub mod event;
+pub mod failover;
 pub mod homepage;
 pub mod hub;
 pub mod message;

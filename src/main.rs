@@ -552,6 +552,31 @@ fn summary(config: &Config) -> String {
             config.dsn(role)
         ));
     }
+    if config.event.failover {
+        use temma::config::Role;
+        let endpoints = |role: Role| config.dsn(role).endpoints.clone();
+        let pushes = endpoints(Role::MessagePush);
+        let subs = endpoints(Role::EventSub);
+        let snapshots = endpoints(Role::EventSnapshot);
+        lines.push(format!(
+            "  failover: this node follows {} brokers, pushes to the active one only",
+            subs.len()
+        ));
+        for (i, ((push, sub), snapshot)) in pushes.iter().zip(&subs).zip(&snapshots).enumerate() {
+            lines.push(format!(
+                "    broker {}: PULL {push}, PUB {sub}, snapshots {snapshot}",
+                i + 1
+            ));
+        }
+    }
+    if config.broker.peer.is_some() {
+        lines.push(format!(
+            "  broker pair: reads its peer's PUB at {}, its snapshots at {}; active or backup, \
+             decided by heartbeats",
+            config.dsn(temma::config::Role::BrokerPeer),
+            config.dsn(temma::config::Role::BrokerPeerSnapshot)
+        ));
+    }
     if config.broker.snapshot.is_some() {
         lines.push(format!(
             "  broker history for snapshots: {} per room, {} bytes, {} s",

@@ -314,7 +314,8 @@ impl PushTask {
             let connected = tokio::select! {
                 connected = socket::connect(make, &addresses, "PUSH", &shutdown) => connected,
                 // Rewired while still connecting: connect to the new addresses instead.
-                _ = targets.changed() => continue,
+                // (A closed channel: no rewiring will come; the branch is disabled.)
+            Ok(()) = targets.changed() => continue,
             };
             let Some(mut push) = connected else {
                 return;

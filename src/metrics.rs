@@ -40,6 +40,9 @@ pub enum DropReason {
     /// Web node: a message after a gap that a SUB socket without the snapshot client (the
     /// new one, while a rewiring moves the client) leaves to the snapshot that follows.
     Gap,
+    /// Broker: a message pushed to the backup broker while the active one is alive (its POST
+    /// gets a 503; the web node pushes to the active broker).
+    Standby,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -168,6 +171,28 @@ pub struct Metrics {
     pub snapshot_syncs: Family<SnapshotLabels, Counter>,
     pub snapshot_recovered: Counter,
     pub archive_messages: Gauge,
+    /// Broker with `broker.peer`: 1 while it is the active broker, 0 while it is the backup.
+    pub broker_active: Gauge,
+    /// Broker with `broker.peer`: times it became the active broker (takeovers), or stepped
+    /// down.
+    pub broker_role_changes: Family<RoleLabels, Counter>,
+    /// Web node with `event.failover`: times the active broker changed.
+    pub failovers: Counter,
+    /// Web node with `event.failover`: the active broker's place in the lists (0, 1), -1 while
+    /// none is heard.
+    pub active_broker: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    pub to: crate::metrics::RoleChange,
+}
+
+/// What a broker with a peer became.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum RoleChange {
+    Active,
+    Backup,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -339,6 +364,30 @@ impl Default for Metrics {
                 "Broker: messages held for snapshots",
                 Gauge::default(),
             ),
+            broker_active: register(
+                &mut registry,
+                "broker_active",
+                "Whether this broker is the active one of its pair (1) or the backup (0)",
+                Gauge::default(),
+            ),
+            broker_role_changes: register(
+                &mut registry,
+                "broker_role_changes",
+                "Times this broker became active (took over) or stepped down to backup",
+                Family::<RoleLabels, Counter>::default(),
+            ),
+            failovers: register(
+                &mut registry,
+                "failovers",
+                "Times the active broker changed, as this web node saw it",
+                Counter::default(),
+            ),
+            active_broker: register(
+                &mut registry,
+                "active_broker",
+                "The active broker's place in the broker lists (-1: none heard)",
+                Gauge::default(),
+            ),
             registry,
         }
     }
@@ -357,6 +406,12 @@ impl Metrics {
     }
 
     /// Counts one snapshot sync of a web node.
+    pub fn role_changed(&self, to: RoleChange) {
+        self.broker_role_changes
+            .get_or_create(&RoleLabels { to })
+            .inc();
+    }
+
     pub fn snapshot_synced(&self, result: SnapshotResult) {
         self.snapshot_syncs
             .get_or_create(&SnapshotLabels { result })

@@ -266,6 +266,8 @@ pub struct Routes {
     /// The same sessions, read by `GET /event/fetch` for the room's list of names.
     pub fetch_sessions: Option<salvo::session::SessionHandler<salvo::session::CookieStore>>,
     pub cors_origins: Vec<String>,
+    /// With `event.failover`: the node's view of the two brokers, and their SUB addresses.
+    pub brokers: Option<(Arc<crate::failover::Brokers>, Vec<String>)>,
 }
 
 /// Builds the router (also used by tests in-process).
@@ -280,6 +282,7 @@ pub fn router(routes: Routes) -> Service {
         sessions,
         fetch_sessions,
         cors_origins,
+        brokers,
     } = routes;
     let root_handler = || match root {
         RootController::Homepage => Homepage {
@@ -324,6 +327,7 @@ pub fn router(routes: Routes) -> Service {
         .push(Router::with_path("health").get(Health {
             hub,
             metrics: metrics.clone(),
+            brokers,
         }))
         .push(Router::with_path("metrics").get(MetricsPage { metrics }))
         .push(Router::with_path("rooms").get(RoomList {
@@ -380,6 +384,7 @@ impl Handler for MethodNotAllowed {
 struct Health {
     hub: Hub,
     metrics: Arc<Metrics>,
+    brokers: Option<(Arc<crate::failover::Brokers>, Vec<String>)>,
 }
 
 #[async_trait]
@@ -394,21 +399,43 @@ impl Handler for Health {
         ctrl.skip_rest();
         let push = self.metrics.push_connected.get() > 0;
         let sub = self.metrics.sub_connected.get() > 0;
-        let ok = push && sub;
+        let mut ok = push && sub;
+        let mut body = serde_json::json!({
+            "push_connected": push,
+            "sub_connected": sub,
+            "sse_clients": self.hub.clients(),
+        });
+        if let Some((brokers, addresses)) = &self.brokers {
+            let active = brokers.active();
+            // No active broker: posts wait, then get 503.
+            ok &= active.is_some();
+            let views: Vec<serde_json::Value> = brokers
+                .views()
+                .into_iter()
+                .zip(addresses)
+                .map(|(view, address)| match view {
+                    Some((ago, beat)) if ago < crate::failover::DEAD_AFTER => serde_json::json!({
+                        "address": address,
+                        "state": beat.state.as_str(),
+                        "term": beat.term,
+                        "heard_ms_ago": ago.as_millis() as u64,
+                    }),
+                    _ => serde_json::json!({ "address": address, "state": "silent" }),
+                })
+                .collect();
+            body["brokers"] = serde_json::Value::from(views);
+            body["active_broker"] = active.map_or(serde_json::Value::Null, |active| {
+                serde_json::Value::from(addresses[active].clone())
+            });
+            body["failovers"] = serde_json::Value::from(self.metrics.failovers.get());
+        }
+        body["status"] = serde_json::Value::from(if ok { "ok" } else { "degraded" });
         res.status_code(if ok {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         });
-        write_json(
-            res,
-            &serde_json::json!({
-                "status": if ok { "ok" } else { "degraded" },
-                "push_connected": push,
-                "sub_connected": sub,
-                "sse_clients": self.hub.clients(),
-            }),
-        );
+        write_json(res, &body);
     }
 }
 
@@ -478,11 +505,16 @@ impl Handler for MetricsPage {
 
 /// The HTTP side of a standalone broker (`broker.http`): `GET /health` and `GET /metrics`, a
 /// JSON 404 for anything else.
-pub fn broker_router(metrics: Arc<Metrics>, scripts: Vec<String>) -> Service {
+pub fn broker_router(
+    metrics: Arc<Metrics>,
+    scripts: Vec<String>,
+    pair: Option<tokio::sync::watch::Receiver<serde_json::Value>>,
+) -> Service {
     let router = Router::new()
         .push(Router::with_path("health").get(BrokerHealth {
             metrics: metrics.clone(),
             scripts: Arc::new(scripts),
+            pair,
         }))
         .push(Router::with_path("metrics").get(MetricsPage { metrics }));
     Service::new(router).catcher(Catcher::default().hoop(crate::error::catcher))
@@ -522,6 +554,8 @@ pub async fn serve_status(
 struct BrokerHealth {
     metrics: Arc<Metrics>,
     scripts: Arc<Vec<String>>,
+    /// With `broker.peer`: active or backup, and the peer as heard.
+    pair: Option<tokio::sync::watch::Receiver<serde_json::Value>>,
 }
 
 #[async_trait]
@@ -552,6 +586,7 @@ impl Handler for BrokerHealth {
                 "pub_peers": peers("broker.pub"),
                 "published": self.metrics.broker_published.get(),
                 "scripts": *self.scripts,
+                "pair": self.pair.as_ref().map(|pair| pair.borrow().clone()),
             }),
         );
     }

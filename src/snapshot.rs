@@ -59,9 +59,24 @@ pub struct Limits {
     pub ttl: Duration,
 }
 
-/// The broker's copy of the recent history: per room, the frames it published, oldest first.
+/// The broker's copy of the recent history: per broker run (its own, and with `broker.peer`
+/// the runs it copied from its peer), per room, the frames published, oldest first. The bounds
+/// hold over all runs: the oldest run gives way first.
 pub struct Archive {
+    limits: Limits,
+    /// Oldest run first; at most [`MAX_RUNS`] (runs emptied by the bounds are kept, to say
+    /// what they forgot).
+    runs: VecDeque<RunArchive>,
+}
+
+/// Runs an archive keeps track of.
+const MAX_RUNS: usize = 8;
+
+/// One run's messages.
+struct RunArchive {
     run: u64,
+    /// The highest sequence number pushed.
+    last: u64,
     limits: Limits,
     rooms: HashMap<Arc<str>, RoomEntries>,
     /// Every message held, oldest first, by sequence number, room and arrival (entries a room
@@ -114,9 +129,128 @@ pub struct Request {
 }
 
 impl Archive {
-    pub fn new(run: u64, limits: Limits) -> Archive {
+    pub fn new(limits: Limits) -> Archive {
         Archive {
+            limits,
+            runs: VecDeque::new(),
+        }
+    }
+
+    /// Messages held.
+    pub fn len(&self) -> usize {
+        self.runs.iter().map(|run| run.held).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of frames held.
+    pub fn bytes(&self) -> usize {
+        self.runs.iter().map(|run| run.bytes).sum()
+    }
+
+    /// Forgets everything (a broker that steps down copies its peer's history afresh).
+    pub fn clear(&mut self) {
+        self.runs.clear();
+    }
+
+    /// The newest id of each run (held or since dropped), newest run first: what a backup asks
+    /// its peer for what follows.
+    pub fn marks(&self) -> Vec<MsgId> {
+        self.runs
+            .iter()
+            .rev()
+            .map(|held| MsgId {
+                run: held.run,
+                seq: held.last,
+            })
+            .collect()
+    }
+
+    /// The highest sequence number of `run` pushed (held or since dropped).
+    pub fn mark(&self, run: u64) -> Option<u64> {
+        self.runs
+            .iter()
+            .rev()
+            .find(|held| held.run == run)
+            .map(|held| held.last)
+    }
+
+    /// Keeps a published message (`room` as the frame names it, `None` for the default room).
+    /// A message of a run not seen before starts that run's part.
+    pub fn push(&mut self, id: MsgId, room: Option<&str>, frame: Bytes, now: Instant) {
+        if self.runs.back().is_none_or(|held| held.run != id.run) {
+            // Back to a run seen before (rare: a peer's): its part is kept where it is.
+            if let Some(at) = self.runs.iter().position(|held| held.run == id.run) {
+                let held = self.runs.remove(at).expect("found");
+                self.runs.push_back(held);
+            } else {
+                self.runs.push_back(RunArchive::new(id.run, self.limits));
+                if self.runs.len() > MAX_RUNS {
+                    self.runs.pop_front();
+                }
+            }
+        }
+        let held = self.runs.back_mut().expect("pushed");
+        held.push(id.seq, room, frame, now);
+        // The byte bound over all runs: older runs give way first.
+        while self.bytes() > self.limits.bytes {
+            let Some(oldest) = self.runs.iter_mut().find(|held| held.held > 0) else {
+                break;
+            };
+            oldest.pop_oldest();
+        }
+        for held in self.runs.iter_mut() {
+            held.expire(now);
+        }
+    }
+
+    /// Drops messages past their age.
+    pub fn expire(&mut self, now: Instant) {
+        for held in self.runs.iter_mut() {
+            held.expire(now);
+        }
+    }
+
+    /// Every message held after `marks` (the newest id a node holds of each run it knows),
+    /// oldest first (frames shared, not copied).
+    pub fn after(&mut self, marks: &[MsgId], now: Instant) -> Found {
+        self.gather(marks, now).sorted()
+    }
+
+    /// [`Archive::after`] in two steps: what is held, gathered run by run and room by room
+    /// (under the lock the broker shares, O(n)), then put in order ([`Gathered::sorted`],
+    /// outside it).
+    pub fn gather(&mut self, marks: &[MsgId], now: Instant) -> Gathered {
+        let mut gathered = Gathered {
+            run: self.runs.back().map_or(0, |held| held.run),
+            covered: true,
+            found: Vec::new(),
+        };
+        // The last run the node knows: an earlier run it knows nothing of is one that ended
+        // before it started (or was reset for it), not one to replay.
+        let known = self
+            .runs
+            .iter()
+            .rposition(|held| marks.iter().any(|id| id.run == held.run));
+        for (index, held) in self.runs.iter_mut().enumerate() {
+            held.expire(now);
+            let after = marks.iter().find(|id| id.run == held.run).map(|id| id.seq);
+            if after.is_none() && known.is_some_and(|known| index < known) {
+                continue;
+            }
+            held.gather_into(index, after, &mut gathered);
+        }
+        gathered
+    }
+}
+
+impl RunArchive {
+    fn new(run: u64, limits: Limits) -> RunArchive {
+        RunArchive {
             run,
+            last: 0,
             limits,
             rooms: HashMap::new(),
             order: VecDeque::new(),
@@ -126,23 +260,8 @@ impl Archive {
         }
     }
 
-    /// Messages held.
-    pub fn len(&self) -> usize {
-        self.held
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.held == 0
-    }
-
-    /// Bytes of frames held.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    /// Keeps a published message (`seq` of this run; `room` as the frame names it, `None` for
-    /// the default room).
-    pub fn push(&mut self, seq: u64, room: Option<&str>, frame: Bytes, now: Instant) {
+    fn push(&mut self, seq: u64, room: Option<&str>, frame: Bytes, now: Instant) {
+        self.last = self.last.max(seq);
         if self.limits.per_room == 0 {
             self.forgotten = seq;
             return;
@@ -178,8 +297,6 @@ impl Archive {
         self.held += 1;
         held.entries.push_back(Entry { seq, frame });
         self.order.push_back((seq, held.name.clone(), now));
-        while self.bytes > self.limits.bytes && self.pop_oldest() {}
-        self.expire(now);
         if self.order.len() > 2 * self.held + 1024 {
             let rooms = &self.rooms;
             self.order.retain(|(seq, room, _)| {
@@ -192,7 +309,7 @@ impl Archive {
 
     /// Drops messages past their age (the order index says when each arrived: no lookup
     /// unless one is due).
-    pub fn expire(&mut self, now: Instant) {
+    fn expire(&mut self, now: Instant) {
         while self
             .order
             .front()
@@ -225,31 +342,19 @@ impl Archive {
         false
     }
 
-    /// Every message held after `after`, oldest first (frames shared, not copied).
-    pub fn after(&mut self, after: Option<MsgId>, now: Instant) -> Found {
-        self.gather(after, now).sorted()
-    }
-
-    /// [`Archive::after`] in two steps: what is held, gathered room by room (under the lock
-    /// the broker shares, O(n)), then put in order ([`Gathered::sorted`], outside it).
-    pub fn gather(&mut self, after: Option<MsgId>, now: Instant) -> Gathered {
-        self.expire(now);
-        let from = after.filter(|id| id.run == self.run).map_or(0, |id| id.seq);
-        let mut found: Vec<(u64, Bytes)> = Vec::new();
+    /// Adds what is held after `after` (none: the whole run) to `gathered`.
+    fn gather_into(&self, index: usize, after: Option<u64>, gathered: &mut Gathered) {
+        let from = after.unwrap_or(0);
         for held in self.rooms.values() {
             let entries = &held.entries;
             let start = entries.partition_point(|entry| entry.seq <= from);
-            found.extend(
+            gathered.found.extend(
                 entries
                     .range(start..)
-                    .map(|entry| (entry.seq, entry.frame.clone())),
+                    .map(|entry| ((index, entry.seq), entry.frame.clone())),
             );
         }
-        Gathered {
-            run: self.run,
-            covered: from >= self.forgotten,
-            found,
-        }
+        gathered.covered &= from >= self.forgotten;
     }
 }
 
@@ -257,13 +362,14 @@ impl Archive {
 pub struct Gathered {
     run: u64,
     covered: bool,
-    found: Vec<(u64, Bytes)>,
+    /// By (run's place in the archive, sequence number).
+    found: Vec<((usize, u64), Bytes)>,
 }
 
 impl Gathered {
     /// Oldest first.
     pub fn sorted(mut self) -> Found {
-        self.found.sort_unstable_by_key(|(seq, _)| *seq);
+        self.found.sort_unstable_by_key(|(at, _)| *at);
         Found {
             head: Head {
                 run: self.run.to_string(),
@@ -327,8 +433,7 @@ pub async fn serve(
         let gathered = {
             // The broker appends under this lock: hold it only to gather, sort after.
             let mut archive = crate::error::lock(&archive);
-            let after = marks.into_iter().find(|id| id.run == archive.run);
-            archive.gather(after, Instant::now())
+            archive.gather(&marks, Instant::now())
         };
         let found = gathered.sorted();
         let result = tokio::time::timeout(
@@ -446,7 +551,8 @@ pub async fn run_client(
         let make = || DealerSocket::with_options(socket::connect_options(limit));
         let connected = tokio::select! {
             connected = socket::connect(make, &addresses, &what, &shutdown) => connected,
-            _ = targets.changed() => continue,
+            // (A closed channel: no rewiring will come; the branch is disabled.)
+            Ok(()) = targets.changed() => continue,
         };
         let Some(mut dealer) = connected else {
             return;
@@ -460,12 +566,10 @@ pub async fn run_client(
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                changed = targets.changed() => {
-                    if changed.is_ok() {
-                        tracing::info!(addresses = ?*targets.borrow(), "snapshot socket rewired");
-                        rewired = true;
-                        break;
-                    }
+                Ok(()) = targets.changed() => {
+                    tracing::info!(addresses = ?*targets.borrow(), "snapshot socket rewired");
+                    rewired = true;
+                    break;
                 }
                 event = futures_util::StreamExt::next(&mut events) => match event {
                     Some(SocketEvent::Disconnected(_)) | None => break,
@@ -575,7 +679,7 @@ mod tests {
     #[test]
     fn answers_in_order_over_rooms_and_says_what_it_covers() {
         let now = Instant::now();
-        let mut archive = Archive::new(1, limits(2, 1 << 20));
+        let mut archive = Archive::new(limits(2, 1 << 20));
         for (seq, room) in [
             (1, None),
             (2, Some("a")),
@@ -583,20 +687,20 @@ mod tests {
             (4, Some("a")),
             (5, None),
         ] {
-            archive.push(seq, room, frame(seq), now);
+            archive.push(MsgId { run: 1, seq }, room, frame(seq), now);
         }
         // The default room keeps 3 and 5, room a keeps 2 and 4: 1 was dropped.
         assert_eq!(archive.len(), 4);
-        let all = archive.after(None, now);
+        let all = archive.after(&[], now);
         assert_eq!(seqs(&all), [2, 3, 4, 5]);
         assert!(!all.head.covered, "message 1 is gone");
-        let after_1 = archive.after(Some(MsgId { run: 1, seq: 1 }), now);
+        let after_1 = archive.after(&[MsgId { run: 1, seq: 1 }], now);
         assert_eq!(seqs(&after_1), [2, 3, 4, 5]);
         assert!(after_1.head.covered);
-        let after_4 = archive.after(Some(MsgId { run: 1, seq: 4 }), now);
+        let after_4 = archive.after(&[MsgId { run: 1, seq: 4 }], now);
         assert_eq!(seqs(&after_4), [5]);
         // Another run's id: everything held, and it does not reach back to this run's start.
-        let other = archive.after(Some(MsgId { run: 9, seq: 4 }), now);
+        let other = archive.after(&[MsgId { run: 9, seq: 4 }], now);
         assert_eq!(seqs(&other), [2, 3, 4, 5]);
         assert!(!other.head.covered);
     }
@@ -605,21 +709,64 @@ mod tests {
     fn bytes_and_age_bound_it_and_stale_order_entries_are_compacted() {
         let now = Instant::now();
         let size = frame(1).len();
-        let mut archive = Archive::new(1, limits(1, 3 * size));
+        let mut archive = Archive::new(limits(1, 3 * size));
         // One busy room with a cap of one: the order index must not grow with it.
         for seq in 1..=10_000 {
-            archive.push(seq, Some("busy"), frame(seq), now);
+            archive.push(MsgId { run: 1, seq }, Some("busy"), frame(seq), now);
         }
         assert_eq!(archive.len(), 1);
-        assert!(archive.order.len() <= 2 * archive.len() + 1024);
-        let mut archive = Archive::new(1, limits(100, 3 * size));
+        assert!(archive.runs[0].order.len() <= 2 * archive.len() + 1024);
+        let mut archive = Archive::new(limits(100, 3 * size));
         for seq in 1..=5 {
-            archive.push(seq, Some(&format!("r{seq}")), frame(seq), now);
+            archive.push(
+                MsgId { run: 1, seq },
+                Some(&format!("r{seq}")),
+                frame(seq),
+                now,
+            );
         }
-        assert_eq!(seqs(&archive.after(None, now)), [3, 4, 5]);
+        assert_eq!(seqs(&archive.after(&[], now)), [3, 4, 5]);
         assert!(archive.bytes() <= 3 * size);
         let later = now + Duration::from_secs(61);
-        assert!(archive.after(None, later).frames.is_empty());
+        assert!(archive.after(&[], later).frames.is_empty());
         assert!(archive.is_empty());
+    }
+
+    #[test]
+    fn runs_follow_each_other_and_a_node_gets_only_what_it_lacks() {
+        let now = Instant::now();
+        let mut archive = Archive::new(limits(100, 1 << 20));
+        let run_frame = |run: u64, seq: u64| Bytes::from(format!("{{\"id\":\"{run}-{seq}\"}}"));
+        for seq in 1..=3 {
+            archive.push(MsgId { run: 1, seq }, None, run_frame(1, seq), now);
+        }
+        for seq in 1..=2 {
+            archive.push(MsgId { run: 2, seq }, None, run_frame(2, seq), now);
+        }
+        let text = |found: &Found| -> Vec<String> {
+            found
+                .frames
+                .iter()
+                .map(|f| String::from_utf8(f.to_vec()).unwrap())
+                .collect()
+        };
+        // Nothing known: both runs, the older first.
+        assert_eq!(archive.after(&[], now).frames.len(), 5);
+        assert_eq!(archive.mark(1), Some(3));
+        assert_eq!(archive.mark(2), Some(2));
+        // The tail of run 1 and all of run 2.
+        let found = archive.after(&[MsgId { run: 1, seq: 2 }], now);
+        assert_eq!(
+            text(&found),
+            ["{\"id\":\"1-3\"}", "{\"id\":\"2-1\"}", "{\"id\":\"2-2\"}"]
+        );
+        assert!(found.head.covered);
+        assert_eq!(found.head.run, "2");
+        // A node that knows only run 2 is not sent run 1 (it ended before that node began).
+        let found = archive.after(&[MsgId { run: 2, seq: 1 }], now);
+        assert_eq!(text(&found), ["{\"id\":\"2-2\"}"]);
+        archive.clear();
+        assert!(archive.is_empty());
+        assert_eq!(archive.mark(1), None);
     }
 }

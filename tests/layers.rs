@@ -20,6 +20,7 @@ const LAYERS: &[(&str, u8)] = &[
     // ZeroMQ sockets from DSNs; what became of each message sent.
     ("socket", 1),
     ("acks", 1),
+    ("failover", 2),
     // What components are built from.
     ("context", 2),
     ("snapshot", 2),
