@@ -214,6 +214,26 @@ async fn follow_target(
     }
 }
 
+/// With `event.failover`: while no active broker is heard, pushes this node's presence report
+/// every [`crate::failover::BEAT_INTERVAL`] to the broker it targets, so that a backup can take
+/// over even when nothing is posted.
+async fn vote(
+    brokers: Arc<crate::failover::Brokers>,
+    send: impl Fn() + Send + 'static,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(crate::failover::BEAT_INTERVAL * 2);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if brokers.active().is_none() {
+            send();
+        }
+    }
+}
+
 /// Where SIGHUP reads the script chain again: the configuration file.
 fn chain_source(ctx: &Context) -> Option<ChainSource> {
     let file = ctx.config_file.clone()?;
@@ -285,6 +305,12 @@ impl App {
                 brokers.clone(),
                 pushes,
                 wiring.push.clone(),
+                shutdown.clone(),
+            ));
+            let (votes, hub_votes) = (publisher.clone(), hub.clone());
+            app.spawn(vote(
+                brokers.clone(),
+                move || votes.send_report(hub_votes.presence_vote()),
                 shutdown.clone(),
             ));
             wiring.failover = Some(brokers);

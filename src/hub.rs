@@ -518,6 +518,19 @@ impl Hub {
     /// last report).
     pub fn presence_report(&self) -> Option<Bytes> {
         let mut state = self.shared.lock();
+        let any = state.rooms.values().any(|room| !room.slots.is_empty());
+        if !any && !state.reported {
+            return None;
+        }
+        state.reported = any;
+        drop(state);
+        Some(self.presence_vote())
+    }
+
+    /// This node's presence report now, even an empty one (with `event.failover`, what a node
+    /// pushes while it hears no active broker: the broker that gets it may take over).
+    pub fn presence_vote(&self) -> Bytes {
+        let state = self.shared.lock();
         let rooms: serde_json::Map<String, serde_json::Value> = state
             .rooms
             .iter()
@@ -527,15 +540,12 @@ impl Hub {
                 (name.to_string(), present)
             })
             .collect();
-        if rooms.is_empty() && !state.reported {
-            return None;
-        }
-        state.reported = !rooms.is_empty();
+        drop(state);
         let report = serde_json::json!({ "node": self.shared.node, "rooms": rooms });
         let mut frame = PRESENCE_PREFIX.to_vec();
         frame.extend_from_slice(report.to_string().as_bytes());
         frame.push(b'}');
-        Some(frame.into())
+        frame.into()
     }
 
     /// Every [`PRESENCE_INTERVAL`]: this node's report handed to `send` (when `share`), and

@@ -185,7 +185,7 @@ pub struct Metrics {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RoleLabels {
-    pub to: crate::metrics::RoleChange,
+    pub to: RoleChange,
 }
 
 /// What a broker with a peer became.

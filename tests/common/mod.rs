@@ -533,3 +533,76 @@ initial_history = 0
     );
     (path, http)
 }
+
+// Browsers as separate SSE clients.
+
+/// What one client saw: every event, in order.
+#[derive(Default)]
+pub struct Seen {
+    /// `(id, text)` of each `msg`.
+    pub messages: Vec<(String, String)>,
+    pub resets: Vec<String>,
+    pub connections: usize,
+}
+
+/// An SSE client that behaves like a browser's `EventSource`: it reconnects after the stream
+/// ends (or the server is away), sending the last id it saw.
+pub async fn browser(
+    url: String,
+    seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+    stop: CancellationToken,
+) {
+    let client = reqwest::Client::new();
+    let mut last_id: Option<String> = None;
+    while !stop.is_cancelled() {
+        let mut request = client.get(&url);
+        if let Some(id) = &last_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = tokio::select! {
+            () = stop.cancelled() => return,
+            response = request.send() => response,
+        };
+        let Ok(response) = response.and_then(|r| r.error_for_status()) else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        seen.lock().unwrap().connections += 1;
+        let mut body = response.bytes_stream();
+        let mut buffer = String::new();
+        loop {
+            let chunk = tokio::select! {
+                () = stop.cancelled() => return,
+                chunk = body.next() => chunk,
+            };
+            let Some(Ok(chunk)) = chunk else { break };
+            buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+            while let Some(end) = buffer.find("\n\n") {
+                let frame: String = buffer.drain(..end + 2).collect();
+                let (mut id, mut event, mut data) = (None, None, String::new());
+                for line in frame.lines() {
+                    if let Some(value) = line.strip_prefix("id: ") {
+                        id = Some(value.to_owned());
+                    } else if let Some(value) = line.strip_prefix("event: ") {
+                        event = Some(value.to_owned());
+                    } else if let Some(value) = line.strip_prefix("data: ") {
+                        data.push_str(value);
+                    }
+                }
+                match event.as_deref() {
+                    Some("msg") => {
+                        let json: serde_json::Value = serde_json::from_str(&data).unwrap();
+                        let text = json["text"].as_str().unwrap().to_owned();
+                        let id = id.clone().expect("a message has an id");
+                        last_id = Some(id.clone());
+                        seen.lock().unwrap().messages.push((id, text));
+                    }
+                    Some("reset") => seen.lock().unwrap().resets.push(data),
+                    _ => {}
+                }
+            }
+        }
+        // The stream ended (the node is stopping): reconnect soon, as `retry:` asks.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

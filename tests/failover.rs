@@ -1,0 +1,335 @@
+//! Two brokers, one active: SIGKILL the active one at a random moment while 100 messages a
+//! second are posted through two web nodes, three rounds (each time the killed broker is
+//! started again and rejoins as the backup). Every message that got a `200` is seen exactly once
+//! by every SSE client on both nodes, all clients see the same order, no client is told
+//! `reset`, and no web node is restarted.
+// Tests may unwrap: a failure is the test failing (the library may not: Cargo.toml [lints]).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Running, Seen, TempDir, browser, free_port, temma, write_config};
+use tokio_util::sync::CancellationToken;
+
+/// One broker of the pair: its ports and configuration file.
+struct BrokerSpec {
+    pull: u16,
+    publish: u16,
+    snapshot: u16,
+    http: u16,
+    config: PathBuf,
+}
+
+fn broker_config(dir: &Path, me: (u16, u16, u16, u16), peer: (u16, u16)) -> PathBuf {
+    let (pull, publish, snapshot, http) = me;
+    let (peer_pub, peer_snapshot) = peer;
+    write_config(
+        dir,
+        &format!(
+            r#"[application.dataSources]
+zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:{pull}"
+zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
+zmq_broker_snapshot = "zmq-bind://ROUTER@127.0.0.1:{snapshot}"
+zmq_broker_peer = "zmq://SUB@127.0.0.1:{peer_pub}"
+zmq_broker_peer_snapshot = "zmq://DEALER@127.0.0.1:{peer_snapshot}"
+[broker]
+embedded = false
+http = "127.0.0.1:{http}"
+snapshot = "zmq_broker_snapshot"
+peer = "zmq_broker_peer"
+peer_snapshot = "zmq_broker_peer_snapshot"
+"#
+        ),
+    )
+}
+
+fn start_broker(spec: &BrokerSpec) -> Running {
+    let mut broker = common::spawn(&["broker", "-c", spec.config.to_str().unwrap()]);
+    broker.wait_for_log("broker running");
+    broker
+}
+
+fn spawn_node(config: &Path, http: u16) -> Running {
+    let mut command = temma(&["serve", "-c", config.to_str().unwrap()]);
+    command.env("TEMMA_SERVER__LISTEN", format!("127.0.0.1:{http}"));
+    let mut node = common::run_command(&mut command);
+    node.wait_for_log("listening on http://");
+    node
+}
+
+async fn health(client: &reqwest::Client, http: u16) -> Option<serde_json::Value> {
+    client
+        .get(format!("http://127.0.0.1:{http}/health"))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+/// The broker that says it is active with a backup confirmed, by place (0, 1).
+async fn paired(client: &reqwest::Client, brokers: &[BrokerSpec]) -> Option<usize> {
+    for (i, spec) in brokers.iter().enumerate() {
+        let Some(health) = health(client, spec.http).await else {
+            continue;
+        };
+        let pair = &health["pair"];
+        if pair["state"] == "active" && pair["backup_confirmed"] == true {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// A number from the clock, for the moment of a kill.
+fn jitter(max_ms: u64) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    Duration::from_millis(nanos % max_ms)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_active_broker_loses_no_message_that_got_a_200() {
+    let dir = TempDir::new("failover");
+    let ports = |_| (free_port(), free_port(), free_port(), free_port());
+    let (p1, p2) = (ports(1), ports(2));
+    let spec = |me: (u16, u16, u16, u16), peer: (u16, u16, u16, u16), name: &str| BrokerSpec {
+        pull: me.0,
+        publish: me.1,
+        snapshot: me.2,
+        http: me.3,
+        config: broker_config(&dir.0.join(name), me, (peer.1, peer.2)),
+    };
+    let brokers = [spec(p1, p2, "b1"), spec(p2, p1, "b2")];
+    let (http_a, http_b) = (free_port(), free_port());
+    let [b1, b2] = &brokers;
+    let web = write_config(
+        &dir.0.join("web"),
+        &format!(
+            r#"[application.dataSources]
+zmq_client_push = "zmq://PUSH@127.0.0.1:{};127.0.0.1:{}"
+zmq_client_sub = "zmq://SUB@127.0.0.1:{};127.0.0.1:{}"
+zmq_client_snapshot = "zmq://DEALER@127.0.0.1:{};127.0.0.1:{}"
+[server]
+listen = "127.0.0.1:{http_a}"
+shutdown_grace_secs = 1
+[broker]
+embedded = false
+[event]
+snapshot = "zmq_client_snapshot"
+failover = true
+initial_history = 0
+"#,
+            b1.pull, b2.pull, b1.publish, b2.publish, b1.snapshot, b2.snapshot
+        ),
+    );
+    let mut running = [Some(start_broker(b1)), Some(start_broker(b2))];
+    let node_a = spawn_node(&web, http_a);
+    let node_b = spawn_node(&web, http_b);
+    let nodes = [http_a, http_b];
+    let client = reqwest::Client::new();
+    // The pair forms: one broker takes over on the nodes' first pushes, the other follows.
+    common::eventually("a broker active with a confirmed backup", || {
+        paired(&client, &brokers)
+    })
+    .await;
+
+    // Three browsers on each node.
+    let stop = CancellationToken::new();
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let url = format!("http://127.0.0.1:{}/event/fetch", nodes[i % 2]);
+        clients.push((seen.clone(), tokio::spawn(browser(url, seen, stop.clone()))));
+    }
+    common::eventually("every browser connected", || async {
+        clients
+            .iter()
+            .all(|(seen, _)| seen.lock().unwrap().connections > 0)
+            .then_some(())
+    })
+    .await;
+
+    // 100 messages a second, through both nodes in turn, each post on its own (a slow answer
+    // does not slow the stream); what got a 200 is remembered, and every other status.
+    let posted = Arc::new(Mutex::new(Vec::<(String, Instant)>::new()));
+    let statuses = Arc::new(Mutex::new(std::collections::BTreeMap::<u16, usize>::new()));
+    let stop_posting = CancellationToken::new();
+    let poster = {
+        let posted = posted.clone();
+        let statuses = statuses.clone();
+        let stop = stop_posting.clone();
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut i = 0u64;
+            let mut posts = tokio::task::JoinSet::new();
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                i += 1;
+                let text = format!("p{i}");
+                let url = format!(
+                    "http://127.0.0.1:{}/message/broadcast",
+                    nodes[(i % 2) as usize]
+                );
+                let (client, posted, statuses) = (client.clone(), posted.clone(), statuses.clone());
+                posts.spawn(async move {
+                    let sent = Instant::now();
+                    let answer = client
+                        .post(&url)
+                        .form(&[("from", "poster"), ("text", &text)])
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await;
+                    let status = answer.map_or(0, |answer| answer.status().as_u16());
+                    *statuses.lock().unwrap().entry(status).or_default() += 1;
+                    if status == 200 {
+                        posted.lock().unwrap().push((text, sent));
+                    }
+                });
+                while posts.try_join_next().is_some() {}
+            }
+            while posts.join_next().await.is_some() {}
+        })
+    };
+
+    let mut resumed = Vec::new();
+    for round in 1..=3 {
+        tokio::time::sleep(Duration::from_millis(500) + jitter(1000)).await;
+        let active = paired(&client, &brokers).await.expect("a confirmed pair");
+        let other = 1 - active;
+        // SIGKILL: no goodbye, whatever it was doing.
+        let killed_at = Instant::now();
+        running[active].take().unwrap().signal("KILL");
+        // The other one takes over; the first message posted after the kill that a browser
+        // sees says when the flow resumed.
+        common::eventually("the backup took over", || async {
+            let health = health(&client, brokers[other].http).await?;
+            (health["pair"]["state"] == "active").then_some(())
+        })
+        .await;
+        let first_after = common::eventually("a message posted after the kill seen", || async {
+            let posted = posted.lock().unwrap();
+            let after: HashSet<&String> = posted
+                .iter()
+                .filter(|(_, sent)| *sent > killed_at)
+                .map(|(text, _)| text)
+                .collect();
+            let seen = clients[0].0.lock().unwrap();
+            seen.messages
+                .iter()
+                .any(|(_, text)| after.contains(text))
+                .then(Instant::now)
+        })
+        .await;
+        resumed.push(first_after.duration_since(killed_at));
+        // The killed broker comes back and rejoins as the backup.
+        running[active] = Some(tokio::task::block_in_place(|| {
+            start_broker(&brokers[active])
+        }));
+        let now_active =
+            common::eventually("the pair formed again", || paired(&client, &brokers)).await;
+        assert_eq!(
+            now_active, other,
+            "round {round}: the rejoined broker is the backup"
+        );
+    }
+
+    // Stop posting, let the last messages arrive, then stop the browsers.
+    stop_posting.cancel();
+    poster.await.unwrap();
+    let posted: Vec<String> = posted
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(t, _)| t.clone())
+        .collect();
+    let statuses = statuses.lock().unwrap().clone();
+    assert!(
+        posted.len() >= 300,
+        "too few messages got a 200: {statuses:?}"
+    );
+    assert!(
+        statuses.keys().all(|status| [200, 503].contains(status)),
+        "posts got only 200 or 503: {statuses:?}"
+    );
+    let wanted: HashSet<&String> = posted.iter().collect();
+    let missing = |clients: &[(Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>)]| {
+        clients
+            .iter()
+            .map(|(seen, _)| {
+                let seen = seen.lock().unwrap();
+                let texts: HashSet<&String> = seen.messages.iter().map(|(_, t)| t).collect();
+                let mut missing: Vec<String> = wanted
+                    .iter()
+                    .filter(|text| !texts.contains(*text))
+                    .map(|text| text.to_string())
+                    .collect();
+                missing.sort();
+                missing
+            })
+            .collect::<Vec<_>>()
+    };
+    let waiting = Instant::now();
+    while missing(&clients).iter().any(|m| !m.is_empty()) {
+        assert!(
+            waiting.elapsed() < common::DEADLINE,
+            "messages that got a 200 missing, per client: {:?}",
+            missing(&clients)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    let mut orders = Vec::new();
+    for (i, (seen, task)) in clients.into_iter().enumerate() {
+        task.abort();
+        let _ = task.await;
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen.resets.is_empty(),
+            "client {i} was reset: {:?}",
+            seen.resets
+        );
+        let mut texts = HashSet::new();
+        for (_, text) in &seen.messages {
+            assert!(texts.insert(text.clone()), "client {i} saw {text} twice");
+        }
+        // Every client saw the messages that got a 200 in one order.
+        let order: Vec<String> = seen
+            .messages
+            .iter()
+            .map(|(_, text)| text.clone())
+            .filter(|text| wanted.contains(text))
+            .collect();
+        orders.push(order);
+        // No web node restarted: each browser kept its one stream.
+        assert_eq!(seen.connections, 1, "client {i} reconnected");
+    }
+    for (i, order) in orders.iter().enumerate().skip(1) {
+        assert!(
+            *order == orders[0],
+            "client {i} saw another order than client 0"
+        );
+    }
+    // The nodes counted the failovers.
+    for http in nodes {
+        let health = health(&client, http).await.unwrap();
+        assert_eq!(health["failovers"], 3, "{health}");
+        assert!(health["active_broker"].is_string(), "{health}");
+    }
+    eprintln!(
+        "{} messages got a 200 ({statuses:?}); all seen once, in one order, by 6 browsers; \
+         flow resumed {resumed:?} after each kill",
+        posted.len()
+    );
+    drop((node_a, node_b));
+}
