@@ -11,6 +11,10 @@
 #   4. a second broker host comes up and both web nodes are moved to it with SIGHUP (their
 #      configuration file edited): no stream closes; the first broker is then stopped.
 # Every message that got a 200 must be seen once, in order, with no reset, by both readers.
+# Then two brokers, one active (`broker.peer`, `event.failover`), new readers, posts going on
+# all along: 5. the active broker is killed (SIGKILL), restarted, and rejoins as the backup;
+# 6. the active broker host's link is cut for 5 s (a partition): the backup takes over; restored,
+# the old one steps down to backup. Same check: every 200 seen once, in order, no reset.
 # Needs root, iproute2, curl, python3. Run by .ci/run; alone: sudo tests/netns.sh [TEMMA_BINARY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -200,4 +204,127 @@ stop broker
 post 20; wait_seen
 python3 tests/netns/sse_log.py check "$WORK/r1.log" "$OK"
 python3 tests/netns/sse_log.py check "$WORK/r2.log" "$OK"
+step "one broker at a time: all green"
+
+step "two brokers, one active: $NET.1 and $NET.2 as a pair, web nodes in failover mode"
+for name in web1 web2 broker2; do stop "$name"; done
+# The readers of the first part stop; new ones read the pair.
+for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+wait 2>/dev/null || true
+PIDS=()
+pair_env() {  # my-octet peer-octet
+  # shellcheck disable=SC2046
+  echo $(broker_env "$1") TEMMA_BROKER__HTTP="$NET.$1:8001" \
+    TEMMA_BROKER__PEER=zmq_broker_peer TEMMA_BROKER__PEER_SNAPSHOT=zmq_broker_peer_snapshot \
+    TEMMA_APPLICATION__DATASOURCES__ZMQ_BROKER_PEER="zmq://SUB@$NET.$2:6000" \
+    TEMMA_APPLICATION__DATASOURCES__ZMQ_BROKER_PEER_SNAPSHOT="zmq://DEALER@$NET.$2:7000"
+}
+start_pair_broker() {  # name my-octet peer-octet
+  # shellcheck disable=SC2046
+  start "$1" env $(pair_env "$2" "$3") "$TEMMA" broker -c etc/temma.toml
+}
+# The web nodes' file lists both brokers, in the same order in each list.
+sed -e "s|^zmq_client_push = .*|zmq_client_push = \"zmq://PUSH@$NET.1:5000;$NET.2:5000\"|" \
+    -e "s|^zmq_client_sub = .*|zmq_client_sub = \"zmq://SUB@$NET.1:6000;$NET.2:6000\"|" \
+    -e "s|^# zmq_client_snapshot = .*|zmq_client_snapshot = \"zmq://DEALER@$NET.1:7000;$NET.2:7000\"|" \
+    -e "s|^# snapshot = \"zmq_client_snapshot\"|snapshot = \"zmq_client_snapshot\"\nfailover = true|" \
+    -e "s|^root = \"..\"|root = \"$PWD\"|" etc/temma.toml >"$WEB_CONFIG"
+"$TEMMA" check -c "$WEB_CONFIG" | grep -q "failover: this node follows 2 brokers"
+: >"$WORK/broker.log"; : >"$WORK/broker2.log"
+start_pair_broker broker 1 2; wait_log broker "broker running"
+start_pair_broker broker2 2 1; wait_log broker2 "broker running"
+start_web web1 "$NET.11"; wait_log web1 "listening on"
+start_web web2 "$NET.12"; wait_log web2 "listening on"
+state_of() {  # octet: active, backup, or nothing
+  in_ns client curl -s -m 1 "http://$NET.$1:8001/health" |
+    python3 -c 'import json,sys; p=json.load(sys.stdin)["pair"]; print(p["state"] + ("+" if p["backup_confirmed"] else ""))' 2>/dev/null || true
+}
+wait_pair() {  # until one broker is active with a confirmed backup; prints its octet
+  for _ in $(seq 100); do
+    for octet in 1 2; do
+      if [ "$(state_of "$octet")" = "active+" ]; then echo "$octet"; return 0; fi
+    done
+    sleep 0.1
+  done
+  echo "no broker active with a confirmed backup" >&2; return 1
+}
+active=$(wait_pair)
+OK=$WORK/ok2.txt
+: >"$OK"
+: >"$WORK/r3.log"; : >"$WORK/r4.log"
+ip netns exec "$P-client" python3 tests/netns/sse_log.py read "http://$NET.11:8000/event/fetch" "$WORK/r3.log" &
+PIDS+=("$!")
+ip netns exec "$P-client" python3 tests/netns/sse_log.py read "http://$NET.12:8000/event/fetch" "$WORK/r4.log" &
+PIDS+=("$!")
+for _ in $(seq 100); do grep -q '^open' "$WORK/r3.log" && grep -q '^open' "$WORK/r4.log" && break; sleep 0.1; done
+wait_seen_pair() {
+  for _ in $(seq 300); do
+    if python3 tests/netns/sse_log.py check "$WORK/r3.log" "$OK" >/dev/null &&
+       python3 tests/netns/sse_log.py check "$WORK/r4.log" "$OK" >/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  python3 tests/netns/sse_log.py check "$WORK/r3.log" "$OK" || true
+  python3 tests/netns/sse_log.py check "$WORK/r4.log" "$OK" || true
+  return 1
+}
+# Posts go on all along, alternately through web1 and web2, from the client host.
+posting() {
+  local i=0 web
+  while [ ! -e "$WORK/stop-posting" ]; do
+    i=$((i + 1)); web=$((11 + i % 2))
+    code=$(in_ns client curl -s -o /dev/null -w '%{http_code}' -m 5 \
+      --data-urlencode from=netns --data-urlencode "text=f$i" "http://$NET.$web:8000/message/broadcast" || true)
+    if [ "$code" = 200 ]; then echo "f$i" >>"$OK"; fi
+    sleep 0.01
+  done
+}
+posting &
+POSTER=$!
+PIDS+=("$POSTER")
+sleep 1
+name_of() { if [ "$1" = 1 ]; then echo broker; else echo broker2; fi; }
+other_of() { if [ "$1" = 1 ]; then echo 2; else echo 1; fi; }
+
+step "SIGKILL the active broker ($NET.$active) while posts go on"
+before=$(count_ok)
+kill -KILL "${PID_OF[$(name_of "$active")]}"
+wait "${PID_OF[$(name_of "$active")]}" 2>/dev/null || true
+for _ in $(seq 50); do [ "$(state_of "$(other_of "$active")")" = active ] && break; sleep 0.1; done
+sleep 1
+[ "$(count_ok)" -gt "$before" ] || { echo "no post got a 200 after the takeover"; exit 1; }
+step "the backup took over; the killed broker comes back and rejoins"
+start_pair_broker "$(name_of "$active")" "$active" "$(other_of "$active")"
+active=$(wait_pair)
+step "pair formed again: $NET.$active active"
+sleep 1
+
+step "partition: the active broker host's link ($NET.$active) down for 5 s"
+cut=$(name_of "$active")
+before=$(count_ok)
+ip -n "$P-sw" link set "$(veth "$cut")" down
+sleep 5
+[ "$(count_ok)" -gt "$before" ] || { echo "no post got a 200 during the partition"; exit 1; }
+[ "$(state_of "$(other_of "$active")")" = active ] || { echo "the backup did not take over"; exit 1; }
+ip -n "$P-sw" link set "$(veth "$cut")" up
+# The isolated broker hears one with a higher term: it steps down and copies it.
+for _ in $(seq 100); do
+  case $(state_of "$active") in backup) break ;; esac
+  sleep 0.1
+done
+[ "$(state_of "$active")" = backup ] || { echo "the isolated broker did not step down"; exit 1; }
+active=$(wait_pair)
+step "partition healed: $NET.$active active, the other its backup"
+sleep 1
+touch "$WORK/stop-posting"
+wait "$POSTER"
+wait_seen_pair
+python3 tests/netns/sse_log.py check "$WORK/r3.log" "$OK"
+python3 tests/netns/sse_log.py check "$WORK/r4.log" "$OK"
+python3 tests/netns/sse_log.py same "$WORK/r3.log" "$WORK/r4.log" "$OK"
+for web in 11 12; do
+  in_ns client curl -s "http://$NET.$web:8000/health" | grep -q '"failovers":2' ||
+    { echo "web node $NET.$web did not count 2 failovers"; in_ns client curl -s "http://$NET.$web:8000/health"; exit 1; }
+done
+if [ "$(cat "$WORK/r3.log" "$WORK/r4.log" | grep -c '^open ')" != 2 ]; then echo "an SSE stream was closed"; exit 1; fi
+step "failover: $(count_ok) messages got a 200 across a kill and a partition; all seen once, in order"
 step "all green"

@@ -7,6 +7,8 @@
                             "reset <data>", and "open <url>" for each connection
   sse_log.py check OUT OK   every text listed in OK (one per line) is in OUT exactly once, ids
                             increase within each broker run, and OUT has no reset
+  sse_log.py same OUT1 OUT2 OK
+                            the texts listed in OK come in the same order in OUT1 and OUT2
 """
 import http.client
 import sys
@@ -82,8 +84,32 @@ def check(out, ok):
     return 0
 
 
+def same(out1, out2, ok):
+    wanted = {line.strip() for line in open(ok) if line.strip()}
+
+    def order(out):
+        texts = []
+        for line in open(out):
+            kind, rest = line.rstrip("\n").split(" ", 1)
+            if kind == "msg":
+                text = rest.split(" ", 1)[1]
+                if text in wanted:
+                    texts.append(text)
+        return texts
+
+    first, second = order(out1), order(out2)
+    if first != second:
+        at = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+        print(f"{out1} and {out2} differ in order at message {at}: {first[at:at + 3]} / {second[at:at + 3]}")
+        return 1
+    print(f"{out1} and {out2}: the same {len(first)} messages in the same order")
+    return 0
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "read":
         read(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "same":
+        sys.exit(same(sys.argv[2], sys.argv[3], sys.argv[4]))
     else:
         sys.exit(check(sys.argv[2], sys.argv[3]))
