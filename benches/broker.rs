@@ -18,7 +18,9 @@
 //! - `none`: temma's broker without scripts (the frame is stamped without a full parse);
 //! - `trivial`: one script, `fn on_message(msg) { msg }`;
 //! - `default-chain`: the chain of `etc/temma.toml` (rate limit, trim, commands, profanity),
-//!   with the rate limit raised so that every message goes through all four scripts.
+//!   with the rate limit raised so that every message goes through all four scripts;
+//! - `pair`: two brokers without scripts (`broker.peer`): pushed into the active one, read
+//!   from the backup's PUB socket (its copies), as web nodes in failover mode read them.
 // Tests may unwrap: a failure is the test failing (the library may not: Cargo.toml [lints]).
 #![allow(clippy::unwrap_used)]
 
@@ -64,17 +66,20 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A broker process under test, killed on drop.
+/// A broker process under test, killed on drop (with `others`: the rest of a pair).
 struct BrokerProcess {
     child: Child,
     pull: String,
     publish: String,
+    others: Vec<Child>,
 }
 
 impl Drop for BrokerProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in std::iter::once(&mut self.child).chain(self.others.iter_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -131,6 +136,93 @@ level = "warn,temma::app=info"
         child,
         pull: format!("tcp://127.0.0.1:{pull}"),
         publish: format!("tcp://127.0.0.1:{publish}"),
+        others: Vec::new(),
+    }
+}
+
+/// Two brokers as a pair, no scripts, histories large enough for `count` messages; once the
+/// first is active and the second follows, a process whose `pull` is the active broker's and
+/// whose `publish` is the backup's.
+fn temma_pair(dir: &Path, count: usize) -> BrokerProcess {
+    let ports: Vec<[u16; 3]> = (0..2)
+        .map(|_| [free_port(), free_port(), free_port()])
+        .collect();
+    let mut children = Vec::new();
+    for me in 0..2 {
+        let [pull, publish, snapshot] = ports[me];
+        let [_, peer_pub, peer_snapshot] = ports[1 - me];
+        let config = dir.join(format!("b{me}/etc/temma.toml"));
+        std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                r#"[application]
+root = "{root}"
+[application.dataSources]
+zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:{pull}"
+zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
+zmq_broker_snapshot = "zmq-bind://ROUTER@127.0.0.1:{snapshot}"
+zmq_broker_peer = "zmq://SUB@127.0.0.1:{peer_pub}"
+zmq_broker_peer_snapshot = "zmq://DEALER@127.0.0.1:{peer_snapshot}"
+[broker]
+watch = false
+snapshot = "zmq_broker_snapshot"
+peer = "zmq_broker_peer"
+peer_snapshot = "zmq_broker_peer_snapshot"
+history_size = {count}
+[log]
+level = "warn,temma::app=info"
+"#,
+                root = root().display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(TEMMA)
+            .args(["broker", "-c", config.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn temma broker");
+        wait_for_line(&mut child, "broker running");
+        children.push(child);
+    }
+    let pull = format!("tcp://127.0.0.1:{}", ports[0][0]);
+    let publish = format!("tcp://127.0.0.1:{}", ports[1][1]);
+    // Push to the first until a copy comes out of the second: it took over (a push after a
+    // second without an active peer), the second follows it.
+    runtime().block_on(async {
+        let mut sub = SubSocket::new();
+        sub.subscribe("").await.unwrap();
+        sub.connect(&publish).await.unwrap();
+        let mut push = PushSocket::new();
+        push.connect(&pull).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "the pair did not form");
+            let frame = br#"{"from":"bench","text":"pairing"}"#.to_vec();
+            push.send(ZmqMessage::from(frame)).await.unwrap();
+            let copied = tokio::time::timeout(Duration::from_millis(100), async {
+                loop {
+                    let message = sub.recv().await.unwrap();
+                    let frame = message.get(0).unwrap();
+                    if memchr::memmem::find(frame, b"pairing").is_some() {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if copied.is_ok() {
+                break;
+            }
+        }
+    });
+    let mut children = children.into_iter();
+    BrokerProcess {
+        child: children.next().unwrap(),
+        pull,
+        publish,
+        others: children.collect(),
     }
 }
 
@@ -169,6 +261,7 @@ fn libzmq_proxy() -> Option<BrokerProcess> {
         child,
         pull,
         publish,
+        others: Vec::new(),
     })
 }
 
@@ -353,6 +446,7 @@ fn main() {
             child,
             pull,
             publish,
+            others: Vec::new(),
         };
         let result = drive(&broker, base);
         println!(
@@ -399,6 +493,7 @@ params = { words_file = "scripts/words.txt", mask = "*" }
             with_scripts,
         ),
         ("default-chain", Some(default_chain), with_scripts),
+        ("pair", Some(String::new()), base),
     ];
     if !json {
         println!(
@@ -415,6 +510,7 @@ params = { words_file = "scripts/words.txt", mask = "*" }
             continue;
         }
         let broker = match &scripts {
+            Some(_) if name == "pair" => temma_pair(&dir.join(name), count),
             Some(scripts) => temma_broker(&dir.join(name), scripts),
             None => match libzmq_proxy() {
                 Some(proxy) => proxy,

@@ -287,8 +287,11 @@ impl BrokerConfig {
                 let sub = ctx.addresses.targets(ctx.dsn(peer)?);
                 let dealer = ctx.addresses.targets(ctx.dsn(peer_snapshot)?);
                 let (tx, frames) = tokio::sync::mpsc::channel(1024);
+                // A broker starts as a backup: it wants every frame of its peer.
+                let everything = tokio::sync::watch::Sender::new(true);
+                let wants = everything.subscribe();
                 pair_tasks.push(Box::new(move |shutdown| {
-                    Box::pin(crate::failover::run_peer_sub(sub, max, tx, shutdown))
+                    Box::pin(crate::failover::run_peer_sub(sub, max, tx, wants, shutdown))
                 }));
                 let (request_tx, request_rx) = tokio::sync::mpsc::channel(4);
                 let (reply_tx, replies) = tokio::sync::mpsc::channel(16);
@@ -311,6 +314,7 @@ impl BrokerConfig {
                     sync: None,
                     asked: 0,
                     status: pair_status.clone(),
+                    everything,
                 })
             }
             _ => None,
@@ -371,6 +375,8 @@ struct PairLink {
     asked: u64,
     /// What `/health` says of the pair, updated with each heartbeat.
     status: tokio::sync::watch::Sender<serde_json::Value>,
+    /// Whether the peer SUB socket takes every frame (a backup) or only heartbeats (active).
+    everything: tokio::sync::watch::Sender<bool>,
 }
 
 /// Snapshots asked for in a row, each answered by live frames with a gap still, before the
@@ -396,6 +402,17 @@ impl PeerSync {
             self.kept.push(frame);
         }
     }
+}
+
+/// A published message's id and room (as written; `None`: the default room), read at once;
+/// `None` for a frame that is not a message.
+fn id_and_room(frame: &[u8]) -> Option<(MsgId, Option<String>)> {
+    let head = serde_json::from_slice::<Envelope<'_>>(frame).ok()?;
+    let id = head.id()?;
+    let room = head
+        .room
+        .map(|raw| plain_str(raw).unwrap_or(raw.get()).to_owned());
+    Some((id, room))
 }
 
 /// Receives from `rx`, or waits forever without one.
@@ -470,6 +487,12 @@ impl Broker {
         let mut peer_frames = self.pair.as_mut().and_then(|pair| pair.frames.take());
         let mut peer_replies = self.pair.as_mut().and_then(|pair| pair.replies.take());
         loop {
+            // A joining backup catching up: PULL waits (briefly) so that it can.
+            let seq = self.stamper.seq;
+            let hold = self
+                .pair
+                .as_mut()
+                .is_some_and(|pair| pair.state.hold(seq, tokio::time::Instant::now()));
             let received = tokio::select! {
                 biased;
                 () = &mut cancelled => break,
@@ -490,7 +513,7 @@ impl Broker {
                     self.snapshot_reply(reply).await;
                     continue;
                 }
-                received = self.pull.recv() => received,
+                received = self.pull.recv(), if !hold => received,
             };
             let message = match received {
                 Ok(message) => message,
@@ -593,6 +616,7 @@ impl Broker {
         let Some(pair) = &mut self.pair else { return };
         pair.state.take_over();
         pair.sync = None;
+        pair.everything.send_replace(false);
         let term = pair.state.term;
         let archive = self.archive.clone();
         self.stamper.restart(|run| {
@@ -637,17 +661,8 @@ impl Broker {
             return;
         }
         if pair.state.role == Role::Active {
-            // The backup's copy of what this broker published: how far it holds.
-            if let Some(id) = serde_json::from_slice::<Envelope<'_>>(&frame)
-                .ok()
-                .and_then(|head| head.id())
-                && id.run == run
-            {
-                pair.state.republished(id.seq);
-                if pair.state.check_backup(seq, now) {
-                    self.beat().await;
-                }
-            }
+            // The backup's copy of what this broker published: its heartbeat says how far it
+            // holds.
             return;
         }
         if let Some(sync) = &mut pair.sync {
@@ -663,10 +678,7 @@ impl Broker {
     async fn copy(&mut self, frames: Vec<Bytes>, tries: u32) {
         let mut frames = frames.into_iter();
         while let Some(frame) = frames.next() {
-            let id = serde_json::from_slice::<Envelope<'_>>(&frame)
-                .ok()
-                .and_then(|head| head.id());
-            let Some(id) = id else {
+            let Some((id, room)) = id_and_room(&frame) else {
                 // Not a message (presence reports, notices for POSTs): passed on.
                 if self.pair.as_ref().is_some_and(|pair| pair.state.following) {
                     self.send(ZmqMessage::from(frame)).await;
@@ -691,7 +703,7 @@ impl Broker {
                 }
                 return;
             }
-            self.keep(id, frame.clone());
+            self.keep(id, room.as_deref(), frame.clone());
             if self.pair.as_ref().is_some_and(|pair| pair.state.following) {
                 self.send(ZmqMessage::from(frame)).await;
             }
@@ -699,11 +711,10 @@ impl Broker {
     }
 
     /// Archives a frame copied from the peer.
-    fn keep(&self, id: MsgId, frame: Bytes) {
+    fn keep(&self, id: MsgId, room: Option<&str>, frame: Bytes) {
         if let Some(archive) = &self.archive {
-            let room = crate::wire::room_of(&frame).map(str::to_owned);
             let mut archive = crate::error::lock(archive);
-            archive.push(id, room.as_deref(), frame, tokio::time::Instant::now());
+            archive.push(id, room, frame, tokio::time::Instant::now());
             self.metrics.archive_messages.set(archive.len() as i64);
         }
     }
@@ -752,10 +763,7 @@ impl Broker {
             Reply::Batch(_, frames) => {
                 let following = pair.state.following;
                 for frame in frames {
-                    let Some(id) = serde_json::from_slice::<Envelope<'_>>(&frame)
-                        .ok()
-                        .and_then(|head| head.id())
-                    else {
+                    let Some((id, room)) = id_and_room(&frame) else {
                         continue;
                     };
                     let mark = self
@@ -765,7 +773,7 @@ impl Broker {
                     if mark.is_some_and(|mark| id.seq <= mark) {
                         continue;
                     }
-                    self.keep(id, frame.clone());
+                    self.keep(id, room.as_deref(), frame.clone());
                     // A backup already followed: web nodes that read it need these too.
                     if following {
                         self.send(ZmqMessage::from(frame)).await;
@@ -789,6 +797,7 @@ impl Broker {
     async fn step_down(&mut self) {
         let Some(pair) = &mut self.pair else { return };
         pair.state.step_down();
+        pair.everything.send_replace(true);
         tracing::warn!(
             term = pair.state.term,
             "another broker is active with a higher term: this broker is now its backup"

@@ -6,8 +6,10 @@
 //!   [`BEAT_INTERVAL`]: `{"broker":{"state":"active","term":3,"run":"…","seq":41,"backup":true,
 //!   "following":false}}`. It subscribes to its peer's PUB socket.
 //! - The **active** broker sequences: it reads PULL, stamps, runs the scripts, publishes. It
-//!   says `"backup":true` once its peer is a following backup that has republished everything
-//!   it had published (so a node may from then on deliver only what the backup holds).
+//!   says `"backup":true` once its peer is a following backup whose heartbeat says it holds
+//!   everything it had published (so a node may from then on deliver only what the backup
+//!   holds). To get there under a steady load, it stops reading PULL for at most
+//!   [`HOLD_AT_MOST`] while the backup catches up (once, when a backup joins).
 //! - The **backup** copies: every message the active one publishes goes into its archive and
 //!   out on its own PUB socket, in order, unchanged (same id); a gap is fetched from the
 //!   active broker's snapshot socket. It says `"following":true` once it holds the active
@@ -35,6 +37,9 @@ use tokio::time::Instant;
 pub const BEAT_INTERVAL: Duration = Duration::from_millis(100);
 /// A broker not heard for this long is taken for gone.
 pub const DEAD_AFTER: Duration = Duration::from_millis(1000);
+/// How long an active broker stops reading PULL for a joining backup to catch up, at most
+/// (then it reads again for [`DEAD_AFTER`] before it tries again).
+pub const HOLD_AT_MOST: Duration = Duration::from_millis(500);
 /// What every heartbeat frame starts with (a published message never does: the broker
 /// publishes objects whose first key is a message's).
 pub const BEAT_PREFIX: &[u8] = b"{\"broker\":";
@@ -111,11 +116,15 @@ pub struct Pair {
     heard: Option<(Instant, Beat)>,
     /// Backup: it holds the active broker's history.
     pub following: bool,
-    /// Active: the peer, following, republished everything up to [`Pair::seen`] ≥ what this
-    /// broker had published.
+    /// Active: the peer, following, said it holds everything up to [`Pair::seen`] ≥ what
+    /// this broker had published.
     pub confirmed: bool,
-    /// Active: the highest sequence number of this broker's run its peer republished.
+    /// Active: the highest sequence number of this broker's run its peer said it holds.
     seen: u64,
+    /// Active: since when PULL is not read, for a joining backup to catch up.
+    holding: Option<Instant>,
+    /// Active: no new hold before this (the last one did not get the backup there).
+    hold_again: Option<Instant>,
 }
 
 impl Pair {
@@ -128,6 +137,8 @@ impl Pair {
             following: false,
             confirmed: false,
             seen: 0,
+            holding: None,
+            hold_again: None,
         }
     }
 
@@ -160,6 +171,7 @@ impl Pair {
         self.following = false;
         self.confirmed = false;
         self.seen = 0;
+        self.holding = None;
     }
 
     /// Becomes the backup of the active peer (which outranks this broker).
@@ -183,17 +195,41 @@ impl Pair {
             self.term = beat.term;
         }
         if self.role == Role::Active && beat.state == Role::Backup && beat.term == self.term {
-            // What a backup of this term holds of this broker's run (copied from a snapshot,
-            // not republished, when it joined while nothing was posted).
+            // What a backup of this term holds of this broker's run.
             self.seen = self.seen.max(beat.seq);
         }
         self.heard = Some((now, beat));
         step_down
     }
 
-    /// Active: the peer republished `seq` of this broker's run.
-    pub fn republished(&mut self, seq: u64) {
-        self.seen = self.seen.max(seq);
+    /// Active: whether to stop reading PULL now (`published`: this broker's last sequence
+    /// number): a following backup of this term not confirmed yet catches up meanwhile, for
+    /// [`HOLD_AT_MOST`] at most.
+    pub fn hold(&mut self, published: u64, now: Instant) -> bool {
+        let term = self.term;
+        let joining = self.role == Role::Active
+            && !self.confirmed
+            && self.seen < published
+            && self.peer(now).is_some_and(|beat| {
+                beat.state == Role::Backup && beat.following && beat.term == term
+            });
+        if !joining {
+            self.holding = None;
+            return false;
+        }
+        match self.holding {
+            Some(since) if now.duration_since(since) < HOLD_AT_MOST => true,
+            Some(_) => {
+                self.holding = None;
+                self.hold_again = Some(now + DEAD_AFTER);
+                false
+            }
+            None if self.hold_again.is_none_or(|at| now >= at) => {
+                self.holding = Some(now);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Active: whether the peer is (still) a following backup holding all that was published
@@ -245,19 +281,27 @@ pub enum PeerFrame {
 /// milliseconds after the peer goes away) and hands every one-part frame to the broker's task.
 /// The channel is bounded: while the broker is busy, frames wait in the socket (whose own
 /// bound drops them; the broker fetches what it missed from the peer's snapshot).
+///
+/// `everything`: whether the broker wants every frame (a backup copies them) or only the
+/// heartbeats (an active broker: its peer's copies of its own messages would only cost it).
 pub async fn run_peer_sub(
     addresses: Vec<String>,
     max_message_bytes: usize,
     frames: tokio::sync::mpsc::Sender<PeerFrame>,
+    mut everything: tokio::sync::watch::Receiver<bool>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     use zeromq::{Socket, SocketEvent, SocketRecv, SubSocket};
     let what = format!("SUB {} (broker.peer)", addresses.join(";"));
+    let heartbeats = std::str::from_utf8(BEAT_PREFIX).expect("ASCII");
     loop {
+        let all = *everything.borrow_and_update();
         let make = || {
             let mut socket =
                 SubSocket::with_options(crate::socket::connect_options(max_message_bytes));
-            let _ = futures_util::FutureExt::now_or_never(socket.subscribe(""));
+            // Subscribed before connecting: the crate sends it on every connection.
+            let topic = if all { "" } else { heartbeats };
+            let _ = futures_util::FutureExt::now_or_never(socket.subscribe(topic));
             socket
         };
         let Some(mut sub) = crate::socket::connect(make, &addresses, &what, &shutdown).await else {
@@ -267,9 +311,20 @@ pub async fn run_peer_sub(
         if frames.send(PeerFrame::Connected).await.is_err() {
             return;
         }
+        let mut all = all;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                Ok(()) = everything.changed() => {
+                    let now = *everything.borrow_and_update();
+                    if now != all {
+                        // The new subscription first: no heartbeat falls between the two.
+                        let (new, old) = if now { ("", heartbeats) } else { (heartbeats, "") };
+                        let _ = sub.subscribe(new).await;
+                        let _ = sub.unsubscribe(old).await;
+                        all = now;
+                    }
+                }
                 event = futures_util::StreamExt::next(&mut events) => match event {
                     Some(SocketEvent::Disconnected(_)) | None => break,
                     Some(_) => {}
@@ -567,15 +622,23 @@ mod tests {
     }
 
     #[test]
-    fn the_backup_is_confirmed_once_it_republished_everything() {
+    fn the_backup_is_confirmed_once_it_holds_everything() {
         let now = Instant::now();
         let mut pair = Pair::new(now - DEAD_AFTER);
         pair.take_over();
         let term = pair.term;
         pair.heard(beat(Role::Backup, term, false, true), 7, now);
-        assert!(!pair.check_backup(5, now), "nothing republished yet");
-        pair.republished(5);
+        assert!(!pair.check_backup(5, now), "it holds nothing yet");
+        // PULL waits for it, at most HOLD_AT_MOST, then not again for a while.
+        assert!(pair.hold(5, now));
+        assert!(pair.hold(5, now + HOLD_AT_MOST / 2));
+        assert!(!pair.hold(5, now + HOLD_AT_MOST));
+        assert!(!pair.hold(5, now + HOLD_AT_MOST + DEAD_AFTER / 2));
+        let mut holds = beat(Role::Backup, term, false, true);
+        holds.seq = 5;
+        pair.heard(holds, 7, now);
         assert!(pair.check_backup(5, now));
+        assert!(!pair.hold(5, now), "confirmed: nothing to wait for");
         assert!(pair.beat(7, 5).backup);
         // It stays confirmed while it follows, even while it lags.
         assert!(!pair.check_backup(9, now));
