@@ -643,8 +643,9 @@ impl Config {
                             problem(
                                 key,
                                 format!(
-                                    "`{name}` names {n} endpoints, but `event.sub` names {subs}: with `event.failover`, \
-                                     each lists the brokers in the same order"
+                                    "`{name}` names {n} endpoint{}, but `event.sub` names {subs}: with `event.failover`, \
+                                     each lists the brokers in the same order",
+                                    if n == 1 { "" } else { "s" }
                                 ),
                             );
                         }

@@ -333,3 +333,83 @@ initial_history = 0
     );
     drop((node_a, node_b));
 }
+
+/// `temma check` on a pair: the wiring printout names both brokers (a web node's) and the
+/// peer (a broker's); a half-configured pair is refused with the key at fault.
+#[test]
+fn check_prints_both_brokers_and_refuses_half_a_pair() {
+    let dir = TempDir::new("failover-check");
+    let check = |name: &str, body: &str| -> (bool, String) {
+        let path = write_config(&dir.0.join(name), body);
+        let output = temma(&["check", "-c", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).to_string()
+            + String::from_utf8_lossy(&output.stderr).as_ref();
+        (output.status.success(), text)
+    };
+    let web = r#"[application.dataSources]
+zmq_client_push = "zmq://PUSH@10.0.0.1:5000;10.0.0.2:5000"
+zmq_client_sub = "zmq://SUB@10.0.0.1:6000;10.0.0.2:6000"
+zmq_client_snapshot = "zmq://DEALER@10.0.0.1:7000;10.0.0.2:7000"
+[broker]
+embedded = false
+[event]
+snapshot = "zmq_client_snapshot"
+failover = true
+"#;
+    let (ok, text) = check("web", web);
+    assert!(ok, "{text}");
+    for line in [
+        "failover: this node follows 2 brokers, pushes to the active one only",
+        "broker 1: PULL 10.0.0.1:5000, PUB 10.0.0.1:6000, snapshots 10.0.0.1:7000",
+        "broker 2: PULL 10.0.0.2:5000, PUB 10.0.0.2:6000, snapshots 10.0.0.2:7000",
+    ] {
+        assert!(text.contains(line), "no {line:?} in:\n{text}");
+    }
+    let broker = r#"[application.dataSources]
+zmq_broker_snapshot = "zmq-bind://ROUTER@127.0.0.1:7000"
+zmq_broker_peer = "zmq://SUB@10.0.0.2:6000"
+zmq_broker_peer_snapshot = "zmq://DEALER@10.0.0.2:7000"
+[broker]
+snapshot = "zmq_broker_snapshot"
+peer = "zmq_broker_peer"
+peer_snapshot = "zmq_broker_peer_snapshot"
+"#;
+    let (ok, text) = check("broker", broker);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("broker pair: reads its peer's PUB at zmq://SUB@10.0.0.2:6000, its snapshots at zmq://DEALER@10.0.0.2:7000"),
+        "{text}"
+    );
+    for (body, problem) in [
+        (
+            web.replace("10.0.0.1:6000;10.0.0.2:6000", "10.0.0.1:6000"),
+            "`event.failover`: needs `event.sub` to name both brokers' PUB sockets, but `zmq_client_sub` names one endpoint",
+        ),
+        (
+            web.replace("10.0.0.1:5000;10.0.0.2:5000", "10.0.0.1:5000"),
+            "`message.push`: `zmq_client_push` names 1 endpoint, but `event.sub` names 2: with `event.failover`, each lists the brokers in the same order",
+        ),
+        (
+            web.replace("snapshot = \"zmq_client_snapshot\"\n", ""),
+            "`event.failover`: needs `event.snapshot`: the brokers' snapshot sockets, in the order of `event.sub`",
+        ),
+        (
+            broker.replace("peer_snapshot = \"zmq_broker_peer_snapshot\"\n", ""),
+            "`broker.peer_snapshot`: is not set: a broker with `broker.peer` copies its peer's history",
+        ),
+        (
+            broker.replace("snapshot = \"zmq_broker_snapshot\"\npeer", "peer"),
+            "`broker.snapshot`: is not set: a broker with `broker.peer` keeps the history",
+        ),
+        (
+            broker.replace("peer = \"zmq_broker_peer\"\n", ""),
+            "`broker.peer_snapshot`: is set without `broker.peer`",
+        ),
+    ] {
+        let (ok, text) = check("bad", &body);
+        assert!(!ok, "accepted:\n{body}");
+        assert!(text.contains(problem), "no {problem:?} in:\n{text}");
+    }
+}
