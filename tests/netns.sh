@@ -227,7 +227,8 @@ start_pair_broker() {  # name my-octet peer-octet
 sed -e "s|^zmq_client_push = .*|zmq_client_push = \"zmq://PUSH@$NET.1:5000;$NET.2:5000\"|" \
     -e "s|^zmq_client_sub = .*|zmq_client_sub = \"zmq://SUB@$NET.1:6000;$NET.2:6000\"|" \
     -e "s|^# zmq_client_snapshot = .*|zmq_client_snapshot = \"zmq://DEALER@$NET.1:7000;$NET.2:7000\"|" \
-    -e "s|^# snapshot = \"zmq_client_snapshot\"|snapshot = \"zmq_client_snapshot\"\nfailover = true|" \
+    -e "s|^# snapshot = \"zmq_client_snapshot\"|snapshot = \"zmq_client_snapshot\"|" \
+    -e "s|^failover = false|failover = true|" \
     -e "s|^root = \"..\"|root = \"$PWD\"|" etc/temma.toml >"$WEB_CONFIG"
 "$TEMMA" check -c "$WEB_CONFIG" | grep -q "failover: this node follows 2 brokers"
 : >"$WORK/broker.log"; : >"$WORK/broker2.log"
