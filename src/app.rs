@@ -91,6 +91,9 @@ struct Wiring {
     subs: Vec<SubTask>,
     /// With `event.failover`: the node's view of the two brokers.
     failover: Option<Arc<crate::failover::Brokers>>,
+    /// The embedded broker serves this node in the process (no PUSH or SUB socket to move):
+    /// the `message.push` and `event.sub` data sources it started with.
+    local: Option<[String; 2]>,
 }
 
 /// One SUB socket's task.
@@ -186,6 +189,14 @@ impl Wiring {
     }
 }
 
+/// Whether every address the `connect` role's data source reaches is one the embedded broker
+/// bound for `bind` (port 0 follows the bind).
+fn points_at(ctx: &Context, config: &Config, connect: Role, bind: Role) -> bool {
+    let bound = ctx.addresses.listening(config.dsn(bind));
+    let targets = ctx.addresses.targets(config.dsn(connect));
+    !targets.is_empty() && targets.iter().all(|target| bound.contains(target))
+}
+
 /// With `event.failover`: points the PUSH socket at the broker the node pushes to (the active
 /// one, or the one that may take over), until shutdown.
 async fn follow_target(
@@ -259,9 +270,11 @@ impl App {
     pub async fn serve(config: &Config, shutdown: CancellationToken) -> Result<App, StartError> {
         let mut app = App::new();
         let mut ctx = config.context(app.metrics.clone());
-        if config.broker.embedded {
-            app.start_broker(config, &mut ctx, &shutdown).await?;
-        }
+        let embedded = if config.broker.embedded {
+            Some(Self::bind_broker(config, &mut ctx).await?)
+        } else {
+            None
+        };
         let address = config.server.listen;
         let key = "server.listen";
         let failed = |source| StartError::Http {
@@ -280,7 +293,22 @@ impl App {
             // One broker at a time: the first until the heartbeats say which is active.
             push_targets.send_modify(|targets| targets.truncate(1));
         }
-        app.spawn(push_task.run(shutdown.clone()));
+        // The embedded broker, and this node's sockets point at it: no loopback hop.
+        let local = embedded.is_some()
+            && config.broker.peer.is_none()
+            && !config.event.failover
+            && points_at(&ctx, config, Role::MessagePush, Role::BrokerPull)
+            && points_at(&ctx, config, Role::EventSub, Role::BrokerPub);
+        let mut push_task = Some(push_task);
+        if let Some(mut parts) = embedded {
+            if local && let Some(task) = push_task.take() {
+                parts.broker.serve_locally(task.into_queue(), hub.clone());
+            }
+            app.spawn_broker(parts, &shutdown);
+        }
+        if let Some(task) = push_task {
+            app.spawn(task.run(shutdown.clone()));
+        }
         let mut wiring = Wiring {
             hub: hub.clone(),
             shutdown: shutdown.clone(),
@@ -289,11 +317,17 @@ impl App {
             snapshot: None,
             subs: Vec::new(),
             failover: None,
+            local: None,
         };
         let subs = config.event.sub_addresses(&ctx)?;
         let snapshots = config.event.snapshot_addresses(&ctx)?;
         let max_published = crate::wire::max_published_bytes(ctx.max_frame_bytes);
-        if config.event.failover {
+        let dsns =
+            |c: &Config| [Role::MessagePush, Role::EventSub].map(|role| c.dsn(role).to_string());
+        wiring.local = local.then(|| dsns(config));
+        if local {
+            // The broker hands this node what it publishes: no SUB socket, nothing to sync.
+        } else if config.event.failover {
             // Validated: as many snapshot and push endpoints as SUB ones, in the same order.
             let pushes = ctx.addresses.targets(config.dsn(Role::MessagePush));
             let brokers = Arc::new(crate::failover::Brokers::new(
@@ -422,6 +456,17 @@ impl App {
             return rewired;
         };
         let mut wiring = wiring.lock().await;
+        if let Some(started) = &wiring.local {
+            // Served by the embedded broker in the process: its sockets move with a restart.
+            let now = [Role::MessagePush, Role::EventSub].map(|role| config.dsn(role).to_string());
+            if &now != started {
+                rewired.restart.push(
+                    "message.push and event.sub (this node is served by its embedded broker in the process)"
+                        .to_owned(),
+                );
+            }
+            return rewired;
+        }
         if wiring.failover.is_some() || config.event.failover {
             // A pair's lists are paired by place: moved by a restart (one node at a time).
             let subs: Vec<String> = wiring.subs.iter().map(|sub| sub.address.clone()).collect();
@@ -550,8 +595,22 @@ impl App {
         ctx: &mut Context,
         shutdown: &CancellationToken,
     ) -> Result<(), StartError> {
+        let parts = Self::bind_broker(config, ctx).await?;
+        self.spawn_broker(parts, shutdown);
+        Ok(())
+    }
+
+    /// Builds the broker, its sockets bound (nothing runs yet).
+    async fn bind_broker(
+        config: &Config,
+        ctx: &mut Context,
+    ) -> Result<crate::broker::Parts, StartError> {
         let source = chain_source(ctx);
-        let parts = config.broker.build(ctx, source).await?;
+        Ok(config.broker.build(ctx, source).await?)
+    }
+
+    /// Starts the broker's tasks.
+    fn spawn_broker(&mut self, parts: crate::broker::Parts, shutdown: &CancellationToken) {
         for task in parts.peer_counters.into_iter().chain(parts.pair_tasks) {
             self.spawn(task(shutdown.clone()));
         }
@@ -563,7 +622,6 @@ impl App {
         self.spawn(parts.broker.run(shutdown.clone()));
         self.spawn(parts.reloader.run(shutdown.clone()));
         self.reload.push(parts.reload);
-        Ok(())
     }
 
     /// The access hook, if the configuration has one, and the tasks that reload it (on file

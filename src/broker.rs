@@ -321,6 +321,7 @@ impl BrokerConfig {
         };
         let broker = Broker {
             pair,
+            local: None,
             pull,
             publish,
             stamper,
@@ -348,6 +349,10 @@ impl BrokerConfig {
 pub struct Broker {
     /// With `broker.peer`: the pair's state and the channels to the peer's sockets' tasks.
     pair: Option<PairLink>,
+    /// The web node of the same process (`temma serve` with the embedded broker, its sockets
+    /// pointed at it): its frames come on this queue instead of PULL, and every frame
+    /// published goes to its hub too, instead of over loopback to its SUB socket.
+    local: Option<Local>,
     pull: PullSocket,
     publish: PubSocket,
     stamper: Stamper,
@@ -460,7 +465,28 @@ pub type PeerCounter = Box<
         + Send,
 >;
 
+/// The web node of the broker's own process; see [`Broker::serve_locally`].
+struct Local {
+    frames: Option<tokio::sync::mpsc::Receiver<crate::wire::Outgoing>>,
+    hub: crate::hub::Hub,
+}
+
 impl Broker {
+    /// Serves the web node of this process in the process: its frames from `frames` (the
+    /// queue its PUSH socket's task would have read), what is published handed to `hub` too.
+    /// Other web nodes still use PULL and PUB. Not for a broker of a pair.
+    pub fn serve_locally(
+        &mut self,
+        frames: tokio::sync::mpsc::Receiver<crate::wire::Outgoing>,
+        hub: crate::hub::Hub,
+    ) {
+        self.metrics.sub_connected.inc();
+        self.local = Some(Local {
+            frames: Some(frames),
+            hub,
+        });
+    }
+
     /// This run's id: the first part of every id it stamps.
     pub fn run_id(&self) -> u64 {
         self.stamper.run
@@ -486,6 +512,7 @@ impl Broker {
         let paired = self.pair.is_some();
         let mut peer_frames = self.pair.as_mut().and_then(|pair| pair.frames.take());
         let mut peer_replies = self.pair.as_mut().and_then(|pair| pair.replies.take());
+        let mut local = self.local.as_mut().and_then(|local| local.frames.take());
         loop {
             // A joining backup catching up: PULL waits (briefly) so that it can.
             let seq = self.stamper.seq;
@@ -513,6 +540,10 @@ impl Broker {
                     self.snapshot_reply(reply).await;
                     continue;
                 }
+                Some(item) = recv_some(local.as_mut()) => {
+                    self.local_frame(item).await;
+                    continue;
+                }
                 received = self.pull.recv(), if !hold => received,
             };
             let message = match received {
@@ -536,7 +567,7 @@ impl Broker {
                 }
             }
             if let Some(out) = self.handle(message) {
-                self.send(out).await;
+                self.publish(out).await;
                 if let Some(pair) = &mut self.pair
                     && pair
                         .state
@@ -547,6 +578,31 @@ impl Broker {
             }
         }
         tracing::info!("broker stopped");
+    }
+
+    /// A frame from the web node of this process.
+    async fn local_frame(&mut self, item: crate::wire::Outgoing) {
+        if tokio::time::Instant::now() >= item.deadline {
+            if !item.report {
+                self.metrics.dropped(DropReason::Expired);
+            }
+            return;
+        }
+        if let Some(sent) = item.sent {
+            let _ = sent.send(());
+        }
+        if let Some(out) = self.handle(ZmqMessage::from(item.frame)) {
+            self.publish(out).await;
+        }
+    }
+
+    /// Publishes a frame the broker made: on PUB, and to the hub of this process.
+    async fn publish(&mut self, out: ZmqMessage) {
+        let frame = self.local.is_some().then(|| out.get(0).cloned()).flatten();
+        self.send(out).await;
+        if let (Some(local), Some(frame)) = (&self.local, frame) {
+            local.hub.ingest(&frame);
+        }
     }
 
     async fn send(&mut self, out: ZmqMessage) {

@@ -159,14 +159,7 @@ pub enum PublishError {
     Rejected { reason: String, status: u16 },
 }
 
-struct Outgoing {
-    frame: Bytes,
-    deadline: Instant,
-    /// A presence report: not a message (not counted when it expires unsent).
-    report: bool,
-    /// With `confirm = false`: told once ZeroMQ took the message.
-    sent: Option<oneshot::Sender<()>>,
-}
+use crate::wire::Outgoing;
 
 /// Hands messages to the PUSH task and waits for their outcome.
 #[derive(Clone)]
@@ -298,6 +291,13 @@ impl Publisher {
 }
 
 impl PushTask {
+    /// The queue of frames for the broker, for a broker that takes them itself (the embedded
+    /// one, in the same process): no PUSH socket, no loopback hop.
+    pub fn into_queue(self) -> mpsc::Receiver<Outgoing> {
+        self.metrics.push_connected.set(1);
+        self.rx
+    }
+
     /// Owns the PUSH socket until shutdown: connects (retrying), sends what requests queue,
     /// and rebuilds the socket whenever the broker goes away, resending the message in hand.
     /// Messages whose request already gave up (deadline passed) are dropped, not sent late.

@@ -209,6 +209,19 @@ pub fn room_of(frame: &[u8]) -> Option<&str> {
     Some(plain_str(room).unwrap_or(room.get()))
 }
 
+/// A frame a web node hands to the broker: to its PUSH socket's task, or (the embedded broker,
+/// which the node's sockets would only reach over loopback) straight to the broker's task.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub frame: Bytes,
+    /// The POST gives up then: a frame still unsent is dropped, not sent late.
+    pub deadline: tokio::time::Instant,
+    /// A presence report: not a message (not counted when it expires unsent).
+    pub report: bool,
+    /// With `message.confirm = false`: told once the broker (or ZeroMQ) took the message.
+    pub sent: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
 /// Writes `id` as `<run>-<seq>` without allocating.
 pub fn write_id(out: &mut impl BufMut, id: MsgId) {
     let mut number = itoa::Buffer::new();
