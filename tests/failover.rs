@@ -1,6 +1,6 @@
 //! Two brokers, one active: SIGKILL the active one at a random moment while 100 messages a
 //! second are posted through two web nodes, three rounds (each time the killed broker is
-//! started again and rejoins as the backup). Every message that got a `200` is seen exactly once
+//! started again and rejoins as the backup), then the backup once. Every message that got a `200` is seen exactly once
 //! by every SSE client on both nodes, all clients see the same order, no client is told
 //! `reset`, and no web node is restarted.
 // Tests may unwrap: a failure is the test failing (the library may not: Cargo.toml [lints]).
@@ -243,6 +243,44 @@ initial_history = 0
             "round {round}: the rejoined broker is the backup"
         );
     }
+
+    // Then the backup dies: nodes deliver the active broker's own stream again (the messages
+    // they had left to the backup's copies are fetched from its snapshot), and it rejoins.
+    tokio::time::sleep(Duration::from_millis(300) + jitter(700)).await;
+    let active = paired(&client, &brokers).await.expect("a confirmed pair");
+    let backup = 1 - active;
+    let killed_at = Instant::now();
+    running[backup].take().unwrap().signal("KILL");
+    common::eventually("the active broker says it has no backup", || async {
+        let health = health(&client, brokers[active].http).await?;
+        (health["pair"]["state"] == "active" && health["pair"]["backup_confirmed"] == false)
+            .then_some(())
+    })
+    .await;
+    common::eventually("a message posted after the backup's death seen", || async {
+        let posted = posted.lock().unwrap();
+        let after: HashSet<&String> = posted
+            .iter()
+            .filter(|(_, sent)| *sent > killed_at)
+            .map(|(text, _)| text)
+            .collect();
+        let seen = clients[1].0.lock().unwrap();
+        seen.messages
+            .iter()
+            .any(|(_, text)| after.contains(text))
+            .then_some(())
+    })
+    .await;
+    running[backup] = Some(tokio::task::block_in_place(|| {
+        start_broker(&brokers[backup])
+    }));
+    let still_active =
+        common::eventually("the pair formed again", || paired(&client, &brokers)).await;
+    assert_eq!(
+        still_active, active,
+        "the backup's death changed nothing else"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Stop posting, let the last messages arrive, then stop the browsers.
     stop_posting.cancel();
