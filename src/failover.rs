@@ -407,15 +407,14 @@ pub fn decide(
             }
         }
         None => {
-            // No active broker: push where a message can make a backup take over (one that
-            // is heard, the current one first).
-            let target = if alive(target).is_some() {
-                target
-            } else {
-                (0..views.len())
-                    .find(|&i| alive(i).is_some())
-                    .unwrap_or(target)
-            };
+            // No active broker: push where a message can make a backup take over: one that
+            // holds the history (a following backup), else the current one if heard, else any
+            // heard (a broker restarted a moment ago must not win over the one that kept up).
+            let target = (0..views.len())
+                .find(|&i| alive(i).is_some_and(|b| b.following))
+                .or_else(|| alive(target).is_some().then_some(target))
+                .or_else(|| (0..views.len()).find(|&i| alive(i).is_some()))
+                .unwrap_or(target);
             Decision {
                 source,
                 active: None,
@@ -590,6 +589,14 @@ mod tests {
         ];
         let d = decide(&views, now, Some(1), 0);
         assert_eq!((d.source, d.active, d.target), (Some(1), None, 1));
+        // No active one, a fresh broker (the current target) and a following backup: the
+        // vote goes to the one that holds the history.
+        let views = [
+            heard(beat(Role::Backup, 1, false, false)),
+            heard(beat(Role::Backup, 1, false, true)),
+        ];
+        let d = decide(&views, now, Some(1), 0);
+        assert_eq!((d.active, d.target), (None, 1));
         // Two active (a split brain): the higher term.
         let views = [
             heard(beat(Role::Active, 1, false, false)),
