@@ -213,6 +213,72 @@ async fn with_snapshots_the_move_fills_what_the_switch_missed() {
     }
 }
 
+/// Without snapshots, a node moved to a broker that already published messages of its run
+/// cannot get those: its clients are told (`event: reset`), and what follows is delivered. Never
+/// a silent gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_snapshots_joining_a_run_mid_way_is_a_reset_not_a_silent_gap() {
+    use zeromq::{PushSocket, Socket, SocketSend, ZmqMessage};
+    let (first, first_config, first_stop) = broker().await;
+    let (second, second_config, second_stop) = broker().await;
+    let a = (&first, &first_config);
+    let b = (&second, &second_config);
+    // The second broker's run is three messages in before the node joins it.
+    let mut push = PushSocket::new();
+    push.connect(&format!(
+        "tcp://{}",
+        address(&second, &second_config, Role::BrokerPull)
+    ))
+    .await
+    .unwrap();
+    for i in 0..3 {
+        let frame = format!(r#"{{"from":"elsewhere","text":"before {i}"}}"#);
+        push.send(ZmqMessage::from(frame)).await.unwrap();
+    }
+    common::eventually("the second broker published three", || async {
+        (second.metrics().broker_published.get() >= 3).then_some(())
+    })
+    .await;
+    let node = TestApp::start_config(&wired(a, &[a], None)).await;
+    node.ready().await;
+    let mut sse = node.sse().await;
+    assert_eq!(node.post_form("me", "on the first").await.status(), 200);
+    assert_eq!(sse.next_message().await.json()["text"], "on the first");
+    let rewired = node.app().rewire(&wired(b, &[b], None)).await;
+    assert_eq!(rewired.changed.len(), 2, "{rewired:?}");
+    // The first post through the second broker is its fourth message: the node never had
+    // 1 to 3.
+    common::eventually("a post through the second broker", || async {
+        let response = node.post_form("me", "on the second").await;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    let mut reset = None;
+    let message = loop {
+        let event = sse
+            .next_but_presence()
+            .await
+            .expect("the stream stays open");
+        match event.event.as_deref() {
+            Some("reset") => reset = Some(event.data.clone()),
+            Some("msg") => break event,
+            _ => {}
+        }
+    };
+    assert!(reset.is_some(), "no reset before {:?}", message.data);
+    assert_eq!(message.json()["text"], "on the second");
+    assert!(
+        message.id.as_deref().is_some_and(|id| !id.ends_with("-1")),
+        "{:?}",
+        message.id
+    );
+    node.stop().await;
+    for (app, stop) in [(first, first_stop), (second, second_stop)] {
+        stop.cancel();
+        app.wait().await;
+    }
+}
+
 #[test]
 fn sighup_with_an_invalid_file_keeps_the_running_configuration() {
     let dir = common::TempDir::new("rewire-invalid");
