@@ -254,11 +254,13 @@ impl BrokerConfig {
             counter(pub_events, "broker.pub"),
             counter(pull_events, "broker.pull"),
         ];
-        let stamper = Stamper::with_dedupe(
+        let mut stamper = Stamper::with_dedupe(
             limit,
             std::time::Duration::from_secs(self.dedupe_window_secs),
             self.dedupe_max_keys,
         );
+        // A pair: published frames keep their idempotency key, for the backup.
+        stamper.publish_keys = self.peer.is_some();
         let snapshot = match &self.snapshot {
             None => None,
             Some(name) => {
@@ -411,13 +413,14 @@ impl PeerSync {
 
 /// A published message's id and room (as written; `None`: the default room), read at once;
 /// `None` for a frame that is not a message.
-fn id_and_room(frame: &[u8]) -> Option<(MsgId, Option<String>)> {
+fn id_and_room(frame: &[u8]) -> Option<(MsgId, Option<String>, Option<String>)> {
     let head = serde_json::from_slice::<Envelope<'_>>(frame).ok()?;
     let id = head.id()?;
     let room = head
         .room
         .map(|raw| plain_str(raw).unwrap_or(raw.get()).to_owned());
-    Some((id, room))
+    let key = head.key.and_then(plain_str).map(str::to_owned);
+    Some((id, room, key))
 }
 
 /// Receives from `rx`, or waits forever without one.
@@ -734,7 +737,7 @@ impl Broker {
     async fn copy(&mut self, frames: Vec<Bytes>, tries: u32) {
         let mut frames = frames.into_iter();
         while let Some(frame) = frames.next() {
-            let Some((id, room)) = id_and_room(&frame) else {
+            let Some((id, room, key)) = id_and_room(&frame) else {
                 // Not a message (presence reports, notices for POSTs): passed on.
                 if self.pair.as_ref().is_some_and(|pair| pair.state.following) {
                     self.send(ZmqMessage::from(frame)).await;
@@ -759,7 +762,7 @@ impl Broker {
                 }
                 return;
             }
-            self.keep(id, room.as_deref(), frame.clone());
+            self.keep(id, room.as_deref(), key.as_deref(), frame.clone());
             if self.pair.as_ref().is_some_and(|pair| pair.state.following) {
                 self.send(ZmqMessage::from(frame)).await;
             }
@@ -767,7 +770,10 @@ impl Broker {
     }
 
     /// Archives a frame copied from the peer.
-    fn keep(&self, id: MsgId, room: Option<&str>, frame: Bytes) {
+    fn keep(&mut self, id: MsgId, room: Option<&str>, key: Option<&str>, frame: Bytes) {
+        if let Some(key) = key {
+            self.stamper.remember(key, id);
+        }
         if let Some(archive) = &self.archive {
             let mut archive = crate::error::lock(archive);
             archive.push(id, room, frame, tokio::time::Instant::now());
@@ -819,7 +825,7 @@ impl Broker {
             Reply::Batch(_, frames) => {
                 let following = pair.state.following;
                 for frame in frames {
-                    let Some((id, room)) = id_and_room(&frame) else {
+                    let Some((id, room, key)) = id_and_room(&frame) else {
                         continue;
                     };
                     let mark = self
@@ -829,7 +835,7 @@ impl Broker {
                     if mark.is_some_and(|mark| id.seq <= mark) {
                         continue;
                     }
-                    self.keep(id, room.as_deref(), frame.clone());
+                    self.keep(id, room.as_deref(), key.as_deref(), frame.clone());
                     // A backup already followed: web nodes that read it need these too.
                     if following {
                         self.send(ZmqMessage::from(frame)).await;
@@ -902,6 +908,13 @@ impl Broker {
                     );
                 }
                 Verdict::Pass(bytes) => {
+                    // A pair's backup learns the key from the frame (see `publish_keys`).
+                    let bytes = match &key {
+                        Some(key) if self.stamper.publish_keys => {
+                            crate::wire::with_key(&bytes, key)
+                        }
+                        _ => bytes,
+                    };
                     self.stamper.commit(key);
                     bytes
                 }
@@ -1054,6 +1067,9 @@ pub struct Stamper {
     seq: u64,
     max_frame_bytes: usize,
     recent: Recent,
+    /// A broker of a pair: published frames keep the idempotency `key` (after `ref`), so that
+    /// the backup learns it; web nodes cut it.
+    pub publish_keys: bool,
 }
 
 /// Idempotency keys longer than this are ignored.
@@ -1079,6 +1095,16 @@ impl Stamper {
             seq: 0,
             max_frame_bytes,
             recent: Recent::new(window, max_keys),
+            publish_keys: false,
+        }
+    }
+
+    /// Remembers that `key` was published as `id` (by the peer of a pair: a backup learns the
+    /// keys the active broker published, so that a retry after a takeover is not published
+    /// twice).
+    pub fn remember(&mut self, key: &str, id: MsgId) {
+        if key.len() <= MAX_KEY_BYTES {
+            self.recent.insert(key.to_owned(), id);
         }
     }
 
@@ -1230,9 +1256,10 @@ impl Stamper {
             } else {
                 seen_later(i, name)
             };
+            let published_key = self.publish_keys && name.as_ref() == KEY;
             if duplicate
                 || STAMPED_KEYS.contains(&name.as_ref())
-                || PRIVATE_KEYS.contains(&name.as_ref())
+                || (PRIVATE_KEYS.contains(&name.as_ref()) && !published_key)
             {
                 continue;
             }

@@ -835,7 +835,8 @@ impl Hub {
         let appended = match room {
             Ok(room) => {
                 let room = room.as_deref().unwrap_or(&shared.settings.default_room);
-                let frame = wire::write_message(frame, id, head.reference.is_some());
+                let private = head.reference.is_some() || head.key.is_some();
+                let frame = wire::write_message(frame, id, private);
                 shared.lock().append(
                     Some((room, frame)),
                     id,

@@ -178,6 +178,10 @@ pub struct Envelope<'a> {
     pub id: Option<&'a RawValue>,
     #[serde(rename = "ref", borrow, default)]
     pub reference: Option<&'a RawValue>,
+    /// The idempotency key: in published frames only between the brokers of a pair (a backup
+    /// learns the keys its peer published); web nodes never show it.
+    #[serde(borrow, default)]
+    pub key: Option<&'a RawValue>,
     #[serde(borrow, default)]
     pub reject: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -243,9 +247,10 @@ pub fn write_one_line(out: &mut impl BufMut, json: &[u8]) -> Option<()> {
 }
 
 /// Builds the SSE frame of a published message: `id:` (when it has one), `event: msg`, and the
-/// message as one data line without the web node's `ref` (internal: never sent to browsers).
-/// The broker writes `ref` first, which is cut without parsing; anything else is re-serialized.
-pub fn write_message(frame: &[u8], id: Option<MsgId>, has_ref: bool) -> Bytes {
+/// message as one data line without the web node's `ref` and the idempotency `key` (internal:
+/// never sent to browsers; `private`: the frame has one of them). The broker writes them first
+/// (`ref`, then `key`), which are cut without parsing; anything else is re-serialized.
+pub fn write_message(frame: &[u8], id: Option<MsgId>, private: bool) -> Bytes {
     let mut sse = BytesMut::with_capacity(frame.len() + 64);
     if let Some(id) = id {
         sse.put_slice(b"id: ");
@@ -254,9 +259,9 @@ pub fn write_message(frame: &[u8], id: Option<MsgId>, has_ref: bool) -> Bytes {
     }
     sse.put_slice(b"event: msg\ndata: ");
     let one_line = memchr::memchr2(b'\n', b'\r', frame).is_none();
-    if !has_ref && one_line {
+    if !private && one_line {
         sse.put_slice(frame);
-    } else if let Some(rest) = one_line.then(|| after_leading_ref(frame)).flatten() {
+    } else if let Some(rest) = one_line.then(|| after_leading_private(frame)).flatten() {
         sse.put_u8(b'{');
         sse.put_slice(rest);
     } else {
@@ -264,6 +269,7 @@ pub fn write_message(frame: &[u8], id: Option<MsgId>, has_ref: bool) -> Bytes {
             serde_json::from_slice(frame).expect("parsed as an object before");
         if let Some(map) = value.as_object_mut() {
             map.remove(REF);
+            map.remove(KEY);
         }
         sse.put_slice(&serde_json::to_vec(&value).expect("serializing a JSON value"));
     }
@@ -271,19 +277,59 @@ pub fn write_message(frame: &[u8], id: Option<MsgId>, has_ref: bool) -> Bytes {
     sse.freeze()
 }
 
-/// For a frame that starts `{"ref":"<no escapes>",`, what follows the comma (or `}` when
-/// `ref` is the only key).
-fn after_leading_ref(frame: &[u8]) -> Option<&[u8]> {
-    let rest = frame.strip_prefix(b"{\"ref\":\"")?;
-    let end = memchr::memchr2(b'"', b'\\', rest)?;
-    if rest[end] != b'"' {
+/// For a frame that starts `{"ref":"<no escapes>",` and/or `"key":"<no escapes>",` (in that
+/// order), what follows them (or `}` when they are the only keys); `None` when anything else
+/// comes first or a `ref` or `key` follows (the caller then parses).
+fn after_leading_private(frame: &[u8]) -> Option<&[u8]> {
+    let mut rest = frame.strip_prefix(b"{")?;
+    for name in [&b"\"ref\":\""[..], &b"\"key\":\""[..]] {
+        let Some(value) = rest.strip_prefix(name) else {
+            continue;
+        };
+        let end = memchr::memchr2(b'"', b'\\', value)?;
+        if value[end] != b'"' {
+            return None;
+        }
+        rest = match value.get(end + 1)? {
+            b',' => &value[end + 2..],
+            b'}' => &value[end + 1..],
+            _ => return None,
+        };
+    }
+    if rest.len() == frame.len() - 1
+        || memchr::memmem::find(rest, b"\"ref\":").is_some()
+        || memchr::memmem::find(rest, b"\"key\":").is_some()
+    {
+        // Nothing cut, or one of them further in (a frame not written by the broker's rules).
         return None;
     }
-    match rest.get(end + 1)? {
-        b',' => Some(&rest[end + 2..]),
-        b'}' => Some(&rest[end + 1..]),
-        _ => None,
+    Some(rest)
+}
+
+/// `frame` (a published message, `ref` first if it has one) with `"key":<key>` after its `ref`:
+/// how the active broker of a pair tells its backup the key a message was published under.
+pub fn with_key(frame: &[u8], key: &str) -> Bytes {
+    let mut out = Vec::with_capacity(frame.len() + key.len() + 16);
+    let after_ref = frame
+        .strip_prefix(b"{\"ref\":\"")
+        .and_then(|value| {
+            let end = memchr::memchr2(b'"', b'\\', value)?;
+            (value[end] == b'"').then_some(frame.len() - value.len() + end + 1)
+        })
+        .unwrap_or(1);
+    out.extend_from_slice(&frame[..after_ref]);
+    if after_ref > 1 {
+        out.push(b',');
     }
+    out.extend_from_slice(b"\"key\":");
+    serde_json::to_writer(&mut out, key).expect("a string serializes");
+    let rest = &frame[after_ref..];
+    let rest = rest.strip_prefix(b",").unwrap_or(rest);
+    if rest != b"}" {
+        out.push(b',');
+    }
+    out.extend_from_slice(rest);
+    out.into()
 }
 
 /// The keep-alive comment sent to every client when the stream has been idle.
@@ -375,6 +421,47 @@ mod tests {
             text(write_message(br#"{"from":"a"}"#, None, false)),
             "event: msg\ndata: {\"from\":\"a\"}\n\n"
         );
+        // Nor the idempotency key (a pair's frames carry it after `ref`).
+        for frame in [
+            &br#"{"ref":"n-1","key":"k-1","from":"a"}"#[..],
+            br#"{"key":"k-1","from":"a"}"#,
+            br#"{"from":"a","key":"k-1"}"#,
+            br#"{"key":"k-1","ref":"n-1","from":"a"}"#,
+        ] {
+            assert_eq!(
+                text(write_message(frame, None, true)),
+                "event: msg\ndata: {\"from\":\"a\"}\n\n",
+                "{}",
+                String::from_utf8_lossy(frame)
+            );
+        }
+        // A text that merely mentions them is left alone.
+        assert_eq!(
+            text(write_message(
+                br#"{"ref":"n-1","text":"\"key\": x"}"#,
+                None,
+                true
+            )),
+            "event: msg\ndata: {\"text\":\"\\\"key\\\": x\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn a_key_goes_after_the_reference() {
+        let text = |frame: Bytes| String::from_utf8(frame.to_vec()).unwrap();
+        assert_eq!(
+            text(with_key(br#"{"ref":"n-1","from":"a"}"#, "k")),
+            r#"{"ref":"n-1","key":"k","from":"a"}"#
+        );
+        assert_eq!(
+            text(with_key(br#"{"from":"a"}"#, "k\"")),
+            r#"{"key":"k\"","from":"a"}"#
+        );
+        assert_eq!(
+            text(with_key(br#"{"ref":"n-1"}"#, "k")),
+            r#"{"ref":"n-1","key":"k"}"#
+        );
+        assert_eq!(text(with_key(b"{}", "k")), r#"{"key":"k"}"#);
     }
 
     #[test]

@@ -372,6 +372,114 @@ initial_history = 0
     drop((node_a, node_b));
 }
 
+/// A post with an idempotency key got its `200` from the active broker; that broker dies; the
+/// same post sent again (a page retrying, through the other web node) is answered as the first
+/// one was — same message id — and not published twice: the backup learned the key from the
+/// frames it copied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_takeover_is_not_published_twice() {
+    let dir = TempDir::new("failover-key");
+    let ports = || (free_port(), free_port(), free_port(), free_port());
+    let (p1, p2) = (ports(), ports());
+    let spec = |me: (u16, u16, u16, u16), peer: (u16, u16, u16, u16), name: &str| BrokerSpec {
+        pull: me.0,
+        publish: me.1,
+        snapshot: me.2,
+        http: me.3,
+        config: broker_config(&dir.0.join(name), me, (peer.1, peer.2)),
+    };
+    let brokers = [spec(p1, p2, "b1"), spec(p2, p1, "b2")];
+    let [b1, b2] = &brokers;
+    let (http_a, http_b) = (free_port(), free_port());
+    let web = write_config(
+        &dir.0.join("web"),
+        &format!(
+            r#"[application.dataSources]
+zmq_client_push = "zmq://PUSH@127.0.0.1:{};127.0.0.1:{}"
+zmq_client_sub = "zmq://SUB@127.0.0.1:{};127.0.0.1:{}"
+zmq_client_snapshot = "zmq://DEALER@127.0.0.1:{};127.0.0.1:{}"
+[broker]
+embedded = false
+[event]
+snapshot = "zmq_client_snapshot"
+failover = true
+initial_history = 0
+"#,
+            b1.pull, b2.pull, b1.publish, b2.publish, b1.snapshot, b2.snapshot
+        ),
+    );
+    let mut running = [Some(start_broker(b1)), Some(start_broker(b2))];
+    let _a = spawn_node(&web, http_a);
+    let _b = spawn_node(&web, http_b);
+    let client = reqwest::Client::new();
+    let active = common::eventually("a confirmed pair", || paired(&client, &brokers)).await;
+    let stop = CancellationToken::new();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let reading = tokio::spawn(browser(
+        format!("http://127.0.0.1:{http_b}/event/fetch"),
+        seen.clone(),
+        stop.clone(),
+    ));
+    common::eventually("the browser connected", || async {
+        (seen.lock().unwrap().connections > 0).then_some(())
+    })
+    .await;
+    let post = |http: u16, text: &'static str, key: Option<&'static str>| {
+        let client = client.clone();
+        async move {
+            let mut request = client
+                .post(format!("http://127.0.0.1:{http}/message/broadcast"))
+                .form(&[("from", "me"), ("text", text)])
+                .timeout(Duration::from_secs(5));
+            if let Some(key) = key {
+                request = request.header("Idempotency-Key", key);
+            }
+            let response = request.send().await.ok()?;
+            let id = response
+                .headers()
+                .get("x-message-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            (response.status() == 200).then_some(id?)
+        }
+    };
+    let first = post(http_a, "once", Some("retry-key-1"))
+        .await
+        .expect("a 200");
+    // A 200 means the backup holds it; then the active broker dies.
+    running[active].take().unwrap().signal("KILL");
+    common::eventually("the backup took over", || async {
+        let health = health(&client, brokers[1 - active].http).await?;
+        (health["pair"]["state"] == "active").then_some(())
+    })
+    .await;
+    // The page retries, through the other node: the answer names the first message.
+    let again = common::eventually("the retry answered", || {
+        post(http_b, "once", Some("retry-key-1"))
+    })
+    .await;
+    assert_eq!(
+        again, first,
+        "the retry is the message published before the takeover"
+    );
+    // Something after it, to know the browser has everything.
+    post(http_a, "after", None).await.expect("a 200");
+    common::eventually("the browser saw the last message", || async {
+        let seen = seen.lock().unwrap();
+        seen.messages
+            .iter()
+            .any(|(_, text)| text == "after")
+            .then_some(())
+    })
+    .await;
+    stop.cancel();
+    let _ = reading.await;
+    let seen = seen.lock().unwrap();
+    let once: Vec<&(String, String)> = seen.messages.iter().filter(|(_, t)| t == "once").collect();
+    assert_eq!(once.len(), 1, "seen: {:?}", seen.messages);
+    assert_eq!(once[0].0, first);
+}
+
 /// `temma check` on a pair: the wiring printout names both brokers (a web node's) and the
 /// peer (a broker's); a half-configured pair is refused with the key at fault.
 #[test]
