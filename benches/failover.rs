@@ -5,7 +5,7 @@
 //! then the killed broker is started again and rejoins as the backup.
 //!
 //! Run: `cargo bench --bench failover` (release build; 10 rounds). Options after `--`:
-//! `--rounds R`.
+//! `--rounds R`, `--timeout-ms T` (`broker.peer_timeout_ms`, default 1000).
 // Tests may unwrap: a failure is the test failing (the library may not: Cargo.toml [lints]).
 #![allow(clippy::unwrap_used)]
 
@@ -91,6 +91,11 @@ fn main() {
         .position(|a| a == "--rounds")
         .and_then(|i| args.get(i + 1))
         .map_or(10, |v| v.parse().expect("a number"));
+    let timeout_ms: u64 = args
+        .iter()
+        .position(|a| a == "--timeout-ms")
+        .and_then(|i| args.get(i + 1))
+        .map_or(1000, |v| v.parse().expect("a number"));
     let dir = std::env::temp_dir().join(format!("temma-failover-bench-{}", std::process::id()));
     // pull, pub, snapshot, http of each broker.
     let ports: Vec<[u16; 4]> = (0..2)
@@ -115,7 +120,8 @@ http = "127.0.0.1:{http}"
 watch = false
 snapshot = "zmq_broker_snapshot"
 peer = "zmq_broker_peer"
-peer_snapshot = "zmq_broker_peer_snapshot""#
+peer_snapshot = "zmq_broker_peer_snapshot"
+peer_timeout_ms = {timeout_ms}"#
                 ),
             )
         })
@@ -268,7 +274,7 @@ initial_history = 0"#,
     results.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "failover: SIGKILL of the active broker → first message delivered through the other, {rounds} rounds, 100 msg/s posted"
+        "failover: SIGKILL of the active broker → first message delivered through the other, {rounds} rounds, 100 msg/s posted, peer_timeout_ms = {timeout_ms}"
     );
     println!("| median | max | POST answers over the run |");
     println!("|---|---|---|");

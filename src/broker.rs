@@ -117,6 +117,11 @@ pub struct BrokerConfig {
     /// Data source of the DEALER socket to the peer's `broker.snapshot`, from which a backup
     /// copies the history and fills what it missed. Default: none.
     pub peer_snapshot: Option<String>,
+    /// Milliseconds without a heartbeat (sent every 100) after which a broker of a pair is
+    /// taken for gone, by its peer and by web nodes (each heartbeat says it): the failover
+    /// time. Default 1000; at least 300. Shorter fails over sooner, also from a broker that
+    /// only stalled that long (it then steps down: nothing is lost either way).
+    pub peer_timeout_ms: u64,
     /// The chain as validation compiled it, for the start-up that follows.
     #[serde(skip)]
     pub compiled: Compiled,
@@ -154,6 +159,7 @@ impl Default for BrokerConfig {
             history_ttl_secs: DEFAULT_ARCHIVE_TTL_SECS,
             peer: None,
             peer_snapshot: None,
+            peer_timeout_ms: crate::failover::DEAD_AFTER.as_millis() as u64,
             compiled: Compiled::default(),
         }
     }
@@ -198,6 +204,16 @@ impl BrokerConfig {
                     .to_owned(),
             ),
             _ => {}
+        }
+        let min = crate::failover::MIN_DEAD_AFTER.as_millis() as u64;
+        if self.peer_timeout_ms < min {
+            problem(
+                "broker.peer_timeout_ms",
+                format!(
+                    "is {}: must be at least {min} (three heartbeats, sent every 100 ms)",
+                    self.peer_timeout_ms
+                ),
+            );
         }
         crate::script::validate_limits(&self.limits, problem);
         let specs = self.script_specs(root);
@@ -309,7 +325,10 @@ impl BrokerConfig {
                 }));
                 metrics.broker_active.set(0);
                 Some(PairLink {
-                    state: Pair::new(tokio::time::Instant::now()),
+                    state: Pair::new(
+                        tokio::time::Instant::now(),
+                        std::time::Duration::from_millis(self.peer_timeout_ms),
+                    ),
                     frames: Some(frames),
                     requests: request_tx,
                     replies: Some(replies),

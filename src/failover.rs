@@ -35,8 +35,11 @@ use tokio::time::Instant;
 
 /// How often a broker of a pair publishes its heartbeat.
 pub const BEAT_INTERVAL: Duration = Duration::from_millis(100);
-/// A broker not heard for this long is taken for gone.
+/// A broker not heard for this long is taken for gone (the default of `broker.peer_timeout_ms`;
+/// each heartbeat says its broker's, and web nodes go by it).
 pub const DEAD_AFTER: Duration = Duration::from_millis(1000);
+/// The shortest `broker.peer_timeout_ms`: three heartbeats.
+pub const MIN_DEAD_AFTER: Duration = Duration::from_millis(300);
 /// How long an active broker stops reading PULL for a joining backup to catch up, at most
 /// (then it reads again for [`DEAD_AFTER`] before it tries again).
 pub const HOLD_AT_MOST: Duration = Duration::from_millis(500);
@@ -76,6 +79,14 @@ pub struct Beat {
     pub backup: bool,
     /// Backup: it holds the active broker's history and copies what it publishes.
     pub following: bool,
+    /// After how long without a heartbeat this broker is to be taken for gone
+    /// (`broker.peer_timeout_ms`).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    DEAD_AFTER.as_millis() as u64
 }
 
 #[derive(Serialize, Deserialize)]
@@ -101,6 +112,11 @@ impl Beat {
             .map(|wrapped| wrapped.broker)
     }
 
+    /// How long this broker may stay silent before it is taken for gone.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms).max(MIN_DEAD_AFTER)
+    }
+
     /// Orders two active brokers: the greater one stays active.
     fn rank(&self) -> (u64, &str) {
         (self.term, &self.run)
@@ -112,6 +128,8 @@ impl Beat {
 pub struct Pair {
     pub role: Role,
     pub term: u64,
+    /// `broker.peer_timeout_ms`: a peer silent this long is gone.
+    dead_after: Duration,
     started: Instant,
     heard: Option<(Instant, Beat)>,
     /// Backup: it holds the active broker's history.
@@ -128,10 +146,11 @@ pub struct Pair {
 }
 
 impl Pair {
-    pub fn new(now: Instant) -> Pair {
+    pub fn new(now: Instant, dead_after: Duration) -> Pair {
         Pair {
             role: Role::Backup,
             term: 0,
+            dead_after,
             started: now,
             heard: None,
             following: false,
@@ -142,11 +161,11 @@ impl Pair {
         }
     }
 
-    /// The peer's last heartbeat, if it was heard within [`DEAD_AFTER`].
+    /// The peer's last heartbeat, if it was heard within `broker.peer_timeout_ms`.
     pub fn peer(&self, now: Instant) -> Option<&Beat> {
         self.heard
             .as_ref()
-            .filter(|(at, _)| now.duration_since(*at) < DEAD_AFTER)
+            .filter(|(at, _)| now.duration_since(*at) < self.dead_after)
             .map(|(_, beat)| beat)
     }
 
@@ -160,7 +179,7 @@ impl Pair {
     pub fn may_take_over(&self, now: Instant) -> bool {
         self.role == Role::Backup
             && !self.peer_active(now)
-            && now.duration_since(self.started) >= DEAD_AFTER
+            && now.duration_since(self.started) >= self.dead_after
     }
 
     /// Becomes the active broker: the term after every term seen.
@@ -221,7 +240,7 @@ impl Pair {
             Some(since) if now.duration_since(since) < HOLD_AT_MOST => true,
             Some(_) => {
                 self.holding = None;
-                self.hold_again = Some(now + DEAD_AFTER);
+                self.hold_again = Some(now + self.dead_after);
                 false
             }
             None if self.hold_again.is_none_or(|at| now >= at) => {
@@ -265,6 +284,7 @@ impl Pair {
             seq,
             backup: self.role == Role::Active && self.confirmed,
             following: self.role == Role::Backup && self.following,
+            timeout_ms: self.dead_after.as_millis() as u64,
         }
     }
 }
@@ -376,10 +396,11 @@ pub fn decide(
     source: Option<usize>,
     target: usize,
 ) -> Decision {
+    // Each broker is judged by the silence its own heartbeat allows.
     let alive = |i: usize| -> Option<&Beat> {
         views[i]
             .as_ref()
-            .filter(|(at, _)| now.duration_since(*at) < DEAD_AFTER)
+            .filter(|(at, beat)| now.duration_since(*at) < beat.timeout())
             .map(|(_, beat)| beat)
     };
     let active = (0..views.len())
@@ -545,6 +566,7 @@ mod tests {
             seq: 0,
             backup,
             following,
+            timeout_ms: 1000,
         }
     }
 
@@ -609,7 +631,7 @@ mod tests {
     #[test]
     fn a_backup_takes_over_only_without_an_active_peer_and_the_lower_term_steps_down() {
         let start = Instant::now();
-        let mut pair = Pair::new(start);
+        let mut pair = Pair::new(start, DEAD_AFTER);
         assert!(!pair.may_take_over(start), "not before DEAD_AFTER");
         let later = start + DEAD_AFTER;
         assert!(pair.may_take_over(later));
@@ -631,7 +653,7 @@ mod tests {
     #[test]
     fn the_backup_is_confirmed_once_it_holds_everything() {
         let now = Instant::now();
-        let mut pair = Pair::new(now - DEAD_AFTER);
+        let mut pair = Pair::new(now - DEAD_AFTER, DEAD_AFTER);
         pair.take_over();
         let term = pair.term;
         pair.heard(beat(Role::Backup, term, false, true), 7, now);

@@ -414,7 +414,7 @@ impl Handler for Health {
                 .into_iter()
                 .zip(addresses)
                 .map(|(view, address)| match view {
-                    Some((ago, beat)) if ago < crate::failover::DEAD_AFTER => serde_json::json!({
+                    Some((ago, beat)) if ago < beat.timeout() => serde_json::json!({
                         "address": address,
                         "state": beat.state.as_str(),
                         "term": beat.term,

@@ -553,6 +553,10 @@ peer_snapshot = "zmq_broker_peer_snapshot"
             broker.replace("peer = \"zmq_broker_peer\"\n", ""),
             "`broker.peer_snapshot`: is set without `broker.peer`",
         ),
+        (
+            format!("{broker}peer_timeout_ms = 100\n"),
+            "`broker.peer_timeout_ms`: is 100: must be at least 300 (three heartbeats, sent every 100 ms)",
+        ),
     ] {
         let (ok, text) = check("bad", &body);
         assert!(!ok, "accepted:\n{body}");
