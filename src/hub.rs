@@ -1124,7 +1124,10 @@ impl Hub {
                         match reply {
                             Reply::Head(_, head) => {
                                 waiting.covered = head.covered;
-                                self.snapshot_head(&head);
+                                // (A broker that is no longer the source resets nobody.)
+                                if !standby(&failover) {
+                                    self.snapshot_head(&head);
+                                }
                             }
                             Reply::Batch(_, frames) => {
                                 // From a broker that stopped being the source meanwhile: not
