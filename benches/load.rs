@@ -88,6 +88,12 @@ struct Args {
     /// to be of its subscriber's room. 0: no rooms.
     #[arg(long, default_value_t = 0)]
     rooms: usize,
+    /// Publish nothing: expect `--messages` messages published by another process (another
+    /// `temma-load` with `--publish`, on this machine: markers carry wall-clock send times),
+    /// and wait for them (after the first, until `--drain-ms` passes with nothing new). For runs
+    /// that spread subscribers over several processes and servers.
+    #[arg(long)]
+    external: bool,
 }
 
 impl Args {
@@ -103,7 +109,6 @@ const SHARDS: usize = 32;
 const MAX_LATENCY_US: u64 = 60_000_000;
 
 struct Shared {
-    start: Instant,
     connected: AtomicUsize,
     failed: AtomicUsize,
     received: AtomicU64,
@@ -126,8 +131,12 @@ struct Shared {
 }
 
 impl Shared {
+    /// Microseconds since the Unix epoch: markers carry it, so that a message published by
+    /// another process (`--external`) is timed as well.
     fn now_us(&self) -> u64 {
-        self.start.elapsed().as_micros() as u64
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
     }
 
     /// Deliveries expected: every accepted message by every subscriber (of its room).
@@ -239,6 +248,10 @@ async fn subscriber(id: usize, uri: hyper::Uri, args: Arc<Args>, shared: Arc<Sha
                 }
                 if seen.insert(seq) {
                     got += 1;
+                    if args.external {
+                        // The publisher is elsewhere: the first send time comes with the marker.
+                        shared.first_send_us.fetch_min(ts, Ordering::Relaxed);
+                    }
                     batch.push(now.saturating_sub(ts).min(MAX_LATENCY_US));
                 } else {
                     shared.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -687,7 +700,7 @@ fn main() -> std::process::ExitCode {
 async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>) -> Report {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.max_secs);
-    let shared = new_shared(started, args.rooms);
+    let shared = new_shared(args.rooms);
     let rss_before = rss_kib(&args.pid);
     let tasks = ramp_up(&args, &subscribe, &shared).await;
     // Wait until every subscriber connected or gave up.
@@ -707,6 +720,29 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
     let cpu_before = cpu_us(&args.pid);
     let messages = match publish {
         Some(publish) => publish_all(&args, publish, &shared, connected, deadline).await,
+        None if args.external => {
+            // Someone else publishes them all: each is expected by every subscriber here.
+            shared.published.store(args.messages, Ordering::Relaxed);
+            let expected = shared.expected(connected);
+            let mut last = 0;
+            let mut quiet_since: Option<Instant> = None;
+            while Instant::now() < deadline {
+                let now = shared.received.load(Ordering::Relaxed);
+                if now >= expected {
+                    break;
+                }
+                if now != last {
+                    last = now;
+                    quiet_since = Some(Instant::now());
+                } else if quiet_since
+                    .is_some_and(|at| at.elapsed() >= Duration::from_millis(args.drain_ms))
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            args.messages
+        }
         None => 0,
     };
     let cpu_used = cpu_before
@@ -733,9 +769,8 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
 }
 
 /// The counters every task updates.
-fn new_shared(started: Instant, rooms: usize) -> Arc<Shared> {
+fn new_shared(rooms: usize) -> Arc<Shared> {
     Arc::new(Shared {
-        start: started,
         connected: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
         received: AtomicU64::new(0),
