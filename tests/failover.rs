@@ -563,3 +563,54 @@ peer_snapshot = "zmq_broker_peer_snapshot"
         assert!(text.contains(problem), "no {problem:?} in:\n{text}");
     }
 }
+
+/// A web node in failover mode matches brokers by their place in the lists: SIGHUP (`rewire`)
+/// does not move them, it says a restart is needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_names_a_restart_for_a_pairs_lists() {
+    let lists = |second: u16| {
+        let mut config = common::test_config();
+        config.broker.embedded = false;
+        let sources = &mut config.application.data_sources;
+        for (name, kind, port) in [
+            ("zmq_client_push", "PUSH", 5000),
+            ("zmq_client_sub", "SUB", 6000),
+            ("zmq_client_snapshot", "DEALER", 7000),
+        ] {
+            sources.insert(
+                name.into(),
+                format!(
+                    "zmq://{kind}@127.0.0.1:{};127.0.0.1:{}",
+                    free_port(),
+                    second + port
+                )
+                .parse()
+                .unwrap(),
+            );
+        }
+        config.event.snapshot = Some("zmq_client_snapshot".into());
+        config.event.failover = true;
+        config.validate().unwrap();
+        config
+    };
+    let config = lists(10);
+    let node = common::TestApp::start_config(&config).await;
+    let mut moved = config.clone();
+    moved.application.data_sources = lists(20).application.data_sources;
+    let rewired = node.app().rewire(&moved).await;
+    assert!(rewired.changed.is_empty(), "{rewired:?}");
+    assert!(
+        rewired
+            .restart
+            .iter()
+            .any(|r| r.starts_with("event.failover")),
+        "{rewired:?}"
+    );
+    // The same lists: nothing to say.
+    let rewired = node.app().rewire(&config).await;
+    assert!(
+        rewired.changed.is_empty() && rewired.restart.is_empty(),
+        "{rewired:?}"
+    );
+    node.stop().await;
+}
