@@ -100,6 +100,19 @@ fn wait_for_line(child: &mut Child, needle: &str) {
         .unwrap_or_else(|_| panic!("the broker did not print {needle:?}"));
 }
 
+/// `temma broker -c config`, once it says it runs.
+fn broker_process(config: &Path) -> Child {
+    let mut child = Command::new(TEMMA)
+        .args(["broker", "-c", config.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn temma broker");
+    wait_for_line(&mut child, "broker running");
+    child
+}
+
 fn temma_broker(dir: &Path, scripts: &str) -> BrokerProcess {
     let (pull, publish) = (free_port(), free_port());
     std::fs::create_dir_all(dir.join("etc")).unwrap();
@@ -124,14 +137,7 @@ level = "warn,temma::app=info"
         ),
     )
     .unwrap();
-    let mut child = Command::new(TEMMA)
-        .args(["broker", "-c", config.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn temma broker");
-    wait_for_line(&mut child, "broker running");
+    let child = broker_process(&config);
     BrokerProcess {
         child,
         pull: format!("tcp://127.0.0.1:{pull}"),
@@ -177,15 +183,7 @@ level = "warn,temma::app=info"
             ),
         )
         .unwrap();
-        let mut child = Command::new(TEMMA)
-            .args(["broker", "-c", config.to_str().unwrap()])
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn temma broker");
-        wait_for_line(&mut child, "broker running");
-        children.push(child);
+        children.push(broker_process(&config));
     }
     let pull = format!("tcp://127.0.0.1:{}", ports[0][0]);
     let publish = format!("tcp://127.0.0.1:{}", ports[1][1]);

@@ -643,12 +643,7 @@ impl Broker {
                     .state
                     .peer(tokio::time::Instant::now())
                     .and_then(|beat| beat.run.parse().ok());
-                let archive = self
-                    .archive
-                    .as_ref()
-                    .map(|archive| crate::error::lock(archive));
-                run.and_then(|run| archive.and_then(|archive| archive.mark(run)))
-                    .unwrap_or(0)
+                run.and_then(|run| self.mark(run)).unwrap_or(0)
             }
         };
         let beat = pair.state.beat(self.stamper.run, seq);
@@ -763,11 +758,7 @@ impl Broker {
                 }
                 continue;
             };
-            let mark = self
-                .archive
-                .as_ref()
-                .and_then(|archive| crate::error::lock(archive).mark(id.run));
-            let next = match mark {
+            let next = match self.mark(id.run) {
                 Some(mark) if id.seq <= mark => continue,
                 Some(mark) => id.seq == mark + 1,
                 None => id.seq == 1,
@@ -781,22 +772,30 @@ impl Broker {
                 }
                 return;
             }
-            self.keep(id, room.as_deref(), key.as_deref(), frame.clone());
-            if self.pair.as_ref().is_some_and(|pair| pair.state.following) {
-                self.send(ZmqMessage::from(frame)).await;
-            }
+            self.keep(id, room.as_deref(), key.as_deref(), frame).await;
         }
     }
 
-    /// Archives a frame copied from the peer.
-    fn keep(&mut self, id: MsgId, room: Option<&str>, key: Option<&str>, frame: Bytes) {
+    /// The highest sequence number of `run` the archive took.
+    fn mark(&self, run: u64) -> Option<u64> {
+        self.archive
+            .as_ref()
+            .and_then(|archive| crate::error::lock(archive).mark(run))
+    }
+
+    /// Takes a frame copied from the peer: its key remembered, archived, and, once following,
+    /// published (web nodes that read this backup need it).
+    async fn keep(&mut self, id: MsgId, room: Option<&str>, key: Option<&str>, frame: Bytes) {
         if let Some(key) = key {
             self.stamper.remember(key, id);
         }
         if let Some(archive) = &self.archive {
             let mut archive = crate::error::lock(archive);
-            archive.push(id, room, frame, tokio::time::Instant::now());
+            archive.push(id, room, frame.clone(), tokio::time::Instant::now());
             self.metrics.archive_messages.set(archive.len() as i64);
+        }
+        if self.pair.as_ref().is_some_and(|pair| pair.state.following) {
+            self.send(ZmqMessage::from(frame)).await;
         }
     }
 
@@ -842,23 +841,15 @@ impl Broker {
                 }
             }
             Reply::Batch(_, frames) => {
-                let following = pair.state.following;
+                // Holes are other rooms' messages the peer dropped, not gaps.
                 for frame in frames {
                     let Some((id, room, key)) = id_and_room(&frame) else {
                         continue;
                     };
-                    let mark = self
-                        .archive
-                        .as_ref()
-                        .and_then(|archive| crate::error::lock(archive).mark(id.run));
-                    if mark.is_some_and(|mark| id.seq <= mark) {
+                    if self.mark(id.run).is_some_and(|mark| id.seq <= mark) {
                         continue;
                     }
-                    self.keep(id, room.as_deref(), key.as_deref(), frame.clone());
-                    // A backup already followed: web nodes that read it need these too.
-                    if following {
-                        self.send(ZmqMessage::from(frame)).await;
-                    }
+                    self.keep(id, room.as_deref(), key.as_deref(), frame).await;
                 }
             }
             Reply::End(_) => {

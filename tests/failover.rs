@@ -48,6 +48,42 @@ peer_snapshot = "zmq_broker_peer_snapshot"
     )
 }
 
+/// Two brokers as a pair (ports the system picked) and the web nodes' configuration, which
+/// lists both (each node's `server.listen` comes from its environment).
+fn pair_configs(dir: &TempDir) -> ([BrokerSpec; 2], PathBuf) {
+    let ports = || (free_port(), free_port(), free_port(), free_port());
+    let (p1, p2) = (ports(), ports());
+    let spec = |me: (u16, u16, u16, u16), peer: (u16, u16, u16, u16), name: &str| BrokerSpec {
+        pull: me.0,
+        publish: me.1,
+        snapshot: me.2,
+        http: me.3,
+        config: broker_config(&dir.0.join(name), me, (peer.1, peer.2)),
+    };
+    let brokers = [spec(p1, p2, "b1"), spec(p2, p1, "b2")];
+    let [b1, b2] = &brokers;
+    let web = write_config(
+        &dir.0.join("web"),
+        &format!(
+            r#"[application.dataSources]
+zmq_client_push = "zmq://PUSH@127.0.0.1:{};127.0.0.1:{}"
+zmq_client_sub = "zmq://SUB@127.0.0.1:{};127.0.0.1:{}"
+zmq_client_snapshot = "zmq://DEALER@127.0.0.1:{};127.0.0.1:{}"
+[server]
+shutdown_grace_secs = 1
+[broker]
+embedded = false
+[event]
+snapshot = "zmq_client_snapshot"
+failover = true
+initial_history = 0
+"#,
+            b1.pull, b2.pull, b1.publish, b2.publish, b1.snapshot, b2.snapshot
+        ),
+    );
+    (brokers, web)
+}
+
 fn start_broker(spec: &BrokerSpec) -> Running {
     let mut broker = common::spawn(&["broker", "-c", spec.config.to_str().unwrap()]);
     broker.wait_for_log("broker running");
@@ -100,38 +136,9 @@ fn jitter(max_ms: u64) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_active_broker_loses_no_message_that_got_a_200() {
     let dir = TempDir::new("failover");
-    let ports = |_| (free_port(), free_port(), free_port(), free_port());
-    let (p1, p2) = (ports(1), ports(2));
-    let spec = |me: (u16, u16, u16, u16), peer: (u16, u16, u16, u16), name: &str| BrokerSpec {
-        pull: me.0,
-        publish: me.1,
-        snapshot: me.2,
-        http: me.3,
-        config: broker_config(&dir.0.join(name), me, (peer.1, peer.2)),
-    };
-    let brokers = [spec(p1, p2, "b1"), spec(p2, p1, "b2")];
-    let (http_a, http_b) = (free_port(), free_port());
+    let (brokers, web) = pair_configs(&dir);
     let [b1, b2] = &brokers;
-    let web = write_config(
-        &dir.0.join("web"),
-        &format!(
-            r#"[application.dataSources]
-zmq_client_push = "zmq://PUSH@127.0.0.1:{};127.0.0.1:{}"
-zmq_client_sub = "zmq://SUB@127.0.0.1:{};127.0.0.1:{}"
-zmq_client_snapshot = "zmq://DEALER@127.0.0.1:{};127.0.0.1:{}"
-[server]
-listen = "127.0.0.1:{http_a}"
-shutdown_grace_secs = 1
-[broker]
-embedded = false
-[event]
-snapshot = "zmq_client_snapshot"
-failover = true
-initial_history = 0
-"#,
-            b1.pull, b2.pull, b1.publish, b2.publish, b1.snapshot, b2.snapshot
-        ),
-    );
+    let (http_a, http_b) = (free_port(), free_port());
     let mut running = [Some(start_broker(b1)), Some(start_broker(b2))];
     let node_a = spawn_node(&web, http_a);
     let node_b = spawn_node(&web, http_b);
@@ -379,35 +386,9 @@ initial_history = 0
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_a_takeover_is_not_published_twice() {
     let dir = TempDir::new("failover-key");
-    let ports = || (free_port(), free_port(), free_port(), free_port());
-    let (p1, p2) = (ports(), ports());
-    let spec = |me: (u16, u16, u16, u16), peer: (u16, u16, u16, u16), name: &str| BrokerSpec {
-        pull: me.0,
-        publish: me.1,
-        snapshot: me.2,
-        http: me.3,
-        config: broker_config(&dir.0.join(name), me, (peer.1, peer.2)),
-    };
-    let brokers = [spec(p1, p2, "b1"), spec(p2, p1, "b2")];
+    let (brokers, web) = pair_configs(&dir);
     let [b1, b2] = &brokers;
     let (http_a, http_b) = (free_port(), free_port());
-    let web = write_config(
-        &dir.0.join("web"),
-        &format!(
-            r#"[application.dataSources]
-zmq_client_push = "zmq://PUSH@127.0.0.1:{};127.0.0.1:{}"
-zmq_client_sub = "zmq://SUB@127.0.0.1:{};127.0.0.1:{}"
-zmq_client_snapshot = "zmq://DEALER@127.0.0.1:{};127.0.0.1:{}"
-[broker]
-embedded = false
-[event]
-snapshot = "zmq_client_snapshot"
-failover = true
-initial_history = 0
-"#,
-            b1.pull, b2.pull, b1.publish, b2.publish, b1.snapshot, b2.snapshot
-        ),
-    );
     let mut running = [Some(start_broker(b1)), Some(start_broker(b2))];
     let _a = spawn_node(&web, http_a);
     let _b = spawn_node(&web, http_b);
