@@ -8,7 +8,8 @@
 //! using the zeromq crate as temma's web nodes do.
 //!
 //! Options after `--`: `--messages N` (default 1000000 without scripts, a fifth of it with
-//! scripts), `--only NAME` (per-script, libzmq-proxy, none, trivial, default-chain),
+//! scripts), `--only NAME` (per-script, libzmq-proxy, none, trivial, default-chain,
+//! chain-workers, pair), `--workers N` (threads of `chain-workers`),
 //! `--json` (one JSON object per line instead of the table), `--script FILE [--params JSON]`
 //! (time your own script in `per-script`).
 //!
@@ -19,6 +20,8 @@
 //! - `trivial`: one script, `fn on_message(msg) { msg }`;
 //! - `default-chain`: the chain of `etc/temma.toml` (rate limit, trim, commands, profanity),
 //!   with the rate limit raised so that every message goes through all four scripts;
+//! - `chain-workers`: the same chain on `broker.script_workers` threads (as many as cores, or
+//!   `--workers N`); order checked per sender (1000 of them), which is what workers keep;
 //! - `pair`: two brokers without scripts (`broker.peer`): pushed into the active one, read
 //!   from the backup's PUB socket (its copies), as web nodes in failover mode read them.
 // Tests may unwrap: a failure is the test failing (the library may not: Cargo.toml [lints]).
@@ -35,6 +38,8 @@ use std::time::{Duration, Instant};
 use zeromq::{PushSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
 const MESSAGE_BYTES: usize = 100;
+/// Senders the messages come from (each message's `from`).
+const SENDERS: usize = 1000;
 const TEMMA: &str = env!("CARGO_BIN_EXE_temma");
 
 fn root() -> PathBuf {
@@ -285,7 +290,9 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Drives `count` messages through a broker: producer and consumer each on its own thread,
 /// each with its own socket (the zeromq crate's sockets live on the runtime that made them).
-fn drive(broker: &BrokerProcess, count: usize) -> Outcome {
+/// Pushes `count` frames from 1000 senders and reads them back; `per_sender`: order is checked
+/// per sender (what the chain's workers keep), else over all messages.
+fn drive(broker: &BrokerProcess, count: usize, per_sender: bool) -> Outcome {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     let ready = Arc::new(AtomicBool::new(false));
@@ -302,6 +309,7 @@ fn drive(broker: &BrokerProcess, count: usize) -> Outcome {
                 let mut received = 0usize;
                 let mut in_order = true;
                 let mut last: Option<usize> = None;
+                let mut last_of = std::collections::HashMap::new();
                 let mut end = Instant::now();
                 while received < count {
                     let wait = if ready.load(Ordering::Acquire) { 3 } else { 20 };
@@ -312,10 +320,15 @@ fn drive(broker: &BrokerProcess, count: usize) -> Outcome {
                                 ready.store(true, Ordering::Release);
                                 continue;
                             };
+                            let last = if per_sender {
+                                last_of.entry(seq % SENDERS).or_insert(None)
+                            } else {
+                                &mut last
+                            };
                             if last.is_some_and(|l| seq <= l) {
                                 in_order = false;
                             }
-                            last = Some(seq);
+                            *last = Some(seq);
                             received += 1;
                             end = Instant::now();
                         }
@@ -327,7 +340,7 @@ fn drive(broker: &BrokerProcess, count: usize) -> Outcome {
             })
         })
     };
-    let frames: Vec<Vec<u8>> = (0..count).map(|seq| frame(seq, seq % 1000)).collect();
+    let frames: Vec<Vec<u8>> = (0..count).map(|seq| frame(seq, seq % SENDERS)).collect();
     let pull = broker.pull.clone();
     let producer = std::thread::spawn(move || {
         runtime().block_on(async move {
@@ -446,7 +459,7 @@ fn main() {
             publish,
             others: Vec::new(),
         };
-        let result = drive(&broker, base);
+        let result = drive(&broker, base, false);
         println!(
             "external: sent {} received {} in order {} msgs/s {:.0}",
             result.sent,
@@ -465,6 +478,10 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let trivial = dir.join("trivial.rhai");
     std::fs::write(&trivial, "fn on_message(msg) { msg }\n").unwrap();
+    // As many workers as cores, unless `--workers N`.
+    let workers: usize = value("--workers")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let default_chain = r#"
 [[broker.scripts]]
 file = "scripts/ratelimit.rhai"
@@ -490,7 +507,12 @@ params = { words_file = "scripts/words.txt", mask = "*" }
             )),
             with_scripts,
         ),
-        ("default-chain", Some(default_chain), with_scripts),
+        ("default-chain", Some(default_chain.clone()), with_scripts),
+        (
+            "chain-workers",
+            Some(format!("script_workers = {workers}\n{default_chain}")),
+            with_scripts,
+        ),
         ("pair", Some(String::new()), base),
     ];
     if !json {
@@ -518,7 +540,7 @@ params = { words_file = "scripts/words.txt", mask = "*" }
                 }
             },
         };
-        let result = drive(&broker, count);
+        let result = drive(&broker, count, name == "chain-workers");
         drop(broker);
         if json {
             println!(

@@ -39,6 +39,7 @@ use crate::wire::{
     Envelope, KEY, MsgId, PRIVATE_KEYS, REF, ROOM, STAMPED_KEYS, max_published_bytes, new_run,
     now_ms, plain_str, published, rejection,
 };
+use crate::workers::{Done, Job, Workers};
 
 /// Default `broker.pull`: Temma's data source name.
 pub const DEFAULT_BROKER_PULL: &str = "zmq_broker_pull";
@@ -97,6 +98,11 @@ pub struct BrokerConfig {
     pub limits: ScriptLimits,
     /// The moderation chain, run in order on every message.
     pub scripts: Vec<ScriptConfig>,
+    /// Threads that run the chain, each with its own copy of it (see [`crate::workers`]).
+    /// Default 1: the chain runs on the broker's task. More when the chain is the bottleneck
+    /// and there are cores to spare: one sender's messages stay in order, and per-sender
+    /// script state (a rate limit) stays exact; state shared by all senders is per thread.
+    pub script_workers: usize,
     /// Data source of the snapshot socket, a ROUTER bind (e.g. `"zmq_broker_snapshot"` =
     /// `"zmq-bind://ROUTER@127.0.0.1:7000"`): the broker keeps the recent history and web nodes
     /// (`event.snapshot`) fill theirs from it when they start or reconnect, so a restarted node
@@ -153,6 +159,7 @@ impl Default for BrokerConfig {
             watch: true,
             limits: ScriptLimits::default(),
             scripts: Vec::new(),
+            script_workers: 1,
             snapshot: None,
             history_size: DEFAULT_ARCHIVE_SIZE,
             history_bytes: DEFAULT_ARCHIVE_BYTES,
@@ -215,6 +222,16 @@ impl BrokerConfig {
                 ),
             );
         }
+        if !(1..=crate::workers::MAX_WORKERS).contains(&self.script_workers) {
+            problem(
+                "broker.script_workers",
+                format!(
+                    "is {}: must be from 1 to {}",
+                    self.script_workers,
+                    crate::workers::MAX_WORKERS
+                ),
+            );
+        }
         crate::script::validate_limits(&self.limits, problem);
         let specs = self.script_specs(root);
         match crate::script::compile(&specs) {
@@ -243,9 +260,24 @@ impl BrokerConfig {
             None => crate::script::compile(&specs)
                 .map_err(|mut errors| BrokerError::Script(errors.remove(0).1))?,
         };
-        let chain = Chain::new(scripts, ctx.metrics.clone());
+        // With workers, one copy of the chain per thread (each runs its scripts' `init()`).
+        let (chain, workers, verdicts) = if !scripts.is_empty() && self.script_workers > 1 {
+            let mut chains = vec![Chain::new(scripts, ctx.metrics.clone())];
+            for _ in 1..self.script_workers {
+                let copy = crate::script::compile(&specs)
+                    .map_err(|mut errors| BrokerError::Script(errors.remove(0).1))?;
+                chains.push(Chain::new(copy, ctx.metrics.clone()));
+            }
+            let (workers, verdicts) = Workers::start(chains);
+            let chain = Chain::new(Vec::new(), ctx.metrics.clone());
+            (chain, Some(workers), Some(verdicts))
+        } else {
+            (Chain::new(scripts, ctx.metrics.clone()), None, None)
+        };
+        let copies = workers.as_ref().map_or(1, Workers::len);
         let (reloader, reloads, reload) =
             Reloader::new(specs, source, self.watch, ctx.metrics.clone());
+        let reloader = reloader.copies(copies);
         let limit = self.max_frame_bytes;
         let metrics = ctx.metrics.clone();
         let mut publish = PubSocket::with_options(socket::options(limit));
@@ -348,6 +380,8 @@ impl BrokerConfig {
             stamper,
             archive: snapshot.as_ref().map(|server| server.archive.clone()),
             chain,
+            workers,
+            verdicts,
             reloads,
             notify_rejections: self.notify_rejections,
             max_published: max_published_bytes(limit),
@@ -379,7 +413,12 @@ pub struct Broker {
     stamper: Stamper,
     /// What was published, for snapshots (with `broker.snapshot`).
     archive: Option<Arc<Mutex<Archive>>>,
+    /// The chain, run on this task (empty without scripts, or with workers).
     chain: Chain,
+    /// With `broker.script_workers` > 1: the threads that run the chain, and their verdicts
+    /// (taken by [`Broker::run`]).
+    workers: Option<Workers>,
+    verdicts: Option<tokio::sync::mpsc::UnboundedReceiver<Done>>,
     reloads: tokio::sync::mpsc::Receiver<Reload>,
     notify_rejections: bool,
     /// The largest frame published; scripts that make a message larger get it dropped.
@@ -444,6 +483,14 @@ fn id_and_room(frame: &[u8]) -> Option<(MsgId, Option<String>, Option<String>)> 
 
 /// Receives from `rx`, or waits forever without one.
 async fn recv_some<T>(rx: Option<&mut tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next verdict of the chain's workers, if there are workers.
+async fn recv_verdict(rx: Option<&mut tokio::sync::mpsc::UnboundedReceiver<Done>>) -> Option<Done> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -535,6 +582,7 @@ impl Broker {
         let mut peer_frames = self.pair.as_mut().and_then(|pair| pair.frames.take());
         let mut peer_replies = self.pair.as_mut().and_then(|pair| pair.replies.take());
         let mut local = self.local.as_mut().and_then(|local| local.frames.take());
+        let mut verdicts = self.verdicts.take();
         loop {
             // A joining backup catching up: PULL waits (briefly) so that it can.
             let seq = self.stamper.seq;
@@ -547,7 +595,17 @@ impl Broker {
                 () = &mut cancelled => break,
                 // Between two messages: none is dropped or reordered by a reload.
                 Some(reload) = self.reloads.recv() => {
-                    self.chain.apply(reload);
+                    match &self.workers {
+                        Some(workers) => workers.reload(reload).await,
+                        None => self.chain.apply(reload),
+                    }
+                    continue;
+                }
+                // What the chain's workers passed goes out before more is read.
+                Some(done) = recv_verdict(verdicts.as_mut()) => {
+                    if let Some(out) = self.finish(done) {
+                        self.deliver(out).await;
+                    }
                     continue;
                 }
                 _ = beats.tick(), if paired => {
@@ -588,15 +646,8 @@ impl Broker {
                     continue;
                 }
             }
-            if let Some(out) = self.handle(message) {
-                self.publish(out).await;
-                if let Some(pair) = &mut self.pair
-                    && pair
-                        .state
-                        .check_backup(self.stamper.seq, tokio::time::Instant::now())
-                {
-                    self.beat().await;
-                }
+            if let Some(out) = self.handle(message).await {
+                self.deliver(out).await;
             }
         }
         tracing::info!("broker stopped");
@@ -613,8 +664,21 @@ impl Broker {
         if let Some(sent) = item.sent {
             let _ = sent.send(());
         }
-        if let Some(out) = self.handle(ZmqMessage::from(item.frame)) {
+        if let Some(out) = self.handle(ZmqMessage::from(item.frame)).await {
             self.publish(out).await;
+        }
+    }
+
+    /// Publishes what [`Broker::handle`] or [`Broker::finish`] made; with a pair, the
+    /// heartbeat that says the backup holds it all, when it now does.
+    async fn deliver(&mut self, out: ZmqMessage) {
+        self.publish(out).await;
+        if let Some(pair) = &mut self.pair
+            && pair
+                .state
+                .check_backup(self.stamper.seq, tokio::time::Instant::now())
+        {
+            self.beat().await;
         }
     }
 
@@ -884,8 +948,9 @@ impl Broker {
         self.beat().await;
     }
 
-    /// One input message → the frame to publish, if any.
-    fn handle(&mut self, message: ZmqMessage) -> Option<ZmqMessage> {
+    /// One input message → the frame to publish, if any (with the chain's workers, a message
+    /// for the chain is queued and published by [`Broker::finish`]).
+    async fn handle(&mut self, message: ZmqMessage) -> Option<ZmqMessage> {
         if message.len() != 1 {
             self.metrics.dropped(DropReason::Multipart);
             tracing::warn!(
@@ -900,51 +965,98 @@ impl Broker {
             // no id, no scripts, not counted.
             return Some(ZmqMessage::from(frame));
         }
-        // Where the frame's room is, when the stamper saw it (the archive keeps rooms apart).
-        let mut room_at = RoomAt::Unknown;
-        let out = match self.stamper.stamp(&frame, self.chain.is_empty()) {
-            Ok(Stamped::Ready(bytes, at)) => {
-                room_at = at;
-                bytes
-            }
-            Ok(Stamped::Parsed { map, key }) => match self.chain.run(map) {
-                Verdict::Pass(bytes) if bytes.len() > self.max_published => {
-                    self.metrics.dropped(DropReason::Oversize);
-                    return self.notify(
-                        None,
-                        "the message is too large once moderated",
-                        413,
-                        bytes.len(),
-                    );
+        let scripted = !self.chain.is_empty() || self.workers.is_some();
+        match self.stamper.stamp(&frame, !scripted) {
+            // Where the frame's room is, when the stamper saw it (the archive keeps rooms apart).
+            Ok(Stamped::Ready(bytes, at)) => self.record(bytes, at),
+            Ok(Stamped::Parsed { map, key }) => {
+                // Only a keyed message may turn out a duplicate after the chain.
+                let reference = key.as_ref().and_then(|_| {
+                    map.get(REF)
+                        .and_then(|r| r.clone().into_immutable_string().ok())
+                        .map(|r| r.to_string())
+                });
+                if let Some(workers) = &self.workers {
+                    workers
+                        .submit(Job {
+                            map,
+                            key,
+                            reference,
+                        })
+                        .await;
+                    return None;
                 }
-                Verdict::Pass(bytes) => {
-                    // A pair's backup learns the key from the frame (see `publish_keys`).
-                    let bytes = match &key {
-                        Some(key) if self.stamper.publish_keys => {
-                            crate::wire::with_key(&bytes, key)
-                        }
-                        _ => bytes,
-                    };
-                    self.stamper.commit(key);
-                    bytes
-                }
-                Verdict::Drop {
+                let verdict = self.chain.run(map);
+                self.finish(Done {
+                    verdict,
+                    key,
                     reference,
-                    reason,
-                    status,
-                } => return self.notify(reference, &reason, status, 0),
-            },
+                })
+            }
             Ok(Stamped::Duplicate { reference, id }) => {
                 // Published already (a retry after a late answer): say so, publish nothing.
                 self.metrics.dropped(DropReason::Duplicate);
-                return reference.map(|reference| ZmqMessage::from(published(&reference, id)));
+                reference.map(|reference| ZmqMessage::from(published(&reference, id)))
             }
             Err(reason) => {
                 self.metrics.dropped(reason);
                 tracing::warn!(?reason, bytes = frame.len(), "dropped an unreadable frame");
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    /// The chain's verdict on a message → the frame to publish (stamped with its id now, so
+    /// that ids stay dense in publishing order), or the notice for its sender.
+    fn finish(&mut self, done: Done) -> Option<ZmqMessage> {
+        let Done {
+            verdict,
+            key,
+            reference,
+        } = done;
+        if self
+            .pair
+            .as_ref()
+            .is_some_and(|pair| pair.state.role == Role::Backup)
+        {
+            // Stepped down while the message was in the chain: the active broker decides.
+            self.metrics.dropped(DropReason::Standby);
+            return None;
+        }
+        match verdict {
+            Verdict::Pass(bytes) if bytes.len() > self.max_published => {
+                self.metrics.dropped(DropReason::Oversize);
+                self.notify(
+                    None,
+                    "the message is too large once moderated",
+                    413,
+                    bytes.len(),
+                )
+            }
+            Verdict::Pass(bytes) => {
+                // A retry of it may have been published while it was in a worker's chain.
+                if let Some(id) = self.stamper.duplicate(key.as_deref()) {
+                    self.metrics.dropped(DropReason::Duplicate);
+                    return reference.map(|reference| ZmqMessage::from(published(&reference, id)));
+                }
+                // A pair's backup learns the key from the frame (see `publish_keys`).
+                let bytes = match &key {
+                    Some(key) if self.stamper.publish_keys => crate::wire::with_key(&bytes, key),
+                    _ => bytes,
+                };
+                let out = self.stamper.stamp_id(&bytes, key);
+                self.record(out, RoomAt::Unknown)
+            }
+            Verdict::Drop {
+                reference,
+                reason,
+                status,
+            } => self.notify(reference, &reason, status, 0),
+        }
+    }
+
+    /// A stamped message: counted, archived (with `broker.snapshot`), ready to publish.
+    fn record(&mut self, out: Bytes, room_at: RoomAt) -> Option<ZmqMessage> {
         self.metrics.broker_published.inc();
         if let Some(archive) = &self.archive {
             let room = match &room_at {
@@ -1002,8 +1114,8 @@ pub enum RoomAt {
 pub enum Stamped {
     /// Stamped and serialized: publish as is (no scripts to run); where its room is.
     Ready(Bytes, RoomAt),
-    /// Parsed and stamped, for the script chain; [`Stamper::commit`] it (with its idempotency
-    /// key) if the chain passes it.
+    /// Parsed and stamped with the time, for the script chain; if the chain passes it,
+    /// [`Stamper::stamp_id`] gives it its id (and remembers its idempotency key).
     Parsed { map: rhai::Map, key: Option<String> },
     /// Its idempotency key was published within the window, as `id`: not published again.
     Duplicate {
@@ -1212,7 +1324,7 @@ impl Stamper {
     }
 
     /// The parsed map for the script chain: the broker's keys removed, the idempotency key
-    /// taken out, the id and time stamped (the id used up only by [`Stamper::commit`]).
+    /// taken out, the time stamped (the id is stamped after the chain: [`Stamper::stamp_id`]).
     fn parse(&mut self, frame: &[u8]) -> Result<Stamped, DropReason> {
         let value: rhai::Dynamic =
             serde_json::from_slice(frame).map_err(|_| DropReason::InvalidJson)?;
@@ -1234,9 +1346,28 @@ impl Stamper {
                 .map(|r| r.to_string());
             return Ok(Stamped::Duplicate { reference, id });
         }
-        map.insert(crate::wire::ID.into(), self.next_id().to_string().into());
         map.insert(crate::wire::TIME.into(), (now_ms() as rhai::INT).into());
         Ok(Stamped::Parsed { map, key })
+    }
+
+    /// Appends the next id to a frame the chain passed (a compact JSON object) and uses it up.
+    /// Ids are stamped after the chain: dense in publishing order, also with several workers.
+    pub fn stamp_id(&mut self, frame: &[u8], key: Option<String>) -> Bytes {
+        let id = self.next_id();
+        self.commit(key);
+        let end = frame
+            .iter()
+            .rposition(|b| *b == b'}')
+            .expect("a serialized map ends with `}`");
+        let mut out = Vec::with_capacity(frame.len() + 32);
+        out.extend_from_slice(&frame[..end]);
+        if end > 1 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"id\":\"");
+        crate::wire::write_id(&mut out, id);
+        out.extend_from_slice(b"\"}");
+        out.into()
     }
 
     /// The general path without scripts: the fields copied as raw JSON, without the broker's
@@ -1565,21 +1696,25 @@ mod tests {
             panic!("parsed")
         };
         assert_eq!(text(&map, "from"), "a");
-        assert!(text(&map, "id").ends_with("-1"));
+        // The sender's id is gone; the broker's comes after the chain.
+        assert!(!map.contains_key("id"));
         assert!(map["time"].is_int());
         assert_eq!(
             stamper.stamp(b"[]", false).err(),
             Some(DropReason::NotAnObject)
         );
-        // Not committed: the next message gets the same id, until one passes the chain.
-        let Ok(Stamped::Parsed { map: again, .. }) = stamper.stamp(b"{}", false) else {
-            panic!("parsed")
-        };
-        assert_eq!(text(&again, "id"), text(&map, "id"));
-        stamper.commit(None);
-        let Ok(Stamped::Parsed { map: next, .. }) = stamper.stamp(b"{}", false) else {
-            panic!("parsed")
-        };
-        assert!(text(&next, "id").ends_with("-2"));
+        // Ids are used up in publishing order: a message the chain dropped uses none.
+        let first = stamper.stamp_id(br#"{"from":"a"}"#, None);
+        let first: Value = serde_json::from_slice(&first).unwrap();
+        assert!(first["id"].as_str().unwrap().ends_with("-1"), "{first}");
+        assert_eq!(first["from"], "a");
+        let empty = stamper.stamp_id(b"{}", Some("k".into()));
+        let empty: Value = serde_json::from_slice(&empty).unwrap();
+        assert!(empty["id"].as_str().unwrap().ends_with("-2"), "{empty}");
+        // Its key is remembered under that id.
+        assert_eq!(
+            stamper.duplicate(Some("k")).map(|id| id.to_string()),
+            empty["id"].as_str().map(str::to_owned)
+        );
     }
 }

@@ -52,6 +52,7 @@ pub mod session;
 pub mod snapshot;
 pub mod socket;
 pub mod wire;
+pub mod workers;
 
 pub use app::App;
 pub use config::Config;

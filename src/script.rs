@@ -3,7 +3,7 @@
 //!
 //! # The contract (see `scripts/README.md`)
 //!
-//! A script defines `fn on_message(msg)`. `msg` is a map: `from`, `text`, `id`, `time` and any
+//! A script defines `fn on_message(msg)`. `msg` is a map: `from`, `text`, `time` and any
 //! other field the message carries. The function returns:
 //! - the map, changed or not: the message goes on to the next script, then is published;
 //! - `()`: the message is dropped;
@@ -899,10 +899,38 @@ impl ChainEntry {
     }
 }
 
-/// A new version of the chain, or of one of its scripts, ready to swap in.
+/// A new version of the chain, or of one of its scripts, ready to swap in: compiled once per
+/// copy of the chain (`broker.script_workers`; one for the access hook).
 pub enum Reload {
-    One { index: usize, script: Box<Script> },
-    All(Vec<Script>),
+    One { index: usize, scripts: Vec<Script> },
+    All(Vec<Vec<Script>>),
+}
+
+impl Reload {
+    /// One reload per copy of the chain.
+    pub fn split(self) -> Vec<Reload> {
+        match self {
+            Reload::One { index, scripts } => scripts
+                .into_iter()
+                .map(|script| Reload::One {
+                    index,
+                    scripts: vec![script],
+                })
+                .collect(),
+            Reload::All(chains) => chains
+                .into_iter()
+                .map(|chain| Reload::All(vec![chain]))
+                .collect(),
+        }
+    }
+
+    /// The first script of the first copy: the access hook's script.
+    fn first(self) -> Option<Script> {
+        match self {
+            Reload::One { scripts, .. } => scripts.into_iter().next(),
+            Reload::All(chains) => chains.into_iter().next()?.into_iter().next(),
+        }
+    }
 }
 
 /// The chain of scripts the broker runs, in order.
@@ -995,13 +1023,16 @@ impl Chain {
     /// Swaps in a reloaded script or chain.
     pub fn apply(&mut self, reload: Reload) {
         match reload {
-            Reload::One { index, script } => {
-                if let Some(entry) = self.entries.get_mut(index) {
+            Reload::One { index, scripts } => {
+                if let (Some(entry), Some(script)) =
+                    (self.entries.get_mut(index), scripts.into_iter().next())
+                {
                     tracing::info!(script = %script.name, "script reloaded");
-                    *entry = ChainEntry::new(*script, &self.metrics);
+                    *entry = ChainEntry::new(script, &self.metrics);
                 }
             }
-            Reload::All(scripts) => {
+            Reload::All(chains) => {
+                let scripts = chains.into_iter().next().unwrap_or_default();
                 tracing::info!(scripts = scripts.len(), "script chain reloaded");
                 self.entries = scripts
                     .into_iter()
@@ -1011,8 +1042,9 @@ impl Chain {
         }
     }
 
-    /// Runs the message through every script. `message` already carries the broker's `id`
-    /// and `time`; whatever the scripts do, the published message keeps them and its `ref`.
+    /// Runs the message through every script. `message` already carries the broker's `time`;
+    /// whatever the scripts do, the published message keeps it and its `ref`, and gets no `id`
+    /// (the broker stamps it after the chain).
     pub fn run(&mut self, mut message: Map) -> Verdict {
         // Kept aside without an allocation: three values, restored after the chain.
         let owned = OWNED_KEYS.map(|key| (key, message.get(key).cloned()));
@@ -1102,6 +1134,8 @@ pub struct Reloader {
     tx: mpsc::Sender<Reload>,
     requests: mpsc::Receiver<()>,
     metrics: Arc<Metrics>,
+    /// How many copies of each script a reload compiles (one per worker thread).
+    copies: usize,
 }
 
 /// Asks the reloader to reload everything (what SIGHUP does).
@@ -1139,10 +1173,17 @@ impl Reloader {
                 tx,
                 requests,
                 metrics,
+                copies: 1,
             },
             rx,
             ReloadHandle(request_tx),
         )
+    }
+
+    /// Compiles `copies` of each script on a reload: one per copy of the chain.
+    pub fn copies(mut self, copies: usize) -> Reloader {
+        self.copies = copies.max(1);
+        self
     }
 
     fn count(&self, result: ReloadResult) {
@@ -1234,16 +1275,10 @@ impl Reloader {
             {
                 continue;
             }
-            match spec.load() {
-                Ok(script) => {
+            match (0..self.copies).map(|_| spec.load()).collect() {
+                Ok(scripts) => {
                     self.count(ReloadResult::Ok);
-                    let _ = self
-                        .tx
-                        .send(Reload::One {
-                            index,
-                            script: Box::new(script),
-                        })
-                        .await;
+                    let _ = self.tx.send(Reload::One { index, scripts }).await;
                 }
                 Err(error) => {
                     self.count(ReloadResult::Failed);
@@ -1267,8 +1302,17 @@ impl Reloader {
             },
             None => (self.specs.clone(), None),
         };
-        let scripts = match compiled.map_or_else(|| compile(&specs), Ok) {
-            Ok(scripts) => scripts,
+        let copies = compiled
+            .map_or_else(|| compile(&specs), Ok)
+            .and_then(|first| {
+                let mut copies = vec![first];
+                for _ in 1..self.copies {
+                    copies.push(compile(&specs)?);
+                }
+                Ok(copies)
+            });
+        let chains = match copies {
+            Ok(chains) => chains,
             Err(errors) => {
                 self.count(ReloadResult::Failed);
                 for (_, error) in errors {
@@ -1279,7 +1323,7 @@ impl Reloader {
         };
         self.count(ReloadResult::Ok);
         self.specs = specs;
-        let _ = self.tx.send(Reload::All(scripts)).await;
+        let _ = self.tx.send(Reload::All(chains)).await;
         true
     }
 }
@@ -1512,10 +1556,7 @@ impl Hook {
                     None => return,
                 },
             };
-            let script = match reload {
-                Reload::One { script, .. } => Some(*script),
-                Reload::All(scripts) => scripts.into_iter().next(),
-            };
+            let script = reload.first();
             tracing::info!(hook = script.is_some(), "access hook reloaded");
             *crate::error::lock(&self.script) = script;
         }

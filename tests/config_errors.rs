@@ -134,6 +134,11 @@ const CASES: &[Case] = &[
             "`event.max_clients`: is 0: must be at least 1",
         ],
     },
+    Case {
+        toml: "[broker]\nscript_workers = 0\n",
+        env: &[],
+        problems: &["`broker.script_workers`: is 0: must be from 1 to 64"],
+    },
     // Files: where temma looked, and the script by position and name.
     Case {
         toml: "[[broker.scripts]]\nfile = \"scripts/nope.rhai\"\n",

@@ -28,16 +28,17 @@ const LAYERS: &[(&str, u8)] = &[
     ("script", 3),
     ("hub", 3),
     ("homepage", 3),
-    ("broker", 4),
+    ("workers", 4),
+    ("broker", 5),
     ("event", 4),
-    ("message", 5),
-    ("direct", 5),
+    ("message", 6),
+    ("direct", 6),
     // The HTTP server wires the controllers.
-    ("server", 6),
+    ("server", 7),
     // The configuration assembles every component's section.
-    ("config", 7),
+    ("config", 8),
     // Start-up and shutdown.
-    ("app", 8),
+    ("app", 9),
 ];
 
 /// `crate::name` paths in the code of `text` (comments skipped).

@@ -624,7 +624,7 @@ fn script_command_uses_the_configuration() {
         damn,
     ]);
     assert_eq!(code, Some(0), "{err}");
-    assert!(out.starts_with(r#"passed: {"from":"a","id":""#), "{out}");
+    assert!(out.starts_with(r#"passed: {"from":"a","text":"#), "{out}");
     assert!(out.contains(r#""text":"****""#), "{out}");
     assert!(
         err.contains(&format!(
