@@ -17,9 +17,10 @@
 //! script's own state: a map that persists from one message to the next (fresh on reload).
 //! An optional `fn init()` runs once when the script is loaded, to prepare `this`.
 //! Functions: `now_ms()`, `log_debug(text)`, `log_info(text)`, `log_warn(text)`, `reject(…)`,
-//! and two native helpers for what would be slow in a script: `word_set(array)` with
-//! `mask_words(text, set, mask)` (whole words, case-insensitive), and
-//! `rate_limiter(max, window_ms, max_keys)` with `limiter.allow(key)`.
+//! and native helpers for what would be slow in a script: `word_set(array)` with
+//! `mask_words(text, set, mask)` (whole words, case-insensitive) and
+//! `msg.mask_words(fields, set, mask)` (in place, on several fields), `clip(text, max_chars)`,
+//! and `rate_limiter(max, window_ms, max_keys)` with `limiter.allow(key)`.
 //!
 //! A parameter whose name ends in `_file` names a file (relative to the application root);
 //! temma reads it and gives the script its lines (trimmed, blank lines and `#` comments
@@ -355,6 +356,15 @@ fn register_helpers(engine: &mut Engine) {
     engine.register_fn("mask_words", |text: &str, words: WordSet, mask: &str| {
         mask_words(text, &words, mask)
     });
+    engine.register_fn(
+        "mask_words",
+        |map: &mut Map, fields: rhai::Array, words: WordSet, mask: &str| {
+            mask_fields(map, &fields, &words, mask)
+        },
+    );
+    engine.register_fn("clip", |text: &str, max_chars: rhai::INT| {
+        clip(text, usize::try_from(max_chars).unwrap_or(0))
+    });
     engine.register_fn("hmac_sha256", hmac_sha256);
     engine.register_fn("same", |a: &str, b: &str| {
         use subtle::ConstantTimeEq;
@@ -362,8 +372,12 @@ fn register_helpers(engine: &mut Engine) {
     });
     engine.register_type_with_name::<RateLimiter>("RateLimiter");
     engine.register_fn("rate_limiter", RateLimiter::new);
-    engine.register_fn("allow", |limiter: &mut RateLimiter, key: &str| {
-        limiter.allow(key, crate::wire::now_ms() as rhai::INT)
+    engine.register_fn("allow", |limiter: &mut RateLimiter, key: Dynamic| {
+        let now = crate::wire::now_ms() as rhai::INT;
+        match key.read_lock::<rhai::ImmutableString>() {
+            Some(key) => limiter.allow(&key, now),
+            None => limiter.allow(&key.to_string(), now),
+        }
     });
 }
 
@@ -494,6 +508,43 @@ pub fn mask_words(text: &str, words: &WordSet, mask: &str) -> String {
         flush(&mut out, &text[start..]);
     }
     out
+}
+
+/// `msg.mask_words(fields, words, mask)`: [`mask_words`] on each of `fields` of the message
+/// that is a string, in place; other fields, and fields that are not strings, are left alone.
+pub fn mask_fields(map: &mut Map, fields: &[Dynamic], words: &WordSet, mask: &str) {
+    for field in fields {
+        let Some(name) = field.read_lock::<rhai::ImmutableString>() else {
+            continue;
+        };
+        let Some(value) = map.get_mut(name.as_str()) else {
+            continue;
+        };
+        let masked = match value.read_lock::<rhai::ImmutableString>() {
+            Some(text) => mask_words(&text, words, mask),
+            None => continue,
+        };
+        *value = masked.into();
+    }
+}
+
+/// `clip(text, max_chars)`: the text trimmed, and if it is still longer than `max_chars`
+/// characters, cut to `max_chars - 1` and ended with "…" (so `max_chars` in all).
+pub fn clip(text: &str, max_chars: usize) -> String {
+    let text = text.trim();
+    match text.char_indices().nth(max_chars) {
+        None => text.to_owned(),
+        Some(_) => {
+            let keep = max_chars.saturating_sub(1);
+            let end = text.char_indices().nth(keep).map_or(text.len(), |(i, _)| i);
+            let mut out = String::with_capacity(end + 3);
+            out.push_str(&text[..end]);
+            if max_chars > 0 {
+                out.push('…');
+            }
+            out
+        }
+    }
 }
 
 /// A compiled script with its engine and state.

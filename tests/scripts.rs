@@ -131,6 +131,36 @@ fn profanity_script() {
         text_of(run(&mut script, json!({"from": "a", "text": "crap"}))),
         "****"
     );
+    // Fields that are not strings, or missing, are left as they are.
+    let out = run(&mut script, json!({"from": 7, "text": "crap", "n": [1]}))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (out["from"].clone(), out["n"].clone()),
+        (json!(7), json!([1]))
+    );
+    let out = run(&mut script, json!({"from": "crap"})).unwrap().unwrap();
+    assert!(out.get("text").is_none(), "no text added: {out}");
+    assert_eq!(out["from"], "****");
+    // `fields` chooses what is masked.
+    let mut script = load(
+        &bundled("profanity.rhai"),
+        json!({"words_file": "scripts/words.txt", "fields": ["text", "topic"]}),
+    );
+    let out = run(
+        &mut script,
+        json!({"from": "crap", "text": "crap", "topic": "damn"}),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (
+            out["from"].as_str(),
+            out["text"].as_str(),
+            out["topic"].as_str()
+        ),
+        (Some("crap"), Some("****"), Some("****"))
+    );
 }
 
 #[test]
@@ -156,6 +186,11 @@ fn ratelimit_script() {
     );
     let (_, reason) = run(&mut script, json!({"from": "ann", "text": "x"})).unwrap_err();
     assert_eq!(reason, "too many messages: at most 3 every 60 seconds");
+    // A sender name that is not a string is a key all the same.
+    let statuses: Vec<bool> = (0..5)
+        .map(|_| run(&mut script, json!({"from": 42, "text": "x"})).is_ok())
+        .collect();
+    assert_eq!(statuses, [true, true, true, false, false]);
 
     // A window of 0 seconds forgets at once: nothing is ever limited.
     let mut script = load(
@@ -747,4 +782,15 @@ async fn versions(sse: &mut common::Sse, count: usize) -> Vec<i64> {
         .iter()
         .map(|event| event.json()["version"].as_i64().unwrap())
         .collect()
+}
+
+#[test]
+fn clip_trims_and_cuts_by_characters() {
+    use temma::script::clip;
+    assert_eq!(clip("  hi  ", 5), "hi");
+    assert_eq!(clip("hello", 5), "hello");
+    assert_eq!(clip("hello!", 5), "hell…");
+    assert_eq!(clip(" ééééééé ", 5), "éééé…");
+    assert_eq!(clip("ab", 1), "…");
+    assert_eq!(clip("ab", 0), "");
 }
