@@ -383,6 +383,24 @@ impl App {
             shutdown.clone(),
         ));
 
+        // The console: no route and no task unless it is on.
+        let console = match (config.console.enabled, config.console.token()) {
+            (true, Some(token)) => {
+                let console = Arc::new(crate::console::Console::new(
+                    token,
+                    config.resolve(&config.server.static_dir).join("console"),
+                    Arc::new(config.server.trusted_proxies.clone()),
+                ));
+                app.spawn(console.clone().run_sampler(
+                    app.metrics.clone(),
+                    hub.clone(),
+                    brokers.clone(),
+                    shutdown.clone(),
+                ));
+                Some(console)
+            }
+            _ => None,
+        };
         let access = app.start_access(config, &shutdown);
         let front = config.server.front(
             hub.clone(),
@@ -414,6 +432,7 @@ impl App {
             fetch_sessions: config.sessions(),
             cors_origins: config.server.cors_origins.clone(),
             brokers,
+            console,
         });
         let tracker = app.tracker.clone();
         app.spawn(server::serve(

@@ -78,6 +78,8 @@ pub struct Config {
     pub rooms: crate::hub::RoomsConfig,
     /// The web node's access hook (`on_subscribe`, `on_publish`).
     pub access: crate::script::AccessConfig,
+    /// The operator's console (`/console`).
+    pub console: crate::console::ConsoleConfig,
     /// Logging.
     pub log: LogConfig,
     /// The file this configuration was read from (empty for an in-memory configuration).
@@ -549,6 +551,7 @@ impl Config {
         self.event.validate(&mut problem);
         self.rooms.validate(&mut problem);
         self.access.validate(&root, &mut problem);
+        self.console.validate(&mut problem);
         self.broker.validate(&root, &mut problem);
         if problems.is_empty() {
             Ok(())

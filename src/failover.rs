@@ -552,6 +552,25 @@ impl Brokers {
             })
             .collect()
     }
+
+    /// Each broker as `/health` and the console show it: its address (from `addresses`, in
+    /// the same order), its state (`active`, `backup`, or `silent` when its heartbeat is late)
+    /// and term, and how long ago it was heard.
+    pub fn describe(&self, addresses: &[String]) -> serde_json::Value {
+        self.views()
+            .into_iter()
+            .zip(addresses)
+            .map(|(view, address)| match view {
+                Some((ago, beat)) if ago < beat.timeout() => serde_json::json!({
+                    "address": address,
+                    "state": beat.state.as_str(),
+                    "term": beat.term,
+                    "heard_ms_ago": ago.as_millis() as u64,
+                }),
+                _ => serde_json::json!({ "address": address, "state": "silent" }),
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -242,6 +242,21 @@ struct State {
     reported: bool,
 }
 
+/// A web node as [`Hub::nodes`] sees it.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    /// Its random id (a new one each start).
+    pub node: String,
+    /// Whether it is this node.
+    pub this: bool,
+    /// Its SSE clients.
+    pub clients: u64,
+    /// Its rooms that have clients.
+    pub rooms: usize,
+    /// How long ago it reported.
+    pub heard: Duration,
+}
+
 /// Who is in a room on one node, as presence reports say it: a count, or a count and names.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(untagged)]
@@ -484,6 +499,35 @@ impl Hub {
             .collect();
         rooms.sort();
         rooms
+    }
+
+    /// This node and the other web nodes heard from (presence reports, while they have
+    /// clients), this node first.
+    pub fn nodes(&self) -> Vec<NodeView> {
+        let mut state = self.shared.lock();
+        let now = Instant::now();
+        state.expire_others(now);
+        let mut nodes = vec![NodeView {
+            node: self.shared.node.clone(),
+            this: true,
+            clients: self.clients() as u64,
+            rooms: state.rooms.values().filter(|r| !r.slots.is_empty()).count(),
+            heard: Duration::ZERO,
+        }];
+        let mut others: Vec<NodeView> = state
+            .others
+            .iter()
+            .map(|(node, (at, rooms))| NodeView {
+                node: node.clone(),
+                this: false,
+                clients: rooms.values().map(Present::count).sum(),
+                rooms: rooms.values().filter(|p| p.count() > 0).count(),
+                heard: now.saturating_duration_since(*at),
+            })
+            .collect();
+        others.sort_by(|a, b| a.node.cmp(&b.node));
+        nodes.extend(others);
+        nodes
     }
 
     /// Clients connected now.

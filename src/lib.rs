@@ -35,6 +35,7 @@ pub mod acks;
 pub mod app;
 pub mod broker;
 pub mod config;
+pub mod console;
 pub mod context;
 pub mod direct;
 pub mod dsn;

@@ -10,6 +10,7 @@
 //! | `GET /health`              | liveness and ZeroMQ connection state        |
 //! | `GET /metrics`             | Prometheus text format ([`crate::metrics`]) |
 //! | `GET /rooms`               | rooms with their client counts, all nodes   |
+//! | `/console`, `/console/…`   | the operator's console ([`crate::console`]) |
 //! | `GET /<file>`              | files of the static folder                  |
 //!
 //! Anything else gets a JSON 404 (or 405 for a known route and the wrong method).
@@ -268,6 +269,8 @@ pub struct Routes {
     pub cors_origins: Vec<String>,
     /// With `event.failover`: the node's view of the two brokers, and their SUB addresses.
     pub brokers: Option<(Arc<crate::failover::Brokers>, Vec<String>)>,
+    /// With `console.enabled`: the operator's console.
+    pub console: Option<Arc<crate::console::Console>>,
 }
 
 /// Builds the router (also used by tests in-process).
@@ -283,6 +286,7 @@ pub fn router(routes: Routes) -> Service {
         fetch_sessions,
         cors_origins,
         brokers,
+        console,
     } = routes;
     let root_handler = || match root {
         RootController::Homepage => Homepage {
@@ -319,7 +323,11 @@ pub fn router(routes: Routes) -> Service {
         .post(broadcast)
         .goal(MethodNotAllowed { allow: "POST" });
     // HEAD is answered like GET, without the body (hyper drops it).
-    let router = Router::new()
+    let mut router = Router::new();
+    if let Some(console) = console {
+        router = router.push(crate::console::router(console));
+    }
+    let router = router
         .get(root_handler())
         .head(root_handler())
         .push(message)
@@ -409,21 +417,7 @@ impl Handler for Health {
             let active = brokers.active();
             // No active broker: posts wait, then get 503.
             ok &= active.is_some();
-            let views: Vec<serde_json::Value> = brokers
-                .views()
-                .into_iter()
-                .zip(addresses)
-                .map(|(view, address)| match view {
-                    Some((ago, beat)) if ago < beat.timeout() => serde_json::json!({
-                        "address": address,
-                        "state": beat.state.as_str(),
-                        "term": beat.term,
-                        "heard_ms_ago": ago.as_millis() as u64,
-                    }),
-                    _ => serde_json::json!({ "address": address, "state": "silent" }),
-                })
-                .collect();
-            body["brokers"] = serde_json::Value::from(views);
+            body["brokers"] = brokers.describe(addresses);
             body["active_broker"] = active.map_or(serde_json::Value::Null, |active| {
                 serde_json::Value::from(addresses[active].clone())
             });

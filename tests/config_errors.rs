@@ -30,7 +30,7 @@ const CASES: &[Case] = &[
         toml: "[serverr]\nlisten = \"127.0.0.1:8000\"\n",
         env: &[],
         problems: &[
-            "`serverr`: unknown key `serverr`; did you mean `server`? (the keys here: `application`, `server`, `broker`, `message`, `event`, `rooms`, `access`, `log`)",
+            "`serverr`: unknown key `serverr`; did you mean `server`? (the keys here: `application`, `server`, `broker`, `message`, `event`, `rooms`, `access`, `console`, `log`)",
         ],
     },
     // Array positions are written as in TOML's arrays of tables.
@@ -132,6 +132,21 @@ const CASES: &[Case] = &[
         problems: &[
             "`message.queue`: is 0: must be at least 1",
             "`event.max_clients`: is 0: must be at least 1",
+        ],
+    },
+    // The console's token lives in the environment, never in the file.
+    Case {
+        toml: "[console]\nenabled = true\n",
+        env: &[],
+        problems: &[
+            "`console.token_env`: names the environment variable `TEMMA_CONSOLE_TOKEN`, which is not set: the console (`console.enabled = true`) needs its token there, at least 16 characters",
+        ],
+    },
+    Case {
+        toml: "[console]\nenabled = true\n",
+        env: &[("TEMMA_CONSOLE_TOKEN", "short")],
+        problems: &[
+            "`console.token_env`: the token in `TEMMA_CONSOLE_TOKEN` has 5 characters: at least 16",
         ],
     },
     Case {

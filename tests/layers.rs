@@ -29,6 +29,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("hub", 3),
     ("homepage", 3),
     ("workers", 4),
+    ("console", 4),
     ("broker", 5),
     ("event", 4),
     ("message", 6),
