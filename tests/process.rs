@@ -683,7 +683,7 @@ fn script_command_uses_the_configuration() {
     assert_eq!((code, out.as_str()), (Some(78), ""), "{err}");
     assert!(
         err.contains(
-            "temma: `fn init()` failed at scripts/profanity.rhai:9:9: no words to mask: set `params.words_file` (a file, one word per line)"
+            "temma: `fn init()` failed at scripts/profanity.rhai:10:9: no words to mask: set `params.words_file` (a file, one word per line)"
         ),
         "{err}"
     );
