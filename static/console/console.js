@@ -4,6 +4,7 @@
 
 const HISTORY = 900;        // samples kept, as on the server
 const SILENT_MS = 3000;     // a node not heard for this long is shown red
+const MIN_SPAN = 60;        // the x axis spans at least a minute
 const COLORS = ["#2a7ae2", "#e2702a", "#2aa84a", "#c2402a", "#8a4ae2", "#6a6a6a", "#d2a000"];
 const samples = [];
 const seenNodes = new Map(); // node id → last sample time it was listed in
@@ -73,8 +74,10 @@ function draw(chart) {
   ctx.moveTo(0, height - 0.5);
   ctx.lineTo(width, height - 0.5);
   ctx.stroke();
-  const step = width / Math.max(HISTORY - 1, 1);
-  const offset = HISTORY - samples.length;
+  // The x axis spans what was sampled, at least a minute, at most the 15 minutes kept.
+  const span = Math.max(samples.length, MIN_SPAN);
+  const step = width / Math.max(span - 1, 1);
+  const offset = span - samples.length;
   series.forEach((name, i) => {
     ctx.strokeStyle = COLORS[i % COLORS.length];
     ctx.lineWidth = 1.5;
@@ -115,7 +118,9 @@ function tables(s) {
       el("td", {}, silent ? `silent ${ago(now - node.seen + node.heard_ms_ago)}` : ago(node.heard_ms_ago)));
     return tr;
   }));
-  const brokers = s.brokers || [{ address: s.push_connected && s.sub_connected ? "connected" : "not connected", state: s.push_connected && s.sub_connected ? "active" : "silent" }];
+  // With `event.failover`, both brokers; otherwise the one this node's sockets reach.
+  const connected = s.push_connected && s.sub_connected;
+  const brokers = s.brokers || [{ address: "this node's broker", state: connected ? "connected" : "silent" }];
   document.querySelector("#brokers tbody").replaceChildren(...brokers.map((b) => {
     const tr = el("tr", { class: b.state === "silent" ? "silent" : "alive" });
     tr.append(el("td", {}, b.address), el("td", {}, b.state + (b.term ? ` (term ${b.term})` : "")));

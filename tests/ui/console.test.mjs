@@ -1,0 +1,171 @@
+// The operator's console in real headless Chromium against a real `temma serve`: refused
+// without the token, live charts with it, a web node that dies turns red.
+// Run: cargo build && (cd tests/ui && npm ci && npm test). `.ci/run` does this.
+// UI_CONSOLE_SCREENSHOT=path saves a screenshot of the console under load.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtempSync, mkdirSync, writeFileSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join, resolve, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const repo = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
+const binary = process.env.UI_TEMMA_BIN || join(repo, "target/debug/temma");
+const browserPath = process.env.UI_CHROMIUM || "/usr/bin/chromium";
+const DEADLINE = 10_000;
+const TOKEN = "console-ui-token-0123456789";
+
+function freePort() {
+  return new Promise((done, fail) => {
+    const server = createServer();
+    server.on("error", fail);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address();
+      server.close(() => done(port));
+    });
+  });
+}
+
+function startTemma(args, env, ready) {
+  const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("TEMMA_")));
+  const child = spawn(binary, args, { env: { ...clean, ...env }, stdio: ["ignore", "ignore", "pipe"] });
+  return new Promise((done, fail) => {
+    const timer = setTimeout(() => fail(new Error(`temma ${args.join(" ")} did not start`)), DEADLINE);
+    let log = "";
+    child.stderr.on("data", (chunk) => {
+      log += chunk;
+      if (log.includes(ready)) { clearTimeout(timer); done(child); }
+    });
+    child.on("exit", (code) => { clearTimeout(timer); fail(new Error(`temma exited with ${code}: ${log}`)); });
+  });
+}
+
+let work, browser, base, ports;
+const children = [];
+
+function writeConfig(name, http, embedded) {
+  const path = join(work, "etc", name);
+  writeFileSync(path, `
+[application]
+root = "${repo}"
+[application.dataSources]
+zmq_client_push = "zmq://PUSH@127.0.0.1:${ports.pull}"
+zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:${ports.pull}"
+zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:${ports.pub}"
+zmq_client_sub = "zmq://SUB@127.0.0.1:${ports.pub}"
+[server]
+listen = "127.0.0.1:${http}"
+trusted_proxies = ["127.0.0.1"]
+[broker]
+embedded = ${embedded}
+[[broker.scripts]]
+file = "scripts/trim.rhai"
+[console]
+enabled = true
+`);
+  return path;
+}
+
+before(async () => {
+  work = mkdtempSync(join(tmpdir(), "temma-console-ui-"));
+  mkdirSync(join(work, "etc"));
+  ports = { pull: await freePort(), pub: await freePort(), http: await freePort() };
+  base = `http://127.0.0.1:${ports.http}`;
+  const config = writeConfig("temma.toml", ports.http, true);
+  children.push(await startTemma(["serve", "-c", config], { TEMMA_CONSOLE_TOKEN: TOKEN }, "listening on http://"));
+  browser = await chromium.launch({
+    executablePath: browserPath,
+    headless: true,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  for (const child of children) child.kill("SIGKILL");
+  rmSync(work, { recursive: true, force: true });
+});
+
+async function logIn(token) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 1100 } });
+  const page = await context.newPage();
+  await page.goto(`${base}/console`);
+  await page.fill("#token", token);
+  await page.click("#login button");
+  return page;
+}
+
+test("the console refuses without the token", async () => {
+  const page = await logIn("not-the-token-at-all");
+  await page.locator("#error", { hasText: "wrong token" }).waitFor({ timeout: DEADLINE });
+  assert.equal(await page.locator("#charts").count(), 0, "no console without a session");
+  const status = await page.evaluate(async () => (await fetch("/console/stats")).status);
+  assert.equal(status, 401);
+  await page.context().close();
+});
+
+test("with the token, the charts move while messages flow", async () => {
+  const page = await logIn(TOKEN);
+  await page.locator("#status.live").waitFor({ timeout: DEADLINE });
+  // A reader of the chat, so that messages are delivered too.
+  const reader = await (await browser.newContext()).newPage();
+  await reader.goto(base + "/");
+  await reader.locator("#status.open").waitFor({ timeout: DEADLINE });
+  let sent = 0;
+  const load = setInterval(() => {
+    sent += 1;
+    fetch(base + "/message/broadcast", {
+      method: "POST",
+      body: new URLSearchParams({ from: "load", text: `load ${sent}` }),
+      headers: { "x-forwarded-for": `203.0.113.${sent % 250}` },
+    }).catch(() => {});
+  }, 50);
+  try {
+    await page.waitForFunction(() => {
+      const now = document.getElementById("now-messages").textContent;
+      const published = Number((now.match(/published ([\d.,]+)/) || [])[1]?.replace(/,/g, ""));
+      const delivered = Number((now.match(/delivered ([\d.,]+)/) || [])[1]?.replace(/,/g, ""));
+      return published > 5 && delivered > 5;
+    }, null, { timeout: DEADLINE });
+    await page.waitForFunction(() => /200 [\d.]+/.test(document.getElementById("now-posts").textContent)
+      && /p50 [\d.]+/.test(document.getElementById("now-latency").textContent), null, { timeout: DEADLINE });
+    await page.locator("#scripts tbody tr", { hasText: "trim" }).waitFor({ timeout: DEADLINE });
+    if (process.env.UI_CONSOLE_SCREENSHOT) {
+      await page.waitForTimeout(4000);
+      await page.screenshot({ path: process.env.UI_CONSOLE_SCREENSHOT, fullPage: true });
+    }
+  } finally {
+    clearInterval(load);
+  }
+  // A reload keeps the session and gets the history back at once.
+  await page.reload();
+  await page.waitForFunction(() => /published [\d.]+/.test(document.getElementById("now-messages").textContent),
+    null, { timeout: DEADLINE });
+  await reader.context().close();
+  await page.context().close();
+});
+
+test("a web node that dies turns red", async () => {
+  const http = await freePort();
+  const config = writeConfig("second.toml", http, false);
+  const second = await startTemma(["serve", "-c", config], { TEMMA_CONSOLE_TOKEN: TOKEN }, "listening on http://");
+  children.push(second);
+  // A client on the second node: it reports its presence every second.
+  const reader = await (await browser.newContext()).newPage();
+  await reader.goto(`http://127.0.0.1:${http}/`);
+  await reader.locator("#status.open").waitFor({ timeout: DEADLINE });
+  const page = await logIn(TOKEN);
+  await page.locator("#status.live").waitFor({ timeout: DEADLINE });
+  await page.locator("#nodes tbody tr.alive", { hasText: /^(?!.*this node)/ }).first().waitFor({ timeout: DEADLINE });
+  assert.equal(await page.locator("#nodes tbody tr").count(), 2, "this node and the second");
+  second.kill("SIGKILL");
+  await page.locator("#nodes tbody tr.silent").waitFor({ timeout: 6000 });
+  assert.match(await page.locator("#nodes tbody tr.silent").textContent(), /silent/);
+  assert.equal(await page.locator("#nodes tbody tr.alive").count(), 1, "this node stays alive");
+  await reader.context().close();
+  await page.context().close();
+});
