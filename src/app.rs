@@ -68,6 +68,8 @@ pub struct App {
     run: Option<u64>,
     /// With `broker.peer`: what the broker is in its pair.
     pair_status: Option<tokio::sync::watch::Receiver<serde_json::Value>>,
+    /// With the embedded broker: its chain, as the console shows it.
+    chain_status: Option<Arc<crate::script::ChainStatus>>,
     /// A web node's connections, which SIGHUP may move.
     wiring: Option<tokio::sync::Mutex<Wiring>>,
 }
@@ -390,6 +392,7 @@ impl App {
                     token,
                     config.resolve(&config.server.static_dir).join("console"),
                     Arc::new(config.server.trusted_proxies.clone()),
+                    app.chain_status.clone(),
                 ));
                 app.spawn(console.clone().run_sampler(
                     app.metrics.clone(),
@@ -601,6 +604,7 @@ impl App {
             reload: Vec::new(),
             run: None,
             pair_status: None,
+            chain_status: None,
         }
     }
 
@@ -635,6 +639,7 @@ impl App {
         }
         self.run = Some(parts.broker.run_id());
         self.pair_status = parts.pair_status;
+        self.chain_status = Some(parts.chain_status);
         if let Some(server) = parts.snapshot {
             self.spawn(server.run(self.metrics.clone(), shutdown.clone()));
         }

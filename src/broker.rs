@@ -277,7 +277,8 @@ impl BrokerConfig {
         let copies = workers.as_ref().map_or(1, Workers::len);
         let (reloader, reloads, reload) =
             Reloader::new(specs, source, self.watch, ctx.metrics.clone());
-        let reloader = reloader.copies(copies);
+        let chain_status = Arc::new(crate::script::ChainStatus::default());
+        let reloader = reloader.copies(copies).status(chain_status.clone());
         let limit = self.max_frame_bytes;
         let metrics = ctx.metrics.clone();
         let mut publish = PubSocket::with_options(socket::options(limit));
@@ -389,6 +390,7 @@ impl BrokerConfig {
         };
         let pair_status = broker.pair.is_some().then(|| pair_status.subscribe());
         Ok(Parts {
+            chain_status,
             broker,
             pair_tasks,
             pair_status,
@@ -501,6 +503,8 @@ async fn recv_verdict(rx: Option<&mut tokio::sync::mpsc::UnboundedReceiver<Done>
 /// handle to ask for a reload (SIGHUP).
 pub struct Parts {
     pub broker: Broker,
+    /// The chain as the console shows it.
+    pub chain_status: Arc<crate::script::ChainStatus>,
     /// With `broker.peer`: the tasks that own the sockets to the peer (given the shutdown
     /// token).
     pub pair_tasks: Vec<PeerCounter>,

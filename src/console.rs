@@ -35,6 +35,7 @@ use crate::error::{JsonError, write_json};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::request::TrustedProxy;
+use crate::script::{ChainStatus, Step};
 
 /// Default `console.token_env`.
 pub const DEFAULT_TOKEN_ENV: &str = "TEMMA_CONSOLE_TOKEN";
@@ -194,11 +195,20 @@ pub struct Console {
     guard: Mutex<Guard>,
     samples: Mutex<VecDeque<Arc<str>>>,
     live: broadcast::Sender<Arc<str>>,
+    /// With the embedded broker: its chain (what runs, reload errors, trials).
+    chain: Option<Arc<ChainStatus>>,
+    /// One trial of the chain at a time (each compiles the chain afresh).
+    trial: tokio::sync::Semaphore,
 }
 
 impl Console {
     /// `dir`: the console's files (`static/console`).
-    pub fn new(token: String, dir: PathBuf, trusted_proxies: Arc<Vec<TrustedProxy>>) -> Console {
+    pub fn new(
+        token: String,
+        dir: PathBuf,
+        trusted_proxies: Arc<Vec<TrustedProxy>>,
+        chain: Option<Arc<ChainStatus>>,
+    ) -> Console {
         Console {
             token,
             dir,
@@ -206,6 +216,8 @@ impl Console {
             guard: Mutex::new(Guard::default()),
             samples: Mutex::new(VecDeque::with_capacity(HISTORY)),
             live: broadcast::channel(16).0,
+            chain,
+            trial: tokio::sync::Semaphore::new(1),
         }
     }
 
@@ -253,13 +265,17 @@ impl Console {
             }
             let now = Instant::now();
             let values = parse_metrics(&metrics.render());
-            let sample = sample(
+            let mut sample = sample(
                 &values,
                 last.as_ref().map(|(at, values)| (now - *at, values)),
                 &hub,
                 brokers.as_ref(),
                 started.elapsed(),
             );
+            sample["chain"] = match &self.chain {
+                Some(chain) => serde_json::to_value(chain.scripts()).unwrap_or_default(),
+                None => serde_json::Value::Null,
+            };
             last = Some((now, values));
             let sample: Arc<str> = Arc::from(sample.to_string());
             {
@@ -529,6 +545,9 @@ pub fn router(console: Arc<Console>) -> Router {
         .push(Router::with_path("session").get(Session {
             console: console.clone(),
         }))
+        .push(Router::with_path("try").post(Try {
+            console: console.clone(),
+        }))
         .push(Router::with_path("{file}").get(File { console }))
 }
 
@@ -734,6 +753,120 @@ impl Handler for Session {
         } else {
             unauthorized(res);
         }
+    }
+}
+
+/// The most bytes of a message to try.
+const MAX_TRIAL_BYTES: usize = 64 * 1024;
+
+/// `POST /console/try`: a message (a JSON object) run through the chain as configured now,
+/// compiled afresh, with the same engine and limits as the broker's, published nowhere
+/// (what `temma script` does).
+struct Try {
+    console: Arc<Console>,
+}
+
+#[async_trait]
+impl Handler for Try {
+    async fn handle(
+        &self,
+        req: &mut Request,
+        _: &mut Depot,
+        res: &mut Response,
+        ctrl: &mut FlowCtrl,
+    ) {
+        ctrl.skip_rest();
+        if !self.console.authorized(req) {
+            unauthorized(res);
+            return;
+        }
+        let Some(chain) = &self.console.chain else {
+            JsonError::new(
+                StatusCode::NOT_FOUND,
+                "the chain runs in `temma broker`, not in this node: try a message there with \
+                 `temma script`",
+            )
+            .write_to(res);
+            return;
+        };
+        let body = match req.payload_with_max_size(MAX_TRIAL_BYTES).await {
+            Ok(body) => body.clone(),
+            Err(_) => {
+                JsonError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("a message to try is at most {MAX_TRIAL_BYTES} bytes"),
+                )
+                .write_to(res);
+                return;
+            }
+        };
+        let message = match serde_json::from_slice::<rhai::Dynamic>(&body)
+            .ok()
+            .and_then(|value| value.try_cast::<rhai::Map>())
+        {
+            // As the broker hands it to scripts: with the time it was read.
+            Some(mut map) => {
+                map.insert(
+                    crate::wire::TIME.into(),
+                    (crate::wire::now_ms() as rhai::INT).into(),
+                );
+                map
+            }
+            None => {
+                JsonError::bad_request(
+                    "the message must be a JSON object, as in {\"from\":\"ann\",\"text\":\"hi\"}",
+                )
+                .write_to(res);
+                return;
+            }
+        };
+        let _one = self.console.trial.acquire().await;
+        let chain = chain.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let mut scripts = chain.compile()?;
+            Ok::<_, String>(crate::script::trial(&mut scripts, message))
+        })
+        .await;
+        let (steps, published) = match outcome {
+            Ok(Ok(result)) => result,
+            Ok(Err(error)) => {
+                JsonError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("the chain does not compile: {error}"),
+                )
+                .write_to(res);
+                return;
+            }
+            Err(_) => {
+                JsonError::new(StatusCode::INTERNAL_SERVER_ERROR, "the trial failed").write_to(res);
+                return;
+            }
+        };
+        let steps: Vec<serde_json::Value> = steps
+            .into_iter()
+            .map(|(script, step)| match step {
+                Step::Passed { changed } => serde_json::json!({
+                    "script": script, "outcome": "passed", "changed": changed,
+                }),
+                Step::Dropped(None) => serde_json::json!({
+                    "script": script, "outcome": "dropped",
+                }),
+                Step::Dropped(Some(rejection)) => serde_json::json!({
+                    "script": script, "outcome": "rejected",
+                    "status": rejection.status, "reason": rejection.reason,
+                }),
+                Step::Failed { error, on_error } => serde_json::json!({
+                    "script": script, "outcome": "failed", "error": error,
+                    "on_error": on_error.to_string(),
+                }),
+            })
+            .collect();
+        let published = published
+            .map(|map| serde_json::to_value(rhai::Dynamic::from_map(map)).unwrap_or_default());
+        write_json(
+            res,
+            &serde_json::json!({ "steps": steps, "published": published }),
+        );
     }
 }
 

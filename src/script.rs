@@ -1176,6 +1176,93 @@ fn publishable(mut message: Map, owned: [(&str, Option<Dynamic>); 6]) -> Bytes {
     out.into()
 }
 
+/// What the console shows of the broker's chain: each script in order, when its running
+/// version was loaded, and the last error a reload met (file, line and column); and the specs,
+/// to try a message on the chain as it is configured now.
+#[derive(Default)]
+pub struct ChainStatus(std::sync::Mutex<(Vec<ScriptSpec>, Vec<ScriptState>)>);
+
+/// One script of the chain, as [`ChainStatus`] keeps it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScriptState {
+    pub name: String,
+    pub file: String,
+    /// When the running version was loaded (Unix ms).
+    pub loaded_ms: u64,
+    /// The last failed reload's error, and when (Unix ms); cleared by a good reload.
+    pub error: Option<String>,
+    pub error_ms: Option<u64>,
+}
+
+impl ChainStatus {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<ScriptSpec>, Vec<ScriptState>)> {
+        crate::error::lock(&self.0)
+    }
+
+    /// The whole chain loaded now.
+    pub fn loaded(&self, specs: &[ScriptSpec]) {
+        let now = crate::wire::now_ms();
+        *self.lock() = (
+            specs.to_vec(),
+            specs
+                .iter()
+                .map(|spec| ScriptState {
+                    name: spec.name.clone(),
+                    file: spec.shown.clone(),
+                    loaded_ms: now,
+                    error: None,
+                    error_ms: None,
+                })
+                .collect(),
+        );
+    }
+
+    /// One script reloaded now.
+    pub fn reloaded(&self, index: usize) {
+        if let Some(state) = self.lock().1.get_mut(index) {
+            state.loaded_ms = crate::wire::now_ms();
+            state.error = None;
+            state.error_ms = None;
+        }
+    }
+
+    /// A reload failed: of one script (`Some(index)`), or of the configuration.
+    pub fn failed(&self, index: Option<usize>, error: String) {
+        let mut status = self.lock();
+        let now = Some(crate::wire::now_ms());
+        let states = &mut status.1;
+        match index.and_then(|index| states.get_mut(index)) {
+            Some(state) => {
+                state.error = Some(error);
+                state.error_ms = now;
+            }
+            None => {
+                for state in states.iter_mut() {
+                    state.error = Some(error.clone());
+                    state.error_ms = now;
+                }
+            }
+        }
+    }
+
+    /// The scripts in order.
+    pub fn scripts(&self) -> Vec<ScriptState> {
+        self.lock().1.clone()
+    }
+
+    /// The chain as configured now, compiled afresh (for a trial run).
+    pub fn compile(&self) -> Result<Vec<Script>, String> {
+        let specs = self.lock().0.clone();
+        compile(&specs).map_err(|errors| {
+            errors
+                .into_iter()
+                .map(|(_, error)| error.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+    }
+}
+
 /// Recompiles scripts when their files change or on request (SIGHUP), and hands the new
 /// versions to the broker.
 pub struct Reloader {
@@ -1187,6 +1274,8 @@ pub struct Reloader {
     metrics: Arc<Metrics>,
     /// How many copies of each script a reload compiles (one per worker thread).
     copies: usize,
+    /// What the console shows of the chain.
+    status: Option<Arc<ChainStatus>>,
 }
 
 /// Asks the reloader to reload everything (what SIGHUP does).
@@ -1225,6 +1314,7 @@ impl Reloader {
                 requests,
                 metrics,
                 copies: 1,
+                status: None,
             },
             rx,
             ReloadHandle(request_tx),
@@ -1234,6 +1324,13 @@ impl Reloader {
     /// Compiles `copies` of each script on a reload: one per copy of the chain.
     pub fn copies(mut self, copies: usize) -> Reloader {
         self.copies = copies.max(1);
+        self
+    }
+
+    /// Keeps `status` up to date with each reload.
+    pub fn status(mut self, status: Arc<ChainStatus>) -> Reloader {
+        status.loaded(&self.specs);
+        self.status = Some(status);
         self
     }
 
@@ -1329,10 +1426,16 @@ impl Reloader {
             match (0..self.copies).map(|_| spec.load()).collect() {
                 Ok(scripts) => {
                     self.count(ReloadResult::Ok);
+                    if let Some(status) = &self.status {
+                        status.reloaded(index);
+                    }
                     let _ = self.tx.send(Reload::One { index, scripts }).await;
                 }
                 Err(error) => {
                     self.count(ReloadResult::Failed);
+                    if let Some(status) = &self.status {
+                        status.failed(Some(index), error.to_string());
+                    }
                     tracing::error!(%error, "script not reloaded; the previous version keeps running");
                 }
             }
@@ -1347,6 +1450,9 @@ impl Reloader {
                 Ok(loaded) => loaded,
                 Err(error) => {
                     self.count(ReloadResult::Failed);
+                    if let Some(status) = &self.status {
+                        status.failed(None, error.clone());
+                    }
                     tracing::error!(%error, "configuration not reloaded; the scripts keep running");
                     return false;
                 }
@@ -1366,6 +1472,11 @@ impl Reloader {
             Ok(chains) => chains,
             Err(errors) => {
                 self.count(ReloadResult::Failed);
+                for (index, error) in &errors {
+                    if let Some(status) = &self.status {
+                        status.failed(Some(*index), error.to_string());
+                    }
+                }
                 for (_, error) in errors {
                     tracing::error!(%error, "script chain not reloaded; the previous one keeps running");
                 }
@@ -1373,6 +1484,9 @@ impl Reloader {
             }
         };
         self.count(ReloadResult::Ok);
+        if let Some(status) = &self.status {
+            status.loaded(&specs);
+        }
         self.specs = specs;
         let _ = self.tx.send(Reload::All(chains)).await;
         true

@@ -77,7 +77,9 @@ async fn login_session_stats_and_logout() {
     let dir = TempDir::new("console-on");
     let (path, http) = ports_config(&dir, true);
     let mut text = std::fs::read_to_string(&path).unwrap();
-    text.push_str("[console]\nenabled = true\n");
+    text.push_str(
+        "[console]\nenabled = true\n[[broker.scripts]]\nfile = \"scripts/commands.rhai\"\n",
+    );
     text = text.replace(
         "shutdown_grace_secs = 2\n",
         "shutdown_grace_secs = 2\ntrusted_proxies = [\"127.0.0.1\"]\n",
@@ -205,6 +207,51 @@ async fn login_session_stats_and_logout() {
         }
         assert!(start.elapsed() < Duration::from_secs(5), "{sample}");
     }
+
+    // The chain: in the samples, and a message tried on it, published nowhere.
+    assert_eq!(first["chain"][0]["name"], "commands", "{first}");
+    assert_eq!(first["chain"][0]["file"], "scripts/commands.rhai");
+    let tried: Value = client
+        .post(format!("{base}/console/try"))
+        .header("cookie", session.clone())
+        .body(r#"{"from":"ann","text":"/me waves"}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tried["steps"][0]["script"], "commands", "{tried}");
+    assert_eq!(tried["steps"][0]["outcome"], "passed");
+    assert_eq!(tried["steps"][0]["changed"], true);
+    assert_eq!(tried["published"]["kind"], "action");
+    assert_eq!(tried["published"]["text"], "waves");
+    let refused = client
+        .post(format!("{base}/console/try"))
+        .header("cookie", session.clone())
+        .body(r#"{"from":"ann","text":"/dance"}"#)
+        .send()
+        .await
+        .unwrap();
+    let refused: Value = refused.json().await.unwrap();
+    assert_eq!(refused["steps"][0]["outcome"], "rejected", "{refused}");
+    assert_eq!(refused["steps"][0]["status"], 400);
+    assert!(refused["published"].is_null());
+    let bad = client
+        .post(format!("{base}/console/try"))
+        .header("cookie", session.clone())
+        .body("[1, 2]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let anonymous = client
+        .post(format!("{base}/console/try"))
+        .body(r#"{"text":"x"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
 
     // Logout ends the session.
     let out = client

@@ -137,6 +137,15 @@ function tables(s) {
       el("td", {}, format(o.Errored?.rate)), el("td", {}, format(o.Errored?.total)));
     return tr;
   }));
+  const chain = s.chain || [];
+  document.querySelector("#chain tbody").replaceChildren(...chain.map((script, i) => {
+    const tr = el("tr", { class: script.error ? "silent" : "" });
+    tr.append(el("td", {}, String(i + 1)), el("td", {}, script.name), el("td", {}, script.file),
+      el("td", {}, new Date(script.loaded_ms).toLocaleTimeString()));
+    return tr;
+  }));
+  document.getElementById("chain-errors").replaceChildren(...chain.filter((script) => script.error).map((script) =>
+    el("li", { class: "error" }, `${new Date(script.error_ms).toLocaleTimeString()} ${script.error}`)));
   const reloads = s.reloads || {};
   document.getElementById("reloads").textContent = `reloads: ${format(reloads.ok)} ok, ${format(reloads.failed)} failed`;
   document.getElementById("about").textContent =
@@ -175,6 +184,26 @@ function connect() {
     if (check && check.status === 401) location.reload();
   };
 }
+
+document.getElementById("try").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const out = document.getElementById("try-result");
+  out.textContent = "…";
+  const response = await fetch("/console/try", {
+    method: "POST", body: document.getElementById("try-message").value,
+    headers: { "content-type": "application/json" }, credentials: "same-origin",
+  }).catch((e) => ({ ok: false, json: async () => ({ error: e.message }) }));
+  const answer = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    out.textContent = answer.error || "refused";
+    return;
+  }
+  const lines = answer.steps.map((step) => `${step.script}: ${step.outcome}` +
+    (step.changed ? " (changed)" : "") + (step.reason ? ` ${step.status}: ${step.reason}` : "") +
+    (step.error ? ` ${step.error} → ${step.on_error}` : ""));
+  lines.push(answer.published ? `published: ${JSON.stringify(answer.published)}` : "not published");
+  out.textContent = lines.join("\n");
+});
 
 document.getElementById("logout").addEventListener("click", async () => {
   await fetch("/console/logout", { method: "POST", credentials: "same-origin" });

@@ -63,6 +63,8 @@ trusted_proxies = ["127.0.0.1"]
 embedded = ${embedded}
 [[broker.scripts]]
 file = "scripts/trim.rhai"
+[[broker.scripts]]
+file = "${join(work, "mod.rhai")}"
 [console]
 enabled = true
 `);
@@ -72,6 +74,7 @@ enabled = true
 before(async () => {
   work = mkdtempSync(join(tmpdir(), "temma-console-ui-"));
   mkdirSync(join(work, "etc"));
+  writeFileSync(join(work, "mod.rhai"), "fn on_message(msg) {\n    msg\n}\n");
   ports = { pull: await freePort(), pub: await freePort(), http: await freePort() };
   base = `http://127.0.0.1:${ports.http}`;
   const config = writeConfig("temma.toml", ports.http, true);
@@ -146,6 +149,25 @@ test("with the token, the charts move while messages flow", async () => {
   await page.waitForFunction(() => /published [\d.]+/.test(document.getElementById("now-messages").textContent),
     null, { timeout: DEADLINE });
   await reader.context().close();
+  await page.context().close();
+});
+
+test("a script with a syntax error shows where; a message tried on the chain", async () => {
+  const page = await logIn(TOKEN);
+  await page.locator("#status.live").waitFor({ timeout: DEADLINE });
+  await page.locator("#chain tbody tr", { hasText: "mod.rhai" }).waitFor({ timeout: DEADLINE });
+  // The message box runs the chain, publishing nothing.
+  await page.fill("#try-message", '{"from":"ann","text":"   spaced out   "}');
+  await page.click("#try button");
+  await page.locator("#try-result", { hasText: 'published: {"from":"ann","text":"spaced out"' }).waitFor({ timeout: DEADLINE });
+  assert.match(await page.locator("#try-result").textContent(), /trim: passed \(changed\)/);
+  // A broken edit: the running version stays, the console shows the file, line and column.
+  writeFileSync(join(work, "mod.rhai"), "fn on_message(msg) {\n    let x = ;\n    msg\n}\n");
+  await page.locator("#chain-errors li", { hasText: "mod.rhai:2:13" }).waitFor({ timeout: DEADLINE });
+  assert.equal(await page.locator("#chain tbody tr.silent").count(), 1, "the broken script is marked");
+  // Fixed: the error goes.
+  writeFileSync(join(work, "mod.rhai"), "fn on_message(msg) {\n    msg\n}\n");
+  await page.waitForFunction(() => document.querySelectorAll("#chain-errors li").length === 0, null, { timeout: DEADLINE });
   await page.context().close();
 });
 
