@@ -388,6 +388,8 @@ impl App {
         // The console: no route and no task unless it is on.
         let console = match (config.console.enabled, config.console.token()) {
             (true, Some(token)) => {
+                // Nodes with the console on announce themselves to each other.
+                hub.announce(http.to_string());
                 let console = Arc::new(crate::console::Console::new(
                     token,
                     config.resolve(&config.server.static_dir).join("console"),

@@ -475,6 +475,9 @@ fn sample(
                 "clients": node.clients,
                 "rooms": node.rooms,
                 "heard_ms_ago": node.heard.as_millis() as u64,
+                "listen": node.info.as_ref().map(|info| info.listen.clone()),
+                "version": node.info.as_ref().map(|info| info.version.clone()),
+                "uptime_secs": node.info.as_ref().map(|info| info.uptime_secs),
             })
         })
         .collect();

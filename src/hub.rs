@@ -235,6 +235,11 @@ struct State {
     history_bytes: usize,
     /// What the other web nodes last reported: clients (and names) per room, and when.
     others: HashMap<String, (Instant, HashMap<String, Present>)>,
+    /// What the other nodes that announce themselves (`console.enabled`) said of themselves.
+    infos: HashMap<String, NodeInfo>,
+    /// This node announces itself: its reports go out every second, with clients or not,
+    /// and say its version, address and start time.
+    announce: Option<(Instant, String)>,
     /// What each room's clients were last told: the count and the names.
     shown: HashMap<Arc<str>, (u64, Vec<String>)>,
     /// Whether the last report of this node named any room (one empty report follows the
@@ -255,6 +260,17 @@ pub struct NodeView {
     pub rooms: usize,
     /// How long ago it reported.
     pub heard: Duration,
+    /// What it says of itself, if it announces itself.
+    pub info: Option<NodeInfo>,
+}
+
+/// What a node that announces itself (`console.enabled`) says in its presence reports.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeInfo {
+    pub version: String,
+    /// Its HTTP address (`server.listen`).
+    pub listen: String,
+    pub uptime_secs: u64,
 }
 
 /// Who is in a room on one node, as presence reports say it: a count, or a count and names.
@@ -448,6 +464,8 @@ impl Hub {
                     marks: VecDeque::new(),
                     history_bytes: 0,
                     others: HashMap::new(),
+                    infos: HashMap::new(),
+                    announce: None,
                     shown: HashMap::new(),
                     reported: false,
                 }),
@@ -501,8 +519,15 @@ impl Hub {
         rooms
     }
 
-    /// This node and the other web nodes heard from (presence reports, while they have
-    /// clients), this node first.
+    /// Makes this node announce itself in its presence reports (every second, with clients
+    /// or not): its version, its HTTP address `listen` and how long it has run. What the
+    /// console's cluster view lists.
+    pub fn announce(&self, listen: String) {
+        self.shared.lock().announce = Some((Instant::now(), listen));
+    }
+
+    /// This node and the other web nodes heard from (presence reports: every second from a
+    /// node that announces itself, else while it has clients), this node first.
     pub fn nodes(&self) -> Vec<NodeView> {
         let mut state = self.shared.lock();
         let now = Instant::now();
@@ -513,6 +538,11 @@ impl Hub {
             clients: self.clients() as u64,
             rooms: state.rooms.values().filter(|r| !r.slots.is_empty()).count(),
             heard: Duration::ZERO,
+            info: state.announce.as_ref().map(|(started, listen)| NodeInfo {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                listen: listen.clone(),
+                uptime_secs: started.elapsed().as_secs(),
+            }),
         }];
         let mut others: Vec<NodeView> = state
             .others
@@ -523,6 +553,7 @@ impl Hub {
                 clients: rooms.values().map(Present::count).sum(),
                 rooms: rooms.values().filter(|p| p.count() > 0).count(),
                 heard: now.saturating_duration_since(*at),
+                info: state.infos.get(node).cloned(),
             })
             .collect();
         others.sort_by(|a, b| a.node.cmp(&b.node));
@@ -563,7 +594,7 @@ impl Hub {
     pub fn presence_report(&self) -> Option<Bytes> {
         let mut state = self.shared.lock();
         let any = state.rooms.values().any(|room| !room.slots.is_empty());
-        if !any && !state.reported {
+        if !any && !state.reported && state.announce.is_none() {
             return None;
         }
         state.reported = any;
@@ -584,8 +615,16 @@ impl Hub {
                 (name.to_string(), present)
             })
             .collect();
+        let info = state.announce.as_ref().map(|(started, listen)| NodeInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            listen: listen.clone(),
+            uptime_secs: started.elapsed().as_secs(),
+        });
         drop(state);
-        let report = serde_json::json!({ "node": self.shared.node, "rooms": rooms });
+        let mut report = serde_json::json!({ "node": self.shared.node, "rooms": rooms });
+        if let Some(info) = info {
+            report["info"] = serde_json::to_value(info).unwrap_or_default();
+        }
         let mut frame = PRESENCE_PREFIX.to_vec();
         frame.extend_from_slice(report.to_string().as_bytes());
         frame.push(b'}');
@@ -624,6 +663,8 @@ impl Hub {
         struct Body {
             node: String,
             rooms: HashMap<String, Present>,
+            #[serde(default)]
+            info: Option<NodeInfo>,
         }
         let Ok(Report { presence }) = serde_json::from_slice::<Report>(frame) else {
             self.shared.metrics.dropped(DropReason::Unreadable);
@@ -655,6 +696,12 @@ impl Hub {
             })
             .collect();
         if state.others.len() < MAX_NODES || state.others.contains_key(&presence.node) {
+            if let Some(mut info) = presence.info {
+                // Bounded whatever a peer sends.
+                info.version = info.version.chars().take(MAX_NAME_CHARS).collect();
+                info.listen = info.listen.chars().take(MAX_NAME_CHARS).collect();
+                state.infos.insert(presence.node.clone(), info);
+            }
             state.others.insert(presence.node, (Instant::now(), rooms));
         }
     }
@@ -1408,6 +1455,8 @@ impl State {
     fn expire_others(&mut self, now: Instant) {
         self.others
             .retain(|_, (heard, _)| now.duration_since(*heard) < PRESENCE_EXPIRY);
+        let others = &self.others;
+        self.infos.retain(|node, _| others.contains_key(node));
     }
 
     /// The room `name`, created if needed. At `rooms.max`, the least recently active room
@@ -1870,6 +1919,38 @@ mod tests {
 
     fn message(seq: u64) -> Vec<u8> {
         format!(r#"{{"from":"a","text":"m{seq}","id":"1-{seq}","time":1}}"#).into_bytes()
+    }
+
+    #[test]
+    fn nodes_announce_themselves_and_what_they_say_is_bounded() {
+        let a = hub(settings());
+        // Without clients, a node that does not announce itself says nothing.
+        assert!(a.presence_report().is_none());
+        a.announce("127.0.0.1:8001".into());
+        let report = a
+            .presence_report()
+            .expect("an announcing node always reports");
+        let b = hub(settings());
+        b.ingest(&report);
+        let nodes = b.nodes();
+        assert_eq!(nodes.len(), 2);
+        assert!(nodes[0].this && nodes[0].info.is_none());
+        let info = nodes[1].info.clone().expect("the other's announcement");
+        assert_eq!(info.listen, "127.0.0.1:8001");
+        assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
+        // A forged report: its strings are cut.
+        let long = "x".repeat(10_000);
+        let forged = format!(
+            r#"{{"presence":{{"node":"forged","rooms":{{}},"info":{{"version":"{long}","listen":"{long}","uptime_secs":1}}}}}}"#
+        );
+        b.ingest(forged.as_bytes());
+        let forged = b
+            .nodes()
+            .into_iter()
+            .find(|node| node.node == "forged")
+            .and_then(|node| node.info)
+            .expect("listed");
+        assert!(forged.version.len() <= MAX_NAME_CHARS && forged.listen.len() <= MAX_NAME_CHARS);
     }
 
     /// Timers run on tokio's clock: these tests move it instead of sleeping.
