@@ -258,6 +258,7 @@ impl Console {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let started = Instant::now();
         let mut last: Option<(Instant, HashMap<String, f64>)> = None;
+        let mut last_sent: HashMap<String, u64> = HashMap::new();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -272,6 +273,22 @@ impl Console {
                 brokers.as_ref(),
                 started.elapsed(),
             );
+            // Messages per second in each listed room held here.
+            let sent = hub.rooms_sent();
+            let elapsed = last
+                .as_ref()
+                .map_or(1.0, |(at, _)| (now - *at).as_secs_f64().max(0.001));
+            if let Some(rooms) = sample["top_rooms"].as_array_mut() {
+                for room in rooms {
+                    let name = room["room"].as_str().unwrap_or_default().to_owned();
+                    let rate = match (sent.get(&name), last_sent.get(&name)) {
+                        (Some(now), Some(before)) => now.saturating_sub(*before) as f64 / elapsed,
+                        _ => 0.0,
+                    };
+                    room["messages_per_s"] = serde_json::Value::from(rate);
+                }
+            }
+            last_sent = sent;
             sample["chain"] = match &self.chain {
                 Some(chain) => serde_json::to_value(chain.scripts()).unwrap_or_default(),
                 None => serde_json::Value::Null,

@@ -561,6 +561,16 @@ impl Hub {
         nodes
     }
 
+    /// Frames broadcast so far in each room this node holds (the console's message rates).
+    pub fn rooms_sent(&self) -> HashMap<String, u64> {
+        self.shared
+            .lock()
+            .rooms
+            .iter()
+            .map(|(name, room)| (name.to_string(), room.sent))
+            .collect()
+    }
+
     /// Clients connected now.
     pub fn clients(&self) -> usize {
         self.shared.clients.load(Ordering::Acquire)

@@ -130,7 +130,7 @@ function tables(s) {
   }));
   document.querySelector("#rooms tbody").replaceChildren(...(s.top_rooms || []).map((r) => {
     const tr = el("tr");
-    tr.append(el("td", {}, r.room), el("td", {}, format(r.clients)));
+    tr.append(el("td", {}, r.room), el("td", {}, format(r.clients)), el("td", { class: "rate" }, format(r.messages_per_s)));
     return tr;
   }));
   document.querySelector("#scripts tbody").replaceChildren(...Object.entries(s.scripts || {}).map(([name, o]) => {

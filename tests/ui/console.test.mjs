@@ -137,6 +137,9 @@ test("with the token, the charts move while messages flow", async () => {
     await page.waitForFunction(() => /200 [\d.]+/.test(document.getElementById("now-posts").textContent)
       && /p50 [\d.]+/.test(document.getElementById("now-latency").textContent), null, { timeout: DEADLINE });
     await page.locator("#scripts tbody tr", { hasText: "trim" }).waitFor({ timeout: DEADLINE });
+    // The reader's room, with its message rate.
+    await page.waitForFunction(() => [...document.querySelectorAll("#rooms tbody tr")].some((tr) =>
+      tr.cells[0].textContent === "general" && Number(tr.cells[2].textContent) > 5), null, { timeout: DEADLINE });
     if (process.env.UI_CONSOLE_SCREENSHOT) {
       await page.waitForTimeout(4000);
       await page.screenshot({ path: process.env.UI_CONSOLE_SCREENSHOT, fullPage: true });
