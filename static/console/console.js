@@ -114,7 +114,8 @@ function tables(s) {
     const silent = node.this ? false : now - node.seen + node.heard_ms_ago > SILENT_MS;
     const tr = el("tr", { class: silent ? "silent" : "alive", "data-node": node.node });
     const up = node.uptime_secs == null ? "" : ` · up ${Math.floor(node.uptime_secs / 60)} min`;
-    tr.append(el("td", {}, node.node + (node.this ? " (this node)" : "")),
+    const id = el("td", { title: node.node }, node.node.slice(0, 8) + (node.this ? " (this)" : ""));
+    tr.append(id,
       el("td", {}, node.listen || "—"), el("td", {}, (node.version || "—") + up),
       el("td", {}, format(node.clients)), el("td", {}, format(node.rooms)),
       el("td", {}, silent ? `silent ${ago(now - node.seen + node.heard_ms_ago)}` : ago(node.heard_ms_ago)));
