@@ -54,7 +54,10 @@ pub struct DropLabels {
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum ScriptOutcome {
     Passed,
+    /// Dropped silently (the script returned `()`).
     Dropped,
+    /// Refused with `reject(…)`: the sender was told why.
+    Refused,
     Errored,
 }
 

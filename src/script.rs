@@ -926,6 +926,7 @@ struct ChainEntry {
     on_error: OnError,
     passed: Counter,
     dropped: Counter,
+    refused: Counter,
     errored: Counter,
 }
 
@@ -944,6 +945,7 @@ impl ChainEntry {
             on_error: script.on_error,
             passed: counter(ScriptOutcome::Passed),
             dropped: counter(ScriptOutcome::Dropped),
+            refused: counter(ScriptOutcome::Refused),
             errored: counter(ScriptOutcome::Errored),
             script,
         }
@@ -1112,7 +1114,10 @@ impl Chain {
                     message = out;
                 }
                 Ok(Outcome::Drop(rejection)) => {
-                    entry.dropped.inc();
+                    match rejection {
+                        Some(_) => entry.refused.inc(),
+                        None => entry.dropped.inc(),
+                    };
                     self.metrics.dropped(crate::metrics::DropReason::Script);
                     let (reason, status) = match rejection {
                         Some(Rejection { reason, status }) => (reason, status),

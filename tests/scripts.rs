@@ -537,6 +537,20 @@ async fn bundled_chain_in_a_running_broker() {
     // Another name from the same client: still that client's third message.
     let limited = post("198.51.100.7", "zoe2", "third").await.unwrap();
     assert_eq!(limited.status(), 429);
+    // Refusals are counted apart from silent drops.
+    for (script, outcome, count) in [("commands", "Refused", 1.0), ("ratelimit", "Refused", 1.0)] {
+        let line =
+            format!(r#"temma_script_messages_total{{script="{script}",outcome="{outcome}"}}"#);
+        assert_eq!(common::metric(&app, &line), Some(count), "{line}");
+    }
+    assert_eq!(
+        common::metric(
+            &app,
+            r#"temma_script_messages_total{script="commands",outcome="Dropped"}"#
+        ),
+        Some(0.0),
+        "a refusal is no silent drop"
+    );
     assert!(limited.text().await.unwrap().contains("too many messages"));
     // Another client with the same name is not limited. Ids stay dense: a dropped message
     // does not use one up.

@@ -136,7 +136,8 @@ function tables(s) {
   }));
   document.querySelector("#scripts tbody").replaceChildren(...Object.entries(s.scripts || {}).map(([name, o]) => {
     const tr = el("tr");
-    tr.append(el("td", {}, name), el("td", {}, format(o.Passed?.rate)), el("td", {}, format(o.Dropped?.rate)),
+    tr.append(el("td", {}, name), el("td", {}, format(o.Passed?.rate)), el("td", {}, format(o.Refused?.rate)),
+      el("td", {}, format(o.Dropped?.rate)),
       el("td", {}, format(o.Errored?.rate)), el("td", {}, format(o.Errored?.total)));
     return tr;
   }));
