@@ -31,7 +31,7 @@ use crate::failover::{Beat, Pair, PeerFrame, Role};
 use crate::metrics::{DropReason, Metrics, SocketLabels};
 use crate::script::{
     Chain, ChainSource, Compiled, OnError, Reload, ReloadHandle, Reloader, ScriptConfig,
-    ScriptError, ScriptLimits, ScriptSpec, Verdict,
+    ScriptError, ScriptLimits, ScriptSpec, Verdict, reference_of,
 };
 use crate::snapshot::{self, Archive, Limits, Reply};
 use crate::socket::{self, SocketError};
@@ -483,18 +483,10 @@ fn id_and_room(frame: &[u8]) -> Option<(MsgId, Option<String>, Option<String>)> 
     Some((id, room, key))
 }
 
-/// Receives from `rx`, or waits forever without one.
-async fn recv_some<T>(rx: Option<&mut tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The next verdict of the chain's workers, if there are workers.
-async fn recv_verdict(rx: Option<&mut tokio::sync::mpsc::UnboundedReceiver<Done>>) -> Option<Done> {
-    match rx {
-        Some(rx) => rx.recv().await,
+/// What `recv` (a channel's `recv()`) gives, or waits forever without a channel.
+async fn recv_some<T>(recv: Option<impl std::future::Future<Output = Option<T>>>) -> Option<T> {
+    match recv {
+        Some(recv) => recv.await,
         None => std::future::pending().await,
     }
 }
@@ -606,7 +598,7 @@ impl Broker {
                     continue;
                 }
                 // What the chain's workers passed goes out before more is read.
-                Some(done) = recv_verdict(verdicts.as_mut()) => {
+                Some(done) = recv_some(verdicts.as_mut().map(|rx| rx.recv())) => {
                     if let Some(out) = self.finish(done) {
                         self.deliver(out).await;
                     }
@@ -616,15 +608,15 @@ impl Broker {
                     self.tick().await;
                     continue;
                 }
-                Some(frame) = recv_some(peer_frames.as_mut()) => {
+                Some(frame) = recv_some(peer_frames.as_mut().map(|rx| rx.recv())) => {
                     self.peer_frame(frame).await;
                     continue;
                 }
-                Some(reply) = recv_some(peer_replies.as_mut()) => {
+                Some(reply) = recv_some(peer_replies.as_mut().map(|rx| rx.recv())) => {
                     self.snapshot_reply(reply).await;
                     continue;
                 }
-                Some(item) = recv_some(local.as_mut()) => {
+                Some(item) = recv_some(local.as_mut().map(|rx| rx.recv())) => {
                     self.local_frame(item).await;
                     continue;
                 }
@@ -975,11 +967,7 @@ impl Broker {
             Ok(Stamped::Ready(bytes, at)) => self.record(bytes, at),
             Ok(Stamped::Parsed { map, key }) => {
                 // Only a keyed message may turn out a duplicate after the chain.
-                let reference = key.as_ref().and_then(|_| {
-                    map.get(REF)
-                        .and_then(|r| r.clone().into_immutable_string().ok())
-                        .map(|r| r.to_string())
-                });
+                let reference = key.as_ref().and_then(|_| reference_of(&map));
                 if let Some(workers) = &self.workers {
                     workers
                         .submit(Job {
@@ -1344,10 +1332,7 @@ impl Stamper {
             .map(|key| key.to_string())
             .filter(|key| key.len() <= MAX_KEY_BYTES);
         if let Some(id) = self.duplicate(key.as_deref()) {
-            let reference = map
-                .get(REF)
-                .and_then(|r| r.clone().into_immutable_string().ok())
-                .map(|r| r.to_string());
+            let reference = reference_of(&map);
             return Ok(Stamped::Duplicate { reference, id });
         }
         map.insert(crate::wire::TIME.into(), (now_ms() as rhai::INT).into());

@@ -19,7 +19,6 @@
 //! Every other `/console/…` path is a file of `static/console/`, with a session only.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -231,21 +230,6 @@ impl Console {
             .is_some_and(|cookie| self.guard().valid(cookie.value(), Instant::now()))
     }
 
-    fn client(&self, req: &Request) -> String {
-        let peer = match req.remote_addr().as_ipv4() {
-            Some(addr) => IpAddr::V4(*addr.ip()),
-            None => req
-                .remote_addr()
-                .as_ipv6()
-                .map_or(IpAddr::from([0, 0, 0, 0]), |addr| IpAddr::V6(*addr.ip())),
-        };
-        let forwarded = req
-            .headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok());
-        crate::request::client(peer, forwarded, &self.trusted_proxies)
-    }
-
     /// Samples the node every second until shutdown.
     pub async fn run_sampler(
         self: Arc<Self>,
@@ -372,18 +356,12 @@ fn rates(
     by: &str,
 ) -> serde_json::Map<String, serde_json::Value> {
     let mut out = serde_json::Map::new();
-    for (key, value) in values {
+    for key in values.keys() {
         if !key.starts_with(metric) || key.as_bytes().get(metric.len()) != Some(&b'{') {
             continue;
         }
         let Some(name) = label(key, by) else { continue };
-        let rate = match before {
-            Some((elapsed, before)) => {
-                (value - before.get(key).copied().unwrap_or(0.0)).max(0.0)
-                    / elapsed.as_secs_f64().max(0.001)
-            }
-            None => 0.0,
-        };
+        let rate = rate(values, before, key);
         let entry = out
             .entry(name.to_owned())
             .or_insert(serde_json::Value::from(0.0));
@@ -547,8 +525,12 @@ fn sample(
     })
 }
 
-/// The console's routes, under `/console`.
+/// The console's routes, under `/console`: the page, the login and the login page's own
+/// files for anyone; everything else behind [`SessionRequired`].
 pub fn router(console: Arc<Console>) -> Router {
+    let file = || File {
+        console: console.clone(),
+    };
     Router::with_path("console")
         .get(Page {
             console: console.clone(),
@@ -559,16 +541,43 @@ pub fn router(console: Arc<Console>) -> Router {
         .push(Router::with_path("logout").post(Logout {
             console: console.clone(),
         }))
-        .push(Router::with_path("stats").get(Stats {
-            console: console.clone(),
-        }))
-        .push(Router::with_path("session").get(Session {
-            console: console.clone(),
-        }))
-        .push(Router::with_path("try").post(Try {
-            console: console.clone(),
-        }))
-        .push(Router::with_path("{file}").get(File { console }))
+        .push(Router::with_path("login.js").get(file()))
+        .push(Router::with_path("console.css").get(file()))
+        .push(
+            Router::new()
+                .hoop(SessionRequired {
+                    console: console.clone(),
+                })
+                .push(Router::with_path("stats").get(Stats {
+                    console: console.clone(),
+                }))
+                .push(Router::with_path("session").get(Session))
+                .push(Router::with_path("try").post(Try {
+                    console: console.clone(),
+                }))
+                .push(Router::with_path("{file}").get(file())),
+        )
+}
+
+/// Answers `401` to a request without a live session, and lets the others through.
+struct SessionRequired {
+    console: Arc<Console>,
+}
+
+#[async_trait]
+impl Handler for SessionRequired {
+    async fn handle(
+        &self,
+        req: &mut Request,
+        _: &mut Depot,
+        res: &mut Response,
+        ctrl: &mut FlowCtrl,
+    ) {
+        if !self.console.authorized(req) {
+            ctrl.skip_rest();
+            unauthorized(res);
+        }
+    }
 }
 
 fn unauthorized(res: &mut Response) {
@@ -626,8 +635,8 @@ impl Handler for Page {
     }
 }
 
-/// `GET /console/{file}`: the console's scripts and styles, with a session (the login page's
-/// own `login.js` and `console.css` without).
+/// `GET /console/{file}`: a file of the console's folder (with a session, but for the login
+/// page's own `login.js` and `console.css`).
 struct File {
     console: Arc<Console>,
 }
@@ -642,18 +651,14 @@ impl Handler for File {
         ctrl: &mut FlowCtrl,
     ) {
         ctrl.skip_rest();
-        let name = req.param::<String>("file").unwrap_or_default();
-        let public = matches!(name.as_str(), "login.js" | "console.css");
+        // The last segment of the path: `{file}`, or the public files' own routes.
+        let name = req.uri().path().rsplit('/').next().unwrap_or_default();
         let known = name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
             && !name.starts_with('.');
         if !known {
             JsonError::new(StatusCode::NOT_FOUND, "no such file of the console").write_to(res);
-            return;
-        }
-        if !public && !self.console.authorized(req) {
-            unauthorized(res);
             return;
         }
         serve_file(res, &self.console.dir.join(name));
@@ -681,7 +686,7 @@ impl Handler for Login {
     ) {
         use subtle::ConstantTimeEq;
         ctrl.skip_rest();
-        let client = self.console.client(req);
+        let client = crate::request::client_of(req, &self.console.trusted_proxies);
         let now = Instant::now();
         if self.console.guard().limited(&client, now) {
             res.headers_mut().insert(
@@ -752,27 +757,21 @@ impl Handler for Logout {
     }
 }
 
-/// `GET /console/session`: `200` with a live session, `401` without (the page checks it
-/// when its stream breaks).
-struct Session {
-    console: Arc<Console>,
-}
+/// `GET /console/session`: `200` with a live session (`401` without, from
+/// [`SessionRequired`]): what the page asks when its stream breaks.
+struct Session;
 
 #[async_trait]
 impl Handler for Session {
     async fn handle(
         &self,
-        req: &mut Request,
+        _: &mut Request,
         _: &mut Depot,
         res: &mut Response,
         ctrl: &mut FlowCtrl,
     ) {
         ctrl.skip_rest();
-        if self.console.authorized(req) {
-            write_json(res, &serde_json::json!({ "ok": true }));
-        } else {
-            unauthorized(res);
-        }
+        write_json(res, &serde_json::json!({ "ok": true }));
     }
 }
 
@@ -796,10 +795,6 @@ impl Handler for Try {
         ctrl: &mut FlowCtrl,
     ) {
         ctrl.skip_rest();
-        if !self.console.authorized(req) {
-            unauthorized(res);
-            return;
-        }
         let Some(chain) = &self.console.chain else {
             JsonError::new(
                 StatusCode::NOT_FOUND,
@@ -899,16 +894,12 @@ struct Stats {
 impl Handler for Stats {
     async fn handle(
         &self,
-        req: &mut Request,
+        _: &mut Request,
         _: &mut Depot,
         res: &mut Response,
         ctrl: &mut FlowCtrl,
     ) {
         ctrl.skip_rest();
-        if !self.console.authorized(req) {
-            unauthorized(res);
-            return;
-        }
         let headers = res.headers_mut();
         headers.insert(
             CONTENT_TYPE,
@@ -919,5 +910,45 @@ impl Handler for Stats {
             salvo::http::HeaderValue::from_static("no-store"),
         );
         res.stream(self.console.stream());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_logins_are_limited_per_client_and_over_all_clients() {
+        let mut guard = Guard::default();
+        let now = Instant::now();
+        for _ in 0..MAX_FAILURES {
+            assert!(!guard.limited("ip:198.51.100.1", now));
+            guard.failed("ip:198.51.100.1", now);
+        }
+        assert!(guard.limited("ip:198.51.100.1", now));
+        assert!(!guard.limited("ip:198.51.100.2", now), "others are not");
+        // Failures spread over many clients: past the overall limit, everyone waits.
+        for n in 0..MAX_FAILURES_ALL {
+            guard.failed(&format!("ip:203.0.113.{n}"), now);
+        }
+        assert!(guard.limited("ip:198.51.100.3", now));
+        // A minute later, the windows are over.
+        let later = now + FAILURE_WINDOW;
+        assert!(!guard.limited("ip:198.51.100.1", later));
+        assert!(!guard.limited("ip:198.51.100.3", later));
+    }
+
+    #[test]
+    fn sessions_are_bounded_and_end() {
+        let mut guard = Guard::default();
+        let now = Instant::now();
+        let at = |i: usize| now + Duration::from_millis(i as u64);
+        let ids: Vec<String> = (0..=MAX_SESSIONS).map(|i| guard.open(at(i))).collect();
+        // One more than the bound: the oldest made way.
+        assert_eq!(guard.sessions.len(), MAX_SESSIONS);
+        assert!(!guard.valid(&ids[0], at(MAX_SESSIONS)));
+        assert!(ids[1..].iter().all(|id| guard.valid(id, at(MAX_SESSIONS))));
+        assert!(!guard.valid(&ids[1], at(1) + SESSION_TTL), "a session ends");
+        assert!(!guard.valid("forged", now));
     }
 }

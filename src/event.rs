@@ -24,6 +24,7 @@ use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use crate::context::{Context, UnknownDataSource};
 use crate::error::JsonError;
 use crate::hub::{Abort, Hub, Item, MAX_CHUNK_BYTES, Settings, Subscription};
+use crate::request::peer_of;
 
 /// Default `event.sub`: Temma's data source name.
 pub const DEFAULT_CLIENT_SUB: &str = "zmq_client_sub";
@@ -188,15 +189,6 @@ pub fn query_last_event_id(query: &str) -> Option<String> {
     form_urlencoded::parse(query.as_bytes())
         .find(|(key, _)| key == "lastEventId")
         .map(|(_, value)| value.into_owned())
-}
-
-/// The TCP peer of a request salvo serves.
-pub fn peer_of(req: &Request) -> Option<std::net::SocketAddr> {
-    let address = req.remote_addr();
-    address
-        .as_ipv4()
-        .map(|a| std::net::SocketAddr::V4(*a))
-        .or_else(|| address.as_ipv6().map(|a| std::net::SocketAddr::V6(*a)))
 }
 
 /// Runs the access hook's `function` on a request salvo serves: `Err` is the refusal to send.

@@ -538,11 +538,7 @@ impl Hub {
             clients: self.clients() as u64,
             rooms: state.rooms.values().filter(|r| !r.slots.is_empty()).count(),
             heard: Duration::ZERO,
-            info: state.announce.as_ref().map(|(started, listen)| NodeInfo {
-                version: env!("CARGO_PKG_VERSION").to_owned(),
-                listen: listen.clone(),
-                uptime_secs: started.elapsed().as_secs(),
-            }),
+            info: state.own_info(),
         }];
         let mut others: Vec<NodeView> = state
             .others
@@ -625,11 +621,7 @@ impl Hub {
                 (name.to_string(), present)
             })
             .collect();
-        let info = state.announce.as_ref().map(|(started, listen)| NodeInfo {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            listen: listen.clone(),
-            uptime_secs: started.elapsed().as_secs(),
-        });
+        let info = state.own_info();
         drop(state);
         let mut report = serde_json::json!({ "node": self.shared.node, "rooms": rooms });
         if let Some(info) = info {
@@ -1459,6 +1451,15 @@ impl State {
             });
             room.history.mark_gap();
         }
+    }
+
+    /// What this node says of itself, if it announces itself.
+    fn own_info(&self) -> Option<NodeInfo> {
+        self.announce.as_ref().map(|(started, listen)| NodeInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            listen: listen.clone(),
+            uptime_secs: started.elapsed().as_secs(),
+        })
     }
 
     /// Forgets nodes not heard from for [`PRESENCE_EXPIRY`].

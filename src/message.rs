@@ -820,11 +820,7 @@ impl Broadcast {
             .get("idempotency-key")
             .map(|value| check_key(value.to_str().unwrap_or_default()))
             .transpose()?;
-        let peer = crate::event::peer_of(req)
-            .map(|peer| peer.ip())
-            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-        let client = crate::request::client(peer, header("x-forwarded-for"), &self.trusted_proxies);
-        Ok((client, key))
+        Ok((crate::request::client_of(req, &self.trusted_proxies), key))
     }
 
     /// The whole body, within `server.body_timeout_secs` and `message.max_body_bytes`.

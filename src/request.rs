@@ -123,6 +123,27 @@ pub fn client(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[TrustedProxy
     }
 }
 
+/// The TCP peer of a request salvo serves.
+pub fn peer_of(req: &salvo::Request) -> Option<std::net::SocketAddr> {
+    let address = req.remote_addr();
+    address
+        .as_ipv4()
+        .map(|a| std::net::SocketAddr::V4(*a))
+        .or_else(|| address.as_ipv6().map(|a| std::net::SocketAddr::V6(*a)))
+}
+
+/// [`client`] of a request salvo serves: its TCP peer and its `X-Forwarded-For`.
+pub fn client_of(req: &salvo::Request, trusted: &[TrustedProxy]) -> String {
+    let peer = peer_of(req)
+        .map(|peer| peer.ip())
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let forwarded = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    client(peer, forwarded, trusted)
+}
+
 /// An IPv4-mapped IPv6 address as the IPv4 address it is.
 fn canonical(address: IpAddr) -> IpAddr {
     match address {

@@ -1101,10 +1101,7 @@ impl Chain {
     pub fn run(&mut self, mut message: Map) -> Verdict {
         // Kept aside without an allocation: three values, restored after the chain.
         let owned = OWNED_KEYS.map(|key| (key, message.get(key).cloned()));
-        let reference = message
-            .get("ref")
-            .and_then(|r| r.clone().into_immutable_string().ok())
-            .map(|r| r.to_string());
+        let reference = reference_of(&message);
         for entry in &mut self.entries {
             // Only a fail-open script needs the message as it was before it ran.
             let input = (entry.on_error == OnError::Pass).then(|| message.clone());
@@ -1152,6 +1149,14 @@ impl Chain {
         }
         Verdict::Pass(publishable(message, owned))
     }
+}
+
+/// The sending web node's reference (`ref`) of a parsed message, to tell it what became of it.
+pub fn reference_of(message: &Map) -> Option<String> {
+    message.get(crate::wire::REF).and_then(|r| {
+        r.read_lock::<rhai::ImmutableString>()
+            .map(|r| r.to_string())
+    })
 }
 
 /// The frame to publish once the chain passed a message: the keys the broker owns put back as
@@ -1280,7 +1285,7 @@ pub struct Reloader {
     /// How many copies of each script a reload compiles (one per worker thread).
     copies: usize,
     /// What the console shows of the chain.
-    status: Option<Arc<ChainStatus>>,
+    status: Arc<ChainStatus>,
 }
 
 /// Asks the reloader to reload everything (what SIGHUP does).
@@ -1319,7 +1324,7 @@ impl Reloader {
                 requests,
                 metrics,
                 copies: 1,
-                status: None,
+                status: Arc::default(),
             },
             rx,
             ReloadHandle(request_tx),
@@ -1335,7 +1340,7 @@ impl Reloader {
     /// Keeps `status` up to date with each reload.
     pub fn status(mut self, status: Arc<ChainStatus>) -> Reloader {
         status.loaded(&self.specs);
-        self.status = Some(status);
+        self.status = status;
         self
     }
 
@@ -1431,16 +1436,12 @@ impl Reloader {
             match (0..self.copies).map(|_| spec.load()).collect() {
                 Ok(scripts) => {
                     self.count(ReloadResult::Ok);
-                    if let Some(status) = &self.status {
-                        status.reloaded(index);
-                    }
+                    self.status.reloaded(index);
                     let _ = self.tx.send(Reload::One { index, scripts }).await;
                 }
                 Err(error) => {
                     self.count(ReloadResult::Failed);
-                    if let Some(status) = &self.status {
-                        status.failed(Some(index), error.to_string());
-                    }
+                    self.status.failed(Some(index), error.to_string());
                     tracing::error!(%error, "script not reloaded; the previous version keeps running");
                 }
             }
@@ -1455,9 +1456,7 @@ impl Reloader {
                 Ok(loaded) => loaded,
                 Err(error) => {
                     self.count(ReloadResult::Failed);
-                    if let Some(status) = &self.status {
-                        status.failed(None, error.clone());
-                    }
+                    self.status.failed(None, error.clone());
                     tracing::error!(%error, "configuration not reloaded; the scripts keep running");
                     return false;
                 }
@@ -1477,21 +1476,15 @@ impl Reloader {
             Ok(chains) => chains,
             Err(errors) => {
                 self.count(ReloadResult::Failed);
-                for (index, error) in &errors {
-                    if let Some(status) = &self.status {
-                        status.failed(Some(*index), error.to_string());
-                    }
-                }
-                for (_, error) in errors {
+                for (index, error) in errors {
                     tracing::error!(%error, "script chain not reloaded; the previous one keeps running");
+                    self.status.failed(Some(index), error.to_string());
                 }
                 return false;
             }
         };
         self.count(ReloadResult::Ok);
-        if let Some(status) = &self.status {
-            status.loaded(&specs);
-        }
+        self.status.loaded(&specs);
         self.specs = specs;
         let _ = self.tx.send(Reload::All(chains)).await;
         true

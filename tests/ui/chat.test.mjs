@@ -2,47 +2,13 @@
 // Run: cargo build && (cd tests/ui && npm ci && npm test). `.ci/run` does this.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { mkdtempSync, mkdirSync, writeFileSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { join, resolve, dirname } from "node:path";
-import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
-
-const repo = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
-const binary = process.env.UI_TEMMA_BIN || join(repo, "target/debug/temma");
-const browserPath = process.env.UI_CHROMIUM || "/usr/bin/chromium";
-const DEADLINE = 10_000;
-
-function freePort() {
-  return new Promise((done, fail) => {
-    const server = createServer();
-    server.on("error", fail);
-    server.listen(0, "127.0.0.1", () => {
-      const { port } = server.address();
-      server.close(() => done(port));
-    });
-  });
-}
+import { join } from "node:path";
+import { repo, DEADLINE, freePort, startTemma, launchBrowser } from "./harness.mjs";
 
 let server, browser, base, work, config, ports;
 const extra = []; // other temma processes, stopped after the suite
-
-/* Starts `temma ARGS` and waits for `ready` in its log. */
-function startTemma(args, env, ready) {
-  const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("TEMMA_")));
-  const child = spawn(binary, args, { env: { ...clean, ...env }, stdio: ["ignore", "ignore", "pipe"] });
-  return new Promise((done, fail) => {
-    const timer = setTimeout(() => fail(new Error(`temma ${args.join(" ")} did not start`)), DEADLINE);
-    let log = "";
-    child.stderr.on("data", (chunk) => {
-      log += chunk;
-      if (log.includes(ready)) { clearTimeout(timer); done(child); }
-    });
-    child.on("exit", (code) => { clearTimeout(timer); fail(new Error(`temma exited with ${code}: ${log}`)); });
-  });
-}
 
 before(async () => {
   work = mkdtempSync(join(tmpdir(), "temma-ui-"));
@@ -73,12 +39,7 @@ params = { rooms = { ui-private = "t0k" } }
 `);
   base = `http://127.0.0.1:${http}`;
   server = await startTemma(["serve", "-c", config], {}, "listening on http://");
-  browser = await chromium.launch({
-    executablePath: browserPath,
-    headless: true,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
+  browser = await launchBrowser();
 });
 
 after(async () => {

@@ -4,44 +4,12 @@
 // UI_CONSOLE_SCREENSHOT=path saves a screenshot of the console under load.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { mkdtempSync, mkdirSync, writeFileSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { join, resolve, dirname } from "node:path";
-import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { join } from "node:path";
+import { repo, DEADLINE, freePort, startTemma, launchBrowser } from "./harness.mjs";
 
-const repo = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
-const binary = process.env.UI_TEMMA_BIN || join(repo, "target/debug/temma");
-const browserPath = process.env.UI_CHROMIUM || "/usr/bin/chromium";
-const DEADLINE = 10_000;
 const TOKEN = "console-ui-token-0123456789";
-
-function freePort() {
-  return new Promise((done, fail) => {
-    const server = createServer();
-    server.on("error", fail);
-    server.listen(0, "127.0.0.1", () => {
-      const { port } = server.address();
-      server.close(() => done(port));
-    });
-  });
-}
-
-function startTemma(args, env, ready) {
-  const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("TEMMA_")));
-  const child = spawn(binary, args, { env: { ...clean, ...env }, stdio: ["ignore", "ignore", "pipe"] });
-  return new Promise((done, fail) => {
-    const timer = setTimeout(() => fail(new Error(`temma ${args.join(" ")} did not start`)), DEADLINE);
-    let log = "";
-    child.stderr.on("data", (chunk) => {
-      log += chunk;
-      if (log.includes(ready)) { clearTimeout(timer); done(child); }
-    });
-    child.on("exit", (code) => { clearTimeout(timer); fail(new Error(`temma exited with ${code}: ${log}`)); });
-  });
-}
 
 let work, browser, base, ports;
 const children = [];
@@ -79,12 +47,7 @@ before(async () => {
   base = `http://127.0.0.1:${ports.http}`;
   const config = writeConfig("temma.toml", ports.http, true);
   children.push(await startTemma(["serve", "-c", config], { TEMMA_CONSOLE_TOKEN: TOKEN }, "listening on http://"));
-  browser = await chromium.launch({
-    executablePath: browserPath,
-    headless: true,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
+  browser = await launchBrowser();
 });
 
 after(async () => {
