@@ -94,6 +94,12 @@ struct Args {
     /// that spread subscribers over several processes and servers.
     #[arg(long)]
     external: bool,
+    /// Local addresses to open subscribers from (repeatable; subscriber `i` binds to source
+    /// `i % N`, any port). On loopback, 127.0.0.0/8 is all the machine's: each address has its
+    /// own ephemeral ports, so more than one address gets past the ≈ 28 000 ports of one, and
+    /// keeps the kernel's port search short (it scans the range when it is nearly full).
+    #[arg(long)]
+    source: Vec<std::net::IpAddr>,
 }
 
 impl Args {
@@ -217,7 +223,7 @@ async fn subscriber(id: usize, uri: hyper::Uri, args: Arc<Args>, shared: Arc<Sha
         }
         None => uri,
     };
-    let Some((mut socket, mut buffer, chunked)) = connect(&uri, &args, &shared).await else {
+    let Some((mut socket, mut buffer, chunked)) = connect(id, &uri, &args, &shared).await else {
         shared.failed.fetch_add(1, Ordering::Relaxed);
         return;
     };
@@ -281,6 +287,7 @@ async fn subscriber(id: usize, uri: hyper::Uri, args: Arc<Args>, shared: Arc<Sha
 
 /// Opens the stream, retrying refusals with a backoff as a browser does.
 async fn connect(
+    id: usize,
     uri: &hyper::Uri,
     args: &Args,
     shared: &Shared,
@@ -289,7 +296,8 @@ async fn connect(
         if shared.stop.load(Ordering::Relaxed) {
             return None;
         }
-        match open_stream(uri).await {
+        let source = (!args.source.is_empty()).then(|| args.source[id % args.source.len()]);
+        match open_stream(uri, source).await {
             Ok(stream) => return Some(stream),
             Err(error) => {
                 count_status(shared, error);
@@ -376,11 +384,16 @@ impl Seen {
 
 /// Opens one SSE stream: the socket, what was read after the head, and whether the body is
 /// chunked. `Err` names why not (a status or an error kind) for the report.
-async fn open_stream(uri: &hyper::Uri) -> Result<(TcpStream, Vec<u8>, bool), String> {
+async fn open_stream(
+    uri: &hyper::Uri,
+    source: Option<std::net::IpAddr>,
+) -> Result<(TcpStream, Vec<u8>, bool), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut socket = TcpStream::connect(authority(uri))
-        .await
-        .map_err(|e| format!("connect: {}", e.kind()))?;
+    let mut socket = match source {
+        None => TcpStream::connect(authority(uri)).await,
+        Some(source) => connect_from(source, &authority(uri)).await,
+    }
+    .map_err(|e| format!("connect: {}", e.kind()))?;
     let _ = socket.set_nodelay(true);
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
@@ -423,6 +436,21 @@ async fn open_stream(uri: &hyper::Uri) -> Result<(TcpStream, Vec<u8>, bool), Str
             _ => return Err("malformed response head".into()),
         }
     }
+}
+
+/// Connects to `target` from `source` (any port of it).
+async fn connect_from(source: std::net::IpAddr, target: &str) -> std::io::Result<TcpStream> {
+    let target = tokio::net::lookup_host(target)
+        .await?
+        .find(|address| address.is_ipv4() == source.is_ipv4())
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrNotAvailable))?;
+    let socket = if source.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(std::net::SocketAddr::new(source, 0))?;
+    socket.connect(target).await
 }
 
 /// One publisher: POSTs its share of the messages at its share of the rate.

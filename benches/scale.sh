@@ -6,11 +6,19 @@
 #
 #   benches/scale.sh                        # 6 nodes × 17 000 = 102 000 connections (+ 100)
 #   NODES=2 PER_NODE=1000 MESSAGES=5 benches/scale.sh     # a quick try
+#   SERVER=nchan benches/scale.sh           # Nchan, one nginx with NODES workers, same load
 #
 # Why several nodes: a process may not hold more descriptors than `ulimit -Hn` (20 000 on the
 # project's machine, which cannot be raised without CAP_SYS_RESOURCE), and temma is built to
 # spread connections over web nodes anyway (one broker, any number of nodes). Loopback only;
-# each node listens on its own port, so source ports never run out.
+# each node listens on its own port, and each load process opens its subscribers from its own
+# loopback source addresses (127.0.<node+1>.1, .2 …, one per SOURCE_CONNS connections): one
+# address has ≈ 28 000 ephemeral ports, and the kernel's search for a free one scans the range
+# when it is nearly full — from one address, 100 000 connections spent the two cores in it.
+#
+# With SERVER=nchan, the same load goes to one nginx + Nchan (benches/nchan.conf's locations)
+# with NODES worker processes (`reuseport`: the kernel spreads the connections over them), each
+# allowed PER_NODE + 1000 connections.
 #
 # Prints, per node and in total: connections held, deliveries (must be 100 %), latency p50/p99
 # (wall clock: the publisher's send time in each marker), and the node's RSS per connection.
@@ -21,10 +29,13 @@ PER_NODE=${PER_NODE:-17000}
 MESSAGES=${MESSAGES:-30}
 RAMP=${RAMP:-1500}
 BASE_PORT=${BASE_PORT:-9100}
+SERVER=${SERVER:-temma}
+SOURCE_CONNS=${SOURCE_CONNS:-8000}
 WORK=$(mktemp -d /tmp/temma-scale.XXXXXX)
 PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [ -f "$WORK/nginx.pid" ] && kill -QUIT "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -36,9 +47,22 @@ cargo build --release --quiet --bin temma --example temma-load
 TEMMA=target/release/temma
 LOAD=target/release/examples/temma-load
 
-pull=$((BASE_PORT + 90)); publish=$((BASE_PORT + 91))
-mkdir -p "$WORK/etc"
-cat >"$WORK/etc/temma.toml" <<EOF
+# The server's resident memory, all its processes together, in KiB: proportional set sizes
+# (a page shared by nginx's workers, such as Nchan's shared memory, counted once).
+rss_kib() {
+  local total=0 pid kib
+  for pid in "${SERVER_PIDS[@]}"; do
+    kib=$(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup" 2>/dev/null || echo 0)
+    total=$((total + kib))
+  done
+  echo "$total"
+}
+
+SERVER_PIDS=(); NODE_PIDS=()
+if [ "$SERVER" = temma ]; then
+  pull=$((BASE_PORT + 90)); publish=$((BASE_PORT + 91))
+  mkdir -p "$WORK/etc"
+  cat >"$WORK/etc/temma.toml" <<EOF
 [application]
 root = "$PWD"
 [application.dataSources]
@@ -57,65 +81,115 @@ initial_history = 0
 [log]
 level = "warn"
 EOF
-
-"$TEMMA" broker -c "$WORK/etc/temma.toml" >"$WORK/broker.log" 2>&1 &
-PIDS+=("$!")
-sleep 0.5
-NODE_PIDS=()
-for i in $(seq 0 $((NODES - 1))); do
-  TEMMA_SERVER__LISTEN="127.0.0.1:$((BASE_PORT + i))" "$TEMMA" serve -c "$WORK/etc/temma.toml" >"$WORK/node$i.log" 2>&1 &
-  PIDS+=("$!"); NODE_PIDS+=("$!")
-done
-for i in $(seq 0 $((NODES - 1))); do
-  for _ in $(seq 100); do
-    curl -sf "http://127.0.0.1:$((BASE_PORT + i))/health" >/dev/null && break
-    sleep 0.1
+  "$TEMMA" broker -c "$WORK/etc/temma.toml" >"$WORK/broker.log" 2>&1 &
+  PIDS+=("$!"); SERVER_PIDS+=("$!")
+  sleep 0.5
+  for i in $(seq 0 $((NODES - 1))); do
+    TEMMA_SERVER__LISTEN="127.0.0.1:$((BASE_PORT + i))" "$TEMMA" serve -c "$WORK/etc/temma.toml" >"$WORK/node$i.log" 2>&1 &
+    PIDS+=("$!"); NODE_PIDS+=("$!"); SERVER_PIDS+=("$!")
   done
-done
-echo "--- $NODES web nodes up; opening $((NODES * PER_NODE)) connections ($RAMP/s per node)"
+  for i in $(seq 0 $((NODES - 1))); do
+    for _ in $(seq 100); do
+      curl -sf "http://127.0.0.1:$((BASE_PORT + i))/health" >/dev/null && break
+      sleep 0.1
+    done
+  done
+  sub_url() { echo "http://127.0.0.1:$((BASE_PORT + $1))/event/fetch"; }
+  PUBLISH="http://127.0.0.1:$BASE_PORT/message/broadcast"
+  clients() {
+    local total=0 n
+    for i in $(seq 0 $((NODES - 1))); do
+      n=$(curl -s "http://127.0.0.1:$((BASE_PORT + i))/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["sse_clients"])' 2>/dev/null || echo 0)
+      total=$((total + n))
+    done
+    echo "$total"
+  }
+else
+  [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx libnginx-mod-nchan >/dev/null; }
+  mkdir -p "$WORK/logs" "$WORK/tmp"
+  chmod 755 "$WORK" "$WORK/tmp"
+  # benches/nchan.conf with NODES workers, PER_NODE + 1000 connections each, on BASE_PORT.
+  sed -e "s#@DIR@#$WORK#g" \
+      -e "s#^worker_processes .*#worker_processes $NODES;\nworker_rlimit_nofile $(ulimit -Hn);#" \
+      -e "s#worker_connections [0-9]*#worker_connections $((PER_NODE + 1000))#" \
+      -e "s#listen 127.0.0.1:8081;#listen 127.0.0.1:$BASE_PORT reuseport backlog=4096;#" \
+      benches/nchan.conf >"$WORK/nginx.conf"
+  nginx -p "$WORK" -c nginx.conf >"$WORK/nginx.log" 2>&1 &
+  PIDS+=("$!")
+  for _ in $(seq 50); do [ -f "$WORK/nginx.pid" ] && break; sleep 0.1; done
+  sleep 0.5
+  SERVER_PIDS=("$(cat "$WORK/nginx.pid")")
+  for pid in $(pgrep -P "$(cat "$WORK/nginx.pid")"); do SERVER_PIDS+=("$pid"); done
+  sub_url() { echo "http://127.0.0.1:$BASE_PORT/sub/chat"; }
+  PUBLISH="http://127.0.0.1:$BASE_PORT/pub/chat"
+  clients() {
+    curl -s "http://127.0.0.1:$BASE_PORT/nchan_status" | awk '/^subscribers:/ {print $2}' || echo 0
+  }
+fi
+
+rss_before=$(rss_kib)
+echo "--- $SERVER up ($NODES processes); opening $((NODES * PER_NODE)) connections ($RAMP/s per load process)"
 started=$(date +%s)
+LOADS=()
 for i in $(seq 0 $((NODES - 1))); do
-  "$LOAD" --subscribe "http://127.0.0.1:$((BASE_PORT + i))/event/fetch" --subscribers "$PER_NODE" \
+  sources=()
+  for s in $(seq 1 $(((PER_NODE + SOURCE_CONNS - 1) / SOURCE_CONNS))); do
+    sources+=(--source "127.0.$((i + 1)).$s")
+  done
+  pid=()
+  [ "$SERVER" = temma ] && pid=(--pid "${NODE_PIDS[$i]}")
+  "$LOAD" "${sources[@]}" --subscribe "$(sub_url "$i")" --subscribers "$PER_NODE" \
     --ramp "$RAMP" --external --messages "$MESSAGES" --drain-ms 10000 --max-secs 900 \
-    --pid "${NODE_PIDS[$i]}" --json >"$WORK/load$i.json" 2>"$WORK/load$i.err" &
+    "${pid[@]}" --json >"$WORK/load$i.json" 2>"$WORK/load$i.err" &
   PIDS+=("$!"); LOADS+=("$!")
 done
-clients() {
-  local total=0 n
-  for i in $(seq 0 $((NODES - 1))); do
-    n=$(curl -s "http://127.0.0.1:$((BASE_PORT + i))/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["sse_clients"])' 2>/dev/null || echo 0)
-    total=$((total + n))
-  done
-  echo "$total"
-}
-while [ "$(clients)" -lt $((NODES * PER_NODE)) ]; do
-  if [ $(($(date +%s) - started)) -gt 600 ]; then echo "not all connected: $(clients)"; exit 1; fi
+# Until all are connected, or 30 s pass with no new connection (the rest failed: the load
+# processes report why, and the messages are still sent to those connected).
+last=-1; still=0
+while held=$(clients) && [ "$held" -lt $((NODES * PER_NODE)) ]; do
+  if [ "$held" -eq "$last" ]; then still=$((still + 2)); else still=0; last=$held; fi
+  if [ "$still" -ge 30 ]; then
+    echo "--- NOT ALL CONNECTED: $held of $((NODES * PER_NODE))"
+    if [ "$SERVER" = nchan ]; then
+      echo "nginx's alerts and errors: $(grep -cE '\[(alert|crit|error)\]' "$WORK/logs/error.log" || true)"
+      grep -E '\[(alert|crit|error)\]' "$WORK/logs/error.log" | sed 's/^[^[]*//' | sort | uniq -c | sort -rn | head -5 || true
+    fi
+    break
+  fi
   sleep 2
 done
-echo "--- $(clients) SSE connections held after $(($(date +%s) - started)) s; publishing $MESSAGES messages, one a second"
+rss_connected=$(rss_kib)
+echo "--- $held SSE connections held after $(($(date +%s) - started)) s; server RSS $rss_before → $rss_connected KiB; publishing $MESSAGES messages, one a second"
 sleep 3
-"$LOAD" --subscribe "http://127.0.0.1:$BASE_PORT/event/fetch" --subscribers 100 \
-  --publish "http://127.0.0.1:$BASE_PORT/message/broadcast" --rate 1 --messages "$MESSAGES" \
+"$LOAD" --subscribe "$(sub_url 0)" --subscribers 100 \
+  --publish "$PUBLISH" --rate 1 --messages "$MESSAGES" \
   --drain-ms 10000 --json >"$WORK/publisher.json"
 for pid in "${LOADS[@]}"; do wait "$pid"; done
-python3 - "$WORK" "$NODES" <<'EOF'
+python3 - "$WORK" "$NODES" "$SERVER" "$held" "$rss_before" "$rss_connected" <<'EOF'
 import json, sys
-work, nodes = sys.argv[1], int(sys.argv[2])
+work, nodes, server = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+held, rss_before, rss_connected = (int(x) for x in sys.argv[4:7])
 rows, connected, received, expected, p99s = [], 0, 0, 0, []
 for i in range(nodes):
     r = json.load(open(f"{work}/load{i}.json"))
     connected += r["connected"]; received += r["received"]; expected += r["expected"]
     p99s.append(r["latency_us"]["p99"] / 1000)
-    rows.append((i, r["connected"], r["received"], r["expected"], r["latency_us"]["p50"] / 1000,
-                 r["latency_us"]["p99"] / 1000, r.get("rss_kib_per_connection") or 0.0))
+    rss = r.get("rss_kib_per_connection")
+    rows.append((i, r["connected"], r["received"], r["expected"], r["gaps"], r["duplicates"],
+                 r["latency_us"]["p50"] / 1000, r["latency_us"]["p99"] / 1000,
+                 f"{rss:.2f} KiB" if rss else "—", r["failed"], r["errors"]))
 p = json.load(open(f"{work}/publisher.json"))
-print("| node | connections | deliveries | p50 ms | p99 ms | node RSS per connection |")
-print("|---|---|---|---|---|---|")
-for i, c, got, exp, p50, p99, rss in rows:
-    print(f"| {i} | {c} | {got}/{exp} ({100.0 * got / max(exp, 1):.2f} %) | {p50:.1f} | {p99:.1f} | {rss:.2f} KiB |")
-print(f"| publisher's own | {p['connected']} | {p['received']}/{p['expected']} | {p['latency_us']['p50'] / 1000:.1f} | {p['latency_us']['p99'] / 1000:.1f} | |")
+print(f"{server}:")
+print("| load process | connections | deliveries | gaps / duplicates | p50 ms | p99 ms | its node's RSS per connection |")
+print("|---|---|---|---|---|---|---|")
+for i, c, got, exp, gaps, dups, p50, p99, rss, failed, errors in rows:
+    failures = f" ({failed} failed: {errors})" if failed else ""
+    print(f"| {i} | {c}{failures} | {got}/{exp} ({100.0 * got / max(exp, 1):.2f} %) | {gaps} / {dups} | {p50:.1f} | {p99:.1f} | {rss} |")
+print(f"| publisher's own | {p['connected']} | {p['received']}/{p['expected']} | {p['gaps']} / {p['duplicates']} | {p['latency_us']['p50'] / 1000:.1f} | {p['latency_us']['p99'] / 1000:.1f} | |")
 total = connected + p["connected"]
 print(f"total: {total} connections, {received + p['received']}/{expected + p['expected']} deliveries "
       f"({100.0 * (received + p['received']) / max(expected + p['expected'], 1):.2f} %), worst p99 {max(p99s):.1f} ms, "
-      f"{p['accepted']} messages accepted")
+      f"{p['accepted']} messages accepted; server RSS {(rss_connected - rss_before) / max(held, 1):.2f} KiB "
+      f"per connection, all its processes ({rss_before} → {rss_connected} KiB for {held})")
 EOF
