@@ -18,18 +18,19 @@ fn load_tool() -> std::path::PathBuf {
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target/<profile>/deps");
-    let tool = profile.join("examples/temma-load");
-    if !tool.is_file() {
-        // `cargo test` builds examples; `cargo test --test load` alone does not.
+    // `cargo test` builds examples; `cargo test --test load` alone does not, and would run an
+    // old one: build it once per run (nothing to do after `cargo test`).
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let status = Command::new(cargo)
-            .args(["build", "--example", "temma-load"])
+            .args(["build", "--quiet", "--example", "temma-load"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("cargo");
         assert!(status.success(), "cannot build temma-load");
-    }
-    tool
+    });
+    profile.join("examples/temma-load")
 }
 
 /// Reads from a raw connection until `needle` has arrived; returns everything read.
@@ -168,6 +169,60 @@ async fn fan_out_scenario_in_small() {
     );
     assert!(
         (cpu["per_message_us"].as_f64().unwrap() - per_delivery * 20.0).abs() < 1e-3,
+        "{report}"
+    );
+    app.stop().await;
+}
+
+/// `--source`: subscribers open their connections from the given local addresses, in turn (an
+/// address the machine does not have fails every one of them, so the option is not ignored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_from_several_source_addresses() {
+    let app = TestApp::start().await;
+    app.ready().await;
+    let publish = app.url("/message/broadcast");
+    let report = run_load(
+        &app,
+        &[
+            "--subscribers",
+            "6",
+            "--source",
+            "127.0.0.2",
+            "--source",
+            "127.0.0.3",
+            "--publish",
+            &publish,
+            "--messages",
+            "5",
+        ],
+    )
+    .await;
+    assert_eq!(report["connected"], 6, "{report}");
+    assert_eq!(report["received"], 30, "{report}");
+    let report = run_load(
+        &app,
+        &[
+            "--subscribers",
+            "2",
+            "--attempts",
+            "1",
+            "--source",
+            "192.0.2.1",
+            "--messages",
+            "0",
+            "--max-secs",
+            "5",
+        ],
+    )
+    .await;
+    assert_eq!(report["connected"], 0, "{report}");
+    assert_eq!(report["failed"], 2, "{report}");
+    assert!(
+        report["errors"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|error| error.starts_with("connect:")),
         "{report}"
     );
     app.stop().await;
