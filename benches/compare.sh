@@ -20,12 +20,18 @@
 #   latency  1000 subscribers × 100 msg/s for 10 s; p50/p99.
 #   light    10 subscribers × 20 msg/s for 10 s; medium: 100 subscribers × 50 msg/s for 10 s:
 #            where the per-message path (not the fan-out) decides.
-#   independent  500 subscribers × 10 msg/s × 100 messages read by benches/sse_reader.py, a
-#            client written apart from temma (Python asyncio), against temma and Nchan.
+#   permessage  10 subscribers × 50 msg/s for 10 s: server CPU per message.
+#   delivery 1000 subscribers × 20 msg/s for 10 s: server CPU per delivery.
+#   wide     1000 subscribers × 10 msg/s for 10 s.
+#   independent  the light, medium and wide loads, and 500 × 10 msg/s, read by
+#            benches/sse_reader.py, a client written apart from temma (Python asyncio), against
+#            temma and Nchan.
 # Every scenario that publishes reports the server's CPU time (user + system of its processes,
 # from /proc) per message and per delivery: on two cores shared with the load tool, the
 # server's CPU is latency.
 #   broker   PUSH → broker → SUB msgs/s, against libzmq's proxy (cargo bench --bench broker).
+# At the end, issue 14's aims judged from the reports (benches/compare_aims.py): each one
+# temma's figure, Nchan's, the ratio, met or not; and every report checked for losses.
 #   rooms    temma only (the peers name channels in the URL path, which temma-load does not
 #            vary): 1000 rooms × 10 subscribers, one message per room per second for 20 s, every
 #            delivery checked to be of its room; then 20 000 messages to 5000 rooms with no
@@ -33,7 +39,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-SCENARIOS=${SCENARIOS:-fanout idle latency light medium independent broker}
+SCENARIOS=${SCENARIOS:-fanout idle latency light medium permessage delivery wide independent broker}
 PEERS=${PEERS-nchan pushpin}
 OUT=${OUT:-$ROOT/target/compare}
 WORK=$(mktemp -d /tmp/temma-compare.XXXXXX)
@@ -204,16 +210,38 @@ for scenario in $SCENARIOS; do
         load "$name" "medium-$name.json" --subscribers 100 --rate 50 --messages 500
       done
       ;;
+    permessage)
+      echo "--- scenario: per message, 10 subscribers × 50 msg/s"
+      for name in temma $PEERS; do
+        load "$name" "permessage-$name.json" --subscribers 10 --rate 50 --messages 500
+      done
+      ;;
+    delivery)
+      echo "--- scenario: per delivery, 1000 subscribers × 20 msg/s"
+      for name in temma $PEERS; do
+        load "$name" "delivery-$name.json" --subscribers 1000 --rate 20 --messages 200
+      done
+      ;;
+    wide)
+      echo "--- scenario: wide, 1000 subscribers × 10 msg/s"
+      for name in temma $PEERS; do
+        load "$name" "wide-$name.json" --subscribers 1000 --rate 10 --messages 100
+      done
+      ;;
     independent)
-      echo "--- scenario: an independent client (benches/sse_reader.py), 500 × 10 msg/s"
-      python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$TEMMA_PORT/event/fetch" \
-        --publish "http://127.0.0.1:$TEMMA_PORT/message/broadcast" \
-        --subscribers 500 --rate 10 --messages 100 > "$OUT/independent-temma.json"
-      case " $PEERS " in *" nchan "*)
-        python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$NCHAN_PORT/sub/chat" \
-          --publish "http://127.0.0.1:$NCHAN_PORT/pub/chat" \
-          --subscribers 500 --rate 10 --messages 100 > "$OUT/independent-nchan.json" ;;
-      esac
+      echo "--- scenario: an independent client (benches/sse_reader.py)"
+      for load_spec in "light 10 20 200" "medium 100 50 500" "wide 1000 10 100" "crowd 500 10 100"; do
+        read -r label subscribers rate messages <<<"$load_spec"
+        echo "  $label: $subscribers × $rate msg/s"
+        python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$TEMMA_PORT/event/fetch" \
+          --publish "http://127.0.0.1:$TEMMA_PORT/message/broadcast" --subscribers "$subscribers" \
+          --rate "$rate" --messages "$messages" > "$OUT/independent-$label-temma.json"
+        case " $PEERS " in *" nchan "*)
+          python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$NCHAN_PORT/sub/chat" \
+            --publish "http://127.0.0.1:$NCHAN_PORT/pub/chat" --subscribers "$subscribers" \
+            --rate "$rate" --messages "$messages" > "$OUT/independent-$label-nchan.json" ;;
+        esac
+      done
       ;;
     broker)
       echo "--- scenario 4: broker"
@@ -255,14 +283,19 @@ import json
 t = json.load(open('$OUT/idle-temma.json')); n = json.load(open('$OUT/idle-nchan.json'))
 print(f\"{t['rss_kib_per_connection'] / n['rss_kib_per_connection']:.2f}× Nchan's memory per connection\")")"
       ;;
-    latency|light|medium)
+    latency|light|medium|permessage|delivery|wide)
       echo "$scenario:"
       for name in temma $PEERS; do
-        echo "  $name: $(field "$OUT/$scenario-$name.json" "f'{delivered_ratio*100:.2f} % delivered, p50 {latency_us[\"p50\"]/1000:.2f} ms, p99 {latency_us[\"p99\"]/1000:.2f} ms, POST p50 {post_latency_us[\"p50\"]/1000:.2f} ms; server CPU ' + (f'{server_cpu[\"per_message_us\"]:.0f} µs/message, {server_cpu[\"per_delivery_us\"]:.1f} µs/delivery' if server_cpu else 'not measured')")"
+        echo "  $name: $(field "$OUT/$scenario-$name.json" "f'{delivered_ratio*100:.2f} % delivered ({gaps} gaps, {duplicates} duplicates), p50 {latency_us[\"p50\"]/1000:.2f} ms, p99 {latency_us[\"p99\"]/1000:.2f} ms, POST p50 {post_latency_us[\"p50\"]/1000:.2f} ms; server CPU ' + (f'{server_cpu[\"per_message_us\"]:.0f} µs/message, {server_cpu[\"per_delivery_us\"]:.1f} µs/delivery' if server_cpu else 'not measured')")"
       done
+      [ -f "$OUT/$scenario-nchan.json" ] && echo "  temma/Nchan: $(python3 -c "
+import json
+t = json.load(open('$OUT/$scenario-temma.json')); n = json.load(open('$OUT/$scenario-nchan.json'))
+ratio = lambda a, b: f'{a / b:.2f}×' if b else '—'
+print(f\"p50 {ratio(t['latency_us']['p50'], n['latency_us']['p50'])}, p99 {ratio(t['latency_us']['p99'], n['latency_us']['p99'])}, CPU per delivery {ratio(t['server_cpu']['per_delivery_us'], n['server_cpu']['per_delivery_us'])}\")")"
       ;;
     independent)
-      echo "independent client (benches/sse_reader.py, 500 × 10 msg/s):"
+      echo "independent client (benches/sse_reader.py):"
       for file in "$OUT"/independent-*.json; do
         echo "  $(basename "$file" .json | sed 's/independent-//'): $(field "$file" "f'{received} of {expected} ({delivered_ratio*100:.2f} %), p50 {latency_ms[\"p50\"]:.2f} ms, p99 {latency_ms[\"p99\"]:.2f} ms, max {latency_ms[\"max\"]:.2f} ms'")"
       done
@@ -284,4 +317,6 @@ for line in open('$OUT/broker.jsonl'):
       ;;
   esac
 done
+echo
+python3 benches/compare_aims.py "$OUT"
 echo "reports: $OUT"

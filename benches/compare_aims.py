@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Issue 14's aims, judged from the reports `benches/compare.sh` wrote in OUT (its only
+argument): each aim with temma's figure, Nchan's, their ratio, and whether it is met; then
+whether every scenario delivered everything (no gap, no duplicate). An aim whose reports are
+missing (its scenario was not run) is said to be so."""
+import json
+import os
+import sys
+
+OUT = sys.argv[1]
+
+
+def report(name):
+    path = os.path.join(OUT, name)
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def p(r, key, client):
+    """A latency percentile in ms, from temma-load's (µs) or sse_reader's (ms) report."""
+    return r["latency_us"][key] / 1000 if client == "temma-load" else r["latency_ms"][key]
+
+
+rows = []
+
+
+def aim(text, value, bound, met, unit):
+    rows.append((text, value, bound, met, unit))
+
+
+def scenario_files(scenario, client):
+    if client == "temma-load":
+        return f"{scenario}-temma.json", f"{scenario}-nchan.json"
+    return f"independent-{scenario}-temma.json", f"independent-{scenario}-nchan.json"
+
+
+def compare(text, scenario, client, measure, factor, unit):
+    t, n = (report(f) for f in scenario_files(scenario, client))
+    if t is None or n is None:
+        rows.append((text, None, None, None, unit))
+        return
+    tv, nv = measure(t), measure(n)
+    aim(text, f"{tv:.2f} {unit} vs Nchan's {nv:.2f} {unit} ({tv / nv:.2f}×)", f"≤ {factor}× Nchan's",
+        tv <= factor * nv, unit)
+
+
+def cpu(key):
+    return lambda r: r["server_cpu"][key]
+
+
+light = report("light-temma.json")
+if light:
+    v = light["latency_us"]["p50"] / 1000
+    aim("light 10 × 20: POST → SSE p50 (temma-load)", f"{v:.2f} ms", "≤ 0.5 ms", v <= 0.5, "ms")
+else:
+    rows.append(("light 10 × 20: POST → SSE p50 (temma-load)", None, None, None, "ms"))
+for client in ("temma-load", "sse_reader"):
+    compare(f"light 10 × 20: p99 ({client})", "light", client, lambda r, c=client: p(r, "p99", c), 1, "ms")
+compare("10 × 50: server CPU per message", "permessage", "temma-load", cpu("per_message_us"), 0.5, "µs")
+compare("1000 × 20: server CPU per delivery", "delivery", "temma-load", cpu("per_delivery_us"), 0.5, "µs")
+for scenario, label in (("medium", "100 × 50"), ("wide", "1000 × 10")):
+    for client in ("temma-load", "sse_reader"):
+        compare(f"{label}: p99 ({client})", scenario, client, lambda r, c=client: p(r, "p99", c), 0.5, "ms")
+
+broker_path = os.path.join(OUT, "broker.jsonl")
+if os.path.exists(broker_path):
+    broker = {}
+    for line in open(broker_path):
+        r = json.loads(line)
+        broker.setdefault(r["scenario"], r)
+    none, proxy = broker.get("none"), broker.get("libzmq-proxy")
+    if none and proxy:
+        lossless = none["received"] == none["sent"]
+        aim("broker pass-through, lossless, against libzmq's proxy",
+            f"{none['msgs_per_s']:.0f} vs {proxy['msgs_per_s']:.0f} msg/s ({none['msgs_per_s'] / proxy['msgs_per_s']:.2f}×; "
+            f"proxy received {100 * proxy['received'] / proxy['sent']:.0f} %)",
+            "≥ 1× the proxy's, lossless", lossless and none["msgs_per_s"] >= proxy["msgs_per_s"], "msg/s")
+    chain = broker.get("default-chain")
+    if chain:
+        aim("broker, shipped moderation chain", f"{chain['msgs_per_s']:.0f} msg/s", "≥ 100000 msg/s",
+            chain["msgs_per_s"] >= 100_000, "msg/s")
+    workers = broker.get("chain-workers")
+    if workers:
+        aim("broker, shipped chain on 2 threads", f"{workers['msgs_per_s']:.0f} msg/s", "≥ 100000 msg/s",
+            workers["msgs_per_s"] >= 100_000, "msg/s")
+else:
+    rows.append(("broker (pass-through, shipped chain)", None, None, None, ""))
+
+print("aims (issue 14):")
+for text, value, bound, met, unit in rows:
+    if value is None:
+        print(f"  {text}: not run")
+    else:
+        print(f"  {text}: {value}; aim {bound}: {'MET' if met else 'not met'}")
+
+print("losses (every scenario must deliver 100 %, no gap, no duplicate):")
+lossy = 0
+for name in sorted(os.listdir(OUT)):
+    if not name.endswith(".json") or name.startswith("fanout-"):
+        continue
+    r = json.load(open(os.path.join(OUT, name)))
+    if "expected" not in r or r.get("accepted", 1) == 0 or r["expected"] == 0:
+        continue
+    bad = r["received"] != r["expected"] or r.get("gaps", 0) or r.get("duplicates", 0)
+    if bad:
+        lossy += 1
+        print(f"  {name}: {r['received']} of {r['expected']}, gaps {r.get('gaps', 0)}, duplicates {r.get('duplicates', 0)}")
+print(f"  {'none' if lossy == 0 else f'{lossy} report(s) with a loss'}"
+      " (fan-out steps past the highest rate held are left out: they end the search)")
