@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # temma against Nchan (and Pushpin), same machine, same load tool, same run.
 #
-#   benches/compare.sh                          # everything (about 15 minutes)
+#   benches/compare.sh                          # everything (about 20 minutes)
 #   SCENARIOS="idle latency" PEERS=nchan benches/compare.sh
 #
 # Installs Nchan (Debian's nginx + libnginx-mod-nchan), Pushpin (Debian's pushpin) and pyzmq
