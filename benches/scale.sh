@@ -160,7 +160,7 @@ while held=$(clients) && [ "$held" -lt $((NODES * PER_NODE)) ]; do
   sleep 2
 done
 rss_connected=$(rss_kib)
-echo "--- $held SSE connections held after $(($(date +%s) - started)) s; server RSS $rss_before → $rss_connected KiB; publishing $MESSAGES messages, one a second"
+echo "--- $held SSE connections held after $(($(date +%s) - started)) s; server memory (PSS) $rss_before → $rss_connected KiB; publishing $MESSAGES messages, one a second"
 sleep 3
 "$LOAD" --subscribe "$(sub_url 0)" --subscribers 100 \
   --publish "$PUBLISH" --rate 1 --messages "$MESSAGES" \
@@ -190,6 +190,6 @@ print(f"| publisher's own | {p['connected']} | {p['received']}/{p['expected']} |
 total = connected + p["connected"]
 print(f"total: {total} connections, {received + p['received']}/{expected + p['expected']} deliveries "
       f"({100.0 * (received + p['received']) / max(expected + p['expected'], 1):.2f} %), worst p99 {max(p99s):.1f} ms, "
-      f"{p['accepted']} messages accepted; server RSS {(rss_connected - rss_before) / max(held, 1):.2f} KiB "
+      f"{p['accepted']} messages accepted; server memory (PSS) {(rss_connected - rss_before) / max(held, 1):.2f} KiB "
       f"per connection, all its processes ({rss_before} → {rss_connected} KiB for {held})")
 EOF
