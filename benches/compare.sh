@@ -50,9 +50,7 @@ ORIGIN_PORT=8089
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
-}
+. benches/peers.sh
 
 TEMMA_PID=""
 NGINX_STARTED=""
@@ -79,24 +77,13 @@ echo "--- building (release)"
 cargo build --release --bin temma --example temma-load
 LOAD=$ROOT/target/release/examples/temma-load
 
-install() {
-  as_root apt-get update
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"
-}
-
 for peer in $PEERS; do
   case $peer in
     nchan)
-      [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || install nginx libnginx-mod-nchan
       echo "--- starting Nchan on 127.0.0.1:$NCHAN_PORT"
-      mkdir -p "$WORK/nchan/logs" "$WORK/nchan/tmp"
-      chmod 755 "$WORK" "$WORK/nchan" "$WORK/nchan/tmp"
-      sed "s#@DIR@#$WORK/nchan#g" benches/nchan.conf > "$WORK/nchan/nginx.conf"
-      nginx -p "$WORK/nchan" -c nginx.conf > "$WORK/nchan/out.log" 2>&1 &
+      chmod 755 "$WORK"
       NGINX_STARTED=1
-      for _ in $(seq 50); do [ -f "$WORK/nchan/nginx.pid" ] && break; sleep 0.1; done
-      sleep 0.5
-      NCHAN_PIDS=$(pgrep -P "$(cat "$WORK/nchan/nginx.pid")" | tr '\n' ' ')
+      start_nchan "$WORK/nchan"
       ;;
     pushpin)
       command -v pushpin > /dev/null || install pushpin
@@ -150,6 +137,11 @@ load() {
   "$LOAD" "${target[@]}" --json "$@" > "$OUT/$file"
 }
 
+# The steady loads, subscribers and messages per second, each for 10 s (the independent reader
+# reads light, medium, wide and crowd).
+declare -A STEADY=([latency]="1000 100" [light]="10 20" [medium]="100 50" [permessage]="10 50"
+                   [delivery]="1000 20" [wide]="1000 10" [crowd]="500 10")
+
 field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, r))" "$@"; }
 
 fanout() {
@@ -192,46 +184,19 @@ for scenario in $SCENARIOS; do
         load "$name" "idle-$name.json" --subscribers 10000 --ramp 2000 --hold-secs 2
       done
       ;;
-    latency)
-      echo "--- scenario 3: latency, 1000 subscribers × 100 msg/s"
+    latency|light|medium|permessage|delivery|wide)
+      read -r subscribers rate <<<"${STEADY[$scenario]}"
+      echo "--- scenario $scenario: $subscribers subscribers × $rate msg/s for 10 s"
       for name in temma $PEERS; do
-        load "$name" "latency-$name.json" --subscribers 1000 --rate 100 --messages 1000
-      done
-      ;;
-    light)
-      echo "--- scenario: light, 10 subscribers × 20 msg/s"
-      for name in temma $PEERS; do
-        load "$name" "light-$name.json" --subscribers 10 --rate 20 --messages 200
-      done
-      ;;
-    medium)
-      echo "--- scenario: medium, 100 subscribers × 50 msg/s"
-      for name in temma $PEERS; do
-        load "$name" "medium-$name.json" --subscribers 100 --rate 50 --messages 500
-      done
-      ;;
-    permessage)
-      echo "--- scenario: per message, 10 subscribers × 50 msg/s"
-      for name in temma $PEERS; do
-        load "$name" "permessage-$name.json" --subscribers 10 --rate 50 --messages 500
-      done
-      ;;
-    delivery)
-      echo "--- scenario: per delivery, 1000 subscribers × 20 msg/s"
-      for name in temma $PEERS; do
-        load "$name" "delivery-$name.json" --subscribers 1000 --rate 20 --messages 200
-      done
-      ;;
-    wide)
-      echo "--- scenario: wide, 1000 subscribers × 10 msg/s"
-      for name in temma $PEERS; do
-        load "$name" "wide-$name.json" --subscribers 1000 --rate 10 --messages 100
+        load "$name" "$scenario-$name.json" --subscribers "$subscribers" --rate "$rate" \
+          --messages $((rate * 10))
       done
       ;;
     independent)
       echo "--- scenario: an independent client (benches/sse_reader.py)"
-      for load_spec in "light 10 20 200" "medium 100 50 500" "wide 1000 10 100" "crowd 500 10 100"; do
-        read -r label subscribers rate messages <<<"$load_spec"
+      for label in light medium wide crowd; do
+        read -r subscribers rate <<<"${STEADY[$label]}"
+        messages=$((rate * 10))
         echo "  $label: $subscribers × $rate msg/s"
         python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$TEMMA_PORT/event/fetch" \
           --publish "http://127.0.0.1:$TEMMA_PORT/message/broadcast" --subscribers "$subscribers" \

@@ -292,11 +292,11 @@ async fn connect(
     args: &Args,
     shared: &Shared,
 ) -> Option<(TcpStream, Vec<u8>, bool)> {
+    let source = (!args.source.is_empty()).then(|| args.source[id % args.source.len()]);
     for attempt in 0..args.attempts {
         if shared.stop.load(Ordering::Relaxed) {
             return None;
         }
-        let source = (!args.source.is_empty()).then(|| args.source[id % args.source.len()]);
         match open_stream(uri, source).await {
             Ok(stream) => return Some(stream),
             Err(error) => {

@@ -24,6 +24,7 @@
 # (wall clock: the publisher's send time in each marker), and the node's RSS per connection.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/peers.sh
 NODES=${NODES:-6}
 PER_NODE=${PER_NODE:-17000}
 MESSAGES=${MESSAGES:-30}
@@ -105,26 +106,19 @@ EOF
     echo "$total"
   }
 else
-  [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || {
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx libnginx-mod-nchan >/dev/null; }
-  mkdir -p "$WORK/logs" "$WORK/tmp"
-  chmod 755 "$WORK" "$WORK/tmp"
   # benches/nchan.conf with NODES workers, PER_NODE + 1000 connections each, on BASE_PORT.
-  sed -e "s#@DIR@#$WORK#g" \
-      -e "s#^worker_processes .*#worker_processes $NODES;\nworker_rlimit_nofile $(ulimit -Hn);#" \
-      -e "s#worker_connections [0-9]*#worker_connections $((PER_NODE + 1000))#" \
-      -e "s#listen 127.0.0.1:8081;#listen 127.0.0.1:$BASE_PORT reuseport backlog=4096;#" \
-      benches/nchan.conf >"$WORK/nginx.conf"
-  nginx -p "$WORK" -c nginx.conf >"$WORK/nginx.log" 2>&1 &
-  PIDS+=("$!")
-  for _ in $(seq 50); do [ -f "$WORK/nginx.pid" ] && break; sleep 0.1; done
-  sleep 0.5
-  SERVER_PIDS=("$(cat "$WORK/nginx.pid")")
-  for pid in $(pgrep -P "$(cat "$WORK/nginx.pid")"); do SERVER_PIDS+=("$pid"); done
+  start_nchan "$WORK" \
+    -e "s#^worker_processes .*#worker_processes $NODES;\nworker_rlimit_nofile $(ulimit -Hn);#" \
+    -e "s#worker_connections [0-9]*#worker_connections $((PER_NODE + 1000))#" \
+    -e "s#listen 127.0.0.1:8081;#listen 127.0.0.1:$BASE_PORT reuseport backlog=4096;#"
+  # shellcheck disable=SC2206  # the pids, one word each
+  SERVER_PIDS=("$NCHAN_MASTER" $NCHAN_PIDS)
   sub_url() { echo "http://127.0.0.1:$BASE_PORT/sub/chat"; }
   PUBLISH="http://127.0.0.1:$BASE_PORT/pub/chat"
   clients() {
-    curl -s "http://127.0.0.1:$BASE_PORT/nchan_status" | awk '/^subscribers:/ {print $2}' || echo 0
+    local n
+    n=$(curl -s "http://127.0.0.1:$BASE_PORT/nchan_status" | awk '/^subscribers:/ {print $2}')
+    echo "${n:-0}"
   }
 fi
 
@@ -170,26 +164,25 @@ python3 - "$WORK" "$NODES" "$SERVER" "$held" "$rss_before" "$rss_connected" <<'E
 import json, sys
 work, nodes, server = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 held, rss_before, rss_connected = (int(x) for x in sys.argv[4:7])
-rows, connected, received, expected, p99s = [], 0, 0, 0, []
-for i in range(nodes):
-    r = json.load(open(f"{work}/load{i}.json"))
-    connected += r["connected"]; received += r["received"]; expected += r["expected"]
-    p99s.append(r["latency_us"]["p99"] / 1000)
-    rss = r.get("rss_kib_per_connection")
-    rows.append((i, r["connected"], r["received"], r["expected"], r["gaps"], r["duplicates"],
-                 r["latency_us"]["p50"] / 1000, r["latency_us"]["p99"] / 1000,
-                 f"{rss:.2f} KiB" if rss else "—", r["failed"], r["errors"]))
+reports = [json.load(open(f"{work}/load{i}.json")) for i in range(nodes)]
 p = json.load(open(f"{work}/publisher.json"))
 print(f"{server}:")
 print("| load process | connections | deliveries | gaps / duplicates | p50 ms | p99 ms | its node's RSS per connection |")
 print("|---|---|---|---|---|---|---|")
-for i, c, got, exp, gaps, dups, p50, p99, rss, failed, errors in rows:
-    failures = f" ({failed} failed: {errors})" if failed else ""
-    print(f"| {i} | {c}{failures} | {got}/{exp} ({100.0 * got / max(exp, 1):.2f} %) | {gaps} / {dups} | {p50:.1f} | {p99:.1f} | {rss} |")
-print(f"| publisher's own | {p['connected']} | {p['received']}/{p['expected']} | {p['gaps']} / {p['duplicates']} | {p['latency_us']['p50'] / 1000:.1f} | {p['latency_us']['p99'] / 1000:.1f} | |")
-total = connected + p["connected"]
-print(f"total: {total} connections, {received + p['received']}/{expected + p['expected']} deliveries "
-      f"({100.0 * (received + p['received']) / max(expected + p['expected'], 1):.2f} %), worst p99 {max(p99s):.1f} ms, "
+def row(label, r):
+    failures = f" ({r['failed']} failed: {r['errors']})" if r["failed"] else ""
+    rss = r.get("rss_kib_per_connection")
+    print(f"| {label} | {r['connected']}{failures} | {r['received']}/{r['expected']} "
+          f"({100.0 * r['received'] / max(r['expected'], 1):.2f} %) | {r['gaps']} / {r['duplicates']} | "
+          f"{r['latency_us']['p50'] / 1000:.1f} | {r['latency_us']['p99'] / 1000:.1f} | "
+          f"{f'{rss:.2f} KiB' if rss else '—'} |")
+for i, r in enumerate(reports):
+    row(i, r)
+row("publisher's own", p)
+received = sum(r["received"] for r in reports + [p])
+expected = sum(r["expected"] for r in reports + [p])
+print(f"total: {sum(r['connected'] for r in reports + [p])} connections, {received}/{expected} deliveries "
+      f"({100.0 * received / max(expected, 1):.2f} %), worst p99 {max(r['latency_us']['p99'] for r in reports) / 1000:.1f} ms, "
       f"{p['accepted']} messages accepted; server memory (PSS) {(rss_connected - rss_before) / max(held, 1):.2f} KiB "
       f"per connection, all its processes ({rss_before} → {rss_connected} KiB for {held})")
 EOF
