@@ -1,4 +1,5 @@
-# Helpers for the benchmark scripts that run temma's peers (sourced by compare.sh and scale.sh).
+# Helpers for the scripts that install packages or run temma's peers (sourced by compare.sh,
+# scale.sh and .ci/run).
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
