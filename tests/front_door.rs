@@ -264,3 +264,109 @@ mod fuzz {
         app.stop().await;
     }
 }
+
+/// Two peers flooding the broker's PULL socket at once are read in turns, each in its order,
+/// nothing lost: neither waits for the other's flood to end (the patched zeromq crate reads on
+/// from a peer only while it is the only one ready: vendor/zeromq/PATCHES.md, 5). The peers
+/// write raw ZMTP as fast as the kernel takes it, so both are ready all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_flooding_peers_are_read_in_turns() {
+    use zeromq::{Socket, SocketRecv, SubSocket, ZmqMessage};
+    const EACH: usize = 20_000;
+    let config = common::test_config();
+    let app = TestApp::start_config(&config).await;
+    app.ready().await;
+    let pull = tcp_address(&app, &config, Role::BrokerPull);
+    let publish = format!("tcp://{}", tcp_address(&app, &config, Role::BrokerPub));
+    let mut sub = SubSocket::new();
+    sub.subscribe("").await.unwrap();
+    sub.connect(&publish).await.unwrap();
+    let text_of = |message: &ZmqMessage| -> String {
+        let frame = message.iter().last().expect("a frame");
+        let value: serde_json::Value = serde_json::from_slice(frame).expect("JSON");
+        value["text"].as_str().unwrap_or_default().to_owned()
+    };
+    let frame = |peer: usize, text: &str| -> Vec<u8> {
+        let body = format!(r#"{{"from":"flood{peer}","text":"{text}"}}"#);
+        let mut frame = vec![0x00, body.len() as u8];
+        frame.extend_from_slice(body.as_bytes());
+        frame
+    };
+    let mut peers: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut stream = TcpStream::connect(&pull).unwrap();
+            stream.write_all(&greeting()).unwrap();
+            stream.write_all(&ready("PUSH")).unwrap();
+            stream
+        })
+        .collect();
+    // The subscription reached the PUB socket: a probe comes back.
+    loop {
+        peers[0].write_all(&frame(0, "probe")).unwrap();
+        match tokio::time::timeout(Duration::from_millis(200), sub.recv()).await {
+            Ok(Ok(message)) if text_of(&message) == "probe" => break,
+            _ => {}
+        }
+    }
+    while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await {}
+    let floods: Vec<Vec<u8>> = (0..2)
+        .map(|peer| {
+            (0..EACH)
+                .flat_map(|i| frame(peer, &format!("{peer} {i}")))
+                .collect()
+        })
+        .collect();
+    // The first floods; the second starts once the broker is busy with the first (it must
+    // then notice the second socket's readiness while it always has a message to read).
+    let mut writers = Vec::new();
+    let mut floods = peers.into_iter().zip(floods);
+    let mut write = |(mut stream, bytes): (TcpStream, Vec<u8>)| {
+        writers.push(std::thread::spawn(move || {
+            stream.write_all(&bytes).unwrap();
+            stream
+        }));
+    };
+    write(floods.next().unwrap());
+    // What the broker publishes, in its order.
+    let mut senders = Vec::new();
+    let mut next = [0usize; 2];
+    while senders.len() < 2 * EACH {
+        if senders.len() == 100 {
+            write(floods.next().unwrap());
+        }
+        let message = tokio::time::timeout(common::DEADLINE, sub.recv())
+            .await
+            .expect("the broker keeps publishing")
+            .unwrap();
+        let text = text_of(&message);
+        let (peer, i) = text.split_once(' ').expect("a flood message");
+        let (peer, i): (usize, usize) = (peer.parse().unwrap(), i.parse().unwrap());
+        assert_eq!(i, next[peer], "peer {peer}'s messages in order, none lost");
+        next[peer] += 1;
+        senders.push(peer);
+    }
+    for writer in writers {
+        drop(writer.join().unwrap());
+    }
+    // The second was heard soon after it started writing, and from
+    // then on in turns while both had some to come: a peer read to its end before the other
+    // would be a run of ≈ EACH. Turns are at most 64 messages while the other peer is ready
+    // (tested one by one in the crate, `fair_queue.rs`).
+    let first_of = |peer: usize| senders.iter().position(|&p| p == peer).unwrap();
+    let last_of = |peer: usize| senders.iter().rposition(|&p| p == peer).unwrap();
+    let (both_from, both_until) = (first_of(0).max(first_of(1)), last_of(0).min(last_of(1)));
+    assert!(
+        both_from <= EACH / 4,
+        "the second peer was first heard after {both_from} of the first's messages"
+    );
+    let longest = senders[both_from..=both_until]
+        .chunk_by(|a, b| a == b)
+        .map(<[usize]>::len)
+        .max()
+        .unwrap();
+    assert!(
+        longest <= EACH / 10,
+        "one peer had {longest} messages in a row while the other waited"
+    );
+    app.stop().await;
+}

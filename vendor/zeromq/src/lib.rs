@@ -168,6 +168,7 @@ pub mod __bench {
 
     pub fn fair_queue_insert<S, K>(queue: &mut FairQueue<S, K>, key: K, stream: S)
     where
+        S: futures::Stream,
         K: Clone + Eq + std::hash::Hash,
     {
         queue.inner().lock().insert(key, stream);
@@ -175,6 +176,7 @@ pub mod __bench {
 
     pub fn fair_queue<S, K>(block_on_no_clients: bool) -> FairQueue<S, K>
     where
+        S: futures::Stream,
         K: Clone,
     {
         FairQueue::new(block_on_no_clients)

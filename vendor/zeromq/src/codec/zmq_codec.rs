@@ -260,8 +260,15 @@ pub(crate) mod tests {
         // A long frame announcing 2^47 bytes.
         let mut bytes = BytesMut::from(&[0x02, 0, 0, 0x80, 0, 0, 0, 0, 0][..]);
         let error = codec.decode(&mut bytes).expect_err("refused");
-        assert!(error.to_string().contains("maximum message size"), "{error}");
-        assert!(bytes.capacity() < 4096, "nothing reserved: {}", bytes.capacity());
+        assert!(
+            error.to_string().contains("maximum message size"),
+            "{error}"
+        );
+        assert!(
+            bytes.capacity() < 4096,
+            "nothing reserved: {}",
+            bytes.capacity()
+        );
         // Commands are bounded too.
         let mut codec = limited(1024);
         let mut bytes = BytesMut::from(&[0x06, 0, 0, 0, 0x10, 0, 0, 0, 0][..]);
@@ -272,7 +279,10 @@ pub(crate) mod tests {
     pub fn frames_up_to_the_limit_pass_and_multipart_sums_count() {
         let mut codec = limited(4);
         let mut bytes = BytesMut::from(&[0x00, 4, b'a', b'b', b'c', b'd'][..]);
-        assert!(matches!(codec.decode(&mut bytes), Ok(Some(Message::Message(_)))));
+        assert!(matches!(
+            codec.decode(&mut bytes),
+            Ok(Some(Message::Message(_)))
+        ));
         // Two parts of 3 bytes: 6 > 4.
         let mut bytes = BytesMut::from(&[0x01, 3, b'a', b'b', b'c', 0x00, 3][..]);
         assert!(codec.decode(&mut bytes).is_err());
@@ -280,7 +290,10 @@ pub(crate) mod tests {
         let mut codec = limited(4);
         for _ in 0..3 {
             let mut bytes = BytesMut::from(&[0x01, 2, b'a', b'b', 0x00, 2, b'c', b'd'][..]);
-            assert!(matches!(codec.decode(&mut bytes), Ok(Some(Message::Message(_)))));
+            assert!(matches!(
+                codec.decode(&mut bytes),
+                Ok(Some(Message::Message(_)))
+            ));
         }
     }
 
