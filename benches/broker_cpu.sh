@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# CPU time of a standalone broker per message (utime + stime of its process, from /proc), and
+# its lossless rate, with no scripts: the producer and consumer of `cargo bench --bench broker`
+# (one PUSH, one SUB, order checked) drive a `temma broker` started here.
+#
+#   benches/broker_cpu.sh [TEMMA_BINARY...]      # default: target/release/temma
+#   ROUNDS=5 MESSAGES=1000000 benches/broker_cpu.sh /tmp/temma-before target/release/temma
+#   BROKER_CPUS=0 benches/broker_cpu.sh      # the broker on CPU 0 only (taskset), the driver on
+#                                            # the others: a broker with one CPU
+#
+# With several binaries, the rounds alternate between them (the machine's noise then falls on
+# all alike), and the medians are printed last.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-5}
+BROKER_CPUS=${BROKER_CPUS:-}
+MESSAGES=${MESSAGES:-1000000}
+BINARIES=("$@")
+[ "${#BINARIES[@]}" -gt 0 ] || BINARIES=(target/release/temma)
+
+cargo build --release --quiet
+DRIVER=$(cargo bench --bench broker --no-run --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "broker" and m.get("executable"):
+        print(m["executable"])')
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PULL=$(free_port)
+PUB=$(free_port)
+mkdir -p "$WORK/etc"
+cat > "$WORK/etc/temma.toml" <<EOF
+[application]
+root = "$PWD"
+[application.dataSources]
+zmq_client_push = "zmq://PUSH@127.0.0.1:$PULL"
+zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:$PULL"
+zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:$PUB"
+zmq_client_sub = "zmq://SUB@127.0.0.1:$PUB"
+[broker]
+watch = false
+[log]
+level = "warn,temma::app=info"
+EOF
+
+ticks=$(getconf CLK_TCK)
+cpu_of() { awk -v t="$ticks" '{print ($14 + $15) / t}' "/proc/$1/stat"; }
+
+: > "$WORK/results"
+for round in $(seq "$ROUNDS"); do
+  for binary in "${BINARIES[@]}"; do
+    if [ -n "$BROKER_CPUS" ]; then
+      taskset -c "$BROKER_CPUS" "$binary" broker -c "$WORK/etc/temma.toml" 2>"$WORK/log" &
+    else
+      "$binary" broker -c "$WORK/etc/temma.toml" 2>"$WORK/log" &
+    fi
+    broker=$!
+    for _ in $(seq 100); do grep -q "broker running" "$WORK/log" && break; sleep 0.05; done
+    before=$(cpu_of "$broker")
+    driver=("$DRIVER")
+    if [ -n "$BROKER_CPUS" ]; then
+      others=$(python3 -c 'import os,sys; cpus=set(range(os.cpu_count())); pinned={int(c) for c in sys.argv[1].split(",")}; print(",".join(map(str, sorted(cpus - pinned))) or "0")' "$BROKER_CPUS")
+      driver=(taskset -c "$others" "$DRIVER")
+    fi
+    line=$("${driver[@]}" --pull "tcp://127.0.0.1:$PULL" --pub "tcp://127.0.0.1:$PUB" --messages "$MESSAGES")
+    after=$(cpu_of "$broker")
+    kill "$broker"
+    wait "$broker" 2>/dev/null || true
+    rate=$(sed -n 's/.*msgs\/s \([0-9]*\).*/\1/p' <<<"$line")
+    received=$(sed -n 's/.*received \([0-9]*\).*/\1/p' <<<"$line")
+    lossless=$(grep -q "received $MESSAGES in order true" <<<"$line" && echo yes || echo "NO ($received received)")
+    us=$(awk -v a="$after" -v b="$before" -v n="$MESSAGES" 'BEGIN {printf "%.2f", (a - b) * 1e6 / n}')
+    echo "round $round  $binary  $rate msg/s  lossless and in order: $lossless  CPU $us µs/msg"
+    echo "$binary $rate $us" >> "$WORK/results"
+  done
+done
+echo "medians over $ROUNDS rounds of $MESSAGES messages:"
+for binary in "${BINARIES[@]}"; do
+  awk -v b="$binary" '$1 == b {print $2, $3}' "$WORK/results" | python3 -c '
+import statistics, sys
+rows = [line.split() for line in sys.stdin]
+rate = statistics.median(float(r[0]) for r in rows)
+cpu = statistics.median(float(r[1]) for r in rows)
+print(f"  {sys.argv[1]}: {rate / 1000:.0f} k msg/s, CPU {cpu:.2f} µs per message")' "$binary"
+done
