@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# A burst from the broker to a web node's SSE clients: `temma broker` and `temma serve`
+# (separate, so the burst crosses the node's SUB socket), CLIENTS curl readers, then MESSAGES
+# pushed into the broker as fast as the producer of `cargo bench --bench broker` can. Prints
+# how many messages each client got and how many clients the node cut as slow consumers.
+#
+#   benches/burst.sh [TEMMA_BINARY]                 # default: target/release/temma
+#   CLIENTS=20 MESSAGES=5000 NODE_CPUS=0 benches/burst.sh   # the web node on CPU 0 only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TEMMA=${1:-target/release/temma}
+CLIENTS=${CLIENTS:-20}
+MESSAGES=${MESSAGES:-5000}
+NODE_CPUS=${NODE_CPUS:-}
+
+cargo build --release --quiet
+DRIVER=$(cargo bench --bench broker --no-run --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "broker" and m.get("executable"):
+        print(m["executable"])')
+
+WORK=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PULL=$(free_port)
+PUB=$(free_port)
+HTTP=$(free_port)
+mkdir -p "$WORK/etc"
+cat > "$WORK/etc/temma.toml" <<EOF
+[application]
+root = "$PWD"
+[application.dataSources]
+zmq_client_push = "zmq://PUSH@127.0.0.1:$PULL"
+zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:$PULL"
+zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:$PUB"
+zmq_client_sub = "zmq://SUB@127.0.0.1:$PUB"
+[server]
+listen = "127.0.0.1:$HTTP"
+[broker]
+embedded = false
+watch = false
+[event]
+initial_history = 0
+max_clients = 20000
+[log]
+level = "warn,temma::app=info"
+EOF
+
+wait_log() { for _ in $(seq 100); do grep -q "$2" "$1" && return; sleep 0.05; done; echo "no '$2' in $1" >&2; exit 1; }
+"$TEMMA" broker -c "$WORK/etc/temma.toml" 2>"$WORK/broker.log" &
+pids+=($!)
+wait_log "$WORK/broker.log" "broker running"
+if [ -n "$NODE_CPUS" ]; then
+  taskset -c "$NODE_CPUS" "$TEMMA" serve -c "$WORK/etc/temma.toml" 2>"$WORK/web.log" &
+else
+  "$TEMMA" serve -c "$WORK/etc/temma.toml" 2>"$WORK/web.log" &
+fi
+pids+=($!)
+wait_log "$WORK/web.log" "listening on"
+for i in $(seq "$CLIENTS"); do
+  curl -sN "http://127.0.0.1:$HTTP/event/fetch" > "$WORK/client$i.out" &
+  pids+=($!)
+done
+sleep 1
+"$DRIVER" --pull "tcp://127.0.0.1:$PULL" --pub "tcp://127.0.0.1:$PUB" --messages "$MESSAGES"
+sleep 2
+got=()
+complete=0
+for i in $(seq "$CLIENTS"); do
+  # The producer's warm-up messages are counted out: only the burst's.
+  n=$(grep -c '"text":"[0-9]\{10\} ' "$WORK/client$i.out" || true)
+  got+=("$n")
+  [ "$n" -eq "$MESSAGES" ] && complete=$((complete + 1))
+done
+echo "messages each client got: ${got[*]}"
+echo "clients with the whole burst: $complete of $CLIENTS"
+curl -s "http://127.0.0.1:$HTTP/metrics" | grep "^temma_slow_consumer_disconnects_total"

@@ -1,0 +1,155 @@
+//! A burst from the broker is not a slow consumer: a web node whose SUB socket receives
+//! thousands of messages at once hands them to its clients as it reads them, and every client
+//! that keeps reading gets every message. In a test binary of its own, so that no other test
+//! competes for the CPU while the burst is read.
+// Tests may unwrap: a failure is the test failing (the library may not: Cargo.toml [lints]).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{Sse, TestApp};
+
+/// A ZMTP 3.0 greeting with the NULL mechanism, then READY as a PUSH socket.
+fn push_handshake() -> Vec<u8> {
+    let mut bytes = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0];
+    let mut mechanism = b"NULL".to_vec();
+    mechanism.resize(20, 0);
+    bytes.extend_from_slice(&mechanism);
+    bytes.push(0);
+    bytes.resize(64, 0);
+    let mut body = vec![5];
+    body.extend_from_slice(b"READY");
+    body.push(11);
+    body.extend_from_slice(b"Socket-Type");
+    body.extend_from_slice(&4u32.to_be_bytes());
+    body.extend_from_slice(b"PUSH");
+    bytes.extend_from_slice(&[0x04, body.len() as u8]);
+    bytes.extend_from_slice(&body);
+    bytes
+}
+
+fn frame(text: &str) -> Vec<u8> {
+    let body = format!(r#"{{"from":"burst","text":"{text}"}}"#);
+    let mut frame = vec![0x00, body.len() as u8];
+    frame.extend_from_slice(body.as_bytes());
+    frame
+}
+
+/// The next `msg` event's text, or `None` when the stream ended or stayed silent.
+async fn next_text(sse: &mut Sse) -> Option<String> {
+    loop {
+        match sse.next_within(common::DEADLINE).await {
+            Ok(Some(event)) if event.event.as_deref() == Some("msg") => {
+                return Some(event.json()["text"].as_str().unwrap().to_owned());
+            }
+            Ok(Some(_)) => {}
+            _ => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_from_the_broker_reaches_every_client_that_keeps_reading() {
+    const BURST: usize = 5_000;
+    const CLIENTS: usize = 10;
+    // The broker in a process of its own, the web node here: the burst crosses its SUB socket.
+    let dir = common::TempDir::new("burst");
+    let (pull, publish) = (common::free_port(), common::free_port());
+    let path = common::write_config(
+        &dir.0,
+        &format!(
+            r#"[application.dataSources]
+zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:{pull}"
+zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
+[broker]
+watch = false
+"#
+        ),
+    );
+    let mut broker = common::spawn(&["broker", "-c", path.to_str().unwrap()]);
+    broker.wait_for_log("broker running");
+    let app = TestApp::start_with(|config| {
+        let text = format!(
+            r#"
+[application]
+root = "{root}"
+[application.dataSources]
+zmq_client_push = "zmq://PUSH@127.0.0.1:{pull}"
+zmq_client_sub = "zmq://SUB@127.0.0.1:{publish}"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace_secs = 2
+[broker]
+embedded = false
+[event]
+initial_history = 0
+"#,
+            root = common::manifest_dir().display()
+        );
+        *config = temma::Config::from_toml(&text, &common::manifest_dir().join("etc/test.toml"))
+            .expect("burst test config");
+    })
+    .await;
+    app.ready().await;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(app.sse().await);
+    }
+    // A raw PUSH peer of the broker: the burst is written at once, as fast as the kernel takes.
+    let mut push = TcpStream::connect(("127.0.0.1", pull)).unwrap();
+    push.write_all(&push_handshake()).unwrap();
+    // The web node hears the broker: a probe reaches the first client.
+    loop {
+        push.write_all(&frame("probe")).unwrap();
+        match tokio::time::timeout(Duration::from_millis(300), next_text(&mut clients[0])).await {
+            Ok(Some(text)) if text == "probe" => break,
+            _ => {}
+        }
+    }
+    // Every client past the probes (each saw at least one).
+    for sse in &mut clients[1..] {
+        assert_eq!(next_text(sse).await.as_deref(), Some("probe"));
+    }
+    let burst: Vec<u8> = (0..BURST).flat_map(|i| frame(&i.to_string())).collect();
+    let writer = std::thread::spawn(move || {
+        push.write_all(&burst).unwrap();
+        push
+    });
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut sse| {
+            tokio::spawn(async move {
+                let mut next = 0;
+                while next < BURST {
+                    match next_text(&mut sse).await {
+                        Some(text) if text == "probe" => continue,
+                        Some(text) => {
+                            assert_eq!(text, next.to_string(), "in order, none missing");
+                            next += 1;
+                        }
+                        None => break,
+                    }
+                }
+                next
+            })
+        })
+        .collect();
+    for (client, reader) in readers.into_iter().enumerate() {
+        let got = reader.await.unwrap();
+        assert_eq!(
+            got, BURST,
+            "client {client} got {got} of the burst's {BURST} messages before its stream ended"
+        );
+    }
+    drop(writer.join().unwrap());
+    assert_eq!(
+        common::metric(&app, "temma_slow_consumer_disconnects_total"),
+        Some(0.0),
+        "no client was cut as slow"
+    );
+    app.stop().await;
+}
