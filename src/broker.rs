@@ -41,10 +41,12 @@ use crate::wire::{
 };
 use crate::workers::{Done, Job, Workers};
 
-/// Messages read from PULL back to back before the relay task yields to the runtime, so
-/// that the readiness of the other peers' sockets is seen (`tokio::task::yield_now` lets the
-/// runtime poll its I/O driver). One yield per 64 messages costs well under 1 % of a message.
-const READ_BEFORE_YIELD: u32 = 64;
+/// Events the relay task handles back to back (frames from PULL, from its own web node, from
+/// the peer broker, the chain's verdicts…) before it yields to the runtime, so that the
+/// readiness of the other peers' sockets is seen and the PUB socket's writer runs
+/// (`tokio::task::yield_now` lets the runtime poll its I/O driver). One yield per 64 events
+/// costs well under 1 % of a message.
+const HANDLED_BEFORE_YIELD: u32 = 64;
 
 /// Default `broker.pull`: Temma's data source name.
 pub const DEFAULT_BROKER_PULL: &str = "zmq_broker_pull";
@@ -584,14 +586,16 @@ impl Broker {
         let mut peer_replies = self.pair.as_mut().and_then(|pair| pair.replies.take());
         let mut local = self.local.as_mut().and_then(|local| local.frames.take());
         let mut verdicts = self.verdicts.take();
-        let mut read_in_a_row = 0;
+        let mut handled = 0;
         loop {
-            // While PULL always has a message ready, this task never waits, and a runtime whose
-            // threads are all busy would not look for other sockets' readiness: one flooding
-            // peer would be read to its end before the others were heard. Every
-            // `READ_BEFORE_YIELD` messages the runtime polls its I/O driver.
-            if read_in_a_row >= READ_BEFORE_YIELD {
-                read_in_a_row = 0;
+            // While PULL (or another input) always has a message ready, this task never waits,
+            // and a runtime whose threads are all busy would not look for other sockets'
+            // readiness: one flooding peer would be read to its end before the others were
+            // heard, and on one CPU the PUB socket's writer would starve. Every
+            // `HANDLED_BEFORE_YIELD` events the runtime polls its I/O driver.
+            handled += 1;
+            if handled >= HANDLED_BEFORE_YIELD {
+                handled = 0;
                 tokio::task::yield_now().await;
             }
             // A joining backup catching up: PULL waits (briefly) so that it can.
@@ -636,7 +640,6 @@ impl Broker {
                 }
                 received = self.pull.recv(), if !hold => received,
             };
-            read_in_a_row += 1;
             let message = match received {
                 Ok(message) => message,
                 Err(error) => {
