@@ -266,9 +266,11 @@ mod fuzz {
 }
 
 /// Two peers flooding the broker's PULL socket at once are read in turns, each in its order,
-/// nothing lost: neither waits for the other's flood to end (the patched zeromq crate reads on
-/// from a peer only while it is the only one ready: vendor/zeromq/PATCHES.md, 5). The peers
-/// write raw ZMTP as fast as the kernel takes it, so both are ready all along.
+/// nothing lost: neither waits for the other's flood to end. The peers write raw ZMTP as fast
+/// as the kernel takes it, so a flood's socket is never empty; the second starts while the
+/// broker is busy with the first. It takes the relay's yield (`HANDLED_BEFORE_YIELD`: the
+/// runtime must look at the second socket at all) and a fair queue that reads on from a peer
+/// only while it is the only one ready (vendor/zeromq/PATCHES.md, 5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_flooding_peers_are_read_in_turns() {
     use zeromq::{Socket, SocketRecv, SubSocket, ZmqMessage};
@@ -348,10 +350,10 @@ async fn two_flooding_peers_are_read_in_turns() {
     for writer in writers {
         drop(writer.join().unwrap());
     }
-    // The second was heard soon after it started writing, and from
-    // then on in turns while both had some to come: a peer read to its end before the other
-    // would be a run of ≈ EACH. Turns are at most 64 messages while the other peer is ready
-    // (tested one by one in the crate, `fair_queue.rs`).
+    // The second was heard soon after it started writing, and from then on in turns while
+    // both had some to come: a peer read to its end before the other would be a run of
+    // ≈ EACH. Turns are at most 64 messages while the other peer is ready (tested one by one
+    // in the crate, `fair_queue.rs`).
     let first_of = |peer: usize| senders.iter().position(|&p| p == peer).unwrap();
     let last_of = |peer: usize| senders.iter().rposition(|&p| p == peer).unwrap();
     let (both_from, both_until) = (first_of(0).max(first_of(1)), last_of(0).min(last_of(1)));
