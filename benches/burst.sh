@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # A burst from the broker to a web node's SSE clients: `temma broker` and `temma serve`
-# (separate, so the burst crosses the node's SUB socket), CLIENTS curl readers, then MESSAGES
+# (separate, so the burst crosses the node's SUB socket; or, with EMBEDDED=1, the node's own
+# embedded broker), CLIENTS curl readers, then MESSAGES
 # pushed into the broker as fast as the producer of `cargo bench --bench broker` can. Prints
 # how many messages each client got and how many clients the node cut as slow consumers.
 #
 #   benches/burst.sh [TEMMA_BINARY]                 # default: target/release/temma
 #   CLIENTS=20 MESSAGES=5000 NODE_CPUS=0 benches/burst.sh   # the web node on CPU 0 only
+#   EMBEDDED=1 benches/burst.sh      # no separate broker: the burst goes into the web node's
+#                                    # embedded broker (as from another web node)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEMMA=${1:-target/release/temma}
 CLIENTS=${CLIENTS:-20}
 MESSAGES=${MESSAGES:-5000}
 NODE_CPUS=${NODE_CPUS:-}
+EMBEDDED=${EMBEDDED:-}
 
 cargo build --release --quiet
 DRIVER=$(cargo bench --bench broker --no-run --message-format=json 2>/dev/null |
@@ -45,7 +49,7 @@ zmq_client_sub = "zmq://SUB@127.0.0.1:$PUB"
 [server]
 listen = "127.0.0.1:$HTTP"
 [broker]
-embedded = false
+embedded = $([ -n "$EMBEDDED" ] && echo true || echo false)
 watch = false
 [event]
 initial_history = 0
@@ -55,9 +59,11 @@ level = "warn,temma::app=info"
 EOF
 
 wait_log() { for _ in $(seq 100); do grep -q "$2" "$1" && return; sleep 0.05; done; echo "no '$2' in $1" >&2; exit 1; }
-"$TEMMA" broker -c "$WORK/etc/temma.toml" 2>"$WORK/broker.log" &
-pids+=($!)
-wait_log "$WORK/broker.log" "broker running"
+if [ -z "$EMBEDDED" ]; then
+  "$TEMMA" broker -c "$WORK/etc/temma.toml" 2>"$WORK/broker.log" &
+  pids+=($!)
+  wait_log "$WORK/broker.log" "broker running"
+fi
 if [ -n "$NODE_CPUS" ]; then
   taskset -c "$NODE_CPUS" "$TEMMA" serve -c "$WORK/etc/temma.toml" 2>"$WORK/web.log" &
 else

@@ -1,7 +1,8 @@
-//! A burst from the broker is not a slow consumer: a web node whose SUB socket receives
-//! thousands of messages at once hands them to its clients as it reads them, and every client
-//! that keeps reading gets every message. In a test binary of its own, so that no other test
-//! competes for the CPU while the burst is read.
+//! A burst from the broker is not a slow consumer: a web node that receives thousands of
+//! messages at once, on its SUB socket or into its embedded broker, hands them to its clients
+//! as it reads them, and every client that keeps reading gets every message. In a test binary
+//! of its own, its tests one at a time, so that nothing else competes for the CPU while a
+//! burst is read.
 // Tests may unwrap: a failure is the test failing (the library may not: Cargo.toml [lints]).
 #![allow(clippy::unwrap_used)]
 
@@ -52,57 +53,22 @@ async fn next_text(sse: &mut Sse) -> Option<String> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_from_the_broker_reaches_every_client_that_keeps_reading() {
+/// The tests of this binary, one at a time: each needs the CPU to itself.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Opens `CLIENTS` SSE clients on `app`, writes a burst of `BURST` messages into the PULL
+/// socket at `pull` at once (a raw PUSH peer, as fast as the kernel takes it), and checks that
+/// every client gets all of them, in order, and that no client was cut as slow.
+async fn burst_reaches_every_client(app: &TestApp, pull: u16) {
     const BURST: usize = 5_000;
     const CLIENTS: usize = 10;
-    // The broker in a process of its own, the web node here: the burst crosses its SUB socket.
-    let dir = common::TempDir::new("burst");
-    let (pull, publish) = (common::free_port(), common::free_port());
-    let path = common::write_config(
-        &dir.0,
-        &format!(
-            r#"[application.dataSources]
-zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:{pull}"
-zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
-[broker]
-watch = false
-"#
-        ),
-    );
-    let mut broker = common::spawn(&["broker", "-c", path.to_str().unwrap()]);
-    broker.wait_for_log("broker running");
-    let app = TestApp::start_with(|config| {
-        let text = format!(
-            r#"
-[application]
-root = "{root}"
-[application.dataSources]
-zmq_client_push = "zmq://PUSH@127.0.0.1:{pull}"
-zmq_client_sub = "zmq://SUB@127.0.0.1:{publish}"
-[server]
-listen = "127.0.0.1:0"
-shutdown_grace_secs = 2
-[broker]
-embedded = false
-[event]
-initial_history = 0
-"#,
-            root = common::manifest_dir().display()
-        );
-        *config = temma::Config::from_toml(&text, &common::manifest_dir().join("etc/test.toml"))
-            .expect("burst test config");
-    })
-    .await;
-    app.ready().await;
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
         clients.push(app.sse().await);
     }
-    // A raw PUSH peer of the broker: the burst is written at once, as fast as the kernel takes.
     let mut push = TcpStream::connect(("127.0.0.1", pull)).unwrap();
     push.write_all(&push_handshake()).unwrap();
-    // The web node hears the broker: a probe reaches the first client.
+    // The clients hear the broker: a probe reaches the first client.
     loop {
         push.write_all(&frame("probe")).unwrap();
         match tokio::time::timeout(Duration::from_millis(300), next_text(&mut clients[0])).await {
@@ -147,9 +113,75 @@ initial_history = 0
     }
     drop(writer.join().unwrap());
     assert_eq!(
-        common::metric(&app, "temma_slow_consumer_disconnects_total"),
+        common::metric(app, "temma_slow_consumer_disconnects_total"),
         Some(0.0),
         "no client was cut as slow"
     );
+}
+
+/// Through the web node's SUB socket: the broker is another process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_from_the_broker_reaches_every_client_that_keeps_reading() {
+    let _serial = SERIAL.lock().await;
+    let dir = common::TempDir::new("burst");
+    let (pull, publish) = (common::free_port(), common::free_port());
+    let path = common::write_config(
+        &dir.0,
+        &format!(
+            r#"[application.dataSources]
+zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:{pull}"
+zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
+[broker]
+watch = false
+"#
+        ),
+    );
+    let mut broker = common::spawn(&["broker", "-c", path.to_str().unwrap()]);
+    broker.wait_for_log("broker running");
+    let app = TestApp::start_with(|config| {
+        let text = format!(
+            r#"
+[application]
+root = "{root}"
+[application.dataSources]
+zmq_client_push = "zmq://PUSH@127.0.0.1:{pull}"
+zmq_client_sub = "zmq://SUB@127.0.0.1:{publish}"
+[server]
+listen = "127.0.0.1:0"
+shutdown_grace_secs = 2
+[broker]
+embedded = false
+[event]
+initial_history = 0
+"#,
+            root = common::manifest_dir().display()
+        );
+        *config = temma::Config::from_toml(&text, &common::manifest_dir().join("etc/test.toml"))
+            .expect("burst test config");
+    })
+    .await;
+    app.ready().await;
+    burst_reaches_every_client(&app, pull).await;
+    app.stop().await;
+}
+
+/// From another node into the embedded broker of this one: its relay hands each frame to this
+/// node's clients, and yields to let their writers run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_into_the_embedded_broker_reaches_every_client_that_keeps_reading() {
+    let _serial = SERIAL.lock().await;
+    let config = common::test_config();
+    let app = TestApp::start_config(&config).await;
+    app.ready().await;
+    let pull = app
+        .app()
+        .addresses()
+        .listening(config.dsn(temma::config::Role::BrokerPull))[0]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    burst_reaches_every_client(&app, pull).await;
     app.stop().await;
 }
