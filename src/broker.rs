@@ -41,13 +41,6 @@ use crate::wire::{
 };
 use crate::workers::{Done, Job, Workers};
 
-/// Events the relay task handles back to back (frames from PULL, from its own web node, from
-/// the peer broker, the chain's verdicts…) before it yields to the runtime, so that the
-/// readiness of the other peers' sockets is seen and the PUB socket's writer runs
-/// (`tokio::task::yield_now` lets the runtime poll its I/O driver). One yield per 64 events
-/// costs well under 1 % of a message.
-const HANDLED_BEFORE_YIELD: u32 = 64;
-
 /// Default `broker.pull`: Temma's data source name.
 pub const DEFAULT_BROKER_PULL: &str = "zmq_broker_pull";
 /// Default `broker.pub`.
@@ -586,18 +579,14 @@ impl Broker {
         let mut peer_replies = self.pair.as_mut().and_then(|pair| pair.replies.take());
         let mut local = self.local.as_mut().and_then(|local| local.frames.take());
         let mut verdicts = self.verdicts.take();
-        let mut handled = 0;
         loop {
             // While PULL (or another input) always has a message ready, this task never waits,
-            // and a runtime whose threads are all busy would not look for other sockets'
-            // readiness: one flooding peer would be read to its end before the others were
-            // heard, and on one CPU the PUB socket's writer would starve. Every
-            // `HANDLED_BEFORE_YIELD` events the runtime polls its I/O driver.
-            handled += 1;
-            if handled >= HANDLED_BEFORE_YIELD {
-                handled = 0;
-                tokio::task::yield_now().await;
-            }
+            // and the zeromq crate's reads spend none of tokio's cooperative budget: a runtime
+            // whose threads are all busy would not look for other sockets' readiness (one
+            // flooding peer would be read to its end before the others were heard) and, on one
+            // CPU, the PUB socket's writer would starve. Each event spends a unit; when the
+            // budget is out the task yields and the runtime polls its I/O driver.
+            tokio::task::coop::consume_budget().await;
             // A joining backup catching up: PULL waits (briefly) so that it can.
             let seq = self.stamper.seq;
             let hold = self

@@ -52,10 +52,6 @@ use crate::wire::{self, Envelope, KEEPALIVE_FRAME, MsgId, plain_str, write_reset
 
 /// How often the hub looks for clients that stopped draining their queue.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
-/// Events the SUB task handles back to back before it yields to the runtime (see
-/// `run_subscriber`), as the broker's relay does.
-const HANDLED_BEFORE_YIELD: u32 = 64;
-
 /// Coalesce at most this many bytes of queued frames into one write for a client that lags.
 pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
 /// How far ahead of this node's newest message (in the same run) a `Last-Event-ID` may be and
@@ -1120,16 +1116,13 @@ impl Hub {
                 .as_ref()
                 .filter(|_| !standby(&failover))
                 .map(|client| self.ask(client, &mut requests, Vec::new()));
-            let mut handled = 0u32;
             loop {
-                // During a burst SUB always has a frame ready and this task never waits: it
-                // yields every `HANDLED_BEFORE_YIELD` events so that the clients' writers run
-                // in between, rather than finding the ring lapped when it ends.
-                handled += 1;
-                if handled >= HANDLED_BEFORE_YIELD {
-                    handled = 0;
-                    tokio::task::yield_now().await;
-                }
+                // During a burst SUB always has a frame ready, this task never waits and the
+                // zeromq crate's reads spend none of tokio's cooperative budget: each event
+                // spends a unit, so that the task yields when the budget is out and the
+                // clients' writers run in between, rather than finding the ring lapped when
+                // the burst ends (as the broker's relay does).
+                tokio::task::coop::consume_budget().await;
                 let source_changed = async {
                     match source.as_mut() {
                         Some(source) => source.changed().await.is_ok(),

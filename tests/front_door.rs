@@ -268,8 +268,8 @@ mod fuzz {
 /// Two peers flooding the broker's PULL socket at once are read in turns, each in its order,
 /// nothing lost: neither waits for the other's flood to end. The peers write raw ZMTP as fast
 /// as the kernel takes it, so a flood's socket is never empty; the second starts while the
-/// broker is busy with the first. It takes the relay's yield (`HANDLED_BEFORE_YIELD`: the
-/// runtime must look at the second socket at all) and a fair queue that reads on from a peer
+/// broker is busy with the first. It takes the relay's yield (`consume_budget` in
+/// `Broker::run`: the runtime must look at the second socket at all) and a fair queue that reads on from a peer
 /// only while it is the only one ready (vendor/zeromq/PATCHES.md, 5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_flooding_peers_are_read_in_turns() {
