@@ -12,39 +12,29 @@
 # all alike), and the medians are printed last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/peers.sh
 ROUNDS=${ROUNDS:-5}
 BROKER_CPUS=${BROKER_CPUS:-}
 MESSAGES=${MESSAGES:-1000000}
 BINARIES=("$@")
 [ "${#BINARIES[@]}" -gt 0 ] || BINARIES=(target/release/temma)
 
-cargo build --release --quiet
-DRIVER=$(cargo bench --bench broker --no-run --message-format=json 2>/dev/null |
-  python3 -c 'import json,sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "broker" and m.get("executable"):
-        print(m["executable"])')
+DRIVER=$(broker_driver)
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PULL=$(free_port)
 PUB=$(free_port)
 mkdir -p "$WORK/etc"
-cat > "$WORK/etc/temma.toml" <<EOF
-[application]
-root = "$PWD"
-[application.dataSources]
-zmq_client_push = "zmq://PUSH@127.0.0.1:$PULL"
-zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:$PULL"
-zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:$PUB"
-zmq_client_sub = "zmq://SUB@127.0.0.1:$PUB"
+{
+  zmq_sources "$PULL" "$PUB"
+  cat <<EOF
 [broker]
 watch = false
 [log]
 level = "warn,temma::app=info"
 EOF
+} >"$WORK/etc/temma.toml"
 
 ticks=$(getconf CLK_TCK)
 cpu_of() { awk -v t="$ticks" '{print ($14 + $15) / t}' "/proc/$1/stat"; }

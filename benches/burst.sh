@@ -11,19 +11,14 @@
 #                                    # embedded broker (as from another web node)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/peers.sh
 TEMMA=${1:-target/release/temma}
 CLIENTS=${CLIENTS:-20}
 MESSAGES=${MESSAGES:-5000}
 NODE_CPUS=${NODE_CPUS:-}
 EMBEDDED=${EMBEDDED:-}
 
-cargo build --release --quiet
-DRIVER=$(cargo bench --bench broker --no-run --message-format=json 2>/dev/null |
-  python3 -c 'import json,sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "broker" and m.get("executable"):
-        print(m["executable"])')
+DRIVER=$(broker_driver)
 
 WORK=$(mktemp -d)
 pids=()
@@ -33,19 +28,13 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PULL=$(free_port)
 PUB=$(free_port)
 HTTP=$(free_port)
 mkdir -p "$WORK/etc"
-cat > "$WORK/etc/temma.toml" <<EOF
-[application]
-root = "$PWD"
-[application.dataSources]
-zmq_client_push = "zmq://PUSH@127.0.0.1:$PULL"
-zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:$PULL"
-zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:$PUB"
-zmq_client_sub = "zmq://SUB@127.0.0.1:$PUB"
+{
+  zmq_sources "$PULL" "$PUB"
+  cat <<EOF
 [server]
 listen = "127.0.0.1:$HTTP"
 [broker]
@@ -57,6 +46,7 @@ max_clients = 20000
 [log]
 level = "warn,temma::app=info"
 EOF
+} >"$WORK/etc/temma.toml"
 
 wait_log() { for _ in $(seq 100); do grep -q "$2" "$1" && return; sleep 0.05; done; echo "no '$2' in $1" >&2; exit 1; }
 if [ -z "$EMBEDDED" ]; then

@@ -1,5 +1,5 @@
-# Helpers for the scripts that install packages or run temma's peers (sourced by compare.sh,
-# scale.sh and .ci/run).
+# Helpers for the scripts that install packages, run temma's peers or drive temma (sourced by
+# compare.sh, scale.sh, broker_cpu.sh, burst.sh and .ci/run).
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -27,4 +27,35 @@ start_nchan() {
   sleep 0.5
   NCHAN_MASTER=$(cat "$dir/nginx.pid")
   NCHAN_PIDS=$(pgrep -P "$NCHAN_MASTER" | tr '\n' ' ')
+}
+
+# free_port — a TCP port of 127.0.0.1 free right now.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# broker_driver — builds temma and `cargo bench --bench broker` (release) and prints the bench
+# binary: run with `--pull ADDR --pub ADDR --messages N`, it is a producer (PUSH) and a consumer
+# (SUB, order checked) for a broker started by hand.
+broker_driver() {
+  cargo build --release --quiet
+  cargo bench --bench broker --no-run --message-format=json 2>/dev/null | python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "broker" and m.get("executable"):
+        print(m["executable"])'
+}
+
+# zmq_sources PULL_PORT PUB_PORT — the head of a temma.toml: the repository as root, and a
+# broker's PULL and PUB bound on 127.0.0.1 with the web node's PUSH and SUB connected to them.
+zmq_sources() {
+  cat <<EOF
+[application]
+root = "$PWD"
+[application.dataSources]
+zmq_client_push = "zmq://PUSH@127.0.0.1:$1"
+zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:$1"
+zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:$2"
+zmq_client_sub = "zmq://SUB@127.0.0.1:$2"
+EOF
 }

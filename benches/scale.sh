@@ -63,14 +63,9 @@ SERVER_PIDS=(); NODE_PIDS=()
 if [ "$SERVER" = temma ]; then
   pull=$((BASE_PORT + 90)); publish=$((BASE_PORT + 91))
   mkdir -p "$WORK/etc"
-  cat >"$WORK/etc/temma.toml" <<EOF
-[application]
-root = "$PWD"
-[application.dataSources]
-zmq_client_push = "zmq://PUSH@127.0.0.1:$pull"
-zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:$pull"
-zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:$publish"
-zmq_client_sub = "zmq://SUB@127.0.0.1:$publish"
+  {
+    zmq_sources "$pull" "$publish"
+    cat <<EOF
 [server]
 max_connections = $((PER_NODE + 1000))
 max_pending_heads = 4096
@@ -82,6 +77,7 @@ initial_history = 0
 [log]
 level = "warn"
 EOF
+  } >"$WORK/etc/temma.toml"
   "$TEMMA" broker -c "$WORK/etc/temma.toml" >"$WORK/broker.log" 2>&1 &
   PIDS+=("$!"); SERVER_PIDS+=("$!")
   sleep 0.5
