@@ -14,30 +14,8 @@ use std::time::Duration;
 
 use common::{Sse, TestApp};
 
-/// A ZMTP 3.0 greeting with the NULL mechanism, then READY as a PUSH socket.
-fn push_handshake() -> Vec<u8> {
-    let mut bytes = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0];
-    let mut mechanism = b"NULL".to_vec();
-    mechanism.resize(20, 0);
-    bytes.extend_from_slice(&mechanism);
-    bytes.push(0);
-    bytes.resize(64, 0);
-    let mut body = vec![5];
-    body.extend_from_slice(b"READY");
-    body.push(11);
-    body.extend_from_slice(b"Socket-Type");
-    body.extend_from_slice(&4u32.to_be_bytes());
-    body.extend_from_slice(b"PUSH");
-    bytes.extend_from_slice(&[0x04, body.len() as u8]);
-    bytes.extend_from_slice(&body);
-    bytes
-}
-
 fn frame(text: &str) -> Vec<u8> {
-    let body = format!(r#"{{"from":"burst","text":"{text}"}}"#);
-    let mut frame = vec![0x00, body.len() as u8];
-    frame.extend_from_slice(body.as_bytes());
-    frame
+    common::zmtp::message("burst", text)
 }
 
 /// The next `msg` event's text, or `None` when the stream ended or stayed silent.
@@ -67,7 +45,8 @@ async fn burst_reaches_every_client(app: &TestApp, pull: u16) {
         clients.push(app.sse().await);
     }
     let mut push = TcpStream::connect(("127.0.0.1", pull)).unwrap();
-    push.write_all(&push_handshake()).unwrap();
+    push.write_all(&common::zmtp::greeting()).unwrap();
+    push.write_all(&common::zmtp::ready("PUSH")).unwrap();
     // The clients hear the broker: a probe reaches the first client.
     loop {
         push.write_all(&frame("probe")).unwrap();

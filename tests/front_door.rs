@@ -11,32 +11,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::zmtp::{greeting, ready};
 use common::{Sse, TestApp};
 use temma::config::Role;
-
-/// A ZMTP 3.0 greeting with the NULL mechanism (64 bytes).
-fn greeting() -> Vec<u8> {
-    let mut bytes = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0];
-    let mut mechanism = b"NULL".to_vec();
-    mechanism.resize(20, 0);
-    bytes.extend_from_slice(&mechanism);
-    bytes.push(0); // as-server
-    bytes.resize(64, 0);
-    bytes
-}
-
-/// A READY command announcing `socket_type`.
-fn ready(socket_type: &str) -> Vec<u8> {
-    let mut body = vec![5];
-    body.extend_from_slice(b"READY");
-    body.push(11);
-    body.extend_from_slice(b"Socket-Type");
-    body.extend_from_slice(&(socket_type.len() as u32).to_be_bytes());
-    body.extend_from_slice(socket_type.as_bytes());
-    let mut frame = vec![0x04, body.len() as u8];
-    frame.extend_from_slice(&body);
-    frame
-}
 
 /// A long frame header announcing `length` bytes.
 fn long_header(length: u64) -> Vec<u8> {
@@ -288,12 +265,7 @@ async fn two_flooding_peers_are_read_in_turns() {
         let value: serde_json::Value = serde_json::from_slice(frame).expect("JSON");
         value["text"].as_str().unwrap_or_default().to_owned()
     };
-    let frame = |peer: usize, text: &str| -> Vec<u8> {
-        let body = format!(r#"{{"from":"flood{peer}","text":"{text}"}}"#);
-        let mut frame = vec![0x00, body.len() as u8];
-        frame.extend_from_slice(body.as_bytes());
-        frame
-    };
+    let frame = |peer: usize, text: &str| common::zmtp::message(&format!("flood{peer}"), text);
     let mut peers: Vec<TcpStream> = (0..2)
         .map(|_| {
             let mut stream = TcpStream::connect(&pull).unwrap();

@@ -606,3 +606,39 @@ pub async fn browser(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Raw ZMTP 3.0, for peers that write bytes themselves: hostile ones, or floods written as fast
+/// as the kernel takes them.
+pub mod zmtp {
+    /// A greeting with the NULL mechanism (64 bytes).
+    pub fn greeting() -> Vec<u8> {
+        let mut bytes = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0];
+        let mut mechanism = b"NULL".to_vec();
+        mechanism.resize(20, 0);
+        bytes.extend_from_slice(&mechanism);
+        bytes.push(0); // as-server
+        bytes.resize(64, 0);
+        bytes
+    }
+
+    /// A READY command announcing `socket_type`.
+    pub fn ready(socket_type: &str) -> Vec<u8> {
+        let mut body = vec![5];
+        body.extend_from_slice(b"READY");
+        body.push(11);
+        body.extend_from_slice(b"Socket-Type");
+        body.extend_from_slice(&(socket_type.len() as u32).to_be_bytes());
+        body.extend_from_slice(socket_type.as_bytes());
+        let mut frame = vec![0x04, body.len() as u8];
+        frame.extend_from_slice(&body);
+        frame
+    }
+
+    /// A one-frame message `{"from":FROM,"text":TEXT}` (short frame: under 256 bytes).
+    pub fn message(from: &str, text: &str) -> Vec<u8> {
+        let body = format!(r#"{{"from":"{from}","text":"{text}"}}"#);
+        let mut frame = vec![0x00, u8::try_from(body.len()).expect("a short frame")];
+        frame.extend_from_slice(body.as_bytes());
+        frame
+    }
+}
