@@ -39,22 +39,22 @@ EOF
 ticks=$(getconf CLK_TCK)
 cpu_of() { awk -v t="$ticks" '{print ($14 + $15) / t}' "/proc/$1/stat"; }
 
+# With BROKER_CPUS: the broker on those, the driver on the others.
+pin=()
+driver=("$DRIVER")
+if [ -n "$BROKER_CPUS" ]; then
+  others=$(python3 -c 'import os,sys; cpus=set(range(os.cpu_count())); pinned={int(c) for c in sys.argv[1].split(",")}; print(",".join(map(str, sorted(cpus - pinned))) or "0")' "$BROKER_CPUS")
+  pin=(taskset -c "$BROKER_CPUS")
+  driver=(taskset -c "$others" "$DRIVER")
+fi
+
 : > "$WORK/results"
 for round in $(seq "$ROUNDS"); do
   for binary in "${BINARIES[@]}"; do
-    if [ -n "$BROKER_CPUS" ]; then
-      taskset -c "$BROKER_CPUS" "$binary" broker -c "$WORK/etc/temma.toml" 2>"$WORK/log" &
-    else
-      "$binary" broker -c "$WORK/etc/temma.toml" 2>"$WORK/log" &
-    fi
+    "${pin[@]}" "$binary" broker -c "$WORK/etc/temma.toml" 2>"$WORK/log" &
     broker=$!
     for _ in $(seq 100); do grep -q "broker running" "$WORK/log" && break; sleep 0.05; done
     before=$(cpu_of "$broker")
-    driver=("$DRIVER")
-    if [ -n "$BROKER_CPUS" ]; then
-      others=$(python3 -c 'import os,sys; cpus=set(range(os.cpu_count())); pinned={int(c) for c in sys.argv[1].split(",")}; print(",".join(map(str, sorted(cpus - pinned))) or "0")' "$BROKER_CPUS")
-      driver=(taskset -c "$others" "$DRIVER")
-    fi
     line=$("${driver[@]}" --pull "tcp://127.0.0.1:$PULL" --pub "tcp://127.0.0.1:$PUB" --messages "$MESSAGES")
     after=$(cpu_of "$broker")
     kill "$broker"

@@ -54,11 +54,9 @@ if [ -z "$EMBEDDED" ]; then
   pids+=($!)
   wait_log "$WORK/broker.log" "broker running"
 fi
-if [ -n "$NODE_CPUS" ]; then
-  taskset -c "$NODE_CPUS" "$TEMMA" serve -c "$WORK/etc/temma.toml" 2>"$WORK/web.log" &
-else
-  "$TEMMA" serve -c "$WORK/etc/temma.toml" 2>"$WORK/web.log" &
-fi
+pin=()
+[ -z "$NODE_CPUS" ] || pin=(taskset -c "$NODE_CPUS")
+"${pin[@]}" "$TEMMA" serve -c "$WORK/etc/temma.toml" 2>"$WORK/web.log" &
 pids+=($!)
 wait_log "$WORK/web.log" "listening on"
 for i in $(seq "$CLIENTS"); do
