@@ -494,3 +494,81 @@ async fn what_the_broker_no_longer_holds_is_a_reset_not_a_silent_gap() {
     broker_stop.cancel();
     broker.wait().await;
 }
+
+/// How many requests the broker's snapshot socket dropped as malformed so far.
+fn malformed(broker: &App) -> usize {
+    let metrics = broker.metrics().render();
+    let prefix = "temma_snapshots_served_total{result=\"Malformed\"} ";
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix))
+        .map_or(0, |count| count.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_flood_on_the_snapshot_port_does_not_stall_the_broker() {
+    // A peer that writes requests faster than the broker reads them (as fast as the kernel
+    // takes them) keeps the snapshot socket always ready: on one thread (a one-CPU machine),
+    // the task answering it must still let the broker relay messages meanwhile.
+    use std::io::Write;
+    const FLOOD: usize = 200_000;
+    let config = snapshot_config();
+    let (broker, broker_stop) = start_broker(&config).await;
+    let router = address(&broker, &config, Role::BrokerSnapshot);
+    let pull = format!("tcp://{}", address(&broker, &config, Role::BrokerPull));
+    let publish = format!("tcp://{}", address(&broker, &config, Role::BrokerPub));
+    let mut push = zeromq::PushSocket::new();
+    push.connect(&pull).await.unwrap();
+    let mut sub = zeromq::SubSocket::new();
+    sub.subscribe("").await.unwrap();
+    sub.connect(&publish).await.unwrap();
+    let probe = |text: &str| ZmqMessage::from(format!(r#"{{"from":"probe","text":"{text}"}}"#));
+    let mut probe_comes_back = async |push: &mut zeromq::PushSocket, text: &str| loop {
+        push.send(probe(text)).await.unwrap();
+        if let Ok(Ok(message)) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await
+        {
+            let frame = message.iter().last().unwrap();
+            let value: serde_json::Value = serde_json::from_slice(frame).unwrap();
+            if value["text"] == text {
+                return;
+            }
+        }
+    };
+    probe_comes_back(&mut push, "before").await;
+
+    let mut stream = std::net::TcpStream::connect(&router).unwrap();
+    stream.write_all(&common::zmtp::greeting()).unwrap();
+    stream.write_all(&common::zmtp::ready("DEALER")).unwrap();
+    let flood: Vec<u8> = (0..FLOOD).flat_map(|_| [0x00, 0x01, b'x']).collect();
+    let writer = std::thread::spawn(move || {
+        stream.write_all(&flood).unwrap();
+        stream
+    });
+    while malformed(&broker) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The broker relays a message while the flood is still being read.
+    push.send(probe("during")).await.unwrap();
+    let message = tokio::time::timeout(common::DEADLINE, sub.recv())
+        .await
+        .expect("the broker publishes during the flood")
+        .unwrap();
+    let read = malformed(&broker);
+    assert!(
+        read < FLOOD,
+        "the message came only after the whole flood was read ({read} requests)"
+    );
+    let frame = message.iter().last().unwrap();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(frame).unwrap()["text"],
+        "during"
+    );
+    drop(writer.join().unwrap());
+    // Every request of the flood was read and counted, none answered.
+    common::eventually("the whole flood read", || async {
+        (malformed(&broker) == FLOOD).then_some(())
+    })
+    .await;
+    broker_stop.cancel();
+    broker.wait().await;
+}
