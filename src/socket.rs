@@ -12,6 +12,8 @@
 //!   handshake, never noticed a PUSH peer leave, and spun on accept errors. temma uses a
 //!   patched copy (`vendor/zeromq/PATCHES.md`): every socket here gets a maximum message size
 //!   and a handshake timeout from [`options`].
+//! - A PUB socket kept every subscription a peer sent, and compared each with every message
+//!   sent: the patched copy disconnects a peer past [`MAX_SUBSCRIPTIONS`].
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -31,14 +33,23 @@ pub const RETRY_MAX: Duration = Duration::from_millis(500);
 /// How long a peer that connected to a bound socket may take to complete the ZMTP handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Subscriptions a PUB socket keeps for one peer (a prefix subscribed twice counts twice). A
+/// web node subscribes once (`""`, as Temma's PHP subscribers do), a broker of a pair twice: a
+/// peer past this is not a subscriber but a peer making the broker's memory and the cost of
+/// each message it publishes grow (one subscription more for every message compared), and is
+/// disconnected.
+pub const MAX_SUBSCRIPTIONS: usize = 64;
+
 /// Options for every socket temma makes: inbound messages over `max_message_bytes` disconnect
-/// their peer before anything is allocated for them, and a peer that does not complete its
-/// handshake within [`HANDSHAKE_TIMEOUT`] is dropped.
+/// their peer before anything is allocated for them, a peer that does not complete its
+/// handshake within [`HANDSHAKE_TIMEOUT`] is dropped, and one with more than
+/// [`MAX_SUBSCRIPTIONS`] to a PUB socket too.
 pub fn options(max_message_bytes: usize) -> SocketOptions {
     let mut options = SocketOptions::default();
     options
         .max_message_size(Some(max_message_bytes))
-        .handshake_timeout(Some(HANDSHAKE_TIMEOUT));
+        .handshake_timeout(Some(HANDSHAKE_TIMEOUT))
+        .max_subscriptions(Some(MAX_SUBSCRIPTIONS));
     options
 }
 

@@ -362,6 +362,8 @@ pub struct SocketOptions {
     pub(crate) max_message_size: Option<usize>,
     // PATCH(temma): libzmq's ZMQ_HANDSHAKE_IVL for accepted peers; `None` waits forever.
     pub(crate) handshake_timeout: Option<Duration>,
+    // PATCH(temma): subscriptions a PUB socket keeps per peer; `None` is unlimited.
+    pub(crate) max_subscriptions: Option<usize>,
 }
 
 impl Default for SocketOptions {
@@ -374,6 +376,7 @@ impl Default for SocketOptions {
             read_buffer_short_reads: 2,
             max_message_size: None,
             handshake_timeout: None,
+            max_subscriptions: None,
         }
     }
 }
@@ -445,7 +448,7 @@ impl SocketOptions {
         self
     }
 
-    // PATCH(temma): the two options below.
+    // PATCH(temma): the three options below.
 
     /// The largest inbound message a peer may send, in bytes: each frame, and the sum of the
     /// frames of a multipart message (ZMQ_MAXMSGSIZE). A peer that announces more is
@@ -460,6 +463,14 @@ impl SocketOptions {
     /// before it is disconnected (ZMQ_HANDSHAKE_IVL). Default: no limit.
     pub fn handshake_timeout(&mut self, timeout: Option<Duration>) -> &mut Self {
         self.handshake_timeout = timeout;
+        self
+    }
+
+    /// The most subscriptions a PUB socket keeps for one peer, counting each subscription
+    /// message until it is cancelled (a prefix subscribed twice counts twice, as libzmq counts
+    /// it). A peer that goes past it is disconnected. Default: unlimited.
+    pub fn max_subscriptions(&mut self, max: Option<usize>) -> &mut Self {
+        self.max_subscriptions = max;
         self
     }
 }

@@ -143,26 +143,40 @@ impl PubSocketBackend {
         }
     }
 
-    fn message_received(&self, peer_id: &PeerIdentity, message: Message) {
+    // PATCH(temma): returns false when the peer went past `max_subscriptions` (to be
+    // disconnected).
+    fn message_received(&self, peer_id: &PeerIdentity, message: Message) -> bool {
         let data = match message {
             Message::Message(m) => {
                 if m.len() != 1 {
                     log::warn!("Received message with unexpected length: {}", m.len());
-                    return;
+                    return true;
                 }
                 m.into_vec().pop().unwrap_or_default()
             }
-            _ => return,
+            _ => return true,
         };
 
         if data.is_empty() {
-            return;
+            return true;
         }
 
         match data.first() {
             Some(1) => {
                 // Subscribe
                 if let Some(mut entry) = self.subscribers.get_sync(peer_id) {
+                    // PATCH(temma): every subscription is a copy kept until it is cancelled
+                    // and compared with every message sent: without a bound, one peer
+                    // subscribing in a loop grew memory and the cost of each send for ever.
+                    let max = self.socket_options.max_subscriptions;
+                    if max.is_some_and(|max| entry.subscriptions.len() >= max) {
+                        log::warn!(
+                            "Subscriber {:?} went past {:?} subscriptions; disconnecting it",
+                            peer_id,
+                            max
+                        );
+                        return false;
+                    }
                     entry.subscriptions.push(Vec::from(&data[1..]));
                 }
             }
@@ -180,6 +194,7 @@ impl PubSocketBackend {
                 data.first()
             ),
         }
+        true
     }
 }
 
@@ -240,13 +255,21 @@ impl MultiPeerBackend for PubSocketBackend {
         async_rt::task::spawn(async move {
             let mut stop_receiver = stop_receiver.fuse();
             loop {
+                // PATCH(temma): a peer that sends subscriptions faster than they are read
+                // would keep this task from ever waiting; let the runtime run others meanwhile.
+                async_rt::task::consume_budget().await;
                 select! {
                      _ = stop_receiver => {
                          break;
                      },
                      message = recv_queue.next().fuse() => {
                         match message {
-                            Some(Ok(m)) => backend.message_received(&peer_id, m),
+                            Some(Ok(m)) => {
+                                if !backend.message_received(&peer_id, m) {
+                                    backend.peer_disconnected(&peer_id);
+                                    break;
+                                }
+                            }
                             Some(Err(e)) => {
                                 log::debug!("Error receiving message: {:?}", e);
                                 backend.peer_disconnected(&peer_id);
@@ -470,6 +493,47 @@ mod tests {
 
         assert_eq!(backend.subscriber_count.load(Ordering::Relaxed), 1);
         assert_eq!(backend.subscribers.len(), 1);
+    }
+
+    // PATCH(temma): the test below.
+    #[async_rt::test]
+    async fn subscriptions_past_the_limit_disconnect_the_peer() {
+        let mut options = SocketOptions::default();
+        options.max_subscriptions(Some(2));
+        let backend = PubSocketBackend {
+            socket_options: Arc::new(options),
+            ..test_backend()
+        };
+        let peer_id = PeerIdentity::new();
+        let (sender, _receiver) = mpsc::channel(8);
+        insert_test_subscriber(&backend, peer_id.clone(), vec![], sender).await;
+        let frame = |data: &[u8]| Message::Message(ZmqMessage::from(data.to_vec()));
+        let subscriptions = |backend: &PubSocketBackend| {
+            backend
+                .subscribers
+                .read_sync(&peer_id, |_, s| s.subscriptions.clone())
+                .unwrap()
+        };
+
+        // A prefix subscribed twice counts twice, as it must be cancelled twice.
+        assert!(backend.message_received(&peer_id, frame(b"\x01a")));
+        assert!(backend.message_received(&peer_id, frame(b"\x01a")));
+        assert_eq!(subscriptions(&backend), vec![b"a".to_vec(), b"a".to_vec()]);
+        // Cancelling makes room again.
+        assert!(backend.message_received(&peer_id, frame(b"\x00a")));
+        assert!(backend.message_received(&peer_id, frame(b"\x01b")));
+        assert_eq!(subscriptions(&backend), vec![b"a".to_vec(), b"b".to_vec()]);
+        // One more is refused, and not kept: the caller disconnects the peer.
+        assert!(!backend.message_received(&peer_id, frame(b"\x01c")));
+        assert_eq!(subscriptions(&backend), vec![b"a".to_vec(), b"b".to_vec()]);
+        // Without the option, there is no limit.
+        let unlimited = test_backend();
+        let (sender, _receiver) = mpsc::channel(8);
+        insert_test_subscriber(&unlimited, peer_id.clone(), vec![], sender).await;
+        for _ in 0..100 {
+            assert!(unlimited.message_received(&peer_id, frame(b"\x01a")));
+        }
+        assert_eq!(subscriptions(&unlimited).len(), 100);
     }
 
     #[async_rt::test]

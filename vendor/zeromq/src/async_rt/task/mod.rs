@@ -52,6 +52,14 @@ impl From<tokio::task::JoinError> for JoinError {
     }
 }
 
+/// PATCH(temma): spends a unit of the runtime's cooperative budget, yielding when it is out,
+/// so that a task whose input is always ready still lets the others run. tokio has such a
+/// budget; on the other runtimes this does nothing.
+pub async fn consume_budget() {
+    #[cfg(feature = "tokio-runtime")]
+    ::tokio::task::coop::consume_budget().await;
+}
+
 pub async fn sleep(duration: std::time::Duration) {
     #[cfg(feature = "tokio-runtime")]
     ::tokio::time::sleep(duration).await;
