@@ -25,16 +25,7 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 PULL=$(free_port)
 PUB=$(free_port)
-mkdir -p "$WORK/etc"
-{
-  zmq_sources "$PULL" "$PUB"
-  cat <<EOF
-[broker]
-watch = false
-[log]
-level = "warn,temma::app=info"
-EOF
-} >"$WORK/etc/temma.toml"
+broker_config "$WORK/etc/temma.toml" "$PULL" "$PUB"
 
 ticks=$(getconf CLK_TCK)
 cpu_of() { awk -v t="$ticks" '{print ($14 + $15) / t}' "/proc/$1/stat"; }
@@ -53,7 +44,7 @@ for round in $(seq "$ROUNDS"); do
   for binary in "${BINARIES[@]}"; do
     "${pin[@]}" "$binary" broker -c "$WORK/etc/temma.toml" 2>"$WORK/log" &
     broker=$!
-    for _ in $(seq 100); do grep -q "broker running" "$WORK/log" && break; sleep 0.05; done
+    wait_log "$WORK/log" "broker running"
     before=$(cpu_of "$broker")
     line=$("${driver[@]}" --pull "tcp://127.0.0.1:$PULL" --pub "tcp://127.0.0.1:$PUB" --messages "$MESSAGES")
     after=$(cpu_of "$broker")

@@ -31,24 +31,10 @@ trap cleanup EXIT
 PULL=$(free_port)
 PUB=$(free_port)
 HTTP=$(free_port)
-mkdir -p "$WORK/etc"
-{
-  zmq_sources "$PULL" "$PUB"
-  cat <<EOF
-[server]
-listen = "127.0.0.1:$HTTP"
-[broker]
-embedded = $([ -n "$EMBEDDED" ] && echo true || echo false)
-watch = false
-[event]
-initial_history = 0
-max_clients = 20000
-[log]
-level = "warn,temma::app=info"
-EOF
-} >"$WORK/etc/temma.toml"
-
-wait_log() { for _ in $(seq 100); do grep -q "$2" "$1" && return; sleep 0.05; done; echo "no '$2' in $1" >&2; exit 1; }
+broker_config "$WORK/etc/temma.toml" "$PULL" "$PUB" \
+  "embedded = $([ -n "$EMBEDDED" ] && echo true || echo false)" \
+  "[server]" "listen = \"127.0.0.1:$HTTP\"" \
+  "[event]" "initial_history = 0" "max_clients = 20000"
 if [ -z "$EMBEDDED" ]; then
   "$TEMMA" broker -c "$WORK/etc/temma.toml" 2>"$WORK/broker.log" &
   pids+=($!)

@@ -1,5 +1,5 @@
 # Helpers for the scripts that install packages, run temma's peers or drive temma (sourced by
-# compare.sh, scale.sh, broker_cpu.sh, burst.sh and .ci/run).
+# compare.sh, scale.sh, broker_cpu.sh, burst.sh, subscription_flood.sh and .ci/run).
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -58,4 +58,29 @@ zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:$1"
 zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:$2"
 zmq_client_sub = "zmq://SUB@127.0.0.1:$2"
 EOF
+}
+
+# broker_config FILE PULL_PORT PUB_PORT [TOML_LINE...] — a temma.toml for the benches' brokers
+# and nodes: zmq_sources, `[broker] watch = false`, the given lines (keys of [broker], then any
+# later tables), and warnings only in the log (with the lines saying it runs).
+broker_config() {
+  local file=$1 pull=$2 pub=$3
+  shift 3
+  mkdir -p "$(dirname "$file")"
+  {
+    zmq_sources "$pull" "$pub"
+    echo "[broker]"
+    echo "watch = false"
+    printf '%s\n' "$@"
+    echo "[log]"
+    echo 'level = "warn,temma::app=info"'
+  } >"$file"
+}
+
+# wait_log FILE TEXT — waits up to 5 s for TEXT to appear in FILE (a server saying it runs);
+# exits the script if it does not.
+wait_log() {
+  for _ in $(seq 100); do grep -q "$2" "$1" && return; sleep 0.05; done
+  echo "no '$2' in $1" >&2
+  exit 1
 }

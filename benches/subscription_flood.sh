@@ -19,23 +19,13 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 PULL=$(free_port)
 PUB=$(free_port)
-mkdir -p "$WORK/etc"
-{
-  zmq_sources "$PULL" "$PUB"
-  cat <<EOF
-[broker]
-watch = false
-scripts = []
-[log]
-level = "warn,temma::app=info"
-EOF
-} >"$WORK/etc/temma.toml"
+broker_config "$WORK/etc/temma.toml" "$PULL" "$PUB"
 
 for binary in "${BINARIES[@]}"; do
   echo "== $binary"
   "$binary" broker -c "$WORK/etc/temma.toml" 2>"$WORK/log" &
   broker=$!
-  for _ in $(seq 100); do grep -q "broker running" "$WORK/log" && break; sleep 0.05; done
+  wait_log "$WORK/log" "broker running"
   python3 benches/subscription_flood.py "127.0.0.1:$PULL" "127.0.0.1:$PUB" "$broker" "$SUBSCRIPTIONS"
   kill "$broker"
   wait "$broker" 2>/dev/null || true

@@ -580,13 +580,6 @@ impl Broker {
         let mut local = self.local.as_mut().and_then(|local| local.frames.take());
         let mut verdicts = self.verdicts.take();
         loop {
-            // While PULL (or another input) always has a message ready, this task never waits,
-            // and the zeromq crate's reads spend none of tokio's cooperative budget: a runtime
-            // whose threads are all busy would not look for other sockets' readiness (one
-            // flooding peer would be read to its end before the others were heard) and, on one
-            // CPU, the PUB socket's writer would starve. Each event spends a unit; when the
-            // budget is out the task yields and the runtime polls its I/O driver.
-            tokio::task::coop::consume_budget().await;
             // A joining backup catching up: PULL waits (briefly) so that it can.
             let seq = self.stamper.seq;
             let hold = self

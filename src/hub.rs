@@ -1117,12 +1117,6 @@ impl Hub {
                 .filter(|_| !standby(&failover))
                 .map(|client| self.ask(client, &mut requests, Vec::new()));
             loop {
-                // During a burst SUB always has a frame ready, this task never waits and the
-                // zeromq crate's reads spend none of tokio's cooperative budget: each event
-                // spends a unit, so that the task yields when the budget is out and the
-                // clients' writers run in between, rather than finding the ring lapped when
-                // the burst ends (as the broker's relay does).
-                tokio::task::coop::consume_budget().await;
                 let source_changed = async {
                     match source.as_mut() {
                         Some(source) => source.changed().await.is_ok(),

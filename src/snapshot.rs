@@ -395,10 +395,6 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     loop {
-        // A peer that writes requests faster than they are read keeps the socket always
-        // ready, and the crate's reads spend none of tokio's budget: spend a unit per request,
-        // so that the task yields when it is out and the broker's other tasks run meanwhile.
-        tokio::task::coop::consume_budget().await;
         let message = tokio::select! {
             () = shutdown.cancelled() => return,
             received = router.recv() => match received {

@@ -250,7 +250,7 @@ mod fuzz {
 /// only while it is the only one ready (vendor/zeromq/PATCHES.md, 5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_flooding_peers_are_read_in_turns() {
-    use zeromq::{Socket, SocketRecv, SubSocket, ZmqMessage};
+    use zeromq::{Socket, SocketRecv, SubSocket};
     const EACH: usize = 20_000;
     let config = common::test_config();
     let app = TestApp::start_config(&config).await;
@@ -260,11 +260,6 @@ async fn two_flooding_peers_are_read_in_turns() {
     let mut sub = SubSocket::new();
     sub.subscribe("").await.unwrap();
     sub.connect(&publish).await.unwrap();
-    let text_of = |message: &ZmqMessage| -> String {
-        let frame = message.iter().last().expect("a frame");
-        let value: serde_json::Value = serde_json::from_slice(frame).expect("JSON");
-        value["text"].as_str().unwrap_or_default().to_owned()
-    };
     let frame = |peer: usize, text: &str| common::zmtp::message(&format!("flood{peer}"), text);
     let mut peers: Vec<TcpStream> = (0..2)
         .map(|_| {
@@ -382,6 +377,13 @@ async fn subscriber(app: &TestApp, publish: &str) -> zeromq::SubSocket {
     }
 }
 
+/// The text of a published message (empty when it has none).
+fn text_of(message: &zeromq::ZmqMessage) -> String {
+    let frame = message.iter().last().expect("a frame");
+    let value: serde_json::Value = serde_json::from_slice(frame).expect("JSON");
+    value["text"].as_str().unwrap_or_default().to_owned()
+}
+
 /// The text of the next message published on `sub`.
 async fn next_text(sub: &mut zeromq::SubSocket) -> String {
     use zeromq::SocketRecv;
@@ -389,9 +391,7 @@ async fn next_text(sub: &mut zeromq::SubSocket) -> String {
         .await
         .expect("a message published")
         .unwrap();
-    let frame = message.iter().last().unwrap();
-    let value: serde_json::Value = serde_json::from_slice(frame).unwrap();
-    value["text"].as_str().unwrap().to_owned()
+    text_of(&message)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

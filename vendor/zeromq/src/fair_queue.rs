@@ -153,9 +153,32 @@ where
 {
     type Item = (K, T);
 
-    #[allow(clippy::needless_continue)]
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let fair_queue = self.get_mut();
+        // PATCH(temma): each message handed out spends a unit of tokio's cooperative budget,
+        // as tokio's own channels and sockets do: a consumer whose peers always have a message
+        // ready then yields when its budget is out, and the runtime runs its other tasks and
+        // looks for other sockets' readiness (without it, one flooding peer was read to its
+        // end before the others were heard, and on one CPU a PUB writer starved).
+        #[cfg(feature = "tokio-runtime")]
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+        let next = self.get_mut().poll_turns(cx);
+        #[cfg(feature = "tokio-runtime")]
+        if next.is_ready() {
+            coop.made_progress();
+        }
+        next
+    }
+}
+
+impl<S, T, K> FairQueue<S, K>
+where
+    T: Send + Unpin + EndsTurn,
+    S: Stream<Item = T> + Send + 'static,
+    K: Eq + Hash + Unpin + Clone + Send + Sync + 'static,
+{
+    #[allow(clippy::needless_continue)]
+    fn poll_turns(&mut self, cx: &mut Context<'_>) -> Poll<Option<(K, T)>> {
+        let fair_queue = self;
         // PATCH(temma): what the last turn read comes first.
         while let Some(turn_item) = fair_queue.turn.pop_front() {
             match turn_item {
