@@ -24,8 +24,9 @@
 #   delivery 1000 subscribers × 20 msg/s for 10 s: server CPU per delivery.
 #   wide     1000 subscribers × 10 msg/s for 10 s.
 #   independent  the light, medium and wide loads, and 500 × 10 msg/s, read by
-#            benches/sse_reader.py, a client written apart from temma (Python asyncio), against
-#            temma and Nchan.
+#            benches/sse_reader.py, a client written apart from temma (Python's standard
+#            library: one epoll loop reads every stream, its publisher runs in a process of
+#            its own), against temma and Nchan.
 # Every scenario that publishes reports the server's CPU time (user + system of its processes,
 # from /proc) per message and per delivery: on two cores shared with the load tool, the
 # server's CPU is latency.

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""An independent SSE load client, written apart from temma (Python's asyncio, standard
-library only), so that no comparison depends on temma's own tool alone.
+"""An independent SSE load client, written apart from temma (Python, standard library only),
+so that no comparison depends on temma's own tool alone.
 
 It opens SUBSCRIBERS streams on SUBSCRIBE_URL, then POSTs MESSAGES bodies to PUBLISH_URL at
 RATE per second, each carrying a marker `load-<seq>-<send time in µs>`; every subscriber finds
@@ -10,21 +10,27 @@ received, duplicates, and the latency from send to receipt (p50, p99, max, in ms
   benches/sse_reader.py --subscribe http://127.0.0.1:8090/event/fetch \
       --publish http://127.0.0.1:8090/message/broadcast --subscribers 500 --rate 10 --messages 100
 
+So that the figures are the server's rather than the reader's own, the streams are read by one
+epoll loop over plain non-blocking sockets (every ready socket read and time-stamped first, the
+markers looked for after), and the publisher runs in a process of its own; both take their
+times from CLOCK_MONOTONIC, which is one clock for all processes.
+
 Loopback only; plain HTTP/1.1; the body template takes `{seq}` and `{ts}` like temma-load's.
 """
 import argparse
-import asyncio
 import json
+import multiprocessing
 import re
+import select
+import socket
 import time
 import urllib.parse
 
 MARKER = re.compile(rb"load-(\d+)-(\d+)")
-START = time.monotonic()
 
 
 def now_us():
-    return int((time.monotonic() - START) * 1e6)
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
 def target(url):
@@ -37,69 +43,66 @@ def target(url):
     return parts.hostname, parts.port or 80, path
 
 
-async def subscriber(url, stats, ready):
-    host, port, path = target(url)
-    reader, writer = await asyncio.open_connection(host, port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode())
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        stats["failed"] += 1
-        ready.release()
-        return
-    stats["connected"] += 1
-    ready.release()
-    seen = set()
-    buffer = b""
-    try:
-        while True:
-            chunk = await reader.read(65536)
-            if not chunk:
-                return
-            buffer += chunk
-            end = buffer.rfind(b"\n\n")
-            if end < 0:
-                continue
-            complete, buffer = buffer[: end + 2], buffer[end + 2 :]
-            received = now_us()
-            for match in MARKER.finditer(complete):
-                seq, sent = int(match.group(1)), int(match.group(2))
-                if seq in seen:
-                    stats["duplicates"] += 1
-                    continue
-                seen.add(seq)
-                stats["received"] += 1
-                stats["latencies"].append(received - sent)
-    finally:
-        writer.close()
+def read_head(sock):
+    """The response head, and whatever came after it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before the response head")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
 
 
-async def publish(url, body_template, content_type, rate, messages, stats):
+def subscribe(url, count):
+    """COUNT open streams: a list of (socket, bytes already read after the head), and the failures."""
     host, port, path = target(url)
-    reader, writer = await asyncio.open_connection(host, port)
+    streams, failed = [], 0
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode()
+    for _ in range(count):
+        sock = socket.create_connection((host, port), timeout=30)
+        sock.sendall(request)
+        head, rest = read_head(sock)
+        if not head.startswith(b"HTTP/1.1 200"):
+            failed += 1
+            sock.close()
+            continue
+        sock.setblocking(False)
+        streams.append((sock, rest))
+    return streams, failed
+
+
+def publish(url, body_template, content_type, rate, messages, results):
+    """The publisher's process: POSTs at RATE, then sends the number accepted through RESULTS."""
+    host, port, path = target(url)
+    sock = socket.create_connection((host, port), timeout=30)
+    accepted = 0
     started = time.monotonic()
     for seq in range(messages):
-        due = started + seq / rate
-        delay = due - time.monotonic()
+        delay = started + seq / rate - time.monotonic()
         if delay > 0:
-            await asyncio.sleep(delay)
+            time.sleep(delay)
         body = body_template.replace("{seq}", str(seq)).replace("{ts}", str(now_us())).encode()
-        writer.write(
+        sock.sendall(
             f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n".encode() + body
         )
-        await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
+        head, rest = read_head(sock)
         length = 0
         for line in head.split(b"\r\n"):
             if line.lower().startswith(b"content-length:"):
                 length = int(line.split(b":")[1])
-        if length:
-            await reader.readexactly(length)
-        status = head.split(b"\r\n")[0].split(b" ")[1]
-        if status.startswith(b"2"):
-            stats["accepted"] += 1
-    writer.close()
+        while len(rest) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        if head.split(b"\r\n")[0].split(b" ")[1].startswith(b"2"):
+            accepted += 1
+    sock.close()
+    results.send(accepted)
+    results.close()
 
 
 def percentile(values, fraction):
@@ -109,7 +112,7 @@ def percentile(values, fraction):
     return values[min(len(values) - 1, int(fraction * len(values)))]
 
 
-async def main():
+def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subscribe", required=True)
     parser.add_argument("--publish", required=True)
@@ -120,24 +123,79 @@ async def main():
     parser.add_argument("--content-type", default="application/x-www-form-urlencoded")
     parser.add_argument("--drain-secs", type=float, default=3)
     args = parser.parse_args()
-    stats = {"connected": 0, "failed": 0, "received": 0, "duplicates": 0, "accepted": 0, "latencies": []}
-    ready = asyncio.Semaphore(0)
-    tasks = [asyncio.create_task(subscriber(args.subscribe, stats, ready)) for _ in range(args.subscribers)]
-    for _ in range(args.subscribers):
-        await asyncio.wait_for(ready.acquire(), 30)
-    await asyncio.sleep(0.5)
-    await publish(args.publish, args.body, args.content_type, args.rate, args.messages, stats)
-    expected = stats["accepted"] * stats["connected"]
-    deadline = time.monotonic() + args.drain_secs
-    while stats["received"] < expected and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    for task in tasks:
-        task.cancel()
-    latencies = stats.pop("latencies")
+
+    streams, failed = subscribe(args.subscribe, args.subscribers)
+    poller = select.epoll()
+    buffers, seen = {}, {}
+    for sock, rest in streams:
+        poller.register(sock.fileno(), select.EPOLLIN)
+        buffers[sock.fileno()] = rest
+        seen[sock.fileno()] = set()
+    sockets = {sock.fileno(): sock for sock, _ in streams}
+    time.sleep(0.5)
+
+    results, child_end = multiprocessing.Pipe(duplex=False)
+    publisher = multiprocessing.get_context("fork").Process(
+        target=publish,
+        args=(args.publish, args.body, args.content_type, args.rate, args.messages, child_end),
+    )
+    publisher.start()
+    child_end.close()
+    poller.register(results.fileno(), select.EPOLLIN)
+
+    received = duplicates = 0
+    accepted = None
+    latencies = []
+    deadline = None
+    while True:
+        if accepted is not None:
+            if received >= accepted * len(sockets) or time.monotonic() >= deadline:
+                break
+        ready = poller.poll(0.05)
+        # Every ready stream read and time-stamped first, then its markers looked for.
+        chunks = []
+        for fd, _ in ready:
+            if fd == results.fileno():
+                accepted = results.recv()
+                deadline = time.monotonic() + args.drain_secs
+                poller.unregister(fd)
+                continue
+            try:
+                chunk = sockets[fd].recv(65536)
+            except BlockingIOError:
+                continue
+            chunks.append((fd, chunk, now_us()))
+        for fd, chunk, at in chunks:
+            if not chunk:
+                poller.unregister(fd)
+                continue
+            data = buffers[fd] + chunk
+            end = data.rfind(b"\n\n")
+            if end < 0:
+                buffers[fd] = data
+                continue
+            buffers[fd] = data[end + 2 :]
+            mine = seen[fd]
+            for match in MARKER.finditer(data, 0, end + 2):
+                seq = int(match.group(1))
+                if seq in mine:
+                    duplicates += 1
+                    continue
+                mine.add(seq)
+                received += 1
+                latencies.append(at - int(match.group(2)))
+    publisher.join()
+    for sock in sockets.values():
+        sock.close()
+    expected = accepted * len(sockets)
     print(json.dumps({
-        **stats,
+        "connected": len(sockets),
+        "failed": failed,
+        "received": received,
+        "duplicates": duplicates,
+        "accepted": accepted,
         "expected": expected,
-        "delivered_ratio": stats["received"] / expected if expected else 0,
+        "delivered_ratio": received / expected if expected else 0,
         "latency_ms": {
             "p50": percentile(latencies, 0.50) / 1000,
             "p99": percentile(latencies, 0.99) / 1000,
@@ -147,4 +205,4 @@ async def main():
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
