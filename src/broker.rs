@@ -627,7 +627,7 @@ impl Broker {
                 Err(error) => {
                     // A peer that breaks the protocol is disconnected by the crate; the others
                     // go on.
-                    tracing::warn!(%error, "broker input error; peer dropped");
+                    crate::throttled!(tracing::Level::WARN, %error, "broker input error; peer dropped");
                     continue;
                 }
             };
@@ -949,7 +949,8 @@ impl Broker {
     async fn handle(&mut self, message: ZmqMessage) -> Option<ZmqMessage> {
         if message.len() != 1 {
             self.metrics.dropped(DropReason::Multipart);
-            tracing::warn!(
+            crate::throttled!(
+                tracing::Level::WARN,
                 frames = message.len(),
                 "dropped a multipart message; one JSON frame expected"
             );
@@ -992,7 +993,12 @@ impl Broker {
             }
             Err(reason) => {
                 self.metrics.dropped(reason);
-                tracing::warn!(?reason, bytes = frame.len(), "dropped an unreadable frame");
+                crate::throttled!(
+                    tracing::Level::WARN,
+                    ?reason,
+                    bytes = frame.len(),
+                    "dropped an unreadable frame"
+                );
                 None
             }
         }
@@ -1080,7 +1086,11 @@ impl Broker {
         bytes: usize,
     ) -> Option<ZmqMessage> {
         if bytes > 0 {
-            tracing::warn!(bytes, "dropped a message that scripts made too large");
+            crate::throttled!(
+                tracing::Level::WARN,
+                bytes,
+                "dropped a message that scripts made too large"
+            );
         }
         match reference {
             Some(reference) if self.notify_rejections => {

@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
@@ -165,7 +165,6 @@ pub async fn accept_loop(
     shutdown: CancellationToken,
 ) {
     let mut reserve = std::fs::File::open("/dev/null").ok();
-    let mut failures = Failures::default();
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -175,7 +174,12 @@ pub async fn accept_loop(
             Ok(accepted) => accepted,
             Err(error) => {
                 let exhausted = matches!(error.raw_os_error(), Some(23 | 24)); // ENFILE, EMFILE
-                failures.note(&error, exhausted);
+                // Logged calmly: the first at once, then a line at most every 10 s.
+                if exhausted {
+                    crate::throttled!(tracing::Level::ERROR, %error, "out of file descriptors: refusing connections; raise `ulimit -n` or lower `server.max_connections`");
+                } else {
+                    crate::throttled!(tracing::Level::WARN, %error, "cannot accept a connection");
+                }
                 if exhausted && reserve.take().is_some() {
                     // Give the reserve up to take the waiting connection off the backlog and
                     // close it: its client gets an answer (a reset) instead of a hang.
@@ -251,32 +255,6 @@ fn take_place(gauge: &prometheus_client::metrics::gauge::Gauge, max: usize) -> b
         false
     } else {
         true
-    }
-}
-
-/// Accept failures, logged calmly: the first at once, then a summary at most every 10 s.
-#[derive(Default)]
-struct Failures {
-    last_logged: Option<Instant>,
-    since: u64,
-}
-
-impl Failures {
-    fn note(&mut self, error: &std::io::Error, exhausted: bool) {
-        self.since += 1;
-        if self
-            .last_logged
-            .is_some_and(|at| at.elapsed() < Duration::from_secs(10))
-        {
-            return;
-        }
-        if exhausted {
-            tracing::error!(%error, failures = self.since, "out of file descriptors: refusing connections; raise `ulimit -n` or lower `server.max_connections`");
-        } else {
-            tracing::warn!(%error, failures = self.since, "cannot accept a connection");
-        }
-        self.last_logged = Some(Instant::now());
-        self.since = 0;
     }
 }
 

@@ -862,7 +862,10 @@ impl Hub {
     pub fn lagged(&self, slot: &Slot) {
         if slot.drop_slow() {
             self.shared.metrics.slow_disconnects.inc();
-            tracing::warn!("SSE client fell behind its queue; disconnected");
+            crate::throttled!(
+                tracing::Level::WARN,
+                "SSE client fell behind its queue; disconnected"
+            );
         }
     }
 
@@ -897,7 +900,7 @@ impl Hub {
             Ok(head) => head,
             Err(error) => {
                 shared.metrics.dropped(DropReason::Unreadable);
-                tracing::warn!(%error, bytes = frame.len(), "dropped a published frame that is not a JSON object");
+                crate::throttled!(tracing::Level::WARN, %error, bytes = frame.len(), "dropped a published frame that is not a JSON object");
                 return Ingested::Taken;
             }
         };
@@ -947,7 +950,7 @@ impl Hub {
                         .append(None, id, source, &shared.settings, &shared.metrics);
                 if appended == Appended::Stored {
                     shared.metrics.dropped(DropReason::Unreadable);
-                    tracing::warn!(%error, "dropped a published message with an invalid room");
+                    crate::throttled!(tracing::Level::WARN, %error, "dropped a published message with an invalid room");
                 }
                 appended
             }
@@ -1038,7 +1041,8 @@ impl Hub {
                     if stalled >= stall_sweeps {
                         if slot.drop_slow() {
                             metrics.slow_disconnects.inc();
-                            tracing::warn!(
+                            crate::throttled!(
+                                tracing::Level::WARN,
                                 behind,
                                 "SSE client stopped reading; connection aborted"
                             );
@@ -1194,7 +1198,7 @@ impl Hub {
                         }
                         Ok(message) => {
                             self.shared.metrics.dropped(DropReason::Unreadable);
-                            tracing::warn!(frames = message.len(), "dropped a multipart publication");
+                            crate::throttled!(tracing::Level::WARN, frames = message.len(), "dropped a multipart publication");
                         }
                         Err(error) => {
                             tracing::warn!(socket = %what, %error, "SUB socket failed; reconnecting");

@@ -28,6 +28,7 @@
 //! - [`server`]: the HTTP router and server (salvo).
 //! - [`app`]: wires the components for `temma serve` and `temma broker`, and shuts them down.
 //! - [`error`]: JSON error answers.
+//! - [`throttle`]: log lines that outside input can trigger, kept to a bounded rate.
 //! - [`wire`]: the message format: ids, key names, notices, SSE frames.
 #![forbid(unsafe_code)]
 
@@ -52,6 +53,7 @@ pub mod server;
 pub mod session;
 pub mod snapshot;
 pub mod socket;
+pub mod throttle;
 pub mod wire;
 pub mod workers;
 

@@ -414,7 +414,8 @@ pub async fn serve(
         };
         let Some((identity, request)) = request else {
             metrics.snapshot_served(SnapshotResult::Malformed);
-            tracing::warn!(
+            crate::throttled!(
+                tracing::Level::WARN,
                 parts = parts.len(),
                 "snapshot socket: dropped a request that is not one JSON request"
             );
@@ -448,11 +449,14 @@ pub async fn serve(
             }
             Ok(Err(error)) => {
                 metrics.snapshot_served(SnapshotResult::Failed);
-                tracing::warn!(%error, "snapshot socket: could not answer a request");
+                crate::throttled!(tracing::Level::WARN, %error, "snapshot socket: could not answer a request");
             }
             Err(_) => {
                 metrics.snapshot_served(SnapshotResult::Failed);
-                tracing::warn!("snapshot socket: a web node did not take its snapshot in time");
+                crate::throttled!(
+                    tracing::Level::WARN,
+                    "snapshot socket: a web node did not take its snapshot in time"
+                );
             }
         }
     }
@@ -596,7 +600,7 @@ pub async fn run_client(
                                 return;
                             }
                         }
-                        None => tracing::warn!(socket = %what, "dropped an unreadable snapshot answer"),
+                        None => crate::throttled!(tracing::Level::WARN, socket = %what, "dropped an unreadable snapshot answer"),
                     },
                     Err(error) => {
                         tracing::warn!(socket = %what, %error, "snapshot socket failed; reconnecting");
