@@ -293,6 +293,7 @@ fn init_logging(config: &Config) {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
+    temma::throttle::pass_crate_logs();
 }
 
 /// `temma script`: scripts run on one message, each one's outcome on stdout, then the message

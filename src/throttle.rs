@@ -5,7 +5,8 @@
 //! get one warning per frame: measured, 1.2 MB of junk made 400,000 lines (45 MB) of log. With
 //! [`throttled!`] a call site logs its first occurrence at once, then at most one line per
 //! [`INTERVAL`], which says how many like it were not logged since (`suppressed`); the others go
-//! to the `debug` level. What was dropped is still counted, one by one, in the metrics.
+//! to the `debug` level. What was dropped is still counted, one by one, in the metrics. The
+//! zeromq crate's own lines come in through [`CrateLog`], throttled the same way.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -28,36 +29,42 @@ struct State {
 impl Throttle {
     pub const fn new() -> Throttle {
         Throttle {
-            state: Mutex::new(State {
-                next: None,
-                suppressed: 0,
-            }),
+            state: Mutex::new(State::new()),
         }
     }
 
     /// Whether this occurrence, at `now`, is logged: `Some(n)` with the number of occurrences
     /// not logged since the last line, or `None` while the interval runs.
     pub fn admit(&self, now: Instant) -> Option<u64> {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match state.next {
-            Some(next) if now < next => {
-                state.suppressed += 1;
-                None
-            }
-            _ => {
-                state.next = Some(now + INTERVAL);
-                Some(std::mem::take(&mut state.suppressed))
-            }
-        }
+        crate::error::lock(&self.state).admit(now)
     }
 }
 
 impl Default for Throttle {
     fn default() -> Throttle {
         Throttle::new()
+    }
+}
+
+impl State {
+    const fn new() -> State {
+        State {
+            next: None,
+            suppressed: 0,
+        }
+    }
+
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        match self.next {
+            Some(next) if now < next => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.next = Some(now + INTERVAL);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
     }
 }
 
@@ -72,6 +79,85 @@ macro_rules! throttled {
             None => ::tracing::debug!($($rest)+),
         }
     }};
+}
+
+/// The zeromq crate's own lines (it logs with the `log` crate) in temma's log, at `info` and
+/// above: what it says of a peer it cut off (`went past 64 subscriptions`), of a frame it could
+/// not use, of a send that failed. Their target is `zeromq` (`RUST_LOG=zeromq=warn` filters
+/// them), and each line names the crate's module in `origin`; they are
+/// throttled like temma's own, one throttle per call site in the crate (its module and line:
+/// the crate has a few dozen; past [`CrateLog::MAX_THROTTLES`], the others share the last).
+#[derive(Debug)]
+pub struct CrateLog {
+    throttles: Mutex<Vec<(String, Option<u32>, State)>>,
+}
+
+impl CrateLog {
+    pub const MAX_THROTTLES: usize = 128;
+
+    pub const fn new() -> CrateLog {
+        CrateLog {
+            throttles: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether a line from `module`'s `line` is logged at `now` (as [`Throttle::admit`]).
+    pub fn admit(&self, module: &str, line: Option<u32>, now: Instant) -> Option<u64> {
+        let mut throttles = crate::error::lock(&self.throttles);
+        let found = throttles
+            .iter()
+            .position(|(name, at, _)| *at == line && name == module);
+        let index = match found {
+            Some(index) => index,
+            None if throttles.len() < CrateLog::MAX_THROTTLES => {
+                throttles.push((module.to_owned(), line, State::new()));
+                throttles.len() - 1
+            }
+            None => throttles.len() - 1,
+        };
+        throttles[index].2.admit(now)
+    }
+}
+
+impl Default for CrateLog {
+    fn default() -> CrateLog {
+        CrateLog::new()
+    }
+}
+
+impl log::Log for CrateLog {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let level = record.level();
+        if level > log::Level::Info {
+            return;
+        }
+        let origin = record.target();
+        let text = record.args();
+        match (self.admit(origin, record.line(), Instant::now()), level) {
+            (Some(suppressed), log::Level::Error) => {
+                tracing::error!(target: "zeromq", suppressed, origin, "{text}")
+            }
+            (Some(suppressed), log::Level::Warn) => {
+                tracing::warn!(target: "zeromq", suppressed, origin, "{text}")
+            }
+            (Some(suppressed), _) => tracing::info!(target: "zeromq", suppressed, origin, "{text}"),
+            (None, _) => tracing::debug!(target: "zeromq", origin, "{text}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs a [`CrateLog`] as the process's `log` logger (once; later calls change nothing).
+pub fn pass_crate_logs() {
+    static LOGGER: CrateLog = CrateLog::new();
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
 }
 
 #[cfg(test)]
@@ -91,5 +177,24 @@ mod tests {
         // After a quiet while, the next one is logged at once.
         assert_eq!(throttle.admit(start + INTERVAL * 5), Some(1));
         assert_eq!(throttle.admit(start + INTERVAL * 5), None);
+    }
+
+    #[test]
+    fn the_crate_s_lines_are_throttled_per_call_site() {
+        let crate_log = CrateLog::new();
+        let now = Instant::now();
+        assert_eq!(crate_log.admit("zeromq::pub", Some(152), now), Some(0));
+        assert_eq!(crate_log.admit("zeromq::pub", Some(152), now), None);
+        // Another line, of the same module or another, is not held back by that flood.
+        assert_eq!(crate_log.admit("zeromq::pub", Some(173), now), Some(0));
+        assert_eq!(crate_log.admit("zeromq::sub", Some(152), now), Some(0));
+        let later = now + INTERVAL;
+        assert_eq!(crate_log.admit("zeromq::pub", Some(152), later), Some(1));
+        // Past the bound, the other call sites share the last throttle.
+        for line in 3..CrateLog::MAX_THROTTLES as u32 {
+            assert_eq!(crate_log.admit("zeromq::codec", Some(line), now), Some(0));
+        }
+        assert_eq!(crate_log.admit("zeromq::codec", None, now), None);
+        assert_eq!(crate_log.admit("one more", Some(1), now), None);
     }
 }

@@ -976,3 +976,61 @@ http = "127.0.0.1:{broker_http}"
         .unwrap();
     assert_eq!(health.status(), 200);
 }
+
+/// The zeromq crate's own warnings reach temma's log, throttled per call site: a peer writing
+/// junk on the PUB socket gets a line or two, and the line saying that a peer went past the
+/// subscription limit is not lost among them.
+#[test]
+fn the_zeromq_crate_s_warnings_are_logged_throttled() {
+    use std::io::Write;
+    let dir = TempDir::new("crate-log");
+    let (pull, publish) = (free_port(), free_port());
+    let path = write_config(
+        &dir.0,
+        &format!(
+            r#"[application.dataSources]
+zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:{pull}"
+zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
+"#
+        ),
+    );
+    let mut broker = spawn(&["broker", "-c", path.to_str().unwrap()]);
+    broker.wait_for_log("broker running");
+
+    let mut flood = common::zmtp::greeting();
+    flood.extend(common::zmtp::ready("SUB"));
+    for _ in 0..20_000 {
+        flood.extend_from_slice(&[0x00, 1, 7]); // neither a subscription nor a cancel
+    }
+    for _ in 0..100 {
+        flood.extend_from_slice(&[0x00, 2, 1, b'x']); // subscribe to "x"
+    }
+    let mut peer = std::net::TcpStream::connect(("127.0.0.1", publish)).unwrap();
+    peer.write_all(&flood).unwrap();
+
+    let mut lines = Vec::new();
+    let start = Instant::now();
+    let cut = loop {
+        let left = common::DEADLINE.saturating_sub(start.elapsed());
+        let line = broker
+            .1
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no line about the cut-off peer; the log: {lines:?}"));
+        if line.contains("subscriptions; disconnecting it") {
+            break line;
+        }
+        lines.push(line);
+    };
+    assert!(
+        cut.contains("WARN zeromq:") && cut.contains("origin=\"zeromq::") && cut.contains("64"),
+        "{cut}"
+    );
+    let junk = lines
+        .iter()
+        .filter(|line| line.contains("unexpected first byte"))
+        .count();
+    assert!(
+        (1..=2).contains(&junk),
+        "{junk} lines about 20,000 junk frames: {lines:?}"
+    );
+}
