@@ -977,13 +977,9 @@ http = "127.0.0.1:{broker_http}"
     assert_eq!(health.status(), 200);
 }
 
-/// The zeromq crate's own warnings reach temma's log, throttled per call site: a peer writing
-/// junk on the PUB socket gets a line or two, and the line saying that a peer went past the
-/// subscription limit is not lost among them.
-#[test]
-fn the_zeromq_crate_s_warnings_are_logged_throttled() {
-    use std::io::Write;
-    let dir = TempDir::new("crate-log");
+/// A standalone broker (`RUST_LOG` as given, if any), and its PUB port.
+fn broker_for_the_crate_log(name: &str, rust_log: Option<&str>) -> (TempDir, common::Running, u16) {
+    let dir = TempDir::new(name);
     let (pull, publish) = (free_port(), free_port());
     let path = write_config(
         &dir.0,
@@ -994,12 +990,22 @@ zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
 "#
         ),
     );
-    let mut broker = spawn(&["broker", "-c", path.to_str().unwrap()]);
+    let mut command = temma(&["broker", "-c", path.to_str().unwrap()]);
+    if let Some(filter) = rust_log {
+        command.env("RUST_LOG", filter);
+    }
+    let mut broker = common::run_command(&mut command);
     broker.wait_for_log("broker running");
+    (dir, broker, publish)
+}
 
+/// A raw peer on the PUB port writes `junk` frames the crate cannot use, then subscribes past
+/// the limit; returns the broker's line about cutting it off and the lines before it.
+fn cut_off_a_peer(broker: &common::Running, publish: u16, junk: usize) -> (String, Vec<String>) {
+    use std::io::Write;
     let mut flood = common::zmtp::greeting();
     flood.extend(common::zmtp::ready("SUB"));
-    for _ in 0..20_000 {
+    for _ in 0..junk {
         flood.extend_from_slice(&[0x00, 1, 7]); // neither a subscription nor a cancel
     }
     for _ in 0..100 {
@@ -1007,30 +1013,65 @@ zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
     }
     let mut peer = std::net::TcpStream::connect(("127.0.0.1", publish)).unwrap();
     peer.write_all(&flood).unwrap();
-
     let mut lines = Vec::new();
     let start = Instant::now();
-    let cut = loop {
+    loop {
         let left = common::DEADLINE.saturating_sub(start.elapsed());
         let line = broker
             .1
             .recv_timeout(left)
             .unwrap_or_else(|_| panic!("no line about the cut-off peer; the log: {lines:?}"));
         if line.contains("subscriptions; disconnecting it") {
-            break line;
+            return (line, lines);
         }
         lines.push(line);
-    };
+    }
+}
+
+/// The zeromq crate's own warnings reach temma's log, throttled per call site: a peer writing
+/// junk on the PUB socket gets a line or two, and the line saying that a peer went past the
+/// subscription limit is not lost among them.
+#[test]
+fn the_zeromq_crate_s_warnings_are_logged_throttled() {
+    let (_dir, mut broker, publish) = broker_for_the_crate_log("crate-log", None);
+    let (cut, before) = cut_off_a_peer(&broker, publish, 20_000);
     assert!(
         cut.contains("WARN zeromq:") && cut.contains("origin=\"zeromq::") && cut.contains("64"),
         "{cut}"
     );
-    let junk = lines
+    let junk = before
         .iter()
         .filter(|line| line.contains("unexpected first byte"))
         .count();
     assert!(
         (1..=2).contains(&junk),
-        "{junk} lines about 20,000 junk frames: {lines:?}"
+        "{junk} lines about 20,000 junk frames: {before:?}"
+    );
+    // At the default level, its `info` lines too.
+    let gone = broker.wait_for_log("Client disconnected");
+    assert!(gone.contains("INFO zeromq:"), "{gone}");
+}
+
+/// `RUST_LOG` filters the crate's lines by their target, `zeromq`: with `zeromq=warn`, the
+/// warning about the cut-off peer and none of the crate's `info` lines.
+#[test]
+fn rust_log_filters_the_zeromq_crate_s_lines() {
+    let (_dir, mut broker, publish) =
+        broker_for_the_crate_log("crate-log-filter", Some("info,zeromq=warn"));
+    let (cut, _) = cut_off_a_peer(&broker, publish, 0);
+    assert!(cut.contains("WARN zeromq:"), "{cut}");
+    broker.signal("TERM");
+    assert!(broker.wait_exit(common::DEADLINE).success());
+    // Every line it wrote is in the channel once it has exited and its stderr is closed.
+    let rest: Vec<String> = broker.1.iter().collect();
+    assert!(
+        rest.iter().any(|line| line.contains("INFO temma")),
+        "temma's own info lines are kept: {rest:?}"
+    );
+    assert!(
+        !rest
+            .iter()
+            .any(|line| line.contains(" zeromq:") || line.contains("Client disconnected")),
+        "no line of the crate's under `warn`: {rest:?}"
     );
 }
