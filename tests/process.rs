@@ -962,7 +962,11 @@ http = "127.0.0.1:{broker_http}"
         junk.len(),
         &junk[..junk.len().min(5)]
     );
-    assert!(junk[0].contains("suppressed=0"), "{}", junk[0]);
+    assert!(
+        junk[0].contains("suppressed=0 suppressed_secs=0"),
+        "{}",
+        junk[0]
+    );
     assert!(
         lines.len() < 20,
         "{} log lines in all: {:?}",
