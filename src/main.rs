@@ -281,11 +281,18 @@ fn init_logging(config: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    // salvo announces its listener too: temma's own start-up line says it once, with more.
-    let filter = match "salvo_core::server=warn".parse() {
-        Ok(quiet) if !format!("{filter}").contains("salvo") => filter.add_directive(quiet),
-        _ => filter,
-    };
+    // salvo announces its listener too: temma's own start-up line says it once, with more;
+    // the zeromq crate's `info` lines (a peer gone, a reconnect) say what temma's own lines and
+    // gauges say. Both shown when the filter names them.
+    let written = format!("{filter}");
+    let filter = [
+        ("salvo", "salvo_core::server=warn"),
+        ("zeromq", "zeromq=warn"),
+    ]
+    .into_iter()
+    .filter(|(named, _)| !written.contains(named))
+    .filter_map(|(_, directive)| directive.parse().ok())
+    .fold(filter, |filter, quiet| filter.add_directive(quiet));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
