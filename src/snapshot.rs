@@ -43,6 +43,11 @@ pub const TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the broker gives a web node to take a whole answer (a peer that stops reading holds
 /// the others' snapshots this long at most; a node gives up after [`TIMEOUT`] anyway).
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Answer messages (head, batches of up to [`BATCH_BYTES`], end) queued for one web node, at
+/// most: past it a send waits for the node to read. The zeromq crate queued 100,000 per peer,
+/// so a peer that asked without reading made the broker hold its answers: 30,000 requests of
+/// 20 bytes grew it by 1 GB (zeromq patch 7).
+pub const SEND_QUEUE: usize = 16;
 /// Ids read from a request, at most.
 const MAX_MARKS: usize = 16;
 /// The room key of messages that name none.
@@ -645,9 +650,12 @@ pub fn client(
     )
 }
 
-/// The broker's ROUTER socket, bound (its task is [`serve`]).
+/// The broker's ROUTER socket, bound (its task is [`serve`]). At most [`SEND_QUEUE`] answer
+/// messages wait for one web node to read them.
 pub fn router(max_frame_bytes: usize) -> RouterSocket {
-    RouterSocket::with_options(socket::options(max_frame_bytes))
+    let mut options = socket::options(max_frame_bytes);
+    options.send_queue_capacity(Some(SEND_QUEUE));
+    RouterSocket::with_options(options)
 }
 
 #[cfg(test)]

@@ -497,11 +497,16 @@ async fn what_the_broker_no_longer_holds_is_a_reset_not_a_silent_gap() {
 
 /// How many requests the broker's snapshot socket dropped as malformed so far.
 fn malformed(broker: &App) -> usize {
+    snapshots(broker, "Malformed")
+}
+
+/// How many snapshot requests the broker counted with this `result` so far.
+fn snapshots(broker: &App, result: &str) -> usize {
     let metrics = broker.metrics().render();
-    let prefix = "temma_snapshots_served_total{result=\"Malformed\"} ";
+    let prefix = format!("temma_snapshots_served_total{{result=\"{result}\"}} ");
     metrics
         .lines()
-        .find_map(|line| line.strip_prefix(prefix))
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
         .map_or(0, |count| count.trim().parse().unwrap())
 }
 
@@ -569,6 +574,57 @@ async fn a_flood_on_the_snapshot_port_does_not_stall_the_broker() {
         (malformed(&broker) == FLOOD).then_some(())
     })
     .await;
+    broker_stop.cancel();
+    broker.wait().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_asks_and_never_reads_gets_a_bounded_queue_of_answers() {
+    // Each answer the broker cannot send is kept until the peer reads it: the zeromq crate
+    // queued 100,000 messages per peer, so 30,000 requests of 20 bytes from one peer that read
+    // nothing made the broker hold 1 GB. Now a few answers wait for it (`snapshot::SEND_QUEUE`
+    // messages, the socket buffers), the next one times out, and that is all it holds.
+    use std::io::Write;
+    const REQUESTS: usize = 2_000;
+    let config = snapshot_config();
+    let (broker, broker_stop) = start_broker(&config).await;
+    let router = address(&broker, &config, Role::BrokerSnapshot);
+    let pull = format!("tcp://{}", address(&broker, &config, Role::BrokerPull));
+    let mut push = zeromq::PushSocket::new();
+    push.connect(&pull).await.unwrap();
+    let text = "x".repeat(1000);
+    for i in 0..200 {
+        let frame = format!(r#"{{"from":"a","text":"{i} {text}"}}"#);
+        push.send(ZmqMessage::from(frame)).await.unwrap();
+    }
+    common::eventually("the history kept", || async {
+        let held = broker.metrics().render();
+        held.lines()
+            .any(|line| line.starts_with("temma_broker_published_total 200"))
+            .then_some(())
+    })
+    .await;
+
+    let mut stream = std::net::TcpStream::connect(&router).unwrap();
+    let mut requests = common::zmtp::greeting();
+    requests.extend(common::zmtp::ready("DEALER"));
+    for n in 0..REQUESTS {
+        let body = format!(r#"{{"after":[],"n":{n}}}"#);
+        requests.extend_from_slice(&[0x00, body.len() as u8]);
+        requests.extend_from_slice(body.as_bytes());
+    }
+    stream.write_all(&requests).unwrap();
+    // The answers it does not read fill its queue and its socket: one times out.
+    common::eventually("an answer the peer did not take in time", || async {
+        (snapshots(&broker, "Failed") > 0).then_some(())
+    })
+    .await;
+    let served = snapshots(&broker, "Served");
+    assert!(
+        served < REQUESTS / 4,
+        "{served} of {REQUESTS} answers were queued for a peer that reads nothing"
+    );
+    drop(stream);
     broker_stop.cancel();
     broker.wait().await;
 }

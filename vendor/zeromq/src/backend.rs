@@ -287,7 +287,12 @@ impl SocketBackend for GenericSocketBackend {
 impl MultiPeerBackend for GenericSocketBackend {
     async fn peer_connected(self: Arc<Self>, peer_id: &PeerIdentity, io: FramedIo) {
         let (recv_queue, send_queue) = io.into_parts();
-        let (queue_sender, queue_receiver) = mpsc::channel(PEER_SEND_QUEUE_CAPACITY);
+        // PATCH(temma): the capacity is the socket's option when set.
+        let capacity = self
+            .socket_options
+            .send_queue_capacity
+            .unwrap_or(PEER_SEND_QUEUE_CAPACITY);
+        let (queue_sender, queue_receiver) = mpsc::channel(capacity);
         self.peers
             .upsert_async(
                 peer_id.clone(),

@@ -364,6 +364,9 @@ pub struct SocketOptions {
     pub(crate) handshake_timeout: Option<Duration>,
     // PATCH(temma): subscriptions a PUB socket keeps per peer; `None` is unlimited.
     pub(crate) max_subscriptions: Option<usize>,
+    // PATCH(temma): messages queued for one peer (libzmq's ZMQ_SNDHWM); `None` is the crate's
+    // own 100,000.
+    pub(crate) send_queue_capacity: Option<usize>,
 }
 
 impl Default for SocketOptions {
@@ -377,6 +380,7 @@ impl Default for SocketOptions {
             max_message_size: None,
             handshake_timeout: None,
             max_subscriptions: None,
+            send_queue_capacity: None,
         }
     }
 }
@@ -471,6 +475,16 @@ impl SocketOptions {
     /// it). A peer that goes past it is disconnected. Default: unlimited.
     pub fn max_subscriptions(&mut self, max: Option<usize>) -> &mut Self {
         self.max_subscriptions = max;
+        self
+    }
+
+    // PATCH(temma)
+    /// How many messages are queued for one peer before a send to it waits (ROUTER, DEALER,
+    /// PUSH…) or, on a PUB socket, is dropped for it: libzmq's `ZMQ_SNDHWM`. Each queued message
+    /// is held in memory until the peer reads it, so a peer that never reads holds this many.
+    /// Default: 100,000.
+    pub fn send_queue_capacity(&mut self, capacity: Option<usize>) -> &mut Self {
+        self.send_queue_capacity = capacity;
         self
     }
 }

@@ -203,3 +203,67 @@ impl SocketRecv for RouterRecvHalf {
         }
     }
 }
+
+// PATCH(temma): the test below.
+#[cfg(all(test, feature = "tokio-runtime"))]
+mod tests {
+    use super::*;
+    use crate::{Socket, SocketOptions, SocketRecv, SocketSend};
+    use std::io::Write;
+    use std::time::Duration;
+
+    /// A raw ZMTP 3.0 peer (NULL mechanism, DEALER) that sends one message and never reads.
+    fn silent_dealer(port: u16) -> std::net::TcpStream {
+        let mut bytes = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0];
+        bytes.extend_from_slice(b"NULL");
+        bytes.resize(64, 0);
+        let mut ready = vec![5];
+        ready.extend_from_slice(b"READY");
+        ready.push(11);
+        ready.extend_from_slice(b"Socket-Type");
+        ready.extend_from_slice(&6u32.to_be_bytes());
+        ready.extend_from_slice(b"DEALER");
+        bytes.extend_from_slice(&[0x04, ready.len() as u8]);
+        bytes.extend_from_slice(&ready);
+        bytes.extend_from_slice(&[0x00, 2, b'h', b'i']);
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.write_all(&bytes).unwrap();
+        stream
+    }
+
+    /// How many 1 MB messages go to a peer that never reads before a send waits (at most 64).
+    async fn sent_before_waiting(capacity: Option<usize>) -> usize {
+        let mut options = SocketOptions::default();
+        options.send_queue_capacity(capacity);
+        let mut router = RouterSocket::with_options(options);
+        let endpoint = router.bind("tcp://127.0.0.1:0").await.unwrap();
+        let port = match endpoint {
+            crate::Endpoint::Tcp(_, port) => port,
+            other => panic!("{other:?}"),
+        };
+        let _peer = silent_dealer(port);
+        let hello = router.recv().await.unwrap();
+        let identity = hello.get(0).unwrap().clone();
+        let big = bytes::Bytes::from(vec![7u8; 1 << 20]);
+        for sent in 0..64 {
+            let mut message = ZmqMessage::from(identity.clone());
+            message.push_back(big.clone());
+            let send = router.send(message);
+            if tokio::time::timeout(Duration::from_secs(1), send)
+                .await
+                .is_err()
+            {
+                return sent;
+            }
+        }
+        64
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_reads_holds_at_most_the_send_queue_capacity() {
+        // Past a few messages (the capacity, the writer's buffer, the kernel's), sends wait.
+        assert!(sent_before_waiting(Some(2)).await < 32);
+        // Without the option, all 64 MB are queued for a peer that reads nothing.
+        assert_eq!(sent_before_waiting(None).await, 64);
+    }
+}
