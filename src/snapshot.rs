@@ -48,6 +48,10 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// so a peer that asked without reading made the broker hold its answers: 30,000 requests of
 /// 20 bytes grew it by 1 GB (zeromq patch 7).
 pub const SEND_QUEUE: usize = 16;
+/// How long the requests of a peer that did not take its last answer are ignored.
+const STUCK_FOR: Duration = Duration::from_secs(60);
+/// Peers remembered as stuck, at most.
+const MAX_STUCK: usize = 1024;
 /// Ids read from a request, at most.
 const MAX_MARKS: usize = 16;
 /// The room key of messages that name none.
@@ -392,13 +396,15 @@ fn live(entries: &VecDeque<Entry>, seq: u64) -> bool {
 }
 
 /// Answers snapshot requests on the broker's ROUTER socket until shutdown. One request at a
-/// time: a node that stops reading holds it for at most [`SEND_TIMEOUT`].
+/// time: a node that stops reading holds it for at most [`SEND_TIMEOUT`], once: its requests
+/// are then ignored for [`STUCK_FOR`] (its queue is still full of the answer it did not take).
 pub async fn serve(
     mut router: RouterSocket,
     archive: Arc<Mutex<Archive>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    let mut stuck = Stuck::default();
     loop {
         let message = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -426,6 +432,14 @@ pub async fn serve(
             );
             continue;
         };
+        if stuck.holds(&identity, Instant::now()) {
+            metrics.snapshot_served(SnapshotResult::Failed);
+            crate::throttled!(
+                tracing::Level::WARN,
+                "snapshot socket: ignored a request of a web node that did not take its last answer"
+            );
+            continue;
+        }
         let Ok(marks) = request
             .after
             .iter()
@@ -444,7 +458,7 @@ pub async fn serve(
         let found = gathered.sorted();
         let result = tokio::time::timeout(
             SEND_TIMEOUT,
-            answer(&mut router, identity, request.n, found),
+            answer(&mut router, identity.clone(), request.n, found),
         )
         .await;
         match result {
@@ -462,8 +476,28 @@ pub async fn serve(
                     tracing::Level::WARN,
                     "snapshot socket: a web node did not take its snapshot in time"
                 );
+                stuck.add(identity, Instant::now());
             }
         }
+    }
+}
+
+/// The peers (by identity) whose last answer timed out, and until when their requests are
+/// ignored; at most [`MAX_STUCK`], the oldest forgotten first.
+#[derive(Debug, Default)]
+struct Stuck(VecDeque<(Bytes, Instant)>);
+
+impl Stuck {
+    fn holds(&mut self, identity: &Bytes, now: Instant) -> bool {
+        self.0.retain(|(_, until)| *until > now);
+        self.0.iter().any(|(stuck, _)| stuck == identity)
+    }
+
+    fn add(&mut self, identity: Bytes, now: Instant) {
+        if self.0.len() == MAX_STUCK {
+            self.0.pop_front();
+        }
+        self.0.push_back((identity, now + STUCK_FOR));
     }
 }
 
@@ -661,6 +695,23 @@ pub fn router(max_frame_bytes: usize) -> RouterSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stuck_peer_is_ignored_for_a_while_and_at_most_so_many_are_kept() {
+        let now = Instant::now();
+        let mut stuck = Stuck::default();
+        let peer = Bytes::from_static(b"peer");
+        assert!(!stuck.holds(&peer, now));
+        stuck.add(peer.clone(), now);
+        assert!(stuck.holds(&peer, now + STUCK_FOR / 2));
+        assert!(!stuck.holds(&peer, now + STUCK_FOR));
+        for i in 0..=MAX_STUCK {
+            stuck.add(Bytes::from(i.to_string()), now);
+        }
+        assert_eq!(stuck.0.len(), MAX_STUCK);
+        assert!(!stuck.holds(&Bytes::from("0"), now), "the oldest is forgotten");
+        assert!(stuck.holds(&Bytes::from(MAX_STUCK.to_string()), now));
+    }
 
     fn limits(per_room: usize, bytes: usize) -> Limits {
         Limits {

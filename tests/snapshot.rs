@@ -583,7 +583,8 @@ async fn a_peer_that_asks_and_never_reads_gets_a_bounded_queue_of_answers() {
     // Each answer the broker cannot send is kept until the peer reads it: the zeromq crate
     // queued 100,000 messages per peer, so 30,000 requests of 20 bytes from one peer that read
     // nothing made the broker hold 1 GB. Now a few answers wait for it (`snapshot::SEND_QUEUE`
-    // messages, the socket buffers), the next one times out, and that is all it holds.
+    // messages, the socket buffers), the next one times out, and that is all it holds; the
+    // peer's further requests are ignored, so it holds the other nodes' snapshots up once.
     use std::io::Write;
     const REQUESTS: usize = 2_000;
     let config = snapshot_config();
@@ -624,6 +625,31 @@ async fn a_peer_that_asks_and_never_reads_gets_a_bounded_queue_of_answers() {
         served < REQUESTS / 4,
         "{served} of {REQUESTS} answers were queued for a peer that reads nothing"
     );
+    // Its other requests are ignored at once (one stall of 5 s, not one per request)…
+    common::eventually("the peer's other requests ignored", || async {
+        (snapshots(&broker, "Served") + snapshots(&broker, "Failed") == REQUESTS).then_some(())
+    })
+    .await;
+    // …and a web node that reads gets its whole snapshot.
+    let mut dealer = zeromq::DealerSocket::new();
+    dealer.connect(&format!("tcp://{router}")).await.unwrap();
+    dealer
+        .send(ZmqMessage::from(r#"{"after":[],"n":1}"#))
+        .await
+        .unwrap();
+    let mut frames = 0;
+    loop {
+        let reply = tokio::time::timeout(common::DEADLINE, dealer.recv())
+            .await
+            .expect("the snapshot answered")
+            .unwrap();
+        match reply.get(0).unwrap().as_ref() {
+            b"batch" => frames += reply.len() - 2,
+            b"end" => break,
+            _ => {}
+        }
+    }
+    assert_eq!(frames, 200);
     drop(stream);
     broker_stop.cancel();
     broker.wait().await;
