@@ -709,7 +709,10 @@ mod tests {
             stuck.add(Bytes::from(i.to_string()), now);
         }
         assert_eq!(stuck.0.len(), MAX_STUCK);
-        assert!(!stuck.holds(&Bytes::from("0"), now), "the oldest is forgotten");
+        assert!(
+            !stuck.holds(&Bytes::from("0"), now),
+            "the oldest is forgotten"
+        );
         assert!(stuck.holds(&Bytes::from(MAX_STUCK.to_string()), now));
     }
 
