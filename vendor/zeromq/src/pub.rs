@@ -168,14 +168,15 @@ impl PubSocketBackend {
                     // PATCH(temma): every subscription is a copy kept until it is cancelled
                     // and compared with every message sent: without a bound, one peer
                     // subscribing in a loop grew memory and the cost of each send for ever.
-                    let max = self.socket_options.max_subscriptions;
-                    if max.is_some_and(|max| entry.subscriptions.len() >= max) {
-                        log::warn!(
-                            "Subscriber {:?} went past {:?} subscriptions; disconnecting it",
-                            peer_id,
-                            max
-                        );
-                        return false;
+                    if let Some(max) = self.socket_options.max_subscriptions {
+                        if entry.subscriptions.len() >= max {
+                            log::warn!(
+                                "Subscriber {:?} went past {} subscriptions; disconnecting it",
+                                peer_id,
+                                max
+                            );
+                            return false;
+                        }
                     }
                     entry.subscriptions.push(Vec::from(&data[1..]));
                 }
