@@ -103,18 +103,7 @@ async fn burst_reaches_every_client(app: &TestApp, pull: u16) {
 async fn a_burst_from_the_broker_reaches_every_client_that_keeps_reading() {
     let _serial = SERIAL.lock().await;
     let dir = common::TempDir::new("burst");
-    let (pull, publish) = (common::free_port(), common::free_port());
-    let path = common::write_config(
-        &dir.0,
-        &format!(
-            r#"[application.dataSources]
-zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:{pull}"
-zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
-[broker]
-watch = false
-"#
-        ),
-    );
+    let (path, pull, publish) = common::standalone_broker_config(&dir, "[broker]\nwatch = false\n");
     let mut broker = common::spawn(&["broker", "-c", path.to_str().unwrap()]);
     broker.wait_for_log("broker running");
     let app = TestApp::start_with(|config| {

@@ -342,18 +342,6 @@ async fn two_flooding_peers_are_read_in_turns() {
     app.stop().await;
 }
 
-/// A subscription (`subscribe`) or its cancellation, as a ZMTP 3.0 subscriber sends it: one
-/// short frame, `1` or `0` then the prefix.
-fn subscription(subscribe: bool, prefix: &str) -> Vec<u8> {
-    let mut frame = vec![
-        0x00,
-        u8::try_from(prefix.len() + 1).unwrap(),
-        u8::from(subscribe),
-    ];
-    frame.extend_from_slice(prefix.as_bytes());
-    frame
-}
-
 /// A SUB socket on the broker's PUB, subscribed to everything, that has seen a message come.
 async fn subscriber(app: &TestApp, publish: &str) -> zeromq::SubSocket {
     use zeromq::{Socket, SocketRecv};
@@ -405,7 +393,7 @@ async fn a_peer_that_subscribes_without_end_is_disconnected() {
     let publish = tcp_address(&app, &config, Role::BrokerPub);
     let mut sub = subscriber(&app, &publish).await;
     let flood: Vec<u8> = (0..100_000)
-        .flat_map(|i| subscription(true, &format!("{i:08}")))
+        .flat_map(|i| common::zmtp::subscription(true, &format!("{i:08}")))
         .collect();
     let address = publish.clone();
     let closed = tokio::task::spawn_blocking(move || closed_after(&address, "SUB", &flood))
@@ -418,10 +406,12 @@ async fn a_peer_that_subscribes_without_end_is_disconnected() {
     at_limit.write_all(&ready("SUB")).unwrap();
     for i in 0..temma::socket::MAX_SUBSCRIPTIONS - 1 {
         at_limit
-            .write_all(&subscription(true, &format!("{i}")))
+            .write_all(&common::zmtp::subscription(true, &format!("{i}")))
             .unwrap();
     }
-    at_limit.write_all(&subscription(true, "")).unwrap();
+    at_limit
+        .write_all(&common::zmtp::subscription(true, ""))
+        .unwrap();
     // Others are served as before, and the peer at the limit too (once its subscriptions
     // are read: until then it gets nothing).
     assert_eq!(app.post_form("check", "after").await.status(), 200);
@@ -476,7 +466,11 @@ async fn a_flood_of_subscriptions_does_not_stall_the_broker() {
     stream.write_all(&ready("SUB")).unwrap();
     // About 24 MB: far more than the kernel buffers, so the writer is still writing while
     // the broker reads.
-    let pair = [subscription(true, "flood"), subscription(false, "flood")].concat();
+    let pair = [
+        common::zmtp::subscription(true, "flood"),
+        common::zmtp::subscription(false, "flood"),
+    ]
+    .concat();
     let chunk = pair.repeat(20_000);
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {

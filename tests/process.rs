@@ -907,17 +907,10 @@ fn json_logs_on_request() {
 async fn a_flood_of_junk_frames_is_logged_in_a_few_lines() {
     use std::io::Write;
     let dir = TempDir::new("junk-log");
-    let (pull, publish, broker_http) = (free_port(), free_port(), free_port());
-    let path = write_config(
-        &dir.0,
-        &format!(
-            r#"[application.dataSources]
-zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:{pull}"
-zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
-[broker]
-http = "127.0.0.1:{broker_http}"
-"#
-        ),
+    let broker_http = free_port();
+    let (path, pull, _) = common::standalone_broker_config(
+        &dir,
+        &format!("[broker]\nhttp = \"127.0.0.1:{broker_http}\"\n"),
     );
     let mut broker = spawn(&["broker", "-c", path.to_str().unwrap()]);
     broker.wait_for_log("broker running");
@@ -926,7 +919,7 @@ http = "127.0.0.1:{broker_http}"
     let mut flood = common::zmtp::greeting();
     flood.extend(common::zmtp::ready("PUSH"));
     for _ in 0..FRAMES {
-        flood.extend_from_slice(&[0x00, 4, b'j', b'u', b'n', b'k']);
+        flood.extend(common::zmtp::frame(b"junk"));
     }
     let mut peer = std::net::TcpStream::connect(("127.0.0.1", pull)).unwrap();
     peer.write_all(&flood).unwrap();
@@ -938,14 +931,8 @@ http = "127.0.0.1:{broker_http}"
         let metrics = metrics.clone();
         async move {
             let text = client.get(&metrics).send().await.ok()?.text().await.ok()?;
-            let dropped = text
-                .lines()
-                .find(|line| line.starts_with(r#"temma_drops_total{reason="InvalidJson"}"#))?
-                .rsplit(' ')
-                .next()?
-                .parse::<usize>()
-                .ok()?;
-            (dropped == FRAMES).then_some(())
+            let dropped = common::metric_in(&text, r#"temma_drops_total{reason="InvalidJson"}"#)?;
+            (dropped == FRAMES as f64).then_some(())
         }
     })
     .await;
@@ -984,16 +971,7 @@ http = "127.0.0.1:{broker_http}"
 /// A standalone broker (`RUST_LOG` as given, if any), and its PUB port.
 fn broker_for_the_crate_log(name: &str, rust_log: Option<&str>) -> (TempDir, common::Running, u16) {
     let dir = TempDir::new(name);
-    let (pull, publish) = (free_port(), free_port());
-    let path = write_config(
-        &dir.0,
-        &format!(
-            r#"[application.dataSources]
-zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:{pull}"
-zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
-"#
-        ),
-    );
+    let (path, _, publish) = common::standalone_broker_config(&dir, "");
     let mut command = temma(&["broker", "-c", path.to_str().unwrap()]);
     if let Some(filter) = rust_log {
         command.env("RUST_LOG", filter);
@@ -1003,33 +981,21 @@ zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
     (dir, broker, publish)
 }
 
-/// A raw peer on the PUB port writes `junk` frames the crate cannot use, then subscribes past
-/// the limit; returns the broker's line about cutting it off and the lines before it.
-fn cut_off_a_peer(broker: &common::Running, publish: u16, junk: usize) -> (String, Vec<String>) {
+/// A raw peer on the PUB port that writes `junk` frames the crate cannot use, then subscribes
+/// past the limit.
+fn oversubscribe(publish: u16, junk: usize) -> std::net::TcpStream {
     use std::io::Write;
     let mut flood = common::zmtp::greeting();
     flood.extend(common::zmtp::ready("SUB"));
     for _ in 0..junk {
-        flood.extend_from_slice(&[0x00, 1, 7]); // neither a subscription nor a cancel
+        flood.extend(common::zmtp::frame(&[7])); // neither a subscription nor a cancel
     }
     for _ in 0..100 {
-        flood.extend_from_slice(&[0x00, 2, 1, b'x']); // subscribe to "x"
+        flood.extend(common::zmtp::subscription(true, "x"));
     }
     let mut peer = std::net::TcpStream::connect(("127.0.0.1", publish)).unwrap();
     peer.write_all(&flood).unwrap();
-    let mut lines = Vec::new();
-    let start = Instant::now();
-    loop {
-        let left = common::DEADLINE.saturating_sub(start.elapsed());
-        let line = broker
-            .1
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no line about the cut-off peer; the log: {lines:?}"));
-        if line.contains("subscriptions; disconnecting it") {
-            return (line, lines);
-        }
-        lines.push(line);
-    }
+    peer
 }
 
 /// The zeromq crate's own warnings reach temma's log, throttled per call site: a peer writing
@@ -1038,7 +1004,8 @@ fn cut_off_a_peer(broker: &common::Running, publish: u16, junk: usize) -> (Strin
 #[test]
 fn the_zeromq_crate_s_warnings_are_logged_throttled() {
     let (_dir, mut broker, publish) = broker_for_the_crate_log("crate-log", None);
-    let (cut, before) = cut_off_a_peer(&broker, publish, 20_000);
+    let _peer = oversubscribe(publish, 20_000);
+    let (cut, before) = broker.wait_for_log_after("subscriptions; disconnecting it");
     assert!(
         cut.contains("WARN zeromq:")
             && cut.contains("origin=\"zeromq::")
@@ -1069,27 +1036,18 @@ fn the_zeromq_crate_s_warnings_are_logged_throttled() {
 fn rust_log_filters_the_zeromq_crate_s_lines() {
     let (_dir, mut broker, publish) =
         broker_for_the_crate_log("crate-log-info", Some("info,zeromq=info"));
-    let (cut, _) = cut_off_a_peer(&broker, publish, 0);
+    let _peer = oversubscribe(publish, 0);
+    let cut = broker.wait_for_log("subscriptions; disconnecting it");
     assert!(cut.contains("WARN zeromq:"), "{cut}");
     let gone = broker.wait_for_log("Client disconnected");
     assert!(gone.contains("INFO zeromq:"), "{gone}");
 
     let (_dir, mut broker, publish) =
         broker_for_the_crate_log("crate-log-error", Some("info,zeromq=error"));
-    {
-        use std::io::Write;
-        let mut flood = common::zmtp::greeting();
-        flood.extend(common::zmtp::ready("SUB"));
-        for _ in 0..100 {
-            flood.extend_from_slice(&[0x00, 2, 1, b'x']);
-        }
-        let mut peer = std::net::TcpStream::connect(("127.0.0.1", publish)).unwrap();
-        peer.write_all(&flood).unwrap();
-        // The peer is cut off: its socket reads the end.
-        peer.set_read_timeout(Some(common::DEADLINE)).unwrap();
-        let mut rest = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut peer, &mut rest);
-    }
+    let mut peer = oversubscribe(publish, 0);
+    // The peer is cut off: its socket reads the end.
+    peer.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    let _ = std::io::Read::read_to_end(&mut peer, &mut Vec::new());
     broker.signal("TERM");
     assert!(broker.wait_exit(common::DEADLINE).success());
     // Every line it wrote is in the channel once it has exited and its stderr is closed.

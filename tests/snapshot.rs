@@ -502,12 +502,16 @@ fn malformed(broker: &App) -> usize {
 
 /// How many snapshot requests the broker counted with this `result` so far.
 fn snapshots(broker: &App, result: &str) -> usize {
-    let metrics = broker.metrics().render();
-    let prefix = format!("temma_snapshots_served_total{{result=\"{result}\"}} ");
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(prefix.as_str()))
-        .map_or(0, |count| count.trim().parse().unwrap())
+    let line = format!("temma_snapshots_served_total{{result=\"{result}\"}} ");
+    common::metric_in(&broker.metrics().render(), &line).map_or(0, |count| count as usize)
+}
+
+/// A PUSH socket connected to the broker's PULL socket.
+async fn pushing_to(broker: &App, config: &Config) -> zeromq::PushSocket {
+    let pull = format!("tcp://{}", address(broker, config, Role::BrokerPull));
+    let mut push = zeromq::PushSocket::new();
+    push.connect(&pull).await.unwrap();
+    push
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -520,10 +524,8 @@ async fn a_flood_on_the_snapshot_port_does_not_stall_the_broker() {
     let config = snapshot_config();
     let (broker, broker_stop) = start_broker(&config).await;
     let router = address(&broker, &config, Role::BrokerSnapshot);
-    let pull = format!("tcp://{}", address(&broker, &config, Role::BrokerPull));
     let publish = format!("tcp://{}", address(&broker, &config, Role::BrokerPub));
-    let mut push = zeromq::PushSocket::new();
-    push.connect(&pull).await.unwrap();
+    let mut push = pushing_to(&broker, &config).await;
     let mut sub = zeromq::SubSocket::new();
     sub.subscribe("").await.unwrap();
     sub.connect(&publish).await.unwrap();
@@ -544,7 +546,7 @@ async fn a_flood_on_the_snapshot_port_does_not_stall_the_broker() {
     let mut stream = std::net::TcpStream::connect(&router).unwrap();
     stream.write_all(&common::zmtp::greeting()).unwrap();
     stream.write_all(&common::zmtp::ready("DEALER")).unwrap();
-    let flood: Vec<u8> = (0..FLOOD).flat_map(|_| [0x00, 0x01, b'x']).collect();
+    let flood: Vec<u8> = (0..FLOOD).flat_map(|_| common::zmtp::frame(b"x")).collect();
     let writer = std::thread::spawn(move || {
         stream.write_all(&flood).unwrap();
         stream
@@ -590,9 +592,7 @@ async fn a_peer_that_asks_and_never_reads_gets_a_bounded_queue_of_answers() {
     let config = snapshot_config();
     let (broker, broker_stop) = start_broker(&config).await;
     let router = address(&broker, &config, Role::BrokerSnapshot);
-    let pull = format!("tcp://{}", address(&broker, &config, Role::BrokerPull));
-    let mut push = zeromq::PushSocket::new();
-    push.connect(&pull).await.unwrap();
+    let mut push = pushing_to(&broker, &config).await;
     let text = "x".repeat(1000);
     for i in 0..200 {
         let frame = format!(r#"{{"from":"a","text":"{i} {text}"}}"#);
@@ -610,9 +610,9 @@ async fn a_peer_that_asks_and_never_reads_gets_a_bounded_queue_of_answers() {
     let mut requests = common::zmtp::greeting();
     requests.extend(common::zmtp::ready("DEALER"));
     for n in 0..REQUESTS {
-        let body = format!(r#"{{"after":[],"n":{n}}}"#);
-        requests.extend_from_slice(&[0x00, body.len() as u8]);
-        requests.extend_from_slice(body.as_bytes());
+        requests.extend(common::zmtp::frame(
+            format!(r#"{{"after":[],"n":{n}}}"#).as_bytes(),
+        ));
     }
     stream.write_all(&requests).unwrap();
     // The answers it does not read fill its queue and its socket: one times out.

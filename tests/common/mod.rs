@@ -181,10 +181,12 @@ impl Drop for TestApp {
 
 /// The value of the first `/metrics` line that starts with `line_start`.
 pub fn metric(app: &TestApp, line_start: &str) -> Option<f64> {
-    app.app()
-        .metrics()
-        .render()
-        .lines()
+    metric_in(&app.app().metrics().render(), line_start)
+}
+
+/// The value of the first line of a `/metrics` text that starts with `line_start`.
+pub fn metric_in(text: &str, line_start: &str) -> Option<f64> {
+    text.lines()
         .find(|line| line.starts_with(line_start))
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
@@ -426,16 +428,23 @@ impl Drop for Running {
 impl Running {
     /// Reads log lines (stderr) until one contains `needle`; returns that line.
     pub fn wait_for_log(&mut self, needle: &str) -> String {
+        self.wait_for_log_after(needle).0
+    }
+
+    /// Reads log lines (stderr) until one contains `needle`; returns that line and the lines
+    /// read before it.
+    pub fn wait_for_log_after(&self, needle: &str) -> (String, Vec<String>) {
         let start = Instant::now();
+        let mut before = Vec::new();
         loop {
             let left = DEADLINE.saturating_sub(start.elapsed());
-            let line = self
-                .1
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no log line containing {needle:?} in time"));
+            let line = self.1.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("no log line containing {needle:?} in time; before it: {before:?}")
+            });
             if line.contains(needle) {
-                return line;
+                return (line, before);
             }
+            before.push(line);
         }
     }
 
@@ -500,6 +509,22 @@ fn run(command: &mut Command) -> Running {
         }
     });
     Running(child, rx)
+}
+
+/// A configuration for `temma broker` alone: PULL and PUB bound on free ports of 127.0.0.1,
+/// then `extra` (TOML). Returns its path and the two ports.
+pub fn standalone_broker_config(dir: &TempDir, extra: &str) -> (PathBuf, u16, u16) {
+    let (pull, publish) = (free_port(), free_port());
+    let path = write_config(
+        &dir.0,
+        &format!(
+            r#"[application.dataSources]
+zmq_broker_pull = "zmq-bind://PULL@127.0.0.1:{pull}"
+zmq_broker_pub = "zmq-bind://PUB@127.0.0.1:{publish}"
+{extra}"#
+        ),
+    );
+    (path, pull, publish)
 }
 
 /// `temma broker`, then `temma serve`, from one config; each waited for.
@@ -636,9 +661,18 @@ pub mod zmtp {
 
     /// A one-frame message `{"from":FROM,"text":TEXT}` (short frame: under 256 bytes).
     pub fn message(from: &str, text: &str) -> Vec<u8> {
-        let body = format!(r#"{{"from":"{from}","text":"{text}"}}"#);
+        frame(format!(r#"{{"from":"{from}","text":"{text}"}}"#).as_bytes())
+    }
+
+    /// A one-frame message of `body` (short frame: under 256 bytes).
+    pub fn frame(body: &[u8]) -> Vec<u8> {
         let mut frame = vec![0x00, u8::try_from(body.len()).expect("a short frame")];
-        frame.extend_from_slice(body.as_bytes());
+        frame.extend_from_slice(body);
         frame
+    }
+
+    /// A subscription (`subscribe`) or its cancel to a PUB socket, as a ZMTP 3.0 SUB sends it.
+    pub fn subscription(subscribe: bool, prefix: &str) -> Vec<u8> {
+        frame(&[&[u8::from(subscribe)], prefix.as_bytes()].concat())
     }
 }
