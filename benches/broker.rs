@@ -88,21 +88,39 @@ impl Drop for BrokerProcess {
     }
 }
 
-fn wait_for_line(child: &mut Child, needle: &str) {
+/// Waits (20 s at most) for `child` to print a line containing `needle` on stderr and returns
+/// that line; otherwise says what it printed instead and whether it exited.
+fn wait_for_line(child: &mut Child, needle: &str) -> Result<String, String> {
     let stderr = child.stderr.take().expect("stderr piped");
     let (tx, rx) = std::sync::mpsc::channel();
     let wanted = needle.to_owned();
     std::thread::spawn(move || {
-        let mut sent = false;
+        let mut found = false;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent && line.contains(&wanted) {
-                let _ = tx.send(());
-                sent = true;
+            // Before the line: every line, for the error; after it: read and dropped.
+            if !found {
+                found = line.contains(&wanted);
+                let _ = tx.send((found, line));
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| panic!("the broker did not print {needle:?}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut printed = Vec::new();
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((true, line)) => return Ok(line),
+            Ok((false, line)) => printed.push(line),
+            Err(_) => break,
+        }
+    }
+    let status = match child.try_wait() {
+        Ok(Some(status)) => format!("it exited ({status})"),
+        _ => "it still runs".to_owned(),
+    };
+    Err(format!(
+        "it did not print {needle:?} within 20 s; {status}; its stderr:\n{}",
+        printed.join("\n")
+    ))
 }
 
 /// `temma broker -c config`, once it says it runs.
@@ -114,7 +132,9 @@ fn broker_process(config: &Path) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn temma broker");
-    wait_for_line(&mut child, "broker running");
+    if let Err(e) = wait_for_line(&mut child, "broker running") {
+        panic!("temma broker: {e}");
+    }
     child
 }
 
@@ -232,13 +252,16 @@ level = "warn,temma::app=info"
 const PROXY: &str = r#"
 import sys, zmq
 ctx = zmq.Context()
-front = ctx.socket(zmq.PULL); front.bind(sys.argv[1])
-back = ctx.socket(zmq.PUB); back.bind(sys.argv[2])
-print("proxy started", file=sys.stderr, flush=True)
+# Ports chosen by the kernel as the sockets bind: no window for another process to take them.
+front = ctx.socket(zmq.PULL); front.bind("tcp://127.0.0.1:*")
+back = ctx.socket(zmq.PUB); back.bind("tcp://127.0.0.1:*")
+print("proxy started", front.LAST_ENDPOINT.decode(), back.LAST_ENDPOINT.decode(),
+      file=sys.stderr, flush=True)
 zmq.proxy(front, back)
 "#;
 
-fn libzmq_proxy() -> Option<BrokerProcess> {
+/// pyzmq's `zmq.proxy(PULL, PUB)`, or why it cannot run here.
+fn libzmq_proxy() -> Result<BrokerProcess, String> {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let ok = Command::new(&python)
         .args(["-c", "import zmq"])
@@ -246,26 +269,36 @@ fn libzmq_proxy() -> Option<BrokerProcess> {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        return None;
+        return Err("pyzmq is not installed (pip install pyzmq)".into());
     }
-    let (pull, publish) = (free_port(), free_port());
-    let (pull, publish) = (
-        format!("tcp://127.0.0.1:{pull}"),
-        format!("tcp://127.0.0.1:{publish}"),
-    );
     let mut child = Command::new(python)
-        .args(["-c", PROXY, &pull, &publish])
+        .arg("-c")
+        .arg(PROXY)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .ok()?;
-    wait_for_line(&mut child, "proxy started");
-    Some(BrokerProcess {
-        child,
-        pull,
-        publish,
-        others: Vec::new(),
-    })
+        .map_err(|e| e.to_string())?;
+    let started = wait_for_line(&mut child, "proxy started").and_then(|line| {
+        match line.split_whitespace().collect::<Vec<_>>()[..] {
+            [.., pull, publish] if pull.starts_with("tcp://") => {
+                Ok((pull.to_owned(), publish.to_owned()))
+            }
+            _ => Err(format!("it printed no endpoints: {line:?}")),
+        }
+    });
+    match started {
+        Ok((pull, publish)) => Ok(BrokerProcess {
+            child,
+            pull,
+            publish,
+            others: Vec::new(),
+        }),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
 }
 
 struct Outcome {
@@ -532,10 +565,11 @@ params = { words_file = "scripts/words.txt", mask = "*" }
         let broker = match &scripts {
             Some(_) if name == "pair" => temma_pair(&dir.join(name), count),
             Some(scripts) => temma_broker(&dir.join(name), scripts),
+            // A third party's reference, not temma: if it cannot run here, say why and go on.
             None => match libzmq_proxy() {
-                Some(proxy) => proxy,
-                None => {
-                    eprintln!("libzmq-proxy: skipped, pyzmq is not installed (pip install pyzmq)");
+                Ok(proxy) => proxy,
+                Err(e) => {
+                    eprintln!("libzmq-proxy: skipped: {e}");
                     continue;
                 }
             },
