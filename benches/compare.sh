@@ -27,9 +27,10 @@
 #            benches/sse_reader.py, a client written apart from temma (Python's standard
 #            library: one epoll loop reads every stream, its publisher runs in a process of
 #            its own), against temma and Nchan.
-# Every scenario that publishes reports the server's CPU time (user + system of its processes,
-# from /proc) per message and per delivery: on two cores shared with the load tool, the
-# server's CPU is latency.
+# Every scenario that publishes reports the server's CPU time (on-CPU time of every thread of
+# its processes, in ns from /proc/PID/task/TID/schedstat; utime + stime, in 10 ms ticks, only if
+# a thread ended during the run) per message and per delivery: on two cores shared with the load
+# tool, the server's CPU is latency.
 #   broker   PUSH → broker → SUB msgs/s, against libzmq's proxy (cargo bench --bench broker).
 # At the end, issue 14's aims judged from the reports (benches/compare_aims.py): each one
 # temma's figure, Nchan's, the ratio, met or not; and every report checked for losses.
@@ -252,7 +253,7 @@ print(f\"{t['rss_kib_per_connection'] / n['rss_kib_per_connection']:.2f}× Nchan
     latency|light|medium|permessage|delivery|wide)
       echo "$scenario:"
       for name in temma $PEERS; do
-        echo "  $name: $(field "$OUT/$scenario-$name.json" "f'{delivered_ratio*100:.2f} % delivered ({gaps} gaps, {duplicates} duplicates), p50 {latency_us[\"p50\"]/1000:.2f} ms, p99 {latency_us[\"p99\"]/1000:.2f} ms, POST p50 {post_latency_us[\"p50\"]/1000:.2f} ms; server CPU ' + (f'{server_cpu[\"per_message_us\"]:.0f} µs/message, {server_cpu[\"per_delivery_us\"]:.1f} µs/delivery' if server_cpu else 'not measured')")"
+        echo "  $name: $(field "$OUT/$scenario-$name.json" "f'{delivered_ratio*100:.2f} % delivered ({gaps} gaps, {duplicates} duplicates), p50 {latency_us[\"p50\"]/1000:.2f} ms, p99 {latency_us[\"p99\"]/1000:.2f} ms, POST p50 {post_latency_us[\"p50\"]/1000:.2f} ms; server CPU ' + (f'{server_cpu[\"per_message_us\"]:.0f} µs/message, {server_cpu[\"per_delivery_us\"]:.1f} µs/delivery' + (' (utime + stime: a thread ended)' if server_cpu.get(\"measured_by\") == \"ticks\" else '') if server_cpu else 'not measured')")"
       done
       [ -f "$OUT/$scenario-nchan.json" ] && echo "  temma/Nchan: $(python3 -c "
 import json
