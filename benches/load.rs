@@ -655,14 +655,14 @@ impl CpuReading {
 
     /// µs used since `before`, and how it was measured.
     fn since(&self, before: &CpuReading) -> Option<(u64, &'static str)> {
-        if let (Some(then), Some(now)) = (&before.threads, &self.threads) {
-            if then.keys().all(|thread| now.contains_key(thread)) {
-                let ns: u64 = now
-                    .iter()
-                    .map(|(thread, &ns)| ns.saturating_sub(then.get(thread).copied().unwrap_or(0)))
-                    .sum();
-                return Some((ns / 1000, "schedstat"));
-            }
+        if let (Some(then), Some(now)) = (&before.threads, &self.threads)
+            && then.keys().all(|thread| now.contains_key(thread))
+        {
+            let ns: u64 = now
+                .iter()
+                .map(|(thread, &ns)| ns.saturating_sub(then.get(thread).copied().unwrap_or(0)))
+                .sum();
+            return Some((ns / 1000, "schedstat"));
         }
         let used = self.ticks_us?.saturating_sub(before.ticks_us?);
         Some((used, "ticks"))
