@@ -459,6 +459,7 @@ impl App {
                 .spec(&config.root())
                 .map_or_else(|| "none".to_owned(), |spec| spec.name),
             default_room = %config.rooms.default,
+            worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
             "listening on http://{http}"
         );
         app.http = Some(http);
@@ -588,6 +589,7 @@ impl App {
                 .map_or_else(|| "none".to_owned(), |_| config.dsn(crate::config::Role::BrokerSnapshot).to_string()),
             scripts = ?scripts,
             http = %app.http.map_or_else(|| "none (set `broker.http`)".to_owned(), |a| format!("http://{a}/health, /metrics")),
+            worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
             "broker running"
         );
         app.addresses = ctx.addresses;

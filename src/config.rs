@@ -82,6 +82,8 @@ pub struct Config {
     pub console: crate::console::ConsoleConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The process's async runtime: how many threads run its tasks.
+    pub runtime: RuntimeConfig,
     /// The file this configuration was read from (empty for an in-memory configuration).
     #[serde(skip)]
     pub file: PathBuf,
@@ -115,6 +117,43 @@ impl Default for LogConfig {
         LogConfig {
             format: LogFormat::default(),
             level: "info".to_owned(),
+        }
+    }
+}
+
+/// The most `runtime.worker_threads` accepts: past a few per CPU, threads only add switches.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
+/// The `[runtime]` section: the threads that run every task of the process (HTTP, SSE, the
+/// broker; the moderation chain's `broker.script_workers` threads are apart).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads; 0 (default): one per CPU. Fewer cost less CPU per message where the
+    /// machine is shared with other busy processes (BENCHMARKS.md).
+    pub worker_threads: usize,
+}
+
+impl RuntimeConfig {
+    /// The tokio runtime this section describes.
+    pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.enable_all();
+        if self.worker_threads > 0 {
+            builder.worker_threads(self.worker_threads);
+        }
+        builder.build()
+    }
+
+    fn validate(&self, problem: &mut impl FnMut(&str, String)) {
+        if self.worker_threads > MAX_WORKER_THREADS {
+            problem(
+                "runtime.worker_threads",
+                format!(
+                    "{} threads: at most {MAX_WORKER_THREADS} (0 for one per CPU)",
+                    self.worker_threads
+                ),
+            );
         }
     }
 }
@@ -553,6 +592,7 @@ impl Config {
         self.access.validate(&root, &mut problem);
         self.console.validate(&mut problem);
         self.broker.validate(&root, &mut problem);
+        self.runtime.validate(&mut problem);
         if problems.is_empty() {
             Ok(())
         } else {

@@ -138,7 +138,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&config);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match config.runtime.build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("temma: cannot start the async runtime: {error}");

@@ -168,6 +168,55 @@ fn check_warns_about_a_connect_the_embedded_broker_does_not_bind() {
     );
 }
 
+/// `[runtime] worker_threads` sets how many threads run the process's tasks, for a web node and
+/// a standalone broker (each says how many at start); 0 is one per CPU; too many is refused
+/// before anything binds, naming the key and the file.
+#[test]
+fn runtime_worker_threads_sets_the_threads_that_run_tasks() {
+    let dir = TempDir::new("worker-threads");
+    let threads_in = |line: &str| -> usize {
+        let at = line
+            .find("worker_threads=")
+            .expect("worker_threads in the start-up line")
+            + 15;
+        let digits: String = line[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().expect("a number of threads")
+    };
+    for threads in [1, 3] {
+        let (path, _) = ports_config(&dir, true);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            format!("{text}[runtime]\nworker_threads = {threads}\n"),
+        )
+        .unwrap();
+        let mut web = spawn(&["serve", "-c", path.to_str().unwrap()]);
+        let line = web.wait_for_log("listening on http://");
+        assert_eq!(threads_in(&line), threads, "{line}");
+    }
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let (path, _) = ports_config(&dir, true);
+    let mut web = spawn(&["serve", "-c", path.to_str().unwrap()]);
+    let line = web.wait_for_log("listening on http://");
+    assert_eq!(threads_in(&line), cpus, "one per CPU by default: {line}");
+
+    let broker_dir = TempDir::new("worker-threads-broker");
+    let (path, _, _) =
+        common::standalone_broker_config(&broker_dir, "[runtime]\nworker_threads = 2\n");
+    let mut broker = spawn(&["broker", "-c", path.to_str().unwrap()]);
+    let line = broker.wait_for_log("broker running");
+    assert_eq!(threads_in(&line), 2, "{line}");
+
+    let (code, stderr, path) = check(&dir, "[runtime]\nworker_threads = 5000\n");
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+    assert!(stderr.contains("`runtime.worker_threads`"), "{stderr}");
+    assert!(stderr.contains("at most 1024"), "{stderr}");
+}
+
 #[test]
 fn start_up_says_once_what_runs() {
     let dir = TempDir::new("start-up");

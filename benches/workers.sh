@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One worker thread or one per CPU: temma with `[runtime] worker_threads` = 1 and = 0 (one per
+# CPU), and Nchan with `worker_processes` 1 and 2, at the steady loads of compare.sh, the runs
+# alternating; server CPU per message (each thread's schedstat) and latencies from temma-load.
+#
+#   benches/workers.sh                      # 2 rounds (about 6 minutes)
+#   ROUNDS=3 LOADS="10x20 10x50" benches/workers.sh
+#
+# Prints one line per run: server, setting, load, p50, p99, CPU per message and per delivery,
+# delivered. Reports in $OUT (default target/workers).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-2}
+LOADS=${LOADS:-10x20 10x50 100x50 1000x20}
+OUT=${OUT:-target/workers}
+WORK=$(mktemp -d /tmp/temma-workers.XXXXXX)
+PORT=8092
+NCHAN_PORT=8081
+rm -rf "$OUT"
+mkdir -p "$OUT"
+. benches/peers.sh
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+cargo build --release --bin temma --example temma-load
+LOAD=target/release/examples/temma-load
+
+PID=""
+cleanup() {
+  [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
+  [ -f "$WORK/nchan/nginx.pid" ] && kill -QUIT "$(cat "$WORK/nchan/nginx.pid")" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# run SERVER SETTING LOAD: one temma-load run against a server started for it.
+run() {
+  local server=$1 setting=$2 load=$3
+  local subscribers=${load%x*} rate=${load#*x}
+  local target=()
+  if [ "$server" = temma ]; then
+    TEMMA_SERVER__LISTEN="127.0.0.1:$PORT" TEMMA_RUNTIME__WORKER_THREADS=$setting \
+      target/release/temma serve -c benches/etc/temma.toml > "$WORK/temma.log" 2>&1 &
+    PID=$!
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 0.1; done
+    target=(--subscribe "http://127.0.0.1:$PORT/event/fetch"
+            --publish "http://127.0.0.1:$PORT/message/broadcast" --pid "$PID")
+  else
+    rm -rf "$WORK/nchan"
+    start_nchan "$WORK/nchan" -e "s#^worker_processes .*#worker_processes $setting;#"
+    target=(--subscribe "http://127.0.0.1:$NCHAN_PORT/sub/chat"
+            --publish "http://127.0.0.1:$NCHAN_PORT/pub/chat")
+    for p in $NCHAN_PIDS; do target+=(--pid "$p"); done
+  fi
+  local file="$OUT/$server-$setting-$load-$round.json"
+  "$LOAD" "${target[@]}" --subscribers "$subscribers" --rate "$rate" \
+    --messages $((rate * 10)) --json > "$file"
+  if [ "$server" = temma ]; then
+    kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
+  else
+    kill -QUIT "$NCHAN_MASTER"
+    for _ in $(seq 50); do kill -0 "$NCHAN_MASTER" 2>/dev/null || break; sleep 0.1; done
+  fi
+  python3 - "$file" "$server" "$setting" "$load" <<'PYEND'
+import json, sys
+r = json.load(open(sys.argv[1]))
+cpu = r["server_cpu"]
+print(f"{sys.argv[2]:6} {sys.argv[3]:>2} {sys.argv[4]:>8}  p50 {r['latency_us']['p50']/1000:6.2f} ms"
+      f"  p99 {r['latency_us']['p99']/1000:6.2f} ms  CPU {cpu['per_message_us']:7.1f} µs/message"
+      f" {cpu['per_delivery_us']:6.2f} µs/delivery ({cpu['measured_by']})"
+      f"  delivered {r['delivered_ratio']*100:.2f} %, gaps {r['gaps']}, duplicates {r['duplicates']}")
+PYEND
+}
+
+echo "server threads/processes  load (subscribers x msg/s)"
+for round in $(seq "$ROUNDS"); do
+  for load in $LOADS; do
+    # temma: 0 is one worker per CPU; Nchan: worker_processes as in compare.sh (2) and 1.
+    run temma 0 "$load"
+    run temma 1 "$load"
+    run nchan 2 "$load"
+    run nchan 1 "$load"
+  done
+done
