@@ -30,7 +30,7 @@ const CASES: &[Case] = &[
         toml: "[serverr]\nlisten = \"127.0.0.1:8000\"\n",
         env: &[],
         problems: &[
-            "`serverr`: unknown key `serverr`; did you mean `server`? (the keys here: `application`, `server`, `broker`, `message`, `event`, `rooms`, `access`, `console`, `log`)",
+            "`serverr`: unknown key `serverr`; did you mean `server`? (the keys here: `application`, `server`, `broker`, `message`, `event`, `rooms`, `access`, `console`, `log`, `runtime`)",
         ],
     },
     // Array positions are written as in TOML's arrays of tables.
@@ -153,6 +153,18 @@ const CASES: &[Case] = &[
         toml: "[broker]\nscript_workers = 0\n",
         env: &[],
         problems: &["`broker.script_workers`: is 0: must be from 1 to 64"],
+    },
+    Case {
+        toml: "[runtime]\nworker_threads = 5000\n",
+        env: &[],
+        problems: &["`runtime.worker_threads`: 5000 threads: at most 1024 (0 for one per CPU)"],
+    },
+    Case {
+        toml: "",
+        env: &[("TEMMA_RUNTIME__WORKER_THREADS", "many")],
+        problems: &[
+            "`runtime.worker_threads` (from environment variable TEMMA_RUNTIME__WORKER_THREADS): the string \"many\" is not a whole number, 0 or more",
+        ],
     },
     // Files: where temma looked, and the script by position and name.
     Case {
