@@ -100,6 +100,10 @@ pub enum SnapshotResult {
     Malformed,
     /// Broker: the node went away or did not read its answer in time.
     Failed,
+    /// Broker: not answered: the node did not take its last answer (its requests are ignored
+    /// for a while), asked again before its last answer was through (the new request is
+    /// answered instead), or as many answers as allowed were on their way.
+    Refused,
     /// Web node: the snapshot was taken, and it covered what the node lacked.
     Complete,
     /// Web node: taken, but the broker no longer held all the node lacked (clients got a

@@ -43,6 +43,12 @@ pub const TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the broker gives a web node to take a whole answer (a peer that stops reading holds
 /// the others' snapshots this long at most; a node gives up after [`TIMEOUT`] anyway).
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Answers on their way at once, to as many nodes; a request past it is refused (counted as
+/// failed: the node asks again after its own [`TIMEOUT`]). Each holds the frames of its answer
+/// (shared with the archive, not copied).
+const MAX_ANSWERING: usize = 64;
+/// How soon an answer whose node's queue was full is tried again.
+const RETRY: Duration = Duration::from_millis(2);
 /// Answer messages (head, batches of up to [`BATCH_BYTES`], end) queued for one web node, at
 /// most: past it a send waits for the node to read. The zeromq crate queued 100,000 per peer,
 /// so a peer that asked without reading made the broker hold its answers: 30,000 requests of
@@ -395,9 +401,12 @@ fn live(entries: &VecDeque<Entry>, seq: u64) -> bool {
     entries.front().is_some_and(|front| front.seq <= seq)
 }
 
-/// Answers snapshot requests on the broker's ROUTER socket until shutdown. One request at a
-/// time: a node that stops reading holds it for at most [`SEND_TIMEOUT`], once: its requests
-/// are then ignored for [`STUCK_FOR`] (its queue is still full of the answer it did not take).
+/// Answers snapshot requests on the broker's ROUTER socket until shutdown. Answers to several
+/// nodes are sent side by side, each as fast as its node reads, without waiting on a node
+/// (`RouterSocket::try_send`, zeromq patch 8): at most [`MAX_ANSWERING`] at a time, each given
+/// [`SEND_TIMEOUT`]. A node that does not take its answer in that time holds nobody else up; its
+/// requests are then ignored for [`STUCK_FOR`] (its queue is still full of what it did not
+/// take).
 pub async fn serve(
     mut router: RouterSocket,
     archive: Arc<Mutex<Archive>>,
@@ -405,9 +414,13 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let mut stuck = Stuck::default();
+    let mut answering: VecDeque<Answer> = VecDeque::new();
     loop {
+        let waiting = send_what_fits(&mut router, &mut answering, &mut stuck, &metrics);
         let message = tokio::select! {
             () = shutdown.cancelled() => return,
+            // A node's queue was full: try again shortly (the crate has no readiness to await).
+            () = tokio::time::sleep(RETRY), if waiting => continue,
             received = router.recv() => match received {
                 Ok(message) => message,
                 Err(error) => {
@@ -433,7 +446,7 @@ pub async fn serve(
             continue;
         };
         if stuck.holds(&identity, Instant::now()) {
-            metrics.snapshot_served(SnapshotResult::Failed);
+            metrics.snapshot_served(SnapshotResult::Refused);
             crate::throttled!(
                 tracing::Level::WARN,
                 "snapshot socket: ignored a request of a web node that did not take its last answer"
@@ -450,36 +463,73 @@ pub async fn serve(
             metrics.snapshot_served(SnapshotResult::Malformed);
             continue;
         };
+        // A node asks again only when it gave up on its last answer: the new one replaces it.
+        if let Some(at) = answering.iter().position(|a| a.identity == identity) {
+            answering.remove(at);
+            metrics.snapshot_served(SnapshotResult::Refused);
+        }
+        if answering.len() >= MAX_ANSWERING {
+            metrics.snapshot_served(SnapshotResult::Refused);
+            crate::throttled!(
+                tracing::Level::WARN,
+                answering = MAX_ANSWERING,
+                "snapshot socket: refused a request, as many answers are on their way as allowed"
+            );
+            continue;
+        }
         let gathered = {
             // The broker appends under this lock: hold it only to gather, sort after.
             let mut archive = crate::error::lock(&archive);
             archive.gather(&marks, Instant::now())
         };
-        let found = gathered.sorted();
-        let result = tokio::time::timeout(
-            SEND_TIMEOUT,
-            answer(&mut router, identity.clone(), request.n, found),
-        )
-        .await;
-        match result {
-            Ok(Ok(held)) => {
-                metrics.snapshot_served(SnapshotResult::Served);
-                tracing::debug!(held, "snapshot served");
-            }
-            Ok(Err(error)) => {
-                metrics.snapshot_served(SnapshotResult::Failed);
-                crate::throttled!(tracing::Level::WARN, %error, "snapshot socket: could not answer a request");
-            }
-            Err(_) => {
-                metrics.snapshot_served(SnapshotResult::Failed);
-                crate::throttled!(
-                    tracing::Level::WARN,
-                    "snapshot socket: a web node did not take its snapshot in time"
-                );
-                stuck.add(identity, Instant::now());
+        answering.push_back(Answer::new(identity, request.n, gathered.sorted()));
+    }
+}
+
+/// Sends what each answer in progress can send now: until it is done or its node's queue is
+/// full. Finished answers are counted and dropped, and so are those past their
+/// [`SEND_TIMEOUT`] (their node is then ignored for a while). Whether some node's queue was full.
+fn send_what_fits(
+    router: &mut RouterSocket,
+    answering: &mut VecDeque<Answer>,
+    stuck: &mut Stuck,
+    metrics: &Metrics,
+) -> bool {
+    let now = Instant::now();
+    let mut waiting = false;
+    answering.retain_mut(|answer| {
+        while let Some(message) = answer.messages.pop_front() {
+            match router.try_send(message) {
+                Ok(()) => {}
+                Err(zeromq::ZmqError::ReturnToSender { message, .. }) => {
+                    answer.messages.push_front(message);
+                    break;
+                }
+                Err(error) => {
+                    metrics.snapshot_served(SnapshotResult::Failed);
+                    crate::throttled!(tracing::Level::WARN, %error, "snapshot socket: could not answer a request");
+                    return false;
+                }
             }
         }
-    }
+        if answer.messages.is_empty() {
+            metrics.snapshot_served(SnapshotResult::Served);
+            tracing::debug!(held = answer.held, "snapshot served");
+            return false;
+        }
+        if now >= answer.deadline {
+            metrics.snapshot_served(SnapshotResult::Failed);
+            crate::throttled!(
+                tracing::Level::WARN,
+                "snapshot socket: a web node did not take its snapshot in time"
+            );
+            stuck.add(answer.identity.clone(), now);
+            return false;
+        }
+        waiting = true;
+        true
+    });
+    waiting
 }
 
 /// The peers (by identity) whose last answer timed out, and until when their requests are
@@ -501,39 +551,50 @@ impl Stuck {
     }
 }
 
-/// Sends one answer: head, batches, end.
-async fn answer(
-    router: &mut RouterSocket,
+/// One answer on its way: the messages not sent yet (head, batches, end), each starting with the
+/// node's identity, and when the node must have taken them all.
+struct Answer {
     identity: Bytes,
-    n: u64,
-    found: Found,
-) -> zeromq::ZmqResult<usize> {
-    let n = Bytes::from(n.to_string());
-    let message = |kind: &'static str| {
-        let mut message = ZmqMessage::from(identity.clone());
-        message.push_back(Bytes::from_static(kind.as_bytes()));
-        message.push_back(n.clone());
-        message
-    };
-    let mut head = message("head");
-    head.push_back(Bytes::from(
-        serde_json::to_vec(&found.head).expect("a head serializes"),
-    ));
-    router.send(head).await?;
-    let mut frames = found.frames.into_iter().peekable();
-    while frames.peek().is_some() {
-        let mut batch = message("batch");
-        let mut bytes = 0;
-        while let Some(frame) =
-            frames.next_if(|frame| bytes == 0 || bytes + frame.len() <= BATCH_BYTES)
-        {
-            bytes += frame.len();
-            batch.push_back(frame);
+    messages: VecDeque<ZmqMessage>,
+    held: usize,
+    deadline: Instant,
+}
+
+impl Answer {
+    fn new(identity: Bytes, n: u64, found: Found) -> Answer {
+        let n = Bytes::from(n.to_string());
+        let message = |kind: &'static str| {
+            let mut message = ZmqMessage::from(identity.clone());
+            message.push_back(Bytes::from_static(kind.as_bytes()));
+            message.push_back(n.clone());
+            message
+        };
+        let mut messages = VecDeque::new();
+        let mut head = message("head");
+        head.push_back(Bytes::from(
+            serde_json::to_vec(&found.head).expect("a head serializes"),
+        ));
+        messages.push_back(head);
+        let mut frames = found.frames.into_iter().peekable();
+        while frames.peek().is_some() {
+            let mut batch = message("batch");
+            let mut bytes = 0;
+            while let Some(frame) =
+                frames.next_if(|frame| bytes == 0 || bytes + frame.len() <= BATCH_BYTES)
+            {
+                bytes += frame.len();
+                batch.push_back(frame);
+            }
+            messages.push_back(batch);
         }
-        router.send(batch).await?;
+        messages.push_back(message("end"));
+        Answer {
+            identity,
+            messages,
+            held: found.head.held,
+            deadline: Instant::now() + SEND_TIMEOUT,
+        }
     }
-    router.send(message("end")).await?;
-    Ok(found.head.held)
 }
 
 /// One part of an answer, as the web node's client reads it.

@@ -585,8 +585,9 @@ async fn a_peer_that_asks_and_never_reads_gets_a_bounded_queue_of_answers() {
     // Each answer the broker cannot send is kept until the peer reads it: the zeromq crate
     // queued 100,000 messages per peer, so 30,000 requests of 20 bytes from one peer that read
     // nothing made the broker hold 1 GB. Now a few answers wait for it (`snapshot::SEND_QUEUE`
-    // messages, the socket buffers), the next one times out, and that is all it holds; the
-    // peer's further requests are ignored, so it holds the other nodes' snapshots up once.
+    // messages, the socket buffers), each further request replaces the answer still on its way
+    // (refused), the last one times out, and that is all it holds; the peer's later requests
+    // are ignored (refused).
     use std::io::Write;
     const REQUESTS: usize = 2_000;
     let config = snapshot_config();
@@ -625,11 +626,13 @@ async fn a_peer_that_asks_and_never_reads_gets_a_bounded_queue_of_answers() {
         served < REQUESTS / 4,
         "{served} of {REQUESTS} answers were queued for a peer that reads nothing"
     );
-    // Its other requests are ignored at once (one stall of 5 s, not one per request)…
-    common::eventually("the peer's other requests ignored", || async {
-        (snapshots(&broker, "Served") + snapshots(&broker, "Failed") == REQUESTS).then_some(())
+    // Every request is accounted for: served, refused, or the one that timed out…
+    common::eventually("the peer's requests all accounted for", || async {
+        let counted = ["Served", "Failed", "Refused"].map(|result| snapshots(&broker, result));
+        (counted.iter().sum::<usize>() == REQUESTS).then_some(())
     })
     .await;
+    assert_eq!(snapshots(&broker, "Failed"), 1);
     // …and a web node that reads gets its whole snapshot.
     let mut dealer = zeromq::DealerSocket::new();
     dealer.connect(&format!("tcp://{router}")).await.unwrap();
@@ -637,6 +640,14 @@ async fn a_peer_that_asks_and_never_reads_gets_a_bounded_queue_of_answers() {
         .send(ZmqMessage::from(r#"{"after":[],"n":1}"#))
         .await
         .unwrap();
+    assert_eq!(frames_of_one_answer(&mut dealer).await, 200);
+    drop(stream);
+    broker_stop.cancel();
+    broker.wait().await;
+}
+
+/// Reads one whole snapshot answer: how many published frames its batches held.
+async fn frames_of_one_answer(dealer: &mut zeromq::DealerSocket) -> usize {
     let mut frames = 0;
     loop {
         let reply = tokio::time::timeout(common::DEADLINE, dealer.recv())
@@ -645,12 +656,78 @@ async fn a_peer_that_asks_and_never_reads_gets_a_bounded_queue_of_answers() {
             .unwrap();
         match reply.get(0).unwrap().as_ref() {
             b"batch" => frames += reply.len() - 2,
-            b"end" => break,
+            b"end" => return frames,
             _ => {}
         }
     }
-    assert_eq!(frames, 200);
-    drop(stream);
+}
+
+#[tokio::test]
+async fn a_peer_that_does_not_read_its_answer_holds_up_no_other_node() {
+    // The broker answered one request at a time: while a peer that asked and read nothing
+    // held the socket (5 s, until its answer timed out), every other node's snapshot waited.
+    // Answers now go side by side, each as fast as its node reads (zeromq patch 8,
+    // `try_send`): other nodes are served while the stuck answer is still on its way, before
+    // it times out (`Failed`).
+    use std::io::Write;
+    let config = snapshot_config();
+    let (broker, broker_stop) = start_broker(&config).await;
+    let router = address(&broker, &config, Role::BrokerSnapshot);
+    let mut push = pushing_to(&broker, &config).await;
+    let text = "x".repeat(1000);
+    for i in 0..200 {
+        let frame = format!(r#"{{"from":"a","text":"{i} {text}"}}"#);
+        push.send(ZmqMessage::from(frame)).await.unwrap();
+    }
+    common::eventually("the history kept", || async {
+        let held = broker.metrics().render();
+        held.lines()
+            .any(|line| line.starts_with("temma_broker_published_total 200"))
+            .then_some(())
+    })
+    .await;
+    // Two peers that ask again and again and read nothing, until their queues are full and an
+    // answer to each waits.
+    let stuck: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(&router).unwrap();
+            let mut requests = common::zmtp::greeting();
+            requests.extend(common::zmtp::ready("DEALER"));
+            for n in 0..2_000 {
+                requests.extend(common::zmtp::frame(
+                    format!(r#"{{"after":[],"n":{n}}}"#).as_bytes(),
+                ));
+            }
+            stream.write_all(&requests).unwrap();
+            stream
+        })
+        .collect();
+    common::eventually("the stuck peers' requests read", || async {
+        let counted = ["Served", "Refused", "Failed"].map(|result| snapshots(&broker, result));
+        (counted.iter().sum::<usize>() >= 4_000 - 2).then_some(())
+    })
+    .await;
+    // Nodes that read get their whole snapshots while both stuck answers are still waiting.
+    for n in 0..3 {
+        let mut dealer = zeromq::DealerSocket::new();
+        dealer.connect(&format!("tcp://{router}")).await.unwrap();
+        dealer
+            .send(ZmqMessage::from(format!(r#"{{"after":[],"n":{n}}}"#)))
+            .await
+            .unwrap();
+        assert_eq!(frames_of_one_answer(&mut dealer).await, 200);
+    }
+    assert_eq!(
+        snapshots(&broker, "Failed"),
+        0,
+        "the other nodes waited for a stuck answer to time out"
+    );
+    // Then each stuck answer times out, once per peer.
+    common::eventually("the stuck answers timed out", || async {
+        (snapshots(&broker, "Failed") == 2).then_some(())
+    })
+    .await;
+    drop(stuck);
     broker_stop.cancel();
     broker.wait().await;
 }

@@ -175,6 +175,34 @@ impl GenericSocketBackend {
         }
     }
 
+    /// PATCH(temma): sends to one peer without waiting (libzmq's `ZMQ_DONTWAIT`). When the
+    /// peer's queue is full the message comes back (`ReturnToSender`), to be sent again later;
+    /// a peer that is gone is an error, and a closed queue disconnects it.
+    pub(crate) fn try_send_to_peer(
+        &self,
+        peer_id: &PeerIdentity,
+        message: crate::ZmqMessage,
+    ) -> ZmqResult<()> {
+        let result = match self.peers.get_sync(peer_id) {
+            Some(mut peer) => peer.send_queue.try_send(Message::Message(message)),
+            None => return Err(ZmqError::Other("Destination client not found by identity")),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(error) if error.is_full() => match error.into_inner() {
+                Message::Message(message) => Err(ZmqError::ReturnToSender {
+                    reason: "the peer's send queue is full",
+                    message,
+                }),
+                _ => unreachable!("only a message was sent"),
+            },
+            Err(error) => {
+                self.peer_disconnected(peer_id);
+                Err(error.into_send_error().into())
+            }
+        }
+    }
+
     fn try_send_cached_single_peer(
         &self,
         message: Message,

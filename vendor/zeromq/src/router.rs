@@ -112,6 +112,31 @@ impl SocketSend for RouterSocket {
 }
 
 impl RouterSocket {
+    /// PATCH(temma): sends without waiting (libzmq's `ZMQ_DONTWAIT`): the first frame names the
+    /// peer, as for `send`. When the peer's send queue is full (see
+    /// `SocketOptions::send_queue_capacity`) the message comes back in
+    /// `ZmqError::ReturnToSender`, identity frame first, so that one slow peer need not hold
+    /// up the sends to the others.
+    pub fn try_send(&mut self, mut message: ZmqMessage) -> ZmqResult<()> {
+        if message.len() <= 1 {
+            return Err(ZmqError::Socket(
+                "ROUTER send requires at least 2 frames: identity frame + message",
+            ));
+        }
+        let identity = message.pop_front().unwrap();
+        let peer_id: PeerIdentity = identity.clone().try_into()?;
+        match self.backend.try_send_to_peer(&peer_id, message) {
+            Err(ZmqError::ReturnToSender {
+                reason,
+                mut message,
+            }) => {
+                message.push_front(identity);
+                Err(ZmqError::ReturnToSender { reason, message })
+            }
+            other => other,
+        }
+    }
+
     /// Splits the socket into separate send and recv halves, allowing concurrent
     /// sending and receiving from independent async tasks.
     ///
@@ -265,5 +290,63 @@ mod tests {
         assert!(sent_before_waiting(Some(2)).await < 32);
         // Without the option, all 64 MB are queued for a peer that reads nothing.
         assert_eq!(sent_before_waiting(None).await, 64);
+    }
+
+    #[tokio::test]
+    async fn try_send_gives_the_message_back_when_one_peer_is_full_and_reaches_the_others() {
+        let mut options = SocketOptions::default();
+        options.send_queue_capacity(Some(2));
+        let mut router = RouterSocket::with_options(options);
+        let endpoint = router.bind("tcp://127.0.0.1:0").await.unwrap();
+        let crate::Endpoint::Tcp(_, port) = endpoint else {
+            panic!("{endpoint:?}")
+        };
+        let _silent = silent_dealer(port);
+        let silent = router.recv().await.unwrap().get(0).unwrap().clone();
+        let mut reader = crate::DealerSocket::new();
+        reader
+            .connect(&format!("tcp://127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        reader.send(ZmqMessage::from("hello")).await.unwrap();
+        let reading = router.recv().await.unwrap().get(0).unwrap().clone();
+
+        // The silent peer's queue fills: its message comes back whole, identity first.
+        let big = bytes::Bytes::from(vec![7u8; 1 << 20]);
+        let mut returned = None;
+        for _ in 0..64 {
+            let mut message = ZmqMessage::from(silent.clone());
+            message.push_back(big.clone());
+            match router.try_send(message) {
+                Ok(()) => {}
+                Err(ZmqError::ReturnToSender { message, .. }) => {
+                    returned = Some(message);
+                    break;
+                }
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        let returned = returned.expect("a full queue gives the message back");
+        assert_eq!(returned.len(), 2);
+        assert_eq!(returned.get(0), Some(&silent));
+        assert_eq!(returned.get(1).map(|b| b.len()), Some(1 << 20));
+
+        // The other peer is still sent to at once.
+        let mut message = ZmqMessage::from(reading.clone());
+        message.push_back(bytes::Bytes::from_static(b"for you"));
+        router.try_send(message).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), reader.recv())
+            .await
+            .expect("the reading peer gets its message")
+            .unwrap();
+        assert_eq!(got.get(0).map(|b| b.as_ref()), Some(&b"for you"[..]));
+
+        // A peer that is not there is an error, not a message to send again.
+        let mut message = ZmqMessage::from(bytes::Bytes::from_static(b"nobody"));
+        message.push_back(bytes::Bytes::from_static(b"x"));
+        assert!(!matches!(
+            router.try_send(message),
+            Ok(()) | Err(ZmqError::ReturnToSender { .. })
+        ));
     }
 }
