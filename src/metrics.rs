@@ -101,8 +101,8 @@ pub enum SnapshotResult {
     /// Broker: the node went away or did not read its answer in time.
     Failed,
     /// Broker: not answered: the node did not take its last answer (its requests are ignored
-    /// for a while), asked again before its last answer was through (the new request is
-    /// answered instead), or as many answers as allowed were on their way.
+    /// for a while), asked again while its last answer was still on its way, or as many
+    /// answers as allowed were on their way.
     Refused,
     /// Web node: the snapshot was taken, and it covered what the node lacked.
     Complete,

@@ -47,8 +47,10 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// failed: the node asks again after its own [`TIMEOUT`]). Each holds the frames of its answer
 /// (shared with the archive, not copied).
 const MAX_ANSWERING: usize = 64;
-/// How soon an answer whose node's queue was full is tried again.
+/// How soon an answer whose node's queue was full is tried again, while nodes read; doubled
+/// each time nothing could be sent, up to [`MAX_RETRY`].
 const RETRY: Duration = Duration::from_millis(2);
+const MAX_RETRY: Duration = Duration::from_millis(64);
 /// Answer messages (head, batches of up to [`BATCH_BYTES`], end) queued for one web node, at
 /// most: past it a send waits for the node to read. The zeromq crate queued 100,000 per peer,
 /// so a peer that asked without reading made the broker hold its answers: 30,000 requests of
@@ -415,12 +417,20 @@ pub async fn serve(
 ) {
     let mut stuck = Stuck::default();
     let mut answering: VecDeque<Answer> = VecDeque::new();
+    let mut retry = RETRY;
     loop {
-        let waiting = send_what_fits(&mut router, &mut answering, &mut stuck, &metrics);
+        let (waiting, progressed) =
+            send_what_fits(&mut router, &mut answering, &mut stuck, &metrics);
+        // Tried again soon while nodes read, less and less often while none does.
+        retry = if progressed {
+            RETRY
+        } else {
+            (retry * 2).min(MAX_RETRY)
+        };
         let message = tokio::select! {
             () = shutdown.cancelled() => return,
-            // A node's queue was full: try again shortly (the crate has no readiness to await).
-            () = tokio::time::sleep(RETRY), if waiting => continue,
+            // A node's queue was full: try again (the crate has no readiness to await).
+            () = tokio::time::sleep(retry), if waiting => continue,
             received = router.recv() => match received {
                 Ok(message) => message,
                 Err(error) => {
@@ -463,10 +473,16 @@ pub async fn serve(
             metrics.snapshot_served(SnapshotResult::Malformed);
             continue;
         };
-        // A node asks again only when it gave up on its last answer: the new one replaces it.
-        if let Some(at) = answering.iter().position(|a| a.identity == identity) {
-            answering.remove(at);
+        // A node asks again only when it gave up on its last answer: while that one is still on
+        // its way (it times out, at the latest, as the node gives up), a request costs no
+        // gathering, so that a peer asking without end and reading nothing costs next to nothing.
+        if answering.iter().any(|answer| answer.identity == identity) {
             metrics.snapshot_served(SnapshotResult::Refused);
+            crate::throttled!(
+                tracing::Level::WARN,
+                "snapshot socket: refused a request of a web node whose last answer is still on its way"
+            );
+            continue;
         }
         if answering.len() >= MAX_ANSWERING {
             metrics.snapshot_served(SnapshotResult::Refused);
@@ -488,19 +504,21 @@ pub async fn serve(
 
 /// Sends what each answer in progress can send now: until it is done or its node's queue is
 /// full. Finished answers are counted and dropped, and so are those past their
-/// [`SEND_TIMEOUT`] (their node is then ignored for a while). Whether some node's queue was full.
+/// [`SEND_TIMEOUT`] (their node is then ignored for a while). Whether some node's queue was
+/// full, and whether anything was sent.
 fn send_what_fits(
     router: &mut RouterSocket,
     answering: &mut VecDeque<Answer>,
     stuck: &mut Stuck,
     metrics: &Metrics,
-) -> bool {
+) -> (bool, bool) {
     let now = Instant::now();
     let mut waiting = false;
+    let mut progressed = false;
     answering.retain_mut(|answer| {
         while let Some(message) = answer.messages.pop_front() {
             match router.try_send(message) {
-                Ok(()) => {}
+                Ok(()) => progressed = true,
                 Err(zeromq::ZmqError::ReturnToSender { message, .. }) => {
                     answer.messages.push_front(message);
                     break;
@@ -529,7 +547,7 @@ fn send_what_fits(
         waiting = true;
         true
     });
-    waiting
+    (waiting, progressed)
 }
 
 /// The peers (by identity) whose last answer timed out, and until when their requests are

@@ -585,9 +585,9 @@ async fn a_peer_that_asks_and_never_reads_gets_a_bounded_queue_of_answers() {
     // Each answer the broker cannot send is kept until the peer reads it: the zeromq crate
     // queued 100,000 messages per peer, so 30,000 requests of 20 bytes from one peer that read
     // nothing made the broker hold 1 GB. Now a few answers wait for it (`snapshot::SEND_QUEUE`
-    // messages, the socket buffers), each further request replaces the answer still on its way
-    // (refused), the last one times out, and that is all it holds; the peer's later requests
-    // are ignored (refused).
+    // messages, the socket buffers), the answer that does not fit waits and times out, and
+    // that is all it holds; the peer's other requests, meanwhile and after, are refused without
+    // being answered.
     use std::io::Write;
     const REQUESTS: usize = 2_000;
     let config = snapshot_config();
