@@ -43,8 +43,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the broker gives a web node to take a whole answer (a peer that stops reading holds
 /// the others' snapshots this long at most; a node gives up after [`TIMEOUT`] anyway).
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
-/// Answers on their way at once, to as many nodes; a request past it is refused (counted as
-/// failed: the node asks again after its own [`TIMEOUT`]). Each holds the frames of its answer
+/// Answers on their way at once, to as many nodes; a request past it is refused (`Refused`:
+/// the node asks again after its own [`TIMEOUT`]). Each holds the frames of its answer
 /// (shared with the archive, not copied).
 const MAX_ANSWERING: usize = 64;
 /// How soon an answer whose node's queue was full is tried again, while nodes read; doubled
