@@ -162,6 +162,12 @@ async fn fan_out_scenario_in_small() {
     // The server's CPU (here the test process, which runs it) per message and per delivery.
     let cpu = &report["server_cpu"];
     assert!(cpu["total_ms"].as_f64().unwrap() > 0.0, "{report}");
+    // Each thread's schedstat (ns), or utime + stime when a thread of this test process (other
+    // tests run beside it) ended during the run.
+    assert!(
+        matches!(cpu["measured_by"].as_str(), Some("schedstat" | "ticks")),
+        "{report}"
+    );
     let per_delivery = cpu["per_delivery_us"].as_f64().unwrap();
     assert!(
         (per_delivery - cpu["total_ms"].as_f64().unwrap() * 1000.0 / 600.0).abs() < 1e-6,
