@@ -50,9 +50,14 @@ fn address(app: &App, config: &Config, role: Role) -> String {
 
 /// A web node on `broker`, with or without a snapshot socket.
 async fn node(broker: &App, config: &Config, snapshot: bool) -> TestApp {
+    let router = snapshot.then(|| address(broker, config, Role::BrokerSnapshot));
+    node_asking(broker, config, router).await
+}
+
+/// A web node on `broker` whose snapshot socket (if any) connects to `router`.
+async fn node_asking(broker: &App, config: &Config, router: Option<String>) -> TestApp {
     let pull = address(broker, config, Role::BrokerPull);
     let publish = address(broker, config, Role::BrokerPub);
-    let router = address(broker, config, Role::BrokerSnapshot);
     TestApp::start_with(move |config| {
         config.broker.embedded = false;
         let sources = &mut config.application.data_sources;
@@ -64,7 +69,7 @@ async fn node(broker: &App, config: &Config, snapshot: bool) -> TestApp {
             "zmq_client_sub".into(),
             format!("zmq://SUB@{publish}").parse().unwrap(),
         );
-        if snapshot {
+        if let Some(router) = router {
             sources.insert(
                 "zmq_client_snapshot".into(),
                 format!("zmq://DEALER@{router}").parse().unwrap(),
@@ -312,22 +317,23 @@ fn router_free(address: &str) -> &str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_does_not_answer_delays_nothing_for_long() {
     // A node whose snapshot socket leads nowhere (a plain Temma broker, or none yet) serves
-    // after the snapshot timeout, and messages flow as before.
-    let app = TestApp::start_with(|config| {
-        let sources = &mut config.application.data_sources;
-        let port = common::free_port();
-        sources.insert(
-            "zmq_client_snapshot".into(),
-            format!("zmq://DEALER@127.0.0.1:{port}").parse().unwrap(),
-        );
-        config.event.snapshot = Some("zmq_client_snapshot".into());
-    })
-    .await;
+    // after the snapshot timeout, counts the fetch it gave up on, and messages flow as before.
+    let config = snapshot_config();
+    let (broker, broker_stop) = start_broker(&config).await;
+    let nowhere = format!("127.0.0.1:{}", common::free_port());
+    let app = node_asking(&broker, &config, Some(nowhere)).await;
     app.ready().await;
     let mut sse = app.sse().await;
     assert_eq!(app.post_form("a", "still here").await.status(), 200);
     assert_eq!(sse.next_message().await.json()["text"], "still here");
+    common::eventually("the snapshot counted as timed out", || async {
+        common::metric(&app, "temma_snapshot_syncs_total{result=\"TimedOut\"} ")
+            .filter(|count| *count == 1.0)
+    })
+    .await;
     app.stop().await;
+    broker_stop.cancel();
+    broker.wait().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
