@@ -594,34 +594,13 @@ async fn a_peer_that_asks_and_never_reads_gets_a_bounded_queue_of_answers() {
     // messages, the socket buffers), the answer that does not fit waits and times out, and
     // that is all it holds; the peer's other requests, meanwhile and after, are refused without
     // being answered.
-    use std::io::Write;
     const REQUESTS: usize = 2_000;
     let config = snapshot_config();
     let (broker, broker_stop) = start_broker(&config).await;
     let router = address(&broker, &config, Role::BrokerSnapshot);
-    let mut push = pushing_to(&broker, &config).await;
-    let text = "x".repeat(1000);
-    for i in 0..200 {
-        let frame = format!(r#"{{"from":"a","text":"{i} {text}"}}"#);
-        push.send(ZmqMessage::from(frame)).await.unwrap();
-    }
-    common::eventually("the history kept", || async {
-        let held = broker.metrics().render();
-        held.lines()
-            .any(|line| line.starts_with("temma_broker_published_total 200"))
-            .then_some(())
-    })
-    .await;
+    fill_history(&broker, &config).await;
 
-    let mut stream = std::net::TcpStream::connect(&router).unwrap();
-    let mut requests = common::zmtp::greeting();
-    requests.extend(common::zmtp::ready("DEALER"));
-    for n in 0..REQUESTS {
-        requests.extend(common::zmtp::frame(
-            format!(r#"{{"after":[],"n":{n}}}"#).as_bytes(),
-        ));
-    }
-    stream.write_all(&requests).unwrap();
+    let stream = silent_asker(&router, REQUESTS);
     // The answers it does not read fill its queue and its socket: one times out.
     common::eventually("an answer the peer did not take in time", || async {
         (snapshots(&broker, "Failed") > 0).then_some(())
@@ -634,22 +613,65 @@ async fn a_peer_that_asks_and_never_reads_gets_a_bounded_queue_of_answers() {
     );
     // Every request is accounted for: served, refused, or the one that timed out…
     common::eventually("the peer's requests all accounted for", || async {
-        let counted = ["Served", "Failed", "Refused"].map(|result| snapshots(&broker, result));
-        (counted.iter().sum::<usize>() == REQUESTS).then_some(())
+        (answered(&broker, &["Served", "Failed", "Refused"]) == REQUESTS).then_some(())
     })
     .await;
     assert_eq!(snapshots(&broker, "Failed"), 1);
     // …and a web node that reads gets its whole snapshot.
-    let mut dealer = zeromq::DealerSocket::new();
-    dealer.connect(&format!("tcp://{router}")).await.unwrap();
-    dealer
-        .send(ZmqMessage::from(r#"{"after":[],"n":1}"#))
-        .await
-        .unwrap();
-    assert_eq!(frames_of_one_answer(&mut dealer).await, 200);
+    assert_eq!(frames_of_a_snapshot(&router, 1).await, 200);
     drop(stream);
     broker_stop.cancel();
     broker.wait().await;
+}
+
+/// 200 messages of about 1 KB through `broker`, waited for: its history.
+async fn fill_history(broker: &App, config: &Config) {
+    let mut push = pushing_to(broker, config).await;
+    let text = "x".repeat(1000);
+    for i in 0..200 {
+        let frame = format!(r#"{{"from":"a","text":"{i} {text}"}}"#);
+        push.send(ZmqMessage::from(frame)).await.unwrap();
+    }
+    common::eventually("the history kept", || async {
+        let held = broker.metrics().render();
+        held.lines()
+            .any(|line| line.starts_with("temma_broker_published_total 200"))
+            .then_some(())
+    })
+    .await;
+}
+
+/// A raw ZMTP peer (a DEALER) on the snapshot socket `router` that writes `requests` snapshot
+/// requests and reads nothing.
+fn silent_asker(router: &str, requests: usize) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(router).unwrap();
+    let mut bytes = common::zmtp::greeting();
+    bytes.extend(common::zmtp::ready("DEALER"));
+    for n in 0..requests {
+        bytes.extend(common::zmtp::frame(
+            format!(r#"{{"after":[],"n":{n}}}"#).as_bytes(),
+        ));
+    }
+    stream.write_all(&bytes).unwrap();
+    stream
+}
+
+/// The broker's snapshot requests counted under any of `results`.
+fn answered(broker: &App, results: &[&str]) -> usize {
+    results.iter().map(|result| snapshots(broker, result)).sum()
+}
+
+/// Asks the snapshot socket `router` for everything from a new DEALER: how many published
+/// frames the whole answer held.
+async fn frames_of_a_snapshot(router: &str, n: u64) -> usize {
+    let mut dealer = zeromq::DealerSocket::new();
+    dealer.connect(&format!("tcp://{router}")).await.unwrap();
+    dealer
+        .send(ZmqMessage::from(format!(r#"{{"after":[],"n":{n}}}"#)))
+        .await
+        .unwrap();
+    frames_of_one_answer(&mut dealer).await
 }
 
 /// Reads one whole snapshot answer: how many published frames its batches held.
@@ -675,53 +697,20 @@ async fn a_peer_that_does_not_read_its_answer_holds_up_no_other_node() {
     // Answers now go side by side, each as fast as its node reads (zeromq patch 8,
     // `try_send`): other nodes are served while the stuck answer is still on its way, before
     // it times out (`Failed`).
-    use std::io::Write;
     let config = snapshot_config();
     let (broker, broker_stop) = start_broker(&config).await;
     let router = address(&broker, &config, Role::BrokerSnapshot);
-    let mut push = pushing_to(&broker, &config).await;
-    let text = "x".repeat(1000);
-    for i in 0..200 {
-        let frame = format!(r#"{{"from":"a","text":"{i} {text}"}}"#);
-        push.send(ZmqMessage::from(frame)).await.unwrap();
-    }
-    common::eventually("the history kept", || async {
-        let held = broker.metrics().render();
-        held.lines()
-            .any(|line| line.starts_with("temma_broker_published_total 200"))
-            .then_some(())
-    })
-    .await;
+    fill_history(&broker, &config).await;
     // Two peers that ask again and again and read nothing, until their queues are full and an
     // answer to each waits.
-    let stuck: Vec<std::net::TcpStream> = (0..2)
-        .map(|_| {
-            let mut stream = std::net::TcpStream::connect(&router).unwrap();
-            let mut requests = common::zmtp::greeting();
-            requests.extend(common::zmtp::ready("DEALER"));
-            for n in 0..2_000 {
-                requests.extend(common::zmtp::frame(
-                    format!(r#"{{"after":[],"n":{n}}}"#).as_bytes(),
-                ));
-            }
-            stream.write_all(&requests).unwrap();
-            stream
-        })
-        .collect();
+    let stuck: Vec<std::net::TcpStream> = (0..2).map(|_| silent_asker(&router, 2_000)).collect();
     common::eventually("the stuck peers' requests read", || async {
-        let counted = ["Served", "Refused", "Failed"].map(|result| snapshots(&broker, result));
-        (counted.iter().sum::<usize>() >= 4_000 - 2).then_some(())
+        (answered(&broker, &["Served", "Refused", "Failed"]) >= 4_000 - 2).then_some(())
     })
     .await;
     // Nodes that read get their whole snapshots while both stuck answers are still waiting.
     for n in 0..3 {
-        let mut dealer = zeromq::DealerSocket::new();
-        dealer.connect(&format!("tcp://{router}")).await.unwrap();
-        dealer
-            .send(ZmqMessage::from(format!(r#"{{"after":[],"n":{n}}}"#)))
-            .await
-            .unwrap();
-        assert_eq!(frames_of_one_answer(&mut dealer).await, 200);
+        assert_eq!(frames_of_a_snapshot(&router, n).await, 200);
     }
     assert_eq!(
         snapshots(&broker, "Failed"),
