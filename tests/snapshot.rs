@@ -642,10 +642,15 @@ async fn fill_history(broker: &App, config: &Config) {
 }
 
 /// A raw ZMTP peer (a DEALER) on the snapshot socket `router` that writes `requests` snapshot
-/// requests and reads nothing.
+/// requests and reads nothing (with a small receive buffer: what it does not take stays queued
+/// in the broker soon).
 fn silent_asker(router: &str, requests: usize) -> std::net::TcpStream {
     use std::io::Write;
-    let mut stream = std::net::TcpStream::connect(router).unwrap();
+    let address: std::net::SocketAddr = router.parse().unwrap();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&address.into()).unwrap();
+    let mut stream: std::net::TcpStream = socket.into();
     let mut bytes = common::zmtp::greeting();
     bytes.extend(common::zmtp::ready("DEALER"));
     for n in 0..requests {
@@ -655,6 +660,47 @@ fn silent_asker(router: &str, requests: usize) -> std::net::TcpStream {
     }
     stream.write_all(&bytes).unwrap();
     stream
+}
+
+#[tokio::test]
+async fn past_the_answers_allowed_on_their_way_a_request_is_refused() {
+    // 64 peers that read nothing each hold an answer on its way: a 65th request is refused,
+    // not answered, until those time out; then a node is served again.
+    let config = snapshot_config();
+    let (broker, broker_stop) = start_broker(&config).await;
+    let router = address(&broker, &config, Role::BrokerSnapshot);
+    fill_history(&broker, &config).await;
+    const PEERS: usize = 64;
+    const REQUESTS: usize = 50;
+    let stuck: Vec<std::net::TcpStream> = (0..PEERS)
+        .map(|_| silent_asker(&router, REQUESTS))
+        .collect();
+    // Every request is counted but the one answer per peer still on its way.
+    common::eventually("an answer on its way to each peer", || async {
+        (answered(&broker, &["Served", "Refused"]) == PEERS * (REQUESTS - 1)).then_some(())
+    })
+    .await;
+    let (served, refused) = (snapshots(&broker, "Served"), snapshots(&broker, "Refused"));
+    let late = silent_asker(&router, 1);
+    common::eventually("the 65th request counted", || async {
+        (snapshots(&broker, "Refused") == refused + 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        snapshots(&broker, "Served"),
+        served,
+        "the 65th was answered"
+    );
+    assert_eq!(snapshots(&broker, "Failed"), 0);
+    // Once they time out, a node that reads gets its whole snapshot.
+    common::eventually("the stuck answers timed out", || async {
+        (snapshots(&broker, "Failed") == PEERS).then_some(())
+    })
+    .await;
+    assert_eq!(frames_of_a_snapshot(&router, 1).await, 200);
+    drop((stuck, late));
+    broker_stop.cancel();
+    broker.wait().await;
 }
 
 /// The broker's snapshot requests counted under any of `results`.
