@@ -121,6 +121,26 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$TEMMA_PORT/health" > /dev/nu
 
 PUSHPIN_BODY='{"items":[{"channel":"chat","formats":{"http-stream":{"content":"data: load-{seq}-{ts}\n\n"}}}]}'
 
+# Waits (up to 20 s) until the machine is quiet, under 5 % busy over half a second, so that a
+# run does not pay for the one before (a peer still draining its backlog, closing connections).
+# Each report also says what other processes used during the run (`other_cpu`).
+settle() {
+  python3 - <<'PYEND' || echo "  (the machine did not settle within 20 s: see other_cpu in the report)"
+import sys, time
+def busy():
+    f = list(map(int, open("/proc/stat").readline().split()[1:]))
+    return f[0] + f[1] + f[2] + f[5] + f[6], sum(f)
+end = time.monotonic() + 20
+while time.monotonic() < end:
+    b0, t0 = busy()
+    time.sleep(0.5)
+    b1, t1 = busy()
+    if t1 > t0 and (b1 - b0) / (t1 - t0) < 0.05:
+        sys.exit(0)
+sys.exit(1)
+PYEND
+}
+
 # load NAME FILE ARGS… → runs temma-load against NAME, keeps its JSON report in $OUT/FILE.
 load() {
   local name=$1 file=$2; shift 2
@@ -136,6 +156,7 @@ load() {
                      --body "$PUSHPIN_BODY")
              for p in $PUSHPIN_SERVER_PIDS; do target+=(--pid "$p"); done ;;
   esac
+  settle
   "$LOAD" "${target[@]}" --json "$@" > "$OUT/$file"
 }
 
@@ -200,10 +221,12 @@ for scenario in $SCENARIOS; do
         read -r subscribers rate <<<"${STEADY[$label]}"
         messages=$((rate * 10))
         echo "  $label: $subscribers × $rate msg/s"
+        settle
         python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$TEMMA_PORT/event/fetch" \
           --publish "http://127.0.0.1:$TEMMA_PORT/message/broadcast" --subscribers "$subscribers" \
           --rate "$rate" --messages "$messages" > "$OUT/independent-$label-temma.json"
         case " $PEERS " in *" nchan "*)
+          settle
           python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$NCHAN_PORT/sub/chat" \
             --publish "http://127.0.0.1:$NCHAN_PORT/pub/chat" --subscribers "$subscribers" \
             --rate "$rate" --messages "$messages" > "$OUT/independent-$label-nchan.json" ;;
@@ -253,7 +276,7 @@ print(f\"{t['rss_kib_per_connection'] / n['rss_kib_per_connection']:.2f}× Nchan
     latency|light|medium|permessage|delivery|wide)
       echo "$scenario:"
       for name in temma $PEERS; do
-        echo "  $name: $(field "$OUT/$scenario-$name.json" "f'{delivered_ratio*100:.2f} % delivered ({gaps} gaps, {duplicates} duplicates), p50 {latency_us[\"p50\"]/1000:.2f} ms, p99 {latency_us[\"p99\"]/1000:.2f} ms, POST p50 {post_latency_us[\"p50\"]/1000:.2f} ms; server CPU ' + (f'{server_cpu[\"per_message_us\"]:.0f} µs/message, {server_cpu[\"per_delivery_us\"]:.1f} µs/delivery' + (' (utime + stime: a thread ended)' if server_cpu.get(\"measured_by\") == \"ticks\" else '') if server_cpu else 'not measured')")"
+        echo "  $name: $(field "$OUT/$scenario-$name.json" "f'{delivered_ratio*100:.2f} % delivered ({gaps} gaps, {duplicates} duplicates), p50 {latency_us[\"p50\"]/1000:.2f} ms, p99 {latency_us[\"p99\"]/1000:.2f} ms, POST p50 {post_latency_us[\"p50\"]/1000:.2f} ms; server CPU ' + (f'{server_cpu[\"per_message_us\"]:.0f} µs/message, {server_cpu[\"per_delivery_us\"]:.1f} µs/delivery' + (' (utime + stime: a thread ended)' if server_cpu.get(\"measured_by\") == \"ticks\" else '') if server_cpu else 'not measured') + (f'; other processes {other_cpu[\"share\"]*100:.1f} % of the machine' + (' (DISTURBED)' if other_cpu['share'] > 0.02 else '') if locals().get('other_cpu') else '')")"
       done
       [ -f "$OUT/$scenario-nchan.json" ] && echo "  temma/Nchan: $(python3 -c "
 import json

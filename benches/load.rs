@@ -10,9 +10,10 @@
 //! - deliveries/s sustained (from the first send to the last receipt);
 //! - latency from publish to receipt, p50/p95/p99/max (HdrHistogram);
 //! - with `--pid`, the server's RSS before and after connecting, and per connection; and its
-//!   CPU time (user + system, `/proc/PID/stat`) from the first POST to the end of the drain,
+//!   CPU time (each thread's on-CPU time, `/proc/PID/task/TID/schedstat`) from the first POST to the end of the drain,
 //!   per message and per delivery: on a machine whose cores the tool shares, the server's
-//!   CPU is the latency the clients pay.
+//!   CPU is the latency the clients pay; and what every other process used meanwhile (a
+//!   neighbour's burst is latency the server did not cause).
 //!
 //! Loopback targets only; every phase has a count and a time limit. `--json` prints one JSON
 //! object. `--hold-secs` keeps the connections open that long before publishing (idle tests).
@@ -669,6 +670,38 @@ impl CpuReading {
     }
 }
 
+/// CPU time (in ticks) the whole machine has used, every process's, ended ones included (user,
+/// nice, system, irq and softirq of `/proc/stat`: what the kernel also charges to processes'
+/// utime + stime), less this tool's and the `--pid` servers' own (`/proc/PID/stat`).
+fn others_cpu_ticks(servers: &[u32]) -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal…
+    let machine =
+        fields.first()? + fields.get(1)? + fields.get(2)? + fields.get(5)? + fields.get(6)?;
+    let ticks_per_s = rustix::param::clock_ticks_per_second().max(1);
+    let mut ours: Vec<u32> = servers.to_vec();
+    ours.push(std::process::id());
+    let ours_us = cpu_us(&ours)?;
+    Some(machine.saturating_sub(ours_us * ticks_per_s / 1_000_000))
+}
+
+/// The CPU time every other process on the machine used while the server's was measured: on
+/// a machine the load shares, another process's burst (a peer still draining the previous
+/// run, a build) is latency the measured server did not cause.
+#[derive(serde::Serialize, Default)]
+struct OtherCpu {
+    total_ms: f64,
+    /// `total_ms` over the machine's CPU time in that window (wall time × CPUs).
+    share: f64,
+}
+
 /// The server's CPU time over the publishing phase, and per message and per delivery.
 #[derive(serde::Serialize, Default)]
 struct Cpu {
@@ -708,6 +741,8 @@ struct Report {
     rss_kib_after: Option<u64>,
     /// With `--pid`, the server's CPU time while publishing and delivering.
     server_cpu: Option<Cpu>,
+    /// With `--pid`, what every other process used in the same window (this tool excepted).
+    other_cpu: Option<OtherCpu>,
     rss_kib_per_connection: Option<f64>,
     errors: std::collections::BTreeMap<String, u64>,
     seconds: f64,
@@ -799,6 +834,9 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
     }
     let connected = shared.connected.load(Ordering::Relaxed);
     let cpu_before = (!args.pid.is_empty()).then(|| CpuReading::now(&args.pid));
+    let others_before = (!args.pid.is_empty())
+        .then(|| others_cpu_ticks(&args.pid).map(|ticks| (ticks, Instant::now())))
+        .flatten();
     let messages = match publish {
         Some(publish) => publish_all(&args, publish, &shared, connected, deadline).await,
         None if args.external => {
@@ -827,6 +865,15 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
         None => 0,
     };
     let cpu_used = cpu_before.and_then(|before| CpuReading::now(&args.pid).since(&before));
+    let other_cpu = others_before.and_then(|(before, at)| {
+        let ticks = others_cpu_ticks(&args.pid)?.saturating_sub(before);
+        let us = ticks * 1_000_000 / rustix::param::clock_ticks_per_second().max(1);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Some(OtherCpu {
+            total_ms: us as f64 / 1000.0,
+            share: us as f64 / (at.elapsed().as_micros().max(1) as f64 * cpus as f64),
+        })
+    });
     shared.stop.store(true, Ordering::Relaxed);
     for task in &tasks {
         task.abort();
@@ -845,6 +892,7 @@ async fn run(args: Arc<Args>, subscribe: hyper::Uri, publish: Option<hyper::Uri>
         per_delivery_us: us as f64 / report.received.max(1) as f64,
         measured_by,
     });
+    report.other_cpu = other_cpu;
     report
 }
 
@@ -1015,6 +1063,7 @@ fn report(
         rss_kib_connected: rss_connected,
         rss_kib_after: rss_kib(&args.pid),
         server_cpu: None,
+        other_cpu: None,
         rss_kib_per_connection: match (rss_before, rss_connected) {
             (Some(before), Some(after)) if connected > 0 => {
                 Some((after as f64 - before as f64) / connected as f64)
@@ -1079,6 +1128,13 @@ fn print_text(report: &Report) {
         println!(
             "server CPU: {:.1} ms, {:.1} µs per message, {:.2} µs per delivery ({})",
             cpu.total_ms, cpu.per_message_us, cpu.per_delivery_us, cpu.measured_by
+        );
+    }
+    if let Some(other) = &report.other_cpu {
+        println!(
+            "other processes' CPU meanwhile: {:.1} ms ({:.1} % of the machine)",
+            other.total_ms,
+            other.share * 100.0
         );
     }
     for (error, count) in &report.errors {

@@ -122,6 +122,12 @@ def main():
     parser.add_argument("--body", default="from=load&text=load-{seq}-{ts}")
     parser.add_argument("--content-type", default="application/x-www-form-urlencoded")
     parser.add_argument("--drain-secs", type=float, default=3)
+    parser.add_argument(
+        "--per-message",
+        metavar="FILE",
+        help="write one line per message to FILE: seq, send time (CLOCK_MONOTONIC µs), "
+        "fastest and slowest delivery (µs), deliveries",
+    )
     args = parser.parse_args()
 
     streams, failed = subscribe(args.subscribe, args.subscribers)
@@ -146,6 +152,7 @@ def main():
     received = duplicates = 0
     accepted = None
     latencies = []
+    per_message = {}
     deadline = None
     while True:
         if accepted is not None:
@@ -183,11 +190,22 @@ def main():
                     continue
                 mine.add(seq)
                 received += 1
-                latencies.append(at - int(match.group(2)))
+                sent = int(match.group(2))
+                latencies.append(at - sent)
+                if args.per_message:
+                    entry = per_message.setdefault(seq, [sent, at - sent, at - sent, 0])
+                    entry[1] = min(entry[1], at - sent)
+                    entry[2] = max(entry[2], at - sent)
+                    entry[3] += 1
     publisher.join()
     for sock in sockets.values():
         sock.close()
     expected = accepted * len(sockets)
+    if args.per_message:
+        with open(args.per_message, "w") as out:
+            for seq in sorted(per_message):
+                sent, fastest, slowest, count = per_message[seq]
+                out.write(f"{seq} {sent} {fastest} {slowest} {count}\n")
     print(json.dumps({
         "connected": len(sockets),
         "failed": failed,

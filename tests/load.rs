@@ -180,6 +180,47 @@ async fn fan_out_scenario_in_small() {
     app.stop().await;
 }
 
+/// With `--pid`, the report also says what every other process used while the server's CPU was
+/// measured: a process that burns a core beside the run shows there, the tool's own time and
+/// the server's do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_processes_cpu_is_reported_beside_the_servers() {
+    let app = TestApp::start().await;
+    app.ready().await;
+    let publish = app.url("/message/broadcast");
+    let pid = std::process::id().to_string();
+    // A neighbour that spins until the run is over.
+    let mut neighbour = Command::new("sh")
+        .args(["-c", "while :; do :; done"])
+        .spawn()
+        .expect("sh");
+    let report = run_load(
+        &app,
+        &[
+            "--subscribers",
+            "5",
+            "--publish",
+            &publish,
+            "--rate",
+            "20",
+            "--messages",
+            "20",
+            "--pid",
+            &pid,
+        ],
+    )
+    .await;
+    let _ = neighbour.kill();
+    let _ = neighbour.wait();
+    assert_eq!(report["received"], 100, "{report}");
+    let other = &report["other_cpu"];
+    // About a second of publishing: the spinning neighbour had at least a fifth of a core.
+    assert!(other["total_ms"].as_f64().unwrap() >= 200.0, "{report}");
+    let share = other["share"].as_f64().unwrap();
+    assert!(share > 0.0 && share <= 1.0, "{report}");
+    app.stop().await;
+}
+
 /// `--source`: subscribers open their connections from the given local addresses, in turn (an
 /// address the machine does not have fails every one of them, so the option is not ignored).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
