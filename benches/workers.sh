@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# One worker thread or one per CPU: temma with `[runtime] worker_threads` = 1 and = 0 (one per
-# CPU), and Nchan with `worker_processes` 1 and 2, at the steady loads of compare.sh, the runs
-# alternating; server CPU per message (each thread's schedstat) and latencies from temma-load.
+# temma's `[runtime]` settings side by side: worker threads (0: one per CPU, or 1) and the
+# threads' scheduling policy ("batch", the default, or "normal"), and Nchan with
+# `worker_processes` 2 and 1, at the steady loads of compare.sh, the runs alternating; server CPU
+# per message (each thread's schedstat) and latencies from temma-load.
 #
-#   benches/workers.sh                      # 2 rounds (about 6 minutes)
-#   ROUNDS=3 LOADS="10x20 10x50" benches/workers.sh
+#   benches/workers.sh                      # 2 rounds (about 8 minutes)
+#   ROUNDS=3 LOADS="10x20 10x50" TEMMA_SETTINGS="0/batch 0/normal" NCHAN_SETTINGS=2 benches/workers.sh
 #
-# Prints one line per run: server, setting, load, p50, p99, CPU per message and per delivery,
-# delivered. Reports in $OUT (default target/workers).
+# Prints one line per run: server, setting (temma: threads/scheduling; Nchan: processes), load,
+# p50, p99, CPU per message and per delivery, delivered. Reports in $OUT (default target/workers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2}
 LOADS=${LOADS:-10x20 10x50 100x50 1000x20}
+TEMMA_SETTINGS=${TEMMA_SETTINGS:-0/batch 0/normal 1/batch}
+NCHAN_SETTINGS=${NCHAN_SETTINGS-2 1}
 OUT=${OUT:-target/workers}
 WORK=$(mktemp -d /tmp/temma-workers.XXXXXX)
 PORT=8092
@@ -38,7 +41,8 @@ run() {
   local subscribers=${load%x*} rate=${load#*x}
   local target=()
   if [ "$server" = temma ]; then
-    TEMMA_SERVER__LISTEN="127.0.0.1:$PORT" TEMMA_RUNTIME__WORKER_THREADS=$setting \
+    TEMMA_SERVER__LISTEN="127.0.0.1:$PORT" TEMMA_RUNTIME__WORKER_THREADS=${setting%/*} \
+      TEMMA_RUNTIME__SCHEDULING=${setting#*/} \
       target/release/temma serve -c benches/etc/temma.toml > "$WORK/temma.log" 2>&1 &
     PID=$!
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 0.1; done
@@ -51,7 +55,7 @@ run() {
             --publish "http://127.0.0.1:$NCHAN_PORT/pub/chat")
     for p in $NCHAN_PIDS; do target+=(--pid "$p"); done
   fi
-  local file="$OUT/$server-$setting-$load-$round.json"
+  local file="$OUT/$server-${setting//\//-}-$load-$round.json"
   "$LOAD" "${target[@]}" --subscribers "$subscribers" --rate "$rate" \
     --messages $((rate * 10)) --json > "$file"
   if [ "$server" = temma ]; then
@@ -64,20 +68,18 @@ run() {
 import json, sys
 r = json.load(open(sys.argv[1]))
 cpu = r["server_cpu"]
-print(f"{sys.argv[2]:6} {sys.argv[3]:>2} {sys.argv[4]:>8}  p50 {r['latency_us']['p50']/1000:6.2f} ms"
+print(f"{sys.argv[2]:6} {sys.argv[3]:>8} {sys.argv[4]:>8}  p50 {r['latency_us']['p50']/1000:6.2f} ms"
       f"  p99 {r['latency_us']['p99']/1000:6.2f} ms  CPU {cpu['per_message_us']:7.1f} µs/message"
       f" {cpu['per_delivery_us']:6.2f} µs/delivery ({cpu['measured_by']})"
       f"  delivered {r['delivered_ratio']*100:.2f} %, gaps {r['gaps']}, duplicates {r['duplicates']}")
 PYEND
 }
 
-echo "server threads/processes  load (subscribers x msg/s)"
+echo "server setting (threads/scheduling or processes)  load (subscribers x msg/s)"
 for round in $(seq "$ROUNDS"); do
   for load in $LOADS; do
     # temma: 0 is one worker per CPU; Nchan: worker_processes as in compare.sh (2) and 1.
-    run temma 0 "$load"
-    run temma 1 "$load"
-    run nchan 2 "$load"
-    run nchan 1 "$load"
+    for setting in $TEMMA_SETTINGS; do run temma "$setting" "$load"; done
+    for setting in $NCHAN_SETTINGS; do run nchan "$setting" "$load"; done
   done
 done

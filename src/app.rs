@@ -460,6 +460,7 @@ impl App {
                 .map_or_else(|| "none".to_owned(), |spec| spec.name),
             default_room = %config.rooms.default,
             worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+            scheduling = crate::config::current_scheduling(),
             "listening on http://{http}"
         );
         app.http = Some(http);
@@ -590,6 +591,7 @@ impl App {
             scripts = ?scripts,
             http = %app.http.map_or_else(|| "none (set `broker.http`)".to_owned(), |a| format!("http://{a}/health, /metrics")),
             worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+            scheduling = crate::config::current_scheduling(),
             "broker running"
         );
         app.addresses = ctx.addresses;

@@ -132,11 +132,46 @@ pub struct RuntimeConfig {
     /// Worker threads; 0 (default): one per CPU. Fewer cost less CPU per message where the
     /// machine is shared with other busy processes (BENCHMARKS.md).
     pub worker_threads: usize,
+    /// How Linux schedules the process's threads. Default `"batch"`.
+    pub scheduling: Scheduling,
+}
+
+/// `runtime.scheduling`: the Linux scheduling policy of every thread of the process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduling {
+    /// `SCHED_BATCH`: a thread woken on a busy CPU waits for the running one's turn to end
+    /// instead of taking the CPU at once. When a task wakes many others (a message for a room's
+    /// clients), a second worker thread woken to share them no longer interrupts the first at
+    /// each one: at 10 clients × 20 msg/s this halved the CPU per message (BENCHMARKS.md).
+    #[default]
+    Batch,
+    /// `SCHED_OTHER`, the kernel's default for every process.
+    Normal,
+}
+
+impl Scheduling {
+    fn name(self) -> &'static str {
+        match self {
+            Scheduling::Batch => "batch",
+            Scheduling::Normal => "normal",
+        }
+    }
 }
 
 impl RuntimeConfig {
-    /// The tokio runtime this section describes.
+    /// The tokio runtime this section describes. The scheduling policy is set on the calling
+    /// thread first: every thread started afterwards (the runtime's, the moderation chain's)
+    /// inherits it. A policy the system refuses (a sandbox) is logged, and the process goes on
+    /// with the kernel's default.
     pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        if let Err(error) = set_scheduling(self.scheduling) {
+            tracing::warn!(
+                scheduling = self.scheduling.name(),
+                %error,
+                "runtime.scheduling could not be applied; the threads keep the default policy"
+            );
+        }
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         builder.enable_all();
         if self.worker_threads > 0 {
@@ -156,6 +191,57 @@ impl RuntimeConfig {
             );
         }
     }
+}
+
+/// Gives the calling thread `scheduling`'s policy, keeping its nice value. `"normal"` leaves
+/// the thread as the system started it.
+#[cfg(target_os = "linux")]
+fn set_scheduling(scheduling: Scheduling) -> Result<(), String> {
+    use thread_priority::{
+        NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
+    };
+    if scheduling == Scheduling::Normal {
+        return Ok(());
+    }
+    let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
+    // The crate sets a nice value with the policy, from a priority of 0 to 99: the one that
+    // maps to the thread's current nice value, which stays as it is.
+    let nice = rustix::process::getpriority_process(None).map_err(|e| e.to_string())?;
+    let priority = (0..=99u8)
+        .filter_map(|p| ThreadPriorityValue::try_from(p).ok())
+        .map(ThreadPriority::Crossplatform)
+        .find(|p| p.to_posix(policy).ok() == Some(nice))
+        .ok_or_else(|| format!("nice value {nice} has no priority"))?;
+    thread_priority::set_thread_priority_and_policy(
+        thread_priority::thread_native_id(),
+        priority,
+        policy,
+    )
+    .map_err(|e| format!("{e:?}"))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_scheduling(scheduling: Scheduling) -> Result<(), String> {
+    match scheduling {
+        Scheduling::Normal => Ok(()),
+        Scheduling::Batch => Err("SCHED_BATCH is Linux's".to_owned()),
+    }
+}
+
+/// The calling thread's scheduling policy, as the start-up line reports it.
+pub fn current_scheduling() -> &'static str {
+    #[cfg(target_os = "linux")]
+    {
+        use thread_priority::{NormalThreadSchedulePolicy, ThreadSchedulePolicy};
+        match thread_priority::thread_schedule_policy() {
+            Ok(ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch)) => "batch",
+            Ok(ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other)) => "normal",
+            Ok(_) => "other",
+            Err(_) => "unknown",
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    "normal"
 }
 
 /// Temma's `[application]` section, with Temma's key names.

@@ -166,6 +166,11 @@ const CASES: &[Case] = &[
             "`runtime.worker_threads` (from environment variable TEMMA_RUNTIME__WORKER_THREADS): the string \"many\" is not a whole number, 0 or more",
         ],
     },
+    Case {
+        toml: "[runtime]\nscheduling = \"fifo\"\n",
+        env: &[],
+        problems: &["`runtime.scheduling`: `fifo` is not a choice: write \"batch\" or \"normal\""],
+    },
     // Files: where temma looked, and the script by position and name.
     Case {
         toml: "[[broker.scripts]]\nfile = \"scripts/nope.rhai\"\n",

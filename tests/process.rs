@@ -217,6 +217,61 @@ fn runtime_worker_threads_sets_the_threads_that_run_tasks() {
     assert!(stderr.contains("at most 1024"), "{stderr}");
 }
 
+/// `[runtime] scheduling`: by default every thread of the process (the main thread, the
+/// runtime's workers, the moderation chain's) runs under Linux's `SCHED_BATCH`, and the start-up
+/// line says so; `"normal"` leaves them under the system's default, `SCHED_OTHER`.
+#[cfg(target_os = "linux")]
+#[test]
+fn runtime_scheduling_sets_every_threads_policy() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    // Each thread's name and policy (field 41 of /proc/PID/task/TID/stat).
+    let threads = |pid: u32| -> Vec<(String, u32)> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .map(|task| {
+                let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+                let name = stat[stat.find('(').unwrap() + 1..stat.rfind(')').unwrap()].to_owned();
+                let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+                (name, rest[38].parse().unwrap())
+            })
+            .collect()
+    };
+    let dir = TempDir::new("scheduling");
+    // A chain on two threads of its own.
+    let chain = format!(
+        "script_workers = 2\n[[broker.scripts]]\nfile = \"{}/scripts/trim.rhai\"\nparams = {{ max_chars = 100 }}\n",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    for (runtime, policy, said) in [
+        ("", SCHED_BATCH, "scheduling=\"batch\""),
+        (
+            "[runtime]\nscheduling = \"normal\"\n",
+            SCHED_OTHER,
+            "scheduling=\"normal\"",
+        ),
+    ] {
+        let (path, _) = ports_config(&dir, true);
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("embedded = true\n", &format!("embedded = true\n{chain}"));
+        std::fs::write(&path, format!("{text}{runtime}")).unwrap();
+        let mut web = spawn(&["serve", "-c", path.to_str().unwrap()]);
+        let line = web.wait_for_log("listening on http://");
+        assert!(line.contains(said), "{line}");
+        let threads = threads(web.0.id());
+        let named = |prefix: &str| {
+            threads
+                .iter()
+                .filter(|(n, _)| n.starts_with(prefix))
+                .count()
+        };
+        assert!(named("tokio-rt-worker") >= 1, "{threads:?}");
+        assert_eq!(named("temma-script-"), 2, "{threads:?}");
+        assert!(threads.iter().all(|(_, p)| *p == policy), "{threads:?}");
+    }
+}
+
 #[test]
 fn start_up_says_once_what_runs() {
     let dir = TempDir::new("start-up");
