@@ -7,8 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    DEADLINE, Sse, TempDir, broker_then_web, free_port, manifest_dir, ports_config, spawn, temma,
-    write_config,
+    DEADLINE, Sse, TempDir, broker_then_web, free_port, manifest_dir, ports_config, spawn,
+    spawn_shell, temma, write_config,
 };
 
 #[test]
@@ -218,22 +218,23 @@ fn runtime_worker_threads_sets_the_threads_that_run_tasks() {
 }
 
 /// `[runtime] scheduling`: by default every thread of the process (the main thread, the
-/// runtime's workers, the moderation chain's) runs under Linux's `SCHED_BATCH`, and the start-up
-/// line says so; `"normal"` leaves them under the system's default, `SCHED_OTHER`.
+/// runtime's workers, the moderation chain's) runs under Linux's `SCHED_BATCH`, keeping the nice
+/// value it was started with, and the start-up line says so; `"normal"` leaves them under the
+/// system's default, `SCHED_OTHER`.
 #[cfg(target_os = "linux")]
 #[test]
 fn runtime_scheduling_sets_every_threads_policy() {
     const SCHED_OTHER: u32 = 0;
     const SCHED_BATCH: u32 = 3;
-    // Each thread's name and policy (field 41 of /proc/PID/task/TID/stat).
-    let threads = |pid: u32| -> Vec<(String, u32)> {
+    // Each thread's name, nice value and policy (fields 19 and 41 of /proc/PID/task/TID/stat).
+    let threads = |pid: u32| -> Vec<(String, i32, u32)> {
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
             .map(|task| {
                 let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
                 let name = stat[stat.find('(').unwrap() + 1..stat.rfind(')').unwrap()].to_owned();
                 let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-                (name, rest[38].parse().unwrap())
+                (name, rest[16].parse().unwrap(), rest[38].parse().unwrap())
             })
             .collect()
     };
@@ -243,10 +244,11 @@ fn runtime_scheduling_sets_every_threads_policy() {
         "script_workers = 2\n[[broker.scripts]]\nfile = \"{}/scripts/trim.rhai\"\nparams = {{ max_chars = 100 }}\n",
         env!("CARGO_MANIFEST_DIR")
     );
-    for (runtime, policy, said) in [
-        ("", SCHED_BATCH, "scheduling=\"batch\""),
+    for (runtime, nice, policy, said) in [
+        ("", 3, SCHED_BATCH, "scheduling=\"batch\""),
         (
             "[runtime]\nscheduling = \"normal\"\n",
+            0,
             SCHED_OTHER,
             "scheduling=\"normal\"",
         ),
@@ -256,19 +258,21 @@ fn runtime_scheduling_sets_every_threads_policy() {
             .unwrap()
             .replace("embedded = true\n", &format!("embedded = true\n{chain}"));
         std::fs::write(&path, format!("{text}{runtime}")).unwrap();
-        let mut web = spawn(&["serve", "-c", path.to_str().unwrap()]);
+        let mut web = spawn_shell(&format!(
+            "exec nice -n {nice} {} serve -c {}",
+            env!("CARGO_BIN_EXE_temma"),
+            path.display()
+        ));
         let line = web.wait_for_log("listening on http://");
         assert!(line.contains(said), "{line}");
         let threads = threads(web.0.id());
-        let named = |prefix: &str| {
-            threads
-                .iter()
-                .filter(|(n, _)| n.starts_with(prefix))
-                .count()
-        };
+        let named = |prefix: &str| threads.iter().filter(|t| t.0.starts_with(prefix)).count();
         assert!(named("tokio-rt-worker") >= 1, "{threads:?}");
         assert_eq!(named("temma-script-"), 2, "{threads:?}");
-        assert!(threads.iter().all(|(_, p)| *p == policy), "{threads:?}");
+        assert!(
+            threads.iter().all(|t| t.1 == nice && t.2 == policy),
+            "{threads:?}"
+        );
     }
 }
 
