@@ -209,6 +209,14 @@ fn runtime_worker_threads_sets_the_threads_that_run_tasks() {
     let mut broker = spawn(&["broker", "-c", path.to_str().unwrap()]);
     let line = broker.wait_for_log("broker running");
     assert_eq!(threads_in(&line), 2, "{line}");
+    // A standalone broker's threads take turns too (`runtime.scheduling`'s default).
+    assert!(line.contains("scheduling=\"batch\""), "{line}");
+    let policy = std::fs::read_to_string(format!("/proc/{}/stat", broker.0.id())).unwrap();
+    let policy = policy[policy.rfind(')').unwrap() + 2..]
+        .split(' ')
+        .nth(38)
+        .unwrap();
+    assert_eq!(policy, "3", "SCHED_BATCH");
 
     let (code, stderr, path) = check(&dir, "[runtime]\nworker_threads = 5000\n");
     assert_eq!(code, Some(78), "{stderr}");
