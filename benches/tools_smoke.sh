@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The Python bench tools at smoke size, against a real temma: benches/sse_reader.py (with
+# --per-message) and benches/vcpu_gaps.py. Run by .ci/run; the argument is the temma binary.
+#
+#   benches/tools_smoke.sh target/debug/temma
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TEMMA=${1:-target/debug/temma}
+. benches/peers.sh
+WORK=$(mktemp -d /tmp/temma-tools.XXXXXX)
+PORT=$(free_port)
+PID=""
+cleanup() {
+  [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+TEMMA_SERVER__LISTEN="127.0.0.1:$PORT" "$TEMMA" serve -c benches/etc/temma.toml > "$WORK/temma.log" 2>&1 &
+PID=$!
+python3 - "$PORT" <<'PYEND'
+import sys, time, urllib.request
+for _ in range(100):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=1)
+        break
+    except OSError:
+        time.sleep(0.1)
+PYEND
+
+python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$PORT/event/fetch" \
+  --publish "http://127.0.0.1:$PORT/message/broadcast" --subscribers 3 --rate 20 --messages 10 \
+  --per-message "$WORK/per-message.txt" > "$WORK/report.json"
+python3 - "$WORK/report.json" "$WORK/per-message.txt" <<'PYEND'
+import json, sys
+report = json.load(open(sys.argv[1]))
+assert report["received"] == 30 and report["duplicates"] == 0, report
+lines = [line.split() for line in open(sys.argv[2])]
+assert [int(l[0]) for l in lines] == list(range(10)), lines
+for seq, sent, fastest, slowest, count in lines:
+    assert int(count) == 3 and 0 < int(fastest) <= int(slowest), lines
+print(f"sse_reader: {report['received']} deliveries, one line per message: ok")
+PYEND
+
+python3 benches/vcpu_gaps.py --cpus 0 --seconds 1 > "$WORK/gaps.json"
+python3 - "$WORK/gaps.json" <<'PYEND'
+import json, sys
+report = json.load(open(sys.argv[1]))
+cpu = report["cpus"]["0"]
+assert cpu["gaps"] == sum(cpu["by_ms"].values()) and cpu["total_ms"] >= cpu["longest_ms"] >= 0, report
+print(f"vcpu_gaps: {cpu['gaps']} gaps in 1 s on CPU 0, longest {cpu['longest_ms']} ms: ok")
+PYEND
