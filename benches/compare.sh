@@ -30,7 +30,9 @@
 # Every scenario that publishes reports the server's CPU time (on-CPU time of every thread of
 # its processes, in ns from /proc/PID/task/TID/schedstat; utime + stime, in 10 ms ticks, only if
 # a thread ended during the run) per message and per delivery: on two cores shared with the load
-# tool, the server's CPU is latency.
+# tool, the server's CPU is latency. Before each run the script waits until the machine is quiet
+# (under 5 % busy, at most 20 s); each run reports what other processes used meanwhile, and one
+# past 2 % of the machine is marked DISTURBED.
 #   broker   PUSH → broker → SUB msgs/s, against libzmq's proxy (cargo bench --bench broker).
 # At the end, issue 14's aims judged from the reports (benches/compare_aims.py): each one
 # temma's figure, Nchan's, the ratio, met or not; and every report checked for losses.

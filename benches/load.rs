@@ -10,10 +10,10 @@
 //! - deliveries/s sustained (from the first send to the last receipt);
 //! - latency from publish to receipt, p50/p95/p99/max (HdrHistogram);
 //! - with `--pid`, the server's RSS before and after connecting, and per connection; and its
-//!   CPU time (each thread's on-CPU time, `/proc/PID/task/TID/schedstat`) from the first POST to the end of the drain,
-//!   per message and per delivery: on a machine whose cores the tool shares, the server's
-//!   CPU is the latency the clients pay; and what every other process used meanwhile (a
-//!   neighbour's burst is latency the server did not cause).
+//!   CPU time (each thread's on-CPU time, `/proc/PID/task/TID/schedstat`) from the first POST
+//!   to the end of the drain, per message and per delivery: on a machine whose cores the tool
+//!   shares, the server's CPU is the latency the clients pay; and what every other process
+//!   used meanwhile (a neighbour's burst is latency the server did not cause).
 //!
 //! Loopback targets only; every phase has a count and a time limit. `--json` prints one JSON
 //! object. `--hold-secs` keeps the connections open that long before publishing (idle tests).
