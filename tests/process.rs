@@ -168,6 +168,19 @@ fn check_warns_about_a_connect_the_embedded_broker_does_not_bind() {
     );
 }
 
+/// Linux's scheduling policies, as `/proc/…/stat` gives them.
+const SCHED_OTHER: u32 = 0;
+const SCHED_BATCH: u32 = 3;
+
+/// A process's or thread's name, nice value and scheduling policy: fields 2, 19 and 41 of its
+/// `stat` file at `path`.
+fn name_nice_policy(path: &str) -> (String, i32, u32) {
+    let stat = std::fs::read_to_string(path).unwrap();
+    let name = stat[stat.find('(').unwrap() + 1..stat.rfind(')').unwrap()].to_owned();
+    let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    (name, rest[16].parse().unwrap(), rest[38].parse().unwrap())
+}
+
 /// `[runtime] worker_threads` sets how many threads run the process's tasks, for a web node and
 /// a standalone broker (each says how many at start); 0 is one per CPU; too many is refused
 /// before anything binds, naming the key and the file.
@@ -211,12 +224,8 @@ fn runtime_worker_threads_sets_the_threads_that_run_tasks() {
     assert_eq!(threads_in(&line), 2, "{line}");
     // A standalone broker's threads take turns too (`runtime.scheduling`'s default).
     assert!(line.contains("scheduling=\"batch\""), "{line}");
-    let policy = std::fs::read_to_string(format!("/proc/{}/stat", broker.0.id())).unwrap();
-    let policy = policy[policy.rfind(')').unwrap() + 2..]
-        .split(' ')
-        .nth(38)
-        .unwrap();
-    assert_eq!(policy, "3", "SCHED_BATCH");
+    let (_, _, policy) = name_nice_policy(&format!("/proc/{}/stat", broker.0.id()));
+    assert_eq!(policy, SCHED_BATCH, "SCHED_BATCH");
 
     let (code, stderr, path) = check(&dir, "[runtime]\nworker_threads = 5000\n");
     assert_eq!(code, Some(78), "{stderr}");
@@ -232,18 +241,11 @@ fn runtime_worker_threads_sets_the_threads_that_run_tasks() {
 #[cfg(target_os = "linux")]
 #[test]
 fn runtime_scheduling_sets_every_threads_policy() {
-    const SCHED_OTHER: u32 = 0;
-    const SCHED_BATCH: u32 = 3;
-    // Each thread's name, nice value and policy (fields 19 and 41 of /proc/PID/task/TID/stat).
+    // Each thread's name, nice value and policy.
     let threads = |pid: u32| -> Vec<(String, i32, u32)> {
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
-            .map(|task| {
-                let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
-                let name = stat[stat.find('(').unwrap() + 1..stat.rfind(')').unwrap()].to_owned();
-                let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-                (name, rest[16].parse().unwrap(), rest[38].parse().unwrap())
-            })
+            .map(|task| name_nice_policy(task.unwrap().path().join("stat").to_str().unwrap()))
             .collect()
     };
     let dir = TempDir::new("scheduling");

@@ -595,10 +595,7 @@ async fn a_peer_that_asks_and_never_reads_gets_a_bounded_queue_of_answers() {
     // that is all it holds; the peer's other requests, meanwhile and after, are refused without
     // being answered.
     const REQUESTS: usize = 2_000;
-    let config = snapshot_config();
-    let (broker, broker_stop) = start_broker(&config).await;
-    let router = address(&broker, &config, Role::BrokerSnapshot);
-    fill_history(&broker, &config).await;
+    let (broker, broker_stop, router) = broker_with_history().await;
 
     let stream = silent_asker(&router, REQUESTS);
     // The answers it does not read fill its queue and its socket: one times out.
@@ -624,9 +621,13 @@ async fn a_peer_that_asks_and_never_reads_gets_a_bounded_queue_of_answers() {
     broker.wait().await;
 }
 
-/// 200 messages of about 1 KB through `broker`, waited for: its history.
-async fn fill_history(broker: &App, config: &Config) {
-    let mut push = pushing_to(broker, config).await;
+/// A broker (the snapshot configuration) holding 200 messages of about 1 KB in its history,
+/// waited for; its stop token and its snapshot socket's address.
+async fn broker_with_history() -> (App, CancellationToken, String) {
+    let config = snapshot_config();
+    let (broker, broker_stop) = start_broker(&config).await;
+    let router = address(&broker, &config, Role::BrokerSnapshot);
+    let mut push = pushing_to(&broker, &config).await;
     let text = "x".repeat(1000);
     for i in 0..200 {
         let frame = format!(r#"{{"from":"a","text":"{i} {text}"}}"#);
@@ -639,6 +640,7 @@ async fn fill_history(broker: &App, config: &Config) {
             .then_some(())
     })
     .await;
+    (broker, broker_stop, router)
 }
 
 /// A raw ZMTP peer (a DEALER) on the snapshot socket `router` that writes `requests` snapshot
@@ -666,10 +668,7 @@ fn silent_asker(router: &str, requests: usize) -> std::net::TcpStream {
 async fn past_the_answers_allowed_on_their_way_a_request_is_refused() {
     // 64 peers that read nothing each hold an answer on its way: a 65th request is refused,
     // not answered, until those time out; then a node is served again.
-    let config = snapshot_config();
-    let (broker, broker_stop) = start_broker(&config).await;
-    let router = address(&broker, &config, Role::BrokerSnapshot);
-    fill_history(&broker, &config).await;
+    let (broker, broker_stop, router) = broker_with_history().await;
     const PEERS: usize = 64;
     const REQUESTS: usize = 50;
     let stuck: Vec<std::net::TcpStream> = (0..PEERS)
@@ -743,10 +742,7 @@ async fn a_peer_that_does_not_read_its_answer_holds_up_no_other_node() {
     // Answers now go side by side, each as fast as its node reads (zeromq patch 8,
     // `try_send`): other nodes are served while the stuck answer is still on its way, before
     // it times out (`Failed`).
-    let config = snapshot_config();
-    let (broker, broker_stop) = start_broker(&config).await;
-    let router = address(&broker, &config, Role::BrokerSnapshot);
-    fill_history(&broker, &config).await;
+    let (broker, broker_stop, router) = broker_with_history().await;
     // Two peers that ask again and again and read nothing, until their queues are full and an
     // answer to each waits.
     let stuck: Vec<std::net::TcpStream> = (0..2).map(|_| silent_asker(&router, 2_000)).collect();
