@@ -86,8 +86,12 @@ fn main() -> ExitCode {
     match &cli.command {
         Some(Command::Completions { shell }) => {
             use clap::CommandFactory;
-            clap_complete::generate(*shell, &mut Cli::command(), "temma", &mut std::io::stdout());
-            return ExitCode::SUCCESS;
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "temma", &mut script);
+            return match say(String::from_utf8_lossy(script.trim_ascii_end())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(code) => code,
+            };
         }
         Some(Command::Man { dir }) => {
             use clap::CommandFactory;
@@ -134,8 +138,10 @@ fn main() -> ExitCode {
     };
     let command = cli.command.unwrap_or(Command::Serve);
     if let Command::Check = command {
-        println!("{}", summary(&config));
-        return ExitCode::SUCCESS;
+        return match say(summary(&config)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(code) => code,
+        };
     }
     init_logging(&config);
     let runtime = match config.runtime.build() {
@@ -454,17 +460,24 @@ fn run_script(
                 format!("error: {error}\n  {then}")
             }
         };
-        if chain {
-            println!("{name}: {line}");
+        let said = if chain {
+            say(format_args!("{name}: {line}"))
         } else if published.is_none() || line.starts_with("error") {
             // One script: its outcome is the answer (a pass is said by the message below).
-            println!("{line}");
+            say(line)
+        } else {
+            Ok(())
+        };
+        if let Err(failed) = said {
+            return failed;
         }
     }
     if let Some(map) = published {
         let json = serde_json::to_string(&rhai::Dynamic::from_map(map))
             .unwrap_or_else(|error| format!("(not JSON: {error})"));
-        println!("passed: {json}");
+        if let Err(failed) = say(format_args!("passed: {json}")) {
+            return failed;
+        }
     }
     code
 }
@@ -519,14 +532,32 @@ fn run_hook(spec: temma::script::ScriptSpec, message: &str, default_room: &str) 
     eprintln!("temma: `{}` is an access hook ([access])", spec.shown);
     let hook = Hook::new(script);
     for function in [temma::script::ON_SUBSCRIBE, temma::script::ON_PUBLISH] {
-        match hook.check(function, req.clone()) {
-            Access::Allow => println!("{function}: allowed"),
+        let said = match hook.check(function, req.clone()) {
+            Access::Allow => say(format_args!("{function}: allowed")),
             Access::Refuse { status, reason } => {
-                println!("{function}: refused ({status}): {reason}")
+                say(format_args!("{function}: refused ({status}): {reason}"))
             }
+        };
+        if let Err(failed) = said {
+            return failed;
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Writes `text` and a newline to standard output. A reader that has gone away (`temma check
+/// | grep -q …`, `| head -1`) is not a failure: it has read what it wanted, and the command
+/// exits as it would have. Any other write error is said on standard error and fails.
+fn say(text: impl std::fmt::Display) -> Result<(), ExitCode> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(error) => {
+            eprintln!("temma: cannot write to standard output: {error}");
+            Err(ExitCode::from(EXIT_FAILURE))
+        }
+    }
 }
 
 /// What `temma check` prints for a valid configuration.

@@ -323,8 +323,9 @@ python3 tests/netns/sse_log.py check "$WORK/r3.log" "$OK"
 python3 tests/netns/sse_log.py check "$WORK/r4.log" "$OK"
 python3 tests/netns/sse_log.py same "$WORK/r3.log" "$WORK/r4.log" "$OK"
 for web in 11 12; do
-  in_ns client curl -s "http://$NET.$web:8000/health" | grep -q '"failovers":2' ||
-    { echo "web node $NET.$web did not count 2 failovers"; in_ns client curl -s "http://$NET.$web:8000/health"; exit 1; }
+  health=$(in_ns client curl -s "http://$NET.$web:8000/health")
+  grep -q '"failovers":2' <<<"$health" ||
+    { echo "web node $NET.$web did not count 2 failovers: $health"; exit 1; }
 done
 if [ "$(cat "$WORK/r3.log" "$WORK/r4.log" | grep -c '^open ')" != 2 ]; then echo "an SSE stream was closed"; exit 1; fi
 step "failover: $(count_ok) messages got a 200 across a kill and a partition; all seen once, in order"

@@ -634,6 +634,40 @@ fn completions_and_manual_pages_cover_every_command() {
     assert!(script.contains("no\\-config"), "{script}");
 }
 
+/// A reader that stops early (`temma check | grep -q …`, `| head -1`) gets what it read, and
+/// the command exits as it would have: no panic on the closed pipe, no other exit code (a
+/// `set -o pipefail` script failed on it in CI).
+#[test]
+fn commands_that_print_exit_quietly_into_a_closed_pipe() {
+    let shipped = manifest_dir().join("etc/temma.toml");
+    let damn = r#"{"from":"a","text":"damn"}"#;
+    for args in [
+        &["check", "-c", shipped.to_str().unwrap()][..],
+        &["completions", "bash"],
+        &["script", "-c", shipped.to_str().unwrap(), "-m", damn],
+        &[
+            "script",
+            "-c",
+            shipped.to_str().unwrap(),
+            "profanity",
+            "-m",
+            damn,
+        ],
+    ] {
+        // The read end is closed before the command starts: its first write meets EPIPE.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = temma(args)
+            .current_dir(manifest_dir())
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn check_reports_a_script_syntax_error_with_file_line_and_column() {
     let dir = TempDir::new("check-script");
