@@ -461,6 +461,7 @@ impl App {
             default_room = %config.rooms.default,
             worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
             scheduling = crate::config::current_scheduling(),
+            huge_pages = crate::config::current_huge_pages(),
             "listening on http://{http}"
         );
         app.http = Some(http);
@@ -592,6 +593,7 @@ impl App {
             http = %app.http.map_or_else(|| "none (set `broker.http`)".to_owned(), |a| format!("http://{a}/health, /metrics")),
             worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
             scheduling = crate::config::current_scheduling(),
+            huge_pages = crate::config::current_huge_pages(),
             "broker running"
         );
         app.addresses = ctx.addresses;

@@ -134,6 +134,12 @@ pub struct RuntimeConfig {
     pub worker_threads: usize,
     /// How Linux schedules the process's threads. Default `"batch"`.
     pub scheduling: Scheduling,
+    /// Lets the kernel back the heap with transparent huge pages (2 MiB) where the system's THP
+    /// setting allows. Default `false`: the process opts out (`PR_SET_THP_DISABLE`), and its
+    /// memory grows 4 KiB at a time, since the first touch of a fresh 2 MiB page stops the
+    /// thread that made it while the page is zeroed (5 ms on this project's machine, in the
+    /// middle of a message's deliveries; BENCHMARKS.md).
+    pub huge_pages: bool,
 }
 
 /// `runtime.scheduling`: the Linux scheduling policy of every thread of the process.
@@ -170,6 +176,13 @@ impl RuntimeConfig {
                 scheduling = self.scheduling.name(),
                 %error,
                 "runtime.scheduling could not be applied; the threads keep the default policy"
+            );
+        }
+        if let Err(error) = set_huge_pages(self.huge_pages) {
+            tracing::warn!(
+                huge_pages = self.huge_pages,
+                %error,
+                "runtime.huge_pages could not be applied; the system's setting stays"
             );
         }
         let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -226,6 +239,33 @@ fn set_scheduling(scheduling: Scheduling) -> Result<(), String> {
         Scheduling::Normal => Ok(()),
         Scheduling::Batch => Err("SCHED_BATCH is Linux's".to_owned()),
     }
+}
+
+/// Opts the process out of transparent huge pages, or leaves the system's setting
+/// (`huge_pages = true`). The flag belongs to the process's memory, not to a thread: pages
+/// touched from now on, by any thread, are 4 KiB ones.
+#[cfg(target_os = "linux")]
+fn set_huge_pages(huge_pages: bool) -> std::io::Result<()> {
+    if huge_pages {
+        return Ok(());
+    }
+    rustix::thread::disable_transparent_huge_pages(true).map_err(std::io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_huge_pages(_huge_pages: bool) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// Whether the process may have transparent huge pages, as the start-up line reports it:
+/// `false` once it opted out (`runtime.huge_pages = false`), or where there are none.
+pub fn current_huge_pages() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::thread::transparent_huge_pages_are_disabled().is_ok_and(|disabled| !disabled)
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
 }
 
 /// The calling thread's scheduling policy, as the start-up line reports it.

@@ -171,6 +171,11 @@ const CASES: &[Case] = &[
         env: &[],
         problems: &["`runtime.scheduling`: `fifo` is not a choice: write \"batch\" or \"normal\""],
     },
+    Case {
+        toml: "[runtime]\nhuge_pages = \"no\"\n",
+        env: &[],
+        problems: &["`runtime.huge_pages`: the string \"no\" is not `true` or `false`"],
+    },
     // Files: where temma looked, and the script by position and name.
     Case {
         toml: "[[broker.scripts]]\nfile = \"scripts/nope.rhai\"\n",

@@ -286,6 +286,45 @@ fn runtime_scheduling_sets_every_threads_policy() {
     }
 }
 
+/// Whether a process may have transparent huge pages: `THP_enabled` of its `/proc/PID/status`
+/// (0 once it opted out with `PR_SET_THP_DISABLE`).
+fn thp_enabled(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("THP_enabled:"))
+        .expect("THP_enabled in /proc/PID/status");
+    line.split_whitespace().nth(1) == Some("1")
+}
+
+/// `[runtime] huge_pages`: by default a web node and a standalone broker opt out of
+/// transparent huge pages and say so at start; `true` leaves the system's setting.
+#[cfg(target_os = "linux")]
+#[test]
+fn runtime_huge_pages_opts_the_process_out_by_default() {
+    // The setting is inherited: the default below would pass in a runner that had opted out.
+    assert!(
+        thp_enabled(std::process::id()),
+        "the test runner itself has THP off"
+    );
+    let dir = TempDir::new("huge-pages");
+    for (runtime, enabled) in [("", false), ("[runtime]\nhuge_pages = true\n", true)] {
+        let (path, _) = ports_config(&dir, true);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{text}{runtime}")).unwrap();
+        let mut web = spawn(&["serve", "-c", path.to_str().unwrap()]);
+        let line = web.wait_for_log("listening on http://");
+        assert!(line.contains(&format!("huge_pages={enabled}")), "{line}");
+        assert_eq!(thp_enabled(web.0.id()), enabled, "{runtime:?}");
+    }
+    let broker_dir = TempDir::new("huge-pages-broker");
+    let (path, _, _) = common::standalone_broker_config(&broker_dir, "");
+    let mut broker = spawn(&["broker", "-c", path.to_str().unwrap()]);
+    let line = broker.wait_for_log("broker running");
+    assert!(line.contains("huge_pages=false"), "{line}");
+    assert!(!thp_enabled(broker.0.id()));
+}
+
 #[test]
 fn start_up_says_once_what_runs() {
     let dir = TempDir::new("start-up");
