@@ -50,8 +50,12 @@ use crate::snapshot::{self, Reply};
 use crate::socket;
 use crate::wire::{self, Envelope, KEEPALIVE_FRAME, MsgId, plain_str, write_reset};
 
-/// How often the hub looks for clients that stopped draining their queue.
+/// How often the hub looks for clients that stopped draining their queue, while frames are
+/// broadcast or some client has not taken them all.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
+/// How often the hub sweeps while every client has taken every frame and nothing is broadcast
+/// (keep-alives, expiry): an idle node wakes once a second, with the presence tick.
+pub const QUIET_INTERVAL: Duration = Duration::from_secs(1);
 /// Coalesce at most this many bytes of queued frames into one write for a client that lags.
 pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
 /// How far ahead of this node's newest message (in the same run) a `Last-Event-ID` may be and
@@ -101,8 +105,39 @@ struct Shared {
     /// `false` until the first snapshot is in (with `event.snapshot`): replays wait for it.
     synced: tokio::sync::watch::Sender<bool>,
     /// When the hub was made: replays wait for the first snapshot at most until
-    /// [`snapshot::TIMEOUT`] after it.
+    /// [`snapshot::TIMEOUT`] after it. The once-a-second timers tick on whole seconds after
+    /// it, together.
     born: Instant,
+    /// Brings the sweep back from its quiet pace (shared with every room).
+    bell: Arc<Bell>,
+    /// Sweeps done, for the tests of their pace.
+    #[cfg(test)]
+    sweeps: AtomicU64,
+}
+
+/// Wakes the sweep out of its quiet pace: while every client has taken every frame, the sweep
+/// runs once a [`QUIET_INTERVAL`], and the first frame broadcast after that (in any room)
+/// brings it back to every [`SWEEP_INTERVAL`], so that a client that stops reading is found
+/// as soon as before.
+#[derive(Default)]
+struct Bell {
+    quiet: AtomicBool,
+    ring: tokio::sync::Notify,
+}
+
+impl Bell {
+    /// A frame was broadcast: one relaxed load, and a wake-up only when the sweep is quiet.
+    fn broadcast(&self) {
+        if self.quiet.load(Ordering::Relaxed) && self.quiet.swap(false, Ordering::Relaxed) {
+            self.ring.notify_one();
+        }
+    }
+}
+
+/// The first whole multiple of `period` after `born` that is later than `now`.
+fn next_tick(born: Instant, period: Duration, now: Instant) -> Instant {
+    let periods = now.saturating_duration_since(born).as_nanos() / period.as_nanos() + 1;
+    born + period * u32::try_from(periods).unwrap_or(u32::MAX)
 }
 
 /// How a hub behaves (from the `[event]` section: see [`crate::event::EventConfig`]).
@@ -245,6 +280,8 @@ struct State {
     /// Whether the last report of this node named any room (one empty report follows the
     /// last client's departure, then silence).
     reported: bool,
+    /// The sweep's bell, handed to every room made.
+    bell: Arc<Bell>,
 }
 
 /// A web node as [`Hub::nodes`] sees it.
@@ -338,10 +375,11 @@ struct Room {
     last_active: Instant,
     /// Frames each client may lag behind: the ring's size.
     queue: usize,
+    bell: Arc<Bell>,
 }
 
 impl Room {
-    fn new(name: &str, settings: &Settings, now: Instant) -> Room {
+    fn new(name: &str, settings: &Settings, now: Instant, bell: Arc<Bell>) -> Room {
         Room {
             queue: if name == &*settings.default_room {
                 settings.queue
@@ -355,6 +393,7 @@ impl Room {
             slots: HashMap::new(),
             last_sent: now,
             last_active: now,
+            bell,
         }
     }
 
@@ -363,6 +402,7 @@ impl Room {
             // No receiver is fine: nobody is connected.
             let _ = tx.send(item);
             self.sent += 1;
+            self.bell.broadcast();
         }
     }
 }
@@ -455,6 +495,7 @@ impl Drop for ClientGuard {
 
 impl Hub {
     pub fn new(settings: Settings, metrics: Arc<Metrics>, acks: Arc<Acks>) -> Hub {
+        let bell = Arc::new(Bell::default());
         Hub {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
@@ -468,6 +509,7 @@ impl Hub {
                     announce: None,
                     shown: HashMap::new(),
                     reported: false,
+                    bell: bell.clone(),
                 }),
                 node: format!("{:016x}", rand::random::<u64>()),
                 settings,
@@ -477,6 +519,9 @@ impl Hub {
                 next_client: AtomicU64::new(0),
                 synced: tokio::sync::watch::Sender::new(true),
                 born: Instant::now(),
+                bell,
+                #[cfg(test)]
+                sweeps: AtomicU64::new(0),
             }),
         }
     }
@@ -641,8 +686,14 @@ impl Hub {
         send: impl Fn(Bytes) + Send + 'static,
         shutdown: CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(PRESENCE_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // On whole seconds after the hub was made, as the quiet sweep: an idle node wakes
+        // once for both.
+        let born = self.shared.born;
+        let mut tick = tokio::time::interval_at(
+            next_tick(born, PRESENCE_INTERVAL, Instant::now()),
+            PRESENCE_INTERVAL,
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -995,19 +1046,37 @@ impl Hub {
 
     /// Sends keep-alives, sweeps slow clients, drops idle rooms, and ends every stream on
     /// shutdown.
+    ///
+    /// While every client has taken every frame, the sweep runs once a [`QUIET_INTERVAL`]
+    /// (with the presence tick); the first frame broadcast brings it back to every
+    /// [`SWEEP_INTERVAL`] until all have caught up again.
     pub async fn run_timers(self, shutdown: CancellationToken) {
-        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let settings = &self.shared.settings;
         let keepalive = settings.keepalive;
-        let mut ticks = 0u64;
+        let bell = &self.shared.bell;
+        let born = self.shared.born;
+        let mut next = Instant::now() + SWEEP_INTERVAL;
+        let mut expire_at = Instant::now() + QUIET_INTERVAL;
         loop {
+            let quiet = bell.quiet.load(Ordering::Relaxed);
+            let deadline = if quiet {
+                next_tick(born, QUIET_INTERVAL, Instant::now())
+            } else {
+                next
+            };
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                _ = sweep.tick() => {}
+                () = tokio::time::sleep_until(deadline) => {}
+                () = bell.ring.notified(), if quiet => {
+                    next = Instant::now() + SWEEP_INTERVAL;
+                    continue;
+                }
             }
-            ticks += 1;
             let now = Instant::now();
+            next = now + SWEEP_INTERVAL;
+            #[cfg(test)]
+            self.shared.sweeps.fetch_add(1, Ordering::Relaxed);
+            let mut lagging = false;
             let mut state = self.shared.lock();
             let stall_sweeps = settings.stall_sweeps();
             let metrics = &self.shared.metrics;
@@ -1028,6 +1097,7 @@ impl Hub {
                 room.slots.retain(|_, slot| {
                     let consumed = slot.consumed.load(Ordering::Relaxed);
                     let behind = sent.saturating_sub(consumed);
+                    lagging |= behind > 0;
                     // A full queue and not one frame taken for `stall_sweeps` sweeps in a row:
                     // the connection stopped draining. (A client that lags during a burst but
                     // keeps reading is only cut if the ring overwrites what it has not read.)
@@ -1054,9 +1124,15 @@ impl Hub {
                     }
                 });
             }
-            // Once a second: histories past their TTL, and rooms idle past `rooms.idle_secs`.
-            if ticks.is_multiple_of(5) {
+            // Once a second: histories past their TTL, and rooms idle past `rooms.idle_secs`
+            // (half a sweep early rather than a whole one late).
+            if now + SWEEP_INTERVAL / 2 >= expire_at {
                 state.expire(now, settings, metrics);
+                expire_at = now + QUIET_INTERVAL;
+            }
+            // Under the lock, as every broadcast: none can come between the look and this.
+            if !lagging {
+                bell.quiet.store(true, Ordering::Relaxed);
             }
         }
         // Dropping the senders ends every stream once it has sent what it already had.
@@ -1494,8 +1570,10 @@ impl State {
                 self.remove_room(&idle, metrics);
             }
             // The name is copied once, when the room is made; lookups borrow it.
-            self.rooms
-                .insert(Arc::from(name), Room::new(name, settings, now));
+            self.rooms.insert(
+                Arc::from(name),
+                Room::new(name, settings, now, self.bell.clone()),
+            );
             metrics.rooms.set(self.rooms.len() as i64);
         }
         self.rooms.get_mut(name)
@@ -1990,6 +2068,40 @@ mod tests {
         shutdown.cancel();
     }
 
+    /// While every client has taken every frame, the sweep runs once a second; a broadcast
+    /// brings it back to every 200 ms until the client has caught up again.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_hub_sweeps_once_a_second_and_a_broadcast_brings_the_pace_back() {
+        let hub = hub(settings());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(hub.clone().run_timers(shutdown.clone()));
+        let mut sub = hub.subscribe(None, None, Abort::new(|| {})).unwrap();
+        let sweeps = |hub: &Hub| hub.shared.sweeps.load(Ordering::Relaxed);
+        // Sweeps during `ms` milliseconds, time moving 50 ms at a time.
+        async fn run_for(ms: u64) {
+            for _ in 0..ms / 50 {
+                tokio::time::advance(Duration::from_millis(50)).await;
+                tokio::task::yield_now().await;
+            }
+        }
+        run_for(10_000).await;
+        let idle = sweeps(&hub);
+        assert!((9..=12).contains(&idle), "10 s idle: {idle} sweeps");
+        // A message the client has not taken yet: every 200 ms while it lags.
+        hub.ingest(&message(1));
+        run_for(2_000).await;
+        let lagging = sweeps(&hub) - idle;
+        assert!((9..=11).contains(&lagging), "2 s lagging: {lagging} sweeps");
+        // Taken: quiet again after the next sweep.
+        while sub.rx.try_recv().is_ok() {
+            hub.consumed(&sub.slot, 1);
+        }
+        run_for(10_000).await;
+        let quiet = sweeps(&hub) - idle - lagging;
+        assert!((9..=13).contains(&quiet), "10 s caught up: {quiet} sweeps");
+        shutdown.cancel();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn history_entries_expire_after_their_ttl() {
         let hub = hub(settings());
@@ -2012,6 +2124,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_that_stops_reading_is_cut_off_by_the_sweep() {
+        stops_reading_after(Duration::ZERO).await;
+    }
+
+    /// The same after the sweep slowed to its quiet pace: the burst brings it back at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_after_a_quiet_while_is_cut_off_as_fast() {
+        stops_reading_after(Duration::from_secs(5)).await;
+    }
+
+    /// Two clients, quiet for `idle`, then a burst: one reads it, the other is cut off after
+    /// `event.stall_ms` (400 ms: two sweeps with its queue full), not before.
+    async fn stops_reading_after(idle: Duration) {
         let hub = hub(settings());
         let shutdown = CancellationToken::new();
         tokio::spawn(hub.clone().run_timers(shutdown.clone()));
@@ -2028,6 +2152,10 @@ mod tests {
         let mut reading = hub
             .subscribe(None, None, Abort::new(|| panic!("a reader is never cut")))
             .unwrap();
+        for _ in 0..idle.as_millis() / 50 {
+            tokio::time::advance(Duration::from_millis(50)).await;
+            tokio::task::yield_now().await;
+        }
         for seq in 1..=6 {
             hub.ingest(&message(seq));
             // The reading client takes everything.
