@@ -2068,6 +2068,15 @@ mod tests {
         shutdown.cancel();
     }
 
+    /// Lets the paused clock run for `time`, 50 ms at a time, the spawned tasks running at each
+    /// step.
+    async fn run_for(time: Duration) {
+        for _ in 0..time.as_millis() / 50 {
+            tokio::time::advance(Duration::from_millis(50)).await;
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// While every client has taken every frame, the sweep runs once a second; a broadcast
     /// brings it back to every 200 ms until the client has caught up again.
     #[tokio::test(start_paused = true)]
@@ -2077,13 +2086,7 @@ mod tests {
         tokio::spawn(hub.clone().run_timers(shutdown.clone()));
         let mut sub = hub.subscribe(None, None, Abort::new(|| {})).unwrap();
         let sweeps = |hub: &Hub| hub.shared.sweeps.load(Ordering::Relaxed);
-        // Sweeps during `ms` milliseconds, time moving 50 ms at a time.
-        async fn run_for(ms: u64) {
-            for _ in 0..ms / 50 {
-                tokio::time::advance(Duration::from_millis(50)).await;
-                tokio::task::yield_now().await;
-            }
-        }
+        let run_for = |ms| run_for(Duration::from_millis(ms));
         run_for(10_000).await;
         let idle = sweeps(&hub);
         assert!((9..=12).contains(&idle), "10 s idle: {idle} sweeps");
@@ -2152,10 +2155,7 @@ mod tests {
         let mut reading = hub
             .subscribe(None, None, Abort::new(|| panic!("a reader is never cut")))
             .unwrap();
-        for _ in 0..idle.as_millis() / 50 {
-            tokio::time::advance(Duration::from_millis(50)).await;
-            tokio::task::yield_now().await;
-        }
+        run_for(idle).await;
         for seq in 1..=6 {
             hub.ingest(&message(seq));
             // The reading client takes everything.
