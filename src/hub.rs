@@ -108,8 +108,6 @@ struct Shared {
     /// [`snapshot::TIMEOUT`] after it. The once-a-second timers tick on whole seconds after
     /// it, together.
     born: Instant,
-    /// Brings the sweep back from its quiet pace (shared with every room).
-    bell: Arc<Bell>,
     /// Sweeps done, for the tests of their pace.
     #[cfg(test)]
     sweeps: AtomicU64,
@@ -280,7 +278,7 @@ struct State {
     /// Whether the last report of this node named any room (one empty report follows the
     /// last client's departure, then silence).
     reported: bool,
-    /// The sweep's bell, handed to every room made.
+    /// Brings the sweep back from its quiet pace: handed to every room made.
     bell: Arc<Bell>,
 }
 
@@ -495,7 +493,6 @@ impl Drop for ClientGuard {
 
 impl Hub {
     pub fn new(settings: Settings, metrics: Arc<Metrics>, acks: Arc<Acks>) -> Hub {
-        let bell = Arc::new(Bell::default());
         Hub {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
@@ -509,7 +506,7 @@ impl Hub {
                     announce: None,
                     shown: HashMap::new(),
                     reported: false,
-                    bell: bell.clone(),
+                    bell: Arc::default(),
                 }),
                 node: format!("{:016x}", rand::random::<u64>()),
                 settings,
@@ -519,7 +516,6 @@ impl Hub {
                 next_client: AtomicU64::new(0),
                 synced: tokio::sync::watch::Sender::new(true),
                 born: Instant::now(),
-                bell,
                 #[cfg(test)]
                 sweeps: AtomicU64::new(0),
             }),
@@ -1053,7 +1049,7 @@ impl Hub {
     pub async fn run_timers(self, shutdown: CancellationToken) {
         let settings = &self.shared.settings;
         let keepalive = settings.keepalive;
-        let bell = &self.shared.bell;
+        let bell = self.shared.lock().bell.clone();
         let born = self.shared.born;
         let mut next = Instant::now() + SWEEP_INTERVAL;
         let mut expire_at = Instant::now() + QUIET_INTERVAL;
@@ -2046,12 +2042,18 @@ mod tests {
         assert!(forged.version.len() <= MAX_NAME_CHARS && forged.listen.len() <= MAX_NAME_CHARS);
     }
 
-    /// Timers run on tokio's clock: these tests move it instead of sleeping.
-    #[tokio::test(start_paused = true)]
-    async fn a_keep_alive_follows_silence() {
+    /// A hub whose timers run (cancel the token to stop them).
+    fn hub_with_timers() -> (Hub, CancellationToken) {
         let hub = hub(settings());
         let shutdown = CancellationToken::new();
         tokio::spawn(hub.clone().run_timers(shutdown.clone()));
+        (hub, shutdown)
+    }
+
+    /// Timers run on tokio's clock: these tests move it instead of sleeping.
+    #[tokio::test(start_paused = true)]
+    async fn a_keep_alive_follows_silence() {
+        let (hub, shutdown) = hub_with_timers();
         let mut sub = hub.subscribe(None, None, Abort::new(|| {})).unwrap();
         tokio::time::advance(Duration::from_secs(14)).await;
         tokio::task::yield_now().await;
@@ -2081,25 +2083,22 @@ mod tests {
     /// brings it back to every 200 ms until the client has caught up again.
     #[tokio::test(start_paused = true)]
     async fn an_idle_hub_sweeps_once_a_second_and_a_broadcast_brings_the_pace_back() {
-        let hub = hub(settings());
-        let shutdown = CancellationToken::new();
-        tokio::spawn(hub.clone().run_timers(shutdown.clone()));
+        let (hub, shutdown) = hub_with_timers();
         let mut sub = hub.subscribe(None, None, Abort::new(|| {})).unwrap();
         let sweeps = |hub: &Hub| hub.shared.sweeps.load(Ordering::Relaxed);
-        let run_for = |ms| run_for(Duration::from_millis(ms));
-        run_for(10_000).await;
+        run_for(Duration::from_secs(10)).await;
         let idle = sweeps(&hub);
         assert!((9..=12).contains(&idle), "10 s idle: {idle} sweeps");
         // A message the client has not taken yet: every 200 ms while it lags.
         hub.ingest(&message(1));
-        run_for(2_000).await;
+        run_for(Duration::from_secs(2)).await;
         let lagging = sweeps(&hub) - idle;
         assert!((9..=11).contains(&lagging), "2 s lagging: {lagging} sweeps");
         // Taken: quiet again after the next sweep.
         while sub.rx.try_recv().is_ok() {
             hub.consumed(&sub.slot, 1);
         }
-        run_for(10_000).await;
+        run_for(Duration::from_secs(10)).await;
         let quiet = sweeps(&hub) - idle - lagging;
         assert!((9..=13).contains(&quiet), "10 s caught up: {quiet} sweeps");
         shutdown.cancel();
@@ -2139,9 +2138,7 @@ mod tests {
     /// Two clients, quiet for `idle`, then a burst: one reads it, the other is cut off after
     /// `event.stall_ms` (400 ms: two sweeps with its queue full), not before.
     async fn stops_reading_after(idle: Duration) {
-        let hub = hub(settings());
-        let shutdown = CancellationToken::new();
-        tokio::spawn(hub.clone().run_timers(shutdown.clone()));
+        let (hub, shutdown) = hub_with_timers();
         let aborted = Arc::new(AtomicBool::new(false));
         let _stuck = {
             let aborted = aborted.clone();

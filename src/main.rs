@@ -88,10 +88,9 @@ fn main() -> ExitCode {
             use clap::CommandFactory;
             let mut script = Vec::new();
             clap_complete::generate(*shell, &mut Cli::command(), "temma", &mut script);
-            return match say(String::from_utf8_lossy(script.trim_ascii_end())) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(code) => code,
-            };
+            return say(String::from_utf8_lossy(script.trim_ascii_end()))
+                .err()
+                .unwrap_or(ExitCode::SUCCESS);
         }
         Some(Command::Man { dir }) => {
             use clap::CommandFactory;
@@ -138,10 +137,7 @@ fn main() -> ExitCode {
     };
     let command = cli.command.unwrap_or(Command::Serve);
     if let Command::Check = command {
-        return match say(summary(&config)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(code) => code,
-        };
+        return say(summary(&config)).err().unwrap_or(ExitCode::SUCCESS);
     }
     init_logging(&config);
     let runtime = match config.runtime.build() {
@@ -443,6 +439,7 @@ fn run_script(
     let (steps, published) = temma::script::trial(&mut scripts, map);
     let chain = steps.len() > 1 || wanted.is_none();
     let mut code = ExitCode::SUCCESS;
+    let mut out = Vec::new();
     for (name, step) in steps {
         let line = match step {
             Step::Passed { changed: true } => "passed (changed)".to_owned(),
@@ -460,26 +457,22 @@ fn run_script(
                 format!("error: {error}\n  {then}")
             }
         };
-        let said = if chain {
-            say(format_args!("{name}: {line}"))
+        if chain {
+            out.push(format!("{name}: {line}"));
         } else if published.is_none() || line.starts_with("error") {
             // One script: its outcome is the answer (a pass is said by the message below).
-            say(line)
-        } else {
-            Ok(())
-        };
-        if let Err(failed) = said {
-            return failed;
+            out.push(line);
         }
     }
     if let Some(map) = published {
         let json = serde_json::to_string(&rhai::Dynamic::from_map(map))
             .unwrap_or_else(|error| format!("(not JSON: {error})"));
-        if let Err(failed) = say(format_args!("passed: {json}")) {
-            return failed;
-        }
+        out.push(format!("passed: {json}"));
     }
-    code
+    if out.is_empty() {
+        return code;
+    }
+    say(out.join("\n")).err().unwrap_or(code)
 }
 
 /// `temma script` on the access hook: `message` is the request (`room`, `name` or `from`,
@@ -531,18 +524,16 @@ fn run_hook(spec: temma::script::ScriptSpec, message: &str, default_room: &str) 
     }
     eprintln!("temma: `{}` is an access hook ([access])", spec.shown);
     let hook = Hook::new(script);
-    for function in [temma::script::ON_SUBSCRIBE, temma::script::ON_PUBLISH] {
-        let said = match hook.check(function, req.clone()) {
-            Access::Allow => say(format_args!("{function}: allowed")),
+    let out: Vec<String> = [temma::script::ON_SUBSCRIBE, temma::script::ON_PUBLISH]
+        .into_iter()
+        .map(|function| match hook.check(function, req.clone()) {
+            Access::Allow => format!("{function}: allowed"),
             Access::Refuse { status, reason } => {
-                say(format_args!("{function}: refused ({status}): {reason}"))
+                format!("{function}: refused ({status}): {reason}")
             }
-        };
-        if let Err(failed) = said {
-            return failed;
-        }
-    }
-    ExitCode::SUCCESS
+        })
+        .collect();
+    say(out.join("\n")).err().unwrap_or(ExitCode::SUCCESS)
 }
 
 /// Writes `text` and a newline to standard output. A reader that has gone away (`temma check
