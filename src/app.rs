@@ -407,29 +407,31 @@ impl App {
             _ => None,
         };
         let access = app.start_access(config, &shutdown);
+        let broadcast = Arc::new(Broadcast {
+            config: config.message.clone(),
+            publisher,
+            metrics: app.metrics.clone(),
+            sessions: config.application.enable_sessions,
+            cors_origins: Arc::new(config.server.cors_origins.clone()),
+            trusted_proxies: Arc::new(config.server.trusted_proxies.clone()),
+            body_timeout: Duration::from_secs(config.server.body_timeout_secs),
+            default_room: Arc::from(config.rooms.default.as_str()),
+            access: access.clone(),
+        });
         let front = config.server.front(
             hub.clone(),
             app.metrics.clone(),
-            access.clone(),
+            access,
             config
                 .application
                 .enable_sessions
                 .then(|| config.application.session_name.clone()),
+            broadcast.clone(),
         );
         let service = server::router(Routes {
             static_dir: config.resolve(&config.server.static_dir),
             root: config.application.root_controller,
-            broadcast: Broadcast {
-                config: config.message.clone(),
-                publisher,
-                metrics: app.metrics.clone(),
-                sessions: config.application.enable_sessions,
-                cors_origins: Arc::new(config.server.cors_origins.clone()),
-                trusted_proxies: Arc::new(config.server.trusted_proxies.clone()),
-                body_timeout: Duration::from_secs(config.server.body_timeout_secs),
-                default_room: Arc::from(config.rooms.default.as_str()),
-                access,
-            },
+            broadcast,
             hub,
             front: front.clone(),
             metrics: app.metrics.clone(),

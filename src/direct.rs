@@ -32,9 +32,11 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::direct_post::{After, PostRequest};
 use crate::event::{self, Reader};
 use crate::hub::{Abort, Hub};
-use crate::metrics::{ConnectionRefusal, Metrics};
+use crate::message::Broadcast;
+use crate::metrics::{ConnectionRefusal, DirectRequest, Metrics};
 use crate::script::{Access, Hook};
 
 /// The longest request head read before a connection is handed on.
@@ -68,6 +70,8 @@ pub struct Front {
     /// salvo (which reads the session for the room's list of names) instead of the direct
     /// path.
     pub session_cookie: Option<String>,
+    /// `POST /message/broadcast`, which the direct path serves without sessions and CORS.
+    pub broadcast: Arc<Broadcast>,
     /// The sockets of connections hyper serves, by peer address, so that an SSE response on
     /// one of them can watch for the client closing (hyper does not read while it streams).
     sockets: Mutex<HashMap<SocketAddr, Weak<TcpStream>>>,
@@ -93,6 +97,7 @@ impl Front {
         metrics: Arc<Metrics>,
         access: Option<Hook>,
         session_cookie: Option<String>,
+        broadcast: Arc<Broadcast>,
     ) -> Arc<Front> {
         Arc::new(Front {
             hub,
@@ -101,6 +106,7 @@ impl Front {
             metrics,
             access,
             session_cookie,
+            broadcast,
             sockets: Mutex::new(HashMap::new()),
         })
     }
@@ -276,8 +282,10 @@ pub fn error_response(status: u16, reason: &str, message: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Reads a connection's first request head, with one deadline for all of it, and decides who
-/// serves it.
+/// Reads a connection's requests and decides who serves them: the first head must arrive
+/// whole within one deadline; a lone `GET /event/fetch` is served here to the end of the
+/// connection, a plain `POST /message/broadcast` here too ([`crate::direct_post`]) and the next
+/// request read after it; anything else goes to hyper with the bytes already read.
 async fn first_request(
     socket: TcpStream,
     peer: SocketAddr,
@@ -287,58 +295,82 @@ async fn first_request(
 ) {
     use tokio::io::AsyncReadExt;
     let front = open.front.clone();
-    let pending = Pending(&front);
+    // Counted while the first head is read; a keep-alive connection waiting for its next
+    // request is not pending (its client has been served).
+    let mut pending = Some(Pending(&front));
     let mut socket = socket;
     let mut buffer = BytesMut::with_capacity(1024);
-    let deadline = tokio::time::Instant::now() + front.limits.head_timeout;
     loop {
-        let read = tokio::select! {
-            () = shutdown.cancelled() => return,
-            read = tokio::time::timeout_at(deadline, socket.read_buf(&mut buffer)) => read,
-        };
-        match read {
-            Ok(Ok(0)) | Ok(Err(_)) => return,
-            Err(_) => {
-                front.refuse(ConnectionRefusal::HeadTimeout);
-                if !buffer.is_empty() {
-                    let _ = socket.try_write(&error_response(
-                        408,
-                        "Request Timeout",
-                        "the request head did not arrive in time",
-                    ));
+        let deadline = tokio::time::Instant::now() + front.limits.head_timeout;
+        let head = loop {
+            // What is already buffered first: a request pipelined after the last one.
+            if !buffer.is_empty() {
+                if let Some(head) = parse_head(&buffer, peer, &front) {
+                    break head;
                 }
-                return;
             }
-            Ok(Ok(_)) => {}
-        }
-        // Parsed in a block of its own: the header array (1.5 KiB) is never held across an
-        // await, so it takes no room in this task's future while the stream is served.
-        let head = {
-            let mut headers = [httparse::EMPTY_HEADER; 48];
-            let mut request = httparse::Request::new(&mut headers);
-            match request.parse(&buffer) {
-                // Only a lone GET (nothing pipelined after it) is served directly.
-                Ok(httparse::Status::Complete(length)) => Head::Complete(
-                    (length == buffer.len())
-                        .then(|| SseRequest::from_head(&request))
-                        .flatten()
-                        .filter(|sse| !front.has_session(sse.cookie.as_deref())),
-                ),
-                Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD_BYTES => Head::Partial,
-                // Too long or malformed: hyper answers it.
-                _ => Head::Complete(None),
+            let read = tokio::select! {
+                () = shutdown.cancelled() => return,
+                read = tokio::time::timeout_at(deadline, socket.read_buf(&mut buffer)) => read,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Err(_) => {
+                    if pending.is_some() {
+                        front.refuse(ConnectionRefusal::HeadTimeout);
+                    }
+                    if !buffer.is_empty() {
+                        let _ = socket.try_write(&error_response(
+                            408,
+                            "Request Timeout",
+                            "the request head did not arrive in time",
+                        ));
+                    }
+                    return;
+                }
+                Ok(Ok(_)) => {}
             }
         };
         match head {
-            Head::Partial => continue,
-            Head::Complete(Some(sse)) => {
+            Head::Stream(sse) => {
                 drop(pending);
                 drop(buffer);
+                front.metrics.direct(DirectRequest::Stream);
                 serve_sse(socket, peer, sse, &front, &shutdown).await;
                 drop(open);
                 return;
             }
-            Head::Complete(None) => break,
+            Head::Post(post, head_length) => {
+                pending = None;
+                bytes::Buf::advance(&mut buffer, head_length);
+                let after = crate::direct_post::serve(
+                    &mut socket,
+                    &mut buffer,
+                    post,
+                    &front.broadcast,
+                    front.limits.write_stall,
+                    &shutdown,
+                )
+                .await;
+                if after == After::Close {
+                    return;
+                }
+                // A small buffer again for an idle keep-alive connection.
+                if buffer.is_empty() && buffer.capacity() > 1024 {
+                    buffer = BytesMut::with_capacity(1024);
+                }
+            }
+            Head::Malformed(refused) => {
+                front.refuse(ConnectionRefusal::Malformed);
+                let answer = error_response(400, "Bad Request", &refused);
+                let _ = tokio::time::timeout(
+                    front.limits.write_stall,
+                    tokio::io::AsyncWriteExt::write_all(&mut socket, &answer),
+                )
+                .await;
+                return;
+            }
+            Head::Other => break,
         }
     }
     drop(pending);
@@ -353,12 +385,48 @@ async fn first_request(
     let _ = handoff.send((conn, peer)).await;
 }
 
-/// A first request head as read so far.
+/// Parses a request head: who serves it, or `None` while more bytes are needed. Its own function: the header array (1.5 KiB) is never
+/// held across an await, so it takes no room in the connection task's future.
+fn parse_head(buffer: &[u8], peer: SocketAddr, front: &Front) -> Option<Head> {
+    let mut headers = [httparse::EMPTY_HEADER; 48];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(buffer) {
+        Ok(httparse::Status::Complete(length)) => {
+            // Only a lone GET (nothing pipelined after it) is streamed directly.
+            if length == buffer.len()
+                && let Some(sse) = SseRequest::from_head(&request)
+                && !front.has_session(sse.cookie.as_deref())
+            {
+                return Some(Head::Stream(sse));
+            }
+            if front.session_cookie.is_none() && front.cors_origins.is_empty() {
+                match PostRequest::from_head(&request, peer, front.broadcast.max_body_bytes()) {
+                    Some(Ok(post)) => return Some(Head::Post(post, length)),
+                    Some(Err(refused)) => return Some(Head::Malformed(refused)),
+                    None => {}
+                }
+            }
+            Some(Head::Other)
+        }
+        Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD_BYTES => None,
+        // Past this path's header slots (hyper takes more) or too long: hyper answers it.
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => Some(Head::Other),
+        Err(error) => Some(Head::Malformed(format!(
+            "the request is not HTTP/1.x: {error}"
+        ))),
+    }
+}
+
+/// Who serves a request, by its head.
 enum Head {
-    /// More bytes are needed.
-    Partial,
-    /// Whole (or past saving): an SSE request the direct path serves, or `None` for salvo.
-    Complete(Option<SseRequest>),
+    /// A stream the direct path serves.
+    Stream(SseRequest),
+    /// A POST the direct path serves, and the head's length.
+    Post(PostRequest, usize),
+    /// Not a request: the `400`'s message.
+    Malformed(String),
+    /// For salvo (or past saving: hyper answers it).
+    Other,
 }
 
 /// What the direct path needs from a parsed `GET /event/fetch`.

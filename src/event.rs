@@ -191,7 +191,7 @@ pub fn query_last_event_id(query: &str) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
-/// Runs the access hook's `function` on a request salvo serves: `Err` is the refusal to send.
+/// Runs the access hook's `function` on a request: `Err` is the refusal to send.
 /// `client` is who sends it; `text` is the message's, for `on_publish`.
 pub fn check_access(
     hook: &crate::script::Hook,
@@ -199,16 +199,12 @@ pub fn check_access(
     room: &str,
     name: Option<&str>,
     client: &str,
-    req: &Request,
+    req: &(impl crate::request::Head + ?Sized),
     text: Option<&str>,
 ) -> Result<(), JsonError> {
-    let mut hook_req =
-        crate::script::Hook::request(room, name, client, req.uri().query(), |header| {
-            req.headers()
-                .get(header)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        });
+    let mut hook_req = crate::script::Hook::request(room, name, client, req.query(), |header| {
+        req.header(header).map(str::to_owned)
+    });
     if let Some(text) = text {
         hook_req.insert("text".into(), text.into());
     }

@@ -20,6 +20,7 @@
 //! - [`event`]: the Event controller, `GET /event/fetch` (SSE), on connections hyper serves.
 //! - [`direct`]: the accept loop (connection caps, deadlines) and the SSE connections served
 //!   straight from the socket.
+//! - [`direct_post`]: the plain `POST /message/broadcast` served straight from the socket.
 //! - [`message`]: the Message controller, `POST /message/broadcast`, and the PUSH publisher.
 //! - [`homepage`]: the Homepage root controller, `GET /`.
 //! - [`request`]: who sent a request: the cross-site rule and the client address.
@@ -39,6 +40,7 @@ pub mod config;
 pub mod console;
 pub mod context;
 pub mod direct;
+pub mod direct_post;
 pub mod dsn;
 pub mod error;
 pub mod event;

@@ -33,7 +33,7 @@ use crate::acks::{Ack, Acks};
 use crate::context::{Context, UnknownDataSource};
 use crate::error::{JsonError, write_json};
 use crate::metrics::{DropReason, Metrics, PostLabels};
-use crate::request::TrustedProxy;
+use crate::request::{Head, TrustedProxy};
 use crate::socket;
 
 /// Default `message.push`: Temma's data source name.
@@ -736,32 +736,51 @@ pub struct Broadcast {
     pub access: Option<crate::script::Hook>,
 }
 
+/// The outcome of a POST: the published id (`None` with `message.confirm = false`) and the
+/// sender's name, or the error to answer.
+pub type Posted = Result<(Option<crate::wire::MsgId>, String), JsonError>;
+
 impl Broadcast {
-    async fn answer(
+    /// Who sends: refuses a cross-site browser request, and reads the client address and the
+    /// `Idempotency-Key` header.
+    pub fn sender(&self, req: &(impl Head + ?Sized)) -> Result<Sender, JsonError> {
+        crate::request::check_origin(
+            req.header("sec-fetch-site"),
+            req.header("origin"),
+            req.header("host"),
+            &self.cors_origins,
+        )
+        .map_err(|refused| JsonError::new(StatusCode::FORBIDDEN, refused.0))?;
+        // Present but not visible ASCII: refused as an empty key would be.
+        let key = req
+            .has_header("idempotency-key")
+            .then(|| check_key(req.header("idempotency-key").unwrap_or_default()))
+            .transpose()?;
+        Ok(Sender {
+            client: crate::request::client_of(req, &self.trusted_proxies),
+            key,
+        })
+    }
+
+    /// Reads, checks and publishes a POST's body (whole, read by the caller), for `sender`;
+    /// `session_from` is the name the session remembers, for a POST that gives none.
+    pub async fn post(
         &self,
-        req: &mut Request,
-        depot: &mut Depot,
-    ) -> Result<Option<crate::wire::MsgId>, JsonError> {
-        let (client, header_key) = self.sender(req)?;
-        let body = self.body(req).await?;
-        let content_type = req
-            .headers()
-            .get(salvo::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let mut fields = parse_body(content_type.as_deref(), body).await?;
-        if self.sessions
-            && fields.from.as_deref().is_none_or(|f| f.trim().is_empty())
-            && let Some(session) = depot.session()
-        {
-            fields.from = session.get::<String>(SESSION_FROM);
+        req: &(impl Head + ?Sized),
+        sender: Sender,
+        body: Bytes,
+        session_from: impl FnOnce() -> Option<String>,
+    ) -> Posted {
+        let mut fields = parse_body(req.header("content-type"), body).await?;
+        if self.sessions && fields.from.as_deref().is_none_or(|f| f.trim().is_empty()) {
+            fields.from = session_from();
         }
         let mut checked = check(fields, &self.config)?;
         // Always named for the broker: scripts read `msg.room` whatever the sender gave.
         checked
             .room
             .get_or_insert_with(|| self.default_room.to_string());
-        match (&checked.key, header_key) {
+        match (&checked.key, sender.key) {
             (Some(field), Some(header)) if *field != header => {
                 return Err(JsonError::bad_request(
                     "the `Idempotency-Key` header and the `key` field differ; send one",
@@ -776,23 +795,18 @@ impl Broadcast {
                 crate::script::ON_PUBLISH,
                 checked.room.as_deref().unwrap_or(&self.default_room),
                 Some(&checked.from),
-                &client,
+                &sender.client,
                 req,
                 Some(&checked.text),
             )?;
         }
         let started = std::time::Instant::now();
-        match self.publisher.publish(&checked, &client).await {
+        match self.publisher.publish(&checked, &sender.client).await {
             Ok(id) => {
                 self.metrics
                     .publish_latency
                     .observe(started.elapsed().as_secs_f64());
-                if self.sessions
-                    && let Some(session) = depot.session_mut()
-                {
-                    let _ = session.insert(SESSION_FROM, &checked.from);
-                }
-                Ok(id)
+                Ok((id, checked.from))
             }
             Err(PublishError::Unavailable(message)) => {
                 Err(JsonError::new(StatusCode::SERVICE_UNAVAILABLE, message))
@@ -804,36 +818,51 @@ impl Broadcast {
         }
     }
 
-    /// Who sends: refuses a cross-site browser request, and reads the client address and the
-    /// `Idempotency-Key` header.
-    fn sender(&self, req: &Request) -> Result<(String, Option<String>), JsonError> {
-        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-        crate::request::check_origin(
-            header("sec-fetch-site"),
-            header("origin"),
-            header("host"),
-            &self.cors_origins,
+    /// Counts an answer by its status.
+    pub fn count(&self, status: StatusCode) {
+        self.metrics
+            .posts
+            .get_or_create(&PostLabels {
+                status: status.as_u16(),
+            })
+            .inc();
+    }
+
+    /// `message.max_body_bytes`.
+    pub fn max_body_bytes(&self) -> usize {
+        self.config.max_body_bytes
+    }
+
+    /// The answer to a body that did not arrive within `server.body_timeout_secs`.
+    pub fn body_timed_out(&self) -> JsonError {
+        JsonError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body did not arrive within {} s",
+                self.body_timeout.as_secs()
+            ),
         )
-        .map_err(|refused| JsonError::new(StatusCode::FORBIDDEN, refused.0))?;
-        let key = req
-            .headers()
-            .get("idempotency-key")
-            .map(|value| check_key(value.to_str().unwrap_or_default()))
-            .transpose()?;
-        Ok((crate::request::client_of(req, &self.trusted_proxies), key))
+    }
+
+    /// Everything a POST salvo serves needs: the sender, the body, the session.
+    async fn answer(&self, req: &mut Request, depot: &mut Depot) -> Posted {
+        let sender = self.sender(req)?;
+        let body = self.body(req).await?;
+        let session = depot.session().and_then(|s| s.get::<String>(SESSION_FROM));
+        let (id, from) = self.post(req, sender, body, || session).await?;
+        if self.sessions
+            && let Some(session) = depot.session_mut()
+        {
+            let _ = session.insert(SESSION_FROM, &from);
+        }
+        Ok((id, from))
     }
 
     /// The whole body, within `server.body_timeout_secs` and `message.max_body_bytes`.
     async fn body(&self, req: &mut Request) -> Result<Bytes, JsonError> {
         let read = req.payload_with_max_size(self.config.max_body_bytes);
         match tokio::time::timeout(self.body_timeout, read).await {
-            Err(_) => Err(JsonError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "the body did not arrive within {} s",
-                    self.body_timeout.as_secs()
-                ),
-            )),
+            Err(_) => Err(self.body_timed_out()),
             Ok(Ok(body)) => Ok(body.clone()),
             Ok(Err(salvo::http::ParseError::PayloadTooLarge)) => Err(JsonError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -849,8 +878,18 @@ impl Broadcast {
     }
 }
 
+/// Who sends a POST: the client (as scripts see it) and its `Idempotency-Key` header.
+pub struct Sender {
+    pub client: String,
+    pub key: Option<String>,
+}
+
+/// `POST /message/broadcast` as salvo serves it (with sessions, CORS, or a request the direct
+/// path leaves to hyper).
+pub struct BroadcastHandler(pub Arc<Broadcast>);
+
 #[async_trait]
-impl Handler for Broadcast {
+impl Handler for BroadcastHandler {
     async fn handle(
         &self,
         req: &mut Request,
@@ -858,8 +897,8 @@ impl Handler for Broadcast {
         res: &mut Response,
         ctrl: &mut FlowCtrl,
     ) {
-        let status = match self.answer(req, depot).await {
-            Ok(id) => {
+        let status = match self.0.answer(req, depot).await {
+            Ok((id, _)) => {
                 res.status_code(StatusCode::OK);
                 // The published id, so that a page can tell its own message among the stream's
                 // (the body stays Temma's `true`).
@@ -876,12 +915,7 @@ impl Handler for Broadcast {
                 error.status
             }
         };
-        self.metrics
-            .posts
-            .get_or_create(&PostLabels {
-                status: status.as_u16(),
-            })
-            .inc();
+        self.0.count(status);
         ctrl.skip_rest();
     }
 }

@@ -78,6 +78,8 @@ pub enum ConnectionRefusal {
     HeadTimeout,
     /// The process was out of file descriptors.
     Descriptors,
+    /// Its request was not HTTP (a `400`, then closed).
+    Malformed,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -125,6 +127,21 @@ pub struct PostLabels {
     pub status: u16,
 }
 
+/// Which request the direct path (not hyper) served.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectLabels {
+    pub request: DirectRequest,
+}
+
+/// A request the direct path serves.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum DirectRequest {
+    /// `GET /event/fetch`.
+    Stream,
+    /// `POST /message/broadcast`.
+    Post,
+}
+
 /// Seconds from a POST to its publication, in buckets from 0.1 ms to about 3 s.
 const LATENCY_BUCKETS: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -155,6 +172,8 @@ pub struct Metrics {
     /// POST answers by status.
     pub posts: Family<PostLabels, Counter>,
     /// Seconds from a POST to its publication by the broker.
+    /// Requests the direct path served (the rest went to hyper), by request.
+    pub direct_requests: Family<DirectLabels, Counter>,
     pub publish_latency: Histogram,
     /// Whether this node's PUSH socket is connected (1) or not (0).
     pub push_connected: Gauge,
@@ -287,6 +306,12 @@ impl Default for Metrics {
                 "POST /message/broadcast answers by status",
                 Family::<PostLabels, Counter>::default(),
             ),
+            direct_requests: register(
+                &mut registry,
+                "direct_requests",
+                "Requests served by the direct path, without hyper and salvo",
+                Family::<DirectLabels, Counter>::default(),
+            ),
             publish_latency: register(
                 &mut registry,
                 "publish_latency_seconds",
@@ -401,6 +426,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a request the direct path served.
+    pub fn direct(&self, request: DirectRequest) {
+        self.direct_requests
+            .get_or_create(&DirectLabels { request })
+            .inc();
+    }
+
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }

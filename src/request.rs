@@ -123,6 +123,46 @@ pub fn client(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[TrustedProxy
     }
 }
 
+/// A request head as the handlers read it, whether salvo parsed it or the direct path
+/// (`direct`) did.
+pub trait Head {
+    /// The first value of a header (`name` in lower case), if it is visible ASCII.
+    fn header(&self, name: &str) -> Option<&str>;
+    /// Whether the header is there at all, whatever its value.
+    fn has_header(&self, name: &str) -> bool;
+    /// The query string, without `?`.
+    fn query(&self) -> Option<&str>;
+    /// The TCP peer.
+    fn peer(&self) -> Option<std::net::SocketAddr>;
+}
+
+impl Head for salvo::Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers().get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn has_header(&self, name: &str) -> bool {
+        self.headers().contains_key(name)
+    }
+
+    fn query(&self) -> Option<&str> {
+        self.uri().query()
+    }
+
+    fn peer(&self) -> Option<std::net::SocketAddr> {
+        peer_of(self)
+    }
+}
+
+/// A header value as `http::HeaderValue::to_str` gives it: only visible ASCII (and tabs).
+pub fn visible_ascii(value: &[u8]) -> Option<&str> {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+        .then(|| std::str::from_utf8(value).ok())
+        .flatten()
+}
+
 /// The TCP peer of a request salvo serves.
 pub fn peer_of(req: &salvo::Request) -> Option<std::net::SocketAddr> {
     let address = req.remote_addr();
@@ -132,16 +172,13 @@ pub fn peer_of(req: &salvo::Request) -> Option<std::net::SocketAddr> {
         .or_else(|| address.as_ipv6().map(|a| std::net::SocketAddr::V6(*a)))
 }
 
-/// [`client`] of a request salvo serves: its TCP peer and its `X-Forwarded-For`.
-pub fn client_of(req: &salvo::Request, trusted: &[TrustedProxy]) -> String {
-    let peer = peer_of(req)
+/// [`client`] of a request: its TCP peer and its `X-Forwarded-For`.
+pub fn client_of(req: &(impl Head + ?Sized), trusted: &[TrustedProxy]) -> String {
+    let peer = req
+        .peer()
         .map(|peer| peer.ip())
         .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-    let forwarded = req
-        .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok());
-    client(peer, forwarded, trusted)
+    client(peer, req.header("x-forwarded-for"), trusted)
 }
 
 /// An IPv4-mapped IPv6 address as the IPv4 address it is.

@@ -140,6 +140,7 @@ impl ServerConfig {
         metrics: Arc<Metrics>,
         access: Option<crate::script::Hook>,
         session_cookie: Option<String>,
+        broadcast: Arc<Broadcast>,
     ) -> Arc<Front> {
         Front::new(
             hub,
@@ -153,6 +154,7 @@ impl ServerConfig {
             metrics,
             access,
             session_cookie,
+            broadcast,
         )
     }
 
@@ -259,7 +261,7 @@ fn cors(origins: &[String]) -> Option<salvo::cors::CorsHandler> {
 pub struct Routes {
     pub static_dir: PathBuf,
     pub root: RootController,
-    pub broadcast: Broadcast,
+    pub broadcast: Arc<Broadcast>,
     pub hub: Hub,
     pub front: Arc<Front>,
     pub metrics: Arc<Metrics>,
@@ -320,7 +322,7 @@ pub fn router(routes: Routes) -> Service {
         message = message.hoop(sessions);
     }
     let message = message
-        .post(broadcast)
+        .post(crate::message::BroadcastHandler(broadcast))
         .goal(MethodNotAllowed { allow: "POST" });
     // HEAD is answered like GET, without the body (hyper drops it).
     let mut router = Router::new();

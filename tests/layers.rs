@@ -34,13 +34,15 @@ const LAYERS: &[(&str, u8)] = &[
     ("broker", 5),
     ("event", 4),
     ("message", 6),
-    ("direct", 6),
+    // The front door: the POSTs it serves itself, then the accept loop and the streams.
+    ("direct_post", 7),
+    ("direct", 8),
     // The HTTP server wires the controllers.
-    ("server", 7),
+    ("server", 9),
     // The configuration assembles every component's section.
-    ("config", 8),
+    ("config", 10),
     // Start-up and shutdown.
-    ("app", 9),
+    ("app", 11),
 ];
 
 /// Macros the library exports (they live at the crate's root) and the module each is of.

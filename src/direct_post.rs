@@ -1,0 +1,236 @@
+//! `POST /message/broadcast` served straight from the socket, as [`crate::direct`] serves the
+//! SSE streams: the accept loop's connection task reads the head, the body, publishes through
+//! the same [`Broadcast`] salvo's handler uses, and writes the answer, then reads the next
+//! request on the connection (keep-alive).
+//!
+//! A POST's own CPU was a third hyper and salvo (their request and header maps, the router, the
+//! body channel, timers); this path parses with `httparse` and answers with one `write`.
+//!
+//! Only the plain case is served here: HTTP/1.1, a `Content-Length` body within
+//! `message.max_body_bytes`, no `Transfer-Encoding`, `Expect`, `Upgrade` or `Connection` other
+//! than `keep-alive`, sessions off (`enableSessions`) and no `server.cors_origins` (salvo's
+//! middleware answers those). Anything else, and any later request on the connection that is
+//! neither this nor a lone `GET /event/fetch`, is handed to hyper with the bytes already read,
+//! so that every answer hyper gives stays as it was.
+//!
+//! The answer is the one salvo's handler gives, header for header. Limits: the body must arrive
+//! within `server.body_timeout_secs` (else `408` and the connection closes), each answer's
+//! write within `server.write_stall_timeout_secs`, and the next request head within
+//! `server.head_timeout_secs` of the last answer (else the connection closes, as hyper closes
+//! an idle keep-alive connection).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use salvo::http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::message::{Broadcast, MESSAGE_ID_HEADER, Posted};
+use crate::metrics::DirectRequest;
+use crate::request::{Head, visible_ascii};
+
+/// The path this serves.
+pub const BROADCAST_PATH: &str = "/message/broadcast";
+
+/// The headers the POST handler and the access hook read.
+const READ_HEADERS: [&str; 9] = [
+    "content-type",
+    "host",
+    "origin",
+    "sec-fetch-site",
+    "idempotency-key",
+    "x-forwarded-for",
+    "authorization",
+    "referer",
+    "user-agent",
+];
+
+/// What a direct POST needs from its head (owned: the head's buffer is reused).
+#[derive(Debug)]
+pub struct PostRequest {
+    peer: SocketAddr,
+    query: Option<String>,
+    /// The body's length.
+    pub content_length: usize,
+    /// The first value of each of [`READ_HEADERS`] present (`None`: not visible ASCII).
+    headers: Vec<(&'static str, Option<String>)>,
+}
+
+impl PostRequest {
+    /// `Some(Ok)` for a `POST /message/broadcast` the direct path serves (see the module
+    /// documentation), `Some(Err)` for one whose `Content-Length` is not one number (the
+    /// `400`'s message); `max_body` is `message.max_body_bytes`.
+    pub fn from_head(
+        request: &httparse::Request<'_, '_>,
+        peer: SocketAddr,
+        max_body: usize,
+    ) -> Option<Result<PostRequest, String>> {
+        if request.method != Some("POST") || request.version != Some(1) {
+            return None;
+        }
+        let (path, query) = match request.path?.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (request.path?, None),
+        };
+        if path != BROADCAST_PATH {
+            return None;
+        }
+        let mut content_length = None;
+        let mut headers: Vec<(&'static str, Option<String>)> = Vec::new();
+        for header in request.headers.iter() {
+            let name = header.name;
+            let is = |known: &str| name.eq_ignore_ascii_case(known);
+            if is("content-length") {
+                let digits = header.value;
+                if content_length.is_some()
+                    || digits.is_empty()
+                    || !digits.iter().all(u8::is_ascii_digit)
+                {
+                    return Some(Err(
+                        "`Content-Length` must be given once, as a decimal number".to_owned(),
+                    ));
+                }
+                // Past nine digits: too long anyway (hyper says so with a 413).
+                content_length = std::str::from_utf8(digits)
+                    .ok()
+                    .filter(|digits| digits.len() <= 9)
+                    .and_then(|digits| digits.parse::<usize>().ok())
+                    .or(Some(usize::MAX));
+            } else if is("transfer-encoding") || is("expect") || is("upgrade") {
+                return None;
+            } else if is("connection") {
+                if !header.value.eq_ignore_ascii_case(b"keep-alive") {
+                    return None;
+                }
+            } else if let Some(known) = READ_HEADERS.iter().find(|known| is(known))
+                && !headers.iter().any(|(seen, _)| seen == known)
+            {
+                headers.push((known, visible_ascii(header.value).map(str::to_owned)));
+            }
+        }
+        Some(Ok(PostRequest {
+            peer,
+            query: query.map(str::to_owned),
+            content_length: content_length.filter(|&length| length <= max_body)?,
+            headers,
+        }))
+    }
+}
+
+impl Head for PostRequest {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(known, _)| *known == name)
+            .and_then(|(_, value)| value.as_deref())
+    }
+
+    fn has_header(&self, name: &str) -> bool {
+        self.headers.iter().any(|(known, _)| *known == name)
+    }
+
+    fn query(&self) -> Option<&str> {
+        self.query.as_deref()
+    }
+
+    fn peer(&self) -> Option<SocketAddr> {
+        Some(self.peer)
+    }
+}
+
+/// What becomes of the connection after an answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum After {
+    /// Read the next request.
+    KeepAlive,
+    Close,
+}
+
+/// Serves one POST whose head was read (and taken out of `buffer`, which holds what came after
+/// it): reads the body, publishes, answers.
+pub async fn serve(
+    socket: &mut TcpStream,
+    buffer: &mut BytesMut,
+    request: PostRequest,
+    broadcast: &Broadcast,
+    write_stall: Duration,
+    shutdown: &CancellationToken,
+) -> After {
+    broadcast.metrics.direct(DirectRequest::Post);
+    let length = request.content_length;
+    if buffer.len() < length {
+        buffer.reserve(length - buffer.len());
+        let deadline = tokio::time::Instant::now() + broadcast.body_timeout;
+        while buffer.len() < length {
+            let read = tokio::select! {
+                () = shutdown.cancelled() => return After::Close,
+                read = tokio::time::timeout_at(deadline, socket.read_buf(buffer)) => read,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) => return After::Close,
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    let timed_out = Err(broadcast.body_timed_out());
+                    answer(socket, broadcast, timed_out, write_stall).await;
+                    return After::Close;
+                }
+            }
+        }
+    }
+    let body = buffer.split_to(length).freeze();
+    let posted = match broadcast.sender(&request) {
+        Ok(sender) => broadcast.post(&request, sender, body, || None).await,
+        Err(refused) => Err(refused),
+    };
+    answer(socket, broadcast, posted, write_stall).await
+}
+
+/// Writes the answer salvo's handler would give, and counts it; a `408` closes the connection.
+async fn answer(
+    socket: &mut TcpStream,
+    broadcast: &Broadcast,
+    posted: Posted,
+    write_stall: Duration,
+) -> After {
+    let (status, id, body) = match posted {
+        Ok((id, _)) => (StatusCode::OK, id, b"true".to_vec()),
+        Err(error) => (
+            error.status,
+            None,
+            serde_json::json!({ "error": error.message })
+                .to_string()
+                .into_bytes(),
+        ),
+    };
+    broadcast.count(status);
+    let close = status == StatusCode::REQUEST_TIMEOUT;
+    let mut response = Vec::with_capacity(192 + body.len());
+    response.extend_from_slice(
+        format!(
+            "HTTP/1.1 {} {}\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        )
+        .as_bytes(),
+    );
+    if let Some(id) = id {
+        response.extend_from_slice(format!("{MESSAGE_ID_HEADER}: {id}\r\n").as_bytes());
+    }
+    response.extend_from_slice(
+        format!(
+            "content-type: application/json\r\ncache-control: no-store\r\ncontent-length: {}\r\n{}date: {}\r\n\r\n",
+            body.len(),
+            if close { "connection: close\r\n" } else { "" },
+            httpdate::fmt_http_date(std::time::SystemTime::now()),
+        )
+        .as_bytes(),
+    );
+    response.extend_from_slice(&body);
+    match tokio::time::timeout(write_stall, socket.write_all(&response)).await {
+        Ok(Ok(())) if !close => After::KeepAlive,
+        _ => After::Close,
+    }
+}
