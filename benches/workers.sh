@@ -6,6 +6,9 @@
 #
 #   benches/workers.sh                      # 2 rounds (about 8 minutes)
 #   ROUNDS=3 LOADS="10x20 10x50" TEMMA_SETTINGS="0/batch 0/normal" NCHAN_SETTINGS=2 benches/workers.sh
+#   TEMMA_BINARIES="/tmp/before/target/release/temma target/release/temma" TEMMA_SETTINGS=0/batch \
+#     NCHAN_SETTINGS=2 benches/workers.sh     # two builds side by side (a setting is then
+#                                             # labelled SETTING@DIR, DIR the build's folder)
 #
 # Prints one line per run: server, setting (temma: threads/scheduling; Nchan: processes), load,
 # p50, p99, CPU per message and per delivery, delivered. Reports in $OUT (default target/workers).
@@ -15,6 +18,7 @@ ROUNDS=${ROUNDS:-2}
 LOADS=${LOADS:-10x20 10x50 100x50 1000x20}
 TEMMA_SETTINGS=${TEMMA_SETTINGS:-0/batch 0/normal 1/batch}
 NCHAN_SETTINGS=${NCHAN_SETTINGS-2 1}
+TEMMA_BINARIES=${TEMMA_BINARIES:-target/release/temma}
 OUT=${OUT:-target/workers}
 WORK=$(mktemp -d /tmp/temma-workers.XXXXXX)
 PORT=8092
@@ -41,9 +45,10 @@ run() {
   local subscribers=${load%x*} rate=${load#*x}
   local target=()
   if [ "$server" = temma ]; then
+    local bin=${BIN:-target/release/temma}
     TEMMA_SERVER__LISTEN="127.0.0.1:$PORT" TEMMA_RUNTIME__WORKER_THREADS=${setting%/*} \
       TEMMA_RUNTIME__SCHEDULING=${setting#*/} \
-      target/release/temma serve -c benches/etc/temma.toml > "$WORK/temma.log" 2>&1 &
+      "$bin" serve -c benches/etc/temma.toml > "$WORK/temma.log" 2>&1 &
     PID=$!
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 0.1; done
     target=(--subscribe "http://127.0.0.1:$PORT/event/fetch"
@@ -55,7 +60,14 @@ run() {
             --publish "http://127.0.0.1:$NCHAN_PORT/pub/chat")
     for p in $NCHAN_PIDS; do target+=(--pid "$p"); done
   fi
-  local file="$OUT/$server-${setting//\//-}-$load-$round.json"
+  local label=$setting
+  if [ "$server" = temma ] && [ "$(wc -w <<< "$TEMMA_BINARIES")" -gt 1 ]; then
+    # The build's folder: target/release/temma → target, /tmp/before/target/release/temma →
+    # before.
+    local dir=${BIN%/target/release/temma}
+    label="$setting@${dir##*/}"
+  fi
+  local file="$OUT/$server-${label//\//-}-$load-$round.json"
   "$LOAD" "${target[@]}" --subscribers "$subscribers" --rate "$rate" \
     --messages $((rate * 10)) --json > "$file"
   if [ "$server" = temma ]; then
@@ -64,11 +76,11 @@ run() {
     kill -QUIT "$NCHAN_MASTER"
     for _ in $(seq 50); do kill -0 "$NCHAN_MASTER" 2>/dev/null || break; sleep 0.1; done
   fi
-  python3 - "$file" "$server" "$setting" "$load" <<'PYEND'
+  python3 - "$file" "$server" "$label" "$load" <<'PYEND'
 import json, sys
 r = json.load(open(sys.argv[1]))
 cpu = r["server_cpu"]
-print(f"{sys.argv[2]:6} {sys.argv[3]:>8} {sys.argv[4]:>8}  p50 {r['latency_us']['p50']/1000:6.2f} ms"
+print(f"{sys.argv[2]:6} {sys.argv[3]:>14} {sys.argv[4]:>8}  p50 {r['latency_us']['p50']/1000:6.2f} ms"
       f"  p99 {r['latency_us']['p99']/1000:6.2f} ms  CPU {cpu['per_message_us']:7.1f} µs/message"
       f" {cpu['per_delivery_us']:6.2f} µs/delivery ({cpu['measured_by']})"
       f"  delivered {r['delivered_ratio']*100:.2f} %, gaps {r['gaps']}, duplicates {r['duplicates']}")
@@ -79,7 +91,9 @@ echo "server setting (threads/scheduling or processes)  load (subscribers x msg/
 for round in $(seq "$ROUNDS"); do
   for load in $LOADS; do
     # temma: 0 is one worker per CPU; Nchan: worker_processes as in compare.sh (2) and 1.
-    for setting in $TEMMA_SETTINGS; do run temma "$setting" "$load"; done
+    for BIN in $TEMMA_BINARIES; do
+      for setting in $TEMMA_SETTINGS; do run temma "$setting" "$load"; done
+    done
     for setting in $NCHAN_SETTINGS; do run nchan "$setting" "$load"; done
   done
 done

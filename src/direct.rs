@@ -304,10 +304,10 @@ async fn first_request(
         let deadline = tokio::time::Instant::now() + front.limits.head_timeout;
         let head = loop {
             // What is already buffered first: a request pipelined after the last one.
-            if !buffer.is_empty() {
-                if let Some(head) = parse_head(&buffer, peer, &front) {
-                    break head;
-                }
+            if !buffer.is_empty()
+                && let Some(head) = parse_head(&buffer, peer, &front)
+            {
+                break head;
             }
             let read = tokio::select! {
                 () = shutdown.cancelled() => return,

@@ -32,7 +32,7 @@ use zeromq::{PushSocket, Socket, SocketEvent, SocketSend, ZmqError, ZmqMessage};
 use crate::acks::{Ack, Acks};
 use crate::context::{Context, UnknownDataSource};
 use crate::error::{JsonError, write_json};
-use crate::metrics::{DropReason, Metrics, PostLabels};
+use crate::metrics::{DropReason, Metrics};
 use crate::request::{Head, TrustedProxy};
 use crate::socket;
 
@@ -820,12 +820,7 @@ impl Broadcast {
 
     /// Counts an answer by its status.
     pub fn count(&self, status: StatusCode) {
-        self.metrics
-            .posts
-            .get_or_create(&PostLabels {
-                status: status.as_u16(),
-            })
-            .inc();
+        self.metrics.post_answered(status.as_u16());
     }
 
     /// `message.max_body_bytes`.
