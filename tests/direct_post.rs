@@ -444,3 +444,46 @@ async fn sessions_and_cors_leave_posts_to_salvo() {
         app.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_hook_reads_the_same_request_on_both_paths() {
+    let app = TestApp::start_with(|config| {
+        config.access.file = Some(common::manifest_dir().join("scripts/private_rooms.rhai"));
+        config
+            .access
+            .params
+            .insert("rooms".into(), serde_json::json!({ "staff": "s3cret" }));
+    })
+    .await;
+    app.ready().await;
+    let body = "from=ann&text=hello&room=staff";
+    let before = direct_posts(&app);
+    for (headers, query, status) in [
+        ("", "", 403),
+        ("Authorization: Bearer s3cret\r\n", "", 200),
+        ("", "?token=s3cret", 200),
+        ("Authorization: Bearer wrong\r\n", "", 403),
+    ] {
+        let mut answers = Vec::new();
+        for request in [plain(FORM, headers, body), chunked(FORM, headers, body)] {
+            // The query goes after the path.
+            let request = String::from_utf8(request).unwrap().replacen(
+                " HTTP/1.1",
+                &format!("{query} HTTP/1.1"),
+                1,
+            );
+            let mut conn = Conn::open(&app).await;
+            conn.send(request.as_bytes()).await;
+            answers.push(conn.answer().await.unwrap());
+        }
+        for answer in &answers {
+            assert_eq!(answer.status, status, "{headers}{query}: {answer:?}");
+        }
+        if status != 200 {
+            assert_eq!(answers[0].body, answers[1].body);
+            assert!(answers[0].body.contains("private"), "{:?}", answers[0]);
+        }
+    }
+    assert_eq!(direct_posts(&app) - before, 4.0, "one of each pair");
+    app.stop().await;
+}
