@@ -13,7 +13,10 @@
 //! response head, the replay, then the frames, each write bounded by
 //! `server.write_stall_timeout_secs`, and the connection closed as soon as the client closes,
 //! sends anything more, stops reading (the hub's sweep aborts it), or the server shuts down.
-//! Any other connection is handed to hyper with the bytes already read ([`Conn`]).
+//! A plain `POST /message/broadcast` is served here too ([`crate::direct_post`]), and the
+//! connection's next request read (within `server.head_timeout_secs` of the answer). Bytes that
+//! are not an HTTP/1.x request get a `400` and the connection closes. Any other request, and
+//! the rest of its connection, is handed to hyper with the bytes already read ([`Conn`]).
 //!
 //! Per idle SSE client this keeps a task, the socket and the client's place in the hub: a few
 //! KiB, none of it growing with the history (the replay is written from the history's own
@@ -343,14 +346,16 @@ async fn first_request(
             Head::Post(post, head_length) => {
                 pending = None;
                 bytes::Buf::advance(&mut buffer, head_length);
-                let after = crate::direct_post::serve(
+                // Boxed: a POST's state (the publish, its deadline) would otherwise take room in
+                // every connection's task, idle SSE clients' among them.
+                let after = Box::pin(crate::direct_post::serve(
                     &mut socket,
                     &mut buffer,
                     post,
                     &front.broadcast,
                     front.limits.write_stall,
                     &shutdown,
-                )
+                ))
                 .await;
                 if after == After::Close {
                     return;
@@ -385,8 +390,9 @@ async fn first_request(
     let _ = handoff.send((conn, peer)).await;
 }
 
-/// Parses a request head: who serves it, or `None` while more bytes are needed. Its own function: the header array (1.5 KiB) is never
-/// held across an await, so it takes no room in the connection task's future.
+/// Parses a request head: who serves it, or `None` while more bytes are needed. Its own
+/// function: the header array (1.5 KiB) is never held across an await, so it takes no room in
+/// the connection task's future.
 fn parse_head(buffer: &[u8], peer: SocketAddr, front: &Front) -> Option<Head> {
     let mut headers = [httparse::EMPTY_HEADER; 48];
     let mut request = httparse::Request::new(&mut headers);

@@ -843,8 +843,8 @@ impl Broadcast {
     async fn answer(&self, req: &mut Request, depot: &mut Depot) -> Posted {
         let sender = self.sender(req)?;
         let body = self.body(req).await?;
-        let session = depot.session().and_then(|s| s.get::<String>(SESSION_FROM));
-        let (id, from) = self.post(req, sender, body, || session).await?;
+        let session_from = || depot.session().and_then(|s| s.get::<String>(SESSION_FROM));
+        let (id, from) = self.post(req, sender, body, session_from).await?;
         if self.sessions
             && let Some(session) = depot.session_mut()
         {
