@@ -827,3 +827,81 @@ fn reason_phrase(status: u16) -> &'static str {
         .and_then(|status| status.canonical_reason())
         .unwrap_or("Refused")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The front door of a node with default settings and no broker (nothing is sent).
+    fn front() -> Arc<Front> {
+        let metrics = Metrics::new();
+        let acks = crate::acks::Acks::new();
+        let hub = Hub::new(
+            crate::hub::Settings {
+                queue: 1024,
+                max_clients: 10,
+                history_size: 100,
+                history_ttl: Duration::from_secs(60),
+                initial_history: 10,
+                retry_ms: 2000,
+                keepalive: Duration::from_secs(15),
+                stall: Duration::from_secs(1),
+                max_message_bytes: 1 << 16,
+                default_room: Arc::from("general"),
+                max_rooms: 4,
+                room_idle: Duration::from_secs(60),
+                history_bytes: 1 << 20,
+                room_queue: 128,
+            },
+            metrics.clone(),
+            acks.clone(),
+        );
+        let config = crate::message::MessageConfig::default();
+        let (publisher, _push) =
+            crate::message::Publisher::new(&config, Vec::new(), 1 << 16, acks, metrics.clone());
+        let broadcast = Arc::new(Broadcast {
+            config,
+            publisher,
+            metrics: metrics.clone(),
+            sessions: false,
+            cors_origins: Arc::new(Vec::new()),
+            trusted_proxies: Arc::new(Vec::new()),
+            body_timeout: Duration::from_secs(10),
+            default_room: Arc::from("general"),
+            access: None,
+        });
+        let limits = Limits {
+            max_connections: 16,
+            max_pending_heads: 16,
+            head_timeout: Duration::from_secs(10),
+            write_stall: Duration::from_secs(10),
+        };
+        Front::new(hub, Vec::new(), limits, metrics, None, None, broadcast)
+    }
+
+    /// Every idle SSE client holds its connection's task: what that task's future carries
+    /// across an await is memory per client. A POST's state (the publish, its deadline) is
+    /// boxed for that reason: unboxed it took 1 KiB more per idle client (BENCHMARKS.md).
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let ((socket, peer), _client) =
+            tokio::join!(async { listener.accept().await.unwrap() }, async {
+                client.await.unwrap()
+            });
+        let front = front();
+        let open = Open {
+            front: front.clone(),
+            peer,
+            registered: false,
+        };
+        let (handoff, _handed) = tokio::sync::mpsc::channel(1);
+        let task = first_request(socket, peer, open, handoff, CancellationToken::new());
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= MAX_TASK_BYTES, "{size} bytes");
+    }
+
+    /// 1.9 KiB now (debug and release builds alike), 2.7 KiB with the POST's state unboxed.
+    const MAX_TASK_BYTES: usize = 2048;
+}
