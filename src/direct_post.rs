@@ -32,21 +32,19 @@ use tokio_util::sync::CancellationToken;
 use crate::message::{Broadcast, MESSAGE_ID_HEADER, Posted};
 use crate::metrics::DirectRequest;
 use crate::request::{Head, visible_ascii};
+use crate::script::HOOK_HEADERS;
 
 /// The path this serves.
 pub const BROADCAST_PATH: &str = "/message/broadcast";
 
-/// The headers the POST handler and the access hook read.
-const READ_HEADERS: [&str; 9] = [
+/// The headers the POST handler reads (and the access hook's, [`HOOK_HEADERS`]).
+const HANDLER_HEADERS: [&str; 6] = [
     "content-type",
     "host",
     "origin",
     "sec-fetch-site",
     "idempotency-key",
     "x-forwarded-for",
-    "authorization",
-    "referer",
-    "user-agent",
 ];
 
 /// What a direct POST needs from its head (owned: the head's buffer is reused).
@@ -56,7 +54,7 @@ pub struct PostRequest {
     query: Option<String>,
     /// The body's length.
     pub content_length: usize,
-    /// The first value of each of [`READ_HEADERS`] present (`None`: not visible ASCII).
+    /// The first value of each header read that is present (`None`: not visible ASCII).
     headers: Vec<(&'static str, Option<String>)>,
 }
 
@@ -106,7 +104,10 @@ impl PostRequest {
                 if !header.value.eq_ignore_ascii_case(b"keep-alive") {
                     return None;
                 }
-            } else if let Some(known) = READ_HEADERS.iter().find(|known| is(known))
+            } else if let Some(known) = HANDLER_HEADERS
+                .iter()
+                .chain(HOOK_HEADERS.iter())
+                .find(|known| is(known))
                 && !headers.iter().any(|(seen, _)| seen == known)
             {
                 headers.push((known, visible_ascii(header.value).map(str::to_owned)));

@@ -301,7 +301,7 @@ pub fn router(routes: Routes) -> Service {
             .auto_list(false)
     };
     // With sessions, the stream reads (never writes) the session for the room's names.
-    let mut fetch = Router::with_path("event/fetch");
+    let mut fetch = Router::with_path(crate::event::FETCH_PATH.trim_start_matches('/'));
     if let Some(sessions) = fetch_sessions {
         fetch = fetch.hoop(sessions);
     }
@@ -317,7 +317,7 @@ pub fn router(routes: Routes) -> Service {
         broadcast.config.max_text_chars,
         broadcast.config.max_from_chars,
     );
-    let mut message = Router::with_path("message/broadcast");
+    let mut message = Router::with_path(crate::direct_post::BROADCAST_PATH.trim_start_matches('/'));
     if let Some(sessions) = sessions {
         message = message.hoop(sessions);
     }
