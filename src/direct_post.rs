@@ -209,26 +209,24 @@ async fn answer(
     };
     broadcast.count(status);
     let close = status == StatusCode::REQUEST_TIMEOUT;
+    // Written in place (a `Vec` takes every write).
+    use std::io::Write;
     let mut response = Vec::with_capacity(192 + body.len());
-    response.extend_from_slice(
-        format!(
-            "HTTP/1.1 {} {}\r\n",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or("")
-        )
-        .as_bytes(),
+    let _ = write!(
+        response,
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
     );
     if let Some(id) = id {
-        response.extend_from_slice(format!("{MESSAGE_ID_HEADER}: {id}\r\n").as_bytes());
+        let _ = write!(response, "{MESSAGE_ID_HEADER}: {id}\r\n");
     }
-    response.extend_from_slice(
-        format!(
-            "content-type: application/json\r\ncache-control: no-store\r\ncontent-length: {}\r\n{}date: {}\r\n\r\n",
-            body.len(),
-            if close { "connection: close\r\n" } else { "" },
-            httpdate::fmt_http_date(std::time::SystemTime::now()),
-        )
-        .as_bytes(),
+    let _ = write!(
+        response,
+        "content-type: application/json\r\ncache-control: no-store\r\ncontent-length: {}\r\n{}date: {}\r\n\r\n",
+        body.len(),
+        if close { "connection: close\r\n" } else { "" },
+        httpdate::HttpDate::from(std::time::SystemTime::now()),
     );
     response.extend_from_slice(&body);
     match tokio::time::timeout(write_stall, socket.write_all(&response)).await {
