@@ -603,11 +603,16 @@ async fn stream(out: &mut Out, mut reader: Reader, stop: &mut Stop<'_, '_>) -> E
         if let Err(ended) = out.flush(stop).await {
             return ended;
         }
+        // The chunk first: a wake-up that brings a frame polls nothing else. Shutdown is not
+        // watched here but by the hub, which ends every stream then, after the frames it has
+        // queued for it (`Finished`: the client is told cleanly); `flush` watches it while a
+        // write waits. Watching it here made every client poll the one shutdown token (its
+        // waiters' lock) once per frame.
         let chunk = tokio::select! {
-            () = stop.aborted.as_mut() => return Ended::Aborted,
-            () = stop.cancelled.as_mut() => return Ended::Shutdown,
-            () = event::closed(&out.socket) => return Ended::Gone,
+            biased;
             chunk = reader.next_chunk() => chunk,
+            () = stop.aborted.as_mut() => return Ended::Aborted,
+            () = event::closed(&out.socket) => return Ended::Gone,
         };
         match chunk {
             Some(chunk) => out.pending.push_back(chunk),
