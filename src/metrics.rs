@@ -171,7 +171,6 @@ pub struct Metrics {
     pub refused_clients: Counter,
     /// POST answers by status.
     pub posts: Family<PostLabels, Counter>,
-    /// Seconds from a POST to its publication by the broker.
     /// Requests the direct path served (the rest went to hyper), by request.
     pub direct_requests: Family<DirectLabels, Counter>,
     /// The counters of `direct_requests` and of `posts` with status 200, held apart: counted
@@ -179,6 +178,7 @@ pub struct Metrics {
     direct_posts: Counter,
     direct_streams: Counter,
     posts_ok: Counter,
+    /// Seconds from a POST to its publication by the broker.
     pub publish_latency: Histogram,
     /// Whether this node's PUSH socket is connected (1) or not (0).
     pub push_connected: Gauge,
