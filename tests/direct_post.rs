@@ -370,12 +370,20 @@ async fn hostile_posts_get_their_answer_and_others_are_served() {
     assert_eq!(junk.status, 400, "{junk:?}");
     assert!(junk.body.contains("not HTTP/1.x"), "{junk:?}");
     assert!(conn.closed_within(Duration::from_secs(2)).await);
+    // A TLS handshake on the plain port, as a first request: the same answer.
+    let mut tls = Conn::open(&app).await;
+    tls.send(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03")
+        .await;
+    let answer = tls.answer().await.unwrap();
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert!(answer.body.contains("not HTTP/1.x"), "{answer:?}");
+    assert!(tls.closed_within(Duration::from_secs(2)).await);
     assert_eq!(
         metric(
             &app,
             "temma_connections_refused_total{reason=\"Malformed\"}"
         ),
-        Some(3.0)
+        Some(4.0)
     );
 
     // A thousand POSTs in one write: answered in order, none lost (read while writing: the
