@@ -416,12 +416,10 @@ impl App {
             trusted_proxies: Arc::new(config.server.trusted_proxies.clone()),
             body_timeout: Duration::from_secs(config.server.body_timeout_secs),
             default_room: Arc::from(config.rooms.default.as_str()),
-            access: access.clone(),
+            access,
         });
         let front = config.server.front(
             hub.clone(),
-            app.metrics.clone(),
-            access,
             config
                 .application
                 .enable_sessions

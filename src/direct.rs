@@ -61,7 +61,8 @@ pub struct Limits {
     pub write_stall: Duration,
 }
 
-/// What the accept loop shares with every connection.
+/// What the accept loop shares with every connection. `cors_origins`, `metrics` and `access`
+/// are the [`Broadcast`]'s own (one configuration for both direct paths).
 pub struct Front {
     pub hub: Hub,
     pub cors_origins: Arc<Vec<String>>,
@@ -95,19 +96,16 @@ impl Front {
 
     pub fn new(
         hub: Hub,
-        cors_origins: Vec<String>,
         limits: Limits,
-        metrics: Arc<Metrics>,
-        access: Option<Hook>,
         session_cookie: Option<String>,
         broadcast: Arc<Broadcast>,
     ) -> Arc<Front> {
         Arc::new(Front {
             hub,
-            cors_origins: Arc::new(cors_origins),
+            cors_origins: broadcast.cors_origins.clone(),
             limits,
-            metrics,
-            access,
+            metrics: broadcast.metrics.clone(),
+            access: broadcast.access.clone(),
             session_cookie,
             broadcast,
             sockets: Mutex::new(HashMap::new()),
@@ -211,7 +209,7 @@ pub async fn accept_loop(
         let Some(open) = admit(&front, &socket, peer) else {
             continue;
         };
-        tasks.spawn(first_request(
+        tasks.spawn(serve_connection(
             socket,
             peer,
             open,
@@ -276,7 +274,7 @@ fn refuse_now(socket: &TcpStream, message: &str) {
 
 /// A complete `Connection: close` JSON error response.
 pub fn error_response(status: u16, reason: &str, message: &str) -> Vec<u8> {
-    let body = serde_json::json!({ "error": message }).to_string();
+    let body = crate::error::error_body(message);
     format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -289,7 +287,7 @@ pub fn error_response(status: u16, reason: &str, message: &str) -> Vec<u8> {
 /// whole within one deadline; a lone `GET /event/fetch` is served here to the end of the
 /// connection, a plain `POST /message/broadcast` here too ([`crate::direct_post`]) and the next
 /// request read after it; anything else goes to hyper with the bytes already read.
-async fn first_request(
+async fn serve_connection(
     socket: TcpStream,
     peer: SocketAddr,
     mut open: Open,
@@ -406,7 +404,8 @@ fn parse_head(buffer: &[u8], peer: SocketAddr, front: &Front) -> Option<Head> {
                 return Some(Head::Stream(sse));
             }
             if front.session_cookie.is_none() && front.cors_origins.is_empty() {
-                match PostRequest::from_head(&request, peer, front.broadcast.max_body_bytes()) {
+                match PostRequest::from_head(&request, peer, front.broadcast.config.max_body_bytes)
+                {
                     Some(Ok(post)) => return Some(Head::Post(post, length)),
                     Some(Err(refused)) => return Some(Head::Malformed(refused)),
                     None => {}
@@ -546,7 +545,7 @@ async fn serve_sse(
             },
         );
         if let Access::Refuse { status, reason } = hook.check(crate::script::ON_SUBSCRIBE, req) {
-            let refusal = error_response(status, reason_phrase(status), &reason);
+            let refusal = error_response(status, crate::error::reason_phrase(status), &reason);
             out.pending.push_back(Bytes::from(refusal));
             let _ = out.flush(&mut stop).await;
             return;
@@ -825,14 +824,6 @@ pub fn fit_max_connections(configured: usize) -> usize {
     }
 }
 
-/// The reason phrase of a 4xx a hook may answer with.
-fn reason_phrase(status: u16) -> &'static str {
-    salvo::http::StatusCode::from_u16(status)
-        .ok()
-        .and_then(|status| status.canonical_reason())
-        .unwrap_or("Refused")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -841,26 +832,7 @@ mod tests {
     fn front() -> Arc<Front> {
         let metrics = Metrics::new();
         let acks = crate::acks::Acks::new();
-        let hub = Hub::new(
-            crate::hub::Settings {
-                queue: 1024,
-                max_clients: 10,
-                history_size: 100,
-                history_ttl: Duration::from_secs(60),
-                initial_history: 10,
-                retry_ms: 2000,
-                keepalive: Duration::from_secs(15),
-                stall: Duration::from_secs(1),
-                max_message_bytes: 1 << 16,
-                default_room: Arc::from("general"),
-                max_rooms: 4,
-                room_idle: Duration::from_secs(60),
-                history_bytes: 1 << 20,
-                room_queue: 128,
-            },
-            metrics.clone(),
-            acks.clone(),
-        );
+        let hub = Hub::new(crate::hub::test_settings(), metrics.clone(), acks.clone());
         let config = crate::message::MessageConfig::default();
         let (publisher, _push) =
             crate::message::Publisher::new(&config, Vec::new(), 1 << 16, acks, metrics.clone());
@@ -881,7 +853,7 @@ mod tests {
             head_timeout: Duration::from_secs(10),
             write_stall: Duration::from_secs(10),
         };
-        Front::new(hub, Vec::new(), limits, metrics, None, None, broadcast)
+        Front::new(hub, limits, None, broadcast)
     }
 
     /// Every idle SSE client holds its connection's task: what that task's future carries
@@ -902,7 +874,7 @@ mod tests {
             registered: false,
         };
         let (handoff, _handed) = tokio::sync::mpsc::channel(1);
-        let task = first_request(socket, peer, open, handoff, CancellationToken::new());
+        let task = serve_connection(socket, peer, open, handoff, CancellationToken::new());
         let size = std::mem::size_of_val(&task);
         assert!(size <= MAX_TASK_BYTES, "{size} bytes");
     }

@@ -202,9 +202,7 @@ async fn answer(
         Err(error) => (
             error.status,
             None,
-            serde_json::json!({ "error": error.message })
-                .to_string()
-                .into_bytes(),
+            crate::error::error_body(&error.message).into_bytes(),
         ),
     };
     broadcast.count(status);
@@ -216,7 +214,7 @@ async fn answer(
         response,
         "HTTP/1.1 {} {}\r\n",
         status.as_u16(),
-        status.canonical_reason().unwrap_or("")
+        crate::error::reason_phrase(status.as_u16())
     );
     if let Some(id) = id {
         let _ = write!(response, "{MESSAGE_ID_HEADER}: {id}\r\n");

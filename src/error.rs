@@ -27,7 +27,7 @@ impl JsonError {
     /// Writes the status and the JSON body.
     pub fn write_to(&self, res: &mut Response) {
         res.status_code(self.status);
-        write_json(res, &serde_json::json!({ "error": self.message }));
+        write_body(res, error_body(&self.message).into_bytes());
     }
 }
 
@@ -43,9 +43,29 @@ impl Scribe for JsonError {
     }
 }
 
+/// The body of every JSON error: `{"error": message}`.
+pub fn error_body(message: &str) -> String {
+    serde_json::json!({ "error": message }).to_string()
+}
+
+/// The reason phrase of a status (a hook may answer with any 4xx): `Refused` for one without.
+pub fn reason_phrase(status: u16) -> &'static str {
+    StatusCode::from_u16(status)
+        .ok()
+        .and_then(|status| status.canonical_reason())
+        .unwrap_or("Refused")
+}
+
 /// Writes a JSON body with `Content-Type: application/json` and no caching.
 pub fn write_json(res: &mut Response, value: &serde_json::Value) {
-    let body = serde_json::to_vec(value).expect("serializing a JSON value cannot fail");
+    write_body(
+        res,
+        serde_json::to_vec(value).expect("serializing a JSON value cannot fail"),
+    );
+}
+
+/// Writes a body that is JSON already, with `Content-Type: application/json` and no caching.
+fn write_body(res: &mut Response, body: Vec<u8>) {
     let headers = res.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -1900,6 +1900,27 @@ impl History {
     }
 }
 
+/// Settings for the tests of the hub and of what holds one: small queues and rooms.
+#[cfg(test)]
+pub(crate) fn test_settings() -> Settings {
+    Settings {
+        queue: 4,
+        max_clients: 10,
+        history_size: 100,
+        history_ttl: Duration::from_secs(60),
+        initial_history: 10,
+        retry_ms: 2000,
+        keepalive: Duration::from_secs(15),
+        stall: Duration::from_millis(400),
+        max_message_bytes: 1 << 16,
+        default_room: Arc::from("general"),
+        max_rooms: 4,
+        room_idle: Duration::from_secs(60),
+        history_bytes: 1 << 20,
+        room_queue: 4,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1983,24 +2004,7 @@ mod tests {
         }
     }
 
-    fn settings() -> Settings {
-        Settings {
-            queue: 4,
-            max_clients: 10,
-            history_size: 100,
-            history_ttl: Duration::from_secs(60),
-            initial_history: 10,
-            retry_ms: 2000,
-            keepalive: Duration::from_secs(15),
-            stall: Duration::from_millis(400),
-            max_message_bytes: 1 << 16,
-            default_room: Arc::from("general"),
-            max_rooms: 4,
-            room_idle: Duration::from_secs(60),
-            history_bytes: 1 << 20,
-            room_queue: 4,
-        }
-    }
+    use super::test_settings as settings;
 
     fn hub(settings: Settings) -> Hub {
         Hub::new(settings, Metrics::new(), Acks::new())

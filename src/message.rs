@@ -823,11 +823,6 @@ impl Broadcast {
         self.metrics.post_answered(status.as_u16());
     }
 
-    /// `message.max_body_bytes`.
-    pub fn max_body_bytes(&self) -> usize {
-        self.config.max_body_bytes
-    }
-
     /// The answer to a body that did not arrive within `server.body_timeout_secs`.
     pub fn body_timed_out(&self) -> JsonError {
         JsonError::new(

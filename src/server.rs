@@ -137,22 +137,17 @@ impl ServerConfig {
     pub fn front(
         &self,
         hub: Hub,
-        metrics: Arc<Metrics>,
-        access: Option<crate::script::Hook>,
         session_cookie: Option<String>,
         broadcast: Arc<Broadcast>,
     ) -> Arc<Front> {
         Front::new(
             hub,
-            self.cors_origins.clone(),
             crate::direct::Limits {
                 max_connections: crate::direct::fit_max_connections(self.max_connections),
                 max_pending_heads: self.max_pending_heads,
                 head_timeout: Duration::from_secs(self.head_timeout_secs),
                 write_stall: Duration::from_secs(self.write_stall_timeout_secs),
             },
-            metrics,
-            access,
             session_cookie,
             broadcast,
         )
