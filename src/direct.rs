@@ -454,11 +454,7 @@ impl SseRequest {
         if request.method != Some("GET") {
             return None;
         }
-        let target = request.path?;
-        let (path, query) = match target.split_once('?') {
-            Some((path, query)) => (path, Some(query)),
-            None => (target, None),
-        };
+        let (path, query) = crate::request::path_and_query(request.path?);
         if path != event::FETCH_PATH {
             return None;
         }

@@ -70,10 +70,7 @@ impl PostRequest {
         if request.method != Some("POST") || request.version != Some(1) {
             return None;
         }
-        let (path, query) = match request.path?.split_once('?') {
-            Some((path, query)) => (path, Some(query)),
-            None => (request.path?, None),
-        };
+        let (path, query) = crate::request::path_and_query(request.path?);
         if path != BROADCAST_PATH {
             return None;
         }
@@ -92,12 +89,13 @@ impl PostRequest {
                         "`Content-Length` must be given once, as a decimal number".to_owned(),
                     ));
                 }
-                // Past nine digits: too long anyway (hyper says so with a 413).
-                content_length = std::str::from_utf8(digits)
-                    .ok()
-                    .filter(|digits| digits.len() <= 9)
-                    .and_then(|digits| digits.parse::<usize>().ok())
-                    .or(Some(usize::MAX));
+                // Past `usize`: too long anyway (hyper says so with a 413).
+                content_length = Some(
+                    std::str::from_utf8(digits)
+                        .ok()
+                        .and_then(|digits| digits.parse::<usize>().ok())
+                        .unwrap_or(usize::MAX),
+                );
             } else if is("transfer-encoding") || is("expect") || is("upgrade") {
                 return None;
             } else if is("connection") {

@@ -154,6 +154,14 @@ impl Head for salvo::Request {
     }
 }
 
+/// A request target split at its `?`: the path, and the query string if any.
+pub fn path_and_query(target: &str) -> (&str, Option<&str>) {
+    match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    }
+}
+
 /// A header value as `http::HeaderValue::to_str` gives it: only visible ASCII (and tabs).
 pub fn visible_ascii(value: &[u8]) -> Option<&str> {
     value
