@@ -9,8 +9,12 @@
 #   TEMMA_BINARIES="/tmp/before/target/release/temma target/release/temma" TEMMA_SETTINGS=0/batch \
 #     NCHAN_SETTINGS=2 benches/workers.sh     # two builds side by side (a setting is then
 #                                             # labelled SETTING@DIR, DIR the build's folder)
+#   FLOOR_SETTINGS="1 2 2t" benches/workers.sh   # and temma-floor (benches/floor.rs: the least
+#                                   # a fan-out server can spend) with 1 and 2 threads; "2t": 2
+#                                   # threads and a task per subscriber (--tasks)
 #
-# Prints one line per run: server, setting (temma: threads/scheduling; Nchan: processes), load,
+# Prints one line per run: server, setting (temma: threads/scheduling; Nchan: processes; floor:
+# threads, "t" for --tasks), load,
 # p50, p99, CPU per message and per delivery, delivered. Reports in $OUT (default target/workers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +22,7 @@ ROUNDS=${ROUNDS:-2}
 LOADS=${LOADS:-10x20 10x50 100x50 1000x20}
 TEMMA_SETTINGS=${TEMMA_SETTINGS:-0/batch 0/normal 1/batch}
 NCHAN_SETTINGS=${NCHAN_SETTINGS-2 1}
+FLOOR_SETTINGS=${FLOOR_SETTINGS-}
 TEMMA_BINARIES=${TEMMA_BINARIES:-target/release/temma}
 OUT=${OUT:-target/workers}
 WORK=$(mktemp -d /tmp/temma-workers.XXXXXX)
@@ -28,7 +33,7 @@ mkdir -p "$OUT"
 . benches/peers.sh
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo build --release --bin temma --example temma-load
+cargo build --release --bin temma --example temma-load --example temma-floor
 LOAD=target/release/examples/temma-load
 
 PID=""
@@ -53,6 +58,15 @@ run() {
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 0.1; done
     target=(--subscribe "http://127.0.0.1:$PORT/event/fetch"
             --publish "http://127.0.0.1:$PORT/message/broadcast" --pid "$PID")
+  elif [ "$server" = floor ]; then
+    local tasks=()
+    [ "${setting%t}" != "$setting" ] && tasks=(--tasks)
+    target/release/examples/temma-floor --listen "127.0.0.1:$PORT" --threads "${setting%t}" \
+      "${tasks[@]}" 2> "$WORK/floor.log" &
+    PID=$!
+    for _ in $(seq 100); do grep -q listening "$WORK/floor.log" && break; sleep 0.1; done
+    target=(--subscribe "http://127.0.0.1:$PORT/sub" --publish "http://127.0.0.1:$PORT/pub"
+            --pid "$PID")
   else
     rm -rf "$WORK/nchan"
     start_nchan "$WORK/nchan" -e "s#^worker_processes .*#worker_processes $setting;#"
@@ -70,7 +84,7 @@ run() {
   local file="$OUT/$server-${label//\//-}-$load-$round.json"
   "$LOAD" "${target[@]}" --subscribers "$subscribers" --rate "$rate" \
     --messages $((rate * 10)) --json > "$file"
-  if [ "$server" = temma ]; then
+  if [ "$server" != nchan ]; then
     kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
   else
     kill -QUIT "$NCHAN_MASTER"
@@ -95,5 +109,6 @@ for round in $(seq "$ROUNDS"); do
       for setting in $TEMMA_SETTINGS; do run temma "$setting" "$load"; done
     done
     for setting in $NCHAN_SETTINGS; do run nchan "$setting" "$load"; done
+    for setting in $FLOOR_SETTINGS; do run floor "$setting" "$load"; done
   done
 done
