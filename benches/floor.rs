@@ -141,9 +141,9 @@ async fn connection(mut socket: TcpStream, number: u64, fanout: Fanout) {
         frame.extend_from_slice(b"\n\n");
         buffer.drain(..head_len + body_len);
         match &fanout {
-            Fanout::Inline(subscribers) => lock(subscribers).retain(|(_, subscriber)| {
-                matches!(subscriber.try_write(&frame), Ok(n) if n == frame.len())
-            }),
+            Fanout::Inline(subscribers) => lock(subscribers).retain(
+                |(_, subscriber)| matches!(subscriber.try_write(&frame), Ok(n) if n == frame.len()),
+            ),
             Fanout::Tasks(sender) => {
                 let _ = sender.send(frame.into());
             }
@@ -155,7 +155,9 @@ async fn connection(mut socket: TcpStream, number: u64, fanout: Fanout) {
 }
 
 fn lock(subscribers: &Subscribers) -> std::sync::MutexGuard<'_, Vec<(u64, Arc<TcpStream>)>> {
-    subscribers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    subscribers
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Reads until `buffer` starts with a whole request head: its length, whether it is a `GET`,

@@ -36,11 +36,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::direct_post::{After, PostRequest};
-use crate::event::{self, Reader};
+use crate::event;
 use crate::hub::{Abort, Hub};
 use crate::message::Broadcast;
 use crate::metrics::{ConnectionRefusal, DirectRequest, Metrics};
 use crate::script::{Access, Hook};
+use crate::shard::{End, Flushed, Outlet};
 
 /// The longest request head read before a connection is handed on.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -491,8 +492,10 @@ enum Ended {
     Aborted,
     /// The server shuts down.
     Shutdown,
-    /// The hub ended the stream (shutdown, or the client fell too far behind).
+    /// The hub ended the stream (shutdown).
     Finished,
+    /// The client fell a whole queue behind.
+    Lagged,
 }
 
 /// Serves an SSE connection whose first request is `GET /event/fetch`; see the module
@@ -549,69 +552,86 @@ async fn serve_sse(
     }
     // A node just started fills its history from the broker first (`event.snapshot`).
     front.hub.synced().await;
-    let subscription = front
-        .hub
-        .subscribe(room.as_deref(), request.last_event_id.as_deref(), {
-            let abort = abort.clone();
-            Abort::new(move || abort.notify_one())
-        });
-    let mut subscription = match subscription {
-        Ok(subscription) => subscription,
-        Err(refused) => {
-            let refusal = error_response(503, "Service Unavailable", &refused.to_string());
-            out.pending.push_back(Bytes::from(refusal));
-            let _ = out.flush(&mut stop).await;
-            return;
-        }
-    };
     let cors = request
         .origin
         .as_deref()
         .and_then(|origin| crate::request::allowed_origin(&front.cors_origins, origin));
-    out.pending
-        .push_back(event::response_head(cors.as_deref()).into());
-    out.pending.extend(std::mem::take(&mut subscription.replay));
-    let reader = Reader::new(front.hub.clone(), subscription);
-    match stream(&mut out, reader, &mut stop).await {
+    let Out { socket, stall, .. } = out;
+    let outlet = Arc::new(Outlet::new(
+        Arc::new(socket),
+        event::response_head(cors.as_deref()).into(),
+    ));
+    let subscribed = front.hub.subscribe_outlet(
+        room.as_deref(),
+        request.last_event_id.as_deref(),
+        {
+            let abort = abort.clone();
+            Abort::new(move || abort.notify_one())
+        },
+        &outlet,
+    );
+    let (slot, _guard) = match subscribed {
+        Ok(subscribed) => subscribed,
+        Err(refused) => {
+            let refusal = error_response(503, "Service Unavailable", &refused.to_string());
+            outlet.refuse(Bytes::from(refusal));
+            let _ = stream(&outlet, stall, &mut stop).await;
+            return;
+        }
+    };
+    match stream(&outlet, stall, &mut stop).await {
         Ended::Stalled => {
             front.hub.metrics().write_stalls.inc();
             tracing::debug!("SSE write stalled; connection closed");
         }
-        Ended::Finished => {
-            // The hub ended the stream (shutdown, or too far behind): the browser
-            // reconnects. Say so cleanly.
-            let _ = tokio::time::timeout(
-                front.limits.write_stall,
-                tokio::io::AsyncWriteExt::shutdown(&mut out.socket),
-            )
-            .await;
+        // The hub ended the stream (shutdown, or the client fell too far behind): the browser
+        // reconnects. Say so cleanly.
+        Ended::Lagged => {
+            front.hub.lagged(&slot);
+            finish(outlet.socket());
         }
+        Ended::Finished => finish(outlet.socket()),
         Ended::Gone | Ended::Aborted | Ended::Shutdown => {}
     }
-    // Dropping the socket closes it; dropping the reader frees the client's place.
+    // Dropping the guard takes the client out of its shard and frees its place; dropping the
+    // outlet closes the socket.
 }
 
-/// Writes what is pending, then each chunk the hub has for the client, until something ends
-/// the stream.
-async fn stream(out: &mut Out, mut reader: Reader, stop: &mut Stop<'_, '_>) -> Ended {
+/// Closes the write side of a stream that ended cleanly (`shutdown(2)`, which does not
+/// wait): the client sees the end of the stream after what was written.
+fn finish(socket: &TcpStream) {
+    let _ = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Write);
+}
+
+/// Writes what the client's outlet holds whenever its shard leaves something there, until
+/// something ends the stream. The shard writes everything else itself.
+async fn stream(outlet: &Outlet, stall: Duration, stop: &mut Stop<'_, '_>) -> Ended {
     loop {
-        if let Err(ended) = out.flush(stop).await {
-            return ended;
-        }
-        // The chunk first: a wake-up that brings a frame polls nothing else. Shutdown is not
-        // watched here but by the hub, which ends every stream then, after the frames it has
-        // queued for it (`Finished`: the client is told cleanly); `flush` watches it while a
-        // write waits. Watching it here made every client poll the one shutdown token (its
-        // waiters' lock) once per frame.
-        let chunk = tokio::select! {
-            biased;
-            chunk = reader.next_chunk() => chunk,
-            () = stop.aborted.as_mut() => return Ended::Aborted,
-            () = event::closed(&out.socket) => return Ended::Gone,
-        };
-        match chunk {
-            Some(chunk) => out.pending.push_back(chunk),
-            None => return Ended::Finished,
+        match outlet.write_pending() {
+            // The wake-up first: one that brings bytes polls nothing else. Shutdown is not
+            // watched here but by the hub, which ends every stream then, after what it has
+            // queued for it (`Finished`: the client is told cleanly).
+            Flushed::Empty => tokio::select! {
+                biased;
+                () = outlet.woken() => {}
+                () = stop.aborted.as_mut() => return Ended::Aborted,
+                () = event::closed(outlet.socket()) => return Ended::Gone,
+            },
+            Flushed::Blocked => {
+                let writable = tokio::select! {
+                    () = stop.aborted.as_mut() => return Ended::Aborted,
+                    () = stop.cancelled.as_mut() => return Ended::Shutdown,
+                    writable = tokio::time::timeout(stall, outlet.socket().writable()) => writable,
+                };
+                match writable {
+                    Err(_) => return Ended::Stalled,
+                    Ok(Err(_)) => return Ended::Gone,
+                    Ok(Ok(())) => {}
+                }
+            }
+            Flushed::Ended(End::Finished) => return Ended::Finished,
+            Flushed::Ended(End::Overflowed) => return Ended::Lagged,
+            Flushed::Ended(End::Gone) => return Ended::Gone,
         }
     }
 }

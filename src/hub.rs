@@ -46,6 +46,7 @@ use crate::acks::{Ack, Acks};
 use crate::failover::Brokers;
 use crate::metrics::SnapshotResult;
 use crate::metrics::{DropReason, Metrics};
+use crate::shard::{End, Outlet, Shard};
 use crate::snapshot::{self, Reply};
 use crate::socket;
 use crate::wire::{self, Envelope, KEEPALIVE_FRAME, MsgId, plain_str, write_reset};
@@ -57,7 +58,6 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
 /// (keep-alives, expiry): an idle node wakes once a second, with the presence tick.
 pub const QUIET_INTERVAL: Duration = Duration::from_secs(1);
 /// Coalesce at most this many bytes of queued frames into one write for a client that lags.
-pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
 /// How far ahead of this node's newest message (in the same run) a `Last-Event-ID` may be and
 /// still be taken as "seen on another node, on its way here"; further ahead is reset.
 pub const MAX_AHEAD: u64 = 1024;
@@ -78,14 +78,7 @@ const MAX_NODES: usize = 256;
 pub const MAX_NAMES: usize = 100;
 const MAX_NAME_CHARS: usize = 64;
 
-/// One broadcast frame: a message (with its id, if the broker gave one) or a keep-alive.
-#[derive(Debug, Clone)]
-pub struct Item {
-    pub id: Option<MsgId>,
-    pub frame: Bytes,
-    /// `true` for chat messages, `false` for keep-alives and notices.
-    pub message: bool,
-}
+pub use crate::shard::{Item, MAX_CHUNK_BYTES};
 
 /// The fan-out hub of one web node. Cheap to clone.
 #[derive(Clone)]
@@ -363,6 +356,9 @@ struct Room {
     /// costs about 100 bytes per frame of `event.queue`), and on shutdown (receivers then see
     /// `Closed` and their streams end).
     tx: Option<broadcast::Sender<Item>>,
+    /// The writer shards of the clients the front door streams (`crate::shard`): made as
+    /// they come, dropped with the ring (their tasks end when it closes).
+    shards: Vec<Arc<Shard>>,
     history: History,
     /// Frames broadcast so far in this room.
     sent: u64,
@@ -386,6 +382,7 @@ impl Room {
             }
             .max(1),
             tx: None,
+            shards: Vec::new(),
             history: History::new(settings.history_size, settings.history_ttl),
             sent: 0,
             slots: HashMap::new(),
@@ -395,8 +392,9 @@ impl Room {
         }
     }
 
-    fn broadcast(&mut self, item: Item) {
+    fn broadcast(&mut self, mut item: Item) {
         if let Some(tx) = &self.tx {
+            item.seq = self.sent + 1;
             // No receiver is fine: nobody is connected.
             let _ = tx.send(item);
             self.sent += 1;
@@ -417,6 +415,8 @@ pub struct Slot {
     dropped: AtomicBool,
     /// The client's name (its session's), for the room's list of who is here.
     name: Option<Arc<str>>,
+    /// A client a shard writes to counts what it took there.
+    outlet: Option<Arc<Outlet>>,
 }
 
 /// How the sweep cuts off a client that stopped reading: whatever serves the connection says
@@ -435,6 +435,14 @@ impl Abort {
 }
 
 impl Slot {
+    /// Frames this client has taken from its room's ring.
+    fn consumed(&self) -> u64 {
+        match &self.outlet {
+            Some(outlet) => outlet.consumed(),
+            None => self.consumed.load(Ordering::Relaxed),
+        }
+    }
+
     /// Marks the client as disconnected for being slow; `true` the first time only.
     fn drop_slow(&self) -> bool {
         !self.dropped.swap(true, Ordering::AcqRel)
@@ -466,18 +474,32 @@ pub struct Subscription {
     pub guard: ClientGuard,
 }
 
+/// A client admitted to its room ([`Hub::enter`]).
+struct Entered<T> {
+    replay: Vec<Bytes>,
+    skip_until: Option<MsgId>,
+    slot: Arc<Slot>,
+    guard: ClientGuard,
+    live: T,
+}
+
 /// Releases a client's place when its stream ends.
 pub struct ClientGuard {
     shared: Arc<Shared>,
     key: u64,
     /// Its room, once it has one.
     room: Option<Arc<str>>,
+    /// Its shard and outlet, for a client a shard writes to.
+    shard: Option<(Arc<Shard>, Arc<Outlet>)>,
 }
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
         self.shared.clients.fetch_sub(1, Ordering::AcqRel);
         self.shared.metrics.sse_clients.dec();
+        if let Some((shard, outlet)) = &self.shard {
+            shard.leave(outlet);
+        }
         if let Some(room) = &self.room {
             let mut state = self.shared.lock();
             if let Some(room) = state.rooms.get_mut(room) {
@@ -485,6 +507,7 @@ impl Drop for ClientGuard {
                 room.last_active = Instant::now();
                 if room.slots.is_empty() {
                     room.tx = None;
+                    room.shards.clear();
                 }
             }
         }
@@ -804,6 +827,7 @@ impl Hub {
                     id: None,
                     frame: frame.freeze(),
                     message: false,
+                    seq: 0,
                 });
             }
             shown.insert(name, now);
@@ -831,6 +855,96 @@ impl Hub {
         last_event_id: Option<&str>,
         abort: Abort,
     ) -> Result<Subscription, Refused> {
+        let entered = self.enter(
+            room,
+            client_name,
+            last_event_id,
+            abort,
+            None,
+            |room, closed| {
+                match room.tx.as_ref() {
+                    Some(tx) if !closed => tx.subscribe(),
+                    _ => {
+                        // Shutting down: a closed receiver ends the stream after the replay.
+                        let (tx, rx) = broadcast::channel(1);
+                        drop(tx);
+                        rx
+                    }
+                }
+            },
+        )?;
+        let Entered {
+            replay,
+            skip_until,
+            slot,
+            guard,
+            live: rx,
+        } = entered;
+        Ok(Subscription {
+            replay,
+            rx,
+            skip_until,
+            slot,
+            guard,
+        })
+    }
+
+    /// [`Hub::subscribe_named`] for a client the front door streams itself: its `outlet` gets
+    /// the replay (behind what it holds) and joins one of the room's writer shards
+    /// ([`crate::shard`]), which writes the live frames. Returns the client's guard.
+    pub fn subscribe_outlet(
+        &self,
+        room: Option<&str>,
+        last_event_id: Option<&str>,
+        abort: Abort,
+        outlet: &Arc<Outlet>,
+    ) -> Result<(Arc<Slot>, ClientGuard), Refused> {
+        let metrics = self.shared.metrics.clone();
+        let entered = self.enter(
+            room,
+            None,
+            last_event_id,
+            abort,
+            Some(outlet),
+            |room, closed| {
+                let tx = room.tx.as_ref().filter(|_| !closed)?;
+                let shard = match room.shards.iter().find(|shard| shard.join(outlet)) {
+                    Some(shard) => shard.clone(),
+                    None => {
+                        let shard = Shard::spawn(tx.subscribe(), room.queue as u64, metrics);
+                        shard.join(outlet);
+                        room.shards.push(shard.clone());
+                        shard
+                    }
+                };
+                Some(shard)
+            },
+        )?;
+        let Entered {
+            slot,
+            mut guard,
+            live,
+            ..
+        } = entered;
+        match live {
+            Some(shard) => guard.shard = Some((shard, outlet.clone())),
+            // Shutting down: the stream ends after the replay.
+            None => outlet.end(End::Finished),
+        }
+        Ok((slot, guard))
+    }
+
+    /// Admits a client to its room: its replay, its slot, and what `live` makes under the
+    /// hub's lock (a ring receiver, or a shard the outlet joined).
+    fn enter<T>(
+        &self,
+        room: Option<&str>,
+        client_name: Option<&str>,
+        last_event_id: Option<&str>,
+        abort: Abort,
+        outlet: Option<&Arc<Outlet>>,
+        live: impl FnOnce(&mut Room, bool) -> T,
+    ) -> Result<Entered<T>, Refused> {
         let (key, mut guard) = self.admit()?;
         let shared = &self.shared;
         let name: Arc<str> = Arc::from(room.unwrap_or(&shared.settings.default_room));
@@ -845,20 +959,16 @@ impl Hub {
         };
         room.history.expire(now);
         room.last_active = now;
-        let (replay, skip_until) = room.replay(&shared.settings, newest, last_event_id);
+        let (mut replay, mut skip_until) = room.replay(&shared.settings, newest, last_event_id);
         if room.tx.is_none() && !closed {
             // Each client may lag `event.queue` frames behind (tokio rounds up to a power of 2).
             room.tx = Some(broadcast::channel(room.queue).0);
         }
-        let rx = match room.tx.as_ref() {
-            Some(tx) if !closed => tx.subscribe(),
-            _ => {
-                // Shutting down: a closed receiver ends the stream after the replay.
-                let (tx, rx) = broadcast::channel(1);
-                drop(tx);
-                rx
-            }
-        };
+        if let Some(outlet) = outlet {
+            // Under the lock, as every broadcast: the replay is queued before any live frame.
+            outlet.join_at(room.sent, std::mem::take(&mut replay), skip_until.take());
+        }
+        let live = live(room, closed);
         let slot = Arc::new(Slot {
             consumed: AtomicU64::new(room.sent),
             swept: AtomicU64::new(room.sent),
@@ -868,16 +978,17 @@ impl Hub {
             name: client_name
                 .map(|name| name.chars().take(MAX_NAME_CHARS).collect::<String>())
                 .map(Arc::from),
+            outlet: outlet.cloned(),
         });
         room.slots.insert(key, slot.clone());
         drop(state);
         guard.room = Some(name);
-        Ok(Subscription {
+        Ok(Entered {
             replay,
-            rx,
             skip_until,
             slot,
             guard,
+            live,
         })
     }
 
@@ -896,6 +1007,7 @@ impl Hub {
             shared: shared.clone(),
             key,
             room: None,
+            shard: None,
         };
         Ok((key, guard))
     }
@@ -1085,13 +1197,14 @@ impl Hub {
                         id: None,
                         frame: Bytes::from_static(KEEPALIVE_FRAME),
                         message: false,
+                        seq: 0,
                     });
                     room.last_sent = now;
                 }
                 let sent = room.sent;
                 let queue = room.queue as u64;
                 room.slots.retain(|_, slot| {
-                    let consumed = slot.consumed.load(Ordering::Relaxed);
+                    let consumed = slot.consumed();
                     let behind = sent.saturating_sub(consumed);
                     lagging |= behind > 0;
                     // A full queue and not one frame taken for `stall_sweeps` sweeps in a row:
@@ -1136,6 +1249,7 @@ impl Hub {
         state.closed = true;
         for room in state.rooms.values_mut() {
             room.tx = None;
+            room.shards.clear();
         }
         drop(state);
         tracing::info!("event streams closed");
@@ -1524,6 +1638,7 @@ impl State {
                 id: None,
                 frame: notice.freeze(),
                 message: false,
+                seq: 0,
             });
             room.history.mark_gap();
         }
@@ -1662,6 +1777,7 @@ impl State {
             id,
             frame,
             message: true,
+            seq: 0,
         });
         self.history_bytes = self.history_bytes + after - before;
         // The node-wide budget: the oldest message of any room goes first.

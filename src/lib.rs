@@ -53,6 +53,7 @@ pub mod request;
 pub mod script;
 pub mod server;
 pub mod session;
+pub mod shard;
 pub mod snapshot;
 pub mod socket;
 pub mod throttle;

@@ -25,6 +25,8 @@ const LAYERS: &[(&str, u8)] = &[
     // What components are built from.
     ("context", 2),
     ("snapshot", 2),
+    // The writer shards of streamed clients.
+    ("shard", 2),
     // Components.
     ("script", 3),
     ("hub", 3),

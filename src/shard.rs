@@ -1,0 +1,421 @@
+//! Writer shards: the SSE clients the front door streams itself (`direct`) are written to by a
+//! few tasks per room, each owning up to [`SHARD_SIZE`] clients, instead of one task woken per
+//! client per frame.
+//!
+//! A shard's task reads the room's broadcast ring once for all its clients, gathers what is
+//! queued into one chunk (up to [`MAX_CHUNK_BYTES`]), and offers it to each client's
+//! [`Outlet`] in turn: a client whose socket takes it whole costs one `write` and no wake-up. A
+//! client whose socket is full keeps the rest in its outlet, in order, and its own task (woken
+//! once) waits for the socket and writes it, under the write-stall deadline; until its outlet is
+//! empty again, later chunks queue behind. Whoever writes to a client's socket holds its
+//! outlet's lock, so bytes never interleave.
+//!
+//! Policy: an outlet holds at most the room's queue (`event.queue`) of frames not yet written;
+//! one more and the client is disconnected (it reconnects and replays), as a client further
+//! behind the ring than that is. A shard whose own ring receiver falls that far behind (its
+//! thread was starved) disconnects all its clients the same way.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use tokio::net::TcpStream;
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+
+use crate::metrics::Metrics;
+use crate::wire::MsgId;
+
+/// Clients per shard: enough that ten clients cost one wake-up, few enough that a thousand
+/// spread over every worker thread.
+pub const SHARD_SIZE: usize = 64;
+
+/// The most bytes gathered for one write.
+pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Most buffers given to one `writev`.
+const MAX_SLICES: usize = 16;
+
+/// One broadcast frame: a message (with its id, if the broker gave one) or a keep-alive.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub id: Option<MsgId>,
+    pub frame: Bytes,
+    /// `true` for chat messages, `false` for keep-alives and notices.
+    pub message: bool,
+    /// Its number in its room (the room's count of frames broadcast, from 1), set as it is
+    /// broadcast.
+    pub seq: u64,
+}
+
+/// One streamed client's socket and what waits to be written to it.
+pub struct Outlet {
+    socket: Arc<TcpStream>,
+    state: Mutex<OutletState>,
+    /// Frames of the ring this client has been given whole (the sweep compares it with what
+    /// its room sent).
+    consumed: AtomicU64,
+    /// Wakes the client's task: bytes wait, or the stream ended.
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct OutletState {
+    /// What is written first, once the client joins.
+    first: Bytes,
+    /// Bytes the socket has not taken, in order, each with the ring frames it holds.
+    pending: VecDeque<(Bytes, u64)>,
+    /// Ring frames in `pending`.
+    frames_pending: u64,
+    /// The client's task was woken to write `pending` and has not yet found it empty.
+    flushing: bool,
+    /// Frames up to this number came before the client joined (its replay has them).
+    after: u64,
+    /// Skip messages up to this id (the client has them already).
+    skip_until: Option<MsgId>,
+    end: Option<End>,
+}
+
+/// Why a client's stream ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The ring closed (shutdown, or no client left): end after what is pending.
+    Finished,
+    /// The client fell a whole queue behind.
+    Overflowed,
+    /// A write failed: the client is gone.
+    Gone,
+}
+
+/// What [`Outlet::write_pending`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flushed {
+    /// Nothing is pending: wait for the next wake-up.
+    Empty,
+    /// The socket is full: wait until it is writable, then write again.
+    Blocked,
+    /// The stream ends.
+    Ended(End),
+}
+
+impl Outlet {
+    /// An outlet for `socket`; `first` (the response head) is written before anything else
+    /// once the client joins its room.
+    pub fn new(socket: Arc<TcpStream>, first: Bytes) -> Outlet {
+        Outlet {
+            socket,
+            state: Mutex::new(OutletState {
+                first,
+                ..OutletState::default()
+            }),
+            consumed: AtomicU64::new(0),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Writes `answer` instead (a refused client), then ends.
+    pub fn refuse(&self, answer: Bytes) {
+        let mut state = self.lock();
+        state.pending.clear();
+        state.pending.push_back((answer, 0));
+        state.flushing = true;
+        state.end = Some(End::Finished);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OutletState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn socket(&self) -> &TcpStream {
+        &self.socket
+    }
+
+    /// Frames of the ring written (or skipped) for this client.
+    pub fn consumed(&self) -> u64 {
+        self.consumed.load(Ordering::Relaxed)
+    }
+
+    /// Where the client joins its room's ring: `sent` frames came before (`consumed` starts
+    /// there, as the sweep counts), its `replay` is queued behind what the outlet holds, and
+    /// messages up to `skip_until` are skipped. Before the outlet joins a shard.
+    pub fn join_at(&self, sent: u64, replay: Vec<Bytes>, skip_until: Option<MsgId>) {
+        let mut state = self.lock();
+        state.after = sent;
+        state.skip_until = skip_until;
+        let first = std::mem::take(&mut state.first);
+        state.pending.extend(
+            std::iter::once(first)
+                .chain(replay)
+                .filter(|bytes| !bytes.is_empty())
+                .map(|bytes| (bytes, 0)),
+        );
+        state.flushing = !state.pending.is_empty();
+        self.consumed.store(sent, Ordering::Relaxed);
+    }
+
+    /// Ends the stream (after what is pending, for [`End::Finished`]) and wakes its task.
+    pub fn end(&self, end: End) {
+        let mut state = self.lock();
+        if state.end.is_none() {
+            state.end = Some(end);
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Waits until there is something for the client's task to do.
+    pub async fn woken(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Writes what is pending, without waiting (the client's task).
+    pub fn write_pending(&self) -> Flushed {
+        let mut state = self.lock();
+        loop {
+            if state.end.is_some_and(|end| end != End::Finished) {
+                return Flushed::Ended(state.end.unwrap_or(End::Gone));
+            }
+            if state.pending.is_empty() {
+                state.flushing = false;
+                return match state.end {
+                    Some(end) => Flushed::Ended(end),
+                    None => Flushed::Empty,
+                };
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut count = 0;
+            for (slice, (bytes, _)) in slices.iter_mut().zip(&state.pending) {
+                *slice = IoSlice::new(bytes);
+                count += 1;
+            }
+            match self.socket.try_write_vectored(&slices[..count]) {
+                Ok(0) => return Flushed::Ended(End::Gone),
+                Ok(written) => self.advance(&mut state, written),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Flushed::Blocked;
+                }
+                Err(_) => return Flushed::Ended(End::Gone),
+            }
+        }
+    }
+
+    /// Drops `written` bytes from the front of `pending`, counting the frames written whole.
+    fn advance(&self, state: &mut OutletState, mut written: usize) {
+        while written > 0 {
+            let Some((front, frames)) = state.pending.front_mut() else {
+                return;
+            };
+            if written >= front.len() {
+                written -= front.len();
+                let frames = *frames;
+                state.pending.pop_front();
+                state.frames_pending -= frames;
+                self.consumed.fetch_add(frames, Ordering::Relaxed);
+            } else {
+                bytes::Buf::advance(front, written);
+                written = 0;
+            }
+        }
+    }
+
+    /// Offers a shard's chunk (`items`, gathered in `whole`) to this client: written at once if
+    /// nothing waits and the socket takes it, else queued behind what waits and the client's
+    /// task woken. Returns the messages delivered to it.
+    fn offer(&self, items: &[Item], whole: &Bytes, queue: u64) -> u64 {
+        let mut state = self.lock();
+        if state.end.is_some() {
+            return 0;
+        }
+        let (bytes, frames, messages) = if state.skip_until.is_none()
+            && items.first().is_some_and(|item| item.seq > state.after)
+        {
+            let messages = items.iter().filter(|item| item.message).count() as u64;
+            (whole.clone(), items.len() as u64, messages)
+        } else {
+            filtered(items, &mut state)
+        };
+        if frames == 0 {
+            return 0;
+        }
+        if bytes.is_empty() {
+            // Every frame was one the client has: taken, nothing to write.
+            self.consumed.fetch_add(frames, Ordering::Relaxed);
+            return 0;
+        }
+        if state.pending.is_empty() {
+            match self.socket.try_write(&bytes) {
+                Ok(written) if written == bytes.len() => {
+                    self.consumed.fetch_add(frames, Ordering::Relaxed);
+                    return messages;
+                }
+                Ok(written) => state.pending.push_back((bytes.slice(written..), frames)),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    state.pending.push_back((bytes, frames));
+                }
+                Err(_) => {
+                    state.end = Some(End::Gone);
+                    drop(state);
+                    self.wake.notify_one();
+                    return 0;
+                }
+            }
+        } else {
+            state.pending.push_back((bytes, frames));
+        }
+        state.frames_pending += frames;
+        if state.frames_pending > queue {
+            state.end = Some(End::Overflowed);
+            state.pending.clear();
+            state.flushing = true;
+        } else if !state.flushing {
+            state.flushing = true;
+        } else {
+            return messages;
+        }
+        drop(state);
+        self.wake.notify_one();
+        messages
+    }
+}
+
+/// The frames of `items` this client lacks (after it joined, not skipped), in one buffer:
+/// the bytes, the frames taken from the ring, the messages among them.
+fn filtered(items: &[Item], state: &mut OutletState) -> (Bytes, u64, u64) {
+    let mut out = BytesMut::new();
+    let (mut frames, mut messages) = (0, 0);
+    for item in items.iter().filter(|item| item.seq > state.after) {
+        frames += 1;
+        if let (Some(limit), Some(id)) = (state.skip_until, item.id) {
+            // The client has this one already (same run, not after what it saw).
+            if id.run == limit.run && !id.follows(&limit) {
+                continue;
+            }
+            state.skip_until = None;
+        }
+        if item.message {
+            messages += 1;
+        }
+        out.extend_from_slice(&item.frame);
+    }
+    if let Some(last) = items.last() {
+        state.after = state.after.max(last.seq);
+    }
+    (out.freeze(), frames, messages)
+}
+
+/// Up to [`SHARD_SIZE`] clients of one room and the task that writes to them.
+#[derive(Default)]
+pub struct Shard {
+    outlets: Mutex<Vec<Arc<Outlet>>>,
+}
+
+impl Shard {
+    fn lock(&self) -> MutexGuard<'_, Vec<Arc<Outlet>>> {
+        self.outlets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds a client, if the shard has room for it.
+    pub fn join(&self, outlet: &Arc<Outlet>) -> bool {
+        let mut outlets = self.lock();
+        if outlets.len() >= SHARD_SIZE {
+            return false;
+        }
+        outlets.push(outlet.clone());
+        true
+    }
+
+    pub fn leave(&self, outlet: &Arc<Outlet>) {
+        self.lock().retain(|known| !Arc::ptr_eq(known, outlet));
+    }
+
+    /// Starts a shard's task on the room's ring; `queue` is the room's queue (frames a client
+    /// may be behind).
+    pub fn spawn(rx: broadcast::Receiver<Item>, queue: u64, metrics: Arc<Metrics>) -> Arc<Shard> {
+        let shard = Arc::new(Shard::default());
+        tokio::spawn(shard.clone().run(rx, queue, metrics));
+        shard
+    }
+
+    /// Reads the ring and offers each chunk to every client, until the ring closes.
+    async fn run(
+        self: Arc<Self>,
+        mut rx: broadcast::Receiver<Item>,
+        queue: u64,
+        metrics: Arc<Metrics>,
+    ) {
+        let mut items = Vec::new();
+        loop {
+            let first = match rx.recv().await {
+                Ok(item) => item,
+                Err(RecvError::Lagged(_)) => {
+                    // This task fell behind the ring: its clients miss frames. Each is
+                    // disconnected and replays, as a client further behind than the ring is.
+                    self.end_all(End::Overflowed);
+                    continue;
+                }
+                Err(RecvError::Closed) => break,
+            };
+            let mut bytes = first.frame.len();
+            items.push(first);
+            let mut closed = false;
+            while bytes < MAX_CHUNK_BYTES {
+                match rx.try_recv() {
+                    Ok(item) => {
+                        bytes += item.frame.len();
+                        items.push(item);
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Lagged(_)) => {
+                        self.end_all(End::Overflowed);
+                        items.clear();
+                        break;
+                    }
+                    Err(TryRecvError::Closed) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            if !items.is_empty() {
+                let whole = gather(&items);
+                let mut delivered = 0;
+                for outlet in self.lock().iter() {
+                    delivered += outlet.offer(&items, &whole, queue);
+                }
+                if delivered > 0 {
+                    metrics.delivered.inc_by(delivered);
+                }
+                items.clear();
+            }
+            if closed {
+                break;
+            }
+        }
+        self.end_all(End::Finished);
+    }
+
+    fn end_all(&self, end: End) {
+        for outlet in self.lock().iter() {
+            outlet.end(end);
+        }
+    }
+}
+
+/// The frames of `items` in one buffer (the first frame shared as is when it is alone).
+fn gather(items: &[Item]) -> Bytes {
+    match items {
+        [one] => one.frame.clone(),
+        _ => {
+            let mut out = BytesMut::with_capacity(items.iter().map(|item| item.frame.len()).sum());
+            for item in items {
+                out.extend_from_slice(&item.frame);
+            }
+            out.freeze()
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Writer shards (`src/shard.rs`): the SSE clients the front door streams are written to by a
+//! few tasks per room. Real server on port 0, raw TCP clients.
+// Tests may unwrap: a failure is the test failing (the library may not: Cargo.toml [lints]).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{DEADLINE, TestApp};
+use temma::shard::SHARD_SIZE;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A raw SSE client: the request sent as the connection's first bytes (the direct path).
+async fn subscribe(app: &TestApp, recv_buffer: Option<u32>) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let mut stream = socket.connect(app.http).await.unwrap();
+    stream
+        .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    stream
+}
+
+/// Reads until `count` messages came (or the stream ends) and returns the number each text
+/// starts with.
+async fn read_numbers(stream: &mut TcpStream, count: usize) -> Vec<usize> {
+    let mut seen = Vec::with_capacity(count);
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    while seen.len() < count {
+        let n = tokio::time::timeout(DEADLINE, stream.read(&mut buffer))
+            .await
+            .expect("the stream goes on")
+            .unwrap();
+        if n == 0 {
+            break; // Closed: the caller's assertion says what was missed.
+        }
+        pending.extend_from_slice(&buffer[..n]);
+        let mut used = 0;
+        while let Some(at) = memchr::memmem::find(&pending[used..], b"\"text\":\"") {
+            let start = used + at + 8;
+            let Some(len) = pending[start..].iter().position(|b| !b.is_ascii_digit()) else {
+                break; // The number is not complete yet.
+            };
+            let number = std::str::from_utf8(&pending[start..start + len]).unwrap();
+            seen.push(number.parse::<usize>().unwrap());
+            used = start + len;
+        }
+        pending.drain(..used);
+    }
+    seen
+}
+
+/// Waits until the node counts `clients` SSE clients.
+async fn clients_connected(app: &TestApp, clients: f64) {
+    common::eventually("every client connected", || async {
+        (common::metric(app, "temma_sse_clients ") == Some(clients)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_across_several_shards_get_every_message_in_order() {
+    let app = TestApp::start_with(|config| config.event.max_clients = 1000).await;
+    app.ready().await;
+    // Three shards: two full, one not.
+    let count = 2 * SHARD_SIZE + 10;
+    let mut clients = Vec::new();
+    for _ in 0..count {
+        clients.push(subscribe(&app, None).await);
+    }
+    clients_connected(&app, count as f64).await;
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| tokio::spawn(async move { read_numbers(&mut client, 30).await }))
+        .collect();
+    for n in 0..30 {
+        let response = app
+            .client
+            .post(app.url("/message/broadcast"))
+            .json(&serde_json::json!({"from": "a", "text": format!("{n}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    for reader in readers {
+        assert_eq!(reader.await.unwrap(), (0..30).collect::<Vec<_>>());
+    }
+    // Each message was delivered once per client, counted once.
+    let delivered = common::metric(&app, "temma_messages_delivered_total ").unwrap();
+    assert_eq!(delivered, (30 * count) as f64);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_pauses_then_reads_on_loses_nothing_and_holds_nobody_up() {
+    let app = TestApp::start_with(|config| {
+        config.event.queue = 1024;
+        config.server.socket_send_buffer_bytes = 16 * 1024;
+    })
+    .await;
+    app.ready().await;
+    // The paused client: a small receive buffer, nothing read for a while.
+    let mut paused = subscribe(&app, Some(4096)).await;
+    let mut fast = subscribe(&app, None).await;
+    clients_connected(&app, 2.0).await;
+    // 300 messages of 0.6 KB: far more than both sockets' buffers hold, far less than the queue.
+    let count = 300;
+    let text = "x".repeat(500);
+    let fast_reader = tokio::spawn(async move { read_numbers(&mut fast, count).await });
+    for n in 0..count {
+        let response = app
+            .client
+            .post(app.url("/message/broadcast"))
+            .json(&serde_json::json!({"from": "a", "text": format!("{n} {text}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // The other client had everything while this one read nothing.
+    assert_eq!(
+        fast_reader.await.unwrap(),
+        (0..count).collect::<Vec<_>>(),
+        "the reading client is not held up"
+    );
+    // What the paused client's socket could not take waits for it, in order.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        read_numbers(&mut paused, count).await,
+        (0..count).collect::<Vec<_>>(),
+        "every message, in order, once"
+    );
+    assert_eq!(
+        common::metric(&app, "temma_slow_consumer_disconnects_total "),
+        Some(0.0)
+    );
+    // It is still subscribed: the next message comes.
+    let response = app
+        .client
+        .post(app.url("/message/broadcast"))
+        .json(&serde_json::json!({"from": "a", "text": format!("{count}")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(read_numbers(&mut paused, 1).await, vec![count]);
+    app.stop().await;
+}
