@@ -62,8 +62,6 @@ pub struct Outlet {
 
 #[derive(Default)]
 struct OutletState {
-    /// What is written first, once the client joins.
-    first: Bytes,
     /// Bytes the socket has not taken, in order, each with the ring frames it holds.
     pending: VecDeque<(Bytes, u64)>,
     /// Ring frames in `pending`.
@@ -100,13 +98,14 @@ pub enum Flushed {
 }
 
 impl Outlet {
-    /// An outlet for `socket`; `first` (the response head) is written before anything else
-    /// once the client joins its room.
+    /// An outlet for `socket` whose first bytes are `first` (the response head); the client's
+    /// task writes them, and the replay after them.
     pub fn new(socket: Arc<TcpStream>, first: Bytes) -> Outlet {
         Outlet {
             socket,
             state: Mutex::new(OutletState {
-                first,
+                pending: VecDeque::from([(first, 0)]),
+                flushing: true,
                 ..OutletState::default()
             }),
             consumed: AtomicU64::new(0),
@@ -145,14 +144,12 @@ impl Outlet {
         let mut state = self.lock();
         state.after = sent;
         state.skip_until = skip_until;
-        let first = std::mem::take(&mut state.first);
         state.pending.extend(
-            std::iter::once(first)
-                .chain(replay)
+            replay
+                .into_iter()
                 .filter(|bytes| !bytes.is_empty())
                 .map(|bytes| (bytes, 0)),
         );
-        state.flushing = !state.pending.is_empty();
         self.consumed.store(sent, Ordering::Relaxed);
     }
 
@@ -180,6 +177,8 @@ impl Outlet {
             }
             if state.pending.is_empty() {
                 state.flushing = false;
+                // What an idle client holds does not keep the size of its last backlog.
+                state.pending = VecDeque::new();
                 return match state.end {
                     Some(end) => Flushed::Ended(end),
                     None => Flushed::Empty,
