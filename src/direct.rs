@@ -22,7 +22,7 @@
 //! KiB, none of it growing with the history (the replay is written from the history's own
 //! frames and dropped).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -50,8 +50,6 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Descriptors kept free for everything that is not a client connection (ZeroMQ, files,
 /// scripts' reloads) when `server.max_connections` is fitted to the process's limit.
 pub const RESERVED_DESCRIPTORS: u64 = 256;
-/// Frames written per `writev`.
-const MAX_SLICES: usize = 16;
 
 /// The limits of the HTTP front door.
 #[derive(Debug, Clone)]
@@ -508,11 +506,8 @@ async fn serve_sse(
     shutdown: &CancellationToken,
 ) {
     let abort = Arc::new(tokio::sync::Notify::new());
-    let mut out = Out {
-        socket,
-        pending: VecDeque::new(),
-        stall: front.limits.write_stall,
-    };
+    let socket = Arc::new(socket);
+    let stall = front.limits.write_stall;
     // Registered once: a new `cancelled()` per wake-up would lock the shared token each time,
     // for every client.
     let aborted = abort.notified();
@@ -523,8 +518,7 @@ async fn serve_sse(
         Ok(room) => room,
         Err(error) => {
             let refusal = error_response(400, "Bad Request", &error);
-            out.pending.push_back(Bytes::from(refusal));
-            let _ = out.flush(&mut stop).await;
+            refuse(socket, refusal, stall, &mut stop).await;
             return;
         }
     };
@@ -545,8 +539,7 @@ async fn serve_sse(
         );
         if let Access::Refuse { status, reason } = hook.check(crate::script::ON_SUBSCRIBE, req) {
             let refusal = error_response(status, crate::error::reason_phrase(status), &reason);
-            out.pending.push_back(Bytes::from(refusal));
-            let _ = out.flush(&mut stop).await;
+            refuse(socket, refusal, stall, &mut stop).await;
             return;
         }
     }
@@ -556,9 +549,8 @@ async fn serve_sse(
         .origin
         .as_deref()
         .and_then(|origin| crate::request::allowed_origin(&front.cors_origins, origin));
-    let Out { socket, stall, .. } = out;
     let outlet = Arc::new(Outlet::new(
-        Arc::new(socket),
+        socket.clone(),
         event::response_head(cors.as_deref()).into(),
     ));
     let subscribed = front.hub.subscribe_outlet(
@@ -574,8 +566,8 @@ async fn serve_sse(
         Ok(subscribed) => subscribed,
         Err(refused) => {
             let refusal = error_response(503, "Service Unavailable", &refused.to_string());
-            outlet.refuse(Bytes::from(refusal));
-            let _ = stream(&outlet, stall, &mut stop).await;
+            drop(outlet);
+            refuse(socket, refusal, stall, &mut stop).await;
             return;
         }
     };
@@ -595,6 +587,14 @@ async fn serve_sse(
     }
     // Dropping the guard takes the client out of its shard and frees its place; dropping the
     // outlet closes the socket.
+}
+
+/// Writes a refusal (within the stall deadline, watching for shutdown), then the connection
+/// closes.
+async fn refuse(socket: Arc<TcpStream>, answer: Vec<u8>, stall: Duration, stop: &mut Stop<'_, '_>) {
+    let outlet = Outlet::new(socket, answer.into());
+    outlet.end(End::Finished);
+    let _ = stream(&outlet, stall, stop).await;
 }
 
 /// Closes the write side of a stream that ended cleanly (`shutdown(2)`, which does not
@@ -640,85 +640,6 @@ async fn stream(outlet: &Outlet, stall: Duration, stop: &mut Stop<'_, '_>) -> En
 struct Stop<'a, 'b> {
     aborted: Pin<&'b mut tokio::sync::futures::Notified<'a>>,
     cancelled: Pin<&'b mut tokio_util::sync::WaitForCancellationFuture<'a>>,
-}
-
-/// A direct SSE connection's socket and what is queued for it.
-struct Out {
-    socket: TcpStream,
-    pending: VecDeque<Bytes>,
-    stall: Duration,
-}
-
-impl Out {
-    /// Writes everything pending. What the socket takes at once is written without waiting
-    /// (the common case); the rest waits, each `writev` bounded by the stall timeout, while
-    /// watching for the sweep's abort, shutdown and the client going away. The waiting part is
-    /// boxed: an idle connection's task does not carry its state.
-    async fn flush(&mut self, stop: &mut Stop<'_, '_>) -> Result<(), Ended> {
-        loop {
-            if self.pending.is_empty() {
-                return Ok(());
-            }
-            match self.write_now() {
-                Ok(0) => return Err(Ended::Gone),
-                Ok(written) => self.advance(written),
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => return Err(Ended::Gone),
-            }
-        }
-        Box::pin(self.flush_waiting(stop)).await
-    }
-
-    /// One `writev` of what is pending, without waiting.
-    fn write_now(&self) -> std::io::Result<usize> {
-        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-        let mut count = 0;
-        for (slice, frame) in slices.iter_mut().zip(&self.pending) {
-            *slice = IoSlice::new(frame);
-            count += 1;
-        }
-        self.socket.try_write_vectored(&slices[..count])
-    }
-
-    async fn flush_waiting(&mut self, stop: &mut Stop<'_, '_>) -> Result<(), Ended> {
-        while !self.pending.is_empty() {
-            let written = tokio::select! {
-                () = stop.aborted.as_mut() => return Err(Ended::Aborted),
-                () = stop.cancelled.as_mut() => return Err(Ended::Shutdown),
-                written = tokio::time::timeout(self.stall, self.writable()) => written,
-            };
-            match written {
-                Err(_) => return Err(Ended::Stalled),
-                Ok(Err(_)) => return Err(Ended::Gone),
-                Ok(Ok(())) => {}
-            }
-            match self.write_now() {
-                Ok(0) => return Err(Ended::Gone),
-                Ok(written) => self.advance(written),
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return Err(Ended::Gone),
-            }
-        }
-        Ok(())
-    }
-
-    async fn writable(&self) -> std::io::Result<()> {
-        self.socket.writable().await
-    }
-
-    /// Drops what was written from the pending frames.
-    fn advance(&mut self, mut written: usize) {
-        while written > 0 {
-            let front = self.pending.front_mut().expect("written from pending");
-            if written >= front.len() {
-                written -= front.len();
-                self.pending.pop_front();
-            } else {
-                bytes::Buf::advance(front, written);
-                written = 0;
-            }
-        }
-    }
 }
 
 /// A connection handed to hyper: the bytes the accept loop already read come first. The socket

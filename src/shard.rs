@@ -113,15 +113,6 @@ impl Outlet {
         }
     }
 
-    /// Writes `answer` instead (a refused client), then ends.
-    pub fn refuse(&self, answer: Bytes) {
-        let mut state = self.lock();
-        state.pending.clear();
-        state.pending.push_back((answer, 0));
-        state.flushing = true;
-        state.end = Some(End::Finished);
-    }
-
     fn lock(&self) -> MutexGuard<'_, OutletState> {
         self.state
             .lock()
