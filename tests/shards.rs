@@ -153,3 +153,46 @@ async fn a_client_that_pauses_then_reads_on_loses_nothing_and_holds_nobody_up() 
     assert_eq!(read_numbers(&mut paused, 1).await, vec![count]);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_ahead_of_the_node_gets_only_what_it_lacks() {
+    let app = TestApp::start().await;
+    app.ready().await;
+    let mut watcher = subscribe(&app, None).await;
+    clients_connected(&app, 1.0).await;
+    let post = |n: usize| {
+        let request = app
+            .client
+            .post(app.url("/message/broadcast"))
+            .json(&serde_json::json!({"from": "a", "text": format!("{n}")}));
+        async move { assert_eq!(request.send().await.unwrap().status(), 200) }
+    };
+    post(0).await;
+    // The first message's id: `<run>-<seq>`.
+    let mut head = Vec::new();
+    while !head.windows(2).any(|w| w == b"\n\n") || memchr::memmem::find(&head, b"id: ").is_none() {
+        let mut buffer = [0u8; 4096];
+        let n = watcher.read(&mut buffer).await.unwrap();
+        assert!(n > 0, "the stream goes on");
+        head.extend_from_slice(&buffer[..n]);
+    }
+    let at = memchr::memmem::find(&head, b"id: ").unwrap() + 4;
+    let line = &head[at..at + head[at..].iter().position(|&b| b == b'\n').unwrap()];
+    let (run, seq) = std::str::from_utf8(line).unwrap().rsplit_once('-').unwrap();
+    let seq: u64 = seq.parse().unwrap();
+    // A client that saw two messages more than this node has (on another node, say).
+    let mut ahead = tokio::net::TcpStream::connect(app.http).await.unwrap();
+    let request = format!(
+        "GET /event/fetch HTTP/1.1\r\nHost: test\r\nLast-Event-ID: {run}-{}\r\n\r\n",
+        seq + 2
+    );
+    ahead.write_all(request.as_bytes()).await.unwrap();
+    clients_connected(&app, 2.0).await;
+    for n in 1..=4 {
+        post(n).await;
+    }
+    // Messages 1 and 2 are the two it has: it gets 3 and 4, once each.
+    assert_eq!(read_numbers(&mut ahead, 2).await, vec![3, 4]);
+    assert_eq!(read_numbers(&mut watcher, 4).await, vec![1, 2, 3, 4]);
+    app.stop().await;
+}
