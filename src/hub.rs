@@ -57,7 +57,6 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
 /// How often the hub sweeps while every client has taken every frame and nothing is broadcast
 /// (keep-alives, expiry): an idle node wakes once a second, with the presence tick.
 pub const QUIET_INTERVAL: Duration = Duration::from_secs(1);
-/// Coalesce at most this many bytes of queued frames into one write for a client that lags.
 /// How far ahead of this node's newest message (in the same run) a `Last-Event-ID` may be and
 /// still be taken as "seen on another node, on its way here"; further ahead is reset.
 pub const MAX_AHEAD: u64 = 1024;
@@ -891,7 +890,8 @@ impl Hub {
 
     /// [`Hub::subscribe_named`] for a client the front door streams itself: its `outlet` gets
     /// the replay (behind what it holds) and joins one of the room's writer shards
-    /// ([`crate::shard`]), which writes the live frames. Returns the client's guard.
+    /// ([`crate::shard`]), which writes the live frames. Returns the client's slot (for
+    /// [`Hub::lagged`]) and guard.
     pub fn subscribe_outlet(
         &self,
         room: Option<&str>,
