@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Python bench tools at smoke size, against a real temma: benches/sse_reader.py (with
-# --per-message) and benches/vcpu_gaps.py. Run by .ci/run; the argument is the temma binary.
+# --per-message) and benches/vcpu_gaps.py; then temma-floor driven by temma-load (both built by
+# `cargo test`, in target/debug/examples). Run by .ci/run; the argument is the temma binary.
 #
 #   benches/tools_smoke.sh target/debug/temma
 set -euo pipefail
@@ -50,3 +51,24 @@ cpu = report["cpus"]["0"]
 assert cpu["gaps"] == sum(cpu["by_ms"].values()) and cpu["total_ms"] >= cpu["longest_ms"] >= 0, report
 print(f"vcpu_gaps: {cpu['gaps']} gaps in 1 s on CPU 0, longest {cpu['longest_ms']} ms: ok")
 PYEND
+
+# temma-floor (benches/floor.rs), inline and with a task per subscriber, driven by temma-load:
+# every delivery made, in order, and the server's CPU measured.
+for tasks in "" --tasks; do
+  FLOOR_PORT=$(free_port)
+  target/debug/examples/temma-floor --listen "127.0.0.1:$FLOOR_PORT" --threads 2 $tasks \
+    2> "$WORK/floor.log" &
+  FLOOR=$!
+  for _ in $(seq 100); do grep -q listening "$WORK/floor.log" && break; sleep 0.1; done
+  target/debug/examples/temma-load --subscribe "http://127.0.0.1:$FLOOR_PORT/sub" \
+    --publish "http://127.0.0.1:$FLOOR_PORT/pub" --pid "$FLOOR" --subscribers 5 --rate 50 \
+    --messages 20 --json > "$WORK/floor.json"
+  kill "$FLOOR"; wait "$FLOOR" 2>/dev/null || true
+  python3 - "$WORK/floor.json" "$tasks" <<'PYEND'
+import json, sys
+report = json.load(open(sys.argv[1]))
+assert report["received"] == 100 and report["gaps"] == 0 and report["duplicates"] == 0, report
+assert report["server_cpu"]["total_ms"] > 0, report
+print(f"temma-floor {sys.argv[2] or '(inline)'}: {report['received']} deliveries in order: ok")
+PYEND
+done
