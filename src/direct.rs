@@ -10,8 +10,10 @@
 //! Each connection's first request head must arrive whole within `server.head_timeout_secs`
 //! (one deadline for the whole head, not per read). A connection that opens with
 //! `GET /event/fetch` (nothing pipelined after it) is served here, straight from the socket: a
-//! response head, the replay, then the frames, each write bounded by
-//! `server.write_stall_timeout_secs`, and the connection closed as soon as the client closes,
+//! response head and the replay, then the frames, which its room's writer shard writes
+//! ([`crate::shard`]; this task writes what the shard leaves when the socket is full), each
+//! write that waits bounded by `server.write_stall_timeout_secs`, and the connection closed as
+//! soon as the client closes,
 //! sends anything more, stops reading (the hub's sweep aborts it), or the server shuts down.
 //! A plain `POST /message/broadcast` is served here too ([`crate::direct_post`]), and the
 //! connection's next request read (within `server.head_timeout_secs` of the answer). Bytes that

@@ -391,9 +391,16 @@ impl Room {
         }
     }
 
-    fn broadcast(&mut self, mut item: Item) {
+    /// Sends a frame to the room's clients (`message`: a chat message, else a keep-alive or
+    /// a notice), numbered in the room.
+    fn broadcast(&mut self, id: Option<MsgId>, frame: Bytes, message: bool) {
         if let Some(tx) = &self.tx {
-            item.seq = self.sent + 1;
+            let item = Item {
+                id,
+                frame,
+                message,
+                seq: self.sent + 1,
+            };
             // No receiver is fine: nobody is connected.
             let _ = tx.send(item);
             self.sent += 1;
@@ -822,12 +829,7 @@ impl Hub {
                 frame.put_slice(b"event: presence\ndata: ");
                 frame.put_slice(data.to_string().as_bytes());
                 frame.put_slice(b"\n\n");
-                room.broadcast(Item {
-                    id: None,
-                    frame: frame.freeze(),
-                    message: false,
-                    seq: 0,
-                });
+                room.broadcast(None, frame.freeze(), false);
             }
             shown.insert(name, now);
         }
@@ -1193,12 +1195,7 @@ impl Hub {
                     continue;
                 }
                 if !keepalive.is_zero() && now.duration_since(room.last_sent) >= keepalive {
-                    room.broadcast(Item {
-                        id: None,
-                        frame: Bytes::from_static(KEEPALIVE_FRAME),
-                        message: false,
-                        seq: 0,
-                    });
+                    room.broadcast(None, Bytes::from_static(KEEPALIVE_FRAME), false);
                     room.last_sent = now;
                 }
                 let sent = room.sent;
@@ -1634,12 +1631,7 @@ impl State {
                 &last,
                 "messages were lost before reaching this server",
             );
-            room.broadcast(Item {
-                id: None,
-                frame: notice.freeze(),
-                message: false,
-                seq: 0,
-            });
+            room.broadcast(None, notice.freeze(), false);
             room.history.mark_gap();
         }
     }
@@ -1773,12 +1765,7 @@ impl State {
             target.history.push(id, frame.clone(), now);
         }
         let after = target.history.bytes();
-        target.broadcast(Item {
-            id,
-            frame,
-            message: true,
-            seq: 0,
-        });
+        target.broadcast(id, frame, true);
         self.history_bytes = self.history_bytes + after - before;
         // The node-wide budget: the oldest message of any room goes first.
         while self.history_bytes > settings.history_bytes {

@@ -24,6 +24,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
+use crate::error::lock;
 use crate::metrics::Metrics;
 use crate::wire::MsgId;
 
@@ -66,8 +67,6 @@ struct OutletState {
     pending: VecDeque<(Bytes, u64)>,
     /// Ring frames in `pending`.
     frames_pending: u64,
-    /// The client's task was woken to write `pending` and has not yet found it empty.
-    flushing: bool,
     /// Frames up to this number came before the client joined (its replay has them).
     after: u64,
     /// Skip messages up to this id (the client has them already).
@@ -105,7 +104,6 @@ impl Outlet {
             socket,
             state: Mutex::new(OutletState {
                 pending: VecDeque::from([(first, 0)]),
-                flushing: true,
                 ..OutletState::default()
             }),
             consumed: AtomicU64::new(0),
@@ -114,9 +112,7 @@ impl Outlet {
     }
 
     fn lock(&self) -> MutexGuard<'_, OutletState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     pub fn socket(&self) -> &TcpStream {
@@ -167,7 +163,6 @@ impl Outlet {
                 return Flushed::Ended(state.end.unwrap_or(End::Gone));
             }
             if state.pending.is_empty() {
-                state.flushing = false;
                 // What an idle client holds does not keep the size of its last backlog.
                 state.pending = VecDeque::new();
                 return match state.end {
@@ -211,10 +206,11 @@ impl Outlet {
         }
     }
 
-    /// Offers a shard's chunk (`items`, gathered in `whole`) to this client: written at once if
-    /// nothing waits and the socket takes it, else queued behind what waits and the client's
-    /// task woken. Returns the messages delivered to it.
-    fn offer(&self, items: &[Item], whole: &Bytes, queue: u64) -> u64 {
+    /// Offers a shard's chunk (`items`, gathered in `whole`, `messages` of them chat messages)
+    /// to this client: written at once if nothing waits and the socket takes it, else queued
+    /// behind what waits, the client's task woken when the queue was empty (it writes until it
+    /// finds the queue empty again). Returns the messages delivered to it.
+    fn offer(&self, items: &[Item], whole: &Bytes, messages: u64, queue: u64) -> u64 {
         let mut state = self.lock();
         if state.end.is_some() {
             return 0;
@@ -222,7 +218,6 @@ impl Outlet {
         let (bytes, frames, messages) = if state.skip_until.is_none()
             && items.first().is_some_and(|item| item.seq > state.after)
         {
-            let messages = items.iter().filter(|item| item.message).count() as u64;
             (whole.clone(), items.len() as u64, messages)
         } else {
             filtered(items, &mut state)
@@ -235,7 +230,8 @@ impl Outlet {
             self.consumed.fetch_add(frames, Ordering::Relaxed);
             return 0;
         }
-        if state.pending.is_empty() {
+        let was_empty = state.pending.is_empty();
+        if was_empty {
             match self.socket.try_write(&bytes) {
                 Ok(written) if written == bytes.len() => {
                     self.consumed.fetch_add(frames, Ordering::Relaxed);
@@ -256,17 +252,15 @@ impl Outlet {
             state.pending.push_back((bytes, frames));
         }
         state.frames_pending += frames;
-        if state.frames_pending > queue {
+        let overflowed = state.frames_pending > queue;
+        if overflowed {
             state.end = Some(End::Overflowed);
             state.pending.clear();
-            state.flushing = true;
-        } else if !state.flushing {
-            state.flushing = true;
-        } else {
-            return messages;
         }
         drop(state);
-        self.wake.notify_one();
+        if was_empty || overflowed {
+            self.wake.notify_one();
+        }
         messages
     }
 }
@@ -304,9 +298,7 @@ pub struct Shard {
 
 impl Shard {
     fn lock(&self) -> MutexGuard<'_, Vec<Arc<Outlet>>> {
-        self.outlets
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.outlets)
     }
 
     /// Adds a client, if the shard has room for it.
@@ -373,9 +365,10 @@ impl Shard {
             }
             if !items.is_empty() {
                 let whole = gather(&items);
+                let messages = items.iter().filter(|item| item.message).count() as u64;
                 let mut delivered = 0;
                 for outlet in self.lock().iter() {
-                    delivered += outlet.offer(&items, &whole, queue);
+                    delivered += outlet.offer(&items, &whole, messages, queue);
                 }
                 if delivered > 0 {
                     metrics.delivered.inc_by(delivered);

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{DEADLINE, TestApp};
+use common::TestApp;
 use temma::shard::SHARD_SIZE;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -29,31 +29,19 @@ async fn subscribe(app: &TestApp, recv_buffer: Option<u32>) -> TcpStream {
 /// Reads until `count` messages came (or the stream ends) and returns the number each text
 /// starts with.
 async fn read_numbers(stream: &mut TcpStream, count: usize) -> Vec<usize> {
-    let mut seen = Vec::with_capacity(count);
-    let mut pending: Vec<u8> = Vec::new();
-    let mut buffer = vec![0u8; 64 * 1024];
-    while seen.len() < count {
-        let n = tokio::time::timeout(DEADLINE, stream.read(&mut buffer))
-            .await
-            .expect("the stream goes on")
-            .unwrap();
-        if n == 0 {
-            break; // Closed: the caller's assertion says what was missed.
-        }
-        pending.extend_from_slice(&buffer[..n]);
-        let mut used = 0;
-        while let Some(at) = memchr::memmem::find(&pending[used..], b"\"text\":\"") {
-            let start = used + at + 8;
-            let Some(len) = pending[start..].iter().position(|b| !b.is_ascii_digit()) else {
-                break; // The number is not complete yet.
-            };
-            let number = std::str::from_utf8(&pending[start..start + len]).unwrap();
-            seen.push(number.parse::<usize>().unwrap());
-            used = start + len;
-        }
-        pending.drain(..used);
-    }
-    seen
+    common::numbers_after(stream, b"\"text\":\"", count).await
+}
+
+/// Posts `text` (as JSON) and checks it was published.
+async fn post(app: &TestApp, text: String) {
+    let response = app
+        .client
+        .post(app.url("/message/broadcast"))
+        .json(&serde_json::json!({"from": "a", "text": text}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
 }
 
 /// Waits until the node counts `clients` SSE clients.
@@ -80,14 +68,7 @@ async fn clients_across_several_shards_get_every_message_in_order() {
         .map(|mut client| tokio::spawn(async move { read_numbers(&mut client, 30).await }))
         .collect();
     for n in 0..30 {
-        let response = app
-            .client
-            .post(app.url("/message/broadcast"))
-            .json(&serde_json::json!({"from": "a", "text": format!("{n}")}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        post(&app, format!("{n}")).await;
     }
     for reader in readers {
         assert_eq!(reader.await.unwrap(), (0..30).collect::<Vec<_>>());
@@ -115,14 +96,7 @@ async fn a_client_that_pauses_then_reads_on_loses_nothing_and_holds_nobody_up() 
     let text = "x".repeat(500);
     let fast_reader = tokio::spawn(async move { read_numbers(&mut fast, count).await });
     for n in 0..count {
-        let response = app
-            .client
-            .post(app.url("/message/broadcast"))
-            .json(&serde_json::json!({"from": "a", "text": format!("{n} {text}")}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        post(&app, format!("{n} {text}")).await;
     }
     // The other client had everything while this one read nothing.
     assert_eq!(
@@ -142,14 +116,7 @@ async fn a_client_that_pauses_then_reads_on_loses_nothing_and_holds_nobody_up() 
         Some(0.0)
     );
     // It is still subscribed: the next message comes.
-    let response = app
-        .client
-        .post(app.url("/message/broadcast"))
-        .json(&serde_json::json!({"from": "a", "text": format!("{count}")}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    post(&app, format!("{count}")).await;
     assert_eq!(read_numbers(&mut paused, 1).await, vec![count]);
     app.stop().await;
 }
@@ -160,14 +127,7 @@ async fn a_client_ahead_of_the_node_gets_only_what_it_lacks() {
     app.ready().await;
     let mut watcher = subscribe(&app, None).await;
     clients_connected(&app, 1.0).await;
-    let post = |n: usize| {
-        let request = app
-            .client
-            .post(app.url("/message/broadcast"))
-            .json(&serde_json::json!({"from": "a", "text": format!("{n}")}));
-        async move { assert_eq!(request.send().await.unwrap().status(), 200) }
-    };
-    post(0).await;
+    post(&app, "0".to_owned()).await;
     // The first message's id: `<run>-<seq>`.
     let mut head = Vec::new();
     while !head.windows(2).any(|w| w == b"\n\n") || memchr::memmem::find(&head, b"id: ").is_none() {
@@ -189,7 +149,7 @@ async fn a_client_ahead_of_the_node_gets_only_what_it_lacks() {
     ahead.write_all(request.as_bytes()).await.unwrap();
     clients_connected(&app, 2.0).await;
     for n in 1..=4 {
-        post(n).await;
+        post(&app, format!("{n}")).await;
     }
     // Messages 1 and 2 are the two it has: it gets 3 and 4, once each.
     assert_eq!(read_numbers(&mut ahead, 2).await, vec![3, 4]);

@@ -64,31 +64,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_slows_nobody() {
     let consumers: Vec<_> = readers
         .into_iter()
         .map(|mut reader| {
-            tokio::spawn(async move {
-                let mut seen = Vec::with_capacity(count);
-                let mut pending: Vec<u8> = Vec::new();
-                let mut buffer = vec![0u8; 64 * 1024];
-                while seen.len() < count {
-                    let n = reader.read(&mut buffer).await.unwrap();
-                    if n == 0 {
-                        break; // Closed: the assertion below says what was missed.
-                    }
-                    pending.extend_from_slice(&buffer[..n]);
-                    let mut used = 0;
-                    while let Some(at) = memchr::memmem::find(&pending[used..], b"\"n\":") {
-                        let start = used + at + 4;
-                        let Some(len) = pending[start..].iter().position(|b| !b.is_ascii_digit())
-                        else {
-                            break; // The number is not complete yet.
-                        };
-                        let number = std::str::from_utf8(&pending[start..start + len]).unwrap();
-                        seen.push(number.parse::<usize>().unwrap());
-                        used = start + len;
-                    }
-                    pending.drain(..used);
-                }
-                seen
-            })
+            tokio::spawn(async move { common::numbers_after(&mut reader, b"\"n\":", count).await })
         })
         .collect();
     let mut pace = tokio::time::interval(Duration::from_millis(10));

@@ -184,6 +184,42 @@ pub fn metric(app: &TestApp, line_start: &str) -> Option<f64> {
     metric_in(&app.app().metrics().render(), line_start)
 }
 
+/// Reads a raw SSE stream until `count` numbers that follow `marker` (a field's opening, such
+/// as `"n":`) came, and returns them in order: fewer if the stream ends first; a read that
+/// waits past [`DEADLINE`] fails the test. Cheap, so that many readers keep up at once.
+pub async fn numbers_after(
+    stream: &mut tokio::net::TcpStream,
+    marker: &[u8],
+    count: usize,
+) -> Vec<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::with_capacity(count);
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    while seen.len() < count {
+        let n = tokio::time::timeout(DEADLINE, stream.read(&mut buffer))
+            .await
+            .expect("the stream goes on")
+            .unwrap();
+        if n == 0 {
+            break; // Closed: the caller's assertion says what was missed.
+        }
+        pending.extend_from_slice(&buffer[..n]);
+        let mut used = 0;
+        while let Some(at) = memchr::memmem::find(&pending[used..], marker) {
+            let start = used + at + marker.len();
+            let Some(len) = pending[start..].iter().position(|b| !b.is_ascii_digit()) else {
+                break; // The number is not complete yet.
+            };
+            let number = std::str::from_utf8(&pending[start..start + len]).unwrap();
+            seen.push(number.parse::<usize>().unwrap());
+            used = start + len;
+        }
+        pending.drain(..used);
+    }
+    seen
+}
+
 /// The value of the first line of a `/metrics` text that starts with `line_start`.
 pub fn metric_in(text: &str, line_start: &str) -> Option<f64> {
     text.lines()
