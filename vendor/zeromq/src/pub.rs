@@ -10,13 +10,12 @@ use crate::{MultiPeerBackend, Socket, SocketBackend, SocketEvent, SocketSend, So
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use crossbeam_queue::ArrayQueue;
 use futures::channel::{mpsc, oneshot};
 use futures::{select, FutureExt, StreamExt};
 use parking_lot::Mutex;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 const PUB_SEND_QUEUE_CAPACITY: usize = 100_000;
@@ -27,8 +26,14 @@ fn subscription_matches(subscriptions: &[Vec<u8>], first_frame: &Bytes) -> bool 
     // Only use first-byte filtering for multiple subscriptions, where it avoids extra scans.
     if subscriptions.len() <= 1 {
         return subscriptions.iter().any(|sub_filter| {
-            sub_filter.len() <= first_frame.len()
-                && sub_filter.as_slice() == &first_frame[0..sub_filter.len()]
+            // PATCH(temma): the empty prefix (subscribed to everything) matches without a
+            // comparison: `memcmp` of zero bytes from an empty `Vec`'s dangling pointer made
+            // glibc's AVX-512 variant do a masked load of an unmapped address, which the CPU
+            // completes with a microcode assist: about 70 ns per message and subscriber, 8 %
+            // of temma's broker when it only relays.
+            sub_filter.is_empty()
+                || (sub_filter.len() <= first_frame.len()
+                    && sub_filter.as_slice() == &first_frame[0..sub_filter.len()])
         });
     }
 
@@ -38,13 +43,17 @@ fn subscription_matches(subscriptions: &[Vec<u8>], first_frame: &Bytes) -> bool 
         .any(|sub_filter| match sub_filter.first().copied() {
             Some(prefix_first) if Some(prefix_first) != first_byte => false,
             _ => {
-                sub_filter.len() <= first_frame.len()
-                    && sub_filter.as_slice() == &first_frame[0..sub_filter.len()]
+                // PATCH(temma): as above.
+                sub_filter.is_empty()
+                    || (sub_filter.len() <= first_frame.len()
+                        && sub_filter.as_slice() == &first_frame[0..sub_filter.len()])
             }
         })
 }
 
-fn send_to_subscriber(mut send_queue: PubSendQueue, message: &ZmqMessage) {
+// PATCH(temma): the subscriber's own queue, not a clone of it (a clone allocated and was
+// dropped for every message and subscriber).
+fn send_to_subscriber(send_queue: &mut PubSendQueue, message: &ZmqMessage) {
     let message = Message::Message(message.clone());
     match send_queue.try_send(message) {
         Ok(()) => {}
@@ -73,74 +82,25 @@ pub(crate) struct PubSocketBackend {
     pub(crate) socket_options: Arc<SocketOptions>,
 }
 
-struct PubFanoutQueue {
-    queue: Arc<ArrayQueue<ZmqMessage>>,
-    wake_sender: mpsc::UnboundedSender<()>,
-    wake_pending: Arc<AtomicBool>,
-}
-
-impl PubFanoutQueue {
-    fn publish(&self, message: ZmqMessage) -> ZmqResult<()> {
-        if self.queue.push(message).is_err() {
-            return Ok(());
-        }
-
-        if !self.wake_pending.load(Ordering::Acquire)
-            && !self.wake_pending.swap(true, Ordering::AcqRel)
-        {
-            let _ = self.wake_sender.unbounded_send(());
-        }
-
-        Ok(())
-    }
-}
-
-fn spawn_pub_fanout_queue(backend: Arc<PubSocketBackend>) -> PubFanoutQueue {
-    let queue = Arc::new(ArrayQueue::new(PUB_SEND_QUEUE_CAPACITY));
-    let wake_pending = Arc::new(AtomicBool::new(false));
-    let (wake_sender, mut wake_receiver) = mpsc::unbounded();
-    let worker_queue = queue.clone();
-    let worker_pending = wake_pending.clone();
-
-    async_rt::task::spawn(async move {
-        while wake_receiver.next().await.is_some() {
-            loop {
-                while let Some(message) = worker_queue.pop() {
-                    backend.fanout_message(message).await;
-                }
-
-                worker_pending.store(false, Ordering::Release);
-                if worker_queue.is_empty() {
-                    break;
-                }
-
-                // New messages arrived between draining and sleeping, so this task keeps ownership of the batch.
-                worker_pending.store(true, Ordering::Release);
-            }
-        }
-    });
-
-    PubFanoutQueue {
-        queue,
-        wake_sender,
-        wake_pending,
-    }
-}
-
 impl PubSocketBackend {
+    // PATCH(temma): called by `send` itself, and it does not wait: each subscriber's bucket
+    // is locked in turn only to put the message in its queue (`try_send`, dropped when full,
+    // as before). `send` used to push the message into a queue of 100,000 (a message was
+    // dropped for every subscriber when it was full) for a task that walked the subscribers
+    // with async iteration and a clone of each queue: a wake-up, a task and two allocations
+    // per message, about a fifth of temma's broker when it only relays.
     pub(crate) async fn fanout_message(&self, message: ZmqMessage) {
         let first_frame = match message.get(0) {
             Some(frame) => frame,
             None => return,
         };
 
-        let mut iter = self.subscribers.begin_async().await;
-        while let Some(subscriber) = iter {
+        self.subscribers.iter_mut_sync(|mut subscriber| {
             if subscription_matches(&subscriber.subscriptions, first_frame) {
-                send_to_subscriber(subscriber.send_queue.clone(), &message);
+                send_to_subscriber(&mut subscriber.send_queue, &message);
             }
-            iter = subscriber.next_async().await;
-        }
+            true
+        });
     }
 
     // PATCH(temma): returns false when the peer went past `max_subscriptions` (to be
@@ -306,7 +266,6 @@ impl MultiPeerBackend for PubSocketBackend {
 
 pub struct PubSocket {
     pub(crate) backend: Arc<PubSocketBackend>,
-    fanout_queue: PubFanoutQueue,
     binds: HashMap<Endpoint, AcceptStopHandle>,
 }
 
@@ -327,7 +286,9 @@ impl SocketSend for PubSocket {
             return Ok(());
         }
 
-        self.fanout_queue.publish(message)
+        // PATCH(temma): fanned out here (see `fanout_message`), not queued for a task.
+        self.backend.fanout_message(message).await;
+        Ok(())
     }
 }
 
@@ -342,11 +303,8 @@ impl Socket for PubSocket {
             socket_monitor: Mutex::new(None),
             socket_options: Arc::new(options),
         });
-        let fanout_queue = spawn_pub_fanout_queue(backend.clone());
-
         Self {
             backend,
-            fanout_queue,
             binds: HashMap::new(),
         }
     }
@@ -407,78 +365,53 @@ mod tests {
         }
     }
 
-    fn test_fanout_queue(capacity: usize) -> (PubFanoutQueue, mpsc::UnboundedReceiver<()>) {
-        let (wake_sender, wake_receiver) = mpsc::unbounded();
-        let fanout_queue = PubFanoutQueue {
-            queue: Arc::new(ArrayQueue::new(capacity)),
-            wake_sender,
-            wake_pending: Arc::new(AtomicBool::new(false)),
-        };
-        (fanout_queue, wake_receiver)
-    }
-
-    fn queued_frame(message: ZmqMessage) -> Bytes {
-        message.get(0).expect("queued frame").clone()
-    }
-
-    #[test]
-    fn test_fanout_queue_drops_new_message_when_full_without_extra_wake() {
-        let (fanout_queue, mut wake_receiver) = test_fanout_queue(1);
-
-        fanout_queue
-            .publish(ZmqMessage::from(Bytes::from_static(b"first")))
-            .expect("publish first message");
-
-        assert_eq!(fanout_queue.queue.len(), 1);
-        assert!(fanout_queue.wake_pending.load(Ordering::Relaxed));
-        wake_receiver.try_recv().expect("first wake");
-
-        fanout_queue
-            .publish(ZmqMessage::from(Bytes::from_static(b"dropped")))
-            .expect("publish dropped message");
-
-        assert_eq!(fanout_queue.queue.len(), 1);
-        assert!(wake_receiver.try_recv().is_err());
-        assert_eq!(
-            queued_frame(fanout_queue.queue.pop().expect("queued message")),
-            Bytes::from_static(b"first")
-        );
-    }
-
-    #[test]
-    fn test_fanout_queue_wakes_again_after_pending_is_cleared() {
-        let (fanout_queue, mut wake_receiver) = test_fanout_queue(2);
-
-        fanout_queue
-            .publish(ZmqMessage::from(Bytes::from_static(b"first")))
-            .expect("publish first message");
-        wake_receiver.try_recv().expect("first wake");
-        assert!(fanout_queue.queue.pop().is_some());
-
-        // Simulate the worker releasing pending after draining the current batch; the next publish must wake it again.
-        fanout_queue.wake_pending.store(false, Ordering::Release);
-
-        fanout_queue
-            .publish(ZmqMessage::from(Bytes::from_static(b"second")))
-            .expect("publish second message");
-
-        wake_receiver.try_recv().expect("second wake");
-        assert_eq!(
-            queued_frame(fanout_queue.queue.pop().expect("queued message")),
-            Bytes::from_static(b"second")
-        );
-    }
-
+    // PATCH(temma): the fan-out happens in `send`, a full subscriber queue drops the message
+    // for that subscriber only, and nothing is queued elsewhere.
     #[async_rt::test]
-    async fn test_send_without_subscribers_does_not_enqueue_fanout_message() {
+    async fn send_fans_out_at_once_and_a_full_queue_drops_for_its_subscriber_only() {
         let mut socket = PubSocket::new();
-
         socket
             .send(ZmqMessage::from("dropped without subscribers"))
             .await
             .expect("send without subscribers");
 
-        assert!(socket.fanout_queue.queue.is_empty());
+        let (full_sender, mut full_receiver) = mpsc::channel(0);
+        let (live_sender, mut live_receiver) = mpsc::channel(8);
+        insert_test_subscriber(&socket.backend, PeerIdentity::new(), vec![vec![]], full_sender)
+            .await;
+        insert_test_subscriber(&socket.backend, PeerIdentity::new(), vec![vec![]], live_sender)
+            .await;
+        for text in ["one", "two", "three"] {
+            socket
+                .send(ZmqMessage::from(text))
+                .await
+                .expect("send to subscribers");
+        }
+        let take = |receiver: &mut mpsc::Receiver<Message>| {
+            let mut texts = Vec::new();
+            while let Ok(Message::Message(message)) = receiver.try_recv() {
+                texts.push(String::try_from(message).unwrap());
+            }
+            texts
+        };
+        assert_eq!(take(&mut live_receiver), vec!["one", "two", "three"]);
+        // A queue of capacity 0 holds the one message its sender is guaranteed.
+        assert_eq!(take(&mut full_receiver), vec!["one"]);
+    }
+
+    // PATCH(temma): the test below.
+    #[test]
+    fn an_empty_prefix_matches_every_message_alone_or_among_others() {
+        let frame = Bytes::from_static(b"topic payload");
+        let empty = Bytes::new();
+        assert!(subscription_matches(&[vec![]], &frame));
+        assert!(subscription_matches(&[vec![]], &empty));
+        assert!(subscription_matches(&[b"other".to_vec(), vec![]], &frame));
+        assert!(subscription_matches(&[b"other".to_vec(), vec![]], &empty));
+        assert!(subscription_matches(&[b"topic".to_vec()], &frame));
+        assert!(!subscription_matches(&[b"topic".to_vec()], &empty));
+        assert!(!subscription_matches(&[b"other".to_vec(), b"topics".to_vec()], &frame));
+        assert!(!subscription_matches(&[], &frame));
     }
 
     #[async_rt::test]
@@ -652,7 +585,7 @@ mod tests {
         }
         assert!(prefilled_count > 0);
 
-        send_to_subscriber(queue_sender, &ZmqMessage::from("dropped payload"));
+        send_to_subscriber(&mut queue_sender, &ZmqMessage::from("dropped payload"));
 
         assert!(backend.subscribers.get_sync(&peer_id).is_some());
         assert_eq!(backend.subscriber_count.load(Ordering::Relaxed), 1);
@@ -678,7 +611,7 @@ mod tests {
     async fn test_send_to_subscriber_drops_closed_queue_without_disconnect() {
         let backend = test_backend();
         let peer_id = PeerIdentity::new();
-        let (queue_sender, queue_receiver) = mpsc::channel(1);
+        let (mut queue_sender, queue_receiver) = mpsc::channel(1);
         drop(queue_receiver);
 
         insert_test_subscriber(
@@ -689,7 +622,7 @@ mod tests {
         )
         .await;
 
-        send_to_subscriber(queue_sender, &ZmqMessage::from("payload"));
+        send_to_subscriber(&mut queue_sender, &ZmqMessage::from("payload"));
 
         assert!(backend.subscribers.get_sync(&peer_id).is_some());
         assert_eq!(backend.subscriber_count.load(Ordering::Relaxed), 1);
