@@ -310,6 +310,9 @@ struct Outcome {
 
 impl Outcome {
     fn rate(&self) -> f64 {
+        if self.received == 0 {
+            return 0.0;
+        }
         self.received as f64 / self.seconds
     }
 }
@@ -380,7 +383,12 @@ fn drive(broker: &BrokerProcess, count: usize, per_sender: bool) -> Outcome {
             let mut push = PushSocket::new();
             push.connect(&pull).await.expect("PUSH connects");
             let warm_up = br#"{"from":"bench","text":"warm-up"}"#.to_vec();
+            // Until the consumer hears a warm-up, or gives up (then nothing is sent, and the
+            // scenario reports what it received: none, instead of waiting for ever).
             while !ready.load(Ordering::Acquire) {
+                if done.load(Ordering::Acquire) {
+                    return Instant::now();
+                }
                 push.send(ZmqMessage::from(warm_up.clone())).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
