@@ -483,11 +483,11 @@ fn id_and_room(frame: &[u8]) -> Option<(MsgId, Option<String>, Option<String>)> 
     Some((id, room, key))
 }
 
-/// What `recv` (a channel's `recv()`) gives, or waits forever without a channel.
 /// Messages the relay reads on from PULL, when they are ready, before it looks at its other
 /// inputs again: the zeromq crate's fair queue gives a lone ready peer turns of 64.
 const READ_ON: usize = 64;
 
+/// What `recv` (a channel's `recv()`) gives, or waits forever without a channel.
 async fn recv_some<T>(recv: Option<impl std::future::Future<Output = Option<T>>>) -> Option<T> {
     match recv {
         Some(recv) => recv.await,
@@ -627,8 +627,9 @@ impl Broker {
                 received = self.pull.recv(), if !hold => received,
             };
             self.relay(received).await;
-            // What PULL has ready now is relayed without the other branches' polls (a
-            // third of the loop's cost per message when it only relays): up to a turn of the
+            // What PULL has ready now is relayed without the other branches' polls (their
+            // wakers and checks were a tenth of the broker's CPU when it only relays, see
+            // BENCHMARKS.md): up to a turn of the
             // crate's fair queue, which still spends the task's cooperative budget. Not for a
             // pair (its hold and heartbeat are checked per message) nor with the chain's
             // workers (their verdicts go out before more is read).
