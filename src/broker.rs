@@ -629,10 +629,10 @@ impl Broker {
             self.relay(received).await;
             // What PULL has ready now is relayed without the other branches' polls (their
             // wakers and checks were a tenth of the broker's CPU when it only relays, see
-            // BENCHMARKS.md): up to a turn of the
-            // crate's fair queue, which still spends the task's cooperative budget. Not for a
-            // pair (its hold and heartbeat are checked per message) nor with the chain's
-            // workers (their verdicts go out before more is read).
+            // BENCHMARKS.md): up to a turn of the crate's fair queue, which still spends the
+            // task's cooperative budget. Not for a pair (its hold and heartbeat are checked
+            // per message) nor with the chain's workers (their verdicts go out before more is
+            // read).
             if !paired && verdicts.is_none() {
                 for _ in 1..READ_ON {
                     match futures_util::FutureExt::now_or_never(self.pull.recv()) {

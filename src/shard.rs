@@ -265,19 +265,17 @@ impl Outlet {
     }
 }
 
-/// The frames of `items` this client lacks (after it joined, not skipped), in one buffer:
-/// the bytes, the frames taken from the ring, the messages among them.
-/// One `send` that does not wait, straight to the socket: tokio's `try_write` first reads the
-/// socket's readiness from its registration, a cache miss per client when a shard goes through
-/// hundreds of them. A socket that is full answers `WouldBlock` all the same; the client's
-/// task then waits for it through tokio (its readiness, when stale, is cleared on the
-/// `WouldBlock` its own write gets).
+/// One `send` straight to the socket (non-blocking, as tokio's sockets are): tokio's
+/// `try_write` first reads the socket's readiness from its registration, a cache miss per
+/// client when a shard goes through hundreds of them. A socket that is full answers
+/// `WouldBlock` all the same; the client's task then waits for it through tokio (its
+/// readiness, when stale, is cleared on the `WouldBlock` its own write gets).
 fn send_now(socket: &TcpStream, bytes: &[u8]) -> std::io::Result<usize> {
-    use rustix::net::SendFlags;
-    rustix::net::send(socket, bytes, SendFlags::DONTWAIT | SendFlags::NOSIGNAL)
-        .map_err(std::io::Error::from)
+    socket2::SockRef::from(socket).send(bytes)
 }
 
+/// The frames of `items` this client lacks (after it joined, not skipped), in one buffer:
+/// the bytes, the frames taken from the ring, the messages among them.
 fn filtered(items: &[Item], state: &mut OutletState) -> (Bytes, u64, u64) {
     let mut out = BytesMut::new();
     let (mut frames, mut messages) = (0, 0);
