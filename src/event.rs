@@ -11,12 +11,14 @@
 //! here); the same request later on a kept-alive connection reaches [`Fetch`] through salvo.
 //! Both read the hub the same way.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use salvo::http::StatusCode;
-use salvo::http::header::{CONNECTION, HeaderValue};
+use futures_util::future::BoxFuture;
+use salvo::http::header::{CONNECTION, HeaderValue, ORIGIN};
+use salvo::http::{StatusCode, Version};
 use salvo::prelude::*;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
@@ -173,15 +175,38 @@ impl EventConfig {
     }
 }
 
-/// `GET /event/fetch` on a connection hyper serves (one that carried another request first).
-/// A connection whose first request is this one is served by [`crate::direct`] instead.
+/// `GET /event/fetch` on a connection hyper serves (one that carried another request first,
+/// as a browser's `EventSource` on the connection that fetched the page). A connection whose
+/// first request is this one is served by [`crate::direct`]; this handler makes the checks
+/// (with sessions, it reads the client's name) and then has the direct path take the
+/// connection over too ([`crate::direct::Front::take_over`]), so that its frames go out
+/// through the room's writer shards. Only where it cannot (HTTP/2, or hyper still writing an
+/// earlier response) does hyper stream the response.
 pub struct Fetch {
     pub hub: Hub,
-    /// Where the socket of the connection can be found, to end the stream when the client
-    /// closes (hyper does not read while it streams a response).
-    pub sockets: Sockets,
+    /// The front door: it takes the connection over, or gives its socket, so that a stream
+    /// hyper serves ends when the client closes (hyper does not read while it streams).
+    pub front: Arc<dyn FrontDoor>,
     /// The access hook, if any: `on_subscribe` runs before the stream opens.
     pub access: Option<crate::script::Hook>,
+}
+
+/// What an SSE request asked for, checked: the room, the client's name (with sessions on,
+/// the room's presence lists it), where to resume, and the `Origin` it came from (CORS).
+pub struct Opened {
+    pub room: Option<String>,
+    pub name: Option<String>,
+    pub last_event_id: Option<String>,
+    pub origin: Option<String>,
+}
+
+/// The front door ([`crate::direct::Front`]), as the stream handler hyper runs sees it.
+pub trait FrontDoor: Send + Sync {
+    /// Takes over the connection of `peer` and returns the stream to run on it, to its end;
+    /// `None` when it cannot (then hyper streams the response).
+    fn take_over(&self, peer: SocketAddr, opened: Opened) -> Option<BoxFuture<'_, ()>>;
+    /// The socket of `peer`'s connection, for a stream hyper serves to watch.
+    fn socket(&self, peer: SocketAddr) -> Option<Arc<tokio::net::TcpStream>>;
 }
 
 /// The `lastEventId` query parameter, if any.
@@ -273,6 +298,27 @@ impl Handler for Fetch {
             .session()
             .and_then(|session| session.get::<String>(crate::session::SESSION_FROM));
         self.hub.synced().await;
+        let peer = peer_of(req);
+        if matches!(req.version(), Version::HTTP_10 | Version::HTTP_11)
+            && let Some(peer) = peer
+        {
+            let opened = Opened {
+                room: room.clone(),
+                name: name.clone(),
+                last_event_id: last_event_id.clone(),
+                origin: req
+                    .headers()
+                    .get(ORIGIN)
+                    .and_then(|origin| origin.to_str().ok())
+                    .map(str::to_owned),
+            };
+            if let Some(stream) = self.front.take_over(peer, opened) {
+                stream.await;
+                // What hyper writes now goes nowhere: the connection ends with the stream.
+                res.status_code(StatusCode::OK);
+                return;
+            }
+        }
         let subscription = match self.hub.subscribe_named(
             room.as_deref(),
             name.as_deref(),
@@ -288,7 +334,7 @@ impl Handler for Fetch {
                 return;
             }
         };
-        let socket = peer_of(req).and_then(|peer| (self.sockets)(peer));
+        let socket = peer.and_then(|peer| self.front.socket(peer));
         let headers = res.headers_mut();
         for (name, value) in SSE_HEADERS {
             headers.insert(name, HeaderValue::from_static(value));
@@ -399,11 +445,6 @@ impl Reader {
         }
     }
 }
-
-/// Finds the socket of a connection hyper serves, by its peer address (the front door keeps
-/// them: see [`crate::direct`]).
-pub type Sockets =
-    Arc<dyn Fn(std::net::SocketAddr) -> Option<Arc<tokio::net::TcpStream>> + Send + Sync>;
 
 /// Resolves when the client of an SSE stream is gone: it closed (EOF: browsers never
 /// half-close an event stream), reset, or sent anything at all (an SSE client sends nothing

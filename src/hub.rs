@@ -897,6 +897,7 @@ impl Hub {
     pub fn subscribe_outlet(
         &self,
         room: Option<&str>,
+        client_name: Option<&str>,
         last_event_id: Option<&str>,
         abort: Abort,
         outlet: &Arc<Outlet>,
@@ -904,7 +905,7 @@ impl Hub {
         let metrics = self.shared.metrics.clone();
         let entered = self.enter(
             room,
-            None,
+            client_name,
             last_event_id,
             abort,
             Some(outlet),

@@ -140,6 +140,9 @@ pub enum DirectRequest {
     Stream,
     /// `POST /message/broadcast`.
     Post,
+    /// `GET /event/fetch` on a connection hyper served first (a browser's `EventSource` on the
+    /// connection that fetched the page), taken over from hyper.
+    TakenStream,
 }
 
 /// Seconds from a POST to its publication, in buckets from 0.1 ms to about 3 s.
@@ -177,6 +180,7 @@ pub struct Metrics {
     /// per request without the family's lock and hashing.
     direct_posts: Counter,
     direct_streams: Counter,
+    taken_streams: Counter,
     posts_ok: Counter,
     /// Seconds from a POST to its publication by the broker.
     pub publish_latency: Histogram,
@@ -256,13 +260,17 @@ impl Default for Metrics {
                 .get_or_create(&DirectLabels { request })
                 .clone()
         };
-        let (direct_posts, direct_streams) =
-            (direct(DirectRequest::Post), direct(DirectRequest::Stream));
+        let (direct_posts, direct_streams, taken_streams) = (
+            direct(DirectRequest::Post),
+            direct(DirectRequest::Stream),
+            direct(DirectRequest::TakenStream),
+        );
         let posts = Family::<PostLabels, Counter>::default();
         let posts_ok = posts.get_or_create(&PostLabels { status: 200 }).clone();
         Metrics {
             direct_posts,
             direct_streams,
+            taken_streams,
             posts_ok,
             sse_clients: register(
                 &mut registry,
@@ -449,6 +457,7 @@ impl Metrics {
         match request {
             DirectRequest::Post => self.direct_posts.inc(),
             DirectRequest::Stream => self.direct_streams.inc(),
+            DirectRequest::TakenStream => self.taken_streams.inc(),
         };
     }
 

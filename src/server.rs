@@ -303,7 +303,7 @@ pub fn router(routes: Routes) -> Service {
     let fetch = fetch
         .get(Fetch {
             hub: hub.clone(),
-            sockets: front.sockets(),
+            front: front.clone(),
             access: front.access.clone(),
         })
         .goal(MethodNotAllowed { allow: "GET" });

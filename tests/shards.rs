@@ -1,5 +1,6 @@
 //! Writer shards (`src/shard.rs`): the SSE clients the front door streams are written to by a
-//! few tasks per room. Real server on port 0, raw TCP clients.
+//! few tasks per room, and those it takes over from hyper (a stream requested on a kept-alive
+//! connection). Real server on port 0, raw TCP clients.
 // Tests may unwrap: a failure is the test failing (the library may not: Cargo.toml [lints]).
 #![allow(clippy::unwrap_used)]
 
@@ -155,4 +156,113 @@ async fn a_client_ahead_of_the_node_gets_only_what_it_lacks() {
     assert_eq!(read_numbers(&mut ahead, 2).await, vec![3, 4]);
     assert_eq!(read_numbers(&mut watcher, 4).await, vec![1, 2, 3, 4]);
     app.stop().await;
+}
+
+/// Reads a response head (up to its blank line) from `stream`, and what came after it.
+async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut bytes = Vec::new();
+    loop {
+        if let Some(end) = memchr::memmem::find(&bytes, b"\r\n\r\n") {
+            let rest = bytes.split_off(end + 4);
+            return (String::from_utf8(bytes).unwrap(), rest);
+        }
+        let mut buffer = [0u8; 4096];
+        let n = tokio::time::timeout(common::DEADLINE, stream.read(&mut buffer))
+            .await
+            .expect("a response in time")
+            .unwrap();
+        assert!(n > 0, "the connection ended before a response head");
+        bytes.extend_from_slice(&buffer[..n]);
+    }
+}
+
+/// A browser's `EventSource` reuses the kept-alive connection that fetched the page: hyper
+/// serves the first request, and the stream request that follows is taken over by the direct
+/// path, whose shard writes the frames as they are (no chunked encoding). The client's
+/// closing ends it, and shutdown ends it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_a_kept_alive_connection_is_taken_over_by_the_writer_shards() {
+    let app = TestApp::start().await;
+    app.ready().await;
+    let connections = || common::metric(&app, "temma_connections ").unwrap();
+    let mut browser = TcpStream::connect(app.http).await.unwrap();
+    browser
+        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, mut body) = read_head(&mut browser).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            line.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .expect("a page of known length")
+        .parse()
+        .unwrap();
+    while body.len() < length {
+        let mut buffer = [0u8; 4096];
+        let n = browser.read(&mut buffer).await.unwrap();
+        assert!(n > 0, "the page came whole");
+        body.extend_from_slice(&buffer[..n]);
+    }
+    // The same connection, kept alive: the stream.
+    browser
+        .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_head(&mut browser).await;
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.starts_with("http/1.1 200"), "{head}");
+    assert!(lower.contains("content-type: text/event-stream"), "{head}");
+    assert!(
+        !lower.contains("transfer-encoding"),
+        "written as it is: {head}"
+    );
+    clients_connected(&app, 1.0).await;
+    assert_eq!(
+        common::metric(&app, "temma_direct_requests_total{request=\"TakenStream\"}"),
+        Some(1.0)
+    );
+    for n in 0..3 {
+        post(&app, n.to_string()).await;
+    }
+    assert_eq!(read_numbers(&mut browser, 3).await, vec![0, 1, 2]);
+    // The client closes: the stream ends, and so does the connection's count.
+    let open = connections();
+    drop(browser);
+    clients_connected(&app, 0.0).await;
+    common::eventually("the connection no longer counted", || async {
+        (connections() == open - 1.0).then_some(())
+    })
+    .await;
+
+    // Another, open when the server shuts down: the stream ends cleanly after what it had.
+    let mut browser = TcpStream::connect(app.http).await.unwrap();
+    browser
+        .write_all(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_head(&mut browser).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    browser
+        .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    read_head(&mut browser).await;
+    clients_connected(&app, 1.0).await;
+    post(&app, "7".to_owned()).await;
+    app.stop().await;
+    let mut rest = Vec::new();
+    tokio::time::timeout(common::DEADLINE, browser.read_to_end(&mut rest))
+        .await
+        .expect("the stream ends with the server")
+        .unwrap();
+    assert!(
+        memchr::memmem::find(&rest, b"\"text\":\"7\"").is_some(),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
 }
