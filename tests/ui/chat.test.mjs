@@ -105,6 +105,14 @@ test("two browsers chat; messages render as text, never as HTML", async () => {
   await bob.click("#button");
   await alice.locator("#liste li", { hasText: "hi Alice" }).waitFor({ timeout: DEADLINE });
   if (process.env.UI_SCREENSHOT) await alice.screenshot({ path: process.env.UI_SCREENSHOT });
+
+  // Both browsers' streams are written by the direct path's writer shards, whether the
+  // EventSource opened a connection or reused the one that fetched the page (hyper served
+  // that, and the stream request was taken over from it).
+  const metrics = await (await fetch(base + "/metrics")).text();
+  const count = (request) =>
+    Number(metrics.match(new RegExp(`^temma_direct_requests_total\\{request="${request}"\\} (\\d+)`, "m"))?.[1] ?? 0);
+  assert.ok(count("Stream") + count("TakenStream") >= 2, metrics);
 });
 
 test("a new visitor sees recent messages once; the name is remembered", async () => {
