@@ -17,6 +17,8 @@
 //!
 //! Loopback targets only; every phase has a count and a time limit. `--json` prints one JSON
 //! object. `--hold-secs` keeps the connections open that long before publishing (idle tests).
+//! `--after-request /` opens each stream on a kept-alive connection after another request, as
+//! a browser's `EventSource` does after the page.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -101,6 +103,11 @@ struct Args {
     /// keeps the kernel's port search short (it scans the range when it is nearly full).
     #[arg(long)]
     source: Vec<std::net::IpAddr>,
+    /// Before its stream request, each subscriber asks for this path on the same connection
+    /// and reads the answer (as a browser's `EventSource` reuses the connection that fetched
+    /// the page): e.g. `--after-request /`.
+    #[arg(long)]
+    after_request: Option<String>,
 }
 
 impl Args {
@@ -298,7 +305,7 @@ async fn connect(
         if shared.stop.load(Ordering::Relaxed) {
             return None;
         }
-        match open_stream(uri, source).await {
+        match open_stream(uri, source, args.after_request.as_deref()).await {
             Ok(stream) => return Some(stream),
             Err(error) => {
                 count_status(shared, error);
@@ -383,11 +390,59 @@ impl Seen {
     }
 }
 
+/// Asks for `path` on the connection and reads the answer whole (it must have a
+/// `Content-Length`), so that the stream request comes next on a kept-alive connection.
+async fn first_request(socket: &mut TcpStream, path: &str, host: &str) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    socket
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("write: {}", e.kind()))?;
+    let mut buffer = Vec::with_capacity(4096);
+    let mut whole = None;
+    while whole.is_none_or(|whole| buffer.len() < whole) {
+        let mut scratch = [0u8; 4096];
+        let n = socket
+            .read(&mut scratch)
+            .await
+            .map_err(|e| format!("read: {}", e.kind()))?;
+        if n == 0 {
+            return Err("closed after the first request".into());
+        }
+        buffer.extend_from_slice(&scratch[..n]);
+        if whole.is_none() {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut response = httparse::Response::new(&mut headers);
+            if let Ok(httparse::Status::Complete(length)) = response.parse(&buffer) {
+                let body = response
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| {
+                        std::str::from_utf8(h.value)
+                            .ok()?
+                            .trim()
+                            .parse::<usize>()
+                            .ok()
+                    })
+                    .ok_or("the first answer has no Content-Length")?;
+                whole = Some(length + body);
+            }
+        }
+    }
+    if whole != Some(buffer.len()) {
+        return Err("bytes after the first answer".into());
+    }
+    Ok(())
+}
+
 /// Opens one SSE stream: the socket, what was read after the head, and whether the body is
 /// chunked. `Err` names why not (a status or an error kind) for the report.
 async fn open_stream(
     uri: &hyper::Uri,
     source: Option<std::net::IpAddr>,
+    after_request: Option<&str>,
 ) -> Result<(TcpStream, Vec<u8>, bool), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut socket = match source {
@@ -396,6 +451,9 @@ async fn open_stream(
     }
     .map_err(|e| format!("connect: {}", e.kind()))?;
     let _ = socket.set_nodelay(true);
+    if let Some(path) = after_request {
+        first_request(&mut socket, path, &authority(uri)).await?;
+    }
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
         uri.path_and_query().map_or("/", |p| p.as_str()),

@@ -84,6 +84,8 @@ pub struct Front {
     sockets: Mutex<HashMap<SocketAddr, HyperConn>>,
     /// Cancelled when the accept loop stops (shutdown): streams taken over from hyper watch it.
     shutdown: CancellationToken,
+    /// The accept loop's tasks (set when it starts): streams taken over from hyper run there.
+    tasks: std::sync::OnceLock<TaskTracker>,
 }
 
 impl Front {
@@ -115,6 +117,7 @@ impl Front {
             broadcast,
             sockets: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
+            tasks: std::sync::OnceLock::new(),
         })
     }
 
@@ -132,7 +135,7 @@ impl Front {
     fn take_over(&self, peer: SocketAddr) -> Option<Taken> {
         let sockets = self.lock_sockets();
         let (socket, handover) = sockets.get(&peer)?;
-        let socket = socket.upgrade()?;
+        let (socket, handover) = (socket.upgrade()?, handover.upgrade()?);
         // hyper is not writing now: the request's handler, which calls this, runs in the
         // connection's task.
         if handover.blocked.load(Ordering::Acquire) || handover.taken.swap(true, Ordering::AcqRel) {
@@ -140,7 +143,7 @@ impl Front {
         }
         Some(Taken {
             socket,
-            handover: handover.clone(),
+            _handover: handover,
         })
     }
 
@@ -155,7 +158,7 @@ impl Front {
 
 /// A connection hyper serves, in the front door's registry: its socket (while open) and what
 /// lets the direct path take it over.
-type HyperConn = (Weak<TcpStream>, Arc<Handover>);
+type HyperConn = (Weak<TcpStream>, Weak<Handover>);
 
 /// Counts a connection as open until dropped.
 pub struct Open {
@@ -196,6 +199,7 @@ pub async fn accept_loop(
     tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
+    let _ = front.tasks.set(tasks.clone());
     let mut reserve = std::fs::File::open("/dev/null").ok();
     loop {
         let accepted = tokio::select! {
@@ -406,16 +410,19 @@ async fn serve_connection(
     }
     drop(pending);
     let socket = Arc::new(socket);
-    let handover = Arc::new(Handover::default());
+    open.registered = true;
+    let handover = Arc::new(Handover {
+        taken: AtomicBool::new(false),
+        blocked: AtomicBool::new(false),
+        _open: open,
+    });
     front
         .lock_sockets()
-        .insert(peer, (Arc::downgrade(&socket), handover.clone()));
-    open.registered = true;
+        .insert(peer, (Arc::downgrade(&socket), Arc::downgrade(&handover)));
     let conn = Conn {
         prefix: buffer.freeze(),
         socket,
         handover,
-        _open: open,
     };
     let _ = handoff.send((conn, peer)).await;
 }
@@ -607,9 +614,9 @@ fn check(front: &Front, peer: SocketAddr, request: SseRequest) -> Result<Opened,
 
 /// Streams an SSE response on a connection taken over from hyper ([`Front::take_over`]), as
 /// [`serve_sse`] does on a connection that opened with the request; salvo's handler made the
-/// checks (the room, the access hook, the session's name, the snapshot). Returns when the
-/// stream ended; dropping `taken` then ends hyper's side of the connection.
-async fn serve_taken(front: &Front, taken: Taken, opened: Opened) {
+/// checks (the room, the access hook, the session's name, the snapshot).
+async fn serve_taken(front: Arc<Front>, taken: Taken, opened: Opened) {
+    let front = &*front;
     front.metrics.direct(DirectRequest::TakenStream);
     let abort = Arc::new(tokio::sync::Notify::new());
     let aborted = abort.notified();
@@ -628,13 +635,16 @@ async fn serve_taken(front: &Front, taken: Taken, opened: Opened) {
 }
 
 impl event::FrontDoor for Front {
-    fn take_over(
-        &self,
-        peer: SocketAddr,
-        opened: Opened,
-    ) -> Option<futures_util::future::BoxFuture<'_, ()>> {
-        let taken = Front::take_over(self, peer)?;
-        Some(Box::pin(serve_taken(self, taken, opened)))
+    fn take_over(self: Arc<Self>, peer: SocketAddr, opened: Opened) -> bool {
+        // The connections' tasks: shutdown waits for the stream's last frames.
+        let Some(tasks) = self.tasks.get().cloned() else {
+            return false;
+        };
+        let Some(taken) = Front::take_over(&self, peer) else {
+            return false;
+        };
+        tasks.spawn(serve_taken(self, taken, opened));
+        true
     }
 
     fn socket(&self, peer: SocketAddr) -> Option<Arc<TcpStream>> {
@@ -748,33 +758,22 @@ struct Stop<'a, 'b> {
 }
 
 /// A connection hyper serves, as the direct path may take it over for an SSE stream
-/// ([`Front::take_over`]): hyper's reads then wait until the stream ends and see the end of
-/// the connection, its writes (the answer its handler gives when the stream is over) go
-/// nowhere, and its shutdown leaves the socket to the stream.
-#[derive(Default)]
+/// ([`Front::take_over`]): hyper's reads then see the end of the connection, its writes (the
+/// answer its handler gives) go nowhere, and its shutdown leaves the socket to the stream.
+/// hyper then lets the connection go, with its buffers; the stream's task keeps the socket.
 struct Handover {
     taken: AtomicBool,
-    /// The stream taken over ended.
-    released: AtomicBool,
     /// hyper's last write did not complete: its buffer still holds bytes of a response, and
     /// the connection is not taken.
     blocked: AtomicBool,
-    /// hyper's read, waiting while the stream runs.
-    reader: futures_util::task::AtomicWaker,
+    /// The connection counts as open while hyper or the stream has it.
+    _open: Open,
 }
 
-/// A connection the direct path took over from hyper; dropping it gives hyper the end of the
-/// connection.
+/// A connection the direct path took over from hyper.
 struct Taken {
     socket: Arc<TcpStream>,
-    handover: Arc<Handover>,
-}
-
-impl Drop for Taken {
-    fn drop(&mut self) {
-        self.handover.released.store(true, Ordering::Release);
-        self.handover.reader.wake();
-    }
+    _handover: Arc<Handover>,
 }
 
 /// A connection handed to hyper: the bytes the accept loop already read come first. The socket
@@ -784,7 +783,6 @@ pub struct Conn {
     prefix: Bytes,
     socket: Arc<TcpStream>,
     handover: Arc<Handover>,
-    _open: Open,
 }
 
 impl Conn {
@@ -821,13 +819,8 @@ impl tokio::io::AsyncRead for Conn {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         if self.taken() {
-            // The stream has the socket: wait for its end, then the connection's.
-            self.handover.reader.register(cx.waker());
-            return if self.handover.released.load(Ordering::Acquire) {
-                Poll::Ready(Ok(()))
-            } else {
-                Poll::Pending
-            };
+            // The stream has the socket: hyper sees the end of the connection.
+            return Poll::Ready(Ok(()));
         }
         if !self.prefix.is_empty() {
             let n = self.prefix.len().min(buf.remaining());
@@ -882,7 +875,7 @@ impl tokio::io::AsyncWrite for Conn {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         if self.taken() {
-            // The stream closed the connection its way (cleanly after a last frame, or not).
+            // The stream ends the connection its way (cleanly after a last frame, or not).
             return Poll::Ready(Ok(()));
         }
         let result = socket2::SockRef::from(&*self.socket).shutdown(std::net::Shutdown::Write);

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use futures_util::future::BoxFuture;
 use salvo::http::header::{CONNECTION, HeaderValue, ORIGIN};
 use salvo::http::{StatusCode, Version};
 use salvo::prelude::*;
@@ -202,9 +201,9 @@ pub struct Opened {
 
 /// The front door ([`crate::direct::Front`]), as the stream handler hyper runs sees it.
 pub trait FrontDoor: Send + Sync {
-    /// Takes over the connection of `peer` and returns the stream to run on it, to its end;
-    /// `None` when it cannot (then hyper streams the response).
-    fn take_over(&self, peer: SocketAddr, opened: Opened) -> Option<BoxFuture<'_, ()>>;
+    /// Takes over the connection of `peer` and streams on it, in a task of its own; `false`
+    /// when it cannot (then hyper streams the response).
+    fn take_over(self: Arc<Self>, peer: SocketAddr, opened: Opened) -> bool;
     /// The socket of `peer`'s connection, for a stream hyper serves to watch.
     fn socket(&self, peer: SocketAddr) -> Option<Arc<tokio::net::TcpStream>>;
 }
@@ -312,9 +311,8 @@ impl Handler for Fetch {
                     .and_then(|origin| origin.to_str().ok())
                     .map(str::to_owned),
             };
-            if let Some(stream) = self.front.take_over(peer, opened) {
-                stream.await;
-                // What hyper writes now goes nowhere: the connection ends with the stream.
+            if self.front.clone().take_over(peer, opened) {
+                // What hyper writes now goes nowhere, and it lets the connection go.
                 res.status_code(StatusCode::OK);
                 return;
             }
