@@ -979,6 +979,76 @@ mod tests {
         assert!(size <= MAX_TASK_BYTES, "{size} bytes");
     }
 
+    /// A connection hyper serves is taken over once, and not while hyper's last write waits
+    /// (bytes of an earlier answer are still in its buffer); once taken, hyper's writes go
+    /// nowhere, its reads see the end and its shutdown leaves the socket open for the stream.
+    #[tokio::test]
+    async fn a_connection_is_taken_over_once_and_not_while_hyper_still_writes() {
+        use futures_util::FutureExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let ((socket, peer), mut client) =
+            tokio::join!(async { listener.accept().await.unwrap() }, async {
+                client.await.unwrap()
+            });
+        let front = front();
+        let socket = Arc::new(socket);
+        let handover = Arc::new(Handover {
+            taken: AtomicBool::new(false),
+            blocked: AtomicBool::new(false),
+            _open: Open {
+                front: front.clone(),
+                peer,
+                registered: true,
+            },
+        });
+        front
+            .lock_sockets()
+            .insert(peer, (Arc::downgrade(&socket), Arc::downgrade(&handover)));
+        let mut conn = Conn {
+            prefix: Bytes::new(),
+            socket: socket.clone(),
+            handover: handover.clone(),
+        };
+        // hyper writes an answer the client does not read, until the socket is full.
+        let mut written = 0;
+        while let Some(result) = conn.write(&[b'x'; 1 << 16]).now_or_never() {
+            written += result.unwrap();
+        }
+        assert!(
+            front.take_over(peer).is_none(),
+            "taken while hyper still writes"
+        );
+        // The client reads it all; hyper's write completes.
+        let mut sink = vec![0u8; 1 << 16];
+        let mut read = 0;
+        while read < written {
+            read += client.read(&mut sink).await.unwrap();
+        }
+        conn.write_all(b"end").await.unwrap();
+        let mut end = [0u8; 3];
+        client.read_exact(&mut end).await.unwrap();
+        let taken = front
+            .take_over(peer)
+            .expect("taken once hyper wrote everything");
+        assert!(front.take_over(peer).is_none(), "taken twice");
+        // hyper's side now.
+        conn.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        assert_eq!(conn.read(&mut end).await.unwrap(), 0, "hyper sees the end");
+        conn.shutdown().await.unwrap();
+        drop(conn);
+        // The stream's side: only its bytes reach the client, on a socket still open.
+        taken.socket.writable().await.unwrap();
+        taken.socket.try_write(b"data: 1\n\n").unwrap();
+        drop((taken, socket, handover));
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"data: 1\n\n");
+        // Both let the connection go: it is no longer counted, nor in the registry.
+        assert!(front.lock_sockets().get(&peer).is_none());
+    }
+
     /// 1.6 KiB now (1.8 KiB before the request was checked in a plain function; debug and
     /// release builds alike), 2.7 KiB with the POST's state unboxed.
     const MAX_TASK_BYTES: usize = 2048;
