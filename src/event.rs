@@ -178,9 +178,9 @@ impl EventConfig {
 /// as a browser's `EventSource` on the connection that fetched the page). A connection whose
 /// first request is this one is served by [`crate::direct`]; this handler makes the checks
 /// (with sessions, it reads the client's name) and then has the direct path take the
-/// connection over too ([`crate::direct::Front::take_over`]), so that its frames go out
-/// through the room's writer shards. Only where it cannot (HTTP/2, or hyper still writing an
-/// earlier response) does hyper stream the response.
+/// connection over too ([`FrontDoor::take_over`]), so that its frames go out through the
+/// room's writer shards. Only where it cannot (hyper still writing an earlier response to a
+/// client that pipelines) does hyper stream the response.
 pub struct Fetch {
     pub hub: Hub,
     /// The front door: it takes the connection over, or gives its socket, so that a stream
