@@ -33,6 +33,9 @@
 # tool, the server's CPU is latency. Before each run the script waits until the machine is quiet
 # (under 5 % busy, at most 20 s); each run reports what other processes used meanwhile, and one
 # past 2 % of the machine is marked DISTURBED.
+#   browser  1000 subscribers × 20 msg/s for 10 s, each stream requested on a kept-alive
+#            connection after another request (`temma-load --after-request`), as a browser's
+#            EventSource follows the page: temma's `/`, Nchan's `/nchan_status`; temma and Nchan.
 #   broker   PUSH → broker → SUB msgs/s, against libzmq's proxy (cargo bench --bench broker).
 # At the end, issue 14's aims judged from the reports (benches/compare_aims.py): each one
 # temma's figure, Nchan's, the ratio, met or not; and every report checked for losses.
@@ -43,7 +46,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-SCENARIOS=${SCENARIOS:-fanout idle latency light medium permessage delivery wide independent broker}
+SCENARIOS=${SCENARIOS:-fanout idle latency light medium permessage delivery wide browser independent broker}
 PEERS=${PEERS-nchan pushpin}
 OUT=${OUT:-$ROOT/target/compare}
 WORK=$(mktemp -d /tmp/temma-compare.XXXXXX)
@@ -217,6 +220,14 @@ for scenario in $SCENARIOS; do
           --messages $((rate * 10))
       done
       ;;
+    browser)
+      echo "--- scenario browser: 1000 subscribers × 20 msg/s for 10 s, each stream after a request"
+      load temma browser-temma.json --subscribers 1000 --rate 20 --messages 200 --after-request /
+      case " $PEERS " in *" nchan "*)
+        load nchan browser-nchan.json --subscribers 1000 --rate 20 --messages 200 \
+          --after-request /nchan_status ;;
+      esac
+      ;;
     independent)
       echo "--- scenario: an independent client (benches/sse_reader.py)"
       for label in light medium wide crowd; do
@@ -275,9 +286,10 @@ import json
 t = json.load(open('$OUT/idle-temma.json')); n = json.load(open('$OUT/idle-nchan.json'))
 print(f\"{t['rss_kib_per_connection'] / n['rss_kib_per_connection']:.2f}× Nchan's memory per connection\")")"
       ;;
-    latency|light|medium|permessage|delivery|wide)
+    latency|light|medium|permessage|delivery|wide|browser)
       echo "$scenario:"
       for name in temma $PEERS; do
+        [ -f "$OUT/$scenario-$name.json" ] || continue  # browser: temma and Nchan only
         echo "  $name: $(field "$OUT/$scenario-$name.json" "f'{delivered_ratio*100:.2f} % delivered ({gaps} gaps, {duplicates} duplicates), p50 {latency_us[\"p50\"]/1000:.2f} ms, p99 {latency_us[\"p99\"]/1000:.2f} ms, POST p50 {post_latency_us[\"p50\"]/1000:.2f} ms; server CPU ' + (f'{server_cpu[\"per_message_us\"]:.0f} µs/message, {server_cpu[\"per_delivery_us\"]:.1f} µs/delivery' + (' (utime + stime: a thread ended)' if server_cpu.get(\"measured_by\") == \"ticks\" else '') if server_cpu else 'not measured') + (f'; other processes {other_cpu[\"share\"]*100:.1f} % of the machine' + (' (DISTURBED)' if other_cpu['share'] > 0.02 else '') if locals().get('other_cpu') else '')")"
       done
       [ -f "$OUT/$scenario-nchan.json" ] && echo "  temma/Nchan: $(python3 -c "
