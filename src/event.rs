@@ -7,9 +7,10 @@
 //! goes away, when it falls too far behind (it reconnects and replays), and on shutdown.
 //!
 //! Two ways in, one behaviour: a connection whose first request is `GET /event/fetch` is served
-//! by [`crate::direct`] straight from the socket (its accept loop sends it
-//! here); the same request later on a kept-alive connection reaches [`Fetch`] through salvo.
-//! Both read the hub the same way.
+//! by [`crate::direct`] straight from the socket; the same request later on a kept-alive
+//! connection reaches [`Fetch`] through salvo, which makes the checks and has the direct path
+//! take the connection over (or, where it cannot, streams the response itself with a
+//! [`Reader`]). Both read the hub the same way.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
