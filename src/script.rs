@@ -40,7 +40,7 @@
 //! compile is refused (the error names file, line and column) and the previous one keeps
 //! running.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1286,6 +1286,28 @@ pub struct Reloader {
     copies: usize,
     /// What the console shows of the chain.
     status: Arc<ChainStatus>,
+    /// A hash of each watched file's content as the running versions read it (about: read
+    /// again just after they compiled): a file that changed before its watch began sends no
+    /// event, and is reloaded when the watch begins.
+    seen: HashMap<PathBuf, u64>,
+}
+
+/// A hash of a file's content (`None`: it cannot be read).
+fn fingerprint(file: &Path) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let bytes = std::fs::read(file).ok()?;
+    let mut hasher = std::hash::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// [`fingerprint`] of every file of `specs`.
+fn fingerprints(specs: &[ScriptSpec]) -> HashMap<PathBuf, u64> {
+    specs
+        .iter()
+        .flat_map(ScriptSpec::files)
+        .filter_map(|file| Some((file.clone(), fingerprint(&file)?)))
+        .collect()
 }
 
 /// Asks the reloader to reload everything (what SIGHUP does).
@@ -1315,8 +1337,14 @@ impl Reloader {
     ) -> (Reloader, mpsc::Receiver<Reload>, ReloadHandle) {
         let (tx, rx) = mpsc::channel(RELOAD_QUEUE);
         let (request_tx, requests) = mpsc::channel(1);
+        let seen = if watch {
+            fingerprints(&specs)
+        } else {
+            HashMap::new()
+        };
         (
             Reloader {
+                seen,
                 specs,
                 source,
                 watch,
@@ -1356,6 +1384,11 @@ impl Reloader {
         loop {
             let (events_tx, mut events) = mpsc::channel::<PathBuf>(64);
             let _watcher = self.watch(events_tx);
+            // An edit made before the watch began sends no event: reload what changed.
+            let missed = self.changed_unseen();
+            if !missed.is_empty() {
+                self.reload_changed(&missed).await;
+            }
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -1379,6 +1412,18 @@ impl Reloader {
                 }
             }
         }
+    }
+
+    /// The watched files whose content is not what the running versions read.
+    fn changed_unseen(&self) -> Vec<PathBuf> {
+        if !self.watch {
+            return Vec::new();
+        }
+        self.specs
+            .iter()
+            .flat_map(ScriptSpec::files)
+            .filter(|file| fingerprint(file) != self.seen.get(file).copied())
+            .collect()
     }
 
     fn watch(&self, tx: mpsc::Sender<PathBuf>) -> Option<notify::RecommendedWatcher> {
@@ -1433,6 +1478,13 @@ impl Reloader {
             {
                 continue;
             }
+            if self.watch {
+                for file in spec.files() {
+                    if let Some(hash) = fingerprint(&file) {
+                        self.seen.insert(file, hash);
+                    }
+                }
+            }
             match (0..self.copies).map(|_| spec.load()).collect() {
                 Ok(scripts) => {
                     self.count(ReloadResult::Ok);
@@ -1485,6 +1537,9 @@ impl Reloader {
         };
         self.count(ReloadResult::Ok);
         self.status.loaded(&specs);
+        if self.watch {
+            self.seen = fingerprints(&specs);
+        }
         self.specs = specs;
         let _ = self.tx.send(Reload::All(chains)).await;
         true

@@ -900,3 +900,44 @@ async fn workers_under_a_burst_answer_503_and_lose_no_200() {
     assert!(seen.values().all(|n| *n == 1), "no message twice");
     app.stop().await;
 }
+
+/// An edit made after the scripts were read but before the watch began sends no event (the
+/// reloader's task starts after the node is up, later still on a busy machine): it is reloaded
+/// when the watch begins, and a file left as it was is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_before_the_watch_begins_is_reloaded_when_it_begins() {
+    let dir = TempDir::new("reload-early");
+    let (edited, kept) = (dir.0.join("edited.rhai"), dir.0.join("kept.rhai"));
+    std::fs::write(&edited, "fn on_message(msg) { msg.v = 1; msg }\n").unwrap();
+    std::fs::write(&kept, "fn on_message(msg) { msg }\n").unwrap();
+    let specs = vec![spec(&edited, json!({})), spec(&kept, json!({}))];
+    let (reloader, mut reloads, _handle) =
+        temma::script::Reloader::new(specs, None, true, Metrics::new());
+    std::fs::write(&edited, "fn on_message(msg) { msg.v = 2; msg }\n").unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(reloader.run(shutdown.clone()));
+    let reload = tokio::time::timeout(common::DEADLINE, reloads.recv())
+        .await
+        .expect("the early edit reloaded")
+        .unwrap();
+    let temma::script::Reload::One { index, mut scripts } = reload else {
+        panic!("one script reloaded");
+    };
+    assert_eq!(index, 0, "the edited file, not the other");
+    let Outcome::Pass(out) = scripts
+        .remove(0)
+        .run(message(json!({"text": "x"})))
+        .unwrap()
+    else {
+        panic!("the script passes the message");
+    };
+    assert_eq!(json_of(&out)["v"], 2, "the edited version runs");
+    // Nothing else comes: the other file was not touched.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), reloads.recv())
+            .await
+            .is_err()
+    );
+    shutdown.cancel();
+    task.await.unwrap();
+}
