@@ -390,18 +390,70 @@ impl Seen {
     }
 }
 
-/// Asks for `path` on the connection and reads the answer whole (it must have a
-/// `Content-Length`), so that the stream request comes next on a kept-alive connection.
-async fn first_request(socket: &mut TcpStream, path: &str, host: &str) -> Result<(), String> {
+/// A response head as read: its status, its `Content-Length` and whether its body is chunked,
+/// and the bytes read after it.
+struct Head {
+    status: u16,
+    length: Option<usize>,
+    chunked: bool,
+    rest: Vec<u8>,
+}
+
+/// Writes `request` and reads up to the end of the response head. `Err` names why not (an
+/// error kind, `closed`) for the report.
+async fn exchange(socket: &mut TcpStream, request: &str, closed: &str) -> Result<Head, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
     socket
         .write_all(request.as_bytes())
         .await
         .map_err(|e| format!("write: {}", e.kind()))?;
-    let mut buffer = Vec::with_capacity(4096);
-    let mut whole = None;
-    while whole.is_none_or(|whole| buffer.len() < whole) {
+    let mut buffer = Vec::with_capacity(1024);
+    loop {
+        let mut scratch = [0u8; 4096];
+        let n = socket
+            .read(&mut scratch)
+            .await
+            .map_err(|e| format!("read: {}", e.kind()))?;
+        if n == 0 {
+            return Err(closed.into());
+        }
+        buffer.extend_from_slice(&scratch[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buffer) {
+            Ok(httparse::Status::Complete(end)) => {
+                let header = |name: &str| {
+                    response
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
+                };
+                let head = Head {
+                    status: response.code.unwrap_or(0),
+                    length: header("content-length").and_then(|v| v.trim().parse().ok()),
+                    chunked: header("transfer-encoding").is_some_and(|v| v.contains("chunked")),
+                    rest: buffer.split_off(end),
+                };
+                return Ok(head);
+            }
+            Ok(httparse::Status::Partial) if buffer.len() < 64 * 1024 => continue,
+            _ => return Err("malformed response head".into()),
+        }
+    }
+}
+
+/// Asks for `path` on the connection and reads the answer whole (it must have a
+/// `Content-Length`), so that the stream request comes next on a kept-alive connection.
+async fn first_request(socket: &mut TcpStream, path: &str, host: &str) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let head = exchange(socket, &request, "closed after the first request").await?;
+    let length = head
+        .length
+        .ok_or("the first answer has no Content-Length")?;
+    let mut body = head.rest;
+    while body.len() < length {
         let mut scratch = [0u8; 4096];
         let n = socket
             .read(&mut scratch)
@@ -410,28 +462,9 @@ async fn first_request(socket: &mut TcpStream, path: &str, host: &str) -> Result
         if n == 0 {
             return Err("closed after the first request".into());
         }
-        buffer.extend_from_slice(&scratch[..n]);
-        if whole.is_none() {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut response = httparse::Response::new(&mut headers);
-            if let Ok(httparse::Status::Complete(length)) = response.parse(&buffer) {
-                let body = response
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                    .and_then(|h| {
-                        std::str::from_utf8(h.value)
-                            .ok()?
-                            .trim()
-                            .parse::<usize>()
-                            .ok()
-                    })
-                    .ok_or("the first answer has no Content-Length")?;
-                whole = Some(length + body);
-            }
-        }
+        body.extend_from_slice(&scratch[..n]);
     }
-    if whole != Some(buffer.len()) {
+    if body.len() != length {
         return Err("bytes after the first answer".into());
     }
     Ok(())
@@ -444,7 +477,6 @@ async fn open_stream(
     source: Option<std::net::IpAddr>,
     after_request: Option<&str>,
 ) -> Result<(TcpStream, Vec<u8>, bool), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut socket = match source {
         None => TcpStream::connect(authority(uri)).await,
         Some(source) => connect_from(source, &authority(uri)).await,
@@ -459,42 +491,11 @@ async fn open_stream(
         uri.path_and_query().map_or("/", |p| p.as_str()),
         authority(uri)
     );
-    socket
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("write: {}", e.kind()))?;
-    let mut buffer = Vec::with_capacity(1024);
-    loop {
-        let mut scratch = [0u8; 4096];
-        let n = socket
-            .read(&mut scratch)
-            .await
-            .map_err(|e| format!("read: {}", e.kind()))?;
-        if n == 0 {
-            return Err("closed before the response head".into());
-        }
-        buffer.extend_from_slice(&scratch[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut response = httparse::Response::new(&mut headers);
-        match response.parse(&buffer) {
-            Ok(httparse::Status::Complete(length)) => {
-                let status = response.code.unwrap_or(0);
-                if status != 200 {
-                    return Err(format!("status {status}"));
-                }
-                let chunked = response.headers.iter().any(|h| {
-                    h.name.eq_ignore_ascii_case("transfer-encoding")
-                        && String::from_utf8_lossy(h.value)
-                            .to_ascii_lowercase()
-                            .contains("chunked")
-                });
-                buffer.drain(..length);
-                return Ok((socket, buffer, chunked));
-            }
-            Ok(httparse::Status::Partial) if buffer.len() < 64 * 1024 => continue,
-            _ => return Err("malformed response head".into()),
-        }
+    let head = exchange(&mut socket, &request, "closed before the response head").await?;
+    if head.status != 200 {
+        return Err(format!("status {}", head.status));
     }
+    Ok((socket, head.rest, head.chunked))
 }
 
 /// Connects to `target` from `source` (any port of it).
