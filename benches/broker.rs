@@ -8,15 +8,22 @@
 //! using the zeromq crate as temma's web nodes do.
 //!
 //! Options after `--`: `--messages N` (default 1000000 without scripts, a fifth of it with
-//! scripts), `--only NAME` (per-script, libzmq-proxy, none, trivial, default-chain,
-//! chain-workers, pair), `--workers N` (threads of `chain-workers`),
+//! scripts), `--only NAME` (per-script, libzmq-proxy, none, crate-relay, trivial,
+//! default-chain, chain-workers, pair), `--workers N` (threads of `chain-workers`),
 //! `--json` (one JSON object per line instead of the table), `--script FILE [--params JSON]`
 //! (time your own script in `per-script`).
+//!
+//! Each broker's CPU time (utime + stime of its processes, from `/proc`, Linux only) is read
+//! before and after the messages and reported per message (`cpu_us_per_msg`): on two cores
+//! shared with the producer and consumer, a broker's rate is what its CPU per message leaves.
 //!
 //! Scenarios:
 //! - `per-script`: each bundled script alone, called in-process: µs and allocations per call;
 //! - `libzmq-proxy`: the reference, C libzmq's proxy;
 //! - `none`: temma's broker without scripts (the frame is stamped without a full parse);
+//! - `crate-relay`: the zeromq crate alone, no temma: a PULL → PUB loop (`recv`, `send`) on a
+//!   tokio runtime with a worker per core, in its own process (this binary, `--relay`). What
+//!   any broker built on the crate spends at least: the wall under `none`;
 //! - `trivial`: one script, `fn on_message(msg) { msg }`;
 //! - `default-chain`: the chain of `etc/temma.toml` (rate limit, trim, commands, profanity),
 //!   with the rate limit raised so that every message goes through all four scripts;
@@ -301,6 +308,67 @@ fn libzmq_proxy() -> Result<BrokerProcess, String> {
     }
 }
 
+/// A bare PULL → PUB relay on the zeromq crate, no temma: this binary run with `--relay`.
+fn crate_relay() -> BrokerProcess {
+    let mut child = Command::new(std::env::current_exe().expect("this binary"))
+        .arg("--relay")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the relay");
+    let line = wait_for_line(&mut child, "relay started").unwrap_or_else(|e| panic!("relay: {e}"));
+    let [.., pull, publish] = line.split_whitespace().collect::<Vec<_>>()[..] else {
+        panic!("relay: no endpoints in {line:?}");
+    };
+    BrokerProcess {
+        pull: pull.to_owned(),
+        publish: publish.to_owned(),
+        child,
+        others: Vec::new(),
+    }
+}
+
+/// `--relay`: what the zeromq crate does with nothing around it — every message read from PULL
+/// is sent on PUB, on a tokio runtime with a worker per core (as `temma broker`).
+fn relay_main() {
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(async {
+            let mut pull = zeromq::PullSocket::new();
+            let mut publish = zeromq::PubSocket::new();
+            let pull_at = pull.bind("tcp://127.0.0.1:0").await.expect("PULL binds");
+            let publish_at = publish.bind("tcp://127.0.0.1:0").await.expect("PUB binds");
+            eprintln!("relay started {pull_at} {publish_at}");
+            while let Ok(message) = pull.recv().await {
+                if publish.send(message).await.is_err() {
+                    break;
+                }
+            }
+        });
+}
+
+/// CPU time (s) the processes have spent so far: the run time of each of their threads
+/// (`/proc/PID/task/*/schedstat`, nanoseconds); `None` where there is no such file.
+fn cpu_seconds(pids: &[u32]) -> Option<f64> {
+    let mut nanos = 0u64;
+    for pid in pids {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+            nanos += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+    }
+    Some(nanos as f64 / 1e9)
+}
+
+impl BrokerProcess {
+    fn pids(&self) -> Vec<u32> {
+        std::iter::once(&self.child)
+            .chain(self.others.iter())
+            .map(Child::id)
+            .collect()
+    }
+}
+
 struct Outcome {
     sent: usize,
     received: usize,
@@ -492,6 +560,10 @@ fn main() {
     let with_scripts = messages.unwrap_or(base / 5);
 
     // `--pull ADDR --pub ADDR`: drive a broker started by hand (for profiling it).
+    if args.iter().any(|a| a == "--relay") {
+        relay_main();
+        return;
+    }
     if let (Some(pull), Some(publish)) = (value("--pull"), value("--pub")) {
         let child = Command::new("true").spawn().expect("placeholder process");
         let broker = BrokerProcess {
@@ -540,6 +612,7 @@ params = { words_file = "scripts/words.txt", mask = "*" }
     let scenarios: Vec<(&str, Option<String>, usize)> = vec![
         ("libzmq-proxy", None, base),
         ("none", Some(String::new()), base),
+        ("crate-relay", None, base),
         (
             "trivial",
             Some(format!(
@@ -562,8 +635,8 @@ params = { words_file = "scripts/words.txt", mask = "*" }
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
         println!(
-            "{:<15} {:>10} {:>10} {:>9} {:>12}",
-            "broker", "sent", "received", "in order", "msgs/s"
+            "{:<15} {:>10} {:>10} {:>9} {:>12} {:>12}",
+            "broker", "sent", "received", "in order", "msgs/s", "CPU µs/msg"
         );
     }
     for (name, scripts, count) in scenarios {
@@ -573,6 +646,7 @@ params = { words_file = "scripts/words.txt", mask = "*" }
         let broker = match &scripts {
             Some(_) if name == "pair" => temma_pair(&dir.join(name), count),
             Some(scripts) => temma_broker(&dir.join(name), scripts),
+            None if name == "crate-relay" => crate_relay(),
             // A third party's reference, not temma: if it cannot run here, say why and go on.
             None => match libzmq_proxy() {
                 Ok(proxy) => proxy,
@@ -582,11 +656,17 @@ params = { words_file = "scripts/words.txt", mask = "*" }
                 }
             },
         };
+        let cpu_before = cpu_seconds(&broker.pids());
         let result = drive(&broker, count, name == "chain-workers");
+        // Per message sent (what a lossy broker drops cost it a read).
+        let cpu_us = cpu_before
+            .zip(cpu_seconds(&broker.pids()))
+            .map(|(before, after)| (after - before) * 1e6 / result.sent as f64);
         drop(broker);
         if json {
+            let cpu = cpu_us.map_or("null".to_owned(), |us| format!("{us:.3}"));
             println!(
-                r#"{{"scenario":"{name}","sent":{},"received":{},"in_order":{},"msgs_per_s":{:.0}}}"#,
+                r#"{{"scenario":"{name}","sent":{},"received":{},"in_order":{},"msgs_per_s":{:.0},"cpu_us_per_msg":{cpu}}}"#,
                 result.sent,
                 result.received,
                 result.in_order,
@@ -594,12 +674,13 @@ params = { words_file = "scripts/words.txt", mask = "*" }
             );
         } else {
             println!(
-                "{:<15} {:>10} {:>10} {:>9} {:>12.0}",
+                "{:<15} {:>10} {:>10} {:>9} {:>12.0} {:>12}",
                 name,
                 result.sent,
                 result.received,
                 if result.in_order { "yes" } else { "NO" },
-                result.rate()
+                result.rate(),
+                cpu_us.map_or("-".to_owned(), |us| format!("{us:.2}"))
             );
         }
     }

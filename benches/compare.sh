@@ -317,7 +317,9 @@ for line in open('$OUT/broker.jsonl'):
     r = json.loads(line)
     if r['scenario'] == 'per-script':
         continue
-    print(f\"  {r['scenario']:<14} {r['msgs_per_s']:>10.0f} msgs/s, {r['received']}/{r['sent']} received, in order: {r['in_order']}\")"
+    cpu = r.get('cpu_us_per_msg')
+    cpu = f', CPU {cpu:.2f} µs/msg' if cpu is not None else ''
+    print(f\"  {r['scenario']:<14} {r['msgs_per_s']:>10.0f} msgs/s, {r['received']}/{r['sent']} received, in order: {r['in_order']}{cpu}\")"
       ;;
   esac
 done

@@ -74,6 +74,16 @@ if os.path.exists(broker_path):
             f"{none['msgs_per_s']:.0f} vs {proxy['msgs_per_s']:.0f} msg/s ({none['msgs_per_s'] / proxy['msgs_per_s']:.2f}×; "
             f"proxy received {100 * proxy['received'] / proxy['sent']:.0f} %)",
             "≥ 1× the proxy's, lossless", lossless and none["msgs_per_s"] >= proxy["msgs_per_s"], "msg/s")
+    relay = broker.get("crate-relay")
+    if relay and proxy:
+        # Not an aim: the zeromq crate alone (a bare PULL → PUB loop), what temma's broker is
+        # built on, against the same proxy — where the wall is.
+        cpus = "; ".join(f"{name} {broker[name]['cpu_us_per_msg']:.2f}"
+                         for name in ("libzmq-proxy", "crate-relay", "none")
+                         if broker.get(name, {}).get("cpu_us_per_msg") is not None)
+        print(f"the zeromq crate alone: {relay['msgs_per_s']:.0f} msg/s "
+              f"({relay['msgs_per_s'] / proxy['msgs_per_s']:.2f}× the proxy's), "
+              f"{relay['received']}/{relay['sent']} received; CPU µs per message: {cpus}")
     chain = broker.get("default-chain")
     if chain:
         aim("broker, shipped moderation chain", f"{chain['msgs_per_s']:.0f} msg/s", "≥ 100000 msg/s",
