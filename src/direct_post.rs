@@ -205,28 +205,81 @@ async fn answer(
     };
     broadcast.count(status);
     let close = status == StatusCode::REQUEST_TIMEOUT;
-    // Written in place (a `Vec` takes every write).
-    use std::io::Write;
+    // Written in place, without `fmt` (a tenth of a light load's POST went to formatting).
     let mut response = Vec::with_capacity(192 + body.len());
-    let _ = write!(
-        response,
-        "HTTP/1.1 {} {}\r\n",
-        status.as_u16(),
-        crate::error::reason_phrase(status.as_u16())
-    );
+    let mut number = itoa::Buffer::new();
+    response.extend_from_slice(b"HTTP/1.1 ");
+    response.extend_from_slice(number.format(status.as_u16()).as_bytes());
+    response.push(b' ');
+    response.extend_from_slice(crate::error::reason_phrase(status.as_u16()).as_bytes());
+    response.extend_from_slice(b"\r\n");
     if let Some(id) = id {
-        let _ = write!(response, "{MESSAGE_ID_HEADER}: {id}\r\n");
+        response.extend_from_slice(MESSAGE_ID_HEADER.as_bytes());
+        response.extend_from_slice(b": ");
+        crate::wire::write_id(&mut response, id);
+        response.extend_from_slice(b"\r\n");
     }
-    let _ = write!(
-        response,
-        "content-type: application/json\r\ncache-control: no-store\r\ncontent-length: {}\r\n{}date: {}\r\n\r\n",
-        body.len(),
-        if close { "connection: close\r\n" } else { "" },
-        httpdate::HttpDate::from(std::time::SystemTime::now()),
+    response.extend_from_slice(
+        b"content-type: application/json\r\ncache-control: no-store\r\ncontent-length: ",
     );
+    response.extend_from_slice(number.format(body.len()).as_bytes());
+    response.extend_from_slice(b"\r\n");
+    if close {
+        response.extend_from_slice(b"connection: close\r\n");
+    }
+    response.extend_from_slice(b"date: ");
+    http_date(&mut response);
+    response.extend_from_slice(b"\r\n\r\n");
     response.extend_from_slice(&body);
     match tokio::time::timeout(write_stall, socket.write_all(&response)).await {
         Ok(Ok(())) if !close => After::KeepAlive,
         _ => After::Close,
+    }
+}
+
+/// Appends the `Date` header's value for now, formatted once a second per thread (as hyper
+/// caches it).
+fn http_date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    CACHED.with_borrow_mut(|(at, text)| {
+        if *at != second {
+            *at = second;
+            *text = httpdate::HttpDate::from(now).to_string();
+        }
+        out.extend_from_slice(text.as_bytes());
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_date_is_now_in_the_http_format() {
+        let mut first = Vec::new();
+        http_date(&mut first);
+        let text = std::str::from_utf8(&first).expect("ASCII");
+        let date = httpdate::parse_http_date(text).expect("an HTTP date");
+        let now = std::time::SystemTime::now();
+        let off = now.duration_since(date).unwrap_or_else(|e| e.duration());
+        assert!(off < Duration::from_secs(2), "{text} is {off:?} from now");
+        // Cached within the second, renewed after it.
+        std::thread::sleep(Duration::from_millis(1100));
+        let mut later = Vec::new();
+        http_date(&mut later);
+        assert_ne!(first, later);
+        assert!(
+            httpdate::parse_http_date(std::str::from_utf8(&later).expect("ASCII"))
+                .expect("an HTTP date")
+                > date
+        );
     }
 }

@@ -448,9 +448,11 @@ pub async fn parse_body(content_type: Option<&str>, body: Bytes) -> Result<Field
     }
 }
 
-fn utf8(bytes: Vec<u8>, what: &str) -> Result<String, JsonError> {
+/// `bytes` as text; `what` names them in the error (made only then: a form's every field
+/// passes here).
+fn utf8(bytes: Vec<u8>, what: impl FnOnce() -> String) -> Result<String, JsonError> {
     String::from_utf8(bytes)
-        .map_err(|_| JsonError::bad_request(format!("{what} is not valid UTF-8")))
+        .map_err(|_| JsonError::bad_request(format!("{} is not valid UTF-8", what())))
 }
 
 fn parse_urlencoded(body: &[u8]) -> Result<Fields, JsonError> {
@@ -467,8 +469,10 @@ fn parse_urlencoded(body: &[u8]) -> Result<Fields, JsonError> {
                 .collect();
             percent_encoding::percent_decode(&plus).collect()
         };
-        let name = utf8(decode(name), "a field name")?;
-        let value = utf8(decode(value), &format!("field `{}`", name.escape_default()))?;
+        let name = utf8(decode(name), || "a field name".to_owned())?;
+        let value = utf8(decode(value), || {
+            format!("field `{}`", name.escape_default())
+        })?;
         if name.ends_with("[]") {
             return Err(JsonError::bad_request(format!(
                 "field `{}` is an array; `from` and `text` are single values",
@@ -563,10 +567,9 @@ async fn parse_multipart(body: Bytes, boundary: String) -> Result<Fields, JsonEr
             )));
         }
         let bytes = field.bytes().await.map_err(malformed)?;
-        let value = utf8(
-            bytes.to_vec(),
-            &format!("field `{}`", name.escape_default()),
-        )?;
+        let value = utf8(bytes.to_vec(), || {
+            format!("field `{}`", name.escape_default())
+        })?;
         fields.set(&name, value)?;
     }
     Ok(fields)

@@ -113,7 +113,19 @@ pub fn client(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[TrustedProxy
         }
     }
     match address {
-        IpAddr::V4(v4) => format!("ip:{v4}"),
+        IpAddr::V4(v4) => {
+            // Without `fmt` (`Ipv4Addr`'s `Display` cost a few % of a light load's POST).
+            let mut out = String::with_capacity(18);
+            out.push_str("ip:");
+            let mut number = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(number.format(octet));
+            }
+            out
+        }
         IpAddr::V6(v6) => {
             let network = ipnet::Ipv6Net::new(v6, 64)
                 .expect("64 is a valid prefix")
