@@ -1309,7 +1309,12 @@ impl Stamper {
         if !ready {
             return self.parse(frame);
         }
-        let scan = match serde_json::from_slice::<Scan>(frame) {
+        // JSON text is UTF-8 (RFC 8259). serde_json checks the keys and the values the scan
+        // reads, not the ones it skips: checked here, once, for the whole frame.
+        let Ok(text) = std::str::from_utf8(frame) else {
+            return Err(DropReason::InvalidJson);
+        };
+        let scan = match serde_json::from_str::<Scan>(text) {
             Ok(scan) => scan,
             Err(error) if error.is_data() => return Err(DropReason::NotAnObject),
             Err(_) => return Err(DropReason::InvalidJson),
@@ -1647,6 +1652,30 @@ mod tests {
         assert_eq!((id1.seq, id2.seq), (1, 2));
         assert!(id2.follows(&id1));
         assert!(first["time"].as_u64().unwrap() >= before);
+    }
+
+    #[test]
+    fn a_frame_that_is_not_utf8_is_refused_with_or_without_scripts() {
+        let mut stamper = Stamper::new(DEFAULT_MAX_FRAME_BYTES);
+        for frame in [
+            &b"{\"from\":\"a\",\"text\":\"b\xff\xfe\"}"[..],
+            b"{\"from\":\"a\xc3\",\"text\":\"b\"}",
+            b"{\"from\":\"a\",\"text\":\"b\",\"extra\":[\"\xed\xa0\x80\"]}",
+        ] {
+            for ready in [true, false] {
+                assert!(
+                    matches!(stamper.stamp(frame, ready), Err(DropReason::InvalidJson)),
+                    "{frame:?} (ready: {ready})"
+                );
+            }
+        }
+        // Nothing used up: the next good frame is the first id.
+        let good = ready(&mut stamper, "{\"from\":\"Zoé\",\"text\":\"ü\"}".as_bytes()).unwrap();
+        assert_eq!(
+            good["id"].as_str().unwrap().parse::<MsgId>().unwrap().seq,
+            1
+        );
+        assert_eq!(good["from"], "Zoé");
     }
 
     #[test]
