@@ -246,6 +246,8 @@ async fn garbage_on_the_broker_port_is_counted_and_dropped() {
         ])
         .unwrap(),
         ZmqMessage::from(vec![0xff, 0xfe, 0x00]),
+        // A JSON object but not UTF-8, in a value the broker's scan does not read.
+        ZmqMessage::from(b"{\"from\":\"a\",\"text\":\"b\xff\"}".to_vec()),
     ];
     for message in garbage {
         push.send(message).await.unwrap();
@@ -276,7 +278,7 @@ async fn garbage_on_the_broker_port_is_counted_and_dropped() {
     still_works(&app, &mut sse, "web still fine").await;
     let metrics = app.app().metrics().clone();
     use temma::metrics::DropReason::*;
-    assert_eq!(metrics.drops(InvalidJson), 2);
+    assert_eq!(metrics.drops(InvalidJson), 3);
     assert_eq!(metrics.drops(NotAnObject), 2);
     assert_eq!(metrics.drops(Multipart), 1);
     // A frame over `broker.max_frame_bytes` disconnects its sender before it is read whole
