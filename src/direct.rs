@@ -347,6 +347,16 @@ async fn serve_connection(
                 read = tokio::time::timeout_at(deadline, socket.read_buf(&mut buffer)) => read,
             };
             match read {
+                Ok(Ok(0)) if !buffer.is_empty() => {
+                    // The client ended its side in the middle of a head: it may still read.
+                    front.refuse(ConnectionRefusal::Malformed);
+                    let _ = socket.try_write(&error_response(
+                        400,
+                        "Bad Request",
+                        "the request ended before its head was complete",
+                    ));
+                    return;
+                }
                 Ok(Ok(0)) | Ok(Err(_)) => return,
                 Err(_) => {
                     if pending.is_some() {

@@ -15,7 +15,8 @@
 //! so that every answer hyper gives stays as it was.
 //!
 //! The answer is the one salvo's handler gives, header for header. Limits: the body must arrive
-//! within `server.body_timeout_secs` (else `408` and the connection closes), each answer's
+//! within `server.body_timeout_secs` (else `408` and the connection closes; a body the client
+//! cut short by ending its side gets a `400` that says how much came), each answer's
 //! write within `server.write_stall_timeout_secs`, and the next request head within
 //! `server.head_timeout_secs` of the last answer (else the connection closes, as hyper closes
 //! an idle keep-alive connection).
@@ -29,6 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::JsonError;
 use crate::message::{Broadcast, MESSAGE_ID_HEADER, Posted};
 use crate::metrics::DirectRequest;
 use crate::request::{Head, visible_ascii};
@@ -170,11 +172,20 @@ pub async fn serve(
                 read = tokio::time::timeout_at(deadline, socket.read_buf(buffer)) => read,
             };
             match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return After::Close,
+                Ok(Ok(0)) => {
+                    // The client ended its side before the whole body: it may still read.
+                    let ended = Err(JsonError::bad_request(format!(
+                        "the body ended after {} of its {length} bytes (`Content-Length`)",
+                        buffer.len()
+                    )));
+                    answer(socket, broadcast, ended, write_stall, true).await;
+                    return After::Close;
+                }
+                Ok(Err(_)) => return After::Close,
                 Ok(Ok(_)) => {}
                 Err(_) => {
                     let timed_out = Err(broadcast.body_timed_out());
-                    answer(socket, broadcast, timed_out, write_stall).await;
+                    answer(socket, broadcast, timed_out, write_stall, true).await;
                     return After::Close;
                 }
             }
@@ -185,15 +196,17 @@ pub async fn serve(
         Ok(sender) => broadcast.post(&request, sender, body, || None).await,
         Err(refused) => Err(refused),
     };
-    answer(socket, broadcast, posted, write_stall).await
+    answer(socket, broadcast, posted, write_stall, false).await
 }
 
-/// Writes the answer salvo's handler would give, and counts it; a `408` closes the connection.
+/// Writes the answer salvo's handler would give, and counts it; with `close` (a `408`, a body
+/// cut short), says so and the connection closes.
 async fn answer(
     socket: &mut TcpStream,
     broadcast: &Broadcast,
     posted: Posted,
     write_stall: Duration,
+    close: bool,
 ) -> After {
     let (status, id, body) = match posted {
         Ok((id, _)) => (StatusCode::OK, id, b"true".to_vec()),
@@ -204,7 +217,6 @@ async fn answer(
         ),
     };
     broadcast.count(status);
-    let close = status == StatusCode::REQUEST_TIMEOUT;
     // Written in place, without `fmt`: formatting this, the client's address and a form's
     // error texts was a fifth of a direct POST's instructions (BENCHMARKS.md).
     let mut response = Vec::with_capacity(192 + body.len());

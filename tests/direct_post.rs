@@ -378,12 +378,39 @@ async fn hostile_posts_get_their_answer_and_others_are_served() {
     assert_eq!(answer.status, 400, "{answer:?}");
     assert!(answer.body.contains("not HTTP/1.x"), "{answer:?}");
     assert!(tls.closed_within(Duration::from_secs(2)).await);
+    // A client that ends its side in the middle of a head, or of a body, is told what was
+    // missing (it may still read), and the connection closes.
+    let mut cut = Conn::open(&app).await;
+    cut.send(b"POST /message/broadcast HTTP/1.1\r\nHost: t\r\nContent-Le")
+        .await;
+    cut.write.shutdown().await.unwrap();
+    let answer = cut.answer().await.unwrap();
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert!(
+        answer.body.contains("ended before its head was complete"),
+        "{answer:?}"
+    );
+    assert!(cut.closed_within(Duration::from_secs(2)).await);
+    let mut cut = Conn::open(&app).await;
+    cut.send(b"POST /message/broadcast HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nfrom=ann&t")
+        .await;
+    cut.write.shutdown().await.unwrap();
+    let answer = cut.answer().await.unwrap();
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert!(
+        answer
+            .body
+            .contains("the body ended after 10 of its 100 bytes"),
+        "{answer:?}"
+    );
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert!(cut.closed_within(Duration::from_secs(2)).await);
     assert_eq!(
         metric(
             &app,
             "temma_connections_refused_total{reason=\"Malformed\"}"
         ),
-        Some(4.0)
+        Some(5.0)
     );
 
     // A thousand POSTs in one write: answered in order, none lost (read while writing: the
