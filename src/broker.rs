@@ -36,8 +36,8 @@ use crate::script::{
 use crate::snapshot::{self, Archive, Limits, Reply};
 use crate::socket::{self, SocketError};
 use crate::wire::{
-    Envelope, KEY, MsgId, PRIVATE_KEYS, REF, ROOM, STAMPED_KEYS, max_published_bytes, new_run,
-    now_ms, plain_str, published, rejection,
+    CLIENT, Envelope, KEY, MsgId, PRIVATE_KEYS, REF, ROOM, STAMPED_KEYS, max_published_bytes,
+    new_run, now_ms, plain_str, published, rejection,
 };
 use crate::workers::{Done, Job, Workers};
 
@@ -1327,30 +1327,81 @@ impl Stamper {
         }
         let key = scan.key.map(str::to_owned);
         let mut out = Vec::with_capacity(frame.len() + STAMP_BYTES);
-        if scan.plain && memchr::memchr2(b'\n', b'\r', frame).is_none() {
-            // The common case: a compact object with no key of ours and no duplicate. Copy it
-            // up to its closing brace and append the stamp.
-            let end = frame
-                .iter()
-                .rposition(|b| *b == b'}')
-                .expect("a valid JSON object ends with `}`");
-            out.extend_from_slice(&frame[..end]);
-            if scan.keys > 0 {
-                out.push(b',');
-            }
+        if scan.plain
+            && memchr::memchr2(b'\n', b'\r', frame).is_none()
+            && let Some(room) = self.cut_and_copy(frame, &scan, &mut out)
+        {
+            // The common case: a compact object with no key of ours and no duplicate, copied
+            // up to its closing brace without its private members; the stamp appended.
             self.write_stamp(&mut out, key);
-            // The frame is copied as it is: the room stays where the scan found it.
-            let room = match scan.room {
-                Room::None => RoomAt::Default,
-                Room::Plain(name) => {
-                    let start = name.as_ptr() as usize - frame.as_ptr() as usize;
-                    RoomAt::At(start..start + name.len())
-                }
-                Room::Other => RoomAt::Unknown,
-            };
             return Ok(Stamped::Ready(out.into(), room));
         }
+        out.clear();
         self.rewrite(frame, out, key)
+    }
+
+    /// Copies a frame the scan found plain into `out`, up to its closing brace (and a comma
+    /// when a member is left), without its private members (`client`; `key` unless it is
+    /// published); returns where its room is in `out`. `None` (and `out` left as it is) when
+    /// a member to cut is not compact (a space around it): the general path then.
+    fn cut_and_copy(&self, frame: &[u8], scan: &Scan<'_>, out: &mut Vec<u8>) -> Option<RoomAt> {
+        let base = frame.as_ptr() as usize;
+        let end = frame
+            .iter()
+            .rposition(|b| *b == b'}')
+            .expect("a valid JSON object ends with `}`");
+        // Each member to cut, from its key's opening quote to its value's end.
+        let span = |(name, value): (&str, &RawValue)| {
+            let value = value.get();
+            (
+                name.as_ptr() as usize - base - 1,
+                value.as_ptr() as usize - base + value.len(),
+            )
+        };
+        let key_member = scan.key_member.filter(|_| !self.publish_keys);
+        let mut cuts = [scan.client_member.map(span), key_member.map(span)];
+        cuts.sort_unstable();
+        // Where the room's name starts in the frame, then in `out`.
+        let room = match scan.room {
+            Room::Plain(name) => Some((name.as_ptr() as usize - base, name.len())),
+            Room::None | Room::Other => None,
+        };
+        let mut room_in_out = None;
+        let mut copy = |out: &mut Vec<u8>, from: usize, to: usize| {
+            if let Some((at, _)) = room.filter(|(at, _)| (from..to).contains(at)) {
+                room_in_out = Some(out.len() + at - from);
+            }
+            out.extend_from_slice(&frame[from..to]);
+        };
+        let mut from = 0;
+        let mut kept = scan.keys;
+        for (start, stop) in cuts.into_iter().flatten() {
+            if !matches!(frame.get(start.wrapping_sub(1)), Some(b'{' | b','))
+                || !matches!(frame.get(stop), Some(b',' | b'}'))
+            {
+                out.clear();
+                return None;
+            }
+            copy(out, from, start);
+            from = stop;
+            kept -= 1;
+            // The commas around it: one stays between two members, none after `{` or
+            // before `}`.
+            if frame[stop] == b',' {
+                from += 1;
+            } else if out.last() == Some(&b',') {
+                out.pop();
+            }
+        }
+        copy(out, from, end);
+        if kept > 0 {
+            out.push(b',');
+        }
+        Some(match (scan.room.is_none(), room, room_in_out) {
+            (true, _, _) => RoomAt::Default,
+            (false, Some((_, length)), Some(at)) => RoomAt::At(at..at + length),
+            _ => RoomAt::Unknown,
+        })
     }
 
     /// The parsed map for the script chain: the broker's keys removed, the idempotency key
@@ -1460,13 +1511,18 @@ impl Stamper {
 /// What a validating pass over a JSON object found, without keeping anything.
 struct Scan<'a> {
     keys: usize,
-    /// No key of ours (`id`, `time`, `reject`, `published`, `key`, `client`), no duplicate
-    /// key, no escaped key: the frame can be stamped by appending to it.
+    /// No key the broker writes (`id`, `time`, `reject`, `published`), no duplicate key, no
+    /// escaped key: the frame can be stamped by appending to it, once its private members
+    /// (`key`, `client`, below) are cut out.
     plain: bool,
     /// The `ref` and `key` values, when they are strings without escapes.
     reference: Option<&'a str>,
     key: Option<&'a str>,
     room: Room<'a>,
+    /// The private members, as found in the frame (the key's text, the raw value): what a
+    /// web node's every frame holds (`client`, and `key` with an idempotency key).
+    key_member: Option<(&'a str, &'a RawValue)>,
+    client_member: Option<(&'a str, &'a RawValue)>,
 }
 
 /// The `room` a scan found.
@@ -1476,6 +1532,12 @@ enum Room<'a> {
     Plain(&'a str),
     /// Anything else (web nodes drop such a message).
     Other,
+}
+
+impl Room<'_> {
+    fn is_none(&self) -> bool {
+        matches!(self, Room::None)
+    }
 }
 
 /// Objects with more keys than this take the general path.
@@ -1497,11 +1559,25 @@ impl<'de> Deserialize<'de> for Scan<'de> {
                     reference: None,
                     key: None,
                     room: Room::None,
+                    key_member: None,
+                    client_member: None,
                 };
                 while let Some(key) = map.next_key::<Key<'de>>()? {
                     match key.0.as_ref() {
                         REF => scan.reference = plain_str(map.next_value::<&'de RawValue>()?),
-                        KEY => scan.key = plain_str(map.next_value::<&'de RawValue>()?),
+                        KEY => {
+                            let value = map.next_value::<&'de RawValue>()?;
+                            scan.key = plain_str(value);
+                            if let Cow::Borrowed(name) = key.0 {
+                                scan.key_member = Some((name, value));
+                            }
+                        }
+                        CLIENT => {
+                            let value = map.next_value::<&'de RawValue>()?;
+                            if let Cow::Borrowed(name) = key.0 {
+                                scan.client_member = Some((name, value));
+                            }
+                        }
                         ROOM => {
                             scan.room = plain_str(map.next_value::<&'de RawValue>()?)
                                 .map_or(Room::Other, Room::Plain);
@@ -1512,10 +1588,7 @@ impl<'de> Deserialize<'de> for Scan<'de> {
                     }
                     match key.0 {
                         Cow::Borrowed(key) if scan.plain && scan.keys < SCAN_MAX_KEYS => {
-                            if STAMPED_KEYS.contains(&key)
-                                || PRIVATE_KEYS.contains(&key)
-                                || seen[..scan.keys].contains(&key)
-                            {
+                            if STAMPED_KEYS.contains(&key) || seen[..scan.keys].contains(&key) {
                                 scan.plain = false;
                             }
                             seen[scan.keys] = key;
@@ -1652,6 +1725,74 @@ mod tests {
         assert_eq!((id1.seq, id2.seq), (1, 2));
         assert!(id2.follows(&id1));
         assert!(first["time"].as_u64().unwrap() >= before);
+    }
+
+    /// The frame as published, without its stamp (`"id":…` to the end), and where the
+    /// stamper said its room is.
+    fn unstamped(stamped: Stamped) -> (String, RoomAt, Bytes) {
+        let Stamped::Ready(bytes, at) = stamped else {
+            panic!("ready stamping returns bytes")
+        };
+        let text = std::str::from_utf8(&bytes).unwrap();
+        let cut = text.rfind("\"id\":\"").unwrap();
+        (text[..cut].to_owned(), at, bytes)
+    }
+
+    #[test]
+    fn private_members_are_cut_out_as_the_general_path_leaves_them_out() {
+        let frames = [
+            // As a web node sends it (`message::Wire`'s order).
+            r#"{"ref":"n-1","key":"k1","client":"ip:192.0.2.7","room":"lobby","from":"a","text":"b"}"#,
+            r#"{"ref":"n-1","client":"ip:192.0.2.7","from":"a","text":"b"}"#,
+            r#"{"client":"ip:192.0.2.7","from":"a","text":"b"}"#,
+            r#"{"from":"a","text":"b","client":"ip:192.0.2.7"}"#,
+            r#"{"from":"a","client":"x","key":"k"}"#,
+            r#"{"client":"x","key":"k","room":"r","from":"a"}"#,
+            r#"{"room":"r","client":{"nested":[1,",",{"k":"}"}]},"text":"t,}"}"#,
+            r#"{"client":"x"}"#,
+            r#"{"key":"k","client":"x"}"#,
+            r#"{"client":"x","key":"k"}"#,
+            // Not compact around a member to cut: the general path, the same result.
+            r#"{"from":"a", "client":"x","text":"b"}"#,
+            r#"{ "client" : "x" , "room":"r" }"#,
+        ];
+        for publish_keys in [false, true] {
+            for frame in frames {
+                let mut fast = Stamper::new(DEFAULT_MAX_FRAME_BYTES);
+                fast.publish_keys = publish_keys;
+                let (cut, at, bytes) = unstamped(fast.stamp(frame.as_bytes(), true).unwrap());
+                let mut general = Stamper::new(DEFAULT_MAX_FRAME_BYTES);
+                general.publish_keys = publish_keys;
+                let (rewritten, _, _) =
+                    unstamped(general.rewrite(frame.as_bytes(), Vec::new(), None).unwrap());
+                assert_eq!(cut, rewritten, "{frame} (publish_keys: {publish_keys})");
+                let value: Value = serde_json::from_slice(&bytes).unwrap();
+                assert!(value.get("client").is_none(), "{frame}");
+                assert_eq!(
+                    value.get("key").is_some(),
+                    publish_keys && frame.contains("\"key\"")
+                );
+                // A compact frame took the fast path (the general one does not say where the
+                // room is).
+                assert_eq!(
+                    matches!(at, RoomAt::Unknown),
+                    frame.contains(' '),
+                    "{frame} (publish_keys: {publish_keys})"
+                );
+                // The room, where the stamper says it is.
+                if let RoomAt::At(range) = at {
+                    assert_eq!(
+                        Some(&bytes[range]),
+                        value["room"].as_str().map(str::as_bytes)
+                    );
+                } else if value.get("room").is_some() {
+                    assert!(matches!(at, RoomAt::Unknown), "{frame}");
+                } else {
+                    // The general path does not look: `Unknown` (found again if needed).
+                    assert!(matches!(at, RoomAt::Default | RoomAt::Unknown), "{frame}");
+                }
+            }
+        }
     }
 
     #[test]
