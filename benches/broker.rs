@@ -11,7 +11,8 @@
 //! scripts), `--only NAME` (per-script, libzmq-proxy, none, crate-relay, trivial,
 //! default-chain, chain-workers, pair), `--workers N` (threads of `chain-workers`),
 //! `--json` (one JSON object per line instead of the table), `--script FILE [--params JSON]`
-//! (time your own script in `per-script`).
+//! (time your own script in `per-script`), `--web-frames` (each message as a web node sends
+//! it: a `ref` and the sender's `client` first, 160 bytes in all).
 //!
 //! Each broker's CPU time (utime + stime of its processes, from `/proc`, Linux only) is read
 //! before and after the messages and reported per message (`cpu_us_per_msg`): on two cores
@@ -53,10 +54,25 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A 100-byte message whose text starts with its sequence number.
+/// `--web-frames`: each message as a web node sends it, with a `ref` and the sender's
+/// `client` address (which the broker does not publish).
+static WEB_FRAMES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A 100-byte message whose text starts with its sequence number (160 bytes with
+/// `--web-frames`: a `ref` and a `client` first).
 fn frame(seq: usize, sender: usize) -> Vec<u8> {
-    let mut text = format!(r#"{{"from":"user{sender:04}","text":"{seq:010} "#).into_bytes();
-    while text.len() < MESSAGE_BYTES - 2 {
+    let web = WEB_FRAMES.load(std::sync::atomic::Ordering::Relaxed);
+    let (mut text, size) = if web {
+        let head = format!(
+            r#"{{"ref":"bench-{seq:032x}","client":"ip:192.0.2.{}","from":"user{sender:04}","text":"{seq:010} "#,
+            sender % 250
+        );
+        (head.into_bytes(), MESSAGE_BYTES + 60)
+    } else {
+        let head = format!(r#"{{"from":"user{sender:04}","text":"{seq:010} "#);
+        (head.into_bytes(), MESSAGE_BYTES)
+    };
+    while text.len() < size - 2 {
         text.push(b'x');
     }
     text.extend_from_slice(b"\"}");
@@ -555,6 +571,9 @@ fn main() {
     let messages: Option<usize> = value("--messages").and_then(|v| v.parse().ok());
     let only = value("--only");
     let json = args.iter().any(|a| a == "--json");
+    if args.iter().any(|a| a == "--web-frames") {
+        WEB_FRAMES.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let base = messages.unwrap_or(1_000_000);
     let with_scripts = messages.unwrap_or(base / 5);

@@ -7,6 +7,7 @@
 #   ROUNDS=5 MESSAGES=1000000 benches/broker_cpu.sh /tmp/temma-before target/release/temma
 #   BROKER_CPUS=0 benches/broker_cpu.sh      # the broker on CPU 0 only (taskset), the driver on
 #                                            # the others: a broker with one CPU
+#   DRIVER_ARGS=--web-frames benches/broker_cpu.sh   # messages as web nodes send them
 #
 # With several binaries, the rounds alternate between them (the machine's noise then falls on
 # all alike), and the medians are printed last.
@@ -46,7 +47,7 @@ for round in $(seq "$ROUNDS"); do
     broker=$!
     wait_log "$WORK/log" "broker running"
     before=$(cpu_of "$broker")
-    line=$("${driver[@]}" --pull "tcp://127.0.0.1:$PULL" --pub "tcp://127.0.0.1:$PUB" --messages "$MESSAGES")
+    line=$("${driver[@]}" --pull "tcp://127.0.0.1:$PULL" --pub "tcp://127.0.0.1:$PUB" --messages "$MESSAGES" ${DRIVER_ARGS:-})
     after=$(cpu_of "$broker")
     kill "$broker"
     wait "$broker" 2>/dev/null || true
