@@ -461,6 +461,21 @@ pub fn temma(args: &[&str]) -> Command {
     command
 }
 
+/// Whether every thread of process `pid` is stopped (`T` in `/proc/PID/task/*/stat`).
+fn all_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "T" || state == "t")
+        })
+    })
+}
+
 /// A child process killed when the test ends, however it ends, with its log lines.
 pub struct Running(pub Child, pub std::sync::mpsc::Receiver<String>);
 
@@ -494,12 +509,23 @@ impl Running {
         }
     }
 
+    /// Sends the signal `name`; `STOP` returns once every thread of the process has stopped
+    /// (`kill` only queues it: a thread running on another CPU goes on until it is told, and
+    /// went on long enough to publish a message a test sent right after).
     pub fn signal(&self, name: &str) {
+        let pid = self.0.id();
         let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.0.id().to_string()])
+            .args([&format!("-{name}"), &pid.to_string()])
             .status()
             .expect("kill");
         assert!(status.success());
+        if name == "STOP" {
+            let start = Instant::now();
+            while !all_stopped(pid) {
+                assert!(start.elapsed() < DEADLINE, "process {pid} did not stop");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 
     /// Waits for the exit status, failing after `limit`.
