@@ -399,25 +399,36 @@ struct Head {
     rest: Vec<u8>,
 }
 
+/// Reads what the socket has into `buffer`; `Err` names why not (an error kind, `closed`).
+async fn read_more(
+    socket: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+    closed: &str,
+) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let mut scratch = [0u8; 4096];
+    let n = socket
+        .read(&mut scratch)
+        .await
+        .map_err(|e| format!("read: {}", e.kind()))?;
+    if n == 0 {
+        return Err(closed.into());
+    }
+    buffer.extend_from_slice(&scratch[..n]);
+    Ok(())
+}
+
 /// Writes `request` and reads up to the end of the response head. `Err` names why not (an
 /// error kind, `closed`) for the report.
 async fn exchange(socket: &mut TcpStream, request: &str, closed: &str) -> Result<Head, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     socket
         .write_all(request.as_bytes())
         .await
         .map_err(|e| format!("write: {}", e.kind()))?;
     let mut buffer = Vec::with_capacity(1024);
     loop {
-        let mut scratch = [0u8; 4096];
-        let n = socket
-            .read(&mut scratch)
-            .await
-            .map_err(|e| format!("read: {}", e.kind()))?;
-        if n == 0 {
-            return Err(closed.into());
-        }
-        buffer.extend_from_slice(&scratch[..n]);
+        read_more(socket, &mut buffer, closed).await?;
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut headers);
         match response.parse(&buffer) {
@@ -446,7 +457,6 @@ async fn exchange(socket: &mut TcpStream, request: &str, closed: &str) -> Result
 /// Asks for `path` on the connection and reads the answer whole (it must have a
 /// `Content-Length`), so that the stream request comes next on a kept-alive connection.
 async fn first_request(socket: &mut TcpStream, path: &str, host: &str) -> Result<(), String> {
-    use tokio::io::AsyncReadExt;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
     let head = exchange(socket, &request, "closed after the first request").await?;
     let length = head
@@ -454,15 +464,7 @@ async fn first_request(socket: &mut TcpStream, path: &str, host: &str) -> Result
         .ok_or("the first answer has no Content-Length")?;
     let mut body = head.rest;
     while body.len() < length {
-        let mut scratch = [0u8; 4096];
-        let n = socket
-            .read(&mut scratch)
-            .await
-            .map_err(|e| format!("read: {}", e.kind()))?;
-        if n == 0 {
-            return Err("closed after the first request".into());
-        }
-        body.extend_from_slice(&scratch[..n]);
+        read_more(socket, &mut body, "closed after the first request").await?;
     }
     if body.len() != length {
         return Err("bytes after the first answer".into());

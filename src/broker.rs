@@ -1336,7 +1336,6 @@ impl Stamper {
             self.write_stamp(&mut out, key);
             return Ok(Stamped::Ready(out.into(), room));
         }
-        out.clear();
         self.rewrite(frame, out, key)
     }
 
@@ -1363,12 +1362,12 @@ impl Stamper {
         cuts.sort_unstable();
         // Where the room's name starts in the frame, then in `out`.
         let room = match scan.room {
-            Room::Plain(name) => Some((name.as_ptr() as usize - base, name.len())),
+            Room::Plain(name) => Some(name.as_ptr() as usize - base),
             Room::None | Room::Other => None,
         };
         let mut room_in_out = None;
         let mut copy = |out: &mut Vec<u8>, from: usize, to: usize| {
-            if let Some((at, _)) = room.filter(|(at, _)| (from..to).contains(at)) {
+            if let Some(at) = room.filter(|at| (from..to).contains(at)) {
                 room_in_out = Some(out.len() + at - from);
             }
             out.extend_from_slice(&frame[from..to]);
@@ -1397,10 +1396,12 @@ impl Stamper {
         if kept > 0 {
             out.push(b',');
         }
-        Some(match (scan.room.is_none(), room, room_in_out) {
-            (true, _, _) => RoomAt::Default,
-            (false, Some((_, length)), Some(at)) => RoomAt::At(at..at + length),
-            _ => RoomAt::Unknown,
+        Some(match scan.room {
+            Room::None => RoomAt::Default,
+            Room::Plain(name) => {
+                room_in_out.map_or(RoomAt::Unknown, |at| RoomAt::At(at..at + name.len()))
+            }
+            Room::Other => RoomAt::Unknown,
         })
     }
 
@@ -1532,12 +1533,6 @@ enum Room<'a> {
     Plain(&'a str),
     /// Anything else (web nodes drop such a message).
     Other,
-}
-
-impl Room<'_> {
-    fn is_none(&self) -> bool {
-        matches!(self, Room::None)
-    }
 }
 
 /// Objects with more keys than this take the general path.
