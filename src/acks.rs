@@ -60,8 +60,15 @@ impl Acks {
         };
         pending.insert(secret, tx);
         drop(pending);
+        // `<node>-<secret as 32 hex digits>`, without `fmt` (this is per message).
+        let mut reference = String::with_capacity(self.node.len() + 33);
+        reference.push_str(&self.node);
+        reference.push('-');
+        let mut digits = [0u8; 32];
+        hex::encode_to_slice(secret.to_be_bytes(), &mut digits).expect("16 bytes, 32 digits");
+        reference.push_str(std::str::from_utf8(&digits).expect("hex digits are ASCII"));
         Registration {
-            reference: format!("{}-{secret:032x}", self.node),
+            reference,
             outcome: rx,
             acks: self.clone(),
             key: secret,
@@ -76,9 +83,11 @@ impl Acks {
         if node != self.node || secret.len() != 32 {
             return;
         }
-        let Ok(secret) = u128::from_str_radix(secret, 16) else {
+        let mut bytes = [0u8; 16];
+        if hex::decode_to_slice(secret, &mut bytes).is_err() {
             return;
-        };
+        }
+        let secret = u128::from_be_bytes(bytes);
         if let Some(tx) = self.lock().remove(&secret) {
             let _ = tx.send(ack);
         }
@@ -137,5 +146,37 @@ mod tests {
         drop(abandoned);
         assert_eq!(acks.pending(), 0);
         acks.resolve("garbage", Ack::Published(None));
+    }
+
+    #[tokio::test]
+    async fn a_reference_is_the_node_and_32_hex_digits_and_only_its_own_resolves_it() {
+        let acks = Acks::new();
+        let mut registration = acks.register();
+        let reference = registration.reference.clone();
+        let (node, secret) = reference.rsplit_once('-').unwrap();
+        assert_eq!(node, acks.node);
+        assert_eq!(secret.len(), 32);
+        assert!(
+            secret
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        assert_eq!(u128::from_str_radix(secret, 16).unwrap(), registration.key);
+        // One digit changed, one digit short, or not hex: not this message.
+        let mut other = secret.to_owned().into_bytes();
+        other[31] = if other[31] == b'0' { b'1' } else { b'0' };
+        for forged in [
+            String::from_utf8(other).unwrap(),
+            secret[1..].to_owned(),
+            format!("{}g", &secret[1..]),
+        ] {
+            acks.resolve(&format!("{node}-{forged}"), Ack::Published(None));
+        }
+        assert_eq!(acks.pending(), 1, "only the exact reference resolves it");
+        acks.resolve(&reference, Ack::Published(None));
+        assert_eq!(
+            (&mut registration.outcome).await.unwrap(),
+            Ack::Published(None)
+        );
     }
 }

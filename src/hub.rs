@@ -693,14 +693,27 @@ impl Hub {
             .collect();
         let info = state.own_info();
         drop(state);
-        let mut report = serde_json::json!({ "node": self.shared.node, "rooms": rooms });
+        let mut rest = serde_json::json!({ "rooms": rooms });
         if let Some(info) = info {
-            report["info"] = serde_json::to_value(info).unwrap_or_default();
+            rest["info"] = serde_json::to_value(info).unwrap_or_default();
         }
-        let mut frame = PRESENCE_PREFIX.to_vec();
-        frame.extend_from_slice(report.to_string().as_bytes());
+        // The node first, so that its own echo is known by its first bytes.
+        let mut frame = self.own_report_prefix();
+        let rest = rest.to_string();
+        frame.extend_from_slice(&rest.as_bytes()[1..]);
         frame.push(b'}');
         frame.into()
+    }
+
+    /// How this node's own presence reports start: `{"presence":{"node":"<node>",`.
+    fn own_report_prefix(&self) -> Vec<u8> {
+        let node = &self.shared.node;
+        let mut prefix = Vec::with_capacity(PRESENCE_PREFIX.len() + node.len() + 12);
+        prefix.extend_from_slice(PRESENCE_PREFIX);
+        prefix.extend_from_slice(b"{\"node\":\"");
+        prefix.extend_from_slice(node.as_bytes());
+        prefix.extend_from_slice(b"\",");
+        prefix
     }
 
     /// Every [`PRESENCE_INTERVAL`]: this node's report handed to `send` (when `share`), and
@@ -733,6 +746,10 @@ impl Hub {
 
     /// Reads another node's presence report (its own echo is ignored).
     fn ingest_presence(&self, frame: &[u8]) {
+        if frame.starts_with(&self.own_report_prefix()) {
+            // This node's own report, back from the broker: nothing to parse.
+            return;
+        }
         #[derive(serde::Deserialize)]
         struct Report {
             presence: Body,
@@ -2148,6 +2165,40 @@ mod tests {
             .and_then(|node| node.info)
             .expect("listed");
         assert!(forged.version.len() <= MAX_NAME_CHARS && forged.listen.len() <= MAX_NAME_CHARS);
+    }
+
+    #[test]
+    fn a_nodes_own_report_is_known_by_its_first_bytes_and_others_are_read() {
+        let a = hub(settings());
+        a.announce("127.0.0.1:8001".into());
+        let report = a.presence_report().expect("an announcing node reports");
+        assert!(
+            report.starts_with(&a.own_report_prefix()),
+            "the node comes first: {}",
+            String::from_utf8_lossy(&report)
+        );
+        let parsed: serde_json::Value = serde_json::from_slice(&report).expect("JSON");
+        assert_eq!(parsed["presence"]["node"], a.shared.node.as_str());
+        assert!(parsed["presence"]["rooms"].is_object());
+        assert_eq!(parsed["presence"]["info"]["listen"], "127.0.0.1:8001");
+        // Its own echo: not another node.
+        a.ingest(&report);
+        assert_eq!(a.nodes().len(), 1);
+        // Its name with the members in another order (an older node's report): not another
+        // node either.
+        let reordered = format!(
+            r#"{{"presence":{{"rooms":{{}},"node":"{}"}}}}"#,
+            a.shared.node
+        );
+        a.ingest(reordered.as_bytes());
+        assert_eq!(a.nodes().len(), 1);
+        // A node whose name starts with this one's is another node.
+        let longer = format!(
+            r#"{{"presence":{{"node":"{}0","rooms":{{}}}}}}"#,
+            a.shared.node
+        );
+        a.ingest(longer.as_bytes());
+        assert_eq!(a.nodes().len(), 2);
     }
 
     /// A hub whose timers run (cancel the token to stop them).

@@ -14,6 +14,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -44,12 +45,21 @@ impl FromStr for MsgId {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (run, seq) = s.split_once('-').ok_or(())?;
+        // Decimal digits only (no sign), one to twenty of them, within `u64`: one pass.
         let digits = |part: &str| {
-            if part.is_empty() || part.len() > 20 || !part.bytes().all(|b| b.is_ascii_digit()) {
-                Err(())
-            } else {
-                part.parse::<u64>().map_err(|_| ())
+            if part.is_empty() || part.len() > 20 {
+                return Err(());
             }
+            part.bytes().try_fold(0u64, |value, b| {
+                let digit = b.wrapping_sub(b'0');
+                if digit > 9 {
+                    return Err(());
+                }
+                value
+                    .checked_mul(10)
+                    .and_then(|value| value.checked_add(u64::from(digit)))
+                    .ok_or(())
+            })
         };
         Ok(MsgId {
             run: digits(run)?,
@@ -296,9 +306,12 @@ fn after_leading_private(frame: &[u8]) -> Option<&[u8]> {
             _ => return None,
         };
     }
-    if rest.len() == frame.len() - 1
-        || memchr::memmem::find(rest, b"\"ref\":").is_some()
-        || memchr::memmem::find(rest, b"\"key\":").is_some()
+    // Built once: a finder made per call costs more than the search (this is per message).
+    static REF_KEY: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\"ref\":"));
+    static KEY_KEY: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\"key\":"));
+    if rest.len() == frame.len() - 1 || REF_KEY.find(rest).is_some() || KEY_KEY.find(rest).is_some()
     {
         // Nothing cut, or one of them further in (a frame not written by the broker's rules).
         return None;
@@ -369,9 +382,13 @@ mod tests {
             "1-2-3",
             "1 -2",
             "99999999999999999999999-1",
+            "18446744073709551616-1",
+            "1-18446744073709551616",
         ] {
             assert!(bad.parse::<MsgId>().is_err(), "{bad}");
         }
+        let largest: MsgId = "18446744073709551615-0".parse().unwrap();
+        assert_eq!(largest.run, u64::MAX);
         let older: MsgId = "1-99".parse().unwrap();
         let other_run: MsgId = "2-100".parse().unwrap();
         assert!(
