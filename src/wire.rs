@@ -75,10 +75,28 @@ impl MsgId {
     }
 }
 
-/// A new run number (see [`MsgId`]).
+/// A new run number (see [`MsgId`]), unique per broker start: the start's Unix time in
+/// milliseconds, then six random digits, so that brokers started in the same millisecond (on
+/// one machine or several) do not share a run: a web node moved from one to the other would
+/// take the second's messages for the first's (a silent gap, or messages dropped as
+/// duplicates). Within one process runs only ever increase.
 pub fn new_run() -> u64 {
-    now_ms()
+    use rand::RngExt;
+    /// The last run given in this process.
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let candidate = now_ms() * RUN_RANDOM_SPAN + rand::rng().random_range(0..RUN_RANDOM_SPAN);
+    let previous = LAST
+        .fetch_update(
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+            |last| Some(candidate.max(last + 1)),
+        )
+        .expect("the update always returns Some");
+    candidate.max(previous + 1)
 }
+
+/// The random part of a run: its last six decimal digits.
+const RUN_RANDOM_SPAN: u64 = 1_000_000;
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
@@ -360,6 +378,23 @@ pub fn write_reset(out: &mut BytesMut, last_event_id: &str, reason: &str) {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn runs_are_unique_even_when_brokers_start_in_the_same_millisecond() {
+        let runs: Vec<u64> = (0..10_000).map(|_| new_run()).collect();
+        let unique: std::collections::HashSet<u64> = runs.iter().copied().collect();
+        assert_eq!(unique.len(), runs.len(), "a run was given twice");
+        assert!(
+            runs.windows(2).all(|pair| pair[1] > pair[0]),
+            "runs only increase"
+        );
+        // Readable: the start's milliseconds, then the random digits; an id still parses.
+        let run = runs[0];
+        let ms = run / RUN_RANDOM_SPAN;
+        assert!(now_ms().abs_diff(ms) < 60_000, "{run}");
+        let id = MsgId { run, seq: 7 };
+        assert_eq!(id.to_string().parse::<MsgId>(), Ok(id));
+    }
 
     #[test]
     fn msg_id_parses_and_orders() {

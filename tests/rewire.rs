@@ -178,7 +178,12 @@ async fn a_node_moves_to_another_broker_without_closing_a_stream() {
             last = now;
         }
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Posting goes on through the second broker: at least ten of them (however slow the
+    // machine), then it stops.
+    common::eventually("the second broker published ten", || async {
+        (second.metrics().broker_published.get() > 10).then_some(())
+    })
+    .await;
     stop.cancel();
     let posted = posting.await.unwrap();
     // Let the last ones arrive, then compare.
@@ -188,7 +193,6 @@ async fn a_node_moves_to_another_broker_without_closing_a_stream() {
     check(posted, seen).await;
     // Everything after the move went through the second broker.
     assert_eq!(first.metrics().broker_published.get(), published_by_first);
-    assert!(second.metrics().broker_published.get() > 10);
     // The same configuration again: nothing moves.
     let rewired = node.app().rewire(&wired(b, &[b], None)).await;
     assert!(rewired.changed.is_empty(), "{rewired:?}");
