@@ -89,6 +89,8 @@ struct Shared {
     state: Mutex<State>,
     /// This node's name in presence reports, random per process.
     node: String,
+    /// How this node's own presence reports start: `{"presence":{"node":"<node>",`.
+    report_prefix: Box<[u8]>,
     settings: Settings,
     metrics: Arc<Metrics>,
     acks: Arc<Acks>,
@@ -520,8 +522,20 @@ impl Drop for ClientGuard {
     }
 }
 
+/// How the presence reports of node `node` start: `{"presence":{"node":"<node>",` (the
+/// node first, so that a node knows its own report coming back by its first bytes).
+fn report_prefix(node: &str) -> Box<[u8]> {
+    let mut prefix = Vec::with_capacity(PRESENCE_PREFIX.len() + node.len() + 12);
+    prefix.extend_from_slice(PRESENCE_PREFIX);
+    prefix.extend_from_slice(b"{\"node\":\"");
+    prefix.extend_from_slice(node.as_bytes());
+    prefix.extend_from_slice(b"\",");
+    prefix.into()
+}
+
 impl Hub {
     pub fn new(settings: Settings, metrics: Arc<Metrics>, acks: Arc<Acks>) -> Hub {
+        let node = format!("{:016x}", rand::random::<u64>());
         Hub {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
@@ -537,7 +551,8 @@ impl Hub {
                     reported: false,
                     bell: Arc::default(),
                 }),
-                node: format!("{:016x}", rand::random::<u64>()),
+                report_prefix: report_prefix(&node),
+                node,
                 settings,
                 metrics,
                 acks,
@@ -698,22 +713,11 @@ impl Hub {
             rest["info"] = serde_json::to_value(info).unwrap_or_default();
         }
         // The node first, so that its own echo is known by its first bytes.
-        let mut frame = self.own_report_prefix();
+        let mut frame = self.shared.report_prefix.to_vec();
         let rest = rest.to_string();
         frame.extend_from_slice(&rest.as_bytes()[1..]);
         frame.push(b'}');
         frame.into()
-    }
-
-    /// How this node's own presence reports start: `{"presence":{"node":"<node>",`.
-    fn own_report_prefix(&self) -> Vec<u8> {
-        let node = &self.shared.node;
-        let mut prefix = Vec::with_capacity(PRESENCE_PREFIX.len() + node.len() + 12);
-        prefix.extend_from_slice(PRESENCE_PREFIX);
-        prefix.extend_from_slice(b"{\"node\":\"");
-        prefix.extend_from_slice(node.as_bytes());
-        prefix.extend_from_slice(b"\",");
-        prefix
     }
 
     /// Every [`PRESENCE_INTERVAL`]: this node's report handed to `send` (when `share`), and
@@ -746,7 +750,7 @@ impl Hub {
 
     /// Reads another node's presence report (its own echo is ignored).
     fn ingest_presence(&self, frame: &[u8]) {
-        if frame.starts_with(&self.own_report_prefix()) {
+        if frame.starts_with(&self.shared.report_prefix) {
             // This node's own report, back from the broker: nothing to parse.
             return;
         }
@@ -2173,7 +2177,7 @@ mod tests {
         a.announce("127.0.0.1:8001".into());
         let report = a.presence_report().expect("an announcing node reports");
         assert!(
-            report.starts_with(&a.own_report_prefix()),
+            report.starts_with(&a.shared.report_prefix),
             "the node comes first: {}",
             String::from_utf8_lossy(&report)
         );
