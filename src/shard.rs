@@ -187,6 +187,14 @@ impl Outlet {
         }
     }
 
+    /// Counts `frames` more given whole to the client. Every writer of `consumed` holds the
+    /// outlet's lock (`_locked` says so; the sweep only reads it), so a load and a store do
+    /// what an atomic add would, without its locked instruction (this is per delivery).
+    fn count_consumed(&self, _locked: &mut OutletState, frames: u64) {
+        let consumed = self.consumed.load(Ordering::Relaxed);
+        self.consumed.store(consumed + frames, Ordering::Relaxed);
+    }
+
     /// Drops `written` bytes from the front of `pending`, counting the frames written whole.
     fn advance(&self, state: &mut OutletState, mut written: usize) {
         while written > 0 {
@@ -198,7 +206,7 @@ impl Outlet {
                 let frames = *frames;
                 state.pending.pop_front();
                 state.frames_pending -= frames;
-                self.consumed.fetch_add(frames, Ordering::Relaxed);
+                self.count_consumed(state, frames);
             } else {
                 bytes::Buf::advance(front, written);
                 written = 0;
@@ -215,31 +223,36 @@ impl Outlet {
         if state.end.is_some() {
             return 0;
         }
+        // The shard's chunk as it is (no copy, not even of its handle unless it is queued), or
+        // the frames this client lacks.
+        let own;
         let (bytes, frames, messages) = if state.skip_until.is_none()
             && items.first().is_some_and(|item| item.seq > state.after)
         {
-            (whole.clone(), items.len() as u64, messages)
+            (whole, items.len() as u64, messages)
         } else {
-            filtered(items, &mut state)
+            let (bytes, frames, messages) = filtered(items, &mut state);
+            own = bytes;
+            (&own, frames, messages)
         };
         if frames == 0 {
             return 0;
         }
         if bytes.is_empty() {
             // Every frame was one the client has: taken, nothing to write.
-            self.consumed.fetch_add(frames, Ordering::Relaxed);
+            self.count_consumed(&mut state, frames);
             return 0;
         }
         let was_empty = state.pending.is_empty();
         if was_empty {
-            match send_now(&self.socket, &bytes) {
+            match send_now(&self.socket, bytes) {
                 Ok(written) if written == bytes.len() => {
-                    self.consumed.fetch_add(frames, Ordering::Relaxed);
+                    self.count_consumed(&mut state, frames);
                     return messages;
                 }
                 Ok(written) => state.pending.push_back((bytes.slice(written..), frames)),
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                    state.pending.push_back((bytes, frames));
+                    state.pending.push_back((bytes.clone(), frames));
                 }
                 Err(_) => {
                     state.end = Some(End::Gone);
@@ -249,7 +262,7 @@ impl Outlet {
                 }
             }
         } else {
-            state.pending.push_back((bytes, frames));
+            state.pending.push_back((bytes.clone(), frames));
         }
         state.frames_pending += frames;
         let overflowed = state.frames_pending > queue;
