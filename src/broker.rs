@@ -17,7 +17,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -28,6 +28,7 @@ use zeromq::{PubSocket, PullSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::context::{Context, Root, UnknownDataSource};
 use crate::failover::{Beat, Pair, PeerFrame, Role};
+use crate::hub::{Known, KnownRef};
 use crate::metrics::{DropReason, Metrics, SocketLabels};
 use crate::script::{
     Chain, ChainSource, Compiled, OnError, Reload, ReloadHandle, Reloader, ScriptConfig,
@@ -604,7 +605,7 @@ impl Broker {
                 // What the chain's workers passed goes out before more is read.
                 Some(done) = recv_some(verdicts.as_mut().map(|rx| rx.recv())) => {
                     if let Some(out) = self.finish(done) {
-                        self.deliver(out).await;
+                        self.deliver(out, None).await;
                     }
                     continue;
                 }
@@ -667,8 +668,8 @@ impl Broker {
                 return;
             }
         }
-        if let Some(out) = self.handle(message).await {
-            self.deliver(out).await;
+        if let Some((out, known)) = self.handle(message).await {
+            self.deliver(out, known).await;
         }
     }
 
@@ -683,15 +684,15 @@ impl Broker {
         if let Some(sent) = item.sent {
             let _ = sent.send(());
         }
-        if let Some(out) = self.handle(ZmqMessage::from(item.frame)).await {
-            self.publish(out).await;
+        if let Some((out, known)) = self.handle(ZmqMessage::from(item.frame)).await {
+            self.publish(out, known).await;
         }
     }
 
     /// Publishes what [`Broker::handle`] or [`Broker::finish`] made; with a pair, the
     /// heartbeat that says the backup holds it all, when it now does.
-    async fn deliver(&mut self, out: ZmqMessage) {
-        self.publish(out).await;
+    async fn deliver(&mut self, out: ZmqMessage, known: Option<Known>) {
+        self.publish(out, known).await;
         if let Some(pair) = &mut self.pair
             && pair
                 .state
@@ -702,11 +703,16 @@ impl Broker {
     }
 
     /// Publishes a frame the broker made: on PUB, and to the hub of this process.
-    async fn publish(&mut self, out: ZmqMessage) {
+    /// `known`: what the stamper's fast path knows of the frame, so that the hub of this
+    /// process need not read it again.
+    async fn publish(&mut self, out: ZmqMessage, known: Option<Known>) {
         let frame = self.local.is_some().then(|| out.get(0).cloned()).flatten();
         self.send(out).await;
         if let (Some(local), Some(frame)) = (&self.local, frame) {
-            local.hub.ingest(&frame);
+            match known {
+                Some(known) => local.hub.ingest_known(&frame, &known),
+                None => local.hub.ingest(&frame),
+            }
         }
     }
 
@@ -969,7 +975,7 @@ impl Broker {
 
     /// One input message → the frame to publish, if any (with the chain's workers, a message
     /// for the chain is queued and published by [`Broker::finish`]).
-    async fn handle(&mut self, message: ZmqMessage) -> Option<ZmqMessage> {
+    async fn handle(&mut self, message: ZmqMessage) -> Option<(ZmqMessage, Option<Known>)> {
         if message.len() != 1 {
             self.metrics.dropped(DropReason::Multipart);
             crate::throttled!(
@@ -983,12 +989,19 @@ impl Broker {
         if frame.starts_with(crate::hub::PRESENCE_PREFIX) {
             // A web node's presence report: for the other web nodes, as it is. Not a message:
             // no id, no scripts, not counted.
-            return Some(ZmqMessage::from(frame));
+            return Some((ZmqMessage::from(frame), None));
         }
         let scripted = !self.chain.is_empty() || self.workers.is_some();
         match self.stamper.stamp(&frame, !scripted) {
             // Where the frame's room is, when the stamper saw it (the archive keeps rooms apart).
-            Ok(Stamped::Ready(bytes, at)) => self.record(bytes, at),
+            Ok(Stamped::Ready(bytes, at)) => {
+                let known = self
+                    .local
+                    .is_some()
+                    .then(|| self.stamper.known(&bytes, &at))
+                    .flatten();
+                self.record(bytes, at).map(|out| (out, known))
+            }
             Ok(Stamped::Parsed { map, key }) => {
                 // Only a keyed message may turn out a duplicate after the chain.
                 let reference = key.as_ref().and_then(|_| reference_of(&map));
@@ -1008,11 +1021,12 @@ impl Broker {
                     key,
                     reference,
                 })
+                .map(|out| (out, None))
             }
             Ok(Stamped::Duplicate { reference, id }) => {
                 // Published already (a retry after a late answer): say so, publish nothing.
                 self.metrics.dropped(DropReason::Duplicate);
-                reference.map(|reference| ZmqMessage::from(published(&reference, id)))
+                reference.map(|reference| (ZmqMessage::from(published(&reference, id)), None))
             }
             Err(reason) => {
                 self.metrics.dropped(reason);
@@ -1264,6 +1278,51 @@ impl Stamper {
         }
         self.run = run;
         self.seq = 0;
+    }
+
+    /// What the hub of this process may take from a frame the stamper just made ready without
+    /// reading it again ([`Known`]), right after [`Stamper::stamp`] made it: its id, its
+    /// room's place, its leading `ref`. `None` (the
+    /// hub reads the frame) when the room was not located, when a `key` member stays in it
+    /// (a pair publishes keys), or when a `ref` member is anywhere but first.
+    pub fn known(&self, frame: &[u8], room_at: &RoomAt) -> Option<Known> {
+        static REF_NAME: LazyLock<memchr::memmem::Finder<'static>> =
+            LazyLock::new(|| memchr::memmem::Finder::new(b"\"ref\""));
+        const LEADING_REF: &[u8] = b"{\"ref\":\"";
+        if self.publish_keys {
+            return None;
+        }
+        let room = match room_at {
+            RoomAt::Default => None,
+            RoomAt::At(range) => Some(range.clone()),
+            RoomAt::Unknown => return None,
+        };
+        let reference = match frame.strip_prefix(LEADING_REF) {
+            Some(rest) => {
+                let end = memchr::memchr2(b'"', b'\\', rest)?;
+                let after = LEADING_REF.len() + end + 1;
+                if rest[end] != b'"'
+                    || frame.get(after) != Some(&b',')
+                    || REF_NAME.find(&frame[after..]).is_some()
+                {
+                    return None;
+                }
+                Some(KnownRef {
+                    value: LEADING_REF.len()..LEADING_REF.len() + end,
+                    member: 1..after + 1,
+                })
+            }
+            None if REF_NAME.find(frame).is_some() => return None,
+            None => None,
+        };
+        Some(Known {
+            id: MsgId {
+                run: self.run,
+                seq: self.seq,
+            },
+            room,
+            reference,
+        })
     }
 
     fn next_id(&self) -> MsgId {
@@ -1790,6 +1849,120 @@ mod tests {
         }
     }
 
+    /// `frame` stamped on the fast path and taken by a hub of its own, with what the stamper
+    /// knows (`known`) or by reading it: the hub's replay of the frame's room after it, whether
+    /// the frame's POST was told, and whether the stamper knew the frame.
+    fn taken_by_a_hub(
+        frame: &str,
+        publish_keys: bool,
+        known: bool,
+    ) -> Option<(Vec<Bytes>, bool, bool)> {
+        let acks = crate::acks::Acks::new();
+        let hub = crate::hub::Hub::new(
+            crate::hub::test_settings(),
+            crate::metrics::Metrics::new(),
+            acks.clone(),
+        );
+        let mut registration = acks.register();
+        // Each hub's own secret reference (all of one length) where the frame says REF.
+        let frame = frame.replace("REF", &registration.reference);
+        let mut stamper = Stamper::new(DEFAULT_MAX_FRAME_BYTES);
+        stamper.publish_keys = publish_keys;
+        let Ok(Stamped::Ready(bytes, at)) = stamper.stamp(frame.as_bytes(), true) else {
+            return None;
+        };
+        let what = stamper.known(&bytes, &at);
+        let knew = what.is_some();
+        match what.filter(|_| known) {
+            Some(what) => hub.ingest_known(&bytes, &what),
+            None => hub.ingest(&bytes),
+        }
+        let room = serde_json::from_slice::<Value>(&bytes).ok()?["room"]
+            .as_str()
+            .map(str::to_owned);
+        let before = MsgId {
+            run: stamper.run,
+            seq: 0,
+        }
+        .to_string();
+        let replay = hub
+            .subscribe(
+                room.as_deref(),
+                Some(&before),
+                crate::hub::Abort::new(|| {}),
+            )
+            .map(|subscription| subscription.replay)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|sse| memchr::memmem::find(sse, b"event: msg\n").is_some())
+            .collect();
+        let told = registration.outcome.try_recv().is_ok();
+        Some((replay, told, knew))
+    }
+
+    /// An SSE message's data without what differs between two stampers (`id`, `time`).
+    fn message_data(sse: &Bytes) -> Option<Value> {
+        let text = String::from_utf8_lossy(sse).into_owned();
+        let data = text.split("data: ").nth(1)?;
+        let mut value: Value = serde_json::from_str(data.trim()).ok()?;
+        let map = value.as_object_mut()?;
+        map.remove("time")?;
+        map.remove("id")?;
+        Some(value)
+    }
+
+    #[test]
+    fn a_hub_takes_what_the_stamper_knows_as_it_takes_the_frame() {
+        let frames = [
+            // As a web node sends it.
+            r#"{"ref":"REF","key":"k1","client":"ip:192.0.2.7","room":"lobby","from":"a","text":"b"}"#,
+            r#"{"ref":"REF","client":"ip:192.0.2.7","from":"a","text":"b"}"#,
+            r#"{"ref":"REF","from":"a","text":"\"ref\":x"}"#,
+            r#"{"from":"a","text":"b"}"#,
+            r#"{"room":"r2","text":"b"}"#,
+        ];
+        for publish_keys in [false, true] {
+            for frame in frames {
+                let read = taken_by_a_hub(frame, publish_keys, false).expect("the fast path");
+                let known = taken_by_a_hub(frame, publish_keys, true).expect("the fast path");
+                // The SSE frames hold each hub's own id: compare them without the reference.
+                assert_eq!(read.1, known.1, "{frame}");
+                assert_eq!(read.0.len(), known.0.len(), "{frame}");
+                assert!(!read.0.is_empty(), "{frame}");
+                for (a, b) in read.0.iter().zip(&known.0) {
+                    assert_eq!(message_data(a), message_data(b), "{frame}");
+                    assert!(
+                        !String::from_utf8_lossy(b).contains("\"ref\":\""),
+                        "{frame}"
+                    );
+                }
+                if frame.starts_with(r#"{"ref""#) {
+                    assert!(read.1, "the POST was told: {frame}");
+                }
+            }
+        }
+        // A web node's frame is known (unless a pair publishes its key; a `"ref"` in a text
+        // is escaped, not a name); a `ref` not first, or a `"ref"` name further in (in a
+        // nested object), is read instead, with the same result.
+        assert!(taken_by_a_hub(frames[0], false, true).unwrap().2);
+        assert!(!taken_by_a_hub(frames[0], true, true).unwrap().2);
+        assert!(taken_by_a_hub(frames[2], false, true).unwrap().2);
+        for frame in [
+            r#"{"from":"a","ref":"REF"}"#,
+            r#"{"ref":"REF","from":"a","x":{"ref":1}}"#,
+        ] {
+            let known = taken_by_a_hub(frame, false, true).unwrap();
+            assert!(!known.2, "{frame}");
+            let read = taken_by_a_hub(frame, false, false).unwrap();
+            assert_eq!(
+                known.0.iter().map(message_data).collect::<Vec<_>>(),
+                read.0.iter().map(message_data).collect::<Vec<_>>(),
+                "{frame}"
+            );
+            assert!(known.1, "{frame}");
+        }
+    }
+
     proptest::proptest! {
         /// Any object of a few members, `client` and `key` among them or not, in any order,
         /// with or without spaces: the fast path publishes what the general path does.
@@ -1840,6 +2013,21 @@ mod tests {
                         proptest::prop_assert_eq!(
                             Some(&bytes[range]),
                             value["room"].as_str().map(str::as_bytes)
+                        );
+                    }
+                    // The hub of the process takes it with what the stamper knows as it
+                    // takes it by reading it (a `ref` of "REF" is that hub's own reference).
+                    let frame = frame.replace(r#""ref":"v""#, r#""ref":"REF""#);
+                    if let (Some(read), Some(known)) = (
+                        taken_by_a_hub(&frame, publish_keys, false),
+                        taken_by_a_hub(&frame, publish_keys, true),
+                    ) {
+                        proptest::prop_assert_eq!(read.1, known.1, "{}", frame);
+                        proptest::prop_assert_eq!(
+                            read.0.iter().map(message_data).collect::<Vec<_>>(),
+                            known.0.iter().map(message_data).collect::<Vec<_>>(),
+                            "{}",
+                            frame
                         );
                     }
                 }

@@ -1111,13 +1111,59 @@ impl Hub {
                 .and_then(wire::room_name)
                 .map(Some),
         };
+        let private = head.reference.is_some() || head.key.is_some();
+        let reference = head.reference.and_then(plain_str);
+        self.take(
+            || wire::write_message(frame, id, private),
+            id,
+            room,
+            reference,
+            source,
+        )
+    }
+
+    /// A message the embedded broker of this process just stamped on its fast path, with
+    /// what it knows of it ([`Known`]): taken as [`Hub::ingest`] takes it, without reading
+    /// the frame again.
+    pub fn ingest_known(&self, frame: &[u8], known: &Known) {
+        let room = match &known.room {
+            None => Ok(None),
+            Some(at) => std::str::from_utf8(&frame[at.clone()])
+                .map_err(|_| "a room name that is not UTF-8".to_owned())
+                .and_then(wire::room_name)
+                .map(Some),
+        };
+        let reference = known
+            .reference
+            .as_ref()
+            .and_then(|at| std::str::from_utf8(&frame[at.value.clone()]).ok());
+        let cut = known.reference.as_ref().map(|at| at.member.clone());
+        self.take(
+            || wire::write_message_cut(frame, known.id, cut),
+            Some(known.id),
+            room,
+            reference,
+            Source::Live { check: false },
+        );
+    }
+
+    /// What [`Hub::ingest_as`] and [`Hub::ingest_known`] do with a message once read: its
+    /// SSE frame (`sse`, made only for a valid room) appended to its room's history and
+    /// broadcast, its `ref`'s POST told.
+    fn take(
+        &self,
+        sse: impl FnOnce() -> Bytes,
+        id: Option<MsgId>,
+        room: Result<Option<String>, String>,
+        reference: Option<&str>,
+        source: Source,
+    ) -> Ingested {
+        let shared = &self.shared;
         let appended = match room {
             Ok(room) => {
                 let room = room.as_deref().unwrap_or(&shared.settings.default_room);
-                let private = head.reference.is_some() || head.key.is_some();
-                let frame = wire::write_message(frame, id, private);
                 shared.lock().append(
-                    Some((room, frame)),
+                    Some((room, sse())),
                     id,
                     source,
                     &shared.settings,
@@ -1151,7 +1197,7 @@ impl Hub {
         if source == Source::Snapshot {
             shared.metrics.snapshot_recovered.inc();
         }
-        if let Some(reference) = head.reference.and_then(plain_str) {
+        if let Some(reference) = reference {
             shared.acks.resolve(reference, Ack::Published(id));
         }
         Ingested::Taken
@@ -1587,6 +1633,27 @@ enum Source {
     Live { check: bool },
     /// A snapshot: holes are messages the broker dropped, not gaps.
     Snapshot,
+}
+
+/// What the embedded broker knows of a message it stamped on its fast path: its id, where
+/// its room's name and its `ref` are in the frame. [`Hub::ingest_known`] takes it without
+/// reading the frame again. The frame has no `key` member, and no `ref` but the one given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    pub id: MsgId,
+    /// The room's name (a string without escapes); `None`: the default room.
+    pub room: Option<std::ops::Range<usize>>,
+    /// The `ref` member, the frame's first.
+    pub reference: Option<KnownRef>,
+}
+
+/// Where a frame's leading `ref` member is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownRef {
+    /// Its value, between the quotes (no escapes).
+    pub value: std::ops::Range<usize>,
+    /// The member and its comma: what the SSE frame leaves out.
+    pub member: std::ops::Range<usize>,
 }
 
 /// What [`Hub::ingest_as`] did with a frame.

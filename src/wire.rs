@@ -305,6 +305,27 @@ pub fn write_message(frame: &[u8], id: Option<MsgId>, private: bool) -> Bytes {
     sse.freeze()
 }
 
+/// [`write_message`] for a frame whose only private member, if any, is at `cut` (the member
+/// and its comma, as the embedded broker found it): the SSE frame without it, no search.
+pub fn write_message_cut(frame: &[u8], id: MsgId, cut: Option<std::ops::Range<usize>>) -> Bytes {
+    if memchr::memchr2(b'\n', b'\r', frame).is_some() {
+        return write_message(frame, Some(id), cut.is_some());
+    }
+    let mut sse = BytesMut::with_capacity(frame.len() + 64);
+    sse.put_slice(b"id: ");
+    write_id(&mut sse, id);
+    sse.put_slice(b"\nevent: msg\ndata: ");
+    match cut {
+        Some(cut) => {
+            sse.put_slice(&frame[..cut.start]);
+            sse.put_slice(&frame[cut.end..]);
+        }
+        None => sse.put_slice(frame),
+    }
+    sse.put_slice(b"\n\n");
+    sse.freeze()
+}
+
 /// For a frame that starts `{"ref":"<no escapes>",` and/or `"key":"<no escapes>",` (in that
 /// order), what follows them (or `}` when they are the only keys); `None` when anything else
 /// comes first or a `ref` or `key` follows (the caller then parses).
