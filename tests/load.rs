@@ -191,6 +191,16 @@ async fn fan_out_scenario_in_small() {
     app.stop().await;
 }
 
+/// A child process killed (and reaped) when this goes out of scope, even by a panic.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// With `--pid`, the report also says what every other process used while the server's CPU was
 /// measured: a process that burns a core beside the run shows there, the tool's own time and
 /// the server's do not.
@@ -200,11 +210,14 @@ async fn other_processes_cpu_is_reported_beside_the_servers() {
     app.ready().await;
     let publish = app.url("/message/broadcast");
     let pid = std::process::id().to_string();
-    // A neighbour that spins until the run is over.
-    let mut neighbour = Command::new("sh")
-        .args(["-c", "while :; do :; done"])
-        .spawn()
-        .expect("sh");
+    // A neighbour that spins until the run is over (killed when the guard goes, also if the
+    // run fails: a failed run must not leave a process burning a core).
+    let neighbour = KillOnDrop(
+        Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .expect("sh"),
+    );
     let report = run_load(
         &app,
         &[
@@ -221,8 +234,7 @@ async fn other_processes_cpu_is_reported_beside_the_servers() {
         ],
     )
     .await;
-    let _ = neighbour.kill();
-    let _ = neighbour.wait();
+    drop(neighbour);
     assert_eq!(report["received"], 100, "{report}");
     let other = &report["other_cpu"];
     // About a second of publishing: the spinning neighbour had at least a fifth of a core.
