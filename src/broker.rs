@@ -1280,11 +1280,10 @@ impl Stamper {
         self.seq = 0;
     }
 
-    /// What the hub of this process may take from a frame the stamper just made ready without
-    /// reading it again ([`Known`]), right after [`Stamper::stamp`] made it: its id, its
-    /// room's place, its leading `ref`. `None` (the
-    /// hub reads the frame) when the room was not located, when a `key` member stays in it
-    /// (a pair publishes keys), or when a `ref` member is anywhere but first.
+    /// What the hub of this process may take from a frame [`Stamper::stamp`] just made ready,
+    /// without reading it again ([`Known`]): its id, its room's place, its leading `ref`.
+    /// `None` (the hub reads the frame) when the room was not located, when a `key` member
+    /// stays in it (a pair publishes keys), or when a `ref` name appears anywhere but first.
     pub fn known(&self, frame: &[u8], room_at: &RoomAt) -> Option<Known> {
         static REF_NAME: LazyLock<memchr::memmem::Finder<'static>> =
             LazyLock::new(|| memchr::memmem::Finder::new(b"\"ref\""));
