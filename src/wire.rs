@@ -85,14 +85,17 @@ pub fn new_run() -> u64 {
     /// The last run given in this process.
     static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let candidate = now_ms() * RUN_RANDOM_SPAN + rand::rng().random_range(0..RUN_RANDOM_SPAN);
-    let previous = LAST
-        .fetch_update(
-            std::sync::atomic::Ordering::AcqRel,
-            std::sync::atomic::Ordering::Acquire,
-            |last| Some(candidate.max(last + 1)),
-        )
-        .expect("the update always returns Some");
-    candidate.max(previous + 1)
+    let mut run = candidate;
+    // Always `Ok`: the update never declines.
+    let _ = LAST.fetch_update(
+        std::sync::atomic::Ordering::AcqRel,
+        std::sync::atomic::Ordering::Acquire,
+        |last| {
+            run = candidate.max(last + 1);
+            Some(run)
+        },
+    );
+    run
 }
 
 /// The random part of a run: its last six decimal digits.
@@ -279,28 +282,36 @@ pub fn write_one_line(out: &mut impl BufMut, json: &[u8]) -> Option<()> {
 /// never sent to browsers; `private`: the frame has one of them). The broker writes them first
 /// (`ref`, then `key`), which are cut without parsing; anything else is re-serialized.
 pub fn write_message(frame: &[u8], id: Option<MsgId>, private: bool) -> Bytes {
-    let mut sse = BytesMut::with_capacity(frame.len() + 64);
+    message_frame(id, frame.len(), |sse| {
+        let one_line = memchr::memchr2(b'\n', b'\r', frame).is_none();
+        if !private && one_line {
+            sse.put_slice(frame);
+        } else if let Some(rest) = one_line.then(|| after_leading_private(frame)).flatten() {
+            sse.put_u8(b'{');
+            sse.put_slice(rest);
+        } else {
+            let mut value: serde_json::Value =
+                serde_json::from_slice(frame).expect("parsed as an object before");
+            if let Some(map) = value.as_object_mut() {
+                map.remove(REF);
+                map.remove(KEY);
+            }
+            sse.put_slice(&serde_json::to_vec(&value).expect("serializing a JSON value"));
+        }
+    })
+}
+
+/// An SSE `msg` frame: the `id:` line (with an id), the event, then `data: `, what `data`
+/// writes (one line of about `len` bytes) and the blank line.
+fn message_frame(id: Option<MsgId>, len: usize, data: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut sse = BytesMut::with_capacity(len + 64);
     if let Some(id) = id {
         sse.put_slice(b"id: ");
         write_id(&mut sse, id);
         sse.put_u8(b'\n');
     }
     sse.put_slice(b"event: msg\ndata: ");
-    let one_line = memchr::memchr2(b'\n', b'\r', frame).is_none();
-    if !private && one_line {
-        sse.put_slice(frame);
-    } else if let Some(rest) = one_line.then(|| after_leading_private(frame)).flatten() {
-        sse.put_u8(b'{');
-        sse.put_slice(rest);
-    } else {
-        let mut value: serde_json::Value =
-            serde_json::from_slice(frame).expect("parsed as an object before");
-        if let Some(map) = value.as_object_mut() {
-            map.remove(REF);
-            map.remove(KEY);
-        }
-        sse.put_slice(&serde_json::to_vec(&value).expect("serializing a JSON value"));
-    }
+    data(&mut sse);
     sse.put_slice(b"\n\n");
     sse.freeze()
 }
@@ -311,19 +322,13 @@ pub fn write_message_cut(frame: &[u8], id: MsgId, cut: Option<std::ops::Range<us
     if memchr::memchr2(b'\n', b'\r', frame).is_some() {
         return write_message(frame, Some(id), cut.is_some());
     }
-    let mut sse = BytesMut::with_capacity(frame.len() + 64);
-    sse.put_slice(b"id: ");
-    write_id(&mut sse, id);
-    sse.put_slice(b"\nevent: msg\ndata: ");
-    match cut {
+    message_frame(Some(id), frame.len(), |sse| match cut {
         Some(cut) => {
             sse.put_slice(&frame[..cut.start]);
             sse.put_slice(&frame[cut.end..]);
         }
         None => sse.put_slice(frame),
-    }
-    sse.put_slice(b"\n\n");
-    sse.freeze()
+    })
 }
 
 /// For a frame that starts `{"ref":"<no escapes>",` and/or `"key":"<no escapes>",` (in that
