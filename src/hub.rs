@@ -504,11 +504,12 @@ pub struct ClientGuard {
 impl Drop for ClientGuard {
     fn drop(&mut self) {
         self.shared.clients.fetch_sub(1, Ordering::AcqRel);
-        self.shared.metrics.sse_clients.dec();
         if let Some((shard, outlet)) = &self.shard {
             shard.leave(outlet);
         }
         if let Some(room) = &self.room {
+            // Counted in `temma_sse_clients` once it entered its room.
+            self.shared.metrics.sse_clients.dec();
             let mut state = self.shared.lock();
             if let Some(room) = state.rooms.get_mut(room) {
                 room.slots.remove(&self.key);
@@ -1005,6 +1006,9 @@ impl Hub {
             outlet: outlet.cloned(),
         });
         room.slots.insert(key, slot.clone());
+        // Counted once it is in its room: whoever sees the gauge count it knows that every
+        // message published from then on reaches it.
+        shared.metrics.sse_clients.inc();
         drop(state);
         guard.room = Some(name);
         Ok(Entered {
@@ -1025,7 +1029,6 @@ impl Hub {
             shared.metrics.refused_clients.inc();
             return Err(Refused::Full(max));
         }
-        shared.metrics.sse_clients.inc();
         let key = shared.next_client.fetch_add(1, Ordering::Relaxed);
         let guard = ClientGuard {
             shared: shared.clone(),

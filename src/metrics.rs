@@ -154,7 +154,7 @@ const LATENCY_BUCKETS: [f64; 16] = [
 /// Every metric of one process.
 pub struct Metrics {
     registry: Registry,
-    /// SSE clients connected now.
+    /// SSE clients connected now (counted once subscribed to their room).
     pub sse_clients: Gauge,
     /// Rooms this web node holds now.
     pub rooms: Gauge,
@@ -275,7 +275,7 @@ impl Default for Metrics {
             sse_clients: register(
                 &mut registry,
                 "sse_clients",
-                "SSE clients connected now",
+                "SSE clients connected now, each counted once subscribed to its room",
                 Gauge::default(),
             ),
             rooms: register(

@@ -158,24 +158,6 @@ async fn a_client_ahead_of_the_node_gets_only_what_it_lacks() {
     app.stop().await;
 }
 
-/// Reads a response head (up to its blank line) from `stream`, and what came after it.
-async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
-    let mut bytes = Vec::new();
-    loop {
-        if let Some(end) = memchr::memmem::find(&bytes, b"\r\n\r\n") {
-            let rest = bytes.split_off(end + 4);
-            return (String::from_utf8(bytes).unwrap(), rest);
-        }
-        let mut buffer = [0u8; 4096];
-        let n = tokio::time::timeout(common::DEADLINE, stream.read(&mut buffer))
-            .await
-            .expect("a response in time")
-            .unwrap();
-        assert!(n > 0, "the connection ended before a response head");
-        bytes.extend_from_slice(&buffer[..n]);
-    }
-}
-
 /// A browser's `EventSource` reuses the kept-alive connection that fetched the page: hyper
 /// serves the first request, and the stream request that follows is taken over by the direct
 /// path, whose shard writes the frames as they are (no chunked encoding). The client's
@@ -190,7 +172,7 @@ async fn a_stream_on_a_kept_alive_connection_is_taken_over_by_the_writer_shards(
         .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
         .await
         .unwrap();
-    let (head, mut body) = read_head(&mut browser).await;
+    let (head, mut body) = common::read_head(&mut browser).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let length: usize = head
         .lines()
@@ -213,7 +195,7 @@ async fn a_stream_on_a_kept_alive_connection_is_taken_over_by_the_writer_shards(
         .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n\r\n")
         .await
         .unwrap();
-    let (head, _) = read_head(&mut browser).await;
+    let (head, _) = common::read_head(&mut browser).await;
     let lower = head.to_ascii_lowercase();
     assert!(lower.starts_with("http/1.1 200"), "{head}");
     assert!(lower.contains("content-type: text/event-stream"), "{head}");
@@ -245,13 +227,13 @@ async fn a_stream_on_a_kept_alive_connection_is_taken_over_by_the_writer_shards(
         .write_all(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
         .await
         .unwrap();
-    let (head, _) = read_head(&mut browser).await;
+    let (head, _) = common::read_head(&mut browser).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     browser
         .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: test\r\n\r\n")
         .await
         .unwrap();
-    read_head(&mut browser).await;
+    common::read_head(&mut browser).await;
     clients_connected(&app, 1.0).await;
     post(&app, "7".to_owned()).await;
     app.stop().await;

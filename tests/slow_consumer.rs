@@ -49,6 +49,13 @@ async fn a_client_that_stops_reading_is_cut_off_and_slows_nobody() {
             .unwrap();
         readers.push(reader);
     }
+    // Each reader is subscribed once its response head came: only then does it get every
+    // message from the first (there is no replay here, `event.initial_history` is 0), however
+    // late the node took its request on a busy machine.
+    for reader in &mut readers {
+        let (head, _) = common::read_head(reader).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
     // Enough to fill the slow client's socket buffers (64 KB asked on the server's side), then
     // its queue (128 frames of 4 KB), then to go on for longer than `event.stall_ms`. Every
     // other client gets all of it, at a pace a chat could have.

@@ -184,6 +184,25 @@ pub fn metric(app: &TestApp, line_start: &str) -> Option<f64> {
     metric_in(&app.app().metrics().render(), line_start)
 }
 
+/// Reads a response head (up to its blank line) from `stream`, and what came after it.
+pub async fn read_head(stream: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    loop {
+        if let Some(end) = memchr::memmem::find(&bytes, b"\r\n\r\n") {
+            let rest = bytes.split_off(end + 4);
+            return (String::from_utf8(bytes).unwrap(), rest);
+        }
+        let mut buffer = [0u8; 4096];
+        let n = tokio::time::timeout(DEADLINE, stream.read(&mut buffer))
+            .await
+            .expect("a response in time")
+            .unwrap();
+        assert!(n > 0, "the connection ended before a response head");
+        bytes.extend_from_slice(&buffer[..n]);
+    }
+}
+
 /// Reads a raw SSE stream until `count` numbers that follow `marker` (a field's opening, such
 /// as `"n":`) came, and returns them in order: fewer if the stream ends first; a read that
 /// waits past [`DEADLINE`] fails the test. Cheap, so that many readers keep up at once.
