@@ -864,11 +864,43 @@ impl Broadcast {
                     self.config.max_body_bytes
                 ),
             )),
+            Ok(Err(error)) if ended_early(&error) => Err(JsonError::bad_request(format!(
+                "the request ended before its body was complete{}",
+                req.header::<u64>("content-length")
+                    .map(|length| format!(" ({length} bytes announced)"))
+                    .unwrap_or_default()
+            ))),
             Ok(Err(error)) => Err(JsonError::bad_request(format!(
                 "cannot read the body: {error}"
             ))),
         }
     }
+}
+
+/// Whether reading a body failed because the client ended its side before the body was
+/// complete: hyper's end of input before the announced length (an `UnexpectedEof` in the
+/// error's chain) or its incomplete message.
+fn ended_early(error: &salvo::http::ParseError) -> bool {
+    use salvo::http::ParseError;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = match error {
+        ParseError::Other(error) => Some(error.as_ref()),
+        ParseError::Hyper(error) => Some(error),
+        ParseError::Io(error) => Some(error),
+        _ => None,
+    };
+    while let Some(error) = source {
+        let early = error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|error| error.kind() == std::io::ErrorKind::UnexpectedEof)
+            || error
+                .downcast_ref::<salvo::hyper::Error>()
+                .is_some_and(salvo::hyper::Error::is_incomplete_message);
+        if early {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// Who sends a POST: the client (as scripts see it) and its `Idempotency-Key` header.

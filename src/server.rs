@@ -529,7 +529,9 @@ pub async fn serve_status(
     let fuse = FuseConfig::default()
         .with_http1_header_timeout(head_timeout)
         .with_write_stall_timeout(head_timeout);
-    let server = Server::new(acceptor).fuse_config(fuse);
+    let mut server = Server::new(acceptor).fuse_config(fuse);
+    // As the web node's: a client that shut its side down after its request gets its answer.
+    server.http1_mut().half_close(true);
     let handle = server.handle();
     tokio::spawn(async move {
         shutdown.cancelled().await;
@@ -655,6 +657,10 @@ pub async fn serve(
     // hyper buffers up to ~400 KB per connection by default; SSE frames are small, and a
     // smaller buffer means a client that stops reading is noticed sooner (its queue fills).
     server.http1_mut().max_buf_size(HTTP_BUFFER_BYTES);
+    // A client may shut its side down once its request is sent (`nc -N`, health checkers):
+    // it still gets its answer. (hyper then no longer reads during a response to see a client
+    // leave; the one long response, an SSE stream, watches its socket itself.)
+    server.http1_mut().half_close(true);
     let handle = server.handle();
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     tokio::spawn(async move {

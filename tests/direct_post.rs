@@ -475,6 +475,28 @@ async fn sessions_and_cors_leave_posts_to_salvo() {
         } else {
             assert!(answer.header("vary").is_some(), "{answer:?}");
         }
+        // A client that ends its side once its POST is sent gets its answer; one that ends it
+        // in the middle of the body is told so, as on the direct path.
+        let mut done = Conn::open(&app).await;
+        done.send(&plain(FORM, "", "from=ann&text=half-closed"))
+            .await;
+        done.write.shutdown().await.unwrap();
+        let answer = done.answer().await.unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert!(done.closed_within(Duration::from_secs(2)).await);
+        let mut cut = Conn::open(&app).await;
+        cut.send(b"POST /message/broadcast HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nfrom=ann&t")
+            .await;
+        cut.write.shutdown().await.unwrap();
+        let answer = cut.answer().await.unwrap();
+        assert_eq!(answer.status, 400, "{answer:?}");
+        assert!(
+            answer
+                .body
+                .contains("the request ended before its body was complete (100 bytes announced)"),
+            "{answer:?}"
+        );
+        assert!(cut.closed_within(Duration::from_secs(2)).await);
         assert_eq!(direct_posts(&app), 0.0, "sessions: {sessions}");
         app.stop().await;
     }

@@ -928,3 +928,83 @@ async fn head_requests_and_health_after_the_broker_dies() {
     assert_eq!(body["status"], "degraded");
     app.stop().await;
 }
+
+/// A client may shut its sending side down once its request is sent (`nc -N`, some health
+/// checkers): every route still answers it, whichever path serves it (the front door's own,
+/// or hyper's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_gets_its_answer() {
+    let app = TestApp::start().await;
+    app.ready().await;
+    let body = "from=ann&text=half";
+    let requests = [
+        (
+            "GET / HTTP/1.1\r\nHost: t\r\n\r\n".to_owned(),
+            "HTTP/1.1 200",
+            "<html",
+        ),
+        ("GET / HTTP/1.0\r\n\r\n".to_owned(), "HTTP/1.0 200", "<html"),
+        (
+            "GET /chat.js HTTP/1.1\r\nHost: t\r\n\r\n".to_owned(),
+            "HTTP/1.1 200",
+            "EventSource",
+        ),
+        (
+            "GET /nothing HTTP/1.1\r\nHost: t\r\n\r\n".to_owned(),
+            "HTTP/1.1 404",
+            "\"error\"",
+        ),
+        (
+            "GET /health HTTP/1.1\r\nHost: t\r\n\r\n".to_owned(),
+            "HTTP/1.1 200",
+            "\"status\"",
+        ),
+        (
+            format!(
+                "POST /message/broadcast HTTP/1.1\r\nHost: t\r\nContent-Type: \
+                 application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+            "HTTP/1.1 200",
+            "x-message-id",
+        ),
+        (
+            // A request hyper serves, then the POST: the second answer comes too.
+            format!(
+                "GET /health HTTP/1.1\r\nHost: t\r\n\r\nPOST /message/broadcast HTTP/1.1\r\n\
+                 Host: t\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+            "HTTP/1.1 200",
+            "x-message-id",
+        ),
+    ];
+    for (request, status, in_answer) in requests {
+        let mut socket = TcpStream::connect(app.http).await.unwrap();
+        socket.write_all(request.as_bytes()).await.unwrap();
+        socket.shutdown().await.unwrap();
+        let answer = read_until_closed(&mut socket, DEADLINE)
+            .await
+            .unwrap_or_else(|| panic!("{request:?}: the connection stays open"));
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with(status), "{request:?}: {answer}");
+        assert!(answer.contains(in_answer), "{request:?}: {answer}");
+    }
+    // An SSE request then a half-close: answered, then ended, as a client that closed (an
+    // event stream's client never half-closes; its end of input is its leaving), and its place
+    // freed.
+    let mut sse = TcpStream::connect(app.http).await.unwrap();
+    sse.write_all(b"GET /event/fetch HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    sse.shutdown().await.unwrap();
+    let answer = read_until_closed(&mut sse, DEADLINE)
+        .await
+        .expect("the stream ends");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("text/event-stream"), "{answer}");
+    clients_drop_to(&app, 0).await;
+    app.stop().await;
+}

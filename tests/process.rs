@@ -466,6 +466,22 @@ async fn broker_and_web_node_as_two_processes() {
     assert_eq!(health["pull_peers"], 1, "{health}");
     assert_eq!(health["pub_peers"], 1, "{health}");
     assert!(health["published"].as_u64().unwrap() >= 2, "{health}");
+    // A client that shuts its side down once its request is sent still gets its answer.
+    {
+        use std::io::{Read, Write};
+        let mut raw = std::net::TcpStream::connect(("127.0.0.1", broker_http)).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        raw.write_all(
+            b"GET /health HTTP/1.1\r\nHost: t\r\n\r\nGET /nothing HTTP/1.1\r\nHost: t\r\n\r\n",
+        )
+        .unwrap();
+        raw.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        raw.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("\"role\":\"broker\""), "{answer}");
+        assert!(answer.contains("HTTP/1.1 404"), "{answer}");
+    }
     let metrics = client
         .get(format!("{status}/metrics"))
         .send()
