@@ -251,3 +251,79 @@ fn the_shell_splitter_and_matcher_work() {
     assert!(!matches("passed: {…}", "dropped"));
     assert!(matches("dropped", "dropped"));
 }
+
+/// A count spelt as the documents spell it.
+fn number_word(word: &str) -> Option<usize> {
+    const WORDS: [&str; 21] = [
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+        "thirteen",
+        "fourteen",
+        "fifteen",
+        "sixteen",
+        "seventeen",
+        "eighteen",
+        "nineteen",
+        "twenty",
+    ];
+    WORDS
+        .iter()
+        .position(|known| known.eq_ignore_ascii_case(word))
+}
+
+/// The README and `vendor/*/PATCHES.md` say how many changes temma makes to each patched
+/// crate: as many as the patch list numbers.
+#[test]
+fn the_patch_counts_are_the_patch_lists() {
+    let readme = std::fs::read_to_string(manifest_dir().join("README.md")).unwrap();
+    for (krate, in_readme) in [
+        ("zeromq", " small changes, each marked"),
+        ("rhai", " change, "),
+    ] {
+        let list =
+            std::fs::read_to_string(manifest_dir().join(format!("vendor/{krate}/PATCHES.md")))
+                .unwrap();
+        let numbered = list
+            .lines()
+            .filter(|line| {
+                line.split_once(". **")
+                    .is_some_and(|(number, _)| number.parse::<usize>().is_ok())
+            })
+            .count();
+        // The README's count: the word before the phrase, in the paragraph naming the folder.
+        let paragraph = readme
+            .split("\n\n")
+            .find(|paragraph| paragraph.contains(&format!("`vendor/{krate}`")))
+            .unwrap_or_else(|| panic!("no README paragraph names vendor/{krate}"));
+        let said = paragraph
+            .split(in_readme)
+            .next()
+            .filter(|before| before.len() < paragraph.len())
+            .and_then(|before| before.split_whitespace().last())
+            .and_then(number_word)
+            .unwrap_or_else(|| panic!("no count of {krate}'s changes in: {paragraph}"));
+        assert_eq!(said, numbered, "README: {krate}'s changes");
+        if numbered > 1 {
+            // PATCHES.md's own opening says the count too.
+            let opening = list.split("\n\n").take(2).collect::<Vec<_>>().join(" ");
+            let spelt = opening
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .windows(2)
+                .find(|pair| pair[1] == "changes")
+                .and_then(|pair| number_word(pair[0]));
+            assert_eq!(spelt, Some(numbered), "vendor/{krate}/PATCHES.md's opening");
+        }
+    }
+}
