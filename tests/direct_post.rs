@@ -49,6 +49,9 @@ impl Answer {
     }
 }
 
+/// A POST whose body stops after 10 of the 100 bytes it announces.
+const CUT_BODY: &[u8] = b"POST /message/broadcast HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nfrom=ann&t";
+
 /// A raw HTTP/1.1 connection that reads answers one after the other.
 struct Conn {
     read: Answers,
@@ -62,6 +65,16 @@ struct Answers {
 }
 
 impl Conn {
+    /// A connection that sends `bytes`, then shuts its sending side down, and the answer it
+    /// gets.
+    async fn half_closed(app: &TestApp, bytes: &[u8]) -> (Conn, Answer) {
+        let mut conn = Conn::open(app).await;
+        conn.send(bytes).await;
+        conn.write.shutdown().await.unwrap();
+        let answer = conn.answer().await.unwrap();
+        (conn, answer)
+    }
+
     async fn open(app: &TestApp) -> Conn {
         let (read, write) = TcpStream::connect(app.http).await.unwrap().into_split();
         Conn {
@@ -380,22 +393,18 @@ async fn hostile_posts_get_their_answer_and_others_are_served() {
     assert!(tls.closed_within(Duration::from_secs(2)).await);
     // A client that ends its side in the middle of a head, or of a body, is told what was
     // missing (it may still read), and the connection closes.
-    let mut cut = Conn::open(&app).await;
-    cut.send(b"POST /message/broadcast HTTP/1.1\r\nHost: t\r\nContent-Le")
-        .await;
-    cut.write.shutdown().await.unwrap();
-    let answer = cut.answer().await.unwrap();
+    let (mut cut, answer) = Conn::half_closed(
+        &app,
+        b"POST /message/broadcast HTTP/1.1\r\nHost: t\r\nContent-Le",
+    )
+    .await;
     assert_eq!(answer.status, 400, "{answer:?}");
     assert!(
         answer.body.contains("ended before its head was complete"),
         "{answer:?}"
     );
     assert!(cut.closed_within(Duration::from_secs(2)).await);
-    let mut cut = Conn::open(&app).await;
-    cut.send(b"POST /message/broadcast HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nfrom=ann&t")
-        .await;
-    cut.write.shutdown().await.unwrap();
-    let answer = cut.answer().await.unwrap();
+    let (mut cut, answer) = Conn::half_closed(&app, CUT_BODY).await;
     assert_eq!(answer.status, 400, "{answer:?}");
     assert!(
         answer
@@ -477,18 +486,11 @@ async fn sessions_and_cors_leave_posts_to_salvo() {
         }
         // A client that ends its side once its POST is sent gets its answer; one that ends it
         // in the middle of the body is told so, as on the direct path.
-        let mut done = Conn::open(&app).await;
-        done.send(&plain(FORM, "", "from=ann&text=half-closed"))
-            .await;
-        done.write.shutdown().await.unwrap();
-        let answer = done.answer().await.unwrap();
+        let (mut done, answer) =
+            Conn::half_closed(&app, &plain(FORM, "", "from=ann&text=half-closed")).await;
         assert_eq!(answer.status, 200, "{answer:?}");
         assert!(done.closed_within(Duration::from_secs(2)).await);
-        let mut cut = Conn::open(&app).await;
-        cut.send(b"POST /message/broadcast HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nfrom=ann&t")
-            .await;
-        cut.write.shutdown().await.unwrap();
-        let answer = cut.answer().await.unwrap();
+        let (mut cut, answer) = Conn::half_closed(&app, CUT_BODY).await;
         assert_eq!(answer.status, 400, "{answer:?}");
         assert!(
             answer

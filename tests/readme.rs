@@ -307,10 +307,8 @@ fn the_patch_counts_are_the_patch_lists() {
             .find(|paragraph| paragraph.contains(&format!("`vendor/{krate}`")))
             .unwrap_or_else(|| panic!("no README paragraph names vendor/{krate}"));
         let said = paragraph
-            .split(in_readme)
-            .next()
-            .filter(|before| before.len() < paragraph.len())
-            .and_then(|before| before.split_whitespace().last())
+            .split_once(in_readme)
+            .and_then(|(before, _)| before.split_whitespace().last())
             .and_then(number_word)
             .unwrap_or_else(|| panic!("no count of {krate}'s changes in: {paragraph}"));
         assert_eq!(said, numbered, "README: {krate}'s changes");
