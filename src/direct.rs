@@ -44,7 +44,7 @@ use crate::hub::{Abort, Hub};
 use crate::message::Broadcast;
 use crate::metrics::{ConnectionRefusal, DirectRequest, Metrics};
 use crate::script::{Access, Hook};
-use crate::shard::{End, Flushed, Outlet};
+use crate::shard::{End, Flushed, Outlet, Socket};
 
 /// The longest request head read before a connection is handed on.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -556,7 +556,9 @@ async fn serve_sse(
     shutdown: &CancellationToken,
 ) {
     let abort = Arc::new(tokio::sync::Notify::new());
-    let socket = Arc::new(socket);
+    // The stream's outlet owns the socket: its descriptor is then where the shard's write
+    // looks first (see `Outlet`).
+    let socket = Socket::Owned(socket);
     let stall = front.limits.write_stall;
     // Registered once: a new `cancelled()` per wake-up would lock the shared token each time,
     // for every client.
@@ -577,12 +579,15 @@ async fn serve_sse(
     // The client's shard writes its frames, this task what the shard leaves when the socket
     // is full. Dropping the guard then takes the client out of its shard and frees its place;
     // dropping the outlet closes the socket.
-    match subscribe(front, &socket, opened, &abort) {
+    match subscribe(front, socket, opened, &abort) {
         Ok((outlet, slot, _guard)) => {
             let ended = stream(&outlet, stall, &mut stop).await;
             after_stream(front, &outlet, &slot, ended);
         }
-        Err(refusal) => refuse(socket, refusal, stall, &mut stop).await,
+        Err((outlet, refusal)) => {
+            outlet.answer_instead(refusal.into());
+            let _ = stream(&outlet, stall, &mut stop).await;
+        }
     }
 }
 
@@ -635,12 +640,16 @@ async fn serve_taken(front: Arc<Front>, taken: Taken, opened: Opened) {
     let mut stop = Stop { aborted, cancelled };
     let stall = front.limits.write_stall;
     // As in `serve_sse`.
-    match subscribe(front, &taken.socket, opened, &abort) {
+    let socket = Socket::Shared(taken.socket.clone());
+    match subscribe(front, socket, opened, &abort) {
         Ok((outlet, slot, _guard)) => {
             let ended = stream(&outlet, stall, &mut stop).await;
             after_stream(front, &outlet, &slot, ended);
         }
-        Err(refusal) => refuse(taken.socket.clone(), refusal, stall, &mut stop).await,
+        Err((outlet, refusal)) => {
+            outlet.answer_instead(refusal.into());
+            let _ = stream(&outlet, stall, &mut stop).await;
+        }
     }
 }
 
@@ -662,14 +671,16 @@ impl event::FrontDoor for Front {
     }
 }
 
-/// A client's outlet, slot and guard, or the refusal to answer.
-type Subscribed = Result<(Arc<Outlet>, Arc<crate::hub::Slot>, crate::hub::ClientGuard), Vec<u8>>;
+/// A client's outlet, slot and guard, or its outlet and the refusal to answer.
+type Subscribed =
+    Result<(Arc<Outlet>, Arc<crate::hub::Slot>, crate::hub::ClientGuard), (Arc<Outlet>, Vec<u8>)>;
 
 /// The client's outlet, with the response head, subscribed to its room (the replay queued
-/// behind the head, the live frames from a writer shard); `Err`: the `503` to answer.
+/// behind the head, the live frames from a writer shard); `Err`: the outlet and the `503` to
+/// answer on it.
 fn subscribe(
     front: &Front,
-    socket: &Arc<TcpStream>,
+    socket: Socket,
     opened: Opened,
     abort: &Arc<tokio::sync::Notify>,
 ) -> Subscribed {
@@ -678,23 +689,26 @@ fn subscribe(
         .as_deref()
         .and_then(|origin| crate::request::allowed_origin(&front.cors_origins, origin));
     let outlet = Arc::new(Outlet::new(
-        socket.clone(),
+        socket,
         event::response_head(cors.as_deref()).into(),
     ));
-    let (slot, guard) = front
-        .hub
-        .subscribe_outlet(
-            opened.room.as_deref(),
-            opened.name.as_deref(),
-            opened.last_event_id.as_deref(),
-            {
-                let abort = abort.clone();
-                Abort::new(move || abort.notify_one())
-            },
-            &outlet,
-        )
-        .map_err(|refused| error_response(503, "Service Unavailable", &refused.to_string()))?;
-    Ok((outlet, slot, guard))
+    let subscribed = front.hub.subscribe_outlet(
+        opened.room.as_deref(),
+        opened.name.as_deref(),
+        opened.last_event_id.as_deref(),
+        {
+            let abort = abort.clone();
+            Abort::new(move || abort.notify_one())
+        },
+        &outlet,
+    );
+    match subscribed {
+        Ok((slot, guard)) => Ok((outlet, slot, guard)),
+        Err(refused) => {
+            let answer = error_response(503, "Service Unavailable", &refused.to_string());
+            Err((outlet, answer))
+        }
+    }
 }
 
 /// What a stream's end leaves to do: count a stalled write; end the stream cleanly when the
@@ -716,7 +730,7 @@ fn after_stream(front: &Front, outlet: &Outlet, slot: &crate::hub::Slot, ended: 
 
 /// Writes a refusal (within the stall deadline, watching for shutdown), then the connection
 /// closes.
-async fn refuse(socket: Arc<TcpStream>, answer: Vec<u8>, stall: Duration, stop: &mut Stop<'_, '_>) {
+async fn refuse(socket: Socket, answer: Vec<u8>, stall: Duration, stop: &mut Stop<'_, '_>) {
     let outlet = Outlet::new(socket, answer.into());
     outlet.end(End::Finished);
     let _ = stream(&outlet, stall, stop).await;
