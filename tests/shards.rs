@@ -248,3 +248,51 @@ async fn a_stream_on_a_kept_alive_connection_is_taken_over_by_the_writer_shards(
         String::from_utf8_lossy(&rest)
     );
 }
+
+/// A stream refused once the front door took it over from hyper (the clients' cap, checked
+/// as the client joins its room) gets its `503` and the reason on that connection, then the
+/// end of it; so does one that opened with its request. The place it did not take stays free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_refused_after_a_request_or_as_the_first_gets_its_503() {
+    let app = TestApp::start_with(|config| config.event.max_clients = 1).await;
+    app.ready().await;
+    let mut first = subscribe(&app, None).await;
+    clients_connected(&app, 1.0).await;
+
+    // Taken over from hyper after a first request, then refused.
+    let mut browser = TcpStream::connect(app.http).await.unwrap();
+    browser
+        .write_all(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = common::read_head(&mut browser).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    browser
+        .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    // As the first request: refused the same way.
+    let mut direct = TcpStream::connect(app.http).await.unwrap();
+    direct
+        .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    for refused in [&mut browser, &mut direct] {
+        let mut answer = Vec::new();
+        tokio::time::timeout(common::DEADLINE, refused.read_to_end(&mut answer))
+            .await
+            .expect("the refusal ends the connection")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        let body: serde_json::Value =
+            serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        let reason = body["error"].as_str().unwrap();
+        assert!(reason.contains("at most 1"), "{reason}");
+    }
+    // The client that holds the place still gets what is published.
+    post(&app, "5".to_owned()).await;
+    assert_eq!(read_numbers(&mut first, 1).await, vec![5]);
+    clients_connected(&app, 1.0).await;
+    app.stop().await;
+}
