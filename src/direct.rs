@@ -584,10 +584,7 @@ async fn serve_sse(
             let ended = stream(&outlet, stall, &mut stop).await;
             after_stream(front, &outlet, &slot, ended);
         }
-        Err((outlet, refusal)) => {
-            outlet.answer_instead(refusal.into());
-            let _ = stream(&outlet, stall, &mut stop).await;
-        }
+        Err((outlet, refusal)) => refuse_on(&outlet, refusal, stall, &mut stop).await,
     }
 }
 
@@ -646,10 +643,7 @@ async fn serve_taken(front: Arc<Front>, taken: Taken, opened: Opened) {
             let ended = stream(&outlet, stall, &mut stop).await;
             after_stream(front, &outlet, &slot, ended);
         }
-        Err((outlet, refusal)) => {
-            outlet.answer_instead(refusal.into());
-            let _ = stream(&outlet, stall, &mut stop).await;
-        }
+        Err((outlet, refusal)) => refuse_on(&outlet, refusal, stall, &mut stop).await,
     }
 }
 
@@ -731,9 +725,13 @@ fn after_stream(front: &Front, outlet: &Outlet, slot: &crate::hub::Slot, ended: 
 /// Writes a refusal (within the stall deadline, watching for shutdown), then the connection
 /// closes.
 async fn refuse(socket: Socket, answer: Vec<u8>, stall: Duration, stop: &mut Stop<'_, '_>) {
-    let outlet = Outlet::new(socket, answer.into());
-    outlet.end(End::Finished);
-    let _ = stream(&outlet, stall, stop).await;
+    refuse_on(&Outlet::new(socket, Bytes::new()), answer, stall, stop).await;
+}
+
+/// [`refuse`] on a stream's outlet, made before the refusal: the answer replaces what it held.
+async fn refuse_on(outlet: &Outlet, answer: Vec<u8>, stall: Duration, stop: &mut Stop<'_, '_>) {
+    outlet.answer_instead(answer.into());
+    let _ = stream(outlet, stall, stop).await;
 }
 
 /// Closes the write side of a stream that ended cleanly (`shutdown(2)`, which does not
