@@ -72,10 +72,11 @@ impl std::ops::Deref for Socket {
 ///
 /// Laid out for the shard's pass over a thousand clients whose state went cold since the last
 /// message: what a delivery touches — the socket's descriptor (in the outlet itself when the
-/// socket is its own), the count, the lock and the state — comes first, from the start of a
-/// cache line, so that it is one line and its neighbour rather than a line here and another in
-/// the socket's own allocation.
-#[repr(C, align(64))]
+/// socket is its own), the count, the lock and the state — comes first and together, so that
+/// it is a line or two of one allocation rather than a line here and another in the socket's
+/// own. (Not aligned to a cache line: `align(64)` made each connection 0.6 KiB larger, the
+/// allocator serving aligned blocks apart, for no measurable gain; BENCHMARKS.md.)
+#[repr(C)]
 pub struct Outlet {
     socket: Socket,
     /// Frames of the ring this client has been given whole (the sweep compares it with what
