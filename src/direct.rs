@@ -637,8 +637,9 @@ async fn serve_taken(front: Arc<Front>, taken: Taken, opened: Opened) {
     let mut stop = Stop { aborted, cancelled };
     let stall = front.limits.write_stall;
     // As in `serve_sse`.
-    let socket = Socket::Shared(taken.socket.clone());
-    match subscribe(front, socket, opened, &abort) {
+    // The handover stays held (the connection counted open) until the stream ends.
+    let Taken { socket, _handover } = taken;
+    match subscribe(front, Socket::Shared(socket), opened, &abort) {
         Ok((outlet, slot, _guard)) => {
             let ended = stream(&outlet, stall, &mut stop).await;
             after_stream(front, &outlet, &slot, ended);

@@ -222,17 +222,7 @@ async fn a_stream_on_a_kept_alive_connection_is_taken_over_by_the_writer_shards(
     .await;
 
     // Another, open when the server shuts down: the stream ends cleanly after what it had.
-    let mut browser = TcpStream::connect(app.http).await.unwrap();
-    browser
-        .write_all(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, _) = common::read_head(&mut browser).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    browser
-        .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: test\r\n\r\n")
-        .await
-        .unwrap();
+    let mut browser = stream_after_a_request(&app).await;
     common::read_head(&mut browser).await;
     clients_connected(&app, 1.0).await;
     post(&app, "7".to_owned()).await;
@@ -249,17 +239,9 @@ async fn a_stream_on_a_kept_alive_connection_is_taken_over_by_the_writer_shards(
     );
 }
 
-/// A stream refused once the front door took it over from hyper (the clients' cap, checked
-/// as the client joins its room) gets its `503` and the reason on that connection, then the
-/// end of it; so does one that opened with its request. The place it did not take stays free.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_refused_after_a_request_or_as_the_first_gets_its_503() {
-    let app = TestApp::start_with(|config| config.event.max_clients = 1).await;
-    app.ready().await;
-    let mut first = subscribe(&app, None).await;
-    clients_connected(&app, 1.0).await;
-
-    // Taken over from hyper after a first request, then refused.
+/// A connection that asks for `/health` (hyper answers it), then for the stream on the same
+/// connection, kept alive (the front door takes it over): the stream's answer is left to read.
+async fn stream_after_a_request(app: &TestApp) -> TcpStream {
     let mut browser = TcpStream::connect(app.http).await.unwrap();
     browser
         .write_all(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
@@ -271,6 +253,21 @@ async fn a_stream_refused_after_a_request_or_as_the_first_gets_its_503() {
         .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: test\r\n\r\n")
         .await
         .unwrap();
+    browser
+}
+
+/// A stream refused once the front door took it over from hyper (the clients' cap, checked
+/// as the client joins its room) gets its `503` and the reason on that connection, then the
+/// end of it; so does one that opened with its request. The place it did not take stays free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_refused_after_a_request_or_as_the_first_gets_its_503() {
+    let app = TestApp::start_with(|config| config.event.max_clients = 1).await;
+    app.ready().await;
+    let mut first = subscribe(&app, None).await;
+    clients_connected(&app, 1.0).await;
+
+    // Taken over from hyper after a first request, then refused.
+    let mut browser = stream_after_a_request(&app).await;
     // As the first request: refused the same way.
     let mut direct = TcpStream::connect(app.http).await.unwrap();
     direct
