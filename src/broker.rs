@@ -985,7 +985,10 @@ impl Broker {
             );
             return None;
         }
-        let frame = message.into_vec().pop().expect("one frame");
+        // The message's one frame is replaced by what is published (its queue reused: one
+        // allocation less a message on the pass-through).
+        let mut frames = message.into_vecdeque();
+        let frame = frames.pop_front().expect("one frame");
         if frame.starts_with(crate::hub::PRESENCE_PREFIX) {
             // A web node's presence report: for the other web nodes, as it is. Not a message:
             // no id, no scripts, not counted.
@@ -1000,7 +1003,9 @@ impl Broker {
                     .is_some()
                     .then(|| self.stamper.known(&bytes, &at))
                     .flatten();
-                self.record(bytes, at).map(|out| (out, known))
+                frames.push_back(self.record(bytes, at));
+                let out = ZmqMessage::try_from(frames).expect("one frame");
+                Some((out, known))
             }
             Ok(Stamped::Parsed { map, key }) => {
                 // Only a keyed message may turn out a duplicate after the chain.
@@ -1080,7 +1085,7 @@ impl Broker {
                     _ => bytes,
                 };
                 let out = self.stamper.stamp_id(&bytes, key);
-                self.record(out, RoomAt::Unknown)
+                Some(ZmqMessage::from(self.record(out, RoomAt::Unknown)))
             }
             Verdict::Drop {
                 reference,
@@ -1091,7 +1096,7 @@ impl Broker {
     }
 
     /// A stamped message: counted, archived (with `broker.snapshot`), ready to publish.
-    fn record(&mut self, out: Bytes, room_at: RoomAt) -> Option<ZmqMessage> {
+    fn record(&mut self, out: Bytes, room_at: RoomAt) -> Bytes {
         self.metrics.broker_published.inc();
         if let Some(archive) = &self.archive {
             let room = match &room_at {
@@ -1111,7 +1116,7 @@ impl Broker {
             );
             self.metrics.archive_messages.set(archive.len() as i64);
         }
-        Some(ZmqMessage::from(out))
+        out
     }
 
     /// The rejection notice for a dropped message, when its sender can be told.

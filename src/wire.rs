@@ -258,11 +258,41 @@ pub struct Outgoing {
 }
 
 /// Writes `id` as `<run>-<seq>` without allocating.
+///
+/// A run's number has 19 digits and stays the same for millions of ids: each thread keeps the
+/// digits of the last run it wrote (with their `-`), and only the sequence number is formatted
+/// (the broker's stamp, a node's SSE frame and a POST's answer each write an id per message).
 pub fn write_id(out: &mut impl BufMut, id: MsgId) {
-    let mut number = itoa::Buffer::new();
-    out.put_slice(number.format(id.run).as_bytes());
-    out.put_u8(b'-');
-    out.put_slice(number.format(id.seq).as_bytes());
+    RUN_DIGITS.with(|cached| {
+        let mut run = cached.get();
+        if run.run != id.run || run.len == 0 {
+            let mut number = itoa::Buffer::new();
+            let digits = number.format(id.run).as_bytes();
+            run.digits[..digits.len()].copy_from_slice(digits);
+            run.digits[digits.len()] = b'-';
+            run.len = digits.len() as u8 + 1;
+            run.run = id.run;
+            cached.set(run);
+        }
+        out.put_slice(&run.digits[..usize::from(run.len)]);
+    });
+    out.put_slice(itoa::Buffer::new().format(id.seq).as_bytes());
+}
+
+/// The digits of a run and the `-` after them, as [`write_id`] last wrote them on a thread.
+#[derive(Clone, Copy)]
+struct RunDigits {
+    run: u64,
+    /// `u64::MAX` has 20 digits; then the `-`.
+    digits: [u8; 21],
+    /// 0 until the first id.
+    len: u8,
+}
+
+thread_local! {
+    static RUN_DIGITS: std::cell::Cell<RunDigits> = const {
+        std::cell::Cell::new(RunDigits { run: 0, digits: [0; 21], len: 0 })
+    };
 }
 
 /// Writes a JSON value on one line: as it is when it holds no line break, else re-serialized
@@ -404,6 +434,45 @@ pub fn write_reset(out: &mut BytesMut, last_event_id: &str, reason: &str) {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn ids_of_runs_that_take_turns_are_written_whole() {
+        // The thread's cached run digits must never leak into another run's id.
+        // Run 0 first: the cache's empty state must not pass for it.
+        let ids = [
+            MsgId { run: 0, seq: 0 },
+            MsgId {
+                run: 1_795_865_318_470_188_431,
+                seq: 1,
+            },
+            MsgId {
+                run: 1_795_865_318_470_188_432,
+                seq: 42,
+            },
+            MsgId {
+                run: 1_795_865_318_470_188_431,
+                seq: 2,
+            },
+            MsgId {
+                run: u64::MAX,
+                seq: u64::MAX,
+            },
+            MsgId {
+                run: 7,
+                seq: 1_000_000,
+            },
+            MsgId { run: 0, seq: 3 },
+        ];
+        for id in ids {
+            let mut out = Vec::new();
+            write_id(&mut out, id);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                format!("{}-{}", id.run, id.seq)
+            );
+            assert_eq!(id.to_string().parse::<MsgId>().unwrap(), id);
+        }
+    }
 
     #[test]
     fn runs_are_unique_even_when_brokers_start_in_the_same_millisecond() {
