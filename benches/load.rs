@@ -60,7 +60,7 @@ struct Args {
     /// Content type of the body.
     #[arg(long, default_value = "application/x-www-form-urlencoded")]
     content_type: String,
-    /// Messages per second, all publishers together.
+    /// Messages per second, all publishers together, evenly spaced (the publishers take turns).
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
     /// Messages to publish.
@@ -515,8 +515,10 @@ async fn connect_from(source: std::net::IpAddr, target: &str) -> std::io::Result
     socket.connect(target).await
 }
 
-/// One publisher: POSTs its share of the messages at its share of the rate.
+/// One publisher (the `index`-th of `count`): POSTs its share of the messages at its share of
+/// the rate, its turns between the others'.
 async fn publisher(
+    index: usize,
     count: usize,
     uri: hyper::Uri,
     args: Arc<Args>,
@@ -526,7 +528,9 @@ async fn publisher(
 ) {
     let rate = args.rate / count as f64;
     let mut sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
-    let started = Instant::now();
+    // The publishers take turns: the `index`-th starts `index / --rate` seconds after the
+    // first, so that messages come evenly spaced at `--rate`, not in bursts of `count` at once.
+    let started = Instant::now() + Duration::from_secs_f64(index as f64 / args.rate);
     let mut sent = 0u64;
     loop {
         let seq = next.fetch_add(1, Ordering::Relaxed);
@@ -1024,8 +1028,9 @@ async fn publish_all(
             .unwrap_or_else(|| ((args.rate / 20.0).ceil() as usize).clamp(1, 256));
         let next = Arc::new(AtomicU64::new(0));
         let publishers: Vec<_> = (0..count)
-            .map(|_| {
+            .map(|index| {
                 tokio::spawn(publisher(
+                    index,
                     count,
                     publish.clone(),
                     args.clone(),

@@ -48,6 +48,10 @@ use crate::shard::{End, Flushed, Outlet, Socket};
 
 /// The longest request head read before a connection is handed on.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// The least room a connection's buffer has before a head is read into it.
+const HEAD_READ_ROOM: usize = 512;
+
 /// How long the accept loop pauses when it cannot accept (out of descriptors).
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Descriptors kept free for everything that is not a client connection (ZeroMQ, files,
@@ -342,6 +346,11 @@ async fn serve_connection(
             {
                 break head;
             }
+            // Room for a head in one read: the requests before leave only the end of the
+            // allocation (28 bytes after six 166-byte POSTs), and `read_buf` reads no more than
+            // the room there is: a head in two reads, a system call more. Reserving moves what
+            // is left to the front of the allocation when it fits there (no new one).
+            buffer.reserve(HEAD_READ_ROOM);
             let read = tokio::select! {
                 () = shutdown.cancelled() => return,
                 read = tokio::time::timeout_at(deadline, socket.read_buf(&mut buffer)) => read,

@@ -315,6 +315,54 @@ async fn a_kept_alive_connection_is_served_in_turn_then_handed_to_hyper() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_kept_alive_connection_reads_every_head_wherever_its_buffer_has_got_to() {
+    // One connection, POSTs one after another: the buffer's room is used up from the front,
+    // and before each head is read what is left is moved back to the front of the allocation
+    // (with part of a head in it when the head came in two writes).
+    let app = TestApp::start().await;
+    app.ready().await;
+    let mut sse = app.sse().await;
+    let before = direct_posts(&app);
+    let mut conn = Conn::open(&app).await;
+    let mut ids = Vec::new();
+    const POSTS: usize = 24;
+    for n in 0..POSTS {
+        // Heads of five lengths: the room runs out at a different place each time.
+        let padding = "X-Pad: padding\r\n".repeat(n % 5);
+        let request = plain(FORM, &padding, &format!("from=ann&text=m{n}"));
+        if n % 3 == 0 {
+            let (start, end) = request.split_at(request.len() / 2);
+            conn.send(start).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            conn.send(end).await;
+        } else {
+            conn.send(&request).await;
+        }
+        let answer = conn.answer().await.unwrap();
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (200, "true"),
+            "POST {n}"
+        );
+        ids.push(answer.header("x-message-id").unwrap().to_owned());
+    }
+    assert_eq!(
+        direct_posts(&app),
+        before + POSTS as f64,
+        "all served directly"
+    );
+    let messages = sse.messages(POSTS).await;
+    let texts: Vec<_> = messages.iter().map(|m| m.json()["text"].clone()).collect();
+    let expected: Vec<_> = (0..POSTS)
+        .map(|n| serde_json::json!(format!("m{n}")))
+        .collect();
+    assert_eq!(texts, expected);
+    let sent: Vec<_> = messages.iter().map(|m| m.id.clone().unwrap()).collect();
+    assert_eq!(sent, ids);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_posts_get_their_answer_and_others_are_served() {
     let app = TestApp::start_with(|config| {
         config.server.head_timeout_secs = 1;
