@@ -515,6 +515,14 @@ async fn connect_from(source: std::net::IpAddr, target: &str) -> std::io::Result
     socket.connect(target).await
 }
 
+/// When the `sent`-th message of the `index`-th of `count` publishers is due, counted from
+/// their start: the publishers take turns (the `index`-th starts `index / rate` seconds after
+/// the first, then each sends every `count / rate`), so that together they send one message
+/// every `1 / rate` seconds, not `count` at once every `count / rate`.
+fn due_after(index: usize, count: usize, rate: f64, sent: u64) -> Duration {
+    Duration::from_secs_f64((index as f64 + sent as f64 * count as f64) / rate)
+}
+
 /// One publisher (the `index`-th of `count`): POSTs its share of the messages at its share of
 /// the rate, its turns between the others'.
 async fn publisher(
@@ -526,19 +534,15 @@ async fn publisher(
     next: Arc<AtomicU64>,
     deadline: Instant,
 ) {
-    let rate = args.rate / count as f64;
     let mut sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
-    // The publishers take turns: the `index`-th starts `index / --rate` seconds after the
-    // first, so that messages come evenly spaced at `--rate`, not in bursts of `count` at once.
-    let started = Instant::now() + Duration::from_secs_f64(index as f64 / args.rate);
+    let started = Instant::now();
     let mut sent = 0u64;
     loop {
         let seq = next.fetch_add(1, Ordering::Relaxed);
         if seq >= args.messages || Instant::now() >= deadline {
             break;
         }
-        // Pace: this publisher's n-th message is due at n / rate seconds.
-        let due = started + Duration::from_secs_f64(sent as f64 / rate);
+        let due = started + due_after(index, count, args.rate, sent);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             tokio::time::sleep(wait).await;
         }
@@ -1222,6 +1226,23 @@ mod tests {
         assert_eq!(markers(nchan).collect::<Vec<_>>(), [(8, 99)]);
         assert_eq!(markers(b"load-x-1 load-1- load--2").count(), 0);
         assert_eq!(markers(b"load-1-2 load-3-4").count(), 2);
+    }
+
+    #[test]
+    fn publishers_take_turns_at_the_rate_of_all() {
+        // Three publishers at 50 msg/s together: one message every 20 ms, in turn.
+        let mut schedule: Vec<(u128, usize)> = (0..3)
+            .flat_map(|index| {
+                (0..4).map(move |sent| (due_after(index, 3, 50.0, sent).as_micros(), index))
+            })
+            .collect();
+        schedule.sort();
+        let times: Vec<u128> = schedule.iter().map(|(at, _)| *at).collect();
+        assert_eq!(times, (0..12).map(|k| k * 20_000).collect::<Vec<_>>());
+        let turns: Vec<usize> = schedule.iter().map(|(_, index)| *index).collect();
+        assert_eq!(turns, [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2]);
+        // One publisher: every 1 / rate.
+        assert_eq!(due_after(0, 1, 20.0, 3), Duration::from_millis(150));
     }
 
     #[test]
