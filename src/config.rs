@@ -147,12 +147,13 @@ pub struct RuntimeConfig {
 #[serde(rename_all = "lowercase")]
 pub enum Scheduling {
     /// `SCHED_BATCH`: a thread woken on a busy CPU waits for the running one's turn to end
-    /// instead of taking the CPU at once. When a task wakes many others (a message for a room's
-    /// clients), a second worker thread woken to share them no longer interrupts the first at
-    /// each one: at 10 clients × 20 msg/s this halved the CPU per message (BENCHMARKS.md).
-    #[default]
+    /// instead of taking the CPU at once. On CPUs shared with other busy processes it costs
+    /// less CPU per message at a light load and delivers later with a hundred clients and more
+    /// (BENCHMARKS.md, "`[runtime] scheduling = \"normal\"` by default").
     Batch,
-    /// `SCHED_OTHER`, the kernel's default for every process.
+    /// `SCHED_OTHER`, the kernel's default for every process: a woken thread (a message to
+    /// deliver) takes a CPU as soon as the kernel deems fair.
+    #[default]
     Normal,
 }
 

@@ -222,10 +222,10 @@ fn runtime_worker_threads_sets_the_threads_that_run_tasks() {
     let mut broker = spawn(&["broker", "-c", path.to_str().unwrap()]);
     let line = broker.wait_for_log("broker running");
     assert_eq!(threads_in(&line), 2, "{line}");
-    // A standalone broker's threads take turns too (`runtime.scheduling`'s default).
-    assert!(line.contains("scheduling=\"batch\""), "{line}");
+    // A standalone broker's threads have `runtime.scheduling`'s default too.
+    assert!(line.contains("scheduling=\"normal\""), "{line}");
     let (_, _, policy) = name_nice_policy(&format!("/proc/{}/stat", broker.0.id()));
-    assert_eq!(policy, SCHED_BATCH, "SCHED_BATCH");
+    assert_eq!(policy, SCHED_OTHER, "SCHED_OTHER");
 
     let (code, stderr, path) = check(&dir, "[runtime]\nworker_threads = 5000\n");
     assert_eq!(code, Some(78), "{stderr}");
@@ -234,10 +234,10 @@ fn runtime_worker_threads_sets_the_threads_that_run_tasks() {
     assert!(stderr.contains("at most 1024"), "{stderr}");
 }
 
-/// `[runtime] scheduling`: by default every thread of the process (the main thread, the
+/// `[runtime] scheduling`: with `"batch"` every thread of the process (the main thread, the
 /// runtime's workers, the moderation chain's) runs under Linux's `SCHED_BATCH`, keeping the nice
-/// value it was started with, and the start-up line says so; `"normal"` leaves them under the
-/// system's default, `SCHED_OTHER`.
+/// value it was started with, and the start-up line says so; `"normal"`, the default, leaves
+/// them under the system's default, `SCHED_OTHER`.
 #[cfg(target_os = "linux")]
 #[test]
 fn runtime_scheduling_sets_every_threads_policy() {
@@ -255,13 +255,13 @@ fn runtime_scheduling_sets_every_threads_policy() {
         env!("CARGO_MANIFEST_DIR")
     );
     for (runtime, nice, policy, said) in [
-        ("", 3, SCHED_BATCH, "scheduling=\"batch\""),
         (
-            "[runtime]\nscheduling = \"normal\"\n",
-            0,
-            SCHED_OTHER,
-            "scheduling=\"normal\"",
+            "[runtime]\nscheduling = \"batch\"\n",
+            3,
+            SCHED_BATCH,
+            "scheduling=\"batch\"",
         ),
+        ("", 0, SCHED_OTHER, "scheduling=\"normal\""),
     ] {
         let (path, _) = ports_config(&dir, true);
         let text = std::fs::read_to_string(&path)
