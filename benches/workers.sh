@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # temma's `[runtime]` settings side by side: worker threads (0: one per CPU, or 1) and the
-# threads' scheduling policy ("batch", the default, or "normal"), and Nchan with
+# threads' scheduling policy ("normal", the default, or "batch"), and Nchan with
 # `worker_processes` 2 and 1, at the steady loads of compare.sh, the runs alternating; server CPU
 # per message (each thread's schedstat) and latencies from temma-load.
 #
@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2}
 LOADS=${LOADS:-10x20 10x50 100x50 1000x20}
-TEMMA_SETTINGS=${TEMMA_SETTINGS:-0/batch 0/normal 1/batch}
+TEMMA_SETTINGS=${TEMMA_SETTINGS:-0/normal 0/batch 1/normal}
 NCHAN_SETTINGS=${NCHAN_SETTINGS-2 1}
 FLOOR_SETTINGS=${FLOOR_SETTINGS-}
 TEMMA_BINARIES=${TEMMA_BINARIES:-target/release/temma}
