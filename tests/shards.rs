@@ -269,11 +269,7 @@ async fn a_stream_refused_after_a_request_or_as_the_first_gets_its_503() {
     // Taken over from hyper after a first request, then refused.
     let mut browser = stream_after_a_request(&app).await;
     // As the first request: refused the same way.
-    let mut direct = TcpStream::connect(app.http).await.unwrap();
-    direct
-        .write_all(b"GET /event/fetch HTTP/1.1\r\nHost: test\r\n\r\n")
-        .await
-        .unwrap();
+    let mut direct = subscribe(&app, None).await;
     for refused in [&mut browser, &mut direct] {
         let mut answer = Vec::new();
         tokio::time::timeout(common::DEADLINE, refused.read_to_end(&mut answer))
