@@ -3,6 +3,7 @@
 #
 #   benches/compare.sh                          # everything (about 20 minutes)
 #   SCENARIOS="idle latency" PEERS=nchan benches/compare.sh
+#   SCENARIOS="medium permessage" PEERS="nchan floor" benches/compare.sh
 #
 # Installs Nchan (Debian's nginx + libnginx-mod-nchan), Pushpin (Debian's pushpin) and pyzmq
 # if missing, starts Nchan with benches/nchan.conf, Pushpin with Debian's configuration and a
@@ -11,6 +12,9 @@
 # ratios to Nchan, writes every report to $OUT (default target/compare), and stops what it
 # started. Pushpin's outbound rate cap (message_rate=2500/s, message_hwm=25000 by default,
 # which drops deliveries past it) is raised to 1 000 000 so that its engine is measured.
+# `floor` (a peer by default) is temma-floor (benches/floor.rs, two threads): the least an SSE
+# fan-out server can spend, no product; it runs the steady loads with both clients, so that
+# each aim can be judged against what any server reaches on this machine.
 #
 # Scenarios:
 #   fanout   1000 subscribers; the rate rises until delivery drops below 100 %, p99 goes over
@@ -47,7 +51,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 SCENARIOS=${SCENARIOS:-fanout idle latency light medium permessage delivery wide browser independent broker}
-PEERS=${PEERS-nchan pushpin}
+PEERS=${PEERS-nchan pushpin floor}
+# The peers that are products: fan-out, idle memory and the browser's order are theirs alone.
+SERVER_PEERS=""
+for peer in $PEERS; do [ "$peer" = floor ] || SERVER_PEERS="$SERVER_PEERS $peer"; done
+FLOOR_PORT=8093
 OUT=${OUT:-$ROOT/target/compare}
 WORK=$(mktemp -d /tmp/temma-compare.XXXXXX)
 TEMMA_PORT=${TEMMA_PORT:-8090}
@@ -60,10 +68,12 @@ mkdir -p "$OUT"
 . benches/peers.sh
 
 TEMMA_PID=""
+FLOOR_PID=""
 NGINX_STARTED=""
 PUSHPIN_PIDS=""
 cleanup() {
   [ -n "$TEMMA_PID" ] && kill "$TEMMA_PID" 2>/dev/null && wait "$TEMMA_PID" 2>/dev/null || true
+  [ -n "$FLOOR_PID" ] && kill "$FLOOR_PID" 2>/dev/null && wait "$FLOOR_PID" 2>/dev/null || true
   if [ -n "$NGINX_STARTED" ] && [ -f "$WORK/nchan/nginx.pid" ]; then
     kill -QUIT "$(cat "$WORK/nchan/nginx.pid")" 2>/dev/null || true
     sleep 1
@@ -81,7 +91,7 @@ if [ "$(ulimit -n)" -lt 12000 ]; then
 fi
 
 echo "--- building (release)"
-cargo build --release --bin temma --example temma-load
+cargo build --release --bin temma --example temma-load --example temma-floor
 LOAD=$ROOT/target/release/examples/temma-load
 
 for peer in $PEERS; do
@@ -114,6 +124,13 @@ for peer in $PEERS; do
       for _ in $(seq 100); do grep -q started "$P/pushpin.log" 2>/dev/null && break; sleep 0.1; done
       sleep 1
       PUSHPIN_SERVER_PIDS=$(pgrep -f "condure|pushpin-proxy|pushpin-handler" | tr '\n' ' ')
+      ;;
+    floor)
+      echo "--- starting temma-floor on 127.0.0.1:$FLOOR_PORT"
+      "$ROOT/target/release/examples/temma-floor" --listen "127.0.0.1:$FLOOR_PORT" --threads 2 \
+        2> "$WORK/floor.log" &
+      FLOOR_PID=$!
+      for _ in $(seq 100); do grep -q listening "$WORK/floor.log" && break; sleep 0.1; done
       ;;
   esac
 done
@@ -153,6 +170,8 @@ load() {
   case $name in
     temma) target=(--subscribe "http://127.0.0.1:$TEMMA_PORT/event/fetch"
                    --publish "http://127.0.0.1:$TEMMA_PORT/message/broadcast" --pid "$TEMMA_PID") ;;
+    floor) target=(--subscribe "http://127.0.0.1:$FLOOR_PORT/sub"
+                   --publish "http://127.0.0.1:$FLOOR_PORT/pub" --pid "$FLOOR_PID") ;;
     nchan) target=(--subscribe "http://127.0.0.1:$NCHAN_PORT/sub/chat"
                    --publish "http://127.0.0.1:$NCHAN_PORT/pub/chat")
            for p in $NCHAN_PIDS; do target+=(--pid "$p"); done ;;
@@ -204,11 +223,11 @@ for scenario in $SCENARIOS; do
     fanout)
       echo "--- scenario 1: fan-out, 1000 subscribers, rising rate"
       fanout temma
-      for peer in $PEERS; do fanout "$peer"; done
+      for peer in $SERVER_PEERS; do fanout "$peer"; done
       ;;
     idle)
       echo "--- scenario 2: 10 000 idle SSE connections"
-      for name in temma $PEERS; do
+      for name in temma $SERVER_PEERS; do
         load "$name" "idle-$name.json" --subscribers 10000 --ramp 2000 --hold-secs 2
       done
       ;;
@@ -244,6 +263,12 @@ for scenario in $SCENARIOS; do
             --publish "http://127.0.0.1:$NCHAN_PORT/pub/chat" --subscribers "$subscribers" \
             --rate "$rate" --messages "$messages" > "$OUT/independent-$label-nchan.json" ;;
         esac
+        case " $PEERS " in *" floor "*)
+          settle
+          python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$FLOOR_PORT/sub" \
+            --publish "http://127.0.0.1:$FLOOR_PORT/pub" --subscribers "$subscribers" \
+            --rate "$rate" --messages "$messages" > "$OUT/independent-$label-floor.json" ;;
+        esac
       done
       ;;
     broker)
@@ -266,7 +291,7 @@ for scenario in $SCENARIOS; do
   case $scenario in
     fanout)
       echo "fan-out (highest rate held at 100 % delivery and p99 ≤ 100 ms):"
-      for name in temma $PEERS; do echo "  $name: $(summary_fanout "$name")"; done
+      for name in temma $SERVER_PEERS; do echo "  $name: $(summary_fanout "$name")"; done
       t=$(cat "$OUT/fanout-temma-best"); n=$(cat "$OUT/fanout-nchan-best" 2>/dev/null || echo none)
       if [ "$t" != none ] && [ "$n" != none ]; then
         echo "  ratio: $(python3 -c "
@@ -278,7 +303,7 @@ print(f\"{t['deliveries_per_s'] / n['deliveries_per_s']:.2f}× Nchan's deliverie
       ;;
     idle)
       echo "idle connections (server RSS per connection):"
-      for name in temma $PEERS; do
+      for name in temma $SERVER_PEERS; do
         echo "  $name: $(field "$OUT/idle-$name.json" "f'{connected} connected, {rss_kib_per_connection:.1f} KiB per connection ({rss_kib_before} → {rss_kib_connected} KiB)'")"
       done
       [ -f "$OUT/idle-nchan.json" ] && echo "  ratio: $(python3 -c "
@@ -295,6 +320,11 @@ print(f\"{t['rss_kib_per_connection'] / n['rss_kib_per_connection']:.2f}× Nchan
       [ -f "$OUT/$scenario-nchan.json" ] && echo "  temma/Nchan: $(python3 -c "
 import json
 t = json.load(open('$OUT/$scenario-temma.json')); n = json.load(open('$OUT/$scenario-nchan.json'))
+ratio = lambda a, b: f'{a / b:.2f}×' if b else '—'
+print(f\"p50 {ratio(t['latency_us']['p50'], n['latency_us']['p50'])}, p99 {ratio(t['latency_us']['p99'], n['latency_us']['p99'])}, CPU per delivery {ratio(t['server_cpu']['per_delivery_us'], n['server_cpu']['per_delivery_us'])}\")")"
+      [ -f "$OUT/$scenario-nchan.json" ] && [ -f "$OUT/$scenario-floor.json" ] && echo "  floor/Nchan: $(python3 -c "
+import json
+t = json.load(open('$OUT/$scenario-floor.json')); n = json.load(open('$OUT/$scenario-nchan.json'))
 ratio = lambda a, b: f'{a / b:.2f}×' if b else '—'
 print(f\"p50 {ratio(t['latency_us']['p50'], n['latency_us']['p50'])}, p99 {ratio(t['latency_us']['p99'], n['latency_us']['p99'])}, CPU per delivery {ratio(t['server_cpu']['per_delivery_us'], n['server_cpu']['per_delivery_us'])}\")")"
       ;;

@@ -72,3 +72,38 @@ assert report["server_cpu"]["total_ms"] > 0, report
 print(f"temma-floor {sys.argv[2] or '(inline)'}: {report['received']} deliveries in order: ok")
 PYEND
 done
+
+# benches/compare_aims.py judges the aims from compare.sh's reports: written here by hand, the
+# three verdicts of an aim set against Nchan (met; missed where the floor reaches it; missed
+# where the floor misses it too), and a loss of the floor's not counted against the servers.
+python3 - "$WORK/aims" <<'PYEND'
+import json, os, subprocess, sys
+out = sys.argv[1]
+def write(name, per_message_us=None, p99_us=1000, received=10, expected=10):
+    os.makedirs(out, exist_ok=True)
+    json.dump({"latency_us": {"p50": 500, "p99": p99_us}, "received": received, "expected": expected,
+               "gaps": 0, "duplicates": 0,
+               "server_cpu": {"per_message_us": per_message_us or 100, "per_delivery_us": 10}},
+              open(os.path.join(out, name), "w"))
+def aims():
+    text = subprocess.run([sys.executable, "benches/compare_aims.py", out], check=True,
+                          capture_output=True, text=True).stdout
+    return {line.split(":")[0].strip(): line for line in text.splitlines()}, text
+write("permessage-temma.json", per_message_us=100)
+write("permessage-nchan.json", per_message_us=300)
+lines, text = aims()
+assert "aim ≤ 0.5× Nchan's: MET" in lines["10 × 50"], text
+write("permessage-temma.json", per_message_us=200)
+write("permessage-floor.json", per_message_us=100, received=9)
+lines, text = aims()
+assert "the floor 100.00 µs (0.33×); aim ≤ 0.5× Nchan's: not met" in lines["10 × 50"], text
+assert "out of reach" not in lines["10 × 50"], text
+assert "none (fan-out" in text, "the floor's loss is not the servers': " + text
+write("permessage-floor.json", per_message_us=180)
+lines, text = aims()
+assert "not met (out of reach here: the floor misses it too)" in lines["10 × 50"], text
+write("permessage-nchan.json", per_message_us=300, received=9)
+lines, text = aims()
+assert "permessage-nchan.json: 9 of 10" in text, "a server's loss is counted: " + text
+print("compare_aims: met, missed, out of reach, losses: ok")
+PYEND
