@@ -317,6 +317,85 @@ print(f\"{t['rss_kib_per_connection'] / n['rss_kib_per_connection']:.2f}× Nchan
         [ -f "$OUT/$scenario-$name.json" ] || continue  # browser: temma and Nchan only
         echo "  $name: $(field "$OUT/$scenario-$name.json" "f'{delivered_ratio*100:.2f} % delivered ({gaps} gaps, {duplicates} duplicates), p50 {latency_us[\"p50\"]/1000:.2f} ms, p99 {latency_us[\"p99\"]/1000:.2f} ms, POST p50 {post_latency_us[\"p50\"]/1000:.2f} ms; server CPU ' + (f'{server_cpu[\"per_message_us\"]:.0f} µs/message, {server_cpu[\"per_delivery_us\"]:.1f} µs/delivery' + (' (utime + stime: a thread ended)' if server_cpu.get(\"measured_by\") == \"ticks\" else '') if server_cpu else 'not measured') + (f'; other processes {other_cpu[\"share\"]*100:.1f} % of the machine' + (' (DISTURBED)' if other_cpu['share'] > 0.02 else '') if locals().get('other_cpu') else '')")"
       done
+      for name in temma floor; do
+        [ -f "$OUT/$scenario-nchan.json" ] && [ -f "$OUT/$scenario-$name.json" ] || continue
+        echo "  $name/Nchan: $(python3 -c "
+import json
+t = json.load(open('$OUT/$scenario-$name.json')); n = json.load(open('$OUT/$scenario-nchan.json'))
+ratio = lambda a, b: f'{a / b:.2f}×' if b else '—'
+print(f\"p50 {ratio(t['latency_us']['p50'], n['latency_us']['p50'])}, p99 {ratio(t['latency_us']['p99'], n['latency_us']['p99'])}, CPU per delivery {ratio(t['server_cpu']['per_delivery_us'], n['server_cpu']['per_delivery_us'])}\")")"
+      done
+      ;;
+    independent)
+      echo "--- scenario: an independent client (benches/sse_reader.py)"
+      for label in light medium wide crowd; do
+        read -r subscribers rate <<<"${STEADY[$label]}"
+        messages=$((rate * 10))
+        echo "  $label: $subscribers × $rate msg/s"
+        settle
+        python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$TEMMA_PORT/event/fetch" \
+          --publish "http://127.0.0.1:$TEMMA_PORT/message/broadcast" --subscribers "$subscribers" \
+          --rate "$rate" --messages "$messages" > "$OUT/independent-$label-temma.json"
+        case " $PEERS " in *" nchan "*)
+          settle
+          python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$NCHAN_PORT/sub/chat" \
+            --publish "http://127.0.0.1:$NCHAN_PORT/pub/chat" --subscribers "$subscribers" \
+            --rate "$rate" --messages "$messages" > "$OUT/independent-$label-nchan.json" ;;
+        esac
+        case " $PEERS " in *" floor "*)
+          settle
+          python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$FLOOR_PORT/sub" \
+            --publish "http://127.0.0.1:$FLOOR_PORT/pub" --subscribers "$subscribers" \
+            --rate "$rate" --messages "$messages" > "$OUT/independent-$label-floor.json" ;;
+        esac
+      done
+      ;;
+    broker)
+      echo "--- scenario 4: broker"
+      python3 -c "import zmq" 2>/dev/null || pip install --quiet pyzmq || echo "pyzmq unavailable: no libzmq reference" >&2
+      cargo bench --bench broker -- --json > "$OUT/broker.jsonl"
+      ;;
+    rooms)
+      echo "--- scenario 5: rooms, 1000 rooms × 10 subscribers, 1 msg/room/s"
+      load temma rooms-temma.json --subscribers 10000 --ramp 2000 --rooms 1000 \
+        --rate 1000 --messages 20000 --drain-ms 3000
+      load temma rooms-cap-temma.json --subscribers 0 --rooms 5000 --rate 2000 --messages 20000
+      ;;
+  esac
+done
+
+echo
+echo "=== results ($(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ))"
+for scenario in $SCENARIOS; do
+  case $scenario in
+    fanout)
+      echo "fan-out (highest rate held at 100 % delivery and p99 ≤ 100 ms):"
+      for name in temma $SERVER_PEERS; do echo "  $name: $(summary_fanout "$name")"; done
+      t=$(cat "$OUT/fanout-temma-best"); n=$(cat "$OUT/fanout-nchan-best" 2>/dev/null || echo none)
+      if [ "$t" != none ] && [ "$n" != none ]; then
+        echo "  ratio: $(python3 -c "
+import json
+t = json.load(open('$OUT/fanout-temma-$t.json')); n = json.load(open('$OUT/fanout-nchan-$n.json'))
+s = json.load(open('$OUT/fanout-temma-$n.json'))
+print(f\"{t['deliveries_per_s'] / n['deliveries_per_s']:.2f}× Nchan's deliveries/s; at each one's highest rate p99 {t['latency_us']['p99'] / 1000:.1f} ms vs {n['latency_us']['p99'] / 1000:.1f} ms; at Nchan's ($n msg/s) temma's p99 is {s['latency_us']['p99'] / 1000:.1f} ms\")")"
+      fi
+      ;;
+    idle)
+      echo "idle connections (server RSS per connection):"
+      for name in temma $SERVER_PEERS; do
+        echo "  $name: $(field "$OUT/idle-$name.json" "f'{connected} connected, {rss_kib_per_connection:.1f} KiB per connection ({rss_kib_before} → {rss_kib_connected} KiB)'")"
+      done
+      [ -f "$OUT/idle-nchan.json" ] && echo "  ratio: $(python3 -c "
+import json
+t = json.load(open('$OUT/idle-temma.json')); n = json.load(open('$OUT/idle-nchan.json'))
+print(f\"{t['rss_kib_per_connection'] / n['rss_kib_per_connection']:.2f}× Nchan's memory per connection\")")"
+      ;;
+    latency|light|medium|permessage|delivery|wide|browser)
+      echo "$scenario:"
+      for name in temma $PEERS; do
+        [ -f "$OUT/$scenario-$name.json" ] || continue  # browser: temma and Nchan only
+        echo "  $name: $(field "$OUT/$scenario-$name.json" "f'{delivered_ratio*100:.2f} % delivered ({gaps} gaps, {duplicates} duplicates), p50 {latency_us[\"p50\"]/1000:.2f} ms, p99 {latency_us[\"p99\"]/1000:.2f} ms, POST p50 {post_latency_us[\"p50\"]/1000:.2f} ms; server CPU ' + (f'{server_cpu[\"per_message_us\"]:.0f} µs/message, {server_cpu[\"per_delivery_us\"]:.1f} µs/delivery' + (' (utime + stime: a thread ended)' if server_cpu.get(\"measured_by\") == \"ticks\" else '') if server_cpu else 'not measured') + (f'; other processes {other_cpu[\"share\"]*100:.1f} % of the machine' + (' (DISTURBED)' if other_cpu['share'] > 0.02 else '') if locals().get('other_cpu') else '')")"
+      done
       [ -f "$OUT/$scenario-nchan.json" ] && echo "  temma/Nchan: $(python3 -c "
 import json
 t = json.load(open('$OUT/$scenario-temma.json')); n = json.load(open('$OUT/$scenario-nchan.json'))

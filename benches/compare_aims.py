@@ -45,7 +45,9 @@ def compare(text, scenario, client, measure, factor, unit):
     tv, nv = measure(t), measure(n)
     value = f"{tv:.2f} {unit} vs Nchan's {nv:.2f} {unit} ({tv / nv:.2f}×)"
     met = tv <= factor * nv
-    if f is not None:
+    if f is not None and f["received"] != f["expected"]:
+        value += "; the floor lost messages, no reference"
+    elif f is not None:
         fv = measure(f)
         value += f"; the floor {fv:.2f} {unit} ({fv / nv:.2f}×)"
         if not met and fv > factor * nv:

@@ -96,9 +96,12 @@ assert "aim ≤ 0.5× Nchan's: MET" in lines["10 × 50"], text
 write("permessage-temma.json", per_message_us=200)
 write("permessage-floor.json", per_message_us=100, received=9)
 lines, text = aims()
+assert "none (fan-out" in text, "the floor's loss is not the servers': " + text
+assert "the floor lost messages, no reference; aim ≤ 0.5× Nchan's: not met" in lines["10 × 50"], text
+write("permessage-floor.json", per_message_us=100)
+lines, text = aims()
 assert "the floor 100.00 µs (0.33×); aim ≤ 0.5× Nchan's: not met" in lines["10 × 50"], text
 assert "out of reach" not in lines["10 × 50"], text
-assert "none (fan-out" in text, "the floor's loss is not the servers': " + text
 write("permessage-floor.json", per_message_us=180)
 lines, text = aims()
 assert "not met (out of reach here: the floor misses it too)" in lines["10 × 50"], text
