@@ -163,18 +163,29 @@ sys.exit(1)
 PYEND
 }
 
+# endpoints NAME → where temma, Nchan or the floor streams (SUB) and takes a message (PUB).
+endpoints() {
+  case $1 in
+    temma) SUB="http://127.0.0.1:$TEMMA_PORT/event/fetch"
+           PUB="http://127.0.0.1:$TEMMA_PORT/message/broadcast" ;;
+    nchan) SUB="http://127.0.0.1:$NCHAN_PORT/sub/chat" PUB="http://127.0.0.1:$NCHAN_PORT/pub/chat" ;;
+    floor) SUB="http://127.0.0.1:$FLOOR_PORT/sub" PUB="http://127.0.0.1:$FLOOR_PORT/pub" ;;
+  esac
+}
+
 # load NAME FILE ARGS… → runs temma-load against NAME, keeps its JSON report in $OUT/FILE.
 load() {
   local name=$1 file=$2; shift 2
   local target=()
   case $name in
-    temma) target=(--subscribe "http://127.0.0.1:$TEMMA_PORT/event/fetch"
-                   --publish "http://127.0.0.1:$TEMMA_PORT/message/broadcast" --pid "$TEMMA_PID") ;;
-    floor) target=(--subscribe "http://127.0.0.1:$FLOOR_PORT/sub"
-                   --publish "http://127.0.0.1:$FLOOR_PORT/pub" --pid "$FLOOR_PID") ;;
-    nchan) target=(--subscribe "http://127.0.0.1:$NCHAN_PORT/sub/chat"
-                   --publish "http://127.0.0.1:$NCHAN_PORT/pub/chat")
-           for p in $NCHAN_PIDS; do target+=(--pid "$p"); done ;;
+    temma|floor|nchan)
+      endpoints "$name"
+      target=(--subscribe "$SUB" --publish "$PUB")
+      case $name in
+        temma) target+=(--pid "$TEMMA_PID") ;;
+        floor) target+=(--pid "$FLOOR_PID") ;;
+        nchan) for p in $NCHAN_PIDS; do target+=(--pid "$p"); done ;;
+      esac ;;
     pushpin) target=(--subscribe "http://127.0.0.1:$PUSHPIN_PORT/events?channel=chat"
                      --publish "http://127.0.0.1:5561/publish/" --content-type application/json
                      --body "$PUSHPIN_BODY")
@@ -253,22 +264,14 @@ for scenario in $SCENARIOS; do
         read -r subscribers rate <<<"${STEADY[$label]}"
         messages=$((rate * 10))
         echo "  $label: $subscribers × $rate msg/s"
-        settle
-        python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$TEMMA_PORT/event/fetch" \
-          --publish "http://127.0.0.1:$TEMMA_PORT/message/broadcast" --subscribers "$subscribers" \
-          --rate "$rate" --messages "$messages" > "$OUT/independent-$label-temma.json"
-        case " $PEERS " in *" nchan "*)
+        for name in temma $PEERS; do
+          [ "$name" = pushpin ] && continue  # its publish API is not a plain POST
+          endpoints "$name"
           settle
-          python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$NCHAN_PORT/sub/chat" \
-            --publish "http://127.0.0.1:$NCHAN_PORT/pub/chat" --subscribers "$subscribers" \
-            --rate "$rate" --messages "$messages" > "$OUT/independent-$label-nchan.json" ;;
-        esac
-        case " $PEERS " in *" floor "*)
-          settle
-          python3 benches/sse_reader.py --subscribe "http://127.0.0.1:$FLOOR_PORT/sub" \
-            --publish "http://127.0.0.1:$FLOOR_PORT/pub" --subscribers "$subscribers" \
-            --rate "$rate" --messages "$messages" > "$OUT/independent-$label-floor.json" ;;
-        esac
+          python3 benches/sse_reader.py --subscribe "$SUB" --publish "$PUB" \
+            --subscribers "$subscribers" --rate "$rate" --messages "$messages" \
+            > "$OUT/independent-$label-$name.json"
+        done
       done
       ;;
     broker)
