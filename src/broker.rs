@@ -19,7 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, LazyLock, Mutex};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -51,6 +51,12 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
 
 /// Room for `,"id":"<20 digits>-<20 digits>","time":<20 digits>}`: no reallocation.
 const STAMP_BYTES: usize = 96;
+
+/// The stamper writes the frames it makes one after the other into buffers of this size, each
+/// frame a shared slice of one: an allocation every hundred frames or so instead of one (or
+/// two) a frame. A buffer is freed when its last frame is (PUB writes a frame and drops it
+/// within the turn; the archive keeps copies, not slices).
+const ARENA_BYTES: usize = 16 * 1024;
 
 /// Default `broker.dedupe_window_secs`.
 pub const DEFAULT_DEDUPE_WINDOW_SECS: u64 = 120;
@@ -627,6 +633,10 @@ impl Broker {
                 }
                 received = self.pull.recv(), if !hold => received,
             };
+            // One clock reading for the turn: the messages read together are stamped with the
+            // time they were read (a turn is up to READ_ON messages, tens of µs); the clock
+            // was a sixteenth of the broker's CPU per message when it only relays.
+            self.stamper.time = Some(now_ms());
             self.relay(received).await;
             // What PULL has ready now is relayed without the other branches' polls (their
             // wakers and checks were a tenth of the broker's CPU when it only relays, see
@@ -642,6 +652,7 @@ impl Broker {
                     }
                 }
             }
+            self.stamper.time = None;
         }
         tracing::info!("broker stopped");
     }
@@ -1111,7 +1122,9 @@ impl Broker {
                     seq: self.stamper.seq,
                 },
                 room,
-                out.clone(),
+                // A copy: a slice would keep the stamper's whole buffer (ARENA_BYTES) for as
+                // long as the archive keeps the message, outside its byte bound.
+                Bytes::copy_from_slice(&out),
                 tokio::time::Instant::now(),
             );
             self.metrics.archive_messages.set(archive.len() as i64);
@@ -1233,6 +1246,11 @@ pub struct Stamper {
     seq: u64,
     max_frame_bytes: usize,
     recent: Recent,
+    /// Where the frames are written (see [`ARENA_BYTES`]).
+    arena: BytesMut,
+    /// The time (ms) to stamp, when the broker read it once for several messages (a turn of
+    /// PULL); `None`: the clock is read for each.
+    pub time: Option<u64>,
     /// A broker of a pair: published frames keep the idempotency `key` (after `ref`), so that
     /// the backup learns it; web nodes cut it.
     pub publish_keys: bool,
@@ -1261,6 +1279,8 @@ impl Stamper {
             seq: 0,
             max_frame_bytes,
             recent: Recent::new(window, max_keys),
+            arena: BytesMut::new(),
+            time: None,
             publish_keys: false,
         }
     }
@@ -1389,24 +1409,45 @@ impl Stamper {
             });
         }
         let key = scan.key.map(str::to_owned);
-        let mut out = Vec::with_capacity(frame.len() + STAMP_BYTES);
-        if scan.plain
+        let mut out = self.take_arena(frame.len() + STAMP_BYTES);
+        let stamped = if scan.plain
             && memchr::memchr2(b'\n', b'\r', frame).is_none()
             && let Some(room) = self.cut_and_copy(frame, &scan, &mut out)
         {
             // The common case: a compact object with no key of ours and no duplicate, copied
             // up to its closing brace without its private members; the stamp appended.
             self.write_stamp(&mut out, key);
-            return Ok(Stamped::Ready(out.into(), room));
+            Ok(Stamped::Ready(out.split().freeze(), room))
+        } else {
+            match self.rewrite(frame, &mut out, key) {
+                Ok(()) => Ok(Stamped::Ready(out.split().freeze(), RoomAt::Unknown)),
+                Err(reason) => {
+                    out.clear();
+                    Err(reason)
+                }
+            }
+        };
+        self.arena = out;
+        stamped
+    }
+
+    /// The arena (see [`ARENA_BYTES`]), with room for `needed` more bytes; give it back to
+    /// `self.arena` once the frame is split off.
+    fn take_arena(&mut self, needed: usize) -> BytesMut {
+        let mut out = std::mem::take(&mut self.arena);
+        if out.capacity() < needed {
+            // Its earlier frames are theirs: a new buffer (or this one again, when they are
+            // all gone).
+            out.reserve(needed.max(ARENA_BYTES));
         }
-        self.rewrite(frame, out, key)
+        out
     }
 
     /// Copies a frame the scan found plain into `out`, up to its closing brace (and a comma
     /// when a member is left), without its private members (`client`; `key` unless it is
     /// published); returns where its room is in `out`. `None` (and `out` left as it is) when
     /// a member to cut is not compact (a space around it): the general path then.
-    fn cut_and_copy(&self, frame: &[u8], scan: &Scan<'_>, out: &mut Vec<u8>) -> Option<RoomAt> {
+    fn cut_and_copy(&self, frame: &[u8], scan: &Scan<'_>, out: &mut BytesMut) -> Option<RoomAt> {
         let base = frame.as_ptr() as usize;
         let end = frame
             .iter()
@@ -1429,7 +1470,7 @@ impl Stamper {
             Room::None | Room::Other => None,
         };
         let mut room_in_out = None;
-        let mut copy = |out: &mut Vec<u8>, from: usize, to: usize| {
+        let mut copy = |out: &mut BytesMut, from: usize, to: usize| {
             if let Some(at) = room.filter(|at| (from..to).contains(at)) {
                 room_in_out = Some(out.len() + at - from);
             }
@@ -1452,12 +1493,12 @@ impl Stamper {
             if frame[stop] == b',' {
                 from += 1;
             } else if out.last() == Some(&b',') {
-                out.pop();
+                out.truncate(out.len() - 1);
             }
         }
         copy(out, from, end);
         if kept > 0 {
-            out.push(b',');
+            out.put_u8(b',');
         }
         Some(match scan.room {
             Room::None => RoomAt::Default,
@@ -1501,15 +1542,17 @@ impl Stamper {
             .iter()
             .rposition(|b| *b == b'}')
             .expect("a serialized map ends with `}`");
-        let mut out = Vec::with_capacity(frame.len() + 32);
+        let mut out = self.take_arena(frame.len() + STAMP_BYTES);
         out.extend_from_slice(&frame[..end]);
         if end > 1 {
-            out.push(b',');
+            out.put_u8(b',');
         }
         out.extend_from_slice(b"\"id\":\"");
         crate::wire::write_id(&mut out, id);
         out.extend_from_slice(b"\"}");
-        out.into()
+        let stamped = out.split().freeze();
+        self.arena = out;
+        stamped
     }
 
     /// The general path without scripts: the fields copied as raw JSON, without the broker's
@@ -1518,14 +1561,14 @@ impl Stamper {
     fn rewrite(
         &mut self,
         frame: &[u8],
-        mut out: Vec<u8>,
+        out: &mut BytesMut,
         key: Option<String>,
-    ) -> Result<Stamped, DropReason> {
+    ) -> Result<(), DropReason> {
         let fields = match serde_json::from_slice::<RawFields<'_>>(frame) {
             Ok(fields) => fields.0,
             Err(_) => return Err(DropReason::InvalidJson),
         };
-        out.push(b'{');
+        out.put_u8(b'{');
         let many = fields.len() > 16;
         let seen_later =
             |i: usize, key: &str| -> bool { fields[i + 1..].iter().any(|(other, _)| other == key) };
@@ -1549,26 +1592,27 @@ impl Stamper {
             kept.push((name, value));
         }
         for (name, value) in kept.into_iter().rev() {
-            serde_json::to_writer(&mut out, name.as_ref()).expect("writing to a Vec");
-            out.push(b':');
+            serde_json::to_writer(out.writer(), name.as_ref()).expect("writing to memory");
+            out.put_u8(b':');
             // Pretty-printed input is re-serialized compactly: the frame stays one line.
-            crate::wire::write_one_line(&mut out, value.get().as_bytes())
+            crate::wire::write_one_line(out, value.get().as_bytes())
                 .ok_or(DropReason::InvalidJson)?;
-            out.push(b',');
+            out.put_u8(b',');
         }
-        self.write_stamp(&mut out, key);
-        Ok(Stamped::Ready(out.into(), RoomAt::Unknown))
+        self.write_stamp(out, key);
+        Ok(())
     }
 
     /// Appends `"id":"<run>-<seq>","time":<ms>}` and uses up the id.
-    fn write_stamp(&mut self, out: &mut Vec<u8>, key: Option<String>) {
+    fn write_stamp(&mut self, out: &mut BytesMut, key: Option<String>) {
         let id = self.next_id();
         self.commit(key);
         out.extend_from_slice(b"\"id\":\"");
         crate::wire::write_id(out, id);
         out.extend_from_slice(b"\",\"time\":");
-        out.extend_from_slice(itoa::Buffer::new().format(now_ms()).as_bytes());
-        out.push(b'}');
+        let time = self.time.unwrap_or_else(now_ms);
+        out.extend_from_slice(itoa::Buffer::new().format(time).as_bytes());
+        out.put_u8(b'}');
     }
 }
 
@@ -1785,6 +1829,47 @@ mod tests {
         assert!(first["time"].as_u64().unwrap() >= before);
     }
 
+    #[test]
+    fn frames_made_one_after_the_other_each_keep_their_own_bytes() {
+        // Several of the stamper's buffers (ARENA_BYTES) over, every frame kept alive; frames
+        // refused or taking the general path in between; the time read once for them all.
+        let mut stamper = Stamper::new(DEFAULT_MAX_FRAME_BYTES);
+        stamper.time = Some(1_700_000_000_000);
+        let mut kept = Vec::new();
+        for i in 0..1000 {
+            let frame = match i % 10 {
+                3 => format!(r#"{{"text":"{i}","#),
+                7 => format!(r#"{{"text":"x","text":"{i}","client":"ip:192.0.2.1"}}"#),
+                _ => format!(r#"{{"from":"a","client":"ip:192.0.2.1","text":"{i}"}}"#),
+            };
+            match stamper.stamp(frame.as_bytes(), true) {
+                Ok(Stamped::Ready(bytes, _)) => kept.push((i, bytes)),
+                Err(DropReason::InvalidJson) if i % 10 == 3 => {}
+                _ => panic!("frame {i}: {frame}"),
+            }
+        }
+        assert_eq!(kept.len(), 900);
+        for (seq, (i, bytes)) in kept.iter().enumerate() {
+            let value: Value = serde_json::from_slice(bytes).unwrap();
+            assert_eq!(value["text"], i.to_string());
+            assert_eq!(value["time"], 1_700_000_000_000_u64);
+            assert!(value.get("client").is_none());
+            let id: MsgId = value["id"].as_str().unwrap().parse().unwrap();
+            assert_eq!(id.seq, seq as u64 + 1);
+        }
+        // Without a time given, the clock is read.
+        stamper.time = None;
+        let value = ready(&mut stamper, br#"{"text":"now"}"#).unwrap();
+        assert!(value["time"].as_u64().unwrap() >= now_ms() - 60_000);
+    }
+
+    /// What the general path (without scripts) makes of a frame.
+    fn rewritten(stamper: &mut Stamper, frame: &[u8]) -> Stamped {
+        let mut out = BytesMut::new();
+        stamper.rewrite(frame, &mut out, None).unwrap();
+        Stamped::Ready(out.freeze(), RoomAt::Unknown)
+    }
+
     /// The frame as published, without its stamp (`"id":…` to the end), and where the
     /// stamper said its room is.
     fn unstamped(stamped: Stamped) -> (String, RoomAt, Bytes) {
@@ -1821,8 +1906,7 @@ mod tests {
                 let (cut, at, bytes) = unstamped(fast.stamp(frame.as_bytes(), true).unwrap());
                 let mut general = Stamper::new(DEFAULT_MAX_FRAME_BYTES);
                 general.publish_keys = publish_keys;
-                let (rewritten, _, _) =
-                    unstamped(general.rewrite(frame.as_bytes(), Vec::new(), None).unwrap());
+                let (rewritten, _, _) = unstamped(rewritten(&mut general, frame.as_bytes()));
                 assert_eq!(cut, rewritten, "{frame} (publish_keys: {publish_keys})");
                 let value: Value = serde_json::from_slice(&bytes).unwrap();
                 assert!(value.get("client").is_none(), "{frame}");
@@ -1998,7 +2082,7 @@ mod tests {
                 Ok(stamped @ Stamped::Ready(..)) => {
                     let (cut, at, bytes) = unstamped(stamped);
                     let (rewritten, _, _) = unstamped(
-                        general.rewrite(frame.as_bytes(), Vec::new(), None).unwrap(),
+                        rewritten(&mut general, frame.as_bytes()),
                     );
                     // The same members in the same order (the fast path keeps the sender's
                     // spaces between them, which the general path drops).
