@@ -129,8 +129,9 @@ pub const MAX_WORKER_THREADS: usize = 1024;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Worker threads; 0 (default): one per CPU. Fewer cost less CPU per message where the
-    /// machine is shared with other busy processes (BENCHMARKS.md).
+    /// Worker threads; 0 (default): one per CPU for a web node (`temma serve`), one for a
+    /// standalone broker (`temma broker`, see [`RuntimeConfig::build`]). Fewer cost less CPU
+    /// per message where the machine is shared with other busy processes (BENCHMARKS.md).
     pub worker_threads: usize,
     /// How Linux schedules the process's threads. Default `"batch"`.
     pub scheduling: Scheduling,
@@ -171,7 +172,12 @@ impl RuntimeConfig {
     /// thread first: every thread started afterwards (the runtime's, the moderation chain's)
     /// inherits it. A policy the system refuses (a sandbox) is logged, and the process goes on
     /// with the kernel's default.
-    pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
+    ///
+    /// `broker`: the runtime of a standalone broker, which runs on one thread unless
+    /// `worker_threads` says otherwise. Its relay is one task and the PUB socket's writes run
+    /// where it wakes them; a second thread was mostly woken to find nothing to do (12 % more
+    /// CPU per message without scripts, BENCHMARKS.md "The broker on one thread").
+    pub fn build(&self, broker: bool) -> std::io::Result<tokio::runtime::Runtime> {
         if let Err(error) = set_scheduling(self.scheduling) {
             tracing::warn!(
                 scheduling = self.scheduling.name(),
@@ -188,8 +194,14 @@ impl RuntimeConfig {
         }
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         builder.enable_all();
-        if self.worker_threads > 0 {
-            builder.worker_threads(self.worker_threads);
+        match self.worker_threads {
+            0 if broker => {
+                builder.worker_threads(1);
+            }
+            0 => {}
+            threads => {
+                builder.worker_threads(threads);
+            }
         }
         builder.build()
     }

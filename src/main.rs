@@ -140,7 +140,7 @@ fn main() -> ExitCode {
         return say(summary(&config)).err().unwrap_or(ExitCode::SUCCESS);
     }
     init_logging(&config);
-    let runtime = match config.runtime.build() {
+    let runtime = match config.runtime.build(matches!(command, Command::Broker)) {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("temma: cannot start the async runtime: {error}");

@@ -182,8 +182,8 @@ fn name_nice_policy(path: &str) -> (String, i32, u32) {
 }
 
 /// `[runtime] worker_threads` sets how many threads run the process's tasks, for a web node and
-/// a standalone broker (each says how many at start); 0 is one per CPU; too many is refused
-/// before anything binds, naming the key and the file.
+/// a standalone broker (each says how many at start); 0 is one per CPU for a web node, one for a
+/// standalone broker; too many is refused before anything binds, naming the key and the file.
 #[test]
 fn runtime_worker_threads_sets_the_threads_that_run_tasks() {
     let dir = TempDir::new("worker-threads");
@@ -226,6 +226,21 @@ fn runtime_worker_threads_sets_the_threads_that_run_tasks() {
     assert!(line.contains("scheduling=\"normal\""), "{line}");
     let (_, _, policy) = name_nice_policy(&format!("/proc/{}/stat", broker.0.id()));
     assert_eq!(policy, SCHED_OTHER, "SCHED_OTHER");
+    drop(broker);
+    // By default, a standalone broker runs on one thread, whatever the CPUs.
+    let (path, _, _) = common::standalone_broker_config(&broker_dir, "");
+    let mut broker = spawn(&["broker", "-c", path.to_str().unwrap()]);
+    let line = broker.wait_for_log("broker running");
+    assert_eq!(threads_in(&line), 1, "one thread by default: {line}");
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", broker.0.id()))
+        .unwrap()
+        .filter_map(|task| {
+            let path = task.unwrap().path().join("stat");
+            Some(name_nice_policy(path.to_str()?).0)
+        })
+        .filter(|name| name.starts_with("tokio-rt-worker"))
+        .count();
+    assert_eq!(tasks, 1, "one runtime worker thread");
 
     let (code, stderr, path) = check(&dir, "[runtime]\nworker_threads = 5000\n");
     assert_eq!(code, Some(78), "{stderr}");
