@@ -679,8 +679,10 @@ impl Broker {
                 return;
             }
         }
-        if let Some((out, known)) = self.handle(message).await {
-            self.deliver(out, known).await;
+        match self.handle(message) {
+            Handled::Publish(out, known) => self.deliver(out, known).await,
+            Handled::Submit(job) => self.submit(job).await,
+            Handled::Nothing => {}
         }
     }
 
@@ -695,8 +697,17 @@ impl Broker {
         if let Some(sent) = item.sent {
             let _ = sent.send(());
         }
-        if let Some((out, known)) = self.handle(ZmqMessage::from(item.frame)).await {
-            self.publish(out, known).await;
+        match self.handle(ZmqMessage::from(item.frame)) {
+            Handled::Publish(out, known) => self.publish(out, known).await,
+            Handled::Submit(job) => self.submit(job).await,
+            Handled::Nothing => {}
+        }
+    }
+
+    /// A message for the chain's workers (their verdict comes back on `verdicts`).
+    async fn submit(&self, job: Job) {
+        if let Some(workers) = &self.workers {
+            workers.submit(job).await;
         }
     }
 
@@ -986,7 +997,7 @@ impl Broker {
 
     /// One input message → the frame to publish, if any (with the chain's workers, a message
     /// for the chain is queued and published by [`Broker::finish`]).
-    async fn handle(&mut self, message: ZmqMessage) -> Option<(ZmqMessage, Option<Known>)> {
+    fn handle(&mut self, message: ZmqMessage) -> Handled {
         if message.len() != 1 {
             self.metrics.dropped(DropReason::Multipart);
             crate::throttled!(
@@ -994,7 +1005,7 @@ impl Broker {
                 frames = message.len(),
                 "dropped a multipart message; one JSON frame expected"
             );
-            return None;
+            return Handled::Nothing;
         }
         // The message's one frame is replaced by what is published (its queue reused: one
         // allocation less a message on the pass-through).
@@ -1003,7 +1014,7 @@ impl Broker {
         if frame.starts_with(crate::hub::PRESENCE_PREFIX) {
             // A web node's presence report: for the other web nodes, as it is. Not a message:
             // no id, no scripts, not counted.
-            return Some((ZmqMessage::from(frame), None));
+            return Handled::Publish(ZmqMessage::from(frame), None);
         }
         let scripted = !self.chain.is_empty() || self.workers.is_some();
         match self.stamper.stamp(&frame, !scripted) {
@@ -1016,20 +1027,17 @@ impl Broker {
                     .flatten();
                 frames.push_back(self.record(bytes, at));
                 let out = ZmqMessage::try_from(frames).expect("one frame");
-                Some((out, known))
+                Handled::Publish(out, known)
             }
             Ok(Stamped::Parsed { map, key }) => {
                 // Only a keyed message may turn out a duplicate after the chain.
                 let reference = key.as_ref().and_then(|_| reference_of(&map));
-                if let Some(workers) = &self.workers {
-                    workers
-                        .submit(Job {
-                            map,
-                            key,
-                            reference,
-                        })
-                        .await;
-                    return None;
+                if self.workers.is_some() {
+                    return Handled::Submit(Job {
+                        map,
+                        key,
+                        reference,
+                    });
                 }
                 let verdict = self.chain.run(map);
                 self.finish(Done {
@@ -1037,12 +1045,14 @@ impl Broker {
                     key,
                     reference,
                 })
-                .map(|out| (out, None))
+                .map_or(Handled::Nothing, |out| Handled::Publish(out, None))
             }
             Ok(Stamped::Duplicate { reference, id }) => {
                 // Published already (a retry after a late answer): say so, publish nothing.
                 self.metrics.dropped(DropReason::Duplicate);
-                reference.map(|reference| (ZmqMessage::from(published(&reference, id)), None))
+                reference.map_or(Handled::Nothing, |reference| {
+                    Handled::Publish(ZmqMessage::from(published(&reference, id)), None)
+                })
             }
             Err(reason) => {
                 self.metrics.dropped(reason);
@@ -1052,7 +1062,7 @@ impl Broker {
                     bytes = frame.len(),
                     "dropped an unreadable frame"
                 );
-                None
+                Handled::Nothing
             }
         }
     }
@@ -1238,6 +1248,16 @@ impl Recent {
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }
+}
+
+/// What [`Broker::handle`] made of a message read.
+enum Handled {
+    /// A frame to publish, with what the stamper knows of it (for the hub of this process).
+    Publish(ZmqMessage, Option<Known>),
+    /// A message for the chain's workers.
+    Submit(Job),
+    /// Nothing to publish (dropped and counted, or a duplicate whose sender cannot be told).
+    Nothing,
 }
 
 /// Checks frames and stamps each good one with the next id and the time.
