@@ -1430,29 +1430,27 @@ impl Stamper {
         }
         let key = scan.key.map(str::to_owned);
         let mut out = self.take_arena(frame.len() + STAMP_BYTES);
-        let stamped = if scan.plain
+        let room = if scan.plain
             && memchr::memchr2(b'\n', b'\r', frame).is_none()
             && let Some(room) = self.cut_and_copy(frame, &scan, &mut out)
         {
             // The common case: a compact object with no key of ours and no duplicate, copied
             // up to its closing brace without its private members; the stamp appended.
             self.write_stamp(&mut out, key);
-            Ok(Stamped::Ready(out.split().freeze(), room))
+            Ok(room)
         } else {
-            match self.rewrite(frame, &mut out, key) {
-                Ok(()) => Ok(Stamped::Ready(out.split().freeze(), RoomAt::Unknown)),
-                Err(reason) => {
-                    out.clear();
-                    Err(reason)
-                }
-            }
+            self.rewrite(frame, &mut out, key).map(|()| RoomAt::Unknown)
         };
-        self.arena = out;
-        stamped
+        if room.is_err() {
+            // What a refused frame left is overwritten by the next.
+            out.clear();
+        }
+        let frame = self.give_back_arena(out);
+        room.map(|room| Stamped::Ready(frame, room))
     }
 
-    /// The arena (see [`ARENA_BYTES`]), with room for `needed` more bytes; give it back to
-    /// `self.arena` once the frame is split off.
+    /// The arena (see [`ARENA_BYTES`]), with room for `needed` more bytes; hand it back with
+    /// [`Stamper::give_back_arena`].
     fn take_arena(&mut self, needed: usize) -> BytesMut {
         let mut out = std::mem::take(&mut self.arena);
         if out.capacity() < needed {
@@ -1461,6 +1459,13 @@ impl Stamper {
             out.reserve(needed.max(ARENA_BYTES));
         }
         out
+    }
+
+    /// Splits the frame written into the arena off it and keeps the rest for the next frame.
+    fn give_back_arena(&mut self, mut out: BytesMut) -> Bytes {
+        let frame = out.split().freeze();
+        self.arena = out;
+        frame
     }
 
     /// Copies a frame the scan found plain into `out`, up to its closing brace (and a comma
@@ -1570,9 +1575,7 @@ impl Stamper {
         out.extend_from_slice(b"\"id\":\"");
         crate::wire::write_id(&mut out, id);
         out.extend_from_slice(b"\"}");
-        let stamped = out.split().freeze();
-        self.arena = out;
-        stamped
+        self.give_back_arena(out)
     }
 
     /// The general path without scripts: the fields copied as raw JSON, without the broker's

@@ -194,14 +194,12 @@ impl RuntimeConfig {
         }
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         builder.enable_all();
-        match self.worker_threads {
-            0 if broker => {
-                builder.worker_threads(1);
-            }
-            0 => {}
-            threads => {
-                builder.worker_threads(threads);
-            }
+        let threads = match self.worker_threads {
+            0 if broker => 1,
+            threads => threads,
+        };
+        if threads > 0 {
+            builder.worker_threads(threads);
         }
         builder.build()
     }
