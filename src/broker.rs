@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
-use zeromq::{PubSocket, PullSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{PubSocket, PullSocket, Socket, SocketRecv, ZmqMessage};
 
 use crate::context::{Context, Root, UnknownDataSource};
 use crate::failover::{Beat, Pair, PeerFrame, Role};
@@ -640,13 +640,14 @@ impl Broker {
             self.relay(received).await;
             // What PULL has ready now is relayed without the other branches' polls (their
             // wakers and checks were a tenth of the broker's CPU when it only relays, see
-            // BENCHMARKS.md): up to a turn of the crate's fair queue, which still spends the
-            // task's cooperative budget. Not for a pair (its hold and heartbeat are checked
+            // BENCHMARKS.md): up to a turn of the crate's fair queue, taken from memory
+            // (`try_recv`, zeromq patch 12), which still spends the task's cooperative
+            // budget. Not for a pair (its hold and heartbeat are checked
             // per message) nor with the chain's workers (their verdicts go out before more is
             // read).
             if !paired && verdicts.is_none() {
                 for _ in 1..READ_ON {
-                    match futures_util::FutureExt::now_or_never(self.pull.recv()) {
+                    match self.pull.try_recv() {
                         Some(received) => self.relay(received).await,
                         None => break,
                     }
@@ -698,7 +699,7 @@ impl Broker {
             let _ = sent.send(());
         }
         match self.handle(ZmqMessage::from(item.frame)) {
-            Handled::Publish(out, known) => self.publish(out, known).await,
+            Handled::Publish(out, known) => self.publish(out, known),
             Handled::Submit(job) => self.submit(job).await,
             Handled::Nothing => {}
         }
@@ -714,7 +715,7 @@ impl Broker {
     /// Publishes what [`Broker::handle`] or [`Broker::finish`] made; with a pair, the
     /// heartbeat that says the backup holds it all, when it now does.
     async fn deliver(&mut self, out: ZmqMessage, known: Option<Known>) {
-        self.publish(out, known).await;
+        self.publish(out, known);
         if let Some(pair) = &mut self.pair
             && pair
                 .state
@@ -727,9 +728,9 @@ impl Broker {
     /// Publishes a frame the broker made: on PUB, and to the hub of this process.
     /// `known`: what the stamper's fast path knows of the frame, so that the hub of this
     /// process need not read it again.
-    async fn publish(&mut self, out: ZmqMessage, known: Option<Known>) {
+    fn publish(&mut self, out: ZmqMessage, known: Option<Known>) {
         let frame = self.local.is_some().then(|| out.get(0).cloned()).flatten();
-        self.send(out).await;
+        self.send(out);
         if let (Some(local), Some(frame)) = (&self.local, frame) {
             match known {
                 Some(known) => local.hub.ingest_known(&frame, &known),
@@ -738,8 +739,10 @@ impl Broker {
         }
     }
 
-    async fn send(&mut self, out: ZmqMessage) {
-        if let Err(error) = self.publish.send(out).await {
+    /// Hands a frame to PUB, which does not wait: a subscriber whose queue (the crate's
+    /// 100 000 messages) is full misses it. `send_now` (zeromq patch 11): no future a message.
+    fn send(&mut self, out: ZmqMessage) {
+        if let Err(error) = self.publish.send_now(out) {
             tracing::error!(%error, "broker could not publish a message");
         }
     }
@@ -772,7 +775,7 @@ impl Broker {
                 "run": peer.run,
             })),
         }));
-        self.send(ZmqMessage::from(beat.frame())).await;
+        self.send(ZmqMessage::from(beat.frame()));
     }
 
     /// Every [`crate::failover::BEAT_INTERVAL`]: the heartbeat, the backup's state, a snapshot
@@ -865,7 +868,7 @@ impl Broker {
             let Some((id, room, key)) = id_and_room(&frame) else {
                 // Not a message (presence reports, notices for POSTs): passed on.
                 if self.pair.as_ref().is_some_and(|pair| pair.state.following) {
-                    self.send(ZmqMessage::from(frame)).await;
+                    self.send(ZmqMessage::from(frame));
                 }
                 continue;
             };
@@ -906,7 +909,7 @@ impl Broker {
             self.metrics.archive_messages.set(archive.len() as i64);
         }
         if self.pair.as_ref().is_some_and(|pair| pair.state.following) {
-            self.send(ZmqMessage::from(frame)).await;
+            self.send(ZmqMessage::from(frame));
         }
     }
 

@@ -304,6 +304,19 @@ where
 }
 
 impl<S: Stream, K: Clone> FairQueue<S, K> {
+    /// PATCH(temma): the next item the last turn read (see `TURN`), if it is one, without
+    /// polling anything: what a consumer reading on after an item takes first. `None` when
+    /// the turn is used up (or a stream's end is next): poll the queue then.
+    pub fn next_of_turn(&mut self) -> Option<(K, S::Item)> {
+        match self.turn.front() {
+            Some(TurnItem::Item(..)) => match self.turn.pop_front() {
+                Some(TurnItem::Item(key, item)) => Some((key, item)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     pub fn new(block_on_no_clients: bool) -> Self {
         Self {
             block_on_no_clients,
@@ -792,6 +805,38 @@ mod test {
             }
         }
         assert_eq!(next, super::TURN * 2 + 5, "every item came out once");
+    }
+
+    #[test]
+    fn next_of_turn_gives_what_the_turn_read_and_nothing_more() {
+        let waker = noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let items: Vec<Result<usize, ()>> = (0..super::TURN * 2).map(Ok).collect();
+        let (stream, polls) = counted(items);
+        let mut fair_queue: FairQueue<Counted<Result<usize, ()>>, &str> = FairQueue::new(false);
+        assert!(fair_queue.next_of_turn().is_none(), "no turn yet");
+        fair_queue.inner().lock().insert("lone", stream);
+        let first = Pin::new(&mut fair_queue).poll_next(&mut cx);
+        assert!(
+            matches!(first, Poll::Ready(Some(("lone", Ok(0))))),
+            "{first:?}"
+        );
+        let mut next = 1;
+        while let Some((_, item)) = fair_queue.next_of_turn() {
+            assert_eq!(item, Ok(next), "in the stream's order");
+            next += 1;
+        }
+        assert_eq!(next, super::TURN, "the turn's items, no more");
+        assert_eq!(
+            polls.load(AtomicOrdering::SeqCst),
+            super::TURN,
+            "the stream was not polled for them"
+        );
+        let after = Pin::new(&mut fair_queue).poll_next(&mut cx);
+        assert!(
+            matches!(after, Poll::Ready(Some(("lone", Ok(n)))) if n == super::TURN),
+            "the next turn goes on where it stopped: {after:?}"
+        );
     }
 
     #[test]

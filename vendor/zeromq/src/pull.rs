@@ -61,6 +61,39 @@ impl Socket for PullSocket {
     }
 }
 
+impl PullSocket {
+    /// PATCH(temma): a message that is ready now, without waiting and without a future:
+    /// `None` when none is (then `recv` waits for one). What a consumer reading on after a
+    /// `recv` calls: the messages the fair queue's turn already read come out of memory,
+    /// where `recv().now_or_never()` boxed a future (`async_trait`) and polled the queue for
+    /// each. Like `recv`, it spends a unit of tokio's cooperative budget a message (and says
+    /// `None` when the budget is out, so that the consumer's next `recv` yields).
+    pub fn try_recv(&mut self) -> Option<ZmqResult<ZmqMessage>> {
+        #[cfg(feature = "tokio-runtime")]
+        let coop = {
+            let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+            match tokio::task::coop::poll_proceed(&mut cx) {
+                std::task::Poll::Ready(coop) => coop,
+                std::task::Poll::Pending => return None,
+            }
+        };
+        while let Some((peer_id, item)) = self.fair_queue.next_of_turn() {
+            #[cfg(feature = "tokio-runtime")]
+            coop.made_progress();
+            match item {
+                Ok(Message::Message(message)) => return Some(Ok(message)),
+                // Not a message (a command): ignored, as `recv` does.
+                Ok(_) => {}
+                Err(e) => {
+                    self.backend.peer_disconnected(&peer_id);
+                    return Some(Err(e.into()));
+                }
+            }
+        }
+        futures::FutureExt::now_or_never(self.recv())
+    }
+}
+
 #[async_trait]
 impl SocketRecv for PullSocket {
     #[inline]
@@ -84,5 +117,47 @@ impl SocketRecv for PullSocket {
                 }
             };
         }
+    }
+}
+
+// PATCH(temma): the tests below.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{PushSocket, SocketSend};
+
+    /// Over TCP: messages taken with `try_recv` after a `recv` come in the order sent, none
+    /// lost or repeated, and `try_recv` says `None` (it does not wait) once nothing is read.
+    #[tokio::test]
+    async fn try_recv_takes_what_is_ready_in_order_and_does_not_wait() {
+        let mut pull = PullSocket::new();
+        let endpoint = pull.bind("tcp://127.0.0.1:0").await.unwrap();
+        let mut push = PushSocket::new();
+        push.connect(&endpoint.to_string()).await.unwrap();
+        assert!(pull.try_recv().is_none(), "nothing sent yet");
+        const COUNT: usize = 1000;
+        for i in 0..COUNT {
+            push.send(ZmqMessage::from(i.to_string())).await.unwrap();
+        }
+        let mut received = Vec::new();
+        let mut taken_without_waiting = 0;
+        while received.len() < COUNT {
+            let message = tokio::time::timeout(std::time::Duration::from_secs(10), pull.recv())
+                .await
+                .expect("the messages arrive")
+                .unwrap();
+            received.push(String::try_from(message).unwrap());
+            while let Some(message) = pull.try_recv() {
+                received.push(String::try_from(message.unwrap()).unwrap());
+                taken_without_waiting += 1;
+            }
+        }
+        let expected: Vec<String> = (0..COUNT).map(|i| i.to_string()).collect();
+        assert_eq!(received, expected);
+        assert!(
+            taken_without_waiting > 0,
+            "a thousand messages sent at once: some were ready after a recv"
+        );
+        assert!(pull.try_recv().is_none(), "all taken");
     }
 }
