@@ -394,20 +394,57 @@ impl Room {
     }
 
     /// Sends a frame to the room's clients (`message`: a chat message, else a keep-alive or
-    /// a notice), numbered in the room.
+    /// a notice), numbered in the room, and wakes its writer shards.
     fn broadcast(&mut self, id: Option<MsgId>, frame: Bytes, message: bool) {
-        if let Some(tx) = &self.tx {
-            let item = Item {
-                id,
-                frame,
-                message,
-                seq: self.sent + 1,
-            };
-            // No receiver is fine: nobody is connected.
-            let _ = tx.send(item);
-            self.sent += 1;
-            self.bell.broadcast();
+        if let Some(shard) = self.broadcast_for(id, frame, message) {
+            shard.kick();
         }
+    }
+
+    /// [`Room::broadcast`], but a lone writer shard is not woken: it is returned, for the
+    /// caller to write once the hub's lock is released ([`Shard::write`]).
+    #[must_use]
+    fn broadcast_for(
+        &mut self,
+        id: Option<MsgId>,
+        frame: Bytes,
+        message: bool,
+    ) -> Option<Arc<Shard>> {
+        let tx = self.tx.as_ref()?;
+        let item = Item {
+            id,
+            frame,
+            message,
+            seq: self.sent + 1,
+        };
+        // No receiver is fine: nobody is connected.
+        let _ = tx.send(item);
+        self.sent += 1;
+        self.bell.broadcast();
+        match self.shards.as_slice() {
+            [lone] => Some(lone.clone()),
+            shards => {
+                for shard in shards {
+                    shard.kick();
+                }
+                None
+            }
+        }
+    }
+
+    /// Drops the ring (its receivers see it closed once they have read it) and the writer
+    /// shards, woken to end their clients' streams.
+    fn close(&mut self) {
+        self.tx = None;
+        for shard in self.shards.drain(..) {
+            shard.kick();
+        }
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -515,8 +552,7 @@ impl Drop for ClientGuard {
                 room.slots.remove(&self.key);
                 room.last_active = Instant::now();
                 if room.slots.is_empty() {
-                    room.tx = None;
-                    room.shards.clear();
+                    room.close();
                 }
             }
         }
@@ -1162,6 +1198,8 @@ impl Hub {
         source: Source,
     ) -> Ingested {
         let shared = &self.shared;
+        // The room's lone writer shard, written here once the lock is released.
+        let mut to_write = None;
         let appended = match room {
             Ok(room) => {
                 let room = room.as_deref().unwrap_or(&shared.settings.default_room);
@@ -1171,15 +1209,20 @@ impl Hub {
                     source,
                     &shared.settings,
                     &shared.metrics,
+                    &mut to_write,
                 )
             }
             Err(error) => {
                 // Only a script can do this (web nodes check the room): the message was
                 // published, but belongs to no room a client can follow. Its id still counts.
-                let appended =
-                    shared
-                        .lock()
-                        .append(None, id, source, &shared.settings, &shared.metrics);
+                let appended = shared.lock().append(
+                    None,
+                    id,
+                    source,
+                    &shared.settings,
+                    &shared.metrics,
+                    &mut to_write,
+                );
                 if appended == Appended::Stored {
                     shared.metrics.dropped(DropReason::Unreadable);
                     crate::throttled!(tracing::Level::WARN, %error, "dropped a published message with an invalid room");
@@ -1187,6 +1230,10 @@ impl Hub {
                 appended
             }
         };
+        if let Some(shard) = to_write {
+            // Before its sender is told: the message is on its way to the room's clients.
+            shard.write();
+        }
         if appended == Appended::Gap {
             return Ingested::Gap;
         }
@@ -1316,8 +1363,7 @@ impl Hub {
         let mut state = self.shared.lock();
         state.closed = true;
         for room in state.rooms.values_mut() {
-            room.tx = None;
-            room.shards.clear();
+            room.close();
         }
         drop(state);
         tracing::info!("event streams closed");
@@ -1794,6 +1840,7 @@ impl State {
         source: Source,
         settings: &Settings,
         metrics: &Metrics,
+        to_write: &mut Option<Arc<Shard>>,
     ) -> Appended {
         let now = Instant::now();
         let from_snapshot = source == Source::Snapshot;
@@ -1857,7 +1904,7 @@ impl State {
             target.history.push(id, frame.clone(), now);
         }
         let after = target.history.bytes();
-        target.broadcast(id, frame, true);
+        *to_write = target.broadcast_for(id, frame, true);
         self.history_bytes = self.history_bytes + after - before;
         // The node-wide budget: the oldest message of any room goes first.
         while self.history_bytes > settings.history_bytes {
@@ -2273,6 +2320,71 @@ mod tests {
         );
         a.ingest(longer.as_bytes());
         assert_eq!(a.nodes().len(), 2);
+    }
+
+    /// A client of a room's lone writer shard, on a real socket: the message is in the
+    /// client's socket when `ingest` returns (the broadcaster wrote it; no other task ran on
+    /// this one-thread runtime meanwhile); one that follows within `WRITE_GAP` is written by
+    /// the shard's task.
+    #[tokio::test]
+    async fn a_lone_shard_is_written_by_the_broadcaster() {
+        use std::io::Read;
+        let hub = hub(settings());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let outlet = Arc::new(Outlet::new(
+            crate::shard::Socket::Owned(server),
+            Bytes::from_static(b"head\n"),
+        ));
+        let (_slot, _guard) = hub
+            .subscribe_outlet(None, None, None, Abort::new(|| {}), &outlet)
+            .unwrap();
+        // The head and the stream's opening, as the client's own task writes them.
+        assert!(matches!(
+            outlet.write_pending(),
+            crate::shard::Flushed::Empty
+        ));
+        // What the socket holds now (loopback: what `send` returned for is readable at once).
+        let read_now = |mut client: &std::net::TcpStream| {
+            client.set_nonblocking(true).unwrap();
+            let mut buf = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while let Ok(n) = client.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8(got).unwrap()
+        };
+        let opening = read_now(&client);
+        assert!(opening.starts_with("head\n"), "{opening:?}");
+
+        hub.ingest(&message(1));
+        let written = read_now(&client);
+        assert!(
+            written.contains("id: 1-1\n") && written.contains("m1"),
+            "written before ingest returned: {written:?}"
+        );
+
+        // The next one, whoever writes it, arrives in order.
+        hub.ingest(&message(2));
+        let mut rest = String::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !rest.contains("m2") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second message arrives"
+            );
+            // The shard's task, if it is its turn, runs meanwhile.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            rest.push_str(&read_now(&client));
+        }
+        assert!(
+            rest.contains("id: 1-2\n") && !rest.contains("m1"),
+            "{rest:?}"
+        );
     }
 
     /// A hub whose timers run (cancel the token to stop them).
