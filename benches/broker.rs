@@ -473,14 +473,25 @@ fn drive(broker: &BrokerProcess, count: usize, per_sender: bool) -> Outcome {
                 if done.load(Ordering::Acquire) {
                     return Instant::now();
                 }
-                push.send(ZmqMessage::from(warm_up.clone())).await.unwrap();
+                // A send that cannot go (a broker that does not read) must not hold the
+                // producer past the consumer giving up: it once hung a whole bench run.
+                let send = push.send(ZmqMessage::from(warm_up.clone()));
+                if let Ok(sent) = tokio::time::timeout(Duration::from_millis(500), send).await {
+                    sent.unwrap();
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             // Let the last warm-up frames through before the clock starts.
             tokio::time::sleep(Duration::from_millis(200)).await;
             let start = Instant::now();
             for frame in frames {
-                push.send(ZmqMessage::from(frame)).await.unwrap();
+                let send = push.send(ZmqMessage::from(frame));
+                match tokio::time::timeout(Duration::from_secs(5), send).await {
+                    Ok(sent) => sent.unwrap(),
+                    // The broker stopped reading: the consumer reports what it received.
+                    Err(_) if done.load(Ordering::Acquire) => break,
+                    Err(_) => {}
+                }
             }
             // Keep the socket open until everything is through: closing it drops what it
             // still queues.
