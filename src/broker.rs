@@ -642,9 +642,8 @@ impl Broker {
             // wakers and checks were a tenth of the broker's CPU when it only relays, see
             // BENCHMARKS.md): up to a turn of the crate's fair queue, taken from memory
             // (`try_recv`, zeromq patch 12), which still spends the task's cooperative
-            // budget. Not for a pair (its hold and heartbeat are checked
-            // per message) nor with the chain's workers (their verdicts go out before more is
-            // read).
+            // budget. Not for a pair (its hold and heartbeat are checked per message) nor
+            // with the chain's workers (their verdicts go out before more is read).
             if !paired && verdicts.is_none() {
                 for _ in 1..READ_ON {
                     match self.pull.try_recv() {

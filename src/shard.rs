@@ -363,9 +363,6 @@ pub struct Shard {
     /// The shard's place in the room's ring; held by whoever makes a pass.
     ring: Mutex<Ring>,
     kick: tokio::sync::Notify,
-    /// When the broadcaster last wrote the shard itself (`Shard::write`), in µs since `born`.
-    written_at: AtomicU64,
-    born: std::time::Instant,
     /// The room's queue: frames a client may be behind.
     queue: u64,
     metrics: Arc<Metrics>,
@@ -378,6 +375,8 @@ struct Ring {
     items: Vec<Item>,
     /// The ring closed: the shard's task ends its clients' streams and stops.
     closed: bool,
+    /// When the broadcaster last made a pass itself ([`Shard::write`]).
+    written_at: Option<std::time::Instant>,
 }
 
 /// What a pass left.
@@ -422,10 +421,9 @@ impl Shard {
                 rx,
                 items: Vec::new(),
                 closed: false,
+                written_at: None,
             }),
             kick: tokio::sync::Notify::new(),
-            written_at: AtomicU64::new(0),
-            born: std::time::Instant::now(),
             queue,
             metrics,
         });
@@ -443,13 +441,6 @@ impl Shard {
     /// making one: its task is woken then (as it is when more than a chunk waits, or the ring
     /// closed).
     pub fn write(&self) {
-        let now = u64::try_from(self.born.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let last = self.written_at.load(Ordering::Relaxed);
-        let gap = u64::try_from(WRITE_GAP.as_micros()).unwrap_or(u64::MAX);
-        if last != 0 && now.saturating_sub(last) < gap {
-            self.kick();
-            return;
-        }
         let mut ring = match self.ring.try_lock() {
             Ok(ring) => ring,
             Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
@@ -458,7 +449,16 @@ impl Shard {
                 return;
             }
         };
-        self.written_at.store(now.max(1), Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        if ring
+            .written_at
+            .is_some_and(|last| now.duration_since(last) < WRITE_GAP)
+        {
+            drop(ring);
+            self.kick();
+            return;
+        }
+        ring.written_at = Some(now);
         if self.pass(&mut ring) != Pass::Done {
             drop(ring);
             self.kick();

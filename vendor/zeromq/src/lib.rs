@@ -141,7 +141,8 @@ pub mod __bench {
         }
 
         pub async fn fanout_message(&self, message: ZmqMessage) {
-            self.backend.fanout_message(message).await;
+            // PATCH(temma): the fan-out is not `async` (patch 11).
+            self.backend.fanout_message(message);
         }
 
         pub fn drain_ready(&mut self) -> usize {

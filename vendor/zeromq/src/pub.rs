@@ -83,21 +83,14 @@ pub(crate) struct PubSocketBackend {
 }
 
 impl PubSocketBackend {
-    // PATCH(temma): what the crate's fan-out tests and benchmarks call (`send` calls
-    // `fanout_message_now`).
-    #[allow(dead_code)]
-    pub(crate) async fn fanout_message(&self, message: ZmqMessage) {
-        self.fanout_message_now(message);
-    }
-
     // PATCH(temma): called by `send` itself, and it does not wait: each subscriber's bucket
     // is locked in turn only to put the message in its queue (`try_send`, dropped when full,
     // as before). `send` used to push the message into a queue of 100,000 (a message was
     // dropped for every subscriber when it was full) for a task that walked the subscribers
     // with async iteration and a clone of each queue: a wake-up, a task and two allocations
-    // per message, about a fifth of temma's broker when it only relays.
-    // PATCH(temma): without a future (see `PubSocket::send_now`).
-    fn fanout_message_now(&self, message: ZmqMessage) {
+    // per message, about a fifth of temma's broker when it only relays. Not `async`: it
+    // waits for nothing (see `PubSocket::send_now`).
+    pub(crate) fn fanout_message(&self, message: ZmqMessage) {
         let first_frame = match message.get(0) {
             Some(frame) => frame,
             None => return,
@@ -286,7 +279,7 @@ impl PubSocket {
         if message.get(0).is_none() || self.backend.subscriber_count.load(Ordering::Relaxed) == 0 {
             return Ok(());
         }
-        self.backend.fanout_message_now(message);
+        self.backend.fanout_message(message);
         Ok(())
     }
 }
@@ -390,20 +383,10 @@ mod tests {
 
         let (full_sender, mut full_receiver) = mpsc::channel(0);
         let (live_sender, mut live_receiver) = mpsc::channel(8);
-        insert_test_subscriber(
-            &socket.backend,
-            PeerIdentity::new(),
-            vec![vec![]],
-            full_sender,
-        )
-        .await;
-        insert_test_subscriber(
-            &socket.backend,
-            PeerIdentity::new(),
-            vec![vec![]],
-            live_sender,
-        )
-        .await;
+        insert_test_subscriber(&socket.backend, PeerIdentity::new(), vec![vec![]], full_sender)
+            .await;
+        insert_test_subscriber(&socket.backend, PeerIdentity::new(), vec![vec![]], live_sender)
+            .await;
         for text in ["one", "two", "three"] {
             socket
                 .send(ZmqMessage::from(text))
@@ -484,10 +467,7 @@ mod tests {
         assert!(subscription_matches(&[b"other".to_vec(), vec![]], &empty));
         assert!(subscription_matches(&[b"topic".to_vec()], &frame));
         assert!(!subscription_matches(&[b"topic".to_vec()], &empty));
-        assert!(!subscription_matches(
-            &[b"other".to_vec(), b"topics".to_vec()],
-            &frame
-        ));
+        assert!(!subscription_matches(&[b"other".to_vec(), b"topics".to_vec()], &frame));
         assert!(!subscription_matches(&[], &frame));
     }
 
@@ -590,9 +570,7 @@ mod tests {
         )
         .await;
 
-        backend
-            .fanout_message(ZmqMessage::from(Bytes::from_static(b"topic.a payload")))
-            .await;
+        backend.fanout_message(ZmqMessage::from(Bytes::from_static(b"topic.a payload")));
 
         let matched = matching_receiver.try_recv().expect("matching subscriber");
         let Message::Message(matched) = matched else {
@@ -617,9 +595,7 @@ mod tests {
         insert_test_subscriber(&backend, stale_peer.clone(), vec![vec![]], stale_sender).await;
         insert_test_subscriber(&backend, live_peer.clone(), vec![vec![]], live_sender).await;
 
-        backend
-            .fanout_message(ZmqMessage::from(Bytes::from_static(b"payload")))
-            .await;
+        backend.fanout_message(ZmqMessage::from(Bytes::from_static(b"payload")));
 
         let queued = live_receiver.try_recv().expect("live subscriber message");
         let Message::Message(message) = queued else {
