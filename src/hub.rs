@@ -396,21 +396,20 @@ impl Room {
     /// Sends a frame to the room's clients (`message`: a chat message, else a keep-alive or
     /// a notice), numbered in the room, and wakes its writer shards.
     fn broadcast(&mut self, id: Option<MsgId>, frame: Bytes, message: bool) {
-        if let Some(shard) = self.broadcast_for(id, frame, message) {
+        let writes = self.broadcast_for(id, frame, message);
+        for shard in writes.lone.iter().chain(&writes.late) {
             shard.kick();
         }
     }
 
-    /// [`Room::broadcast`], but a lone writer shard is not woken: it is returned, for the
-    /// caller to write once the hub's lock is released ([`Shard::write`]).
+    /// [`Room::broadcast`], but a lone writer shard is not woken, nor a shard half a ring
+    /// behind: they are returned, for the caller to write once the hub's lock is released
+    /// ([`Writes::now`]).
     #[must_use]
-    fn broadcast_for(
-        &mut self,
-        id: Option<MsgId>,
-        frame: Bytes,
-        message: bool,
-    ) -> Option<Arc<Shard>> {
-        let tx = self.tx.as_ref()?;
+    fn broadcast_for(&mut self, id: Option<MsgId>, frame: Bytes, message: bool) -> Writes {
+        let Some(tx) = self.tx.as_ref() else {
+            return Writes::default();
+        };
         let item = Item {
             id,
             frame,
@@ -421,15 +420,21 @@ impl Room {
         let _ = tx.send(item);
         self.sent += 1;
         self.bell.broadcast();
+        let late = |shard: &Shard| shard.behind(self.sent) > self.queue as u64 / 2;
+        let mut writes = Writes::default();
         match self.shards.as_slice() {
-            [lone] => Some(lone.clone()),
+            [lone] if !late(lone) => writes.lone = Some(lone.clone()),
             shards => {
                 for shard in shards {
-                    shard.kick();
+                    if late(shard) {
+                        writes.late.push(shard.clone());
+                    } else {
+                        shard.kick();
+                    }
                 }
-                None
             }
         }
+        writes
     }
 
     /// Drops the ring (its receivers see it closed once they have read it) and the writer
@@ -445,6 +450,27 @@ impl Room {
 impl Drop for Room {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// The writer shards a broadcaster writes once the hub's lock is released.
+#[derive(Default)]
+struct Writes {
+    /// A room's lone shard, in step: [`Shard::write`].
+    lone: Option<Arc<Shard>>,
+    /// Shards whose task fell half a ring behind: [`Shard::catch_up`] (rare: a burst that
+    /// outran their threads).
+    late: Vec<Arc<Shard>>,
+}
+
+impl Writes {
+    fn now(self) {
+        if let Some(shard) = self.lone {
+            shard.write();
+        }
+        for shard in self.late {
+            shard.catch_up();
+        }
     }
 }
 
@@ -972,7 +998,8 @@ impl Hub {
                 let shard = match room.shards.iter().find(|shard| shard.join(outlet)) {
                     Some(shard) => shard.clone(),
                     None => {
-                        let shard = Shard::spawn(tx.subscribe(), room.queue as u64, metrics);
+                        let shard =
+                            Shard::spawn(tx.subscribe(), room.sent, room.queue as u64, metrics);
                         shard.join(outlet);
                         room.shards.push(shard.clone());
                         shard
@@ -1198,8 +1225,9 @@ impl Hub {
         source: Source,
     ) -> Ingested {
         let shared = &self.shared;
-        // The room's lone writer shard, written here once the lock is released.
-        let mut to_write = None;
+        // The room's lone writer shard (and any fallen behind), written here once the lock is
+        // released.
+        let mut to_write = Writes::default();
         let appended = match room {
             Ok(room) => {
                 let room = room.as_deref().unwrap_or(&shared.settings.default_room);
@@ -1230,10 +1258,8 @@ impl Hub {
                 appended
             }
         };
-        if let Some(shard) = to_write {
-            // Before its sender is told: the message is on its way to the room's clients.
-            shard.write();
-        }
+        // Before its sender is told: the message is on its way to the room's clients.
+        to_write.now();
         if appended == Appended::Gap {
             return Ingested::Gap;
         }
@@ -1840,7 +1866,7 @@ impl State {
         source: Source,
         settings: &Settings,
         metrics: &Metrics,
-        to_write: &mut Option<Arc<Shard>>,
+        to_write: &mut Writes,
     ) -> Appended {
         let now = Instant::now();
         let from_snapshot = source == Source::Snapshot;
@@ -2385,6 +2411,69 @@ mod tests {
             rest.contains("id: 1-2\n") && !rest.contains("m1"),
             "{rest:?}"
         );
+    }
+
+    /// A burst's broadcaster that does not let the shards' tasks run (here: no await, on a
+    /// one-thread runtime) would lap them in the ring and every client would be cut; a shard
+    /// half a ring behind is caught up by the broadcaster instead. Two shards (neither alone,
+    /// so neither written inline otherwise), a ring of 16 frames, 200 messages.
+    #[tokio::test]
+    async fn a_shard_half_a_ring_behind_is_caught_up_by_the_broadcaster() {
+        use std::io::Read;
+        let hub = hub(Settings {
+            queue: 16,
+            max_clients: crate::shard::SHARD_SIZE + 1,
+            ..settings()
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..=crate::shard::SHARD_SIZE {
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let outlet = Arc::new(Outlet::new(
+                crate::shard::Socket::Owned(server),
+                Bytes::from_static(b"head\n"),
+            ));
+            let subscribed = hub
+                .subscribe_outlet(None, None, None, Abort::new(|| {}), &outlet)
+                .unwrap();
+            // The head, as the client's own task writes it.
+            assert_eq!(outlet.write_pending(), crate::shard::Flushed::Empty);
+            client.set_nonblocking(true).unwrap();
+            clients.push((client, outlet, subscribed));
+        }
+        const MESSAGES: u64 = 200;
+        for seq in 1..=MESSAGES {
+            hub.ingest(&message(seq));
+        }
+        // The shards' tasks run now: what they find in the ring, they write.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for (mut client, outlet, _) in clients {
+            assert_eq!(
+                outlet.write_pending(),
+                crate::shard::Flushed::Empty,
+                "the client's stream goes on"
+            );
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = client.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            let got = String::from_utf8(got).unwrap();
+            let ids: Vec<u64> = got
+                .lines()
+                .filter_map(|line| line.strip_prefix("id: 1-"))
+                .map(|seq| seq.parse().unwrap())
+                .collect();
+            assert_eq!(
+                ids,
+                (1..=MESSAGES).collect::<Vec<_>>(),
+                "every message, in order"
+            );
+        }
     }
 
     /// A hub whose timers run (cancel the token to stop them).

@@ -363,6 +363,9 @@ pub struct Shard {
     /// The shard's place in the room's ring; held by whoever makes a pass.
     ring: Mutex<Ring>,
     kick: tokio::sync::Notify,
+    /// The number in its room of the last frame a pass took from the ring (the room compares
+    /// it with what it sent: [`Shard::behind`]).
+    taken: AtomicU64,
     /// The room's queue: frames a client may be behind.
     queue: u64,
     metrics: Arc<Metrics>,
@@ -412,9 +415,14 @@ impl Shard {
         self.lock().retain(|known| !Arc::ptr_eq(known, outlet));
     }
 
-    /// Starts a shard's task on the room's ring; `queue` is the room's queue (frames a client
-    /// may be behind).
-    pub fn spawn(rx: broadcast::Receiver<Item>, queue: u64, metrics: Arc<Metrics>) -> Arc<Shard> {
+    /// Starts a shard's task on the room's ring, which `sent` frames went through before `rx`
+    /// was subscribed; `queue` is the room's queue (frames a client may be behind).
+    pub fn spawn(
+        rx: broadcast::Receiver<Item>,
+        sent: u64,
+        queue: u64,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Shard> {
         let shard = Arc::new(Shard {
             outlets: Mutex::new(Vec::new()),
             ring: Mutex::new(Ring {
@@ -424,6 +432,7 @@ impl Shard {
                 written_at: None,
             }),
             kick: tokio::sync::Notify::new(),
+            taken: AtomicU64::new(sent),
             queue,
             metrics,
         });
@@ -465,6 +474,33 @@ impl Shard {
         }
     }
 
+    /// Frames of the `sent` its room broadcast that no pass took yet.
+    pub fn behind(&self, sent: u64) -> u64 {
+        sent.saturating_sub(self.taken.load(Ordering::Relaxed))
+    }
+
+    /// Makes passes on the caller's task (the room's broadcaster) until the ring holds
+    /// nothing more for the shard, waiting for a pass its task is making to end: for a shard
+    /// whose task fell half a ring behind, a burst's broadcaster would otherwise lap it in
+    /// the ring (its thread not run in time), and all its clients be cut as slow consumers.
+    /// The broadcaster then goes at the pace of the shard's writes (a chunk at a time), and
+    /// whatever it reads from (a PULL or SUB socket) waits, as it would for any slow reader.
+    pub fn catch_up(&self) {
+        let mut ring = lock(&self.ring);
+        ring.written_at = Some(std::time::Instant::now());
+        loop {
+            match self.pass(&mut ring) {
+                Pass::Done => return,
+                Pass::More => {}
+                Pass::Closed => {
+                    drop(ring);
+                    self.kick();
+                    return;
+                }
+            }
+        }
+    }
+
     /// Makes passes when woken, until the ring closes.
     async fn run(self: Arc<Self>) {
         loop {
@@ -503,6 +539,9 @@ impl Shard {
                 }
                 Err(TryRecvError::Closed) => ring.closed = true,
             }
+        }
+        if let Some(last) = ring.items.last() {
+            self.taken.store(last.seq, Ordering::Relaxed);
         }
         if !ring.items.is_empty() {
             let whole = gather(&ring.items);
