@@ -10,6 +10,9 @@
 //! Options after `--`: `--messages N` (default 1000000 without scripts, a fifth of it with
 //! scripts), `--only NAME` (per-script, libzmq-proxy, none, crate-relay, trivial,
 //! default-chain, chain-workers, pair), `--workers N` (threads of `chain-workers`),
+//! `--rounds N` (the pass-through scenarios — `libzmq-proxy`, `none`, `crate-relay` — N times
+//! each, taking turns, so that the machine's slow and quick phases fall on all of them alike;
+//! each round is a line, with its `round`; default 1),
 //! `--json` (one JSON object per line instead of the table), `--script FILE [--params JSON]`
 //! (time your own script in `per-script`), `--web-frames` (each message as a web node sends
 //! it: a `ref` and the sender's `client` first, 160 bytes in all).
@@ -639,10 +642,21 @@ file = "scripts/profanity.rhai"
 params = { words_file = "scripts/words.txt", mask = "*" }
 "#
     .to_owned();
-    let scenarios: Vec<(&str, Option<String>, usize)> = vec![
+    let rounds: usize = value("--rounds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    // A scenario: its name, the broker's scripts (`None`: not temma), its messages.
+    type Scenario<'a> = (&'a str, Option<String>, usize);
+    let pass_through: Vec<Scenario> = vec![
         ("libzmq-proxy", None, base),
         ("none", Some(String::new()), base),
         ("crate-relay", None, base),
+    ];
+    let mut scenarios: Vec<(usize, Scenario)> = (1..=rounds)
+        .flat_map(|round| pass_through.iter().cloned().map(move |s| (round, s)))
+        .collect();
+    let others: Vec<Scenario> = vec![
         (
             "trivial",
             Some(format!(
@@ -659,6 +673,7 @@ params = { words_file = "scripts/words.txt", mask = "*" }
         ),
         ("pair", Some(String::new()), base),
     ];
+    scenarios.extend(others.into_iter().map(|s| (1, s)));
     if !json {
         println!(
             "broker: PUSH → broker → SUB, {MESSAGE_BYTES}-byte messages, loopback, {} cores",
@@ -669,7 +684,7 @@ params = { words_file = "scripts/words.txt", mask = "*" }
             "broker", "sent", "received", "in order", "msgs/s", "CPU µs/msg"
         );
     }
-    for (name, scripts, count) in scenarios {
+    for (round, (name, scripts, count)) in scenarios {
         if !wanted(name) {
             continue;
         }
@@ -696,7 +711,7 @@ params = { words_file = "scripts/words.txt", mask = "*" }
         if json {
             let cpu = cpu_us.map_or("null".to_owned(), |us| format!("{us:.3}"));
             println!(
-                r#"{{"scenario":"{name}","sent":{},"received":{},"in_order":{},"msgs_per_s":{:.0},"cpu_us_per_msg":{cpu}}}"#,
+                r#"{{"scenario":"{name}","round":{round},"sent":{},"received":{},"in_order":{},"msgs_per_s":{:.0},"cpu_us_per_msg":{cpu}}}"#,
                 result.sent,
                 result.received,
                 result.in_order,

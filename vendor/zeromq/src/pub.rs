@@ -53,8 +53,9 @@ fn subscription_matches(subscriptions: &[Vec<u8>], first_frame: &Bytes) -> bool 
 
 // PATCH(temma): the subscriber's own queue, not a clone of it (a clone allocated and was
 // dropped for every message and subscriber).
-fn send_to_subscriber(send_queue: &mut PubSendQueue, message: &ZmqMessage) {
-    let message = Message::Message(message.clone());
+// PATCH(temma): the message itself, not a reference to clone (see `fanout_message`).
+fn send_to_subscriber(send_queue: &mut PubSendQueue, message: ZmqMessage) {
+    let message = Message::Message(message);
     match send_queue.try_send(message) {
         Ok(()) => {}
         Err(error) if error.is_full() => {
@@ -90,15 +91,28 @@ impl PubSocketBackend {
     // with async iteration and a clone of each queue: a wake-up, a task and two allocations
     // per message, about a fifth of temma's broker when it only relays. Not `async`: it
     // waits for nothing (see `PubSocket::send_now`).
+    //
+    // PATCH(temma): with one subscriber (a broker and its web node), the message itself goes
+    // to its queue, not a copy: a copy is a `VecDeque` allocated, and dropped by the writer,
+    // per message. A subscriber that connects meanwhile has no subscription yet: it would
+    // not have had this message.
     pub(crate) fn fanout_message(&self, message: ZmqMessage) {
-        let first_frame = match message.get(0) {
-            Some(frame) => frame,
-            None => return,
-        };
-
+        let lone = self.subscriber_count.load(Ordering::Relaxed) == 1;
+        let mut message = Some(message);
         self.subscribers.iter_mut_sync(|mut subscriber| {
+            let Some(first_frame) = message.as_ref().and_then(|message| message.get(0)) else {
+                // Given to the lone subscriber already.
+                return false;
+            };
             if subscription_matches(&subscriber.subscriptions, first_frame) {
-                send_to_subscriber(&mut subscriber.send_queue, &message);
+                let message = if lone {
+                    message.take()
+                } else {
+                    message.clone()
+                };
+                if let Some(message) = message {
+                    send_to_subscriber(&mut subscriber.send_queue, message);
+                }
             }
             true
         });
@@ -454,6 +468,34 @@ mod tests {
             take(&mut other_receiver).is_empty(),
             "subscribed to another prefix"
         );
+
+        // PATCH(temma): a lone subscriber is given the message itself (`fanout_message`):
+        // each one, whole, in order; one it did not subscribe to is not given.
+        let mut socket = PubSocket::new();
+        let (lone_sender, mut lone_receiver) = mpsc::channel(8);
+        insert_test_subscriber(
+            &socket.backend,
+            PeerIdentity::new(),
+            vec![b"o".to_vec()],
+            lone_sender,
+        )
+        .await;
+        let mut two = ZmqMessage::from("one");
+        two.push_back(Bytes::from_static(b"second frame"));
+        for message in [two, ZmqMessage::from("skipped"), ZmqMessage::from("only")] {
+            socket.send_now(message).expect("send_now to a lone subscriber");
+        }
+        let mut given = Vec::new();
+        while let Ok(Message::Message(message)) = lone_receiver.try_recv() {
+            given.push(message.into_vec());
+        }
+        assert_eq!(
+            given,
+            vec![
+                vec![Bytes::from_static(b"one"), Bytes::from_static(b"second frame")],
+                vec![Bytes::from_static(b"only")],
+            ]
+        );
     }
 
     // PATCH(temma): the test below.
@@ -638,7 +680,7 @@ mod tests {
         }
         assert!(prefilled_count > 0);
 
-        send_to_subscriber(&mut queue_sender, &ZmqMessage::from("dropped payload"));
+        send_to_subscriber(&mut queue_sender, ZmqMessage::from("dropped payload"));
 
         assert!(backend.subscribers.get_sync(&peer_id).is_some());
         assert_eq!(backend.subscriber_count.load(Ordering::Relaxed), 1);
@@ -675,7 +717,7 @@ mod tests {
         )
         .await;
 
-        send_to_subscriber(&mut queue_sender, &ZmqMessage::from("payload"));
+        send_to_subscriber(&mut queue_sender, ZmqMessage::from("payload"));
 
         assert!(backend.subscribers.get_sync(&peer_id).is_some());
         assert_eq!(backend.subscriber_count.load(Ordering::Relaxed), 1);
