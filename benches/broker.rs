@@ -434,15 +434,25 @@ fn drive(broker: &BrokerProcess, count: usize, per_sender: bool) -> Outcome {
                 let mut last: Option<usize> = None;
                 let mut last_of = std::collections::HashMap::new();
                 let mut end = Instant::now();
+                // Messages lost stop the wait 3 s after the last one came (20 s for the first):
+                // frames that are not messages (warm-ups, a pair's heartbeats every second) do
+                // not extend it, or a lost message would keep the bench waiting for ever (it
+                // once held a whole `compare.sh` run).
+                let mut progress = Instant::now();
                 while received < count {
                     let wait = if ready.load(Ordering::Acquire) { 3 } else { 20 };
-                    match tokio::time::timeout(Duration::from_secs(wait), sub.recv()).await {
+                    let left = (progress + Duration::from_secs(wait))
+                        .saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(left, sub.recv()).await {
                         Ok(Ok(message)) => {
                             let Some(seq) = message.get(0).and_then(|f| text_seq(f)) else {
                                 // A warm-up frame: the PUB knows our subscription.
-                                ready.store(true, Ordering::Release);
+                                if !ready.swap(true, Ordering::AcqRel) {
+                                    progress = Instant::now();
+                                }
                                 continue;
                             };
+                            progress = Instant::now();
                             let last = if per_sender {
                                 last_of.entry(seq % SENDERS).or_insert(None)
                             } else {

@@ -135,5 +135,15 @@ for name in sorted(os.listdir(OUT)):
     if bad:
         lossy += 1
         print(f"  {name}: {r['received']} of {r['expected']}, gaps {r.get('gaps', 0)}, duplicates {r.get('duplicates', 0)}")
+# temma's brokers (not libzmq's proxy nor the bare crate, whose PUB drops by design).
+if os.path.exists(broker_path):
+    for line in open(broker_path):
+        r = json.loads(line)
+        if r["scenario"] in ("per-script", "libzmq-proxy", "crate-relay"):
+            continue
+        if r["received"] != r["sent"] or not r["in_order"]:
+            lossy += 1
+            print(f"  broker.jsonl {r['scenario']} #{r.get('round', 1)}: {r['received']} of "
+                  f"{r['sent']}, in order {r['in_order']}")
 print(f"  {'none' if lossy == 0 else f'{lossy} report(s) with a loss'}"
       " (fan-out steps past the highest rate held are left out: they end the search)")
