@@ -490,6 +490,11 @@ fn id_and_room(frame: &[u8]) -> Option<(MsgId, Option<String>, Option<String>)> 
     Some((id, room, key))
 }
 
+/// A following backup publishes its heartbeat every [`crate::failover::BEAT_INTERVAL`], and
+/// once every this many messages it copies (so that the active broker hears how far it holds
+/// well within [`crate::failover::MAX_BACKUP_LAG`]).
+const BEAT_EVERY: u64 = 4096;
+
 /// Messages the relay reads on from PULL, when they are ready, before it looks at its other
 /// inputs again: the zeromq crate's fair queue gives a lone ready peer turns of 64.
 const READ_ON: usize = 64;
@@ -909,6 +914,11 @@ impl Broker {
         }
         if self.pair.as_ref().is_some_and(|pair| pair.state.following) {
             self.send(ZmqMessage::from(frame));
+            if id.seq.is_multiple_of(BEAT_EVERY) {
+                // Between heartbeats too: the active broker waits for a backup a burst left
+                // far behind, for as long as it hears it catch up (`Pair::hold`).
+                self.beat().await;
+            }
         }
     }
 

@@ -9,7 +9,9 @@
 //!   says `"backup":true` once its peer is a following backup whose heartbeat says it holds
 //!   everything it had published (so a node may from then on deliver only what the backup
 //!   holds). To get there under a steady load, it stops reading PULL for at most
-//!   [`HOLD_AT_MOST`] while the backup catches up (once, when a backup joins).
+//!   [`HOLD_AT_MOST`] while the backup catches up (once, when a backup joins); and a burst
+//!   that leaves the backup more than [`MAX_BACKUP_LAG`] behind waits for it while it copies
+//!   (its heartbeat comes every 4,096 messages too).
 //! - The **backup** copies: every message the active one publishes goes into its archive and
 //!   out on its own PUB socket, in order, unchanged (same id); a gap is fetched from the
 //!   active broker's snapshot socket. It says `"following":true` once it holds the active
@@ -43,6 +45,12 @@ pub const MIN_DEAD_AFTER: Duration = Duration::from_millis(300);
 /// How long an active broker stops reading PULL for a joining backup to catch up, at most
 /// (then it reads again for [`DEAD_AFTER`] before it tries again).
 pub const HOLD_AT_MOST: Duration = Duration::from_millis(500);
+/// How far a confirmed backup may lag behind what the active broker published before the
+/// active one stops reading PULL for it to catch up (while it does: see [`Pair::hold`]). Well
+/// under what the active broker's PUB socket queues for a peer (100,000 messages), past which
+/// the backup would miss messages and have to fetch them from the snapshot socket while the
+/// burst goes on, and web nodes that deliver what it holds would wait for it.
+pub const MAX_BACKUP_LAG: u64 = 20_000;
 /// What every heartbeat frame starts with (a published message never does: the broker
 /// publishes objects whose first key is a message's).
 pub const BEAT_PREFIX: &[u8] = b"{\"broker\":";
@@ -139,6 +147,8 @@ pub struct Pair {
     pub confirmed: bool,
     /// Active: the highest sequence number of this broker's run its peer said it holds.
     seen: u64,
+    /// Active: when `seen` last rose.
+    progress: Option<Instant>,
     /// Active: since when PULL is not read, for a joining backup to catch up.
     holding: Option<Instant>,
     /// Active: no new hold before this (the last one did not get the backup there).
@@ -156,6 +166,7 @@ impl Pair {
             following: false,
             confirmed: false,
             seen: 0,
+            progress: None,
             holding: None,
             hold_again: None,
         }
@@ -190,6 +201,7 @@ impl Pair {
         self.following = false;
         self.confirmed = false;
         self.seen = 0;
+        self.progress = None;
         self.holding = None;
     }
 
@@ -215,17 +227,39 @@ impl Pair {
         }
         if self.role == Role::Active && beat.state == Role::Backup && beat.term == self.term {
             // What a backup of this term holds of this broker's run.
-            self.seen = self.seen.max(beat.seq);
+            self.copied(beat.seq, now);
         }
         self.heard = Some((now, beat));
         step_down
     }
 
+    /// Active: the peer holds this broker's messages up to `seq` (its heartbeat said so).
+    fn copied(&mut self, seq: u64, now: Instant) {
+        if self.role == Role::Active && seq > self.seen {
+            self.seen = seq;
+            self.progress = Some(now);
+        }
+    }
+
     /// Active: whether to stop reading PULL now (`published`: this broker's last sequence
     /// number): a following backup of this term not confirmed yet catches up meanwhile, for
-    /// [`HOLD_AT_MOST`] at most.
+    /// [`HOLD_AT_MOST`] at most; a confirmed one more than [`MAX_BACKUP_LAG`] behind (a burst
+    /// faster than it copies), for as long as it makes progress (a backup that copied
+    /// nothing for [`HOLD_AT_MOST`] is not waited for: it fetches what it missed).
     pub fn hold(&mut self, published: u64, now: Instant) -> bool {
         let term = self.term;
+        if self.role == Role::Active
+            && self.confirmed
+            && published.saturating_sub(self.seen) > MAX_BACKUP_LAG
+            && self
+                .progress
+                .is_some_and(|at| now.duration_since(at) < HOLD_AT_MOST)
+            && self.peer(now).is_some_and(|beat| {
+                beat.state == Role::Backup && beat.following && beat.term == term
+            })
+        {
+            return true;
+        }
         let joining = self.role == Role::Active
             && !self.confirmed
             && self.seen < published
@@ -693,5 +727,39 @@ mod tests {
         // Silent: not a backup any more.
         assert!(pair.check_backup(9, now + DEAD_AFTER));
         assert!(!pair.beat(7, 9).backup);
+    }
+
+    #[test]
+    fn a_confirmed_backup_far_behind_is_waited_for_while_it_copies() {
+        let now = Instant::now();
+        let mut pair = Pair::new(now - DEAD_AFTER, DEAD_AFTER);
+        pair.take_over();
+        let term = pair.term;
+        let mut holds = beat(Role::Backup, term, false, true);
+        holds.seq = 10;
+        pair.heard(holds, 7, now);
+        assert!(pair.check_backup(10, now), "confirmed");
+        // Within the lag PULL is read; past it, it waits while the backup copies.
+        assert!(!pair.hold(10 + MAX_BACKUP_LAG, now));
+        let far = 11 + MAX_BACKUP_LAG;
+        assert!(pair.hold(far, now));
+        let later = now + HOLD_AT_MOST / 2;
+        pair.copied(20, later);
+        assert!(pair.hold(far + 10, later + HOLD_AT_MOST / 2));
+        // Caught up to within the lag: read again.
+        pair.copied(far + 10 - MAX_BACKUP_LAG, later + HOLD_AT_MOST / 2);
+        assert!(!pair.hold(far + 10, later + HOLD_AT_MOST / 2));
+        // A backup that copies nothing for HOLD_AT_MOST (heard all the same) is not waited
+        // for: it fetches what it misses.
+        let stuck = later + HOLD_AT_MOST / 2 + HOLD_AT_MOST;
+        pair.heard(beat(Role::Backup, term, false, true), 7, stuck);
+        assert!(!pair.hold(far + 10 + MAX_BACKUP_LAG + 1, stuck));
+        // Once it copies again, it is.
+        pair.copied(far + 11, stuck);
+        assert!(pair.hold(far + 12 + MAX_BACKUP_LAG, stuck));
+        // Not a copy of a broker that is not active.
+        pair.step_down();
+        pair.copied(far + 100, stuck);
+        assert!(!pair.hold(far + 100 + 2 * MAX_BACKUP_LAG, stuck));
     }
 }
