@@ -74,8 +74,8 @@ for scenario, label in (("medium", "100 × 50"), ("wide", "1000 × 10")):
         compare(f"{label}: p99 ({client})", scenario, client, lambda r, c=client: p(r, "p99", c), 0.5, "ms")
 
 broker_path = os.path.join(OUT, "broker.jsonl")
+runs = {}  # each broker scenario's rounds, read once: for the aims and the losses
 if os.path.exists(broker_path):
-    runs = {}
     for line in open(broker_path):
         r = json.loads(line)
         if "msgs_per_s" in r:  # not `per-script`'s lines
@@ -136,11 +136,10 @@ for name in sorted(os.listdir(OUT)):
         lossy += 1
         print(f"  {name}: {r['received']} of {r['expected']}, gaps {r.get('gaps', 0)}, duplicates {r.get('duplicates', 0)}")
 # temma's brokers (not libzmq's proxy nor the bare crate, whose PUB drops by design).
-if os.path.exists(broker_path):
-    for line in open(broker_path):
-        r = json.loads(line)
-        if r["scenario"] in ("per-script", "libzmq-proxy", "crate-relay"):
-            continue
+for name, rounds in runs.items():
+    if name in ("libzmq-proxy", "crate-relay"):
+        continue
+    for r in rounds:
         if r["received"] != r["sent"] or not r["in_order"]:
             lossy += 1
             print(f"  broker.jsonl {r['scenario']} #{r.get('round', 1)}: {r['received']} of "
