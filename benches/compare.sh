@@ -12,8 +12,9 @@
 # ratios to Nchan, writes every report to $OUT (default target/compare), and stops what it
 # started. Pushpin's outbound rate cap (message_rate=2500/s, message_hwm=25000 by default,
 # which drops deliveries past it) is raised to 1 000 000 so that its engine is measured.
-# `floor` (a peer by default) is temma-floor (benches/floor.rs, two threads): the least an SSE
-# fan-out server can spend, no product; it runs the steady loads with both clients, so that
+# `floor` (a peer by default) is temma-floor (benches/floor.rs, two threads, its writes in one
+# system call each as temma's are: --io-uring): the least an SSE fan-out server can spend, no
+# product; it runs the steady loads with both clients, so that
 # each aim can be judged against what any server reaches on this machine.
 #
 # Scenarios:
@@ -129,7 +130,7 @@ for peer in $PEERS; do
     floor)
       echo "--- starting temma-floor on 127.0.0.1:$FLOOR_PORT"
       "$ROOT/target/release/examples/temma-floor" --listen "127.0.0.1:$FLOOR_PORT" --threads 2 \
-        2> "$WORK/floor.log" &
+        --io-uring 2> "$WORK/floor.log" &
       FLOOR_PID=$!
       for _ in $(seq 100); do grep -q listening "$WORK/floor.log" && break; sleep 0.1; done
       ;;

@@ -3,8 +3,9 @@
 //!
 //! No framework, no broker, no history, no queue, no slow-consumer policy: any `GET` is a
 //! subscriber (the response head, then the connection is kept); a `POST` with a
-//! `Content-Length` body is written as one `data:` line to every subscriber, one `write` each,
-//! from the task that read it, then answered `200` on its keep-alive connection. A subscriber
+//! `Content-Length` body is written as one `data:` line to every subscriber, one `send` each
+//! (or all in one system call with `--io-uring`, as temma's writer shards do), from the task
+//! that read it, then answered `200` on its keep-alive connection. A subscriber
 //! whose socket does not take a frame whole is dropped (the floor does not queue). One thread
 //! by default (`--threads N`: tokio's multi-threaded runtime with N workers); `--tasks`: each
 //! subscriber's own task writes, woken through a broadcast channel. Loopback only.
@@ -19,6 +20,7 @@
 //! `benches/workers.sh` runs it beside temma and Nchan (`FLOOR_SETTINGS`).
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
@@ -39,6 +41,10 @@ struct Args {
     /// every subscriber in turn: what a task per connection costs.
     #[arg(long)]
     tasks: bool,
+    /// The publishing task hands its writes to the kernel in one system call (io_uring, as
+    /// temma's writer shards do with `event.io_uring`), instead of one `send` each.
+    #[arg(long, conflicts_with = "tasks")]
+    io_uring: bool,
 }
 
 /// The subscribers, by a number each: the publishing task writes to them all.
@@ -48,7 +54,8 @@ type Subscribers = Arc<Mutex<Vec<(u64, Arc<TcpStream>)>>>;
 /// on a channel every subscriber's task reads (`--tasks`).
 #[derive(Clone)]
 enum Fanout {
-    Inline(Subscribers),
+    /// The subscribers, and whether their writes go in one system call.
+    Inline(Subscribers, bool),
     Tasks(tokio::sync::broadcast::Sender<Arc<[u8]>>),
 }
 
@@ -76,7 +83,7 @@ fn main() -> std::io::Result<()> {
         let fanout = if args.tasks {
             Fanout::Tasks(tokio::sync::broadcast::channel(1024).0)
         } else {
-            Fanout::Inline(Subscribers::default())
+            Fanout::Inline(Subscribers::default(), args.io_uring)
         };
         let mut next = 0u64;
         loop {
@@ -108,7 +115,7 @@ async fn connection(mut socket: TcpStream, number: u64, fanout: Fanout) {
                 socket.poll_peek(cx, &mut read)
             });
             match &fanout {
-                Fanout::Inline(subscribers) => {
+                Fanout::Inline(subscribers, _) => {
                     lock(subscribers).push((number, socket.clone()));
                     let _ = closed.await;
                     lock(subscribers).retain(|(n, _)| *n != number);
@@ -141,9 +148,22 @@ async fn connection(mut socket: TcpStream, number: u64, fanout: Fanout) {
         frame.extend_from_slice(b"\n\n");
         buffer.drain(..head_len + body_len);
         match &fanout {
-            Fanout::Inline(subscribers) => lock(subscribers).retain(
-                |(_, subscriber)| matches!(subscriber.try_write(&frame), Ok(n) if n == frame.len()),
-            ),
+            Fanout::Inline(subscribers, batch) => {
+                let mut subscribers = lock(subscribers);
+                let sends: Vec<_> = subscribers
+                    .iter()
+                    .map(|(_, subscriber)| temma::uring::Send {
+                        socket: subscriber.as_fd(),
+                        bytes: &frame,
+                    })
+                    .collect();
+                let mut results = Vec::with_capacity(sends.len());
+                temma::uring::send_all(&sends, *batch, &mut results);
+                let mut taken = results
+                    .into_iter()
+                    .map(|result| matches!(result, Ok(n) if n == frame.len()));
+                subscribers.retain(|_| taken.next().unwrap_or(false));
+            }
             Fanout::Tasks(sender) => {
                 let _ = sender.send(frame.into());
             }

@@ -80,6 +80,11 @@ pub struct EventConfig {
     /// and `event.snapshot` each list the brokers' endpoints in the same order; this node
     /// pushes to the active one only and delivers what both hold. Default `false`.
     pub failover: bool,
+    /// A writer shard's sends to its clients go to the kernel in one system call (io_uring)
+    /// where the kernel allows, instead of one `send` each: on CPUs shared with the clients,
+    /// each `send` that wakes a reader may switch to it when it returns. `false`: one `send`
+    /// each. Default `true`.
+    pub io_uring: bool,
 }
 
 fn default_keepalive() -> u64 {
@@ -109,6 +114,7 @@ impl Default for EventConfig {
             initial_history: DEFAULT_INITIAL_HISTORY,
             snapshot: None,
             failover: false,
+            io_uring: true,
         }
     }
 }
@@ -136,6 +142,7 @@ impl EventConfig {
             room_idle: std::time::Duration::from_secs(rooms.idle_secs),
             history_bytes: rooms.history_bytes,
             room_queue: rooms.queue,
+            batch_sends: self.io_uring,
         };
         Hub::new(settings, ctx.metrics.clone(), acks)
     }

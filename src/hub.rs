@@ -161,6 +161,8 @@ pub struct Settings {
     pub history_bytes: usize,
     /// Frames a client of a room other than the default one may lag behind.
     pub room_queue: usize,
+    /// A writer shard's sends to its clients go in one system call (`event.io_uring`).
+    pub batch_sends: bool,
 }
 
 /// The `[rooms]` section.
@@ -987,6 +989,7 @@ impl Hub {
         outlet: &Arc<Outlet>,
     ) -> Result<(Arc<Slot>, ClientGuard), Refused> {
         let metrics = self.shared.metrics.clone();
+        let batch = self.shared.settings.batch_sends;
         let entered = self.enter(
             room,
             client_name,
@@ -998,8 +1001,8 @@ impl Hub {
                 let shard = match room.shards.iter().find(|shard| shard.join(outlet)) {
                     Some(shard) => shard.clone(),
                     None => {
-                        let shard =
-                            Shard::spawn(tx.subscribe(), room.sent, room.queue as u64, metrics);
+                        let queue = room.queue as u64;
+                        let shard = Shard::spawn(tx.subscribe(), room.sent, queue, batch, metrics);
                         shard.join(outlet);
                         room.shards.push(shard.clone());
                         shard
@@ -2186,6 +2189,7 @@ pub(crate) fn test_settings() -> Settings {
         room_idle: Duration::from_secs(60),
         history_bytes: 1 << 20,
         room_queue: 4,
+        batch_sends: true,
     }
 }
 

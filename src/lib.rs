@@ -30,8 +30,9 @@
 //! - [`app`]: wires the components for `temma serve` and `temma broker`, and shuts them down.
 //! - [`error`]: JSON error answers.
 //! - [`throttle`]: log lines that outside input can trigger, kept to a bounded rate.
+//! - [`uring`]: sends to many sockets in one system call (io_uring), the one `unsafe` module.
 //! - [`wire`]: the message format: ids, key names, notices, SSE frames.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod acks;
 pub mod app;
@@ -57,6 +58,7 @@ pub mod shard;
 pub mod snapshot;
 pub mod socket;
 pub mod throttle;
+pub mod uring;
 pub mod wire;
 pub mod workers;
 

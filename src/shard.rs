@@ -18,6 +18,7 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -251,56 +252,96 @@ impl Outlet {
         }
     }
 
-    /// Offers a shard's chunk (`items`, gathered in `whole`, `messages` of them chat messages)
-    /// to this client: written at once if nothing waits and the socket takes it, else queued
-    /// behind what waits, the client's task woken when the queue was empty (it writes until it
-    /// finds the queue empty again). Returns the messages delivered to it.
-    fn offer(&self, items: &[Item], whole: &Bytes, messages: u64, queue: u64) -> u64 {
+    /// Takes a shard's chunk (`items`, gathered in `whole`, `messages` of them chat messages)
+    /// for this client: what is to be sent to its socket now (nothing waits before it), or
+    /// `None` once it is queued behind what waits (the client's task woken if that overflowed
+    /// its queue) or there is nothing for it. `delivered` counts the messages queued.
+    fn take<'a>(
+        &'a self,
+        items: &[Item],
+        whole: &Bytes,
+        messages: u64,
+        queue: u64,
+        delivered: &mut u64,
+    ) -> Option<Offer<'a>> {
         let mut state = self.lock();
         if state.end.is_some() {
-            return 0;
+            return None;
         }
-        // The shard's chunk as it is (no copy, not even of its handle unless it is queued), or
-        // the frames this client lacks.
-        let own;
-        let (bytes, frames, messages) = if state.skip_until.is_none()
+        // The shard's chunk as it is (not even its handle copied unless it is queued), or the
+        // frames this client lacks.
+        let (own, frames, messages) = if state.skip_until.is_none()
             && items.first().is_some_and(|item| item.seq > state.after)
         {
-            (whole, items.len() as u64, messages)
+            (None, items.len() as u64, messages)
         } else {
             let (bytes, frames, messages) = filtered(items, &mut state);
-            own = bytes;
-            (&own, frames, messages)
+            (Some(bytes), frames, messages)
         };
         if frames == 0 {
-            return 0;
+            return None;
         }
+        let bytes = own.as_ref().unwrap_or(whole);
         if bytes.is_empty() {
             // Every frame was one the client has: taken, nothing to write.
             self.count_consumed(&mut state, frames);
-            return 0;
+            return None;
         }
-        let was_empty = state.pending.is_empty();
-        if was_empty {
-            match send_now(&self.socket, bytes) {
-                Ok(written) if written == bytes.len() => {
-                    self.count_consumed(&mut state, frames);
-                    return messages;
-                }
-                Ok(written) => state.pending.push_back((bytes.slice(written..), frames)),
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                    state.pending.push_back((bytes.clone(), frames));
-                }
-                Err(_) => {
-                    state.end = Some(End::Gone);
-                    drop(state);
-                    self.wake.notify_one();
-                    return 0;
-                }
+        if state.pending.is_empty() {
+            return Some(Offer {
+                outlet: self,
+                state,
+                own,
+                frames,
+                messages,
+            });
+        }
+        state.pending.push_back((bytes.clone(), frames));
+        *delivered += messages;
+        self.queued(state, frames, false, queue);
+        None
+    }
+
+    /// What the socket did with an offer's bytes: taken whole, or the rest queued and the
+    /// client's task woken to write it. Returns the messages delivered (or queued).
+    fn sent(
+        &self,
+        offer: Offer<'_>,
+        whole: &Bytes,
+        result: std::io::Result<usize>,
+        queue: u64,
+    ) -> u64 {
+        let Offer {
+            mut state,
+            own,
+            frames,
+            messages,
+            ..
+        } = offer;
+        let bytes = own.as_ref().unwrap_or(whole);
+        match result {
+            Ok(written) if written == bytes.len() => {
+                self.count_consumed(&mut state, frames);
+                return messages;
             }
-        } else {
-            state.pending.push_back((bytes.clone(), frames));
+            Ok(written) => state.pending.push_back((bytes.slice(written..), frames)),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                state.pending.push_back((bytes.clone(), frames));
+            }
+            Err(_) => {
+                state.end = Some(End::Gone);
+                drop(state);
+                self.wake.notify_one();
+                return 0;
+            }
         }
+        self.queued(state, frames, true, queue);
+        messages
+    }
+
+    /// `frames` more were queued in `pending` (`first`: it was empty, and the client's task is
+    /// woken to write them): one more than the client's queue and it is disconnected.
+    fn queued(&self, mut state: MutexGuard<'_, OutletState>, frames: u64, first: bool, queue: u64) {
         state.frames_pending += frames;
         let overflowed = state.frames_pending > queue;
         if overflowed {
@@ -308,20 +349,21 @@ impl Outlet {
             state.pending.clear();
         }
         drop(state);
-        if was_empty || overflowed {
+        if first || overflowed {
             self.wake.notify_one();
         }
-        messages
     }
 }
 
-/// One `send` straight to the socket (non-blocking, as tokio's sockets are): tokio's
-/// `try_write` first reads the socket's readiness from its registration, a cache miss per
-/// client when a shard goes through hundreds of them. A socket that is full answers
-/// `WouldBlock` all the same; the client's task then waits for it through tokio (its
-/// readiness, when stale, is cleared on the `WouldBlock` its own write gets).
-fn send_now(socket: &TcpStream, bytes: &[u8]) -> std::io::Result<usize> {
-    socket2::SockRef::from(socket).send(bytes)
+/// A client's part of a pass, to be sent to its socket: its outlet's lock is held from
+/// [`Outlet::take`] to [`Outlet::sent`], so that nothing else writes to the socket between.
+struct Offer<'a> {
+    outlet: &'a Outlet,
+    state: MutexGuard<'a, OutletState>,
+    /// The frames this client lacks, when it lacks only some (else the shard's chunk).
+    own: Option<Bytes>,
+    frames: u64,
+    messages: u64,
 }
 
 /// The frames of `items` this client lacks (after it joined, not skipped), in one buffer:
@@ -368,6 +410,8 @@ pub struct Shard {
     taken: AtomicU64,
     /// The room's queue: frames a client may be behind.
     queue: u64,
+    /// A pass's sends go in one system call where the kernel allows (`event.io_uring`).
+    batch: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -380,6 +424,8 @@ struct Ring {
     closed: bool,
     /// When the broadcaster last made a pass itself ([`Shard::write`]).
     written_at: Option<std::time::Instant>,
+    /// What a pass's sends did (kept for its capacity).
+    results: Vec<std::io::Result<usize>>,
 }
 
 /// What a pass left.
@@ -416,11 +462,13 @@ impl Shard {
     }
 
     /// Starts a shard's task on the room's ring, which `sent` frames went through before `rx`
-    /// was subscribed; `queue` is the room's queue (frames a client may be behind).
+    /// was subscribed; `queue` is the room's queue (frames a client may be behind); `batch`:
+    /// a pass's sends go in one system call where the kernel allows ([`crate::uring`]).
     pub fn spawn(
         rx: broadcast::Receiver<Item>,
         sent: u64,
         queue: u64,
+        batch: bool,
         metrics: Arc<Metrics>,
     ) -> Arc<Shard> {
         let shard = Arc::new(Shard {
@@ -430,10 +478,12 @@ impl Shard {
                 items: Vec::new(),
                 closed: false,
                 written_at: None,
+                results: Vec::new(),
             }),
             kick: tokio::sync::Notify::new(),
             taken: AtomicU64::new(sent),
             queue,
+            batch,
             metrics,
         });
         tokio::spawn(shard.clone().run());
@@ -547,9 +597,26 @@ impl Shard {
             let whole = gather(&ring.items);
             let messages = ring.items.iter().filter(|item| item.message).count() as u64;
             let mut delivered = 0;
-            for outlet in self.lock().iter() {
-                delivered += outlet.offer(&ring.items, &whole, messages, self.queue);
+            let outlets = self.lock();
+            let offers: Vec<Offer> = outlets
+                .iter()
+                .filter_map(|outlet| {
+                    outlet.take(&ring.items, &whole, messages, self.queue, &mut delivered)
+                })
+                .collect();
+            let sends: Vec<crate::uring::Send> = offers
+                .iter()
+                .map(|offer| crate::uring::Send {
+                    socket: offer.outlet.socket.as_fd(),
+                    bytes: offer.own.as_ref().unwrap_or(&whole),
+                })
+                .collect();
+            crate::uring::send_all(&sends, self.batch, &mut ring.results);
+            drop(sends);
+            for (offer, result) in offers.into_iter().zip(ring.results.drain(..)) {
+                delivered += offer.outlet.sent(offer, &whole, result, self.queue);
             }
+            drop(outlets);
             if delivered > 0 {
                 self.metrics.delivered.inc_by(delivered);
             }

@@ -17,6 +17,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("metrics", 0),
     ("request", 0),
     ("session", 0),
+    // Sends to many sockets in one system call.
+    ("uring", 0),
     // ZeroMQ sockets from DSNs; what became of each message sent; throttled log lines.
     ("socket", 1),
     ("acks", 1),

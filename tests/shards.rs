@@ -55,7 +55,18 @@ async fn clients_connected(app: &TestApp, clients: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_across_several_shards_get_every_message_in_order() {
-    let app = TestApp::start_with(|config| config.event.max_clients = 1000).await;
+    // A shard's sends in one system call (io_uring, where the kernel allows) or one by one.
+    for io_uring in [true, false] {
+        several_shards(io_uring).await;
+    }
+}
+
+async fn several_shards(io_uring: bool) {
+    let app = TestApp::start_with(|config| {
+        config.event.max_clients = 1000;
+        config.event.io_uring = io_uring;
+    })
+    .await;
     app.ready().await;
     // Three shards: two full, one not.
     let count = 2 * SHARD_SIZE + 10;
@@ -82,7 +93,14 @@ async fn clients_across_several_shards_get_every_message_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_pauses_then_reads_on_loses_nothing_and_holds_nobody_up() {
+    for io_uring in [true, false] {
+        pause_then_read(io_uring).await;
+    }
+}
+
+async fn pause_then_read(io_uring: bool) {
     let app = TestApp::start_with(|config| {
+        config.event.io_uring = io_uring;
         config.event.queue = 1024;
         config.server.socket_send_buffer_bytes = 16 * 1024;
     })
