@@ -9,12 +9,13 @@
 #   TEMMA_BINARIES="/tmp/before/target/release/temma target/release/temma" TEMMA_SETTINGS=0/batch \
 #     NCHAN_SETTINGS=2 benches/workers.sh     # two builds side by side (a setting is then
 #                                             # labelled SETTING@DIR, DIR the build's folder)
-#   FLOOR_SETTINGS="1 2 2t" benches/workers.sh   # and temma-floor (benches/floor.rs: the least
-#                                   # a fan-out server can spend) with 1 and 2 threads; "2t": 2
-#                                   # threads and a task per subscriber (--tasks)
+#   FLOOR_SETTINGS="1 2 2t 2u" benches/workers.sh   # and temma-floor (benches/floor.rs: the
+#                                   # least a fan-out server can spend) with 1 and 2 threads; "2t":
+#                                   # 2 threads and a task per subscriber (--tasks); "2u": 2
+#                                   # threads, the writes in one system call (--io-uring)
 #
 # Prints one line per run: server, setting (temma: threads/scheduling; Nchan: processes; floor:
-# threads, "t" for --tasks), load,
+# threads, "t" for --tasks, "u" for --io-uring), load,
 # p50, p99, CPU per message and per delivery, delivered. Reports in $OUT (default target/workers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,7 +62,9 @@ run() {
   elif [ "$server" = floor ]; then
     local tasks=()
     [ "${setting%t}" != "$setting" ] && tasks=(--tasks)
-    target/release/examples/temma-floor --listen "127.0.0.1:$PORT" --threads "${setting%t}" \
+    [ "${setting%u}" != "$setting" ] && tasks=(--io-uring)
+    local threads=${setting%[tu]}
+    target/release/examples/temma-floor --listen "127.0.0.1:$PORT" --threads "$threads" \
       "${tasks[@]}" 2> "$WORK/floor.log" &
     PID=$!
     for _ in $(seq 100); do grep -q listening "$WORK/floor.log" && break; sleep 0.1; done
