@@ -88,6 +88,10 @@ pub struct BrokerConfig {
     pub publish: String,
     /// Frames larger than this many bytes are dropped. Default 65536.
     pub max_frame_bytes: usize,
+    /// Messages the PUB socket keeps for each subscriber (a web node) that has not taken them
+    /// yet (libzmq's `ZMQ_SNDHWM`); past it that subscriber misses messages. A subscriber half
+    /// that far behind and still reading has the broker wait for it. Default 100000.
+    pub subscriber_queue: usize,
     /// Publish a rejection notice when a script drops a message from a web node, so its sender
     /// gets a 4xx with the reason. Default `true`; turn off when plain Temma peers subscribe.
     pub notify_rejections: bool,
@@ -159,6 +163,7 @@ impl Default for BrokerConfig {
             pull: default_pull(),
             publish: DEFAULT_BROKER_PUB.to_owned(),
             max_frame_bytes: default_max_frame_bytes(),
+            subscriber_queue: DEFAULT_SUBSCRIBER_QUEUE,
             notify_rejections: true,
             dedupe_window_secs: default_dedupe_window(),
             dedupe_max_keys: DEFAULT_DEDUPE_MAX_KEYS,
@@ -192,6 +197,12 @@ impl BrokerConfig {
             problem(
                 "broker.max_frame_bytes",
                 "is 0: must be at least 1".to_owned(),
+            );
+        }
+        if self.subscriber_queue < 2 {
+            problem(
+                "broker.subscriber_queue",
+                format!("is {}: must be at least 2", self.subscriber_queue),
             );
         }
         if self.snapshot.is_some() && self.history_bytes == 0 {
@@ -288,7 +299,9 @@ impl BrokerConfig {
         let reloader = reloader.copies(copies).status(chain_status.clone());
         let limit = self.max_frame_bytes;
         let metrics = ctx.metrics.clone();
-        let mut publish = PubSocket::with_options(socket::options(limit));
+        let mut options = socket::options(limit);
+        options.send_queue_capacity(Some(self.subscriber_queue));
+        let mut publish = PubSocket::with_options(options);
         let pub_events = publish.monitor();
         let dsn = ctx.dsn(&self.publish)?.clone();
         socket::bind(&mut publish, &dsn, &mut ctx.addresses).await?;
@@ -393,6 +406,7 @@ impl BrokerConfig {
             reloads,
             notify_rejections: self.notify_rejections,
             max_published: max_published_bytes(limit),
+            max_subscriber_lag: self.subscriber_queue / 2,
             metrics,
         };
         let pair_status = broker.pair.is_some().then(|| pair_status.subscribe());
@@ -432,6 +446,9 @@ pub struct Broker {
     notify_rejections: bool,
     /// The largest frame published; scripts that make a message larger get it dropped.
     max_published: usize,
+    /// A subscriber of PUB this many messages behind that still reads is waited for (half
+    /// `broker.subscriber_queue`).
+    max_subscriber_lag: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -498,6 +515,24 @@ const BEAT_EVERY: u64 = 4096;
 /// Messages the relay reads on from PULL, when they are ready, before it looks at its other
 /// inputs again: the zeromq crate's fair queue gives a lone ready peer turns of 64.
 const READ_ON: usize = 64;
+
+/// Default `broker.subscriber_queue`: messages the PUB socket keeps for each subscriber (the
+/// zeromq crate's own default). A subscriber (a web node) half that far behind that is still
+/// taking them has the broker stop reading until it is not: a burst waits for the slowest web
+/// node that reads, as a TCP sender waits for its reader, and the senders' queues hold the
+/// rest.
+pub const DEFAULT_SUBSCRIBER_QUEUE: usize = 100_000;
+
+/// A subscriber whose queue's writer took nothing for this long (gone, or not reading) is not
+/// waited for: its queue overflows, and it fetches what it missed (`event.snapshot`) or
+/// resets its clients.
+pub const SUBSCRIBER_PROGRESS: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The subscribers' queues are looked at once every this many messages published (or a
+/// quarter of the lag waited for, if less), and every [`LAG_RECHECK`] while the broker waits
+/// for one.
+const LAG_CHECK_EVERY: u64 = 1024;
+const LAG_RECHECK: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// What `recv` (a channel's `recv()`) gives, or waits forever without a channel.
 async fn recv_some<T>(recv: Option<impl std::future::Future<Output = Option<T>>>) -> Option<T> {
@@ -595,13 +630,32 @@ impl Broker {
         let mut peer_replies = self.pair.as_mut().and_then(|pair| pair.replies.take());
         let mut local = self.local.as_mut().and_then(|local| local.frames.take());
         let mut verdicts = self.verdicts.take();
+        // A web node far behind and still reading: the broker waits for it (the timer, armed
+        // then, looks again).
+        let mut lagging = false;
+        let lag_check_every = LAG_CHECK_EVERY
+            .min(self.max_subscriber_lag as u64 / 4)
+            .max(1);
+        let mut next_lag_check = lag_check_every;
+        let lag_timer = tokio::time::sleep(LAG_RECHECK);
+        tokio::pin!(lag_timer);
         loop {
             // A joining backup catching up: PULL waits (briefly) so that it can.
             let seq = self.stamper.seq;
-            let hold = self
-                .pair
-                .as_mut()
-                .is_some_and(|pair| pair.state.hold(seq, tokio::time::Instant::now()));
+            if seq >= next_lag_check {
+                next_lag_check = seq + lag_check_every;
+                lagging = self.lagging();
+                if lagging {
+                    lag_timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + LAG_RECHECK);
+                }
+            }
+            let hold = lagging
+                || self
+                    .pair
+                    .as_mut()
+                    .is_some_and(|pair| pair.state.hold(seq, tokio::time::Instant::now()));
             let received = tokio::select! {
                 biased;
                 () = &mut cancelled => break,
@@ -632,7 +686,16 @@ impl Broker {
                     self.snapshot_reply(reply).await;
                     continue;
                 }
-                Some(item) = recv_some(local.as_mut().map(|rx| rx.recv())) => {
+                () = &mut lag_timer, if lagging => {
+                    lagging = self.lagging();
+                    if lagging {
+                        lag_timer
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + LAG_RECHECK);
+                    }
+                    continue;
+                }
+                Some(item) = recv_some(local.as_mut().map(|rx| rx.recv())), if !lagging => {
                     self.local_frame(item).await;
                     continue;
                 }
@@ -660,6 +723,21 @@ impl Broker {
             self.stamper.time = None;
         }
         tracing::info!("broker stopped");
+    }
+
+    /// Whether a subscriber of PUB that is still reading is more than half
+    /// `broker.subscriber_queue` behind (zeromq patch 14).
+    fn lagging(&self) -> bool {
+        let fullest = self.publish.fullest_draining_queue(SUBSCRIBER_PROGRESS);
+        let lagging = fullest > self.max_subscriber_lag;
+        if lagging {
+            crate::throttled!(
+                tracing::Level::INFO,
+                queued = fullest,
+                "a subscriber of PUB is far behind: the broker waits for it"
+            );
+        }
+        lagging
     }
 
     /// One message read from PULL (or the error reading it).

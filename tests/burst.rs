@@ -153,3 +153,142 @@ async fn a_burst_into_the_embedded_broker_reaches_every_client_that_keeps_readin
     burst_reaches_every_client(&app, pull).await;
     app.stop().await;
 }
+
+/// A web node that reads, however slowly, is waited for: a burst five times as large as the
+/// queue the broker's PUB socket keeps for it (`broker.subscriber_queue`, 2,000 here) reaches
+/// it whole, in order, while it reads about 2,000 messages (8 MB) a second, slower than the
+/// broker publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_reads_slowly_gets_a_burst_larger_than_its_queue() {
+    use zeromq::{Socket, SocketRecv};
+    const BURST: usize = 10_000;
+    let _serial = SERIAL.lock().await;
+    let dir = common::TempDir::new("slow-subscriber");
+    let (path, pull, publish) = common::standalone_broker_config(
+        &dir,
+        "[broker]\nwatch = false\nsubscriber_queue = 2000\n",
+    );
+    let mut broker = common::spawn(&["broker", "-c", path.to_str().unwrap()]);
+    broker.wait_for_log("broker running");
+    let mut sub = zeromq::SubSocket::new();
+    sub.connect(&format!("tcp://127.0.0.1:{publish}"))
+        .await
+        .unwrap();
+    sub.subscribe("").await.unwrap();
+    let mut push = TcpStream::connect(("127.0.0.1", pull)).unwrap();
+    push.write_all(&common::zmtp::greeting()).unwrap();
+    push.write_all(&common::zmtp::ready("PUSH")).unwrap();
+    let text_of = |message: zeromq::ZmqMessage| {
+        let json: serde_json::Value = serde_json::from_slice(message.get(0).unwrap()).unwrap();
+        json["text"].as_str().unwrap().to_owned()
+    };
+    // Subscribed once a probe comes through.
+    loop {
+        push.write_all(&frame("probe")).unwrap();
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await {
+            break;
+        }
+    }
+    // Messages of 4 KB: the sockets' buffers and the subscriber's own queue hold a few
+    // thousand of them, not the whole burst.
+    let padding = "x".repeat(4000);
+    let long_frame = |text: String| {
+        let body = format!(r#"{{"from":"burst","text":"{text}","pad":"{padding}"}}"#);
+        long_frame(body.as_bytes())
+    };
+    let burst: Vec<u8> = (0..BURST).flat_map(|i| long_frame(i.to_string())).collect();
+    let writer = std::thread::spawn(move || {
+        push.write_all(&burst).unwrap();
+        push
+    });
+    let mut next = 0;
+    while next < BURST {
+        let message = tokio::time::timeout(common::DEADLINE, sub.recv())
+            .await
+            .unwrap_or_else(|_| panic!("message {next} of the burst did not come"))
+            .unwrap();
+        let text = text_of(message);
+        if text == "probe" {
+            continue;
+        }
+        assert_eq!(text, next.to_string(), "in order, none missing");
+        next += 1;
+        if next % 20 == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    drop(writer.join().unwrap());
+}
+
+/// A long ZMTP frame (over 255 bytes).
+fn long_frame(body: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x02];
+    frame.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    frame.extend_from_slice(body);
+    frame
+}
+
+/// A web node that takes nothing (stopped, or stuck) is not waited for past
+/// `broker::SUBSCRIBER_PROGRESS`: another that reads gets a whole burst larger than the queue
+/// the broker keeps for each, while the stuck one's overflows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_takes_nothing_holds_the_others_up_only_briefly() {
+    use zeromq::{Socket, SocketRecv};
+    const BURST: usize = 10_000;
+    let _serial = SERIAL.lock().await;
+    let dir = common::TempDir::new("stuck-subscriber");
+    let (path, pull, publish) = common::standalone_broker_config(
+        &dir,
+        "[broker]\nwatch = false\nsubscriber_queue = 2000\n",
+    );
+    let mut broker = common::spawn(&["broker", "-c", path.to_str().unwrap()]);
+    broker.wait_for_log("broker running");
+    let mut subscribers = Vec::new();
+    for _ in 0..2 {
+        let mut sub = zeromq::SubSocket::new();
+        sub.connect(&format!("tcp://127.0.0.1:{publish}"))
+            .await
+            .unwrap();
+        sub.subscribe("").await.unwrap();
+        subscribers.push(sub);
+    }
+    let mut push = TcpStream::connect(("127.0.0.1", pull)).unwrap();
+    push.write_all(&common::zmtp::greeting()).unwrap();
+    push.write_all(&common::zmtp::ready("PUSH")).unwrap();
+    for sub in &mut subscribers {
+        loop {
+            push.write_all(&frame("probe")).unwrap();
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await {
+                break;
+            }
+        }
+    }
+    let mut reader = subscribers.pop().unwrap();
+    // The other reads nothing from here on.
+    let _stuck = subscribers.pop().unwrap();
+    let padding = "x".repeat(4000);
+    let burst: Vec<u8> = (0..BURST)
+        .flat_map(|i| {
+            long_frame(format!(r#"{{"from":"burst","text":"{i}","pad":"{padding}"}}"#).as_bytes())
+        })
+        .collect();
+    let writer = std::thread::spawn(move || {
+        push.write_all(&burst).unwrap();
+        push
+    });
+    let mut next = 0;
+    while next < BURST {
+        let message = tokio::time::timeout(common::DEADLINE, reader.recv())
+            .await
+            .unwrap_or_else(|_| panic!("message {next} of the burst did not come"))
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(message.get(0).unwrap()).unwrap();
+        let text = json["text"].as_str().unwrap();
+        if text == "probe" {
+            continue;
+        }
+        assert_eq!(text, next.to_string(), "in order, none missing");
+        next += 1;
+    }
+    drop(writer.join().unwrap());
+}

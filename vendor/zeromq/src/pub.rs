@@ -4,7 +4,7 @@ use crate::error::ZmqResult;
 use crate::message::*;
 use crate::transport::AcceptStopHandle;
 use crate::util::PeerIdentity;
-use crate::write_queue::write_message_queue;
+use crate::write_queue::WRITE_BATCH_LIMIT;
 use crate::{async_rt, CaptureSocket, SocketOptions};
 use crate::{MultiPeerBackend, Socket, SocketBackend, SocketEvent, SocketSend, SocketType};
 
@@ -15,8 +15,9 @@ use futures::{select, FutureExt, StreamExt};
 use parking_lot::Mutex;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 const PUB_SEND_QUEUE_CAPACITY: usize = 100_000;
 type PubSendQueue = mpsc::Sender<Message>;
@@ -54,15 +55,20 @@ fn subscription_matches(subscriptions: &[Vec<u8>], first_frame: &Bytes) -> bool 
 // PATCH(temma): the subscriber's own queue, not a clone of it (a clone allocated and was
 // dropped for every message and subscriber).
 // PATCH(temma): the message itself, not a reference to clone (see `fanout_message`).
-fn send_to_subscriber(send_queue: &mut PubSendQueue, message: ZmqMessage) {
+// PATCH(temma): counted in the subscriber's `depth` (before the send: its writer may take the
+// message at once).
+fn send_to_subscriber(send_queue: &mut PubSendQueue, depth: &QueueDepth, message: ZmqMessage) {
     let message = Message::Message(message);
+    depth.queued.fetch_add(1, Ordering::Relaxed);
     match send_queue.try_send(message) {
         Ok(()) => {}
         Err(error) if error.is_full() => {
+            depth.queued.fetch_sub(1, Ordering::Relaxed);
             // PUB drops messages for slow subscribers so one full queue does not backpressure all publishers.
             drop(error.into_inner());
         }
         Err(error) => {
+            depth.queued.fetch_sub(1, Ordering::Relaxed);
             // The writer task owns transport error detection and subscriber cleanup.
             // A closed local queue is treated as a dropped PUB message on this send path.
             drop(error.into_inner());
@@ -74,10 +80,54 @@ pub(crate) struct Subscriber {
     pub(crate) subscriptions: Vec<Vec<u8>>,
     pub(crate) send_queue: PubSendQueue,
     pub(crate) _subscription_coro_stop: oneshot::Sender<()>,
+    // PATCH(temma): how far behind it is (`PubSocket::fullest_draining_queue`).
+    pub(crate) depth: Arc<QueueDepth>,
+}
+
+// PATCH(temma): a subscriber's queue as its writer drains it.
+#[derive(Debug, Default)]
+pub(crate) struct QueueDepth {
+    // Messages put in the queue, and taken from it by the writer (queued: the difference).
+    queued: AtomicUsize,
+    taken: AtomicU64,
+    // What `fullest_draining_queue` last saw of `taken`, and when it last saw it move:
+    // milliseconds since the socket was made, plus one (0: never).
+    seen: AtomicU64,
+    moved_at: AtomicU64,
+}
+
+// PATCH(temma): `write_message_queue`, counting what the writer takes in `depth`.
+async fn write_pub_queue(
+    mut queue_receiver: mpsc::Receiver<Message>,
+    mut send_queue: ZmqFramedWrite,
+    depth: Arc<QueueDepth>,
+) -> CodecResult<()> {
+    use futures::SinkExt;
+    let take = |depth: &QueueDepth| {
+        depth.queued.fetch_sub(1, Ordering::Relaxed);
+        // This task alone writes it.
+        let taken = depth.taken.load(Ordering::Relaxed);
+        depth.taken.store(taken + 1, Ordering::Relaxed);
+    };
+    while let Some(message) = queue_receiver.next().await {
+        take(&depth);
+        send_queue.feed(message).await?;
+        for _ in 1..WRITE_BATCH_LIMIT {
+            let Ok(message) = queue_receiver.try_recv() else {
+                break;
+            };
+            take(&depth);
+            send_queue.feed(message).await?;
+        }
+        send_queue.flush().await?;
+    }
+    Ok(())
 }
 
 pub(crate) struct PubSocketBackend {
     pub(crate) subscribers: scc::HashMap<PeerIdentity, Subscriber>,
+    // PATCH(temma): when the socket was made (`QueueDepth::moved_at` counts from it).
+    pub(crate) epoch: Instant,
     pub(crate) subscriber_count: AtomicUsize,
     pub(crate) socket_monitor: Mutex<Option<mpsc::Sender<SocketEvent>>>,
     pub(crate) socket_options: Arc<SocketOptions>,
@@ -111,7 +161,8 @@ impl PubSocketBackend {
                     message.clone()
                 };
                 if let Some(message) = message {
-                    send_to_subscriber(&mut subscriber.send_queue, message);
+                    let subscriber = &mut *subscriber;
+                    send_to_subscriber(&mut subscriber.send_queue, &subscriber.depth, message);
                 }
             }
             true
@@ -205,6 +256,7 @@ impl MultiPeerBackend for PubSocketBackend {
             .unwrap_or(PUB_SEND_QUEUE_CAPACITY);
         let (queue_sender, queue_receiver) = mpsc::channel(capacity);
         let (sender, stop_receiver) = oneshot::channel();
+        let depth = Arc::new(QueueDepth::default());
         let old_subscriber = self
             .subscribers
             .upsert_async(
@@ -213,6 +265,7 @@ impl MultiPeerBackend for PubSocketBackend {
                     subscriptions: vec![],
                     send_queue: queue_sender,
                     _subscription_coro_stop: sender,
+                    depth: depth.clone(),
                 },
             )
             .await;
@@ -222,7 +275,7 @@ impl MultiPeerBackend for PubSocketBackend {
         let writer_backend = self.clone();
         let writer_peer_id = peer_id.clone();
         async_rt::task::spawn(async move {
-            if let Err(error) = write_message_queue(queue_receiver, send_queue).await {
+            if let Err(error) = write_pub_queue(queue_receiver, send_queue, depth).await {
                 log::debug!(
                     "Error sending message to subscriber {:?}: {:?}",
                     writer_peer_id,
@@ -296,6 +349,31 @@ impl PubSocket {
         self.backend.fanout_message(message);
         Ok(())
     }
+
+    /// PATCH(temma): the most messages queued for one subscriber whose writer took some
+    /// within `within` (as far as the calls to this can tell: a subscriber is seen to take
+    /// messages by comparing what it took with the last call's figure), 0 if none: a
+    /// publisher that can wait may hold off while a subscriber that reads is far behind,
+    /// rather than have its queue overflow (its messages dropped); one that takes nothing
+    /// (gone, or stuck) is not counted.
+    pub fn fullest_draining_queue(&self, within: Duration) -> usize {
+        let now = self.backend.epoch.elapsed().as_millis() as u64 + 1;
+        let within = within.as_millis() as u64;
+        let mut fullest = 0;
+        self.backend.subscribers.iter_sync(|_, subscriber| {
+            let depth = &subscriber.depth;
+            let taken = depth.taken.load(Ordering::Relaxed);
+            if taken > 0 && depth.seen.swap(taken, Ordering::Relaxed) != taken {
+                depth.moved_at.store(now, Ordering::Relaxed);
+            }
+            let moved_at = depth.moved_at.load(Ordering::Relaxed);
+            if moved_at > 0 && now.saturating_sub(moved_at) <= within {
+                fullest = fullest.max(depth.queued.load(Ordering::Relaxed));
+            }
+            true
+        });
+        fullest
+    }
 }
 
 impl Drop for PubSocket {
@@ -319,6 +397,7 @@ impl Socket for PubSocket {
     fn with_options(options: SocketOptions) -> Self {
         let backend = Arc::new(PubSocketBackend {
             subscribers: scc::HashMap::new(),
+            epoch: Instant::now(),
             subscriber_count: AtomicUsize::new(0),
             socket_monitor: Mutex::new(None),
             socket_options: Arc::new(options),
@@ -356,6 +435,7 @@ mod tests {
     fn test_backend() -> PubSocketBackend {
         PubSocketBackend {
             subscribers: scc::HashMap::new(),
+            epoch: Instant::now(),
             subscriber_count: AtomicUsize::new(0),
             socket_monitor: Mutex::new(None),
             socket_options: Arc::new(SocketOptions::default()),
@@ -377,6 +457,7 @@ mod tests {
                     subscriptions,
                     send_queue: queue_sender,
                     _subscription_coro_stop: stop_sender,
+                    depth: Arc::default(),
                 },
             )
             .await;
@@ -680,7 +761,7 @@ mod tests {
         }
         assert!(prefilled_count > 0);
 
-        send_to_subscriber(&mut queue_sender, ZmqMessage::from("dropped payload"));
+        send_to_subscriber(&mut queue_sender, &QueueDepth::default(), ZmqMessage::from("dropped payload"));
 
         assert!(backend.subscribers.get_sync(&peer_id).is_some());
         assert_eq!(backend.subscriber_count.load(Ordering::Relaxed), 1);
@@ -717,7 +798,7 @@ mod tests {
         )
         .await;
 
-        send_to_subscriber(&mut queue_sender, ZmqMessage::from("payload"));
+        send_to_subscriber(&mut queue_sender, &QueueDepth::default(), ZmqMessage::from("payload"));
 
         assert!(backend.subscribers.get_sync(&peer_id).is_some());
         assert_eq!(backend.subscriber_count.load(Ordering::Relaxed), 1);
@@ -741,5 +822,70 @@ mod tests {
         let any_ipv6: IpAddr = "::".parse().unwrap();
         let s = PubSocket::new();
         test_bind_to_unspecified_interface_helper(any_ipv6, s, 4010).await
+    }
+
+    // PATCH(temma): `fullest_draining_queue` counts a subscriber that reads, however far
+    // behind, and not one that takes nothing.
+    #[async_rt::test]
+    async fn the_fullest_draining_queue_is_that_of_a_subscriber_that_reads() {
+        use crate::{SocketRecv, SubSocket};
+        // More than the socket's and the subscriber's buffers hold (thousands of messages),
+        // so that the queue is not emptied as soon as the subscriber reads again.
+        const FULL: usize = 10_000;
+        let mut options = SocketOptions::default();
+        options.send_queue_capacity(Some(FULL));
+        let mut publisher = PubSocket::with_options(options);
+        let endpoint = publisher.bind("tcp://127.0.0.1:0").await.unwrap();
+        let mut subscriber = SubSocket::new();
+        subscriber.connect(&endpoint.to_string()).await.unwrap();
+        subscriber.subscribe("").await.unwrap();
+        // Subscribed once a message comes through.
+        loop {
+            publisher.send_now(ZmqMessage::from("hello")).unwrap();
+            let got = async_rt::task::timeout(Duration::from_millis(20), subscriber.recv()).await;
+            if got.is_ok() {
+                break;
+            }
+        }
+        // Nothing read: the socket's buffers and the subscriber's fill, then the queue, until
+        // it stays full (the writer takes nothing more).
+        let big = vec![b'x'; 1024];
+        let mut sent = 0;
+        for round in 0.. {
+            assert!(round < 100, "the queue never stayed full");
+            while publisher.fullest_draining_queue(Duration::from_secs(60)) < FULL {
+                publisher.send_now(ZmqMessage::from(big.clone())).unwrap();
+                sent += 1;
+                if sent % 1000 == 0 {
+                    async_rt::task::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            // A subscriber that takes nothing for a while is not counted.
+            async_rt::task::sleep(Duration::from_millis(300)).await;
+            if publisher.fullest_draining_queue(Duration::from_secs(60)) >= FULL {
+                break;
+            }
+        }
+        async_rt::task::sleep(Duration::from_millis(300)).await;
+        assert_eq!(publisher.fullest_draining_queue(Duration::from_millis(100)), 0);
+        // Once it reads again, it is.
+        let mut read = 0;
+        let draining = loop {
+            subscriber.recv().await.unwrap();
+            read += 1;
+            let fullest = publisher.fullest_draining_queue(Duration::from_millis(100));
+            if fullest > 0 {
+                break fullest;
+            }
+            assert!(read < sent, "the writer never took more");
+        };
+        assert!(draining < FULL, "{draining}");
+        // Read all: nothing left queued.
+        while publisher.fullest_draining_queue(Duration::from_secs(60)) > 0 {
+            async_rt::task::timeout(Duration::from_secs(5), subscriber.recv())
+                .await
+                .expect("the queued messages come")
+                .unwrap();
+        }
     }
 }

@@ -3,7 +3,8 @@ use crate::codec::{CodecResult, Message, ZmqFramedWrite};
 use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt};
 
-const WRITE_BATCH_LIMIT: usize = 128;
+// PATCH(temma): also the PUB writer's (`pub::write_pub_queue`).
+pub(crate) const WRITE_BATCH_LIMIT: usize = 128;
 
 /// Writes queued socket messages into the underlying framed sink in small batches.
 #[inline]
