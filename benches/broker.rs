@@ -90,12 +90,9 @@ fn text_seq(frame: &[u8]) -> Option<usize> {
         .ok()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
+#[path = "common/ports.rs"]
+mod ports;
+use ports::free_port;
 
 /// A broker process under test, killed on drop (with `others`: the rest of a pair).
 struct BrokerProcess {

@@ -19,12 +19,9 @@ use zeromq::{PushSocket, Socket, SocketSend, ZmqMessage};
 
 const TEMMA: &str = env!("CARGO_BIN_EXE_temma");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
+#[path = "common/ports.rs"]
+mod ports;
+use ports::free_port;
 
 /// A child process killed on drop.
 struct Process(Child);

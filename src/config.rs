@@ -1211,6 +1211,14 @@ mod tests {
     }
 
     #[test]
+    fn a_subscriber_queue_under_two_is_named() {
+        let found = problems("[broker]\nsubscriber_queue = 1\n");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].key, "broker.subscriber_queue");
+        assert!(found[0].message.contains("at least 2"), "{}", found[0]);
+    }
+
+    #[test]
     fn unknown_data_source_is_named() {
         let found = problems("[message]\npush = \"nope\"\n");
         assert_eq!(found.len(), 1);
