@@ -30,7 +30,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -145,10 +145,7 @@ impl Front {
         if handover.blocked.load(Ordering::Acquire) || handover.taken.swap(true, Ordering::AcqRel) {
             return None;
         }
-        Some(Taken {
-            socket,
-            _handover: handover,
-        })
+        Some(Taken { socket, handover })
     }
 
     fn lock_sockets(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, HyperConn>> {
@@ -430,11 +427,7 @@ async fn serve_connection(
     drop(pending);
     let socket = Arc::new(socket);
     open.registered = true;
-    let handover = Arc::new(Handover {
-        taken: AtomicBool::new(false),
-        blocked: AtomicBool::new(false),
-        _open: open,
-    });
+    let handover = Arc::new(Handover::new(open));
     front
         .lock_sockets()
         .insert(peer, (Arc::downgrade(&socket), Arc::downgrade(&handover)));
@@ -647,7 +640,7 @@ async fn serve_taken(front: Arc<Front>, taken: Taken, opened: Opened) {
     let stall = front.limits.write_stall;
     // As in `serve_sse`.
     // The handover stays held (the connection counted open) until the stream ends.
-    let Taken { socket, _handover } = taken;
+    let Taken { socket, handover } = taken;
     match subscribe(front, Socket::Shared(socket), opened, &abort) {
         Ok((outlet, slot, _guard)) => {
             let ended = stream(&outlet, stall, &mut stop).await;
@@ -655,6 +648,7 @@ async fn serve_taken(front: Arc<Front>, taken: Taken, opened: Opened) {
         }
         Err((outlet, refusal)) => refuse_on(&outlet, refusal, stall, &mut stop).await,
     }
+    handover.release();
 }
 
 impl event::FrontDoor for Front {
@@ -798,14 +792,38 @@ struct Handover {
     /// hyper's last write did not complete: its buffer still holds bytes of a response, and
     /// the connection is not taken.
     blocked: AtomicBool,
+    /// hyper's task, when its read waits for the socket: the stream's task, which also waits
+    /// for the socket to be readable (the client leaving), takes tokio's one reader slot of
+    /// a shared socket from it, so hyper is woken by hand when the stream ends
+    /// ([`Handover::release`]) to see the end of the connection and let it go.
+    reader: Mutex<Option<std::task::Waker>>,
     /// The connection counts as open while hyper or the stream has it.
     _open: Open,
+}
+
+impl Handover {
+    fn new(open: Open) -> Handover {
+        Handover {
+            taken: AtomicBool::new(false),
+            blocked: AtomicBool::new(false),
+            reader: Mutex::new(None),
+            _open: open,
+        }
+    }
+
+    /// The stream on a taken connection ended: hyper's task, if it waits to read, is woken
+    /// (its reads see the end; it drops its share of the connection).
+    fn release(&self) {
+        if let Some(reader) = crate::error::lock(&self.reader).take() {
+            reader.wake();
+        }
+    }
 }
 
 /// A connection the direct path took over from hyper.
 struct Taken {
     socket: Arc<TcpStream>,
-    _handover: Arc<Handover>,
+    handover: Arc<Handover>,
 }
 
 /// A connection handed to hyper: the bytes the accept loop already read come first. The socket
@@ -860,7 +878,17 @@ impl tokio::io::AsyncRead for Conn {
             return Poll::Ready(Ok(()));
         }
         loop {
-            ready!(self.socket.poll_read_ready(cx))?;
+            if let Poll::Ready(ready) = self.socket.poll_read_ready(cx) {
+                ready?;
+            } else {
+                // Remembered for `Handover::release`, then the flag looked at again: a stream
+                // that ended meanwhile finds the waker, or this sees it taken.
+                *crate::error::lock(&self.handover.reader) = Some(cx.waker().clone());
+                if self.taken() {
+                    return Poll::Ready(Ok(()));
+                }
+                return Poll::Pending;
+            }
             let unfilled = buf.initialize_unfilled();
             match self.socket.try_read(unfilled) {
                 Ok(n) => {
@@ -1026,15 +1054,11 @@ mod tests {
             });
         let front = front();
         let socket = Arc::new(socket);
-        let handover = Arc::new(Handover {
-            taken: AtomicBool::new(false),
-            blocked: AtomicBool::new(false),
-            _open: Open {
-                front: front.clone(),
-                peer,
-                registered: true,
-            },
-        });
+        let handover = Arc::new(Handover::new(Open {
+            front: front.clone(),
+            peer,
+            registered: true,
+        }));
         front
             .lock_sockets()
             .insert(peer, (Arc::downgrade(&socket), Arc::downgrade(&handover)));
