@@ -1105,6 +1105,71 @@ mod tests {
         assert!(front.lock_sockets().get(&peer).is_none());
     }
 
+    /// hyper waiting to read a connection that is then taken: the stream's task takes
+    /// tokio's one reader slot of the shared socket (its watch for the client leaving), so
+    /// only `Handover::release`, when the stream ends, wakes hyper to see the end.
+    #[tokio::test]
+    async fn hyper_waiting_to_read_a_taken_connection_is_woken_when_the_stream_ends() {
+        use std::sync::atomic::AtomicUsize;
+        use std::task::Wake;
+        use tokio::io::AsyncRead;
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let ((socket, peer), _client) =
+            tokio::join!(async { listener.accept().await.unwrap() }, async {
+                client.await.unwrap()
+            });
+        let front = front();
+        let socket = Arc::new(socket);
+        let handover = Arc::new(Handover::new(Open {
+            front: front.clone(),
+            peer,
+            registered: true,
+        }));
+        front
+            .lock_sockets()
+            .insert(peer, (Arc::downgrade(&socket), Arc::downgrade(&handover)));
+        let mut conn = Conn {
+            prefix: Bytes::new(),
+            socket: socket.clone(),
+            handover: handover.clone(),
+        };
+        let hyper = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(hyper.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut space = [0u8; 16];
+        let mut buf = tokio::io::ReadBuf::new(&mut space);
+        // hyper waits to read (the client sends nothing).
+        assert!(
+            Pin::new(&mut conn)
+                .poll_read(&mut cx, &mut buf)
+                .is_pending()
+        );
+        let taken = front.take_over(peer).expect("taken");
+        // The stream's watch for the client leaving takes the socket's reader slot.
+        let stream = Arc::new(Count(AtomicUsize::new(0)));
+        let stream_waker = std::task::Waker::from(stream);
+        assert!(
+            crate::event::poll_closed(&taken.socket, &mut Context::from_waker(&stream_waker))
+                .is_pending()
+        );
+        assert_eq!(hyper.0.load(Ordering::SeqCst), 0);
+        // The stream ends: hyper is woken, and sees the end of the connection.
+        taken.handover.release();
+        assert_eq!(hyper.0.load(Ordering::SeqCst), 1, "hyper woken");
+        assert!(matches!(
+            Pin::new(&mut conn).poll_read(&mut cx, &mut buf),
+            Poll::Ready(Ok(()))
+        ));
+        assert!(buf.filled().is_empty(), "the end of the connection");
+    }
+
     /// 1.6 KiB now (1.8 KiB before the request was checked in a plain function; debug and
     /// release builds alike), 2.7 KiB with the POST's state unboxed.
     const MAX_TASK_BYTES: usize = 2048;
