@@ -1039,20 +1039,17 @@ mod tests {
         assert!(size <= MAX_TASK_BYTES, "{size} bytes");
     }
 
-    /// A connection hyper serves is taken over once, and not while hyper's last write waits
-    /// (bytes of an earlier answer are still in its buffer); once taken, hyper's writes go
-    /// nowhere, its reads see the end and its shutdown leaves the socket open for the stream.
-    #[tokio::test]
-    async fn a_connection_is_taken_over_once_and_not_while_hyper_still_writes() {
-        use futures_util::FutureExt;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// A loopback connection handed to hyper, as the accept loop hands it (registered with
+    /// `front`): the client's side, the peer, the shared socket, its handover, hyper's `Conn`.
+    async fn handed_to_hyper(
+        front: &Arc<Front>,
+    ) -> (TcpStream, SocketAddr, Arc<TcpStream>, Arc<Handover>, Conn) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap());
-        let ((socket, peer), mut client) =
+        let ((socket, peer), client) =
             tokio::join!(async { listener.accept().await.unwrap() }, async {
                 client.await.unwrap()
             });
-        let front = front();
         let socket = Arc::new(socket);
         let handover = Arc::new(Handover::new(Open {
             front: front.clone(),
@@ -1062,11 +1059,23 @@ mod tests {
         front
             .lock_sockets()
             .insert(peer, (Arc::downgrade(&socket), Arc::downgrade(&handover)));
-        let mut conn = Conn {
+        let conn = Conn {
             prefix: Bytes::new(),
             socket: socket.clone(),
             handover: handover.clone(),
         };
+        (client, peer, socket, handover, conn)
+    }
+
+    /// A connection hyper serves is taken over once, and not while hyper's last write waits
+    /// (bytes of an earlier answer are still in its buffer); once taken, hyper's writes go
+    /// nowhere, its reads see the end and its shutdown leaves the socket open for the stream.
+    #[tokio::test]
+    async fn a_connection_is_taken_over_once_and_not_while_hyper_still_writes() {
+        use futures_util::FutureExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let front = front();
+        let (mut client, peer, socket, handover, mut conn) = handed_to_hyper(&front).await;
         // hyper writes an answer the client does not read, until the socket is full.
         let mut written = 0;
         while let Some(result) = conn.write(&[b'x'; 1 << 16]).now_or_never() {
@@ -1119,27 +1128,8 @@ mod tests {
                 self.0.fetch_add(1, Ordering::SeqCst);
             }
         }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap());
-        let ((socket, peer), _client) =
-            tokio::join!(async { listener.accept().await.unwrap() }, async {
-                client.await.unwrap()
-            });
         let front = front();
-        let socket = Arc::new(socket);
-        let handover = Arc::new(Handover::new(Open {
-            front: front.clone(),
-            peer,
-            registered: true,
-        }));
-        front
-            .lock_sockets()
-            .insert(peer, (Arc::downgrade(&socket), Arc::downgrade(&handover)));
-        let mut conn = Conn {
-            prefix: Bytes::new(),
-            socket: socket.clone(),
-            handover: handover.clone(),
-        };
+        let (_client, peer, _socket, _handover, mut conn) = handed_to_hyper(&front).await;
         let hyper = Arc::new(Count(AtomicUsize::new(0)));
         let waker = std::task::Waker::from(hyper.clone());
         let mut cx = Context::from_waker(&waker);

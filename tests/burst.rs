@@ -154,66 +154,75 @@ async fn a_burst_into_the_embedded_broker_reaches_every_client_that_keeps_readin
     app.stop().await;
 }
 
-/// A web node that reads, however slowly, is waited for: a burst five times as large as the
-/// queue the broker's PUB socket keeps for it (`broker.subscriber_queue`, 2,000 here) reaches
-/// it whole, in order, while it reads about 2,000 messages (8 MB) a second, slower than the
-/// broker publishes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscriber_that_reads_slowly_gets_a_burst_larger_than_its_queue() {
+/// Messages of a burst the subscribers of [`queued_broker`] get.
+const QUEUED_BURST: usize = 10_000;
+
+/// A standalone broker whose PUB socket keeps 2,000 messages for each subscriber,
+/// `subscribers` SUB sockets that hear it (a probe came through to each), and a raw PUSH
+/// peer on its PULL socket.
+async fn queued_broker(
+    dir: &common::TempDir,
+    subscribers: usize,
+) -> (common::Running, Vec<zeromq::SubSocket>, TcpStream) {
     use zeromq::{Socket, SocketRecv};
-    const BURST: usize = 10_000;
-    let _serial = SERIAL.lock().await;
-    let dir = common::TempDir::new("slow-subscriber");
-    let (path, pull, publish) = common::standalone_broker_config(
-        &dir,
-        "[broker]\nwatch = false\nsubscriber_queue = 2000\n",
-    );
+    let (path, pull, publish) =
+        common::standalone_broker_config(dir, "[broker]\nwatch = false\nsubscriber_queue = 2000\n");
     let mut broker = common::spawn(&["broker", "-c", path.to_str().unwrap()]);
     broker.wait_for_log("broker running");
-    let mut sub = zeromq::SubSocket::new();
-    sub.connect(&format!("tcp://127.0.0.1:{publish}"))
-        .await
-        .unwrap();
-    sub.subscribe("").await.unwrap();
+    let mut subs = Vec::new();
+    for _ in 0..subscribers {
+        let mut sub = zeromq::SubSocket::new();
+        sub.connect(&format!("tcp://127.0.0.1:{publish}"))
+            .await
+            .unwrap();
+        sub.subscribe("").await.unwrap();
+        subs.push(sub);
+    }
     let mut push = TcpStream::connect(("127.0.0.1", pull)).unwrap();
     push.write_all(&common::zmtp::greeting()).unwrap();
     push.write_all(&common::zmtp::ready("PUSH")).unwrap();
-    let text_of = |message: zeromq::ZmqMessage| {
-        let json: serde_json::Value = serde_json::from_slice(message.get(0).unwrap()).unwrap();
-        json["text"].as_str().unwrap().to_owned()
-    };
-    // Subscribed once a probe comes through.
-    loop {
-        push.write_all(&frame("probe")).unwrap();
-        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await {
-            break;
+    // Each subscribed once a probe comes through.
+    for sub in &mut subs {
+        loop {
+            push.write_all(&frame("probe")).unwrap();
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await {
+                break;
+            }
         }
     }
-    // Messages of 4 KB: the sockets' buffers and the subscriber's own queue hold a few
-    // thousand of them, not the whole burst.
+    (broker, subs, push)
+}
+
+/// Writes [`QUEUED_BURST`] messages of 4 KB into `push` from a thread (the sockets' buffers and
+/// a subscriber's own queue hold a few thousand of them, not the whole burst), and checks that
+/// `sub` gets every one, in order, sleeping 10 ms after every `pace` messages (`None`: as fast
+/// as it can).
+async fn burst_reaches(mut push: TcpStream, sub: &mut zeromq::SubSocket, pace: Option<usize>) {
+    use zeromq::SocketRecv;
     let padding = "x".repeat(4000);
-    let long_frame = |text: String| {
-        let body = format!(r#"{{"from":"burst","text":"{text}","pad":"{padding}"}}"#);
-        long_frame(body.as_bytes())
-    };
-    let burst: Vec<u8> = (0..BURST).flat_map(|i| long_frame(i.to_string())).collect();
+    let burst: Vec<u8> = (0..QUEUED_BURST)
+        .flat_map(|i| {
+            long_frame(format!(r#"{{"from":"burst","text":"{i}","pad":"{padding}"}}"#).as_bytes())
+        })
+        .collect();
     let writer = std::thread::spawn(move || {
         push.write_all(&burst).unwrap();
         push
     });
     let mut next = 0;
-    while next < BURST {
+    while next < QUEUED_BURST {
         let message = tokio::time::timeout(common::DEADLINE, sub.recv())
             .await
             .unwrap_or_else(|_| panic!("message {next} of the burst did not come"))
             .unwrap();
-        let text = text_of(message);
+        let json: serde_json::Value = serde_json::from_slice(message.get(0).unwrap()).unwrap();
+        let text = json["text"].as_str().unwrap();
         if text == "probe" {
             continue;
         }
         assert_eq!(text, next.to_string(), "in order, none missing");
         next += 1;
-        if next % 20 == 0 {
+        if pace.is_some_and(|pace| next % pace == 0) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -228,67 +237,28 @@ fn long_frame(body: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// A web node that reads, however slowly, is waited for: a burst five times as large as the
+/// queue the broker's PUB socket keeps for it (`broker.subscriber_queue`, 2,000 here) reaches
+/// it whole, in order, while it reads about 2,000 messages (8 MB) a second, slower than the
+/// broker publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_reads_slowly_gets_a_burst_larger_than_its_queue() {
+    let _serial = SERIAL.lock().await;
+    let dir = common::TempDir::new("slow-subscriber");
+    let (_broker, mut subs, push) = queued_broker(&dir, 1).await;
+    burst_reaches(push, &mut subs[0], Some(20)).await;
+}
+
 /// A web node that takes nothing (stopped, or stuck) is not waited for past
 /// `broker::SUBSCRIBER_PROGRESS`: another that reads gets a whole burst larger than the queue
 /// the broker keeps for each, while the stuck one's overflows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_takes_nothing_holds_the_others_up_only_briefly() {
-    use zeromq::{Socket, SocketRecv};
-    const BURST: usize = 10_000;
     let _serial = SERIAL.lock().await;
     let dir = common::TempDir::new("stuck-subscriber");
-    let (path, pull, publish) = common::standalone_broker_config(
-        &dir,
-        "[broker]\nwatch = false\nsubscriber_queue = 2000\n",
-    );
-    let mut broker = common::spawn(&["broker", "-c", path.to_str().unwrap()]);
-    broker.wait_for_log("broker running");
-    let mut subscribers = Vec::new();
-    for _ in 0..2 {
-        let mut sub = zeromq::SubSocket::new();
-        sub.connect(&format!("tcp://127.0.0.1:{publish}"))
-            .await
-            .unwrap();
-        sub.subscribe("").await.unwrap();
-        subscribers.push(sub);
-    }
-    let mut push = TcpStream::connect(("127.0.0.1", pull)).unwrap();
-    push.write_all(&common::zmtp::greeting()).unwrap();
-    push.write_all(&common::zmtp::ready("PUSH")).unwrap();
-    for sub in &mut subscribers {
-        loop {
-            push.write_all(&frame("probe")).unwrap();
-            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), sub.recv()).await {
-                break;
-            }
-        }
-    }
-    let mut reader = subscribers.pop().unwrap();
+    let (_broker, mut subs, push) = queued_broker(&dir, 2).await;
+    let mut reader = subs.pop().unwrap();
     // The other reads nothing from here on.
-    let _stuck = subscribers.pop().unwrap();
-    let padding = "x".repeat(4000);
-    let burst: Vec<u8> = (0..BURST)
-        .flat_map(|i| {
-            long_frame(format!(r#"{{"from":"burst","text":"{i}","pad":"{padding}"}}"#).as_bytes())
-        })
-        .collect();
-    let writer = std::thread::spawn(move || {
-        push.write_all(&burst).unwrap();
-        push
-    });
-    let mut next = 0;
-    while next < BURST {
-        let message = tokio::time::timeout(common::DEADLINE, reader.recv())
-            .await
-            .unwrap_or_else(|_| panic!("message {next} of the burst did not come"))
-            .unwrap();
-        let json: serde_json::Value = serde_json::from_slice(message.get(0).unwrap()).unwrap();
-        let text = json["text"].as_str().unwrap();
-        if text == "probe" {
-            continue;
-        }
-        assert_eq!(text, next.to_string(), "in order, none missing");
-        next += 1;
-    }
-    drop(writer.join().unwrap());
+    let _stuck = subs.pop().unwrap();
+    burst_reaches(push, &mut reader, None).await;
 }
