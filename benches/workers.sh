@@ -9,14 +9,16 @@
 #   TEMMA_BINARIES="/tmp/before/target/release/temma target/release/temma" TEMMA_SETTINGS=0/batch \
 #     NCHAN_SETTINGS=2 benches/workers.sh     # two builds side by side (a setting is then
 #                                             # labelled SETTING@DIR, DIR the build's folder)
+#   TEMMA_SETTINGS="0/normal 0/normal/1024" NCHAN_SETTINGS= benches/workers.sh  # a third part:
+#                                   # `event.shard_size` (clients a writer shard)
 #   FLOOR_SETTINGS="1 2 2t 2u" benches/workers.sh   # and temma-floor (benches/floor.rs: the
 #                                   # least a fan-out server can spend) with 1 and 2 threads; "2t":
 #                                   # 2 threads and a task per subscriber (--tasks); "2u": 2
 #                                   # threads, the writes in one system call (--io-uring)
 #
-# Prints one line per run: server, setting (temma: threads/scheduling; Nchan: processes; floor:
-# threads, "t" for --tasks, "u" for --io-uring), load,
-# p50, p99, CPU per message and per delivery, delivered. Reports in $OUT (default target/workers).
+# Prints one line per run: server, setting (temma: threads/scheduling[/shard size]; Nchan:
+# processes; floor: threads, "t" for --tasks, "u" for --io-uring), load, p50, p99, CPU per
+# message and per delivery, delivered. Reports in $OUT (default target/workers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2}
@@ -51,10 +53,12 @@ run() {
   local subscribers=${load%x*} rate=${load#*x}
   local target=()
   if [ "$server" = temma ]; then
-    local bin=${BIN:-target/release/temma}
-    TEMMA_SERVER__LISTEN="127.0.0.1:$PORT" TEMMA_RUNTIME__WORKER_THREADS=${setting%/*} \
-      TEMMA_RUNTIME__SCHEDULING=${setting#*/} \
-      "$bin" serve -c benches/etc/temma.toml > "$WORK/temma.log" 2>&1 &
+    local bin=${BIN:-target/release/temma} threads scheduling shards
+    IFS=/ read -r threads scheduling shards <<< "$setting"
+    local vars=(TEMMA_SERVER__LISTEN="127.0.0.1:$PORT" TEMMA_RUNTIME__WORKER_THREADS="$threads"
+                TEMMA_RUNTIME__SCHEDULING="$scheduling")
+    [ -n "$shards" ] && vars+=(TEMMA_EVENT__SHARD_SIZE="$shards")
+    env "${vars[@]}" "$bin" serve -c benches/etc/temma.toml > "$WORK/temma.log" 2>&1 &
     PID=$!
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 0.1; done
     target=(--subscribe "http://127.0.0.1:$PORT/event/fetch"

@@ -1219,6 +1219,20 @@ mod tests {
     }
 
     #[test]
+    fn a_shard_size_out_of_range_is_named() {
+        for size in [0, crate::shard::MAX_SHARD_SIZE + 1] {
+            let found = problems(&format!("[event]\nshard_size = {size}\n"));
+            assert_eq!(found.len(), 1);
+            assert_eq!(found[0].key, "event.shard_size");
+            assert!(
+                found[0].message.contains("must be 1 to 65536"),
+                "{}",
+                found[0]
+            );
+        }
+    }
+
+    #[test]
     fn unknown_data_source_is_named() {
         let found = problems("[message]\npush = \"nope\"\n");
         assert_eq!(found.len(), 1);

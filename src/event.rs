@@ -85,6 +85,11 @@ pub struct EventConfig {
     /// each `send` that wakes a reader may switch to it when it returns. `false`: one `send`
     /// each. Default `true`.
     pub io_uring: bool,
+    /// The most SSE clients of a room one writer shard (one task) writes to, 1 to 65536. More
+    /// clients a shard: fewer tasks woken a message and less CPU a delivery; fewer: a room's
+    /// writes spread over more worker threads and reach its clients sooner. A room with one
+    /// shard is written by the task that brought the message, without a wake-up. Default 64.
+    pub shard_size: usize,
 }
 
 fn default_keepalive() -> u64 {
@@ -115,6 +120,7 @@ impl Default for EventConfig {
             snapshot: None,
             failover: false,
             io_uring: true,
+            shard_size: crate::shard::SHARD_SIZE,
         }
     }
 }
@@ -143,6 +149,7 @@ impl EventConfig {
             history_bytes: rooms.history_bytes,
             room_queue: rooms.queue,
             batch_sends: self.io_uring,
+            shard_size: self.shard_size,
         };
         Hub::new(settings, ctx.metrics.clone(), acks)
     }
@@ -169,6 +176,16 @@ impl EventConfig {
         }
         if self.max_clients == 0 {
             problem("event.max_clients", "is 0: must be at least 1".to_owned());
+        }
+        if !(1..=crate::shard::MAX_SHARD_SIZE).contains(&self.shard_size) {
+            problem(
+                "event.shard_size",
+                format!(
+                    "is {}: must be 1 to {}",
+                    self.shard_size,
+                    crate::shard::MAX_SHARD_SIZE
+                ),
+            );
         }
         if self.initial_history > self.history_size {
             problem(

@@ -163,6 +163,8 @@ pub struct Settings {
     pub room_queue: usize,
     /// A writer shard's sends to its clients go in one system call (`event.io_uring`).
     pub batch_sends: bool,
+    /// The most clients a writer shard takes (`event.shard_size`).
+    pub shard_size: usize,
 }
 
 /// The `[rooms]` section.
@@ -990,6 +992,7 @@ impl Hub {
     ) -> Result<(Arc<Slot>, ClientGuard), Refused> {
         let metrics = self.shared.metrics.clone();
         let batch = self.shared.settings.batch_sends;
+        let size = self.shared.settings.shard_size;
         let entered = self.enter(
             room,
             client_name,
@@ -1002,7 +1005,8 @@ impl Hub {
                     Some(shard) => shard.clone(),
                     None => {
                         let queue = room.queue as u64;
-                        let shard = Shard::spawn(tx.subscribe(), room.sent, queue, batch, metrics);
+                        let rx = tx.subscribe();
+                        let shard = Shard::spawn(rx, room.sent, queue, size, batch, metrics);
                         shard.join(outlet);
                         room.shards.push(shard.clone());
                         shard
@@ -2190,6 +2194,7 @@ pub(crate) fn test_settings() -> Settings {
         history_bytes: 1 << 20,
         room_queue: 4,
         batch_sends: true,
+        shard_size: crate::shard::SHARD_SIZE,
     }
 }
 
@@ -2415,6 +2420,69 @@ mod tests {
             rest.contains("id: 1-2\n") && !rest.contains("m1"),
             "{rest:?}"
         );
+    }
+
+    /// `event.shard_size` clients a shard: seven clients make three shards of three (their
+    /// tasks write, woken: nothing is in the sockets when the broadcast returns), or one of
+    /// a hundred, which the broadcaster writes itself before it returns.
+    #[tokio::test]
+    async fn a_room_has_a_shard_per_shard_size_clients() {
+        use std::io::Read;
+        for (size, shards) in [(3, 3), (100, 1)] {
+            let hub = hub(Settings {
+                shard_size: size,
+                ..settings()
+            });
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut clients = Vec::new();
+            for _ in 0..7 {
+                let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+                let (server, _) = listener.accept().await.unwrap();
+                let outlet = Arc::new(Outlet::new(
+                    crate::shard::Socket::Owned(server),
+                    Bytes::new(),
+                ));
+                let subscribed = hub
+                    .subscribe_outlet(None, None, None, Abort::new(|| {}), &outlet)
+                    .unwrap();
+                assert_eq!(outlet.write_pending(), crate::shard::Flushed::Empty);
+                client.set_nonblocking(true).unwrap();
+                clients.push((client, outlet, subscribed));
+            }
+            let made = hub
+                .shared
+                .lock()
+                .rooms
+                .values()
+                .map(|room| room.shards.len())
+                .sum::<usize>();
+            assert_eq!(made, shards, "shard_size {size}");
+            hub.ingest(&message(1));
+            let inline = shards == 1;
+            for (client, _, _) in &clients {
+                let mut buf = [0u8; 4096];
+                let got = match (&*client).read(&mut buf) {
+                    Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+                    Err(_) => String::new(),
+                };
+                assert_eq!(
+                    got.contains("m1"),
+                    inline,
+                    "shard_size {size}: written before the broadcast returned? {got:?}"
+                );
+            }
+            // The shards' tasks write the others.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if !inline {
+                for (client, _, _) in &clients {
+                    let mut buf = [0u8; 4096];
+                    let n = (&*client)
+                        .read(&mut buf)
+                        .expect("written by its shard's task");
+                    assert!(String::from_utf8_lossy(&buf[..n]).contains("m1"));
+                }
+            }
+        }
     }
 
     /// A burst's broadcaster that does not let the shards' tasks run (here: no await, on a

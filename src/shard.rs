@@ -1,6 +1,6 @@
 //! Writer shards: the SSE clients the front door streams itself (`direct`) are written to by a
-//! few tasks per room, each owning up to [`SHARD_SIZE`] clients, instead of one task woken per
-//! client per frame.
+//! few tasks per room, each owning up to `event.shard_size` ([`SHARD_SIZE`] by default)
+//! clients, instead of one task woken per client per frame.
 //!
 //! A shard's task reads the room's broadcast ring once for all its clients, gathers what is
 //! queued into one chunk (up to [`MAX_CHUNK_BYTES`]), and offers it to each client's
@@ -30,9 +30,12 @@ use crate::error::lock;
 use crate::metrics::Metrics;
 use crate::wire::MsgId;
 
-/// Clients per shard: enough that ten clients cost one wake-up, few enough that a thousand
-/// spread over every worker thread.
+/// Clients per shard by default (`event.shard_size`): enough that ten clients cost one
+/// wake-up, few enough that a thousand spread over every worker thread.
 pub const SHARD_SIZE: usize = 64;
+
+/// The most clients `event.shard_size` may give a shard.
+pub const MAX_SHARD_SIZE: usize = 65_536;
 
 /// The most bytes gathered for one write.
 pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
@@ -391,7 +394,7 @@ fn filtered(items: &[Item], state: &mut OutletState) -> (Bytes, u64, u64) {
     (out.freeze(), frames, messages)
 }
 
-/// Up to [`SHARD_SIZE`] clients of one room and the task that writes to them.
+/// Up to `event.shard_size` clients of one room and the task that writes to them.
 ///
 /// A pass (`Shard::pass`) reads what the room's ring holds for the shard and offers it to every
 /// client. Its task makes one when woken (`Shard::kick`). A room's lone shard is written by the
@@ -410,6 +413,8 @@ pub struct Shard {
     taken: AtomicU64,
     /// The room's queue: frames a client may be behind.
     queue: u64,
+    /// The most clients it takes (`event.shard_size`).
+    size: usize,
     /// A pass's sends go in one system call where the kernel allows (`event.io_uring`).
     batch: bool,
     metrics: Arc<Metrics>,
@@ -450,7 +455,7 @@ impl Shard {
     /// Adds a client, if the shard has room for it.
     pub fn join(&self, outlet: &Arc<Outlet>) -> bool {
         let mut outlets = self.lock();
-        if outlets.len() >= SHARD_SIZE {
+        if outlets.len() >= self.size {
             return false;
         }
         outlets.push(outlet.clone());
@@ -462,12 +467,14 @@ impl Shard {
     }
 
     /// Starts a shard's task on the room's ring, which `sent` frames went through before `rx`
-    /// was subscribed; `queue` is the room's queue (frames a client may be behind); `batch`:
-    /// a pass's sends go in one system call where the kernel allows ([`crate::uring`]).
+    /// was subscribed; `queue` is the room's queue (frames a client may be behind); `size`, the
+    /// most clients it takes; `batch`: a pass's sends go in one system call where the kernel
+    /// allows ([`crate::uring`]).
     pub fn spawn(
         rx: broadcast::Receiver<Item>,
         sent: u64,
         queue: u64,
+        size: usize,
         batch: bool,
         metrics: Arc<Metrics>,
     ) -> Arc<Shard> {
@@ -483,6 +490,7 @@ impl Shard {
             kick: tokio::sync::Notify::new(),
             taken: AtomicU64::new(sent),
             queue,
+            size,
             batch,
             metrics,
         });
