@@ -9,7 +9,7 @@
 #   TEMMA_BINARIES="/tmp/before/target/release/temma target/release/temma" TEMMA_SETTINGS=0/batch \
 #     NCHAN_SETTINGS=2 benches/workers.sh     # two builds side by side (a setting is then
 #                                             # labelled SETTING@DIR, DIR the build's folder)
-#   TEMMA_SETTINGS="0/normal 0/normal/1024" NCHAN_SETTINGS= benches/workers.sh  # a third part:
+#   TEMMA_SETTINGS="0/normal 0/normal/64" NCHAN_SETTINGS= benches/workers.sh  # a third part:
 #                                   # `event.shard_size` (clients a writer shard)
 #   FLOOR_SETTINGS="1 2 2t 2u" benches/workers.sh   # and temma-floor (benches/floor.rs: the
 #                                   # least a fan-out server can spend) with 1 and 2 threads; "2t":

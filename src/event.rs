@@ -87,8 +87,8 @@ pub struct EventConfig {
     pub io_uring: bool,
     /// The most SSE clients of a room one writer shard (one task) writes to, 1 to 65536. More
     /// clients a shard: fewer tasks woken a message and less CPU a delivery; fewer: a room's
-    /// writes spread over more worker threads and reach its clients sooner. A room with one
-    /// shard is written by the task that brought the message, without a wake-up. Default 64.
+    /// writes spread over more worker threads. A room with one shard is written by the task
+    /// that brought the message, without a wake-up, at light loads. Default 1024.
     pub shard_size: usize,
 }
 

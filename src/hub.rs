@@ -2422,6 +2422,48 @@ mod tests {
         );
     }
 
+    /// A lone shard whose last pass by its broadcaster took long (a large shard) is left to its
+    /// task until [`crate::shard::WRITE_SHARE`] times that has gone by: the broadcaster does
+    /// not spend more than a share of its time writing, and the task gathers what comes.
+    #[tokio::test]
+    async fn a_lone_shard_that_took_long_to_write_is_left_to_its_task_for_a_while() {
+        use std::io::Read;
+        let hub = hub(settings());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let outlet = Arc::new(Outlet::new(
+            crate::shard::Socket::Owned(server),
+            Bytes::new(),
+        ));
+        let (_slot, _guard) = hub
+            .subscribe_outlet(None, None, None, Abort::new(|| {}), &outlet)
+            .unwrap();
+        // The stream's opening, as the client's own task writes it.
+        assert_eq!(outlet.write_pending(), crate::shard::Flushed::Empty);
+        client.set_nonblocking(true).unwrap();
+        let mut read_now = || {
+            let mut buf = [0u8; 4096];
+            match client.read(&mut buf) {
+                Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+                Err(_) => String::new(),
+            }
+        };
+        hub.ingest(&message(1));
+        assert!(read_now().contains("m1"), "written by the broadcaster");
+        let shard = hub.shared.lock().rooms.values().next().unwrap().shards[0].clone();
+        // That pass "took" 10 ms: for 40 ms from its start, the task writes.
+        shard.pretend_the_last_write_took(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
+        hub.ingest(&message(2));
+        assert_eq!(read_now(), "", "left to the shard's task");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(read_now().contains("m2"), "written by the shard's task");
+        std::thread::sleep(Duration::from_millis(40));
+        hub.ingest(&message(3));
+        assert!(read_now().contains("m3"), "the broadcaster writes again");
+    }
+
     /// `event.shard_size` clients a shard: seven clients make three shards of three (their
     /// tasks write, woken: nothing is in the sockets when the broadcast returns), or one of
     /// a hundred, which the broadcaster writes itself before it returns.
@@ -2492,14 +2534,16 @@ mod tests {
     #[tokio::test]
     async fn a_shard_half_a_ring_behind_is_caught_up_by_the_broadcaster() {
         use std::io::Read;
+        const SHARD_SIZE: usize = 8;
         let hub = hub(Settings {
             queue: 16,
-            max_clients: crate::shard::SHARD_SIZE + 1,
+            max_clients: SHARD_SIZE + 1,
+            shard_size: SHARD_SIZE,
             ..settings()
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut clients = Vec::new();
-        for _ in 0..=crate::shard::SHARD_SIZE {
+        for _ in 0..=SHARD_SIZE {
             let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
             let (server, _) = listener.accept().await.unwrap();
             let outlet = Arc::new(Outlet::new(

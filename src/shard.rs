@@ -30,9 +30,13 @@ use crate::error::lock;
 use crate::metrics::Metrics;
 use crate::wire::MsgId;
 
-/// Clients per shard by default (`event.shard_size`): enough that ten clients cost one
-/// wake-up, few enough that a thousand spread over every worker thread.
-pub const SHARD_SIZE: usize = 64;
+/// Clients per shard by default (`event.shard_size`): a room of up to a thousand clients has
+/// one shard, which the task that brings a message writes itself at light loads (no wake-up,
+/// no other thread woken) and its own task gathers bursts for. On 2 CPUs shared with the
+/// clients, 1,024 instead of 64 cut the CPU a delivery by 36 % at 100 clients and 15 % at
+/// 1,000 (BENCHMARKS.md, "Shard size"); on many CPUs, a smaller size spreads a large room's
+/// writes over them.
+pub const SHARD_SIZE: usize = 1024;
 
 /// The most clients `event.shard_size` may give a shard.
 pub const MAX_SHARD_SIZE: usize = 65_536;
@@ -427,8 +431,9 @@ struct Ring {
     items: Vec<Item>,
     /// The ring closed: the shard's task ends its clients' streams and stops.
     closed: bool,
-    /// When the broadcaster last made a pass itself ([`Shard::write`]).
+    /// When the broadcaster last made a pass itself ([`Shard::write`]), and how long it took.
     written_at: Option<std::time::Instant>,
+    write_took: std::time::Duration,
     /// What a pass's sends did (kept for its capacity).
     results: Vec<std::io::Result<usize>>,
 }
@@ -446,6 +451,12 @@ enum Pass {
 
 /// A lone shard written by its broadcaster less than this long ago is left to its task.
 pub const WRITE_GAP: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// A lone shard is left to its task unless its broadcaster's last pass took at most
+/// `1 / WRITE_SHARE` of the time since it began: a broadcaster spends at most about a quarter
+/// of its time writing a large shard (a thousand sends take milliseconds), and under a higher
+/// rate the shard's task gathers what comes meanwhile into one write per client.
+pub const WRITE_SHARE: u32 = 4;
 
 impl Shard {
     fn lock(&self) -> MutexGuard<'_, Vec<Arc<Outlet>>> {
@@ -485,6 +496,7 @@ impl Shard {
                 items: Vec::new(),
                 closed: false,
                 written_at: None,
+                write_took: std::time::Duration::ZERO,
                 results: Vec::new(),
             }),
             kick: tokio::sync::Notify::new(),
@@ -504,9 +516,9 @@ impl Shard {
     }
 
     /// Makes a pass on the caller's task (the room's broadcaster, once a frame is in the
-    /// ring), unless one was made that way less than [`WRITE_GAP`] ago or the shard's task is
-    /// making one: its task is woken then (as it is when more than a chunk waits, or the ring
-    /// closed).
+    /// ring), unless one was made that way less than [`WRITE_GAP`] (or [`WRITE_SHARE`] times
+    /// what that pass took) ago or the shard's task is making one: its task is woken then (as
+    /// it is when more than a chunk waits, or the ring closed).
     pub fn write(&self) {
         let mut ring = match self.ring.try_lock() {
             Ok(ring) => ring,
@@ -517,19 +529,28 @@ impl Shard {
             }
         };
         let now = std::time::Instant::now();
+        let gap = WRITE_GAP.max(ring.write_took * WRITE_SHARE);
         if ring
             .written_at
-            .is_some_and(|last| now.duration_since(last) < WRITE_GAP)
+            .is_some_and(|last| now.duration_since(last) < gap)
         {
             drop(ring);
             self.kick();
             return;
         }
         ring.written_at = Some(now);
-        if self.pass(&mut ring) != Pass::Done {
+        let pass = self.pass(&mut ring);
+        ring.write_took = now.elapsed();
+        if pass != Pass::Done {
             drop(ring);
             self.kick();
         }
+    }
+
+    /// As if the broadcaster's last pass had taken `took`.
+    #[cfg(test)]
+    pub fn pretend_the_last_write_took(&self, took: std::time::Duration) {
+        lock(&self.ring).write_took = took;
     }
 
     /// Frames of the `sent` its room broadcast that no pass took yet.

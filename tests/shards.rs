@@ -9,7 +9,6 @@ mod common;
 use std::time::Duration;
 
 use common::TestApp;
-use temma::shard::SHARD_SIZE;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -53,6 +52,9 @@ async fn clients_connected(app: &TestApp, clients: f64) {
     .await;
 }
 
+/// Clients a writer shard takes here (`event.shard_size`): three shards with a few clients.
+const SHARD_SIZE: usize = 16;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_across_several_shards_get_every_message_in_order() {
     // A shard's sends in one system call (io_uring, where the kernel allows) or one by one.
@@ -65,6 +67,7 @@ async fn several_shards(io_uring: bool) {
     let app = TestApp::start_with(|config| {
         config.event.max_clients = 1000;
         config.event.io_uring = io_uring;
+        config.event.shard_size = SHARD_SIZE;
     })
     .await;
     app.ready().await;
