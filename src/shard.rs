@@ -405,8 +405,9 @@ fn filtered(items: &[Item], state: &mut OutletState) -> (Bytes, u64, u64) {
 /// task that broadcast the frame itself (`Shard::write`, after the hub's lock is released):
 /// at a light load a message then costs no wake-up of the shard's task (and no second worker
 /// thread woken to run it, which was a sixth of a message's CPU at 10 clients × 50 msg/s). A
-/// shard written that way less than [`WRITE_GAP`] ago is left to its task, which gathers what
-/// comes meanwhile into one write per client (bursts).
+/// shard written that way less than [`WRITE_GAP`] ago, or [`WRITE_SHARE`] times what that
+/// write took, is left to its task, which gathers what comes meanwhile into one write per
+/// client (bursts).
 pub struct Shard {
     outlets: Mutex<Vec<Arc<Outlet>>>,
     /// The shard's place in the room's ring; held by whoever makes a pass.
