@@ -644,12 +644,7 @@ impl Broker {
             let seq = self.stamper.seq;
             if seq >= next_lag_check {
                 next_lag_check = seq + lag_check_every;
-                lagging = self.lagging();
-                if lagging {
-                    lag_timer
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + LAG_RECHECK);
-                }
+                lagging = self.lagging(lag_timer.as_mut());
             }
             let hold = lagging
                 || self
@@ -687,12 +682,7 @@ impl Broker {
                     continue;
                 }
                 () = &mut lag_timer, if lagging => {
-                    lagging = self.lagging();
-                    if lagging {
-                        lag_timer
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + LAG_RECHECK);
-                    }
+                    lagging = self.lagging(lag_timer.as_mut());
                     continue;
                 }
                 Some(item) = recv_some(local.as_mut().map(|rx| rx.recv())), if !lagging => {
@@ -726,11 +716,13 @@ impl Broker {
     }
 
     /// Whether a subscriber of PUB that is still reading is more than half
-    /// `broker.subscriber_queue` behind (zeromq patch 14).
-    fn lagging(&self) -> bool {
+    /// `broker.subscriber_queue` behind (zeromq patch 14); if so, `recheck` is armed to look
+    /// again in [`LAG_RECHECK`].
+    fn lagging(&self, recheck: std::pin::Pin<&mut tokio::time::Sleep>) -> bool {
         let fullest = self.publish.fullest_draining_queue(SUBSCRIBER_PROGRESS);
         let lagging = fullest > self.max_subscriber_lag;
         if lagging {
+            recheck.reset(tokio::time::Instant::now() + LAG_RECHECK);
             crate::throttled!(
                 tracing::Level::INFO,
                 queued = fullest,

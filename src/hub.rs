@@ -2357,42 +2357,52 @@ mod tests {
         assert_eq!(a.nodes().len(), 2);
     }
 
+    /// A client one of `hub`'s writer shards streams to, on a real loopback socket (left
+    /// non-blocking): `head` is its stream's first bytes, already written by its own task.
+    async fn streamed_client(
+        hub: &Hub,
+        listener: &tokio::net::TcpListener,
+        head: &'static [u8],
+    ) -> (std::net::TcpStream, Arc<Outlet>, (Arc<Slot>, ClientGuard)) {
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let outlet = Arc::new(Outlet::new(
+            crate::shard::Socket::Owned(server),
+            Bytes::from_static(head),
+        ));
+        let subscribed = hub
+            .subscribe_outlet(None, None, None, Abort::new(|| {}), &outlet)
+            .unwrap();
+        assert_eq!(outlet.write_pending(), crate::shard::Flushed::Empty);
+        client.set_nonblocking(true).unwrap();
+        (client, outlet, subscribed)
+    }
+
+    /// What a client's socket holds now (loopback: what `send` returned for is readable at
+    /// once).
+    fn read_now(mut client: &std::net::TcpStream) -> String {
+        use std::io::Read;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = Vec::new();
+        while let Ok(n) = client.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(got).unwrap()
+    }
+
     /// A client of a room's lone writer shard, on a real socket: the message is in the
     /// client's socket when `ingest` returns (the broadcaster wrote it; no other task ran on
     /// this one-thread runtime meanwhile); one that follows within `WRITE_GAP` is written by
     /// the shard's task.
     #[tokio::test]
     async fn a_lone_shard_is_written_by_the_broadcaster() {
-        use std::io::Read;
         let hub = hub(settings());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let outlet = Arc::new(Outlet::new(
-            crate::shard::Socket::Owned(server),
-            Bytes::from_static(b"head\n"),
-        ));
-        let (_slot, _guard) = hub
-            .subscribe_outlet(None, None, None, Abort::new(|| {}), &outlet)
-            .unwrap();
         // The head and the stream's opening, as the client's own task writes them.
-        assert!(matches!(
-            outlet.write_pending(),
-            crate::shard::Flushed::Empty
-        ));
-        // What the socket holds now (loopback: what `send` returned for is readable at once).
-        let read_now = |mut client: &std::net::TcpStream| {
-            client.set_nonblocking(true).unwrap();
-            let mut buf = vec![0u8; 4096];
-            let mut got = Vec::new();
-            while let Ok(n) = client.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                got.extend_from_slice(&buf[..n]);
-            }
-            String::from_utf8(got).unwrap()
-        };
+        let (client, _outlet, _subscribed) = streamed_client(&hub, &listener, b"head\n").await;
         let opening = read_now(&client);
         assert!(opening.starts_with("head\n"), "{opening:?}");
 
@@ -2427,41 +2437,31 @@ mod tests {
     /// not spend more than a share of its time writing, and the task gathers what comes.
     #[tokio::test]
     async fn a_lone_shard_that_took_long_to_write_is_left_to_its_task_for_a_while() {
-        use std::io::Read;
         let hub = hub(settings());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let outlet = Arc::new(Outlet::new(
-            crate::shard::Socket::Owned(server),
-            Bytes::new(),
-        ));
-        let (_slot, _guard) = hub
-            .subscribe_outlet(None, None, None, Abort::new(|| {}), &outlet)
-            .unwrap();
-        // The stream's opening, as the client's own task writes it.
-        assert_eq!(outlet.write_pending(), crate::shard::Flushed::Empty);
-        client.set_nonblocking(true).unwrap();
-        let mut read_now = || {
-            let mut buf = [0u8; 4096];
-            match client.read(&mut buf) {
-                Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
-                Err(_) => String::new(),
-            }
-        };
+        let (client, _outlet, _subscribed) = streamed_client(&hub, &listener, b"").await;
         hub.ingest(&message(1));
-        assert!(read_now().contains("m1"), "written by the broadcaster");
+        assert!(
+            read_now(&client).contains("m1"),
+            "written by the broadcaster"
+        );
         let shard = hub.shared.lock().rooms.values().next().unwrap().shards[0].clone();
         // That pass "took" 10 ms: for 40 ms from its start, the task writes.
         shard.pretend_the_last_write_took(Duration::from_millis(10));
         std::thread::sleep(Duration::from_millis(5));
         hub.ingest(&message(2));
-        assert_eq!(read_now(), "", "left to the shard's task");
+        assert_eq!(read_now(&client), "", "left to the shard's task");
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(read_now().contains("m2"), "written by the shard's task");
+        assert!(
+            read_now(&client).contains("m2"),
+            "written by the shard's task"
+        );
         std::thread::sleep(Duration::from_millis(40));
         hub.ingest(&message(3));
-        assert!(read_now().contains("m3"), "the broadcaster writes again");
+        assert!(
+            read_now(&client).contains("m3"),
+            "the broadcaster writes again"
+        );
     }
 
     /// `event.shard_size` clients a shard: seven clients make three shards of three (their
@@ -2469,7 +2469,6 @@ mod tests {
     /// a hundred, which the broadcaster writes itself before it returns.
     #[tokio::test]
     async fn a_room_has_a_shard_per_shard_size_clients() {
-        use std::io::Read;
         for (size, shards) in [(3, 3), (100, 1)] {
             let hub = hub(Settings {
                 shard_size: size,
@@ -2478,18 +2477,7 @@ mod tests {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let mut clients = Vec::new();
             for _ in 0..7 {
-                let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-                let (server, _) = listener.accept().await.unwrap();
-                let outlet = Arc::new(Outlet::new(
-                    crate::shard::Socket::Owned(server),
-                    Bytes::new(),
-                ));
-                let subscribed = hub
-                    .subscribe_outlet(None, None, None, Abort::new(|| {}), &outlet)
-                    .unwrap();
-                assert_eq!(outlet.write_pending(), crate::shard::Flushed::Empty);
-                client.set_nonblocking(true).unwrap();
-                clients.push((client, outlet, subscribed));
+                clients.push(streamed_client(&hub, &listener, b"").await);
             }
             let made = hub
                 .shared
@@ -2502,11 +2490,7 @@ mod tests {
             hub.ingest(&message(1));
             let inline = shards == 1;
             for (client, _, _) in &clients {
-                let mut buf = [0u8; 4096];
-                let got = match (&*client).read(&mut buf) {
-                    Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
-                    Err(_) => String::new(),
-                };
+                let got = read_now(client);
                 assert_eq!(
                     got.contains("m1"),
                     inline,
@@ -2517,11 +2501,10 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
             if !inline {
                 for (client, _, _) in &clients {
-                    let mut buf = [0u8; 4096];
-                    let n = (&*client)
-                        .read(&mut buf)
-                        .expect("written by its shard's task");
-                    assert!(String::from_utf8_lossy(&buf[..n]).contains("m1"));
+                    assert!(
+                        read_now(client).contains("m1"),
+                        "written by its shard's task"
+                    );
                 }
             }
         }
@@ -2533,7 +2516,6 @@ mod tests {
     /// so neither written inline otherwise), a ring of 16 frames, 200 messages.
     #[tokio::test]
     async fn a_shard_half_a_ring_behind_is_caught_up_by_the_broadcaster() {
-        use std::io::Read;
         const SHARD_SIZE: usize = 8;
         let hub = hub(Settings {
             queue: 16,
@@ -2544,19 +2526,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut clients = Vec::new();
         for _ in 0..=SHARD_SIZE {
-            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            let (server, _) = listener.accept().await.unwrap();
-            let outlet = Arc::new(Outlet::new(
-                crate::shard::Socket::Owned(server),
-                Bytes::from_static(b"head\n"),
-            ));
-            let subscribed = hub
-                .subscribe_outlet(None, None, None, Abort::new(|| {}), &outlet)
-                .unwrap();
             // The head, as the client's own task writes it.
-            assert_eq!(outlet.write_pending(), crate::shard::Flushed::Empty);
-            client.set_nonblocking(true).unwrap();
-            clients.push((client, outlet, subscribed));
+            clients.push(streamed_client(&hub, &listener, b"head\n").await);
         }
         const MESSAGES: u64 = 200;
         for seq in 1..=MESSAGES {
@@ -2564,21 +2535,13 @@ mod tests {
         }
         // The shards' tasks run now: what they find in the ring, they write.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        for (mut client, outlet, _) in clients {
+        for (client, outlet, _) in clients {
             assert_eq!(
                 outlet.write_pending(),
                 crate::shard::Flushed::Empty,
                 "the client's stream goes on"
             );
-            let mut got = Vec::new();
-            let mut buf = vec![0u8; 64 * 1024];
-            while let Ok(n) = client.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                got.extend_from_slice(&buf[..n]);
-            }
-            let got = String::from_utf8(got).unwrap();
+            let got = read_now(&client);
             let ids: Vec<u64> = got
                 .lines()
                 .filter_map(|line| line.strip_prefix("id: 1-"))
