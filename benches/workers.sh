@@ -11,6 +11,9 @@
 #                                             # labelled SETTING@DIR, DIR the build's folder)
 #   TEMMA_SETTINGS="0/normal 0/normal/64" NCHAN_SETTINGS= benches/workers.sh  # a third part:
 #                                   # `event.shard_size` (clients a writer shard)
+#   CLIENT=sse_reader LOADS=1000x10 TEMMA_SETTINGS="0/normal/512 0/normal/1024" benches/workers.sh
+#                                   # the independent client (benches/sse_reader.py) instead of
+#                                   # temma-load; the server's CPU then from its threads' schedstat
 #   FLOOR_SETTINGS="1 2 2t 2u" benches/workers.sh   # and temma-floor (benches/floor.rs: the
 #                                   # least a fan-out server can spend) with 1 and 2 threads; "2t":
 #                                   # 2 threads and a task per subscriber (--tasks); "2u": 2
@@ -27,6 +30,8 @@ TEMMA_SETTINGS=${TEMMA_SETTINGS:-0/normal 0/batch 1/normal}
 NCHAN_SETTINGS=${NCHAN_SETTINGS-2 1}
 FLOOR_SETTINGS=${FLOOR_SETTINGS-}
 TEMMA_BINARIES=${TEMMA_BINARIES:-target/release/temma}
+CLIENT=${CLIENT:-temma-load}
+case $CLIENT in temma-load|sse_reader) ;; *) echo "CLIENT: temma-load or sse_reader" >&2; exit 2 ;; esac
 OUT=${OUT:-target/workers}
 WORK=$(mktemp -d /tmp/temma-workers.XXXXXX)
 PORT=8092
@@ -38,6 +43,11 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo build --release --bin temma --example temma-load --example temma-floor
 LOAD=target/release/examples/temma-load
+
+# cpu_ns PID… — the run time of every thread of these processes, in ns (schedstat).
+cpu_ns() {
+  cat $(printf '/proc/%s/task/*/schedstat ' "$@") 2>/dev/null | awk '{ns += $1} END {print ns + 0}'
+}
 
 PID=""
 cleanup() {
@@ -89,8 +99,33 @@ run() {
     label="$setting@${dir##*/}"
   fi
   local file="$OUT/$server-${label//\//-}-$load-$round.json"
-  "$LOAD" "${target[@]}" --subscribers "$subscribers" --rate "$rate" \
-    --messages $((rate * 10)) --json > "$file"
+  if [ "$CLIENT" = temma-load ]; then
+    "$LOAD" "${target[@]}" --subscribers "$subscribers" --rate "$rate" \
+      --messages $((rate * 10)) --json > "$file"
+  else
+    # The servers' processes (the --pid arguments), their threads' run time before and after.
+    local pids=() i
+    for ((i = 0; i < ${#target[@]}; i++)); do
+      [ "${target[i]}" = --pid ] && pids+=("${target[i + 1]}")
+    done
+    local before after
+    before=$(cpu_ns "${pids[@]}")
+    python3 benches/sse_reader.py --subscribe "${target[1]}" --publish "${target[3]}" \
+      --subscribers "$subscribers" --rate "$rate" --messages $((rate * 10)) > "$file.reader"
+    after=$(cpu_ns "${pids[@]}")
+    python3 - "$file.reader" "$((after - before))" "$subscribers" > "$file" <<'PYEND'
+import json, sys
+r = json.load(open(sys.argv[1]))
+ns, subscribers = int(sys.argv[2]), int(sys.argv[3])
+print(json.dumps({
+    "latency_us": {k: v * 1000 for k, v in r["latency_ms"].items()},
+    "server_cpu": {"per_message_us": ns / 1000 / r["accepted"],
+                   "per_delivery_us": ns / 1000 / r["accepted"] / subscribers,
+                   "measured_by": "schedstat"},
+    "delivered_ratio": r["delivered_ratio"], "gaps": "-", "duplicates": r["duplicates"],
+}))
+PYEND
+  fi
   if [ "$server" != nchan ]; then
     kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
   else
@@ -108,7 +143,7 @@ print(f"{sys.argv[2]:6} {sys.argv[3]:>14} {sys.argv[4]:>8}  p50 {r['latency_us']
 PYEND
 }
 
-echo "server setting (threads/scheduling or processes)  load (subscribers x msg/s)"
+echo "server setting (threads/scheduling or processes)  load (subscribers x msg/s), client $CLIENT"
 for round in $(seq "$ROUNDS"); do
   for load in $LOADS; do
     # temma: 0 is one worker per CPU; Nchan: worker_processes as in compare.sh (2) and 1.

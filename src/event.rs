@@ -88,7 +88,8 @@ pub struct EventConfig {
     /// The most SSE clients of a room one writer shard (one task) writes to, 1 to 65536. More
     /// clients a shard: fewer tasks woken a message and less CPU a delivery; fewer: a room's
     /// writes spread over more worker threads. A room with one shard is written by the task
-    /// that brought the message, without a wake-up, at light loads. Default 1024.
+    /// that brought the message, without a wake-up, at light loads; a room of several has them
+    /// written side by side by the worker threads. Default 512.
     pub shard_size: usize,
 }
 

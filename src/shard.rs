@@ -9,7 +9,8 @@
 //! once) waits for the socket and writes it, under the write-stall deadline; until its outlet is
 //! empty again, later chunks queue behind. Whoever writes to a client's socket holds its
 //! outlet's lock, so bytes never interleave. A room's lone shard is written by the task that
-//! broadcast the frame, when it last did so at least [`WRITE_GAP`] ago (see [`Shard`]).
+//! broadcast the frame, when it last did so at least [`WRITE_GAP`] ago (see [`Shard`]); the
+//! shards of a larger room are all woken, and the worker threads write them side by side.
 //!
 //! Policy: an outlet holds at most the room's queue (`event.queue`) of frames not yet written;
 //! one more and the client is disconnected (it reconnects and replays), as a client further
@@ -30,13 +31,16 @@ use crate::error::lock;
 use crate::metrics::Metrics;
 use crate::wire::MsgId;
 
-/// Clients per shard by default (`event.shard_size`): a room of up to a thousand clients has
-/// one shard, which the task that brings a message writes itself at light loads (no wake-up,
-/// no other thread woken) and its own task gathers bursts for. On 2 CPUs shared with the
+/// Clients per shard by default (`event.shard_size`): a room of up to 512 clients has one
+/// shard, which the task that brings a message writes itself at light loads (no wake-up, no
+/// other thread woken) and its own task gathers bursts for; a larger room has two or more,
+/// woken together, which the worker threads write side by side. On 2 CPUs shared with the
 /// clients, 1,024 instead of 64 cut the CPU a delivery by 36 % at 100 clients and 15 % at
-/// 1,000 (BENCHMARKS.md, "Shard size"); on many CPUs, a smaller size spreads a large room's
-/// writes over them.
-pub const SHARD_SIZE: usize = 1024;
+/// 1,000 (BENCHMARKS.md, "Shard size"), but a room of 1,000 written by one thread had a p99
+/// no better than Nchan's at 1,000 × 10; with 512 both threads write it, for a p99 about 0.7×
+/// Nchan's and 10–20 % more CPU a delivery (BENCHMARKS.md, "Shards of 512"). On many CPUs, a
+/// smaller size spreads a large room's writes over more of them.
+pub const SHARD_SIZE: usize = 512;
 
 /// The most clients `event.shard_size` may give a shard.
 pub const MAX_SHARD_SIZE: usize = 65_536;
