@@ -37,8 +37,8 @@ use crate::wire::MsgId;
 /// woken together, which the worker threads write side by side. On 2 CPUs shared with the
 /// clients, 1,024 instead of 64 cut the CPU a delivery by 36 % at 100 clients and 15 % at
 /// 1,000 (BENCHMARKS.md, "Shard size"), but a room of 1,000 written by one thread had a p99
-/// no better than Nchan's at 1,000 × 10; with 512 both threads write it, for a p99 about 0.7×
-/// Nchan's and 10–20 % more CPU a delivery (BENCHMARKS.md, "Shards of 512"). On many CPUs, a
+/// above Nchan's at 1,000 × 10 and × 20 (temma-load); with 512 both threads write it, for a
+/// p99 0.65–1.05× Nchan's and 7–28 % more CPU a delivery (BENCHMARKS.md, "Shards of 512"). On many CPUs, a
 /// smaller size spreads a large room's writes over more of them.
 pub const SHARD_SIZE: usize = 512;
 
