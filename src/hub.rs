@@ -2510,6 +2510,73 @@ mod tests {
         }
     }
 
+    /// The shards of a room of several are all woken, and the worker threads write them side
+    /// by side: each shard's pass waits here until the other's is under way too (for at most
+    /// 10 s). Had the broadcaster woken one and written the other itself, the woken task would
+    /// wait in its worker's LIFO slot, which no other worker takes from, until that write was
+    /// done: the first pass would wait alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_shards_of_a_room_of_several_are_written_side_by_side() {
+        let hub = hub(Settings {
+            shard_size: 2,
+            ..settings()
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(streamed_client(&hub, &listener, b"").await);
+        }
+        let shards = hub
+            .shared
+            .lock()
+            .rooms
+            .values()
+            .next()
+            .unwrap()
+            .shards
+            .clone();
+        assert_eq!(shards.len(), 2);
+        let meeting = Arc::new((std::sync::Mutex::new(0), std::sync::Condvar::new()));
+        let met = Arc::new(AtomicU64::new(0));
+        for shard in &shards {
+            let (meeting, met) = (meeting.clone(), met.clone());
+            shard.on_pass(move || {
+                let (arrived, all) = &*meeting;
+                let mut arrived = arrived.lock().unwrap();
+                *arrived += 1;
+                all.notify_all();
+                let (arrived, wait) = all
+                    .wait_timeout_while(arrived, Duration::from_secs(10), |arrived| *arrived < 2)
+                    .unwrap();
+                drop(arrived);
+                if !wait.timed_out() {
+                    met.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        // Broadcast on a worker thread, as the embedded broker's task and the SUB socket's do.
+        let broadcaster = hub.clone();
+        tokio::spawn(async move { broadcaster.ingest(&message(1)) })
+            .await
+            .unwrap();
+        for (client, _, _) in &clients {
+            let mut got = String::new();
+            for _ in 0..2000 {
+                got += &read_now(client);
+                if got.contains("m1") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(got.contains("m1"), "every client is written: {got:?}");
+        }
+        assert_eq!(
+            met.load(Ordering::Relaxed),
+            2,
+            "both shards' passes were under way at once"
+        );
+    }
+
     /// A burst's broadcaster that does not let the shards' tasks run (here: no await, on a
     /// one-thread runtime) would lap them in the ring and every client would be cut; a shard
     /// half a ring behind is caught up by the broadcaster instead. Two shards (neither alone,

@@ -427,6 +427,9 @@ pub struct Shard {
     /// A pass's sends go in one system call where the kernel allows (`event.io_uring`).
     batch: bool,
     metrics: Arc<Metrics>,
+    /// Called by every pass that has frames, before its sends.
+    #[cfg(test)]
+    on_pass: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 /// What a shard reads from its room's ring.
@@ -510,6 +513,8 @@ impl Shard {
             size,
             batch,
             metrics,
+            #[cfg(test)]
+            on_pass: Mutex::new(None),
         });
         tokio::spawn(shard.clone().run());
         shard
@@ -550,6 +555,12 @@ impl Shard {
             drop(ring);
             self.kick();
         }
+    }
+
+    /// Has every pass that has frames call `hook` first.
+    #[cfg(test)]
+    pub fn on_pass(&self, hook: impl Fn() + Send + Sync + 'static) {
+        *lock(&self.on_pass) = Some(Box::new(hook));
     }
 
     /// As if the broadcaster's last pass had taken `took`.
@@ -628,6 +639,10 @@ impl Shard {
             self.taken.store(last.seq, Ordering::Relaxed);
         }
         if !ring.items.is_empty() {
+            #[cfg(test)]
+            if let Some(hook) = &*lock(&self.on_pass) {
+                hook();
+            }
             let whole = gather(&ring.items);
             let messages = ring.items.iter().filter(|item| item.message).count() as u64;
             let mut delivered = 0;
