@@ -23,8 +23,9 @@
 #            rate held, its deliveries/s and latencies.
 #   idle     10 000 SSE connections held; server RSS per connection.
 #   latency  1000 subscribers × 100 msg/s for 10 s; p50/p99.
-#   light    10 subscribers × 20 msg/s for 10 s; medium: 100 subscribers × 50 msg/s for 10 s:
-#            where the per-message path (not the fan-out) decides.
+#   light    10 subscribers × 20 msg/s for 30 s (6,000 deliveries: a p99 over 10 s stood on the
+#            20 slowest of 2,000, two late messages); medium: 100 subscribers × 50 msg/s for
+#            10 s: where the per-message path (not the fan-out) decides.
 #   permessage  10 subscribers × 50 msg/s for 10 s: server CPU per message.
 #   delivery 1000 subscribers × 20 msg/s for 10 s: server CPU per delivery.
 #   wide     1000 subscribers × 10 msg/s for 10 s.
@@ -197,10 +198,11 @@ load() {
   "$LOAD" "${target[@]}" --json "$@" > "$OUT/$file"
 }
 
-# The steady loads, subscribers and messages per second, each for 10 s (the independent reader
-# reads light, medium, wide and crowd).
+# The steady loads, subscribers and messages per second, each for 10 s but light's 30 (the
+# independent reader reads light, medium, wide and crowd).
 declare -A STEADY=([latency]="1000 100" [light]="10 20" [medium]="100 50" [permessage]="10 50"
                    [delivery]="1000 20" [wide]="1000 10" [crowd]="500 10")
+declare -A STEADY_SECS=([light]=30)
 
 field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, r))" "$@"; }
 
@@ -246,10 +248,11 @@ for scenario in $SCENARIOS; do
       ;;
     latency|light|medium|permessage|delivery|wide)
       read -r subscribers rate <<<"${STEADY[$scenario]}"
-      echo "--- scenario $scenario: $subscribers subscribers × $rate msg/s for 10 s"
+      secs=${STEADY_SECS[$scenario]:-10}
+      echo "--- scenario $scenario: $subscribers subscribers × $rate msg/s for $secs s"
       for name in temma $PEERS; do
         load "$name" "$scenario-$name.json" --subscribers "$subscribers" --rate "$rate" \
-          --messages $((rate * 10))
+          --messages $((rate * secs))
       done
       ;;
     browser)
@@ -264,7 +267,7 @@ for scenario in $SCENARIOS; do
       echo "--- scenario: an independent client (benches/sse_reader.py)"
       for label in light medium wide crowd; do
         read -r subscribers rate <<<"${STEADY[$label]}"
-        messages=$((rate * 10))
+        messages=$((rate * ${STEADY_SECS[$label]:-10}))
         echo "  $label: $subscribers × $rate msg/s"
         for name in temma $PEERS; do
           [ "$name" = pushpin ] && continue  # its publish API is not a plain POST
