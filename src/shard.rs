@@ -38,8 +38,8 @@ use crate::wire::MsgId;
 /// clients, 1,024 instead of 64 cut the CPU a delivery by 36 % at 100 clients and 15 % at
 /// 1,000 (BENCHMARKS.md, "Shard size"), but a room of 1,000 written by one thread had a p99
 /// above Nchan's at 1,000 × 10 and × 20 (temma-load); with 512 both threads write it, for a
-/// p99 0.65–1.05× Nchan's and 7–28 % more CPU a delivery (BENCHMARKS.md, "Shards of 512"). On many CPUs, a
-/// smaller size spreads a large room's writes over more of them.
+/// p99 0.65–1.05× Nchan's and 7–28 % more CPU a delivery (BENCHMARKS.md, "Shards of 512").
+/// On many CPUs, a smaller size spreads a large room's writes over more of them.
 pub const SHARD_SIZE: usize = 512;
 
 /// The most clients `event.shard_size` may give a shard.
