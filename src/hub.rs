@@ -2378,6 +2378,36 @@ mod tests {
         (client, outlet, subscribed)
     }
 
+    /// A hub with writer shards of `shard_size` and `clients` streamed clients in its default
+    /// room.
+    async fn streamed_room(
+        shard_size: usize,
+        clients: usize,
+    ) -> (
+        Hub,
+        Vec<(std::net::TcpStream, Arc<Outlet>, (Arc<Slot>, ClientGuard))>,
+    ) {
+        let hub = hub(Settings {
+            shard_size,
+            ..settings()
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut streamed = Vec::new();
+        for _ in 0..clients {
+            streamed.push(streamed_client(&hub, &listener, b"").await);
+        }
+        (hub, streamed)
+    }
+
+    /// The writer shards of the hub's only room.
+    fn room_shards(hub: &Hub) -> Vec<Arc<Shard>> {
+        let state = hub.shared.lock();
+        let mut rooms = state.rooms.values();
+        let room = rooms.next().expect("a room");
+        assert!(rooms.next().is_none(), "one room");
+        room.shards.clone()
+    }
+
     /// What a client's socket holds now (loopback: what `send` returned for is readable at
     /// once).
     fn read_now(mut client: &std::net::TcpStream) -> String {
@@ -2445,7 +2475,7 @@ mod tests {
             read_now(&client).contains("m1"),
             "written by the broadcaster"
         );
-        let shard = hub.shared.lock().rooms.values().next().unwrap().shards[0].clone();
+        let shard = room_shards(&hub)[0].clone();
         // That pass "took" 10 ms: for 40 ms from its start, the task writes.
         shard.pretend_the_last_write_took(Duration::from_millis(10));
         std::thread::sleep(Duration::from_millis(5));
@@ -2470,23 +2500,8 @@ mod tests {
     #[tokio::test]
     async fn a_room_has_a_shard_per_shard_size_clients() {
         for (size, shards) in [(3, 3), (100, 1)] {
-            let hub = hub(Settings {
-                shard_size: size,
-                ..settings()
-            });
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let mut clients = Vec::new();
-            for _ in 0..7 {
-                clients.push(streamed_client(&hub, &listener, b"").await);
-            }
-            let made = hub
-                .shared
-                .lock()
-                .rooms
-                .values()
-                .map(|room| room.shards.len())
-                .sum::<usize>();
-            assert_eq!(made, shards, "shard_size {size}");
+            let (hub, clients) = streamed_room(size, 7).await;
+            assert_eq!(room_shards(&hub).len(), shards, "shard_size {size}");
             hub.ingest(&message(1));
             let inline = shards == 1;
             for (client, _, _) in &clients {
@@ -2517,24 +2532,8 @@ mod tests {
     /// done: the first pass would wait alone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_shards_of_a_room_of_several_are_written_side_by_side() {
-        let hub = hub(Settings {
-            shard_size: 2,
-            ..settings()
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut clients = Vec::new();
-        for _ in 0..4 {
-            clients.push(streamed_client(&hub, &listener, b"").await);
-        }
-        let shards = hub
-            .shared
-            .lock()
-            .rooms
-            .values()
-            .next()
-            .unwrap()
-            .shards
-            .clone();
+        let (hub, clients) = streamed_room(2, 4).await;
+        let shards = room_shards(&hub);
         assert_eq!(shards.len(), 2);
         let meeting = Arc::new((std::sync::Mutex::new(0), std::sync::Condvar::new()));
         let met = Arc::new(AtomicU64::new(0));
