@@ -46,7 +46,7 @@ use crate::acks::{Ack, Acks};
 use crate::failover::Brokers;
 use crate::metrics::SnapshotResult;
 use crate::metrics::{DropReason, Metrics};
-use crate::shard::{End, Outlet, Shard};
+use crate::shard::{Bell, End, Outlet, Shard};
 use crate::snapshot::{self, Reply};
 use crate::socket;
 use crate::wire::{self, Envelope, KEEPALIVE_FRAME, MsgId, plain_str, write_reset};
@@ -105,25 +105,6 @@ struct Shared {
     /// Sweeps done, for the tests of their pace.
     #[cfg(test)]
     sweeps: AtomicU64,
-}
-
-/// Wakes the sweep out of its quiet pace: while every client has taken every frame, the sweep
-/// runs once a [`QUIET_INTERVAL`], and the first frame broadcast after that (in any room)
-/// brings it back to every [`SWEEP_INTERVAL`], so that a client that stops reading is found
-/// as soon as before.
-#[derive(Default)]
-struct Bell {
-    quiet: AtomicBool,
-    ring: tokio::sync::Notify,
-}
-
-impl Bell {
-    /// A frame was broadcast: one relaxed load, and a wake-up only when the sweep is quiet.
-    fn broadcast(&self) {
-        if self.quiet.load(Ordering::Relaxed) && self.quiet.swap(false, Ordering::Relaxed) {
-            self.ring.notify_one();
-        }
-    }
 }
 
 /// The first whole multiple of `period` after `born` that is later than `now`.
@@ -368,6 +349,10 @@ struct Room {
     /// Frames broadcast so far in this room.
     sent: u64,
     slots: HashMap<u64, Arc<Slot>>,
+    /// Slots whose clients read the ring on their own tasks (streams served by hyper): while
+    /// there are any, each broadcast rings the bell (they are behind until their tasks run).
+    /// The others are written by the shards, which ring it when they leave one behind.
+    streams: usize,
     /// When the last frame was broadcast, for keep-alives.
     last_sent: Instant,
     /// When a client or a message last came, for idle eviction.
@@ -391,6 +376,7 @@ impl Room {
             history: History::new(settings.history_size, settings.history_ttl),
             sent: 0,
             slots: HashMap::new(),
+            streams: 0,
             last_sent: now,
             last_active: now,
             bell,
@@ -423,7 +409,9 @@ impl Room {
         // No receiver is fine: nobody is connected.
         let _ = tx.send(item);
         self.sent += 1;
-        self.bell.broadcast();
+        if self.streams > 0 {
+            self.bell.ring();
+        }
         let late = |shard: &Shard| shard.behind(self.sent) > self.queue as u64 / 2;
         let mut writes = Writes::default();
         match self.shards.as_slice() {
@@ -579,7 +567,9 @@ impl Drop for ClientGuard {
             self.shared.metrics.sse_clients.dec();
             let mut state = self.shared.lock();
             if let Some(room) = state.rooms.get_mut(room) {
-                room.slots.remove(&self.key);
+                if let Some(slot) = room.slots.remove(&self.key) {
+                    room.streams -= usize::from(slot.outlet.is_none());
+                }
                 room.last_active = Instant::now();
                 if room.slots.is_empty() {
                     room.close();
@@ -1006,7 +996,8 @@ impl Hub {
                     None => {
                         let queue = room.queue as u64;
                         let rx = tx.subscribe();
-                        let shard = Shard::spawn(rx, room.sent, queue, size, batch, metrics);
+                        let bell = room.bell.clone();
+                        let shard = Shard::spawn(rx, room.sent, queue, size, batch, metrics, bell);
                         shard.join(outlet);
                         room.shards.push(shard.clone());
                         shard
@@ -1075,6 +1066,7 @@ impl Hub {
                 .map(Arc::from),
             outlet: outlet.cloned(),
         });
+        room.streams += usize::from(slot.outlet.is_none());
         room.slots.insert(key, slot.clone());
         // Counted once it is in its room: whoever sees the gauge count it knows that every
         // message published from then on reaches it.
@@ -1319,7 +1311,7 @@ impl Hub {
         let mut next = Instant::now() + SWEEP_INTERVAL;
         let mut expire_at = Instant::now() + QUIET_INTERVAL;
         loop {
-            let quiet = bell.quiet.load(Ordering::Relaxed);
+            let quiet = bell.is_quiet();
             let deadline = if quiet {
                 next_tick(born, QUIET_INTERVAL, Instant::now())
             } else {
@@ -1328,7 +1320,7 @@ impl Hub {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep_until(deadline) => {}
-                () = bell.ring.notified(), if quiet => {
+                () = bell.rung(), if quiet => {
                     next = Instant::now() + SWEEP_INTERVAL;
                     continue;
                 }
@@ -1375,6 +1367,7 @@ impl Hub {
                             );
                         }
                         slot.abort.abort();
+                        room.streams -= usize::from(slot.outlet.is_none());
                         false
                     } else {
                         true
@@ -1389,7 +1382,7 @@ impl Hub {
             }
             // Under the lock, as every broadcast: none can come between the look and this.
             if !lagging {
-                bell.quiet.store(true, Ordering::Relaxed);
+                bell.quieten();
             }
         }
         // Dropping the senders ends every stream once it has sent what it already had.
@@ -2754,6 +2747,120 @@ mod tests {
             "cut off after `event.stall_ms`"
         );
         assert_eq!(hub.metrics().slow_disconnects.get(), 1);
+        shutdown.cancel();
+    }
+
+    /// Clients whose sockets take every frame at once keep the sweep at its quiet pace: a
+    /// message every 100 ms for 10 s wakes it once a second, not every 200 ms (no thread woken
+    /// between two messages at a light load). Every message still reaches every client. (A
+    /// client that reads the ring on its own task rings at every broadcast while it is in the
+    /// room: `an_idle_hub_sweeps_once_a_second_and_a_broadcast_brings_the_pace_back`.)
+    #[tokio::test(start_paused = true)]
+    async fn streamed_clients_that_take_every_frame_leave_the_sweep_quiet() {
+        const MESSAGES: u64 = 100;
+        let (hub, clients) = streamed_room(crate::shard::SHARD_SIZE, 3).await;
+        // A client whose stream hyper served came and went: the room has none any more.
+        drop(hub.subscribe(None, None, Abort::new(|| {})).unwrap());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(hub.clone().run_timers(shutdown.clone()));
+        let sweeps = |hub: &Hub| hub.shared.sweeps.load(Ordering::Relaxed);
+        run_for(Duration::from_secs(2)).await;
+        let before = sweeps(&hub);
+        let mut got = vec![String::new(); clients.len()];
+        for seq in 1..=MESSAGES {
+            hub.ingest(&message(seq));
+            run_for(Duration::from_millis(100)).await;
+            for ((client, _, _), got) in clients.iter().zip(&mut got) {
+                got.push_str(&read_now(client));
+            }
+        }
+        let during = sweeps(&hub) - before;
+        assert!(
+            (9..=12).contains(&during),
+            "10 s of messages all taken at once: {during} sweeps"
+        );
+        for got in got {
+            let ids: Vec<u64> = got
+                .lines()
+                .filter_map(|line| line.strip_prefix("id: 1-"))
+                .map(|seq| seq.parse().unwrap())
+                .collect();
+            assert_eq!(ids, (1..=MESSAGES).collect::<Vec<_>>(), "every message");
+        }
+        shutdown.cancel();
+    }
+
+    /// A streamed client whose socket stopped taking bytes, with its whole queue waiting in its
+    /// outlet, after a quiet while: the pass that left it behind brings the sweep back at once,
+    /// and the client is cut off after `event.stall_ms` (400 ms), not a quiet second later. A
+    /// client of the same room that reads is not cut.
+    #[tokio::test(start_paused = true)]
+    async fn a_streamed_client_left_behind_after_a_quiet_while_is_cut_off_as_fast() {
+        let (hub, shutdown) = hub_with_timers();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // The stuck client: small socket buffers on both ends, never read.
+        let stuck =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        stuck.set_recv_buffer_size(4096).unwrap();
+        stuck
+            .connect(&listener.local_addr().unwrap().into())
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let outlet = Arc::new(Outlet::new(
+            crate::shard::Socket::Owned(server),
+            Bytes::new(),
+        ));
+        let aborted = Arc::new(AtomicBool::new(false));
+        let abort = {
+            let aborted = aborted.clone();
+            Abort::new(move || aborted.store(true, Ordering::SeqCst))
+        };
+        let _subscribed = hub
+            .subscribe_outlet(None, None, None, abort, &outlet)
+            .unwrap();
+        let (reader, _reader_outlet, _reader_subscribed) =
+            streamed_client(&hub, &listener, b"").await;
+        run_for(Duration::from_secs(5)).await;
+        // Large messages until the stuck client's queue (4 frames) waits in its outlet.
+        let text = "x".repeat(8000);
+        let queue = settings().queue as u64;
+        let mut seq = 0;
+        while {
+            let sent = hub
+                .shared
+                .lock()
+                .rooms
+                .values()
+                .map(|room| room.sent)
+                .sum::<u64>();
+            sent - outlet.consumed() < queue
+        } {
+            seq += 1;
+            assert!(seq < 200, "the stuck client's socket fills");
+            hub.ingest(
+                format!(r#"{{"from":"a","text":"{text}","id":"1-{seq}","time":1}}"#).as_bytes(),
+            );
+            // The broadcaster writes (its last pass more than `WRITE_GAP` ago); the reader
+            // takes it.
+            std::thread::sleep(crate::shard::WRITE_GAP * 2);
+            read_now(&reader);
+        }
+        tokio::time::advance(Duration::from_millis(200)).await;
+        tokio::task::yield_now().await;
+        assert!(
+            !aborted.load(Ordering::SeqCst),
+            "not before `event.stall_ms`"
+        );
+        run_for(Duration::from_millis(400)).await;
+        assert!(
+            aborted.load(Ordering::SeqCst),
+            "cut off after `event.stall_ms`, not at the next quiet sweep"
+        );
+        assert_eq!(hub.metrics().slow_disconnects.get(), 1);
+        drop(stuck);
         shutdown.cancel();
     }
 

@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
@@ -50,6 +50,43 @@ pub const MAX_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Most buffers given to one `writev`.
 const MAX_SLICES: usize = 16;
+
+/// Wakes the hub's sweep out of its quiet pace. While no client is behind, the sweep runs once
+/// a second; a client left behind brings it back to every 200 ms, so that a client that stops
+/// reading is found as soon as before. Who leaves a client behind rings: a shard's pass that
+/// queues bytes in an outlet (its socket did not take them), and a room's broadcast when some
+/// of its clients read the ring on their own tasks (streams served by hyper). A frame that every
+/// client's socket took at once rings nothing: at a light load the sweep then wakes no thread
+/// between two messages.
+#[derive(Default)]
+pub struct Bell {
+    quiet: AtomicBool,
+    ring: tokio::sync::Notify,
+}
+
+impl Bell {
+    /// A client may be behind: one relaxed load, and a wake-up only when the sweep is quiet.
+    pub fn ring(&self) {
+        if self.quiet.load(Ordering::Relaxed) && self.quiet.swap(false, Ordering::Relaxed) {
+            self.ring.notify_one();
+        }
+    }
+
+    /// Whether the sweep is at its quiet pace.
+    pub fn is_quiet(&self) -> bool {
+        self.quiet.load(Ordering::Relaxed)
+    }
+
+    /// Puts the sweep at its quiet pace (it found every client caught up).
+    pub fn quieten(&self) {
+        self.quiet.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits until the bell rings.
+    pub async fn rung(&self) {
+        self.ring.notified().await;
+    }
+}
 
 /// One broadcast frame: a message (with its id, if the broker gave one) or a keep-alive.
 #[derive(Debug, Clone)]
@@ -273,7 +310,7 @@ impl Outlet {
         whole: &Bytes,
         messages: u64,
         queue: u64,
-        delivered: &mut u64,
+        tally: &mut Tally,
     ) -> Option<Offer<'a>> {
         let mut state = self.lock();
         if state.end.is_some() {
@@ -308,20 +345,22 @@ impl Outlet {
             });
         }
         state.pending.push_back((bytes.clone(), frames));
-        *delivered += messages;
+        tally.delivered += messages;
+        tally.behind = true;
         self.queued(state, frames, false, queue);
         None
     }
 
     /// What the socket did with an offer's bytes: taken whole, or the rest queued and the
-    /// client's task woken to write it. Returns the messages delivered (or queued).
+    /// client's task woken to write it. Counts the messages delivered (or queued) in `tally`.
     fn sent(
         &self,
         offer: Offer<'_>,
         whole: &Bytes,
         result: std::io::Result<usize>,
         queue: u64,
-    ) -> u64 {
+        tally: &mut Tally,
+    ) {
         let Offer {
             mut state,
             own,
@@ -333,7 +372,8 @@ impl Outlet {
         match result {
             Ok(written) if written == bytes.len() => {
                 self.count_consumed(&mut state, frames);
-                return messages;
+                tally.delivered += messages;
+                return;
             }
             Ok(written) => state.pending.push_back((bytes.slice(written..), frames)),
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
@@ -343,11 +383,12 @@ impl Outlet {
                 state.end = Some(End::Gone);
                 drop(state);
                 self.wake.notify_one();
-                return 0;
+                return;
             }
         }
+        tally.delivered += messages;
+        tally.behind = true;
         self.queued(state, frames, true, queue);
-        messages
     }
 
     /// `frames` more were queued in `pending` (`first`: it was empty, and the client's task is
@@ -364,6 +405,15 @@ impl Outlet {
             self.wake.notify_one();
         }
     }
+}
+
+/// What a pass did, counted as its clients take their parts.
+#[derive(Default)]
+struct Tally {
+    /// Messages delivered (written, or queued in an outlet).
+    delivered: u64,
+    /// Some client was left with bytes its socket did not take.
+    behind: bool,
 }
 
 /// A client's part of a pass, to be sent to its socket: its outlet's lock is held from
@@ -427,6 +477,8 @@ pub struct Shard {
     /// A pass's sends go in one system call where the kernel allows (`event.io_uring`).
     batch: bool,
     metrics: Arc<Metrics>,
+    /// Rung by a pass that leaves a client behind.
+    bell: Arc<Bell>,
     /// Called by every pass that has frames, before its sends.
     #[cfg(test)]
     on_pass: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
@@ -488,7 +540,7 @@ impl Shard {
     /// Starts a shard's task on the room's ring, which `sent` frames went through before `rx`
     /// was subscribed; `queue` is the room's queue (frames a client may be behind); `size`, the
     /// most clients it takes; `batch`: a pass's sends go in one system call where the kernel
-    /// allows ([`crate::uring`]).
+    /// allows ([`crate::uring`]); `bell`, rung when a pass leaves a client behind.
     pub fn spawn(
         rx: broadcast::Receiver<Item>,
         sent: u64,
@@ -496,6 +548,7 @@ impl Shard {
         size: usize,
         batch: bool,
         metrics: Arc<Metrics>,
+        bell: Arc<Bell>,
     ) -> Arc<Shard> {
         let shard = Arc::new(Shard {
             outlets: Mutex::new(Vec::new()),
@@ -513,6 +566,7 @@ impl Shard {
             size,
             batch,
             metrics,
+            bell,
             #[cfg(test)]
             on_pass: Mutex::new(None),
         });
@@ -645,12 +699,12 @@ impl Shard {
             }
             let whole = gather(&ring.items);
             let messages = ring.items.iter().filter(|item| item.message).count() as u64;
-            let mut delivered = 0;
+            let mut tally = Tally::default();
             let outlets = self.lock();
             let offers: Vec<Offer> = outlets
                 .iter()
                 .filter_map(|outlet| {
-                    outlet.take(&ring.items, &whole, messages, self.queue, &mut delivered)
+                    outlet.take(&ring.items, &whole, messages, self.queue, &mut tally)
                 })
                 .collect();
             let sends: Vec<crate::uring::Send> = offers
@@ -663,11 +717,16 @@ impl Shard {
             crate::uring::send_all(&sends, self.batch, &mut ring.results);
             drop(sends);
             for (offer, result) in offers.into_iter().zip(ring.results.drain(..)) {
-                delivered += offer.outlet.sent(offer, &whole, result, self.queue);
+                offer
+                    .outlet
+                    .sent(offer, &whole, result, self.queue, &mut tally);
             }
             drop(outlets);
-            if delivered > 0 {
-                self.metrics.delivered.inc_by(delivered);
+            if tally.delivered > 0 {
+                self.metrics.delivered.inc_by(tally.delivered);
+            }
+            if tally.behind {
+                self.bell.ring();
             }
             ring.items.clear();
         }
