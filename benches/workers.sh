@@ -21,7 +21,9 @@
 #
 # Prints one line per run: server, setting (temma: threads/scheduling[/shard size]; Nchan:
 # processes; floor: threads, "t" for --tasks, "u" for --io-uring), load, p50, p99, CPU per
-# message and per delivery, delivered. Reports in $OUT (default target/workers).
+# message and per delivery, the server's threads' sleeps a message (voluntary context
+# switches: each is a wake-up later) and preemptions a message (involuntary ones), delivered.
+# Reports in $OUT (default target/workers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2}
@@ -47,6 +49,14 @@ LOAD=target/release/examples/temma-load
 # cpu_ns PID… — the run time of every thread of these processes, in ns (schedstat).
 cpu_ns() {
   cat $(printf '/proc/%s/task/*/schedstat ' "$@") 2>/dev/null | awk '{ns += $1} END {print ns + 0}'
+}
+
+# switches PID… — voluntary and involuntary context switches of every thread of these
+# processes, so far.
+switches() {
+  cat $(printf '/proc/%s/task/*/status ' "$@") 2>/dev/null |
+    awk '/^voluntary_ctxt_switches/ {v += $2} /^nonvoluntary_ctxt_switches/ {n += $2}
+         END {print v + 0, n + 0}'
 }
 
 PID=""
@@ -99,15 +109,18 @@ run() {
     label="$setting@${dir##*/}"
   fi
   local file="$OUT/$server-${label//\//-}-$load-$round.json"
+  # The servers' processes (the --pid arguments).
+  local pids=() i
+  for ((i = 0; i < ${#target[@]}; i++)); do
+    [ "${target[i]}" = --pid ] && pids+=("${target[i + 1]}")
+  done
+  local switched
+  switched=$(switches "${pids[@]}")
   if [ "$CLIENT" = temma-load ]; then
     "$LOAD" "${target[@]}" --subscribers "$subscribers" --rate "$rate" \
       --messages $((rate * 10)) --json > "$file"
   else
-    # The servers' processes (the --pid arguments), their threads' run time before and after.
-    local pids=() i
-    for ((i = 0; i < ${#target[@]}; i++)); do
-      [ "${target[i]}" = --pid ] && pids+=("${target[i + 1]}")
-    done
+    # The servers' threads' run time before and after.
     local before after
     before=$(cpu_ns "${pids[@]}")
     python3 benches/sse_reader.py --subscribe "${target[1]}" --publish "${target[3]}" \
@@ -126,19 +139,23 @@ print(json.dumps({
 }))
 PYEND
   fi
+  switched="$switched $(switches "${pids[@]}")"
   if [ "$server" != nchan ]; then
     kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
   else
     kill -QUIT "$NCHAN_MASTER"
     for _ in $(seq 50); do kill -0 "$NCHAN_MASTER" 2>/dev/null || break; sleep 0.1; done
   fi
-  python3 - "$file" "$server" "$label" "$load" <<'PYEND'
+  python3 - "$file" "$server" "$label" "$load" "$((${load#*x} * 10))" $switched <<'PYEND'
 import json, sys
 r = json.load(open(sys.argv[1]))
 cpu = r["server_cpu"]
+messages = int(sys.argv[5])
+v0, n0, v1, n1 = map(int, sys.argv[6:10])
 print(f"{sys.argv[2]:6} {sys.argv[3]:>14} {sys.argv[4]:>8}  p50 {r['latency_us']['p50']/1000:6.2f} ms"
       f"  p99 {r['latency_us']['p99']/1000:6.2f} ms  CPU {cpu['per_message_us']:7.1f} µs/message"
       f" {cpu['per_delivery_us']:6.2f} µs/delivery ({cpu['measured_by']})"
+      f"  sleeps {(v1 - v0) / messages:5.2f}/message, preempted {(n1 - n0) / messages:5.2f}"
       f"  delivered {r['delivered_ratio']*100:.2f} %, gaps {r['gaps']}, duplicates {r['duplicates']}")
 PYEND
 }
