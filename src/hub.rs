@@ -51,11 +51,12 @@ use crate::snapshot::{self, Reply};
 use crate::socket;
 use crate::wire::{self, Envelope, KEEPALIVE_FRAME, MsgId, plain_str, write_reset};
 
-/// How often the hub looks for clients that stopped draining their queue, while frames are
-/// broadcast or some client has not taken them all.
+/// How often the hub looks for clients that stopped draining their queue, while some client has
+/// not taken every frame broadcast.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
-/// How often the hub sweeps while every client has taken every frame and nothing is broadcast
-/// (keep-alives, expiry): an idle node wakes once a second, with the presence tick.
+/// How often the hub sweeps while every client has taken every frame (keep-alives, expiry): an
+/// idle node, or one whose clients take each message at once, wakes once a second, with the
+/// presence tick.
 pub const QUIET_INTERVAL: Duration = Duration::from_secs(1);
 /// How far ahead of this node's newest message (in the same run) a `Last-Event-ID` may be and
 /// still be taken as "seen on another node, on its way here"; further ahead is reset.
@@ -1301,8 +1302,8 @@ impl Hub {
     /// shutdown.
     ///
     /// While every client has taken every frame, the sweep runs once a [`QUIET_INTERVAL`]
-    /// (with the presence tick); the first frame broadcast brings it back to every
-    /// [`SWEEP_INTERVAL`] until all have caught up again.
+    /// (with the presence tick); a client left behind rings the rooms' [`Bell`], which brings
+    /// it back to every [`SWEEP_INTERVAL`] until all have caught up again.
     pub async fn run_timers(self, shutdown: CancellationToken) {
         let settings = &self.shared.settings;
         let keepalive = settings.keepalive;
@@ -2651,8 +2652,9 @@ mod tests {
         }
     }
 
-    /// While every client has taken every frame, the sweep runs once a second; a broadcast
-    /// brings it back to every 200 ms until the client has caught up again.
+    /// While every client has taken every frame, the sweep runs once a second; a broadcast to
+    /// a client that reads the ring on its own task brings it back to every 200 ms until the
+    /// client has caught up again.
     #[tokio::test(start_paused = true)]
     async fn an_idle_hub_sweeps_once_a_second_and_a_broadcast_brings_the_pace_back() {
         let (hub, shutdown) = hub_with_timers();
