@@ -22,7 +22,9 @@
 # Prints one line per run: server, setting (temma: threads/scheduling[/shard size]; Nchan:
 # processes; floor: threads, "t" for --tasks, "u" for --io-uring), load, p50, p99, CPU per
 # message and per delivery, the server's threads' sleeps a message (voluntary context
-# switches: each is a wake-up later) and preemptions a message (involuntary ones), delivered.
+# switches: each is a wake-up later) and preemptions a message (involuntary ones; both counted
+# over the whole run, its subscribers' connections included: at 1,000 clients a share of
+# them), delivered.
 # Reports in $OUT (default target/workers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
