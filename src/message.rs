@@ -467,7 +467,11 @@ fn parse_urlencoded(body: &[u8]) -> Result<Fields, JsonError> {
                 .iter()
                 .map(|b| if *b == b'+' { b' ' } else { *b })
                 .collect();
-            percent_encoding::percent_decode(&plus).collect()
+            // Without a `%`, the bytes as they are: no second buffer grown byte by byte.
+            match std::borrow::Cow::from(percent_encoding::percent_decode(&plus)) {
+                std::borrow::Cow::Borrowed(_) => plus,
+                std::borrow::Cow::Owned(decoded) => decoded,
+            }
         };
         let name = utf8(decode(name), || "a field name".to_owned())?;
         let value = utf8(decode(value), || {
@@ -969,6 +973,12 @@ mod tests {
             fields("Zoé", "a b&c")
         );
         assert_eq!(form("text=hi").unwrap().from, None);
+        // No escape (`+` only), and `%` not followed by two hex digits: kept as it is.
+        assert_eq!(
+            form("from=a+b&text=50%25+%zz%4").unwrap(),
+            fields("a b", "50% %zz%4")
+        );
+        assert_eq!(form("from=a+b&text=%zz").unwrap(), fields("a b", "%zz"));
         assert!(
             form("from=a&from=b")
                 .unwrap_err()
