@@ -433,6 +433,15 @@ pub async fn parse_body(content_type: Option<&str>, body: Bytes) -> Result<Field
             ),
         )
     };
+    // The two a chat client sends, as they come without parameters: known without parsing.
+    if let Some(ct) = content_type {
+        if ct.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+            return parse_urlencoded(&body);
+        }
+        if ct.eq_ignore_ascii_case("application/json") {
+            return parse_json(&body);
+        }
+    }
     let Some(mime) = content_type.and_then(|ct| ct.parse::<mime::Mime>().ok()) else {
         return Err(unsupported());
     };
@@ -1058,8 +1067,34 @@ mod tests {
             .unwrap(),
             fields("a", "b")
         );
+        // Without parameters, in any case: the same as parsed.
+        for ct in [
+            "application/x-www-form-urlencoded",
+            "Application/X-WWW-Form-URLEncoded",
+        ] {
+            assert_eq!(
+                parse_body(Some(ct), body.clone()).await.unwrap(),
+                fields("a", "b"),
+                "{ct}"
+            );
+        }
+        for ct in [
+            "application/json",
+            "APPLICATION/JSON",
+            "application/json; charset=utf-8",
+        ] {
+            assert_eq!(
+                parse_body(Some(ct), Bytes::from_static(br#"{"from":"a","text":"b"}"#))
+                    .await
+                    .unwrap(),
+                fields("a", "b"),
+                "{ct}"
+            );
+        }
         for ct in [
             None,
+            Some("application/x-www-form-urlencoded-not"),
+            Some("application/jsonx"),
             Some("text/plain"),
             Some("application/xml"),
             Some("garbage"),
