@@ -208,6 +208,12 @@ declare -A STEADY=([latency]="1000 100" [light]="10 20" [medium]="100 50" [perme
                    [delivery]="1000 20" [wide]="1000 10" [crowd]="500 10")
 declare -A STEADY_SECS=([light]=30)
 
+# round_file SCENARIO ROUND NAME — a report's file: round 1 is SCENARIO-NAME.json, round N
+# SCENARIO-rN-NAME.json (compare_aims.py reads them so).
+round_file() {
+  if [ "$2" = 1 ]; then echo "$1-$3.json"; else echo "$1-r$2-$3.json"; fi
+}
+
 field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, r))" "$@"; }
 
 fanout() {
@@ -259,11 +265,8 @@ for scenario in $SCENARIOS; do
         "$rounds round(s) taking turns"
       for round in $(seq "$rounds"); do
         for name in temma $PEERS; do
-          # Round 1 is SCENARIO-NAME.json, round N SCENARIO-rN-NAME.json.
-          file="$scenario-$name.json"
-          [ "$round" -gt 1 ] && file="$scenario-r$round-$name.json"
-          load "$name" "$file" --subscribers "$subscribers" --rate "$rate" \
-            --messages $((rate * secs))
+          load "$name" "$(round_file "$scenario" "$round" "$name")" \
+            --subscribers "$subscribers" --rate "$rate" --messages $((rate * secs))
         done
       done
       ;;
@@ -333,21 +336,15 @@ print(f\"{t['rss_kib_per_connection'] / n['rss_kib_per_connection']:.2f}× Nchan
       ;;
     latency|light|medium|permessage|delivery|wide|browser)
       echo "$scenario:"
-      # Round 1's reports, then any later round's (SCENARIO-rN-NAME.json).
-      files=()
-      for round in 1 $(seq 2 "$CPU_ROUNDS"); do
+      # Round 1's reports, then any later round's.
+      for round in $(seq "$CPU_ROUNDS"); do
         for name in temma $PEERS; do
-          if [ "$round" = 1 ]; then files+=("$OUT/$scenario-$name.json")
-          else files+=("$OUT/$scenario-r$round-$name.json"); fi
+          file="$OUT/$(round_file "$scenario" "$round" "$name")"
+          [ -f "$file" ] || continue  # browser: temma and Nchan only
+          label=$name
+          [ "$round" = 1 ] || label="$name (round $round)"
+          echo "  $label: $(field "$file" "f'{delivered_ratio*100:.2f} % delivered ({gaps} gaps, {duplicates} duplicates), p50 {latency_us[\"p50\"]/1000:.2f} ms, p99 {latency_us[\"p99\"]/1000:.2f} ms, POST p50 {post_latency_us[\"p50\"]/1000:.2f} ms; server CPU ' + (f'{server_cpu[\"per_message_us\"]:.0f} µs/message, {server_cpu[\"per_delivery_us\"]:.1f} µs/delivery' + (' (utime + stime: a thread ended)' if server_cpu.get(\"measured_by\") == \"ticks\" else '') if server_cpu else 'not measured') + (f'; other processes {other_cpu[\"share\"]*100:.1f} % of the machine' + (' (DISTURBED)' if other_cpu['share'] > 0.02 else '') if locals().get('other_cpu') else '')")"
         done
-      done
-      for file in "${files[@]}"; do
-        [ -f "$file" ] || continue  # browser: temma and Nchan only
-        name=$(basename "$file" .json)
-        name=${name#"$scenario"-}
-        case $name in r[0-9]*-*) name="${name#*-} (round ${name%%-*})" ;; esac
-        name=${name/(round r/(round }
-        echo "  $name: $(field "$file" "f'{delivered_ratio*100:.2f} % delivered ({gaps} gaps, {duplicates} duplicates), p50 {latency_us[\"p50\"]/1000:.2f} ms, p99 {latency_us[\"p99\"]/1000:.2f} ms, POST p50 {post_latency_us[\"p50\"]/1000:.2f} ms; server CPU ' + (f'{server_cpu[\"per_message_us\"]:.0f} µs/message, {server_cpu[\"per_delivery_us\"]:.1f} µs/delivery' + (' (utime + stime: a thread ended)' if server_cpu.get(\"measured_by\") == \"ticks\" else '') if server_cpu else 'not measured') + (f'; other processes {other_cpu[\"share\"]*100:.1f} % of the machine' + (' (DISTURBED)' if other_cpu['share'] > 0.02 else '') if locals().get('other_cpu') else '')")"
       done
       for name in temma floor; do
         [ -f "$OUT/$scenario-nchan.json" ] && [ -f "$OUT/$scenario-$name.json" ] || continue

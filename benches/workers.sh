@@ -73,6 +73,7 @@ trap cleanup EXIT
 run() {
   local server=$1 setting=$2 load=$3
   local subscribers=${load%x*} rate=${load#*x}
+  local messages=$((rate * 10))
   local target=()
   if [ "$server" = temma ]; then
     local bin=${BIN:-target/release/temma} threads scheduling shards
@@ -120,13 +121,13 @@ run() {
   switched=$(switches "${pids[@]}")
   if [ "$CLIENT" = temma-load ]; then
     "$LOAD" "${target[@]}" --subscribers "$subscribers" --rate "$rate" \
-      --messages $((rate * 10)) --json > "$file"
+      --messages "$messages" --json > "$file"
   else
     # The servers' threads' run time before and after.
     local before after
     before=$(cpu_ns "${pids[@]}")
     python3 benches/sse_reader.py --subscribe "${target[1]}" --publish "${target[3]}" \
-      --subscribers "$subscribers" --rate "$rate" --messages $((rate * 10)) > "$file.reader"
+      --subscribers "$subscribers" --rate "$rate" --messages "$messages" > "$file.reader"
     after=$(cpu_ns "${pids[@]}")
     python3 - "$file.reader" "$((after - before))" "$subscribers" > "$file" <<'PYEND'
 import json, sys
@@ -148,7 +149,7 @@ PYEND
     kill -QUIT "$NCHAN_MASTER"
     for _ in $(seq 50); do kill -0 "$NCHAN_MASTER" 2>/dev/null || break; sleep 0.1; done
   fi
-  python3 - "$file" "$server" "$label" "$load" "$((${load#*x} * 10))" $switched <<'PYEND'
+  python3 - "$file" "$server" "$label" "$load" "$messages" $switched <<'PYEND'
 import json, sys
 r = json.load(open(sys.argv[1]))
 cpu = r["server_cpu"]

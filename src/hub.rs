@@ -2393,6 +2393,14 @@ mod tests {
         (hub, streamed)
     }
 
+    /// The sequence numbers of the messages (ids `1-N`) in what a client read, in order.
+    fn ids(got: &str) -> Vec<u64> {
+        got.lines()
+            .filter_map(|line| line.strip_prefix("id: 1-"))
+            .map(|seq| seq.parse().unwrap())
+            .collect()
+    }
+
     /// The writer shards of the hub's only room.
     fn room_shards(hub: &Hub) -> Vec<Arc<Shard>> {
         let state = hub.shared.lock();
@@ -2601,14 +2609,8 @@ mod tests {
                 crate::shard::Flushed::Empty,
                 "the client's stream goes on"
             );
-            let got = read_now(&client);
-            let ids: Vec<u64> = got
-                .lines()
-                .filter_map(|line| line.strip_prefix("id: 1-"))
-                .map(|seq| seq.parse().unwrap())
-                .collect();
             assert_eq!(
-                ids,
+                ids(&read_now(&client)),
                 (1..=MESSAGES).collect::<Vec<_>>(),
                 "every message, in order"
             );
@@ -2782,12 +2784,11 @@ mod tests {
             "10 s of messages all taken at once: {during} sweeps"
         );
         for got in got {
-            let ids: Vec<u64> = got
-                .lines()
-                .filter_map(|line| line.strip_prefix("id: 1-"))
-                .map(|seq| seq.parse().unwrap())
-                .collect();
-            assert_eq!(ids, (1..=MESSAGES).collect::<Vec<_>>(), "every message");
+            assert_eq!(
+                ids(&got),
+                (1..=MESSAGES).collect::<Vec<_>>(),
+                "every message"
+            );
         }
         shutdown.cancel();
     }
@@ -2829,17 +2830,16 @@ mod tests {
         // Large messages until the stuck client's queue (4 frames) waits in its outlet.
         let text = "x".repeat(8000);
         let queue = settings().queue as u64;
-        let mut seq = 0;
-        while {
-            let sent = hub
-                .shared
+        let sent = |hub: &Hub| {
+            hub.shared
                 .lock()
                 .rooms
                 .values()
                 .map(|room| room.sent)
-                .sum::<u64>();
-            sent - outlet.consumed() < queue
-        } {
+                .sum::<u64>()
+        };
+        let mut seq = 0;
+        while sent(&hub) - outlet.consumed() < queue {
             seq += 1;
             assert!(seq < 200, "the stuck client's socket fills");
             // The broadcaster writes, not the shard's task (which runs only when this one

@@ -345,8 +345,7 @@ impl Outlet {
             });
         }
         state.pending.push_back((bytes.clone(), frames));
-        tally.delivered += messages;
-        tally.behind = true;
+        tally.queued(messages);
         self.queued(state, frames, false, queue);
         None
     }
@@ -386,8 +385,7 @@ impl Outlet {
                 return;
             }
         }
-        tally.delivered += messages;
-        tally.behind = true;
+        tally.queued(messages);
         self.queued(state, frames, true, queue);
     }
 
@@ -414,6 +412,14 @@ struct Tally {
     delivered: u64,
     /// Some client was left with bytes its socket did not take.
     behind: bool,
+}
+
+impl Tally {
+    /// `messages` were queued in an outlet, behind what its socket did not take.
+    fn queued(&mut self, messages: u64) {
+        self.delivered += messages;
+        self.behind = true;
+    }
 }
 
 /// A client's part of a pass, to be sent to its socket: its outlet's lock is held from
