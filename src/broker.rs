@@ -407,6 +407,8 @@ impl BrokerConfig {
             notify_rejections: self.notify_rejections,
             max_published: max_published_bytes(limit),
             max_subscriber_lag: self.subscriber_queue / 2,
+            outbox: Vec::new(),
+            batching: false,
             metrics,
         };
         let pair_status = broker.pair.is_some().then(|| pair_status.subscribe());
@@ -449,6 +451,10 @@ pub struct Broker {
     /// A subscriber of PUB this many messages behind that still reads is waited for (half
     /// `broker.subscriber_queue`).
     max_subscriber_lag: usize,
+    /// While a turn of PULL is relayed (see [`Broker::run`]): what it publishes, handed to
+    /// PUB together at the turn's end (zeromq patch 15).
+    outbox: Vec<ZmqMessage>,
+    batching: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -695,14 +701,18 @@ impl Broker {
             // time they were read (a turn is up to READ_ON messages, tens of µs); the clock
             // was a sixteenth of the broker's CPU per message when it only relays.
             self.stamper.time = Some(now_ms());
-            self.relay(received).await;
             // What PULL has ready now is relayed without the other branches' polls (their
             // wakers and checks were a tenth of the broker's CPU when it only relays, see
             // BENCHMARKS.md): up to a turn of the crate's fair queue, taken from memory
             // (`try_recv`, zeromq patch 12), which still spends the task's cooperative
-            // budget. Not for a pair (its hold and heartbeat are checked per message) nor
-            // with the chain's workers (their verdicts go out before more is read).
-            if !paired && verdicts.is_none() {
+            // budget; and what the turn publishes goes to PUB at its end, together (no
+            // await in between holds it). Not for a pair (its hold and heartbeat are checked
+            // per message) nor with the chain's workers (their verdicts go out before more
+            // is read).
+            let turn = !paired && verdicts.is_none();
+            self.batching = turn;
+            self.relay(received).await;
+            if turn {
                 for _ in 1..READ_ON {
                     match self.pull.try_recv() {
                         Some(received) => self.relay(received).await,
@@ -710,6 +720,8 @@ impl Broker {
                     }
                 }
             }
+            self.batching = false;
+            self.send_outbox();
             self.stamper.time = None;
         }
         tracing::info!("broker stopped");
@@ -815,8 +827,34 @@ impl Broker {
 
     /// Hands a frame to PUB, which does not wait: a subscriber whose queue (the crate's
     /// 100 000 messages) is full misses it. `send_now` (zeromq patch 11): no future a message.
+    /// During a turn of PULL, the frame waits in the outbox for the turn's end.
     fn send(&mut self, out: ZmqMessage) {
-        if let Err(error) = self.publish.send_now(out) {
+        if self.batching {
+            if self.outbox.capacity() == 0 {
+                self.outbox.reserve_exact(READ_ON);
+            }
+            self.outbox.push(out);
+        } else if let Err(error) = self.publish.send_now(out) {
+            tracing::error!(%error, "broker could not publish a message");
+        }
+    }
+
+    /// Hands the frames of a turn to PUB, in order: each subscriber's share of them in one
+    /// item of its queue (`send_batch_now`, zeromq patch 15) — a lock, a count, a queue node
+    /// and a wake-up of its writer a turn instead of a message. A lone frame (a light load's
+    /// turn) goes as [`Broker::send`] sends it, and the outbox keeps its room.
+    fn send_outbox(&mut self) {
+        let sent = match self.outbox.len() {
+            0 => return,
+            1 => {
+                let out = self.outbox.pop().expect("one frame");
+                self.publish.send_now(out)
+            }
+            _ => self
+                .publish
+                .send_batch_now(std::mem::take(&mut self.outbox)),
+        };
+        if let Err(error) = sent {
             tracing::error!(%error, "broker could not publish a message");
         }
     }
