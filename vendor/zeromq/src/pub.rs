@@ -179,15 +179,21 @@ impl PubSocketBackend {
     // to its queue, not a copy: a copy is a `VecDeque` allocated, and dropped by the writer,
     // per message. A subscriber that connects meanwhile has no subscription yet: it would
     // not have had this message.
+    //
+    // PATCH(temma): a subscriber that holds `queue_bound` messages misses it, whatever
+    // `send_batch_now` queued (its items hold several messages each).
     pub(crate) fn fanout_message(&self, message: ZmqMessage) {
         let lone = self.subscriber_count.load(Ordering::Relaxed) == 1;
+        let bound = self.queue_bound();
         let mut message = Some(message);
         self.subscribers.iter_mut_sync(|mut subscriber| {
             let Some(first_frame) = message.as_ref().and_then(|message| message.get(0)) else {
                 // Given to the lone subscriber already.
                 return false;
             };
-            if subscription_matches(&subscriber.subscriptions, first_frame) {
+            if subscription_matches(&subscriber.subscriptions, first_frame)
+                && subscriber.depth.queued.load(Ordering::Relaxed) < bound
+            {
                 let message = if lone {
                     message.take()
                 } else {
@@ -206,6 +212,16 @@ impl PubSocketBackend {
         });
     }
 
+    // PATCH(temma): the most messages a subscriber's queue holds: the bound `try_send` keeps
+    // for a queue of single messages (its capacity, plus the slot its sender is guaranteed),
+    // counted in messages (`QueueDepth`) since `send_batch_now`'s items hold several.
+    fn queue_bound(&self) -> usize {
+        self.socket_options
+            .send_queue_capacity
+            .unwrap_or(PUB_SEND_QUEUE_CAPACITY)
+            + 1
+    }
+
     // PATCH(temma): `fanout_message` for several messages at once (`PubSocket::send_batch_now`):
     // the subscribers walked once, and each given one queue item holding the messages it
     // subscribed to, in order (the batch itself for a lone subscriber that takes them all),
@@ -215,13 +231,7 @@ impl PubSocketBackend {
     // relaying a million messages a second paid that for every one.
     pub(crate) fn fanout_batch(&self, messages: Vec<ZmqMessage>) {
         let lone = self.subscriber_count.load(Ordering::Relaxed) == 1;
-        // The bound `try_send` keeps for single messages: the capacity, plus the slot its
-        // sender is guaranteed.
-        let bound = self
-            .socket_options
-            .send_queue_capacity
-            .unwrap_or(PUB_SEND_QUEUE_CAPACITY)
-            + 1;
+        let bound = self.queue_bound();
         let mut messages = Some(messages);
         self.subscribers.iter_mut_sync(|mut subscriber| {
             let Some(all) = messages.as_ref() else {
@@ -710,14 +720,15 @@ mod tests {
         socket
             .send_batch_now(batch(&["four", "once", "six"]))
             .expect("send_batch_now");
+        // Each item's messages; a single message's item is `["(one)", text]`.
         let items = |receiver: &mut mpsc::Receiver<PubItem>| {
             let mut items = Vec::new();
-            while let Ok(PubItem::Many(messages)) = receiver.try_recv() {
-                let texts: Vec<String> = messages
-                    .into_iter()
-                    .map(|message| String::try_from(message).unwrap())
-                    .collect();
-                items.push(texts);
+            while let Ok(item) = receiver.try_recv() {
+                let text = |message: ZmqMessage| String::try_from(message).unwrap();
+                items.push(match item {
+                    PubItem::Many(messages) => messages.into_iter().map(text).collect(),
+                    PubItem::One(message) => vec!["(one)".to_owned(), text(message)],
+                });
             }
             items
         };
@@ -727,11 +738,13 @@ mod tests {
         );
         assert_eq!(items(&mut some_receiver), vec![vec!["one", "two"], vec!["once"]]);
         assert!(items(&mut none_receiver).is_empty(), "subscribed to another prefix");
-        // Full now: nothing more until their writers take some.
+        // Full now, for batches and single messages alike, until their writers take some.
         socket.send_batch_now(batch(&["seven"])).unwrap();
         socket.send_now(ZmqMessage::from("eight")).unwrap();
         assert!(items(&mut all_receiver).is_empty());
-        assert!(all_receiver.try_recv().is_err());
+        // A single message to a subscriber with room is one item, as before.
+        socket.send_now(ZmqMessage::from("tw9")).unwrap();
+        assert_eq!(items(&mut some_receiver), vec![vec!["(one)", "tw9"]]);
 
         // A lone subscriber that takes everything is given the batch itself, whole.
         let mut socket = PubSocket::new();
