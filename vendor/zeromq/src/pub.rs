@@ -240,23 +240,26 @@ impl PubSocketBackend {
             };
             let subscriber = &mut *subscriber;
             let room = bound.saturating_sub(subscriber.depth.queued.load(Ordering::Relaxed));
-            let mut batch = if subscriber.subscriptions.iter().any(Vec::is_empty) {
-                if lone {
-                    messages.take().unwrap_or_default()
-                } else {
-                    all.clone()
-                }
+            if room == 0 {
+                return true;
+            }
+            let everything = subscriber.subscriptions.iter().any(Vec::is_empty);
+            let batch = if everything && lone {
+                let mut batch = messages.take().unwrap_or_default();
+                batch.truncate(room);
+                batch
             } else {
                 all.iter()
                     .filter(|message| {
-                        message
-                            .get(0)
-                            .is_some_and(|first| subscription_matches(&subscriber.subscriptions, first))
+                        everything
+                            || message.get(0).is_some_and(|first| {
+                                subscription_matches(&subscriber.subscriptions, first)
+                            })
                     })
+                    .take(room)
                     .cloned()
                     .collect()
             };
-            batch.truncate(room);
             if !batch.is_empty() {
                 send_to_subscriber(
                     &mut subscriber.send_queue,
@@ -746,15 +749,18 @@ mod tests {
         socket.send_now(ZmqMessage::from("tw9")).unwrap();
         assert_eq!(items(&mut some_receiver), vec![vec!["(one)", "tw9"]]);
 
-        // A lone subscriber that takes everything is given the batch itself, whole.
-        let mut socket = PubSocket::new();
+        // A lone subscriber that takes everything is given the batch itself (up to its
+        // bound: 1, plus the sender's slot).
+        let mut options = SocketOptions::default();
+        options.send_queue_capacity(Some(1));
+        let mut socket = PubSocket::with_options(options);
         let (lone_sender, mut lone_receiver) = mpsc::channel(8);
         insert_test_subscriber(&socket.backend, PeerIdentity::new(), vec![vec![]], lone_sender)
             .await;
         let mut two = ZmqMessage::from("one");
         two.push_back(Bytes::from_static(b"second frame"));
         socket
-            .send_batch_now(vec![two, ZmqMessage::from("two")])
+            .send_batch_now(vec![two, ZmqMessage::from("two"), ZmqMessage::from("three")])
             .expect("send_batch_now to a lone subscriber");
         let Ok(PubItem::Many(given)) = lone_receiver.try_recv() else {
             panic!("one item for the batch");
