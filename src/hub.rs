@@ -511,6 +511,12 @@ impl Slot {
     fn drop_slow(&self) -> bool {
         !self.dropped.swap(true, Ordering::AcqRel)
     }
+
+    /// What it counts in its room's [`Room::streams`]: 1 for a stream hyper serves (no
+    /// outlet: its task reads the ring), 0 for a client a shard writes to.
+    fn streams(&self) -> usize {
+        usize::from(self.outlet.is_none())
+    }
 }
 
 /// Why `subscribe` refused a client (a 503).
@@ -569,7 +575,7 @@ impl Drop for ClientGuard {
             let mut state = self.shared.lock();
             if let Some(room) = state.rooms.get_mut(room) {
                 if let Some(slot) = room.slots.remove(&self.key) {
-                    room.streams -= usize::from(slot.outlet.is_none());
+                    room.streams -= slot.streams();
                 }
                 room.last_active = Instant::now();
                 if room.slots.is_empty() {
@@ -1067,7 +1073,7 @@ impl Hub {
                 .map(Arc::from),
             outlet: outlet.cloned(),
         });
-        room.streams += usize::from(slot.outlet.is_none());
+        room.streams += slot.streams();
         room.slots.insert(key, slot.clone());
         // Counted once it is in its room: whoever sees the gauge count it knows that every
         // message published from then on reaches it.
@@ -1368,7 +1374,7 @@ impl Hub {
                             );
                         }
                         slot.abort.abort();
-                        room.streams -= usize::from(slot.outlet.is_none());
+                        room.streams -= slot.streams();
                         false
                     } else {
                         true
