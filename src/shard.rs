@@ -31,16 +31,18 @@ use crate::error::lock;
 use crate::metrics::Metrics;
 use crate::wire::MsgId;
 
-/// Clients per shard by default (`event.shard_size`): a room of up to 512 clients has one
+/// Clients per shard by default (`event.shard_size`): a room of up to 256 clients has one
 /// shard, which the task that brings a message writes itself at light loads (no wake-up, no
 /// other thread woken) and its own task gathers bursts for; a larger room has two or more,
 /// woken together, which the worker threads write side by side. On 2 CPUs shared with the
 /// clients, 1,024 instead of 64 cut the CPU a delivery by 36 % at 100 clients and 15 % at
-/// 1,000 (BENCHMARKS.md, "Shard size"), but a room of 1,000 written by one thread had a p99
-/// above Nchan's at 1,000 × 10 and × 20 (temma-load); with 512 both threads write it, for a
-/// p99 0.65–1.05× Nchan's and 7–28 % more CPU a delivery (BENCHMARKS.md, "Shards of 512").
-/// On many CPUs, a smaller size spreads a large room's writes over more of them.
-pub const SHARD_SIZE: usize = 512;
+/// 1,000 (BENCHMARKS.md, "Shard size"), but a room written by one thread makes its last client
+/// wait for all the others: at 1,000 clients two shards of 512 had a p99 0.65–1.05× Nchan's
+/// where one of 1,024 had 0.75–1.28× (BENCHMARKS.md, "Shards of 512"), and at 500 clients two
+/// of 256 had a p50 0.55–0.8× and a p99 0.6–0.95× what one of 512 had, for 23–50 % more CPU a
+/// delivery, still 0.64–0.73× Nchan's (BENCHMARKS.md, "Shards of 256"). On many CPUs, a smaller
+/// size spreads a large room's writes over more of them.
+pub const SHARD_SIZE: usize = 256;
 
 /// The most clients `event.shard_size` may give a shard.
 pub const MAX_SHARD_SIZE: usize = 65_536;
