@@ -430,6 +430,23 @@ impl Room {
         writes
     }
 
+    /// Lets `shard` go if its last client left, unless it is the room's only one: a room
+    /// that shrank after a crowd keeps no empty shard woken at each message, and, back to one
+    /// shard, is written by its broadcaster again. The room's only shard stays for the next
+    /// client. Called under the hub's lock, under which clients join: nobody joins it after.
+    fn let_go_if_empty(&mut self, shard: &Arc<Shard>) {
+        if self.shards.len() < 2 || !shard.is_empty() {
+            return;
+        }
+        if let Some(at) = self
+            .shards
+            .iter()
+            .position(|known| Arc::ptr_eq(known, shard))
+        {
+            self.shards.remove(at).retire();
+        }
+    }
+
     /// Drops the ring (its receivers see it closed once they have read it) and the writer
     /// shards, woken to end their clients' streams.
     fn close(&mut self) {
@@ -576,6 +593,9 @@ impl Drop for ClientGuard {
             if let Some(room) = state.rooms.get_mut(room) {
                 if let Some(slot) = room.slots.remove(&self.key) {
                     room.streams -= slot.streams();
+                }
+                if let Some((shard, _)) = &self.shard {
+                    room.let_go_if_empty(shard);
                 }
                 room.last_active = Instant::now();
                 if room.slots.is_empty() {
@@ -2531,6 +2551,66 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A shard whose last client left is let go, its task ended, while its room has others;
+    /// the clients of the others still get every message, a new client takes a place left
+    /// in one, and a room back to one shard is written by its broadcaster again. The room's
+    /// last shard stays.
+    #[tokio::test]
+    async fn a_shard_whose_clients_all_left_is_let_go() {
+        // Shards of three: clients 0–2, 3–5 and 6.
+        let (hub, mut clients) = streamed_room(3, 7).await;
+        let shards = room_shards(&hub);
+        assert_eq!(shards.len(), 3);
+        drop(clients.drain(3..6).collect::<Vec<_>>());
+        let left = room_shards(&hub);
+        assert_eq!(left.len(), 2);
+        assert!(Arc::ptr_eq(&left[0], &shards[0]) && Arc::ptr_eq(&left[1], &shards[2]));
+        // Its task ended and dropped it: only this test holds it now.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&shards[1]) > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the let-go shard's task still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        hub.ingest(&message(1));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for (client, _, _) in &clients {
+            assert!(
+                read_now(client).contains("m1"),
+                "the other shards still write"
+            );
+        }
+        // A new client takes the place left in the last shard: no new shard.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let newcomer = streamed_client(&hub, &listener, b"").await;
+        assert_eq!(room_shards(&hub).len(), 2);
+        // The last shard's clients leave: the room is back to its first shard, which the
+        // broadcaster writes before the broadcast returns.
+        drop(clients.pop());
+        drop(newcomer);
+        let left = room_shards(&hub);
+        assert_eq!(left.len(), 1);
+        assert!(Arc::ptr_eq(&left[0], &shards[0]));
+        hub.ingest(&message(2));
+        for (client, _, _) in &clients {
+            assert!(
+                read_now(client).contains("m2"),
+                "written by the broadcaster"
+            );
+        }
+        // With a client the shards do not write (a stream hyper serves) still in the room,
+        // the room's only shard stays when its last client leaves: the next one takes it.
+        let _reader = hub.subscribe(None, None, Abort::new(|| {})).unwrap();
+        drop(clients);
+        let left = room_shards(&hub);
+        assert_eq!(left.len(), 1);
+        assert!(Arc::ptr_eq(&left[0], &shards[0]) && shards[0].is_empty());
+        let _next = streamed_client(&hub, &listener, b"").await;
+        assert!(Arc::ptr_eq(&room_shards(&hub)[0], &shards[0]) && !shards[0].is_empty());
     }
 
     /// The shards of a room of several are all woken, and the worker threads write them side

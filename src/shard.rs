@@ -475,6 +475,9 @@ pub struct Shard {
     /// The shard's place in the room's ring; held by whoever makes a pass.
     ring: Mutex<Ring>,
     kick: tokio::sync::Notify,
+    /// Its room let it go (its last client left while the room had other shards): its task
+    /// ends at its next wake-up.
+    retired: AtomicBool,
     /// The number in its room of the last frame a pass took from the ring (the room compares
     /// it with what it sent: [`Shard::behind`]).
     taken: AtomicU64,
@@ -545,6 +548,18 @@ impl Shard {
         self.lock().retain(|known| !Arc::ptr_eq(known, outlet));
     }
 
+    /// Whether no client is left (clients join under the hub's lock: asked under it, the
+    /// answer holds until it is released).
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Ends the shard's task: its room no longer has it.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.kick();
+    }
+
     /// Starts a shard's task on the room's ring, which `sent` frames went through before `rx`
     /// was subscribed; `queue` is the room's queue (frames a client may be behind); `size`, the
     /// most clients it takes; `batch`: a pass's sends go in one system call where the kernel
@@ -569,6 +584,7 @@ impl Shard {
                 results: Vec::new(),
             }),
             kick: tokio::sync::Notify::new(),
+            retired: AtomicBool::new(false),
             taken: AtomicU64::new(sent),
             queue,
             size,
@@ -658,10 +674,13 @@ impl Shard {
         }
     }
 
-    /// Makes passes when woken, until the ring closes.
+    /// Makes passes when woken, until the ring closes or the room lets the shard go.
     async fn run(self: Arc<Self>) {
         loop {
             self.kick.notified().await;
+            if self.retired.load(Ordering::Acquire) {
+                return;
+            }
             loop {
                 let pass = self.pass(&mut lock(&self.ring));
                 match pass {
