@@ -430,20 +430,41 @@ impl Room {
         writes
     }
 
-    /// Lets `shard` go if its last client left, unless it is the room's only one: a room
-    /// that shrank after a crowd keeps no empty shard woken at each message, and, back to one
-    /// shard, is written by its broadcaster again. The room's only shard stays for the next
-    /// client. Called under the hub's lock, under which clients join: nobody joins it after.
-    fn let_go_if_empty(&mut self, shard: &Arc<Shard>) {
-        if self.shards.len() < 2 || !shard.is_empty() {
-            return;
+    /// Takes a streamed client out of its writer shard (the one it joined, or the one
+    /// [`Room::pack`] moved it to), then packs the room.
+    fn leave_shard(&mut self, joined: &Arc<Shard>, outlet: &Arc<Outlet>) {
+        if !joined.leave(outlet) {
+            for shard in &self.shards {
+                if shard.leave(outlet) {
+                    break;
+                }
+            }
         }
-        if let Some(at) = self
-            .shards
-            .iter()
-            .position(|known| Arc::ptr_eq(known, shard))
+        self.pack();
+    }
+
+    /// Keeps a room that shrank on as few writer shards as its clients need: an empty shard
+    /// is let go (the room keeps one for the next client), and the last shard's clients move
+    /// into the others when these have room for all of them (and nothing is in flight:
+    /// [`Shard::move_clients_into`]), and it is let go. Each shard let go is a task fewer
+    /// woken at each message, and a room back to one shard is written by its broadcaster.
+    /// Called under the hub's lock, at each leave and at each sweep (a move that had to wait
+    /// for a pass is made then).
+    fn pack(&mut self) {
+        let mut at = 0;
+        while self.shards.len() > 1 && at < self.shards.len() {
+            if self.shards[at].is_empty() {
+                self.shards.remove(at).retire();
+            } else {
+                at += 1;
+            }
+        }
+        if let [others @ .., last] = self.shards.as_slice()
+            && !others.is_empty()
+            && last.move_clients_into(others, self.sent)
+            && let Some(last) = self.shards.pop()
         {
-            self.shards.remove(at).retire();
+            last.retire();
         }
     }
 
@@ -583,9 +604,7 @@ pub struct ClientGuard {
 impl Drop for ClientGuard {
     fn drop(&mut self) {
         self.shared.clients.fetch_sub(1, Ordering::AcqRel);
-        if let Some((shard, outlet)) = &self.shard {
-            shard.leave(outlet);
-        }
+        let mut left = false;
         if let Some(room) = &self.room {
             // Counted in `temma_sse_clients` once it entered its room.
             self.shared.metrics.sse_clients.dec();
@@ -594,14 +613,20 @@ impl Drop for ClientGuard {
                 if let Some(slot) = room.slots.remove(&self.key) {
                     room.streams -= slot.streams();
                 }
-                if let Some((shard, _)) = &self.shard {
-                    room.let_go_if_empty(shard);
+                // Under the hub's lock, under which the room may move it between shards.
+                if let Some((shard, outlet)) = &self.shard {
+                    room.leave_shard(shard, outlet);
+                    left = true;
                 }
                 room.last_active = Instant::now();
                 if room.slots.is_empty() {
                     room.close();
                 }
             }
+        }
+        // Its room is gone (closed): its shard's task ends the streams.
+        if !left && let Some((shard, outlet)) = &self.shard {
+            shard.leave(outlet);
         }
     }
 }
@@ -1364,6 +1389,7 @@ impl Hub {
                 if room.slots.is_empty() {
                     continue;
                 }
+                room.pack();
                 if !keepalive.is_zero() && now.duration_since(room.last_sent) >= keepalive {
                     room.broadcast(None, Bytes::from_static(KEEPALIVE_FRAME), false);
                     room.last_sent = now;
@@ -2554,22 +2580,21 @@ mod tests {
     }
 
     /// A shard whose last client left is let go, its task ended, while its room has others;
-    /// the clients of the others still get every message, a new client takes a place left
-    /// in one, and a room back to one shard is written by its broadcaster again. The room's
-    /// last shard stays.
+    /// their clients still get every message. The room's only shard stays for the next
+    /// client.
     #[tokio::test]
     async fn a_shard_whose_clients_all_left_is_let_go() {
         // Shards of three: clients 0–2, 3–5 and 6.
         let (hub, mut clients) = streamed_room(3, 7).await;
         let shards = room_shards(&hub);
         assert_eq!(shards.len(), 3);
-        drop(clients.drain(3..6).collect::<Vec<_>>());
+        drop(clients.pop());
         let left = room_shards(&hub);
         assert_eq!(left.len(), 2);
-        assert!(Arc::ptr_eq(&left[0], &shards[0]) && Arc::ptr_eq(&left[1], &shards[2]));
+        assert!(Arc::ptr_eq(&left[0], &shards[0]) && Arc::ptr_eq(&left[1], &shards[1]));
         // Its task ended and dropped it: only this test holds it now.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while Arc::strong_count(&shards[1]) > 1 {
+        while Arc::strong_count(&shards[2]) > 1 {
             assert!(
                 Instant::now() < deadline,
                 "the let-go shard's task still runs"
@@ -2579,38 +2604,90 @@ mod tests {
         hub.ingest(&message(1));
         tokio::time::sleep(Duration::from_millis(50)).await;
         for (client, _, _) in &clients {
-            assert!(
-                read_now(client).contains("m1"),
-                "the other shards still write"
-            );
-        }
-        // A new client takes the place left in the last shard: no new shard.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let newcomer = streamed_client(&hub, &listener, b"").await;
-        assert_eq!(room_shards(&hub).len(), 2);
-        // The last shard's clients leave: the room is back to its first shard, which the
-        // broadcaster writes before the broadcast returns.
-        drop(clients.pop());
-        drop(newcomer);
-        let left = room_shards(&hub);
-        assert_eq!(left.len(), 1);
-        assert!(Arc::ptr_eq(&left[0], &shards[0]));
-        hub.ingest(&message(2));
-        for (client, _, _) in &clients {
-            assert!(
-                read_now(client).contains("m2"),
-                "written by the broadcaster"
-            );
+            assert_eq!(ids(&read_now(client)), [1], "the other shards still write");
         }
         // With a client the shards do not write (a stream hyper serves) still in the room,
-        // the room's only shard stays when its last client leaves: the next one takes it.
+        // its only shard stays when its last client leaves: the next one takes it.
         let _reader = hub.subscribe(None, None, Abort::new(|| {})).unwrap();
         drop(clients);
         let left = room_shards(&hub);
         assert_eq!(left.len(), 1);
-        assert!(Arc::ptr_eq(&left[0], &shards[0]) && shards[0].is_empty());
+        assert!(left[0].is_empty());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _next = streamed_client(&hub, &listener, b"").await;
-        assert!(Arc::ptr_eq(&room_shards(&hub)[0], &shards[0]) && !shards[0].is_empty());
+        assert!(Arc::ptr_eq(&room_shards(&hub)[0], &left[0]) && !left[0].is_empty());
+    }
+
+    /// A room that shrank moves its last shard's clients into the others once these have
+    /// room for all of them, and lets it go: every client still gets each message once, in
+    /// order, a moved client leaves from where it was moved to, and a room back to one shard
+    /// is written by its broadcaster. While a shard has not taken what was sent, nothing
+    /// moves; the next sweep (or leave) moves them.
+    #[tokio::test]
+    async fn a_room_that_shrank_moves_its_last_shards_clients_into_the_others() {
+        // Shards of three: clients 0–2, 3–5 and 6 (this runtime's one thread runs the shards'
+        // tasks only when the test awaits).
+        let (hub, clients) = streamed_room(3, 7).await;
+        let mut clients: Vec<_> = clients.into_iter().map(Some).collect();
+        let shards = room_shards(&hub);
+        assert_eq!(shards.len(), 3);
+        let deliver = |n| {
+            hub.ingest(&message(n));
+            tokio::time::sleep(Duration::from_millis(50))
+        };
+        deliver(1).await;
+        // Clients 1 and 2 leave: the first shard has room for client 6, which moves there.
+        clients[1] = None;
+        clients[2] = None;
+        let left = room_shards(&hub);
+        assert_eq!(left.len(), 2, "the last shard's client moved");
+        assert!(Arc::ptr_eq(&left[0], &shards[0]) && Arc::ptr_eq(&left[1], &shards[1]));
+        assert_eq!(
+            (shards[0].len(), shards[1].len(), shards[2].len()),
+            (2, 3, 0)
+        );
+        deliver(2).await;
+        // A message is in the ring that no shard's task has taken yet when clients 3 and 4
+        // leave: nothing moves then.
+        hub.ingest(&message(3));
+        clients[3] = None;
+        clients[4] = None;
+        assert_eq!(
+            room_shards(&hub).len(),
+            2,
+            "nothing moves while a frame is in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The next sweep moves client 5 into the first shard: one shard left, which the
+        // broadcaster writes before the broadcast returns.
+        let shutdown = CancellationToken::new();
+        tokio::spawn(hub.clone().run_timers(shutdown.clone()));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while room_shards(&hub).len() > 1 {
+            assert!(Instant::now() < deadline, "a sweep moves them");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(Arc::ptr_eq(&room_shards(&hub)[0], &shards[0]));
+        assert_eq!(shards[0].len(), 3, "clients 0, 6 and 5");
+        hub.ingest(&message(4));
+        let mut got: Vec<(usize, String)> = Vec::new();
+        for (n, client) in clients.iter().enumerate() {
+            if let Some((client, _, _)) = client {
+                got.push((n, read_now(client)));
+            }
+        }
+        assert_eq!(got.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [0, 5, 6]);
+        for (n, got) in &got {
+            assert_eq!(
+                ids(got),
+                [1, 2, 3, 4],
+                "client {n}: each message once, in order"
+            );
+        }
+        // A moved client leaves the shard it was moved to.
+        clients[6] = None;
+        assert_eq!(shards[0].len(), 2);
+        shutdown.cancel();
     }
 
     /// The shards of a room of several are all woken, and the worker threads write them side

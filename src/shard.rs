@@ -544,14 +544,57 @@ impl Shard {
         true
     }
 
-    pub fn leave(&self, outlet: &Arc<Outlet>) {
-        self.lock().retain(|known| !Arc::ptr_eq(known, outlet));
+    /// Removes a client; whether it was one of this shard's.
+    pub fn leave(&self, outlet: &Arc<Outlet>) -> bool {
+        let mut outlets = self.lock();
+        let before = outlets.len();
+        outlets.retain(|known| !Arc::ptr_eq(known, outlet));
+        outlets.len() < before
     }
 
-    /// Whether no client is left (clients join under the hub's lock: asked under it, the
+    /// Its clients (they join, leave and move under the hub's lock: counted under it, the
     /// answer holds until it is released).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no client is left (see [`Shard::len`]).
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
+    }
+
+    /// Moves every client of `self` into `into`, filling each shard in turn, when they have
+    /// room for all of them and the move can lose or repeat nothing: none of these shards is
+    /// making a pass (each one's ring is free) and each has taken all `sent` frames of the
+    /// room. Every client has then been offered each frame once, and its new shard offers it
+    /// the next. Called under the hub's lock, which new frames and joins wait for. Returns
+    /// whether it moved them (else nothing moved).
+    pub fn move_clients_into(&self, into: &[Arc<Shard>], sent: u64) -> bool {
+        let room: usize = into
+            .iter()
+            .map(|shard| shard.size.saturating_sub(shard.len()))
+            .sum();
+        if self.len() > room {
+            return false;
+        }
+        let mut held = Vec::with_capacity(into.len() + 1);
+        for shard in std::iter::once(self).chain(into.iter().map(|shard| &**shard)) {
+            let Ok(ring) = shard.ring.try_lock() else {
+                return false;
+            };
+            held.push(ring);
+            if shard.taken.load(Ordering::Relaxed) != sent {
+                return false;
+            }
+        }
+        let mut moving = std::mem::take(&mut *self.lock()).into_iter();
+        for shard in into {
+            let mut outlets = shard.lock();
+            let free = shard.size.saturating_sub(outlets.len());
+            outlets.extend(moving.by_ref().take(free));
+        }
+        debug_assert!(moving.next().is_none(), "counted room for every client");
+        true
     }
 
     /// Ends the shard's task: its room no longer has it.
