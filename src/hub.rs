@@ -430,10 +430,10 @@ impl Room {
         writes
     }
 
-    /// Takes a streamed client out of its writer shard (the one it joined, or the one
-    /// [`Room::pack`] moved it to), then packs the room.
-    fn leave_shard(&mut self, joined: &Arc<Shard>, outlet: &Arc<Outlet>) {
-        if !joined.leave(outlet) {
+    /// A streamed client left: unless it left the shard it joined already (`left`), takes it
+    /// out of the one [`Room::pack`] moved it to; then packs the room.
+    fn leave_shard(&mut self, outlet: &Arc<Outlet>, left: bool) {
+        if !left {
             for shard in &self.shards {
                 if shard.leave(outlet) {
                     break;
@@ -448,12 +448,12 @@ impl Room {
     /// into the others when these have room for all of them (and nothing is in flight:
     /// [`Shard::move_clients_into`]), and it is let go. Each shard let go is a task fewer
     /// woken at each message, and a room back to one shard is written by its broadcaster.
-    /// Called under the hub's lock, at each leave and at each sweep (a move that had to wait
-    /// for a pass is made then).
+    /// Called under the hub's lock, at each leave and at each sweep (what had to wait for a
+    /// pass is done then); it waits for no shard's pass.
     fn pack(&mut self) {
         let mut at = 0;
         while self.shards.len() > 1 && at < self.shards.len() {
-            if self.shards[at].is_empty() {
+            if self.shards[at].is_surely_empty() {
                 self.shards.remove(at).retire();
             } else {
                 at += 1;
@@ -604,7 +604,12 @@ pub struct ClientGuard {
 impl Drop for ClientGuard {
     fn drop(&mut self) {
         self.shared.clients.fetch_sub(1, Ordering::AcqRel);
-        let mut left = false;
+        // Out of the shard it joined, outside the hub's lock (this may wait for the shard's
+        // pass); if the room moved it meanwhile, out of its new shard under the lock.
+        let left = match &self.shard {
+            Some((shard, outlet)) => shard.leave(outlet),
+            None => true,
+        };
         if let Some(room) = &self.room {
             // Counted in `temma_sse_clients` once it entered its room.
             self.shared.metrics.sse_clients.dec();
@@ -613,20 +618,14 @@ impl Drop for ClientGuard {
                 if let Some(slot) = room.slots.remove(&self.key) {
                     room.streams -= slot.streams();
                 }
-                // Under the hub's lock, under which the room may move it between shards.
-                if let Some((shard, outlet)) = &self.shard {
-                    room.leave_shard(shard, outlet);
-                    left = true;
+                if let Some((_, outlet)) = &self.shard {
+                    room.leave_shard(outlet, left);
                 }
                 room.last_active = Instant::now();
                 if room.slots.is_empty() {
                     room.close();
                 }
             }
-        }
-        // Its room is gone (closed): its shard's task ends the streams.
-        if !left && let Some((shard, outlet)) = &self.shard {
-            shard.leave(outlet);
         }
     }
 }

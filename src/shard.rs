@@ -552,15 +552,29 @@ impl Shard {
         outlets.len() < before
     }
 
-    /// Its clients (they join, leave and move under the hub's lock: counted under it, the
-    /// answer holds until it is released).
+    /// Its clients.
     pub fn len(&self) -> usize {
         self.lock().len()
     }
 
-    /// Whether no client is left (see [`Shard::len`]).
+    /// Whether no client is left. Clients join (and move) under the hub's lock: an empty
+    /// shard seen under it stays empty until it is released.
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
+    }
+
+    /// Its clients, unless a pass holds them now (the hub's lock is not held waiting for
+    /// a pass's sends).
+    fn try_len(&self) -> Option<usize> {
+        match self.outlets.try_lock() {
+            Ok(outlets) => Some(outlets.len()),
+            Err(_) => None,
+        }
+    }
+
+    /// Whether no client is left, known without waiting: `false` while a pass holds them.
+    pub fn is_surely_empty(&self) -> bool {
+        self.try_len() == Some(0)
     }
 
     /// Moves every client of `self` into `into`, filling each shard in turn, when they have
@@ -568,13 +582,19 @@ impl Shard {
     /// making a pass (each one's ring is free) and each has taken all `sent` frames of the
     /// room. Every client has then been offered each frame once, and its new shard offers it
     /// the next. Called under the hub's lock, which new frames and joins wait for. Returns
-    /// whether it moved them (else nothing moved).
+    /// whether it moved them (else nothing moved). Holding every ring, it waits for no pass
+    /// when it takes the clients' list.
     pub fn move_clients_into(&self, into: &[Arc<Shard>], sent: u64) -> bool {
-        let room: usize = into
-            .iter()
-            .map(|shard| shard.size.saturating_sub(shard.len()))
-            .sum();
-        if self.len() > room {
+        // Counted without waiting for a pass (a busy shard: the next sweep tries again).
+        // Under the hub's lock counts only fall (leaves), so the room found stays.
+        let mut room = 0;
+        for shard in into {
+            let Some(len) = shard.try_len() else {
+                return false;
+            };
+            room += shard.size.saturating_sub(len);
+        }
+        if self.try_len().is_none_or(|len| len > room) {
             return false;
         }
         let mut held = Vec::with_capacity(into.len() + 1);
