@@ -2583,17 +2583,19 @@ mod tests {
     /// client.
     #[tokio::test]
     async fn a_shard_whose_clients_all_left_is_let_go() {
-        // Shards of three: clients 0–2, 3–5 and 6.
-        let (hub, mut clients) = streamed_room(3, 7).await;
+        // Shards of three: clients 0–2, 3–5 and 6–8. The middle one's clients leave (the
+        // last one's do not fit in the room the others have: nobody moves).
+        let (hub, mut clients) = streamed_room(3, 9).await;
         let shards = room_shards(&hub);
         assert_eq!(shards.len(), 3);
-        drop(clients.pop());
+        drop(clients.drain(3..6).collect::<Vec<_>>());
         let left = room_shards(&hub);
         assert_eq!(left.len(), 2);
-        assert!(Arc::ptr_eq(&left[0], &shards[0]) && Arc::ptr_eq(&left[1], &shards[1]));
+        assert!(Arc::ptr_eq(&left[0], &shards[0]) && Arc::ptr_eq(&left[1], &shards[2]));
+        assert_eq!((shards[0].len(), shards[2].len()), (3, 3));
         // Its task ended and dropped it: only this test holds it now.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while Arc::strong_count(&shards[2]) > 1 {
+        while Arc::strong_count(&shards[1]) > 1 {
             assert!(
                 Instant::now() < deadline,
                 "the let-go shard's task still runs"
