@@ -552,13 +552,13 @@ impl Shard {
         outlets.len() < before
     }
 
-    /// Its clients.
+    /// Its clients (for tests: the room counts them with [`Shard::try_len`]).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.lock().len()
     }
 
-    /// Whether no client is left. Clients join (and move) under the hub's lock: an empty
-    /// shard seen under it stays empty until it is released.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
     }
@@ -573,6 +573,8 @@ impl Shard {
     }
 
     /// Whether no client is left, known without waiting: `false` while a pass holds them.
+    /// Clients join and move under the hub's lock: an empty shard seen under it stays empty
+    /// until it is released.
     pub fn is_surely_empty(&self) -> bool {
         self.try_len() == Some(0)
     }
