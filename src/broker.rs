@@ -2094,7 +2094,8 @@ mod tests {
             crate::metrics::Metrics::new(),
             acks.clone(),
         );
-        let mut registration = acks.register();
+        let mut registration =
+            acks.register(tokio::time::Instant::now() + std::time::Duration::from_secs(60));
         // Each hub's own secret reference (all of one length) where the frame says REF.
         let frame = frame.replace("REF", &registration.reference);
         let mut stamper = Stamper::new(DEFAULT_MAX_FRAME_BYTES);

@@ -227,7 +227,7 @@ impl Publisher {
         let mut pending = None;
         let mut taken = None;
         let sent = if self.confirm {
-            pending = Some(self.acks.register());
+            pending = Some(self.acks.register(deadline));
             None
         } else {
             let (tx, rx) = oneshot::channel();
@@ -259,13 +259,14 @@ impl Publisher {
             }
         }
         if let Some(mut registration) = pending {
-            match tokio::time::timeout_at(deadline, &mut registration.outcome).await {
-                Ok(Ok(Ack::Published(id))) => Ok(id),
-                Ok(Ok(Ack::Rejected { reason, status })) => {
+            // No timer of its own: the acks' deadline task answers `Expired` at the deadline.
+            match (&mut registration.outcome).await {
+                Ok(Ack::Published(id)) => Ok(id),
+                Ok(Ack::Rejected { reason, status }) => {
                     Err(PublishError::Rejected { reason, status })
                 }
-                Ok(Err(_)) => Err(shutting_down()),
-                Err(_) => Err(unconfirmed("the broker did not confirm the message")),
+                Ok(Ack::Expired) => Err(unconfirmed("the broker did not confirm the message")),
+                Err(_) => Err(shutting_down()),
             }
         } else {
             let taken = taken.expect("created when not confirming");
