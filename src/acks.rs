@@ -8,9 +8,9 @@
 //!
 //! Each registration has a deadline, and one task keeps them all ([`Acks::register`] starts
 //! it): it answers [`Ack::Expired`] to a message the broker has not confirmed by then. A POST
-//! thus waits on its outcome alone, without a timer of its own: a timer per POST (registered
-//! in tokio's wheel, then taken out) was about half of what waiting for the confirmation cost
-//! a light load (BENCHMARKS.md, "What a POST's wait for its confirmation costs").
+//! thus waits on its outcome alone, without a timer of its own (one put into tokio's timer
+//! wheel and taken out again for every message; BENCHMARKS.md, "What a POST's wait for its
+//! confirmation costs").
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
