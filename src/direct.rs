@@ -334,8 +334,16 @@ async fn serve_connection(
     let mut pending = Some(Pending(&front));
     let mut socket = socket;
     let mut buffer = BytesMut::with_capacity(1024);
+    // The head deadline of a keep-alive connection's next requests, after a direct POST: one
+    // timer for the connection, pushed back at each request (a later deadline costs tokio one
+    // atomic update, where a new timer goes into its wheel and out again each time); boxed,
+    // so that a stream's connection task does not carry it.
+    let mut next_head: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         let deadline = tokio::time::Instant::now() + front.limits.head_timeout;
+        if let Some(sleep) = next_head.as_mut() {
+            sleep.as_mut().reset(deadline);
+        }
         let head = loop {
             // What is already buffered first: a request pipelined after the last one.
             if !buffer.is_empty()
@@ -348,9 +356,18 @@ async fn serve_connection(
             // the room there is: a head in two reads, a system call more. Reserving moves what
             // is left to the front of the allocation when it fits there (no new one).
             buffer.reserve(HEAD_READ_ROOM);
-            let read = tokio::select! {
-                () = shutdown.cancelled() => return,
-                read = tokio::time::timeout_at(deadline, socket.read_buf(&mut buffer)) => read,
+            let read = match next_head.as_mut() {
+                Some(sleep) => tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    read = socket.read_buf(&mut buffer) => Ok(read),
+                    () = sleep.as_mut() => Err(()),
+                },
+                None => tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    read = tokio::time::timeout_at(deadline, socket.read_buf(&mut buffer)) => {
+                        read.map_err(|_| ())
+                    }
+                },
             };
             match read {
                 Ok(Ok(0)) if !buffer.is_empty() => {
@@ -406,6 +423,8 @@ async fn serve_connection(
                 if after == After::Close {
                     return;
                 }
+                next_head
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(front.limits.head_timeout)));
                 // A small buffer again for an idle keep-alive connection.
                 if buffer.is_empty() && buffer.capacity() > 1024 {
                     buffer = BytesMut::with_capacity(1024);

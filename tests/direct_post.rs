@@ -362,6 +362,41 @@ async fn a_long_kept_alive_connection_reads_every_head_wherever_its_buffer_has_g
     app.stop().await;
 }
 
+/// The head deadline runs from each answer: a kept-alive connection that keeps posting, each
+/// request well within the deadline, stays open past it (the connection's one timer is pushed
+/// back at each request), and is closed once it falls idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_that_keeps_posting_outlives_the_head_deadline() {
+    let app = TestApp::start_with(|config| config.server.head_timeout_secs = 1).await;
+    app.ready().await;
+    let mut sse = app.sse().await;
+    let mut conn = Conn::open(&app).await;
+    let started = std::time::Instant::now();
+    for n in 0..7 {
+        if n > 0 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        conn.send(&plain(FORM, "", &format!("from=ann&text=busy+{n}")))
+            .await;
+        let answer = conn.answer().await;
+        assert_eq!(answer.map(|answer| answer.status), Some(200), "POST {n}");
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "the POSTs spanned more than twice the head deadline"
+    );
+    let texts = sse.texts(7).await;
+    assert_eq!(
+        texts,
+        (0..7).map(|n| format!("busy {n}")).collect::<Vec<_>>()
+    );
+    assert!(
+        conn.closed_within(Duration::from_secs(4)).await,
+        "idle: closed"
+    );
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_posts_get_their_answer_and_others_are_served() {
     let app = TestApp::start_with(|config| {
