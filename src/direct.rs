@@ -357,7 +357,10 @@ async fn serve_connection(
             // is left to the front of the allocation when it fits there (no new one).
             buffer.reserve(HEAD_READ_ROOM);
             let read = match next_head.as_mut() {
+                // The read before the deadline, as `timeout_at` polls it: a head that came in
+                // time is served.
                 Some(sleep) => tokio::select! {
+                    biased;
                     () = shutdown.cancelled() => return,
                     read = socket.read_buf(&mut buffer) => Ok(read),
                     () = sleep.as_mut() => Err(()),
