@@ -37,8 +37,8 @@ use crate::script::{
 use crate::snapshot::{self, Archive, Limits, Reply};
 use crate::socket::{self, SocketError};
 use crate::wire::{
-    CLIENT, Envelope, KEY, MsgId, PRIVATE_KEYS, REF, ROOM, STAMPED_KEYS, max_published_bytes,
-    new_run, now_ms, plain_str, published, rejection,
+    CLIENT, Envelope, KEY, Layout, MsgId, PRIVATE_KEYS, REF, ROOM, RoomSpan, STAMPED_KEYS,
+    max_published_bytes, new_run, now_ms, plain_str, published, rejection,
 };
 use crate::workers::{Done, Job, Workers};
 
@@ -784,7 +784,15 @@ impl Broker {
         if let Some(sent) = item.sent {
             let _ = sent.send(());
         }
-        match self.handle(ZmqMessage::from(item.frame)) {
+        let handled = match &item.layout {
+            // Written by this process's web node: stamped without scanning it again.
+            Some(layout) if !self.scripted() => {
+                let stamped = self.stamper.stamp_laid_out(&item.frame, layout);
+                self.stamped(stamped, &item.frame, VecDeque::with_capacity(1))
+            }
+            _ => self.handle(ZmqMessage::from(item.frame)),
+        };
+        match handled {
             Handled::Publish(out, known) => self.publish(out, known),
             Handled::Submit(job) => self.submit(job).await,
             Handled::Nothing => {}
@@ -1136,8 +1144,24 @@ impl Broker {
             // no id, no scripts, not counted.
             return Handled::Publish(ZmqMessage::from(frame), None);
         }
-        let scripted = !self.chain.is_empty() || self.workers.is_some();
-        match self.stamper.stamp(&frame, !scripted) {
+        let stamped = self.stamper.stamp(&frame, !self.scripted());
+        self.stamped(stamped, &frame, frames)
+    }
+
+    /// Whether messages go through scripts (on this task or the chain's workers).
+    fn scripted(&self) -> bool {
+        !self.chain.is_empty() || self.workers.is_some()
+    }
+
+    /// What to do with what the stamper made of `frame`; `frames`: an empty queue for the
+    /// frame to publish.
+    fn stamped(
+        &mut self,
+        stamped: Result<Stamped, DropReason>,
+        frame: &[u8],
+        mut frames: VecDeque<Bytes>,
+    ) -> Handled {
+        match stamped {
             // Where the frame's room is, when the stamper saw it (the archive keeps rooms apart).
             Ok(Stamped::Ready(bytes, at)) => {
                 let known = self
@@ -1537,22 +1561,35 @@ impl Stamper {
         let Ok(text) = std::str::from_utf8(frame) else {
             return Err(DropReason::InvalidJson);
         };
-        let scan = match serde_json::from_str::<Scan>(text) {
-            Ok(scan) => scan,
-            Err(error) if error.is_data() => return Err(DropReason::NotAnObject),
-            Err(_) => return Err(DropReason::InvalidJson),
+        self.stamp_laid_out(frame, &scan(text)?)
+    }
+
+    /// [`Stamper::stamp`] with no scripts to run, for a frame whose layout is known: the
+    /// embedded broker's own web node wrote it (`message::Wire::write`), so it is not scanned
+    /// again.
+    pub fn stamp_laid_out(&mut self, frame: &[u8], layout: &Layout) -> Result<Stamped, DropReason> {
+        if frame.len() > self.max_frame_bytes {
+            return Err(DropReason::Oversize);
+        }
+        // The values inside their quotes: valid UTF-8 wherever the frame is.
+        let text = |range: &Option<std::ops::Range<usize>>| {
+            range
+                .clone()
+                .and_then(|range| frame.get(range))
+                .and_then(|bytes| std::str::from_utf8(bytes).ok())
         };
-        if let Some(id) = self.duplicate(scan.key) {
+        let key = text(&layout.key);
+        if let Some(id) = self.duplicate(key) {
             return Ok(Stamped::Duplicate {
-                reference: scan.reference.map(str::to_owned),
+                reference: text(&layout.reference).map(str::to_owned),
                 id,
             });
         }
-        let key = scan.key.map(str::to_owned);
+        let key = key.map(str::to_owned);
         let mut out = self.take_arena(frame.len() + STAMP_BYTES);
-        let room = if scan.plain
+        let room = if layout.plain
             && memchr::memchr2(b'\n', b'\r', frame).is_none()
-            && let Some(room) = self.cut_and_copy(frame, &scan, &mut out)
+            && let Some(room) = self.cut_and_copy(frame, layout, &mut out)
         {
             // The common case: a compact object with no key of ours and no duplicate, copied
             // up to its closing brace without its private members; the stamp appended.
@@ -1592,27 +1629,20 @@ impl Stamper {
     /// when a member is left), without its private members (`client`; `key` unless it is
     /// published); returns where its room is in `out`. `None` (and `out` left as it is) when
     /// a member to cut is not compact (a space around it): the general path then.
-    fn cut_and_copy(&self, frame: &[u8], scan: &Scan<'_>, out: &mut BytesMut) -> Option<RoomAt> {
-        let base = frame.as_ptr() as usize;
-        let end = frame
-            .iter()
-            .rposition(|b| *b == b'}')
-            .expect("a valid JSON object ends with `}`");
+    fn cut_and_copy(&self, frame: &[u8], layout: &Layout, out: &mut BytesMut) -> Option<RoomAt> {
+        let end = frame.iter().rposition(|b| *b == b'}')?;
         // Each member to cut, from its key's opening quote to its value's end.
-        let span = |(name, value): (&str, &RawValue)| {
-            let value = value.get();
-            (
-                name.as_ptr() as usize - base - 1,
-                value.as_ptr() as usize - base + value.len(),
-            )
-        };
-        let key_member = scan.key_member.filter(|_| !self.publish_keys);
-        let mut cuts = [scan.client_member.map(span), key_member.map(span)];
+        let span = |member: &std::ops::Range<usize>| (member.start, member.end);
+        let key_member = layout.key_member.as_ref().filter(|_| !self.publish_keys);
+        let mut cuts = [
+            layout.client_member.as_ref().map(span),
+            key_member.map(span),
+        ];
         cuts.sort_unstable();
         // Where the room's name starts in the frame, then in `out`.
-        let room = match scan.room {
-            Room::Plain(name) => Some(name.as_ptr() as usize - base),
-            Room::None | Room::Other => None,
+        let room = match &layout.room {
+            RoomSpan::Plain(name) => Some(name.start),
+            RoomSpan::None | RoomSpan::Other => None,
         };
         let mut room_in_out = None;
         let mut copy = |out: &mut BytesMut, from: usize, to: usize| {
@@ -1622,7 +1652,7 @@ impl Stamper {
             out.extend_from_slice(&frame[from..to]);
         };
         let mut from = 0;
-        let mut kept = scan.keys;
+        let mut kept = layout.members;
         for (start, stop) in cuts.into_iter().flatten() {
             if !matches!(frame.get(start.wrapping_sub(1)), Some(b'{' | b','))
                 || !matches!(frame.get(stop), Some(b',' | b'}'))
@@ -1645,12 +1675,12 @@ impl Stamper {
         if kept > 0 {
             out.put_u8(b',');
         }
-        Some(match scan.room {
-            Room::None => RoomAt::Default,
-            Room::Plain(name) => {
+        Some(match &layout.room {
+            RoomSpan::None => RoomAt::Default,
+            RoomSpan::Plain(name) => {
                 room_in_out.map_or(RoomAt::Unknown, |at| RoomAt::At(at..at + name.len()))
             }
-            Room::Other => RoomAt::Unknown,
+            RoomSpan::Other => RoomAt::Unknown,
         })
     }
 
@@ -1774,6 +1804,45 @@ struct Scan<'a> {
     /// web node's every frame holds (`client`, and `key` with an idempotency key).
     key_member: Option<(&'a str, &'a RawValue)>,
     client_member: Option<(&'a str, &'a RawValue)>,
+}
+
+/// Validates a frame (JSON text) as one object and finds where its members are, without
+/// keeping anything.
+pub(crate) fn scan(text: &str) -> Result<Layout, DropReason> {
+    match serde_json::from_str::<Scan>(text) {
+        Ok(scan) => Ok(scan.layout(text)),
+        Err(error) if error.is_data() => Err(DropReason::NotAnObject),
+        Err(_) => Err(DropReason::InvalidJson),
+    }
+}
+
+impl Scan<'_> {
+    /// Where what the scan found is in `text`, the frame it scanned.
+    fn layout(&self, text: &str) -> Layout {
+        let base = text.as_ptr() as usize;
+        let within = |part: &str| {
+            let start = part.as_ptr() as usize - base;
+            start..start + part.len()
+        };
+        // From the name's opening quote to the value's end.
+        let member = |(name, value): (&str, &RawValue)| {
+            let value = within(value.get());
+            within(name).start - 1..value.end
+        };
+        Layout {
+            members: self.keys,
+            plain: self.plain,
+            reference: self.reference.map(within),
+            key: self.key.map(within),
+            room: match self.room {
+                Room::None => RoomSpan::None,
+                Room::Plain(name) => RoomSpan::Plain(within(name)),
+                Room::Other => RoomSpan::Other,
+            },
+            key_member: self.key_member.map(member),
+            client_member: self.client_member.map(member),
+        }
+    }
 }
 
 /// The `room` a scan found.

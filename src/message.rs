@@ -16,6 +16,7 @@
 //! The zeromq crate's PUSH never recovers once its broker restarted (`ReturnToSender` forever),
 //! so the task rebuilds the socket when the broker goes away and resends the returned message.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -137,17 +138,84 @@ impl MessageConfig {
 
 /// A message as a web node sends it to the broker. `ref` comes first: the broker keeps it
 /// there, and web nodes cut it from the frame they send browsers without parsing it.
-#[derive(serde::Serialize)]
 struct Wire<'a> {
-    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
     reference: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     key: Option<&'a str>,
     client: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
     room: Option<&'a str>,
     from: &'a str,
     text: &'a str,
+}
+
+impl Wire<'_> {
+    /// The frame, `{"ref":…,"key":…,"client":…,"room":…,"from":…,"text":…}` (compact, members
+    /// without a value left out), and where its members are, known from writing it: what the
+    /// broker's scan would find in it (a test compares them).
+    fn write(&self) -> (Vec<u8>, Layout) {
+        let members = [
+            (crate::wire::REF, self.reference),
+            (crate::wire::KEY, self.key),
+            (crate::wire::CLIENT, Some(self.client)),
+            (crate::wire::ROOM, self.room),
+            ("from", Some(self.from)),
+            ("text", Some(self.text)),
+        ];
+        let length: usize = members
+            .iter()
+            .map(|(name, value)| name.len() + value.map_or(0, str::len) + 6)
+            .sum();
+        let mut out = Vec::with_capacity(length + 2);
+        let mut layout = Layout {
+            members: 0,
+            plain: true,
+            reference: None,
+            key: None,
+            room: RoomSpan::None,
+            key_member: None,
+            client_member: None,
+        };
+        out.push(b'{');
+        for (name, value) in members {
+            let Some(value) = value else { continue };
+            if layout.members > 0 {
+                out.push(b',');
+            }
+            layout.members += 1;
+            let start = out.len();
+            out.push(b'"');
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":");
+            let quoted = out.len();
+            // What JSON escapes (RFC 8259: `"`, `\`, control characters), looked for in one
+            // pass without branching on each byte; most values have none.
+            let escaped = value.bytes().fold(false, |any, b| {
+                any | (b < 0x20) | (b == b'"') | (b == b'\\')
+            });
+            if escaped {
+                serde_json::to_writer(&mut out, value).expect("a string serializes");
+            } else {
+                out.push(b'"');
+                out.extend_from_slice(value.as_bytes());
+                out.push(b'"');
+            }
+            let end = out.len();
+            let plain = (!escaped).then_some(quoted + 1..end - 1);
+            match name {
+                crate::wire::REF => layout.reference = plain,
+                crate::wire::KEY => {
+                    layout.key = plain;
+                    layout.key_member = Some(start..end);
+                }
+                crate::wire::CLIENT => layout.client_member = Some(start..end),
+                crate::wire::ROOM => {
+                    layout.room = plain.map_or(RoomSpan::Other, RoomSpan::Plain);
+                }
+                _ => {}
+            }
+        }
+        out.push(b'}');
+        (out, layout)
+    }
 }
 
 /// Why a message could not be published.
@@ -159,7 +227,7 @@ pub enum PublishError {
     Rejected { reason: String, status: u16 },
 }
 
-use crate::wire::Outgoing;
+use crate::wire::{Layout, Outgoing, RoomSpan};
 
 /// Hands messages to the PUSH task and waits for their outcome.
 #[derive(Clone)]
@@ -242,8 +310,10 @@ impl Publisher {
             from: &message.from,
             text: &message.text,
         };
+        let (frame, layout) = wire.write();
         let outgoing = Outgoing {
-            frame: serde_json::to_vec(&wire).expect("serializing JSON").into(),
+            frame: frame.into(),
+            layout: Some(layout),
             deadline,
             report: false,
             sent,
@@ -284,6 +354,7 @@ impl Publisher {
     pub fn send_report(&self, frame: Bytes) {
         let _ = self.tx.try_send(Outgoing {
             frame,
+            layout: None,
             deadline: Instant::now() + crate::hub::PRESENCE_INTERVAL,
             report: true,
             sent: None,
@@ -460,9 +531,29 @@ pub async fn parse_body(content_type: Option<&str>, body: Bytes) -> Result<Field
 
 /// `bytes` as text; `what` names them in the error (made only then: a form's every field
 /// passes here).
-fn utf8(bytes: Vec<u8>, what: impl FnOnce() -> String) -> Result<String, JsonError> {
-    String::from_utf8(bytes)
-        .map_err(|_| JsonError::bad_request(format!("{} is not valid UTF-8", what())))
+fn utf8(bytes: Cow<'_, [u8]>, what: impl FnOnce() -> String) -> Result<Cow<'_, str>, JsonError> {
+    let text = match bytes {
+        Cow::Borrowed(bytes) => std::str::from_utf8(bytes).map(Cow::Borrowed).ok(),
+        Cow::Owned(bytes) => String::from_utf8(bytes).map(Cow::Owned).ok(),
+    };
+    text.ok_or_else(|| JsonError::bad_request(format!("{} is not valid UTF-8", what())))
+}
+
+/// A name or value of a form body, decoded (`+` is a space, `%XX` a byte): as it is, without
+/// a copy, when there is nothing to decode.
+fn decode_form(part: &[u8]) -> Cow<'_, [u8]> {
+    if memchr::memchr2(b'+', b'%', part).is_none() {
+        return Cow::Borrowed(part);
+    }
+    let plus: Vec<u8> = part
+        .iter()
+        .map(|b| if *b == b'+' { b' ' } else { *b })
+        .collect();
+    // Without a `%`, the bytes as they are: no second buffer grown byte by byte.
+    match Cow::from(percent_encoding::percent_decode(&plus)) {
+        Cow::Borrowed(_) => Cow::Owned(plus),
+        Cow::Owned(decoded) => Cow::Owned(decoded),
+    }
 }
 
 fn parse_urlencoded(body: &[u8]) -> Result<Fields, JsonError> {
@@ -472,21 +563,11 @@ fn parse_urlencoded(body: &[u8]) -> Result<Fields, JsonError> {
             Some(i) => (&pair[..i], &pair[i + 1..]),
             None => (pair, &b""[..]),
         };
-        let decode = |part: &[u8]| -> Vec<u8> {
-            let plus: Vec<u8> = part
-                .iter()
-                .map(|b| if *b == b'+' { b' ' } else { *b })
-                .collect();
-            // Without a `%`, the bytes as they are: no second buffer grown byte by byte.
-            match std::borrow::Cow::from(percent_encoding::percent_decode(&plus)) {
-                std::borrow::Cow::Borrowed(_) => plus,
-                std::borrow::Cow::Owned(decoded) => decoded,
-            }
-        };
-        let name = utf8(decode(name), || "a field name".to_owned())?;
-        let value = utf8(decode(value), || {
+        let name = utf8(decode_form(name), || "a field name".to_owned())?;
+        let value = utf8(decode_form(value), || {
             format!("field `{}`", name.escape_default())
-        })?;
+        })?
+        .into_owned();
         if name.ends_with("[]") {
             return Err(JsonError::bad_request(format!(
                 "field `{}` is an array; `from` and `text` are single values",
@@ -581,9 +662,10 @@ async fn parse_multipart(body: Bytes, boundary: String) -> Result<Fields, JsonEr
             )));
         }
         let bytes = field.bytes().await.map_err(malformed)?;
-        let value = utf8(bytes.to_vec(), || {
+        let value = utf8(Cow::Borrowed(&bytes), || {
             format!("field `{}`", name.escape_default())
-        })?;
+        })?
+        .into_owned();
         fields.set(&name, value)?;
     }
     Ok(fields)
@@ -687,15 +769,46 @@ fn check_field(
     let Some(value) = value else {
         return Err(JsonError::bad_request(format!("field `{name}` is missing")));
     };
-    let value = if multiline && value.contains('\r') {
+    let mut value = if multiline && value.contains('\r') {
         value.replace("\r\n", "\n").replace('\r', "\n")
     } else {
         value
     };
-    let value = value.trim();
-    if value.is_empty() {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
         return Err(JsonError::bad_request(format!("field `{name}` is blank")));
     }
+    let start = trimmed.as_ptr() as usize - value.as_ptr() as usize;
+    let end = start + trimmed.len();
+    // Printable ASCII (most names and messages): no control character, nothing invisible,
+    // something visible (trimmed, it starts with one), a character a byte. One pass over the
+    // bytes, without branching on each.
+    let printable = trimmed
+        .bytes()
+        .fold(true, |all, b| all & (b' '..=b'~').contains(&b));
+    if !printable {
+        check_characters(name, trimmed, multiline)?;
+    }
+    let chars = if printable {
+        trimmed.len()
+    } else {
+        trimmed.chars().count()
+    };
+    if chars > max_chars {
+        return Err(JsonError::bad_request(format!(
+            "`{name}` is too long: {chars} of {max_chars} characters"
+        )));
+    }
+    // Trimmed in place: no copy.
+    value.truncate(end);
+    value.drain(..start);
+    Ok(value)
+}
+
+/// The checks of a field's characters beyond printable ASCII: control characters (line feeds
+/// and tabs allowed in `multiline` fields), invisible ones in single-line fields, something
+/// visible.
+fn check_characters(name: &str, value: &str, multiline: bool) -> Result<(), JsonError> {
     if let Some(c) = value
         .chars()
         .find(|c| c.is_control() && !(multiline && (*c == '\n' || *c == '\t')))
@@ -726,13 +839,7 @@ fn check_field(
             "field `{name}` has nothing visible in it"
         )));
     }
-    let chars = value.chars().count();
-    if chars > max_chars {
-        return Err(JsonError::bad_request(format!(
-            "`{name}` is too long: {chars} of {max_chars} characters"
-        )));
-    }
-    Ok(value.to_owned())
+    Ok(())
 }
 
 /// `POST /message/broadcast`.
@@ -976,6 +1083,86 @@ mod tests {
         }
     }
 
+    /// A map serialized with its members in the given order (as the frame's derived
+    /// serialization was).
+    struct InOrder<'a>(Vec<(&'a str, &'a str)>);
+
+    impl serde::Serialize for InOrder<'_> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_map(self.0.iter().copied())
+        }
+    }
+
+    #[test]
+    fn a_frame_the_node_writes_is_laid_out_as_the_broker_scan_finds_it() {
+        use crate::broker::{Stamped, Stamper};
+        let texts = [
+            "hello",
+            "say \"hi\"",
+            "back\\slash",
+            "two\nlines",
+            "tab\there",
+            "bell\u{7}del\u{7f}",
+            "unit\u{1f}separator",
+            "Zoé ünïcode 🎉",
+            "</script>",
+        ];
+        let reference = "0123456789abcdef-00112233445566778899aabbccddeeff";
+        for reference in [None, Some(reference)] {
+            for key in [None, Some("k-1"), Some("odd\"key")] {
+                for room in [None, Some("lobby"), Some("r\\oom")] {
+                    for text in texts {
+                        let wire = Wire {
+                            reference,
+                            key,
+                            client: "ip:192.0.2.7",
+                            room,
+                            from: "Zoé",
+                            text,
+                        };
+                        let (frame, layout) = wire.write();
+                        let shown = String::from_utf8_lossy(&frame).into_owned();
+                        // What serde_json writes, byte for byte.
+                        let members = [
+                            ("ref", reference),
+                            ("key", key),
+                            ("client", Some("ip:192.0.2.7")),
+                            ("room", room),
+                            ("from", Some("Zoé")),
+                            ("text", Some(text)),
+                        ];
+                        let expected = InOrder(
+                            members
+                                .into_iter()
+                                .filter_map(|(name, value)| Some((name, value?)))
+                                .collect(),
+                        );
+                        assert_eq!(shown, serde_json::to_string(&expected).unwrap());
+                        // What the broker's scan finds in it.
+                        let text = std::str::from_utf8(&frame).unwrap();
+                        assert_eq!(crate::broker::scan(text), Ok(layout.clone()), "{shown}");
+                        // And so stamped alike, with the layout or scanned.
+                        let stamp = |laid_out: bool| {
+                            let mut stamper = Stamper::new(1 << 20);
+                            let stamped = if laid_out {
+                                stamper.stamp_laid_out(&frame, &layout)
+                            } else {
+                                stamper.stamp(&frame, true)
+                            };
+                            let Ok(Stamped::Ready(bytes, at)) = stamped else {
+                                panic!("{shown} not stamped");
+                            };
+                            let bytes = String::from_utf8(bytes.to_vec()).unwrap();
+                            let cut = bytes.rfind("\"id\":\"").unwrap();
+                            (bytes[..cut].to_owned(), at)
+                        };
+                        assert_eq!(stamp(true), stamp(false), "{shown}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn urlencoded_forms() {
         assert_eq!(
@@ -1166,6 +1353,11 @@ mod tests {
             .contains("`from` is missing")
         );
         assert!(err(fields("a", "   ")).contains("`text` is blank"));
+        // Trimmed; DEL is a control character too (past printable ASCII).
+        assert_eq!(ok("  a b \t", " x y\n").from, "a b");
+        assert_eq!(ok("  a b \t", " x y\n").text, "x y");
+        assert_eq!(ok("abcde", "x").from, "abcde");
+        assert!(err(fields("a\u{7f}", "x")).contains("control character U+007F"));
         assert!(err(fields("a\nb", "x")).contains("`from` contains the control character U+000A"));
         assert!(err(fields("a", "x\0y")).contains("U+0000; only line feeds and tabs"));
         assert!(err(fields("a", "x\u{1b}[31m")).contains("U+001B"));

@@ -244,11 +244,46 @@ pub fn room_of(frame: &[u8]) -> Option<&str> {
     Some(plain_str(room).unwrap_or(room.get()))
 }
 
+/// Where a web node's frame holds what the broker looks for, as byte ranges of the frame: what
+/// the broker's validating scan finds in a frame from PULL, or what a web node knows of a frame
+/// it wrote (`message::Wire::write`), so that the embedded broker stamps its own node's frames
+/// without reading them again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// How many members the object has.
+    pub members: usize,
+    /// No key the broker writes ([`STAMPED_KEYS`]), no key twice, no escaped key: the frame
+    /// can be stamped by appending to it, once its private members are cut out.
+    pub plain: bool,
+    /// The `ref` and `key` values, inside their quotes, when they are strings without escapes.
+    pub reference: Option<std::ops::Range<usize>>,
+    pub key: Option<std::ops::Range<usize>>,
+    pub room: RoomSpan,
+    /// The private members (`key`, `client`), from the name's opening quote to the value's
+    /// end.
+    pub key_member: Option<std::ops::Range<usize>>,
+    pub client_member: Option<std::ops::Range<usize>>,
+}
+
+/// Where a frame's `room` is ([`Layout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomSpan {
+    /// It names none.
+    None,
+    /// A string without escapes: its contents.
+    Plain(std::ops::Range<usize>),
+    /// Anything else (web nodes drop such a message).
+    Other,
+}
+
 /// A frame a web node hands to the broker: to its PUSH socket's task, or (the embedded broker,
 /// which the node's sockets would only reach over loopback) straight to the broker's task.
 #[derive(Debug)]
 pub struct Outgoing {
     pub frame: Bytes,
+    /// Where the frame's members are, when the node wrote it (a message, not a presence
+    /// report): the embedded broker trusts it instead of scanning the frame.
+    pub layout: Option<Layout>,
     /// The POST gives up then: a frame still unsent is dropped, not sent late.
     pub deadline: tokio::time::Instant,
     /// A presence report: not a message (not counted when it expires unsent).
