@@ -316,6 +316,24 @@ pub fn error_response(status: u16, reason: &str, message: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Reads more of a request head, unless `deadline` fires first (`Err`) or the server shuts
+/// down (`None`). The read is polled before the deadline, as `timeout_at` polls them: a head
+/// that came in time is served.
+async fn read_before(
+    socket: &mut TcpStream,
+    buffer: &mut BytesMut,
+    deadline: Pin<&mut tokio::time::Sleep>,
+    shutdown: &CancellationToken,
+) -> Option<Result<std::io::Result<usize>, ()>> {
+    use tokio::io::AsyncReadExt;
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => None,
+        read = socket.read_buf(buffer) => Some(Ok(read)),
+        () = deadline => Some(Err(())),
+    }
+}
+
 /// Reads a connection's requests and decides who serves them: the first head must arrive
 /// whole within one deadline; a lone `GET /event/fetch` is served here to the end of the
 /// connection, a plain `POST /message/broadcast` here too ([`crate::direct_post`]) and the next
@@ -327,7 +345,6 @@ async fn serve_connection(
     handoff: tokio::sync::mpsc::Sender<(Conn, SocketAddr)>,
     shutdown: CancellationToken,
 ) {
-    use tokio::io::AsyncReadExt;
     let front = open.front.clone();
     // Counted while the first head is read; a keep-alive connection waiting for its next
     // request is not pending (its client has been served).
@@ -356,22 +373,17 @@ async fn serve_connection(
             // the room there is: a head in two reads, a system call more. Reserving moves what
             // is left to the front of the allocation when it fits there (no new one).
             buffer.reserve(HEAD_READ_ROOM);
+            // The connection's timer after a direct POST; before, one for this read.
             let read = match next_head.as_mut() {
-                // The read before the deadline, as `timeout_at` polls it: a head that came in
-                // time is served.
-                Some(sleep) => tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => return,
-                    read = socket.read_buf(&mut buffer) => Ok(read),
-                    () = sleep.as_mut() => Err(()),
-                },
-                None => tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    read = tokio::time::timeout_at(deadline, socket.read_buf(&mut buffer)) => {
-                        read.map_err(|_| ())
-                    }
-                },
+                Some(sleep) => {
+                    read_before(&mut socket, &mut buffer, sleep.as_mut(), &shutdown).await
+                }
+                None => {
+                    let sleep = std::pin::pin!(tokio::time::sleep_until(deadline));
+                    read_before(&mut socket, &mut buffer, sleep, &shutdown).await
+                }
             };
+            let Some(read) = read else { return };
             match read {
                 Ok(Ok(0)) if !buffer.is_empty() => {
                     // The client ended its side in the middle of a head: it may still read.
