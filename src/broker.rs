@@ -1799,7 +1799,8 @@ struct Scan<'a> {
     /// The `ref` and `key` values, when they are strings without escapes.
     reference: Option<&'a str>,
     key: Option<&'a str>,
-    room: Room<'a>,
+    /// The `room` value as found (a string without escapes, or anything else).
+    room: Option<&'a RawValue>,
     /// The private members, as found in the frame (the key's text, the raw value): what a
     /// web node's every frame holds (`client`, and `key` with an idempotency key).
     key_member: Option<(&'a str, &'a RawValue)>,
@@ -1835,23 +1836,15 @@ impl Scan<'_> {
             reference: self.reference.map(within),
             key: self.key.map(within),
             room: match self.room {
-                Room::None => RoomSpan::None,
-                Room::Plain(name) => RoomSpan::Plain(within(name)),
-                Room::Other => RoomSpan::Other,
+                None => RoomSpan::None,
+                Some(room) => {
+                    plain_str(room).map_or(RoomSpan::Other, |name| RoomSpan::Plain(within(name)))
+                }
             },
             key_member: self.key_member.map(member),
             client_member: self.client_member.map(member),
         }
     }
-}
-
-/// The `room` a scan found.
-enum Room<'a> {
-    None,
-    /// A string without escapes.
-    Plain(&'a str),
-    /// Anything else (web nodes drop such a message).
-    Other,
 }
 
 /// Objects with more keys than this take the general path.
@@ -1872,7 +1865,7 @@ impl<'de> Deserialize<'de> for Scan<'de> {
                     plain: true,
                     reference: None,
                     key: None,
-                    room: Room::None,
+                    room: None,
                     key_member: None,
                     client_member: None,
                 };
@@ -1893,8 +1886,7 @@ impl<'de> Deserialize<'de> for Scan<'de> {
                             }
                         }
                         ROOM => {
-                            scan.room = plain_str(map.next_value::<&'de RawValue>()?)
-                                .map_or(Room::Other, Room::Plain);
+                            scan.room = Some(map.next_value::<&'de RawValue>()?);
                         }
                         _ => {
                             map.next_value::<de::IgnoredAny>()?;
