@@ -289,7 +289,7 @@ impl App {
 
         let acks = Acks::new();
         let hub = config.event.build(&ctx, acks.clone(), &config.rooms);
-        let (publisher, push_task) = config.message.build(&ctx, acks)?;
+        let (mut publisher, push_task) = config.message.build(&ctx, acks)?;
         let push_targets = push_task.addresses.clone();
         if config.event.failover {
             // One broker at a time: the first until the heartbeats say which is active.
@@ -304,7 +304,7 @@ impl App {
         let mut push_task = Some(push_task);
         if let Some(mut parts) = embedded {
             if local && let Some(task) = push_task.take() {
-                parts.broker.serve_locally(task.into_queue(), hub.clone());
+                publisher.serve_inline(parts.broker.serve_locally(task.into_queue(), hub.clone()));
             }
             app.spawn_broker(parts, &shutdown);
         }

@@ -393,25 +393,34 @@ impl BrokerConfig {
             }
             _ => None,
         };
-        let broker = Broker {
+        let paired = pair.is_some();
+        let run = stamper.run;
+        let relay = Relay {
             pair,
-            local: None,
-            pull,
+            hub: None,
             publish,
             stamper,
             archive: snapshot.as_ref().map(|server| server.archive.clone()),
             chain,
             workers,
-            verdicts,
-            reloads,
             notify_rejections: self.notify_rejections,
             max_published: max_published_bytes(limit),
             max_subscriber_lag: self.subscriber_queue / 2,
             outbox: Vec::new(),
             batching: false,
+            inline_until: 0,
+            metrics: metrics.clone(),
+        };
+        let broker = Broker {
+            relay: Arc::new(tokio::sync::Mutex::new(relay)),
+            pull,
+            reloads,
+            verdicts,
+            local: None,
+            run,
             metrics,
         };
-        let pair_status = broker.pair.is_some().then(|| pair_status.subscribe());
+        let pair_status = paired.then(|| pair_status.subscribe());
         Ok(Parts {
             chain_status,
             broker,
@@ -425,26 +434,43 @@ impl BrokerConfig {
     }
 }
 
-/// The running broker: owns its two sockets and its script chain.
+/// The running broker: its PULL socket, the other inputs its task waits on, and the [`Relay`]
+/// that stamps and publishes.
+///
+/// The relay is behind a lock: the broker's task holds it while it handles one input (a turn
+/// of PULL, a reload, a heartbeat…), and, with the embedded broker serving the web node of its
+/// own process, a POST of that node takes it to publish its message on its own task when the
+/// relay is free ([`Inline`]).
 pub struct Broker {
+    relay: Arc<tokio::sync::Mutex<Relay>>,
+    pull: PullSocket,
+    reloads: tokio::sync::mpsc::Receiver<Reload>,
+    /// With `broker.script_workers` > 1: the chain's verdicts.
+    verdicts: Option<tokio::sync::mpsc::UnboundedReceiver<Done>>,
+    /// The web node of the same process: its frames that did not publish themselves (see
+    /// [`Broker::serve_locally`]).
+    local: Option<tokio::sync::mpsc::Receiver<crate::wire::Outgoing>>,
+    /// The run it starts with.
+    run: u64,
+    metrics: Arc<Metrics>,
+}
+
+/// What stamps and publishes: PUB, the stamper, the archive, the chain, the pair's state.
+struct Relay {
     /// With `broker.peer`: the pair's state and the channels to the peer's sockets' tasks.
     pair: Option<PairLink>,
-    /// The web node of the same process (`temma serve` with the embedded broker, its sockets
-    /// pointed at it): its frames come on this queue instead of PULL, and every frame
-    /// published goes to its hub too, instead of over loopback to its SUB socket.
-    local: Option<Local>,
-    pull: PullSocket,
+    /// The hub of the web node of the same process (`temma serve` with the embedded broker,
+    /// its sockets pointed at it): every frame published goes to it too, instead of over
+    /// loopback to its SUB socket.
+    hub: Option<crate::hub::Hub>,
     publish: PubSocket,
     stamper: Stamper,
     /// What was published, for snapshots (with `broker.snapshot`).
     archive: Option<Arc<Mutex<Archive>>>,
-    /// The chain, run on this task (empty without scripts, or with workers).
+    /// The chain, run on the broker's task (empty without scripts, or with workers).
     chain: Chain,
-    /// With `broker.script_workers` > 1: the threads that run the chain, and their verdicts
-    /// (taken by [`Broker::run`]).
+    /// With `broker.script_workers` > 1: the threads that run the chain.
     workers: Option<Workers>,
-    verdicts: Option<tokio::sync::mpsc::UnboundedReceiver<Done>>,
-    reloads: tokio::sync::mpsc::Receiver<Reload>,
     notify_rejections: bool,
     /// The largest frame published; scripts that make a message larger get it dropped.
     max_published: usize,
@@ -455,6 +481,12 @@ pub struct Broker {
     /// PUB together at the turn's end (zeromq patch 15).
     outbox: Vec<ZmqMessage>,
     batching: bool,
+    /// A POST of the web node of this process may publish its message itself ([`Inline`])
+    /// while the stamper's sequence number is below this; 0: it may not (scripts to run, a
+    /// web node far behind, the broker stopped). The broker's task sets it after each input,
+    /// at its next look at the subscribers' queues: a message past it goes through the
+    /// broker's task, which looks.
+    inline_until: u64,
     metrics: Arc<Metrics>,
 }
 
@@ -587,31 +619,100 @@ pub type PeerCounter = Box<
         + Send,
 >;
 
-/// The web node of the broker's own process; see [`Broker::serve_locally`].
-struct Local {
-    frames: Option<tokio::sync::mpsc::Receiver<crate::wire::Outgoing>>,
-    hub: crate::hub::Hub,
+/// When the broker's task looks at its subscribers' queues ([`Relay::lagging`]).
+struct LagCheck {
+    /// A web node far behind and still reading: the broker waits for it (the timer, armed
+    /// then, looks again).
+    lagging: bool,
+    every: u64,
+    /// At this sequence number.
+    next: u64,
+}
+
+/// What the broker's task waits for.
+enum Input {
+    Reload(Reload),
+    Verdict(Done),
+    Beat,
+    Peer(PeerFrame),
+    PeerReply(Reply),
+    LagRecheck,
+    Local(crate::wire::Outgoing),
+    Pull(zeromq::ZmqResult<ZmqMessage>),
+}
+
+/// A web node's way to the embedded broker of its own process: a POST publishes its message on
+/// its own task when the broker's relay is free ([`Inline::desk`]); otherwise its frame goes
+/// to the broker's task, in the queue.
+#[derive(Clone)]
+pub struct Inline(std::sync::Weak<tokio::sync::Mutex<Relay>>);
+
+/// The broker's relay, held by a POST of the web node of its process; see
+/// [`Desk::publish`].
+pub struct Desk(tokio::sync::OwnedMutexGuard<Relay>);
+
+impl Inline {
+    /// The relay, if the broker runs, is not handling an input (a turn of PULL…), and may
+    /// publish a POST's message now: no scripts to run, no web node far behind, not yet the
+    /// message at which the broker looks at its subscribers' queues again. Never waits.
+    pub fn desk(&self) -> Option<Desk> {
+        let relay = self.0.upgrade()?.try_lock_owned().ok()?;
+        (relay.stamper.seq < relay.inline_until).then_some(Desk(relay))
+    }
+}
+
+impl Desk {
+    /// Publishes a frame the web node of this process wrote (`message::Wire::write`, without
+    /// a `ref`: nobody needs to tell this POST), laid out as `layout`: stamped, archived, sent
+    /// on PUB and handed to the node's hub, as the broker's task does it. Its id, or, for an
+    /// idempotency key published already, that message's id; why it was dropped otherwise
+    /// (counted).
+    pub fn publish(mut self, frame: &[u8], layout: &Layout) -> Result<MsgId, DropReason> {
+        let relay = &mut *self.0;
+        match relay.stamper.stamp_laid_out(frame, layout) {
+            Ok(Stamped::Ready(bytes, at)) => {
+                let known = relay.stamper.known(&bytes, &at);
+                let id = relay.stamper.last_id();
+                let out = relay.record(bytes, at);
+                relay.publish(ZmqMessage::from(out), known);
+                relay.metrics.broker_inline.inc();
+                Ok(id)
+            }
+            Ok(Stamped::Duplicate { id, .. }) => {
+                relay.metrics.dropped(DropReason::Duplicate);
+                Ok(id)
+            }
+            Ok(Stamped::Parsed { .. }) => unreachable!("a laid-out frame is not parsed"),
+            Err(reason) => {
+                relay.metrics.dropped(reason);
+                Err(reason)
+            }
+        }
+    }
 }
 
 impl Broker {
-    /// Serves the web node of this process in the process: its frames from `frames` (the
-    /// queue its PUSH socket's task would have read), what is published handed to `hub` too.
-    /// Other web nodes still use PULL and PUB. Not for a broker of a pair.
+    /// Serves the web node of this process in the process: what is published is handed to
+    /// `hub` too, and the node's POSTs publish on their own task when they can (the
+    /// [`Inline`] returned), otherwise through `frames` (the queue its PUSH socket's task
+    /// would have read). Other web nodes still use PULL and PUB. Not for a broker of a pair.
     pub fn serve_locally(
         &mut self,
         frames: tokio::sync::mpsc::Receiver<crate::wire::Outgoing>,
         hub: crate::hub::Hub,
-    ) {
+    ) -> Inline {
         self.metrics.sub_connected.inc();
-        self.local = Some(Local {
-            frames: Some(frames),
-            hub,
-        });
+        self.local = Some(frames);
+        self.relay
+            .try_lock()
+            .expect("the broker is not running yet")
+            .hub = Some(hub);
+        Inline(Arc::downgrade(&self.relay))
     }
 
-    /// This run's id: the first part of every id it stamps.
+    /// This run's id: the first part of every id it stamps (until a takeover starts another).
     pub fn run_id(&self) -> u64 {
-        self.stamper.run
+        self.run
     }
 
     /// Relays until `shutdown` fires. A message already read is always published first.
@@ -620,113 +721,113 @@ impl Broker {
     /// publishes the heartbeat (see [`crate::failover`]): all that goes out of PUB goes from
     /// here, in order.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        // The start-up line is the app's ("broker running", or the web node's "listening on").
-        tracing::debug!(
-            run = self.stamper.run,
-            scripts = self.chain.len(),
-            "broker relaying"
-        );
+        let relay = self.relay.clone();
+        let (mut peer_frames, mut peer_replies, paired) = {
+            let mut relay = relay.lock().await;
+            // The start-up line is the app's ("broker running", or the web node's "listening on").
+            tracing::debug!(
+                run = relay.stamper.run,
+                scripts = relay.chain.len(),
+                "broker relaying"
+            );
+            let pair = relay.pair.as_mut();
+            let paired = pair.is_some();
+            let pair = pair.map(|pair| (pair.frames.take(), pair.replies.take()));
+            let (frames, replies) = pair.unwrap_or_default();
+            (frames, replies, paired)
+        };
         // Registered once: a new `cancelled()` per message would lock the token each time.
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
         let mut beats = tokio::time::interval(crate::failover::BEAT_INTERVAL);
         beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let paired = self.pair.is_some();
-        let mut peer_frames = self.pair.as_mut().and_then(|pair| pair.frames.take());
-        let mut peer_replies = self.pair.as_mut().and_then(|pair| pair.replies.take());
-        let mut local = self.local.as_mut().and_then(|local| local.frames.take());
+        let mut local = self.local.take();
         let mut verdicts = self.verdicts.take();
-        // A web node far behind and still reading: the broker waits for it (the timer, armed
-        // then, looks again).
-        let mut lagging = false;
-        let lag_check_every = LAG_CHECK_EVERY
-            .min(self.max_subscriber_lag as u64 / 4)
-            .max(1);
-        let mut next_lag_check = lag_check_every;
         let lag_timer = tokio::time::sleep(LAG_RECHECK);
         tokio::pin!(lag_timer);
+        let (mut lag, mut hold) = {
+            let mut relay = relay.lock().await;
+            let every = LAG_CHECK_EVERY
+                .min(relay.max_subscriber_lag as u64 / 4)
+                .max(1);
+            let mut lag = LagCheck {
+                lagging: false,
+                every,
+                next: every,
+            };
+            let hold = relay.pace(&mut lag, lag_timer.as_mut());
+            (lag, hold)
+        };
         loop {
-            // A joining backup catching up: PULL waits (briefly) so that it can.
-            let seq = self.stamper.seq;
-            if seq >= next_lag_check {
-                next_lag_check = seq + lag_check_every;
-                lagging = self.lagging(lag_timer.as_mut());
-            }
-            let hold = lagging
-                || self
-                    .pair
-                    .as_mut()
-                    .is_some_and(|pair| pair.state.hold(seq, tokio::time::Instant::now()));
-            let received = tokio::select! {
+            let input = tokio::select! {
                 biased;
                 () = &mut cancelled => break,
                 // Between two messages: none is dropped or reordered by a reload.
-                Some(reload) = self.reloads.recv() => {
-                    match &self.workers {
-                        Some(workers) => workers.reload(reload).await,
-                        None => self.chain.apply(reload),
-                    }
-                    continue;
-                }
+                Some(reload) = self.reloads.recv() => Input::Reload(reload),
                 // What the chain's workers passed goes out before more is read.
-                Some(done) = recv_some(verdicts.as_mut().map(|rx| rx.recv())) => {
-                    if let Some(out) = self.finish(done) {
-                        self.deliver(out, None).await;
-                    }
-                    continue;
-                }
-                _ = beats.tick(), if paired => {
-                    self.tick().await;
-                    continue;
-                }
-                Some(frame) = recv_some(peer_frames.as_mut().map(|rx| rx.recv())) => {
-                    self.peer_frame(frame).await;
-                    continue;
-                }
-                Some(reply) = recv_some(peer_replies.as_mut().map(|rx| rx.recv())) => {
-                    self.snapshot_reply(reply).await;
-                    continue;
-                }
-                () = &mut lag_timer, if lagging => {
-                    lagging = self.lagging(lag_timer.as_mut());
-                    continue;
-                }
-                Some(item) = recv_some(local.as_mut().map(|rx| rx.recv())), if !lagging => {
-                    self.local_frame(item).await;
-                    continue;
-                }
-                received = self.pull.recv(), if !hold => received,
+                Some(done) = recv_some(verdicts.as_mut().map(|rx| rx.recv())) => Input::Verdict(done),
+                _ = beats.tick(), if paired => Input::Beat,
+                Some(frame) = recv_some(peer_frames.as_mut().map(|rx| rx.recv())) => Input::Peer(frame),
+                Some(reply) = recv_some(peer_replies.as_mut().map(|rx| rx.recv())) => Input::PeerReply(reply),
+                () = &mut lag_timer, if lag.lagging => Input::LagRecheck,
+                Some(item) = recv_some(local.as_mut().map(|rx| rx.recv())), if !lag.lagging => Input::Local(item),
+                received = self.pull.recv(), if !hold => Input::Pull(received),
             };
-            // One clock reading for the turn: the messages read together are stamped with the
-            // time they were read (a turn is up to READ_ON messages, tens of µs); the clock
-            // was a sixteenth of the broker's CPU per message when it only relays.
-            self.stamper.time = Some(now_ms());
-            // What PULL has ready now is relayed without the other branches' polls (their
-            // wakers and checks were a tenth of the broker's CPU when it only relays, see
-            // BENCHMARKS.md): up to a turn of the crate's fair queue, taken from memory
-            // (`try_recv`, zeromq patch 12), which still spends the task's cooperative
-            // budget; and what the turn publishes goes to PUB at its end, together (no
-            // await in between holds it). Not for a pair (its hold and heartbeat are checked
-            // per message) nor with the chain's workers (their verdicts go out before more
-            // is read).
-            let turn = !paired && verdicts.is_none();
-            self.batching = turn;
-            self.relay(received).await;
-            if turn {
-                for _ in 1..READ_ON {
-                    match self.pull.try_recv() {
-                        Some(received) => self.relay(received).await,
-                        None => break,
+            let mut relay = relay.lock().await;
+            match input {
+                Input::Reload(reload) => match &relay.workers {
+                    Some(workers) => workers.reload(reload).await,
+                    None => relay.chain.apply(reload),
+                },
+                Input::Verdict(done) => {
+                    if let Some(out) = relay.finish(done) {
+                        relay.deliver(out, None).await;
                     }
+                }
+                Input::Beat => relay.tick().await,
+                Input::Peer(frame) => relay.peer_frame(frame).await,
+                Input::PeerReply(reply) => relay.snapshot_reply(reply).await,
+                Input::LagRecheck => lag.lagging = relay.lagging(lag_timer.as_mut()),
+                Input::Local(item) => relay.local_frame(item).await,
+                Input::Pull(received) => {
+                    // One clock reading for the turn: the messages read together are stamped
+                    // with the time they were read (a turn is up to READ_ON messages, tens of
+                    // µs); the clock was a sixteenth of the broker's CPU per message when it
+                    // only relays.
+                    relay.stamper.time = Some(now_ms());
+                    // What PULL has ready now is relayed without the other branches' polls
+                    // (their wakers and checks were a tenth of the broker's CPU when it only
+                    // relays, see BENCHMARKS.md): up to a turn of the crate's fair queue, taken
+                    // from memory (`try_recv`, zeromq patch 12), which still spends the task's
+                    // cooperative budget; and what the turn publishes goes to PUB at its end,
+                    // together (no await in between holds it; nor can a POST of this process
+                    // publish meanwhile: the turn holds the relay). Not for a pair (its hold
+                    // and heartbeat are checked per message) nor with the chain's workers
+                    // (their verdicts go out before more is read).
+                    let turn = !paired && verdicts.is_none();
+                    relay.batching = turn;
+                    relay.relay(received).await;
+                    if turn {
+                        for _ in 1..READ_ON {
+                            match self.pull.try_recv() {
+                                Some(received) => relay.relay(received).await,
+                                None => break,
+                            }
+                        }
+                    }
+                    relay.batching = false;
+                    relay.send_outbox();
+                    relay.stamper.time = None;
                 }
             }
-            self.batching = false;
-            self.send_outbox();
-            self.stamper.time = None;
+            hold = relay.pace(&mut lag, lag_timer.as_mut());
         }
+        relay.lock().await.inline_until = 0;
         tracing::info!("broker stopped");
     }
+}
 
+impl Relay {
     /// Whether a subscriber of PUB that is still reading is more than half
     /// `broker.subscriber_queue` behind (zeromq patch 14); if so, `recheck` is armed to look
     /// again in [`LAG_RECHECK`].
@@ -823,12 +924,12 @@ impl Broker {
     /// `known`: what the stamper's fast path knows of the frame, so that the hub of this
     /// process need not read it again.
     fn publish(&mut self, out: ZmqMessage, known: Option<Known>) {
-        let frame = self.local.is_some().then(|| out.get(0).cloned()).flatten();
+        let frame = self.hub.is_some().then(|| out.get(0).cloned()).flatten();
         self.send(out);
-        if let (Some(local), Some(frame)) = (&self.local, frame) {
+        if let (Some(hub), Some(frame)) = (&self.hub, frame) {
             match known {
-                Some(known) => local.hub.ingest_known(&frame, &known),
-                None => local.hub.ingest(&frame),
+                Some(known) => hub.ingest_known(&frame, &known),
+                None => hub.ingest(&frame),
             }
         }
     }
@@ -1153,6 +1254,30 @@ impl Broker {
         !self.chain.is_empty() || self.workers.is_some()
     }
 
+    /// What the broker's next wait may take, from where the last input left things: whether
+    /// it waits for a web node far behind (looked at once every `lag.every` messages; `timer`
+    /// armed to look again), whether PULL waits (that, or a joining backup catching up), and
+    /// how far the POSTs of the web node of this process may publish their messages
+    /// themselves ([`Inline`]): up to the next look, unless the broker waits (their messages
+    /// wait in the queue meanwhile) or runs scripts.
+    fn pace(&mut self, lag: &mut LagCheck, timer: std::pin::Pin<&mut tokio::time::Sleep>) -> bool {
+        let seq = self.stamper.seq;
+        if seq >= lag.next {
+            lag.next = seq + lag.every;
+            lag.lagging = self.lagging(timer);
+        }
+        self.inline_until = if lag.lagging || self.scripted() || self.hub.is_none() {
+            0
+        } else {
+            lag.next
+        };
+        lag.lagging
+            || self
+                .pair
+                .as_mut()
+                .is_some_and(|pair| pair.state.hold(seq, tokio::time::Instant::now()))
+    }
+
     /// What to do with what the stamper made of `frame`; `frames`: an empty queue for the
     /// frame to publish.
     fn stamped(
@@ -1165,7 +1290,7 @@ impl Broker {
             // Where the frame's room is, when the stamper saw it (the archive keeps rooms apart).
             Ok(Stamped::Ready(bytes, at)) => {
                 let known = self
-                    .local
+                    .hub
                     .is_some()
                     .then(|| self.stamper.known(&bytes, &at))
                     .flatten();
@@ -1511,6 +1636,14 @@ impl Stamper {
             room,
             reference,
         })
+    }
+
+    /// The id of the last message stamped.
+    pub fn last_id(&self) -> MsgId {
+        MsgId {
+            run: self.run,
+            seq: self.seq,
+        }
     }
 
     fn next_id(&self) -> MsgId {

@@ -236,6 +236,12 @@ pub struct Publisher {
     acks: Arc<Acks>,
     timeout: Duration,
     confirm: bool,
+    /// The embedded broker of this process, when it serves this node (the queue then goes
+    /// to its task, not to a PUSH socket): a POST publishes on its own task when it can.
+    inline: Option<crate::broker::Inline>,
+    /// `broker.max_frame_bytes`: a larger frame is refused here (a broker would drop it, and
+    /// disconnect the PUSH socket that sent it).
+    max_frame_bytes: usize,
 }
 
 /// The PUSH socket's owner; see [`PushTask::run`].
@@ -263,6 +269,8 @@ impl Publisher {
                 acks,
                 timeout: Duration::from_millis(config.publish_timeout_ms),
                 confirm: config.confirm,
+                inline: None,
+                max_frame_bytes: max_message_bytes,
             },
             PushTask {
                 rx,
@@ -273,6 +281,12 @@ impl Publisher {
         )
     }
 
+    /// Publishes through the embedded broker of this process, which serves this node's queue
+    /// ([`crate::broker::Broker::serve_locally`]): on the POST's own task when its relay is free.
+    pub fn serve_inline(&mut self, inline: crate::broker::Inline) {
+        self.inline = Some(inline);
+    }
+
     /// Publishes one message and waits for its outcome, at most `publish_timeout_ms`: its id
     /// once published (`None` with `confirm = false`: ZeroMQ took it, nobody said its id).
     pub async fn publish(
@@ -280,6 +294,33 @@ impl Publisher {
         message: &Checked,
         client: &str,
     ) -> Result<Option<crate::wire::MsgId>, PublishError> {
+        // The embedded broker's relay, free, and no earlier message waiting for it in the
+        // queue: published here and now (no hand-off to the broker's task, no reference to
+        // wait on: the relay says the id).
+        // The frame for the broker, tagged with `reference` (the POST's, when it waits for it).
+        let write = |reference: Option<&str>| {
+            let wire = Wire {
+                reference,
+                key: message.key.as_deref(),
+                client,
+                room: message.room.as_deref(),
+                from: &message.from,
+                text: &message.text,
+            };
+            let (frame, layout) = wire.write();
+            self.fits(&frame).map(|()| (frame, layout))
+        };
+        if self.tx.capacity() == self.tx.max_capacity()
+            && let Some(desk) = self.inline.as_ref().and_then(crate::broker::Inline::desk)
+        {
+            let (frame, layout) = write(None)?;
+            return match desk.publish(&frame, &layout) {
+                Ok(id) => Ok(self.confirm.then_some(id)),
+                Err(reason) => Err(PublishError::Unavailable(format!(
+                    "the broker dropped the message ({reason:?})"
+                ))),
+            };
+        }
         let deadline = Instant::now() + self.timeout;
         let ms = self.timeout.as_millis();
         // Sent to the broker, not confirmed: it may still be published later.
@@ -302,15 +343,7 @@ impl Publisher {
             taken = Some(rx);
             Some(tx)
         };
-        let wire = Wire {
-            reference: pending.as_ref().map(|r| r.reference.as_str()),
-            key: message.key.as_deref(),
-            client,
-            room: message.room.as_deref(),
-            from: &message.from,
-            text: &message.text,
-        };
-        let (frame, layout) = wire.write();
+        let (frame, layout) = write(pending.as_ref().map(|r| r.reference.as_str()))?;
         let outgoing = Outgoing {
             frame: frame.into(),
             layout: Some(layout),
@@ -349,6 +382,22 @@ impl Publisher {
 }
 
 impl Publisher {
+    /// A `413` for a frame larger than the broker takes.
+    fn fits(&self, frame: &[u8]) -> Result<(), PublishError> {
+        if frame.len() <= self.max_frame_bytes {
+            return Ok(());
+        }
+        Err(PublishError::Rejected {
+            reason: format!(
+                "the message is {} bytes as the broker gets it, over the {} it takes \
+                 (`broker.max_frame_bytes`): send a shorter text",
+                frame.len(),
+                self.max_frame_bytes
+            ),
+            status: 413,
+        })
+    }
+
     /// Queues a presence report for the broker, if there is room: a report that cannot go now
     /// is replaced by the next one.
     pub fn send_report(&self, frame: Bytes) {

@@ -160,6 +160,9 @@ pub struct Metrics {
     pub rooms: Gauge,
     /// Messages the broker published.
     pub broker_published: Counter,
+    /// Of those, messages of the web node of the same process that its POSTs published on
+    /// their own task (the embedded broker's relay was free: no hand-off to its task).
+    pub broker_inline: Counter,
     /// Messages this web node received from the broker.
     pub received: Counter,
     /// SSE message frames written to clients (one per message per client).
@@ -288,6 +291,12 @@ impl Default for Metrics {
                 &mut registry,
                 "broker_published",
                 "Messages the broker published",
+                Counter::default(),
+            ),
+            broker_inline: register(
+                &mut registry,
+                "broker_published_inline",
+                "Messages of this web node that its POSTs published themselves, on the embedded broker's relay",
                 Counter::default(),
             ),
             received: register(

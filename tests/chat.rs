@@ -87,6 +87,94 @@ async fn three_clients_receive_a_hundred_messages_in_order() {
     app.stop().await;
 }
 
+/// A node's own POSTs publish on their own task while the embedded broker's relay is free
+/// (`temma_broker_published_inline_total`); another node's come through PULL, in the broker's
+/// turns. Both nodes see one order: ids dense, each node's messages in the order it sent them,
+/// the same on both (what the broker sent on PUB is what it gave its own node's hub).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_posts_and_another_nodes_keep_one_order_on_every_node() {
+    const EACH: usize = 200;
+    let first = TestApp::start().await;
+    first.ready().await;
+    let second = common::second_node(&first).await;
+    second.ready().await;
+    let mut on_first = first.sse().await;
+    let mut on_second = second.sse().await;
+    let texts = |node: &str| (0..EACH).map(|i| format!("{node} {i}")).collect::<Vec<_>>();
+    let posting = [
+        first.post_in_background(texts("first")),
+        second.post_in_background(texts("second")),
+    ];
+    for posted in posting {
+        posted.await.unwrap();
+    }
+    let seen = |events: Vec<common::Event>| {
+        events
+            .iter()
+            .map(|event| {
+                let id: temma::wire::MsgId = event.id.as_deref().unwrap().parse().unwrap();
+                (id, event.json()["text"].as_str().unwrap().to_owned())
+            })
+            .collect::<Vec<_>>()
+    };
+    let on_first = seen(on_first.messages(2 * EACH).await);
+    let on_second = seen(on_second.messages(2 * EACH).await);
+    assert_eq!(on_first, on_second, "one order on both nodes");
+    for pair in on_first.windows(2) {
+        let ((a, _), (b, _)) = (&pair[0], &pair[1]);
+        assert_eq!((b.run, b.seq), (a.run, a.seq + 1), "dense ids: {pair:?}");
+    }
+    for node in ["first", "second"] {
+        let sent: Vec<_> = on_first
+            .iter()
+            .filter_map(|(_, text)| text.strip_prefix(node))
+            .collect();
+        let expected: Vec<_> = (0..EACH).map(|i| format!(" {i}")).collect();
+        assert_eq!(sent, expected, "{node}'s messages in the order sent");
+    }
+    let inline = first.app().metrics().broker_inline.get();
+    assert!(inline > 0, "the first node's POSTs published themselves");
+    assert_eq!(second.app().metrics().broker_inline.get(), 0);
+    second.stop().await;
+    first.stop().await;
+}
+
+/// A message whose frame would be larger than the broker takes gets a `413` that says so, at
+/// once, whether the POST publishes it itself or hands it to the broker's task (with scripts):
+/// never a frame the broker drops, nor a wait for the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_brokers_frame_limit_is_a_413_at_once() {
+    for scripted in [false, true] {
+        let app = TestApp::start_with(|config| {
+            config.broker.max_frame_bytes = 512;
+            config.message.publish_timeout_ms = 60_000;
+            if scripted {
+                config.broker.scripts.push(temma::script::ScriptConfig {
+                    file: common::manifest_dir().join("scripts/trim.rhai"),
+                    params: Default::default(),
+                    name: None,
+                    on_error: None,
+                });
+            }
+        })
+        .await;
+        app.ready().await;
+        // Far past the wait below: an answer at the deadline would fail it.
+        let response = tokio::time::timeout(common::DEADLINE, app.post_form("a", &"x".repeat(600)))
+            .await
+            .expect("an answer before the deadline");
+        assert_eq!(response.status(), 413, "scripted: {scripted}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains("`broker.max_frame_bytes`"), "{error}");
+        assert_eq!(app.post_form("a", &"x".repeat(300)).await.status(), 200);
+        let metrics = app.app().metrics().render();
+        let inline = common::metric_in(&metrics, "temma_broker_published_inline_total").unwrap();
+        assert_eq!(inline > 0.0, !scripted, "{metrics}");
+        app.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn blank_and_missing_fields_are_refused_with_a_reason() {
     let app = TestApp::start().await;

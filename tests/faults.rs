@@ -372,29 +372,8 @@ async fn an_id_older_than_the_history_gets_a_reset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_works_across_web_nodes() {
     // One broker, two web nodes: a browser that reconnects to the other node resumes there.
-    let mut config = common::test_config();
-    let node_a = TestApp::start_config(&config).await;
-    let pull = node_a
-        .app()
-        .addresses()
-        .listening(config.dsn(Role::BrokerPull))[0]
-        .clone();
-    let publish = node_a
-        .app()
-        .addresses()
-        .listening(config.dsn(Role::BrokerPub))[0]
-        .clone();
-    config.broker.embedded = false;
-    config.application.data_sources.insert(
-        "zmq_client_push".into(),
-        pull.replace("tcp://", "zmq://PUSH@").parse().unwrap(),
-    );
-    config.application.data_sources.insert(
-        "zmq_client_sub".into(),
-        publish.replace("tcp://", "zmq://SUB@").parse().unwrap(),
-    );
-    config.validate().unwrap();
-    let node_b = TestApp::start_config(&config).await;
+    let node_a = TestApp::start().await;
+    let node_b = common::second_node(&node_a).await;
     node_a.ready().await;
     node_b.ready().await;
 

@@ -284,41 +284,6 @@ async fn histories_share_one_byte_budget() {
     app.stop().await;
 }
 
-/// A second web node on the first one's broker.
-async fn second_node(first: &TestApp) -> TestApp {
-    use temma::config::Role;
-    let config = common::test_config();
-    let pull = first
-        .app()
-        .addresses()
-        .listening(config.dsn(Role::BrokerPull))[0]
-        .clone();
-    let publish = first
-        .app()
-        .addresses()
-        .listening(config.dsn(Role::BrokerPub))[0]
-        .clone();
-    TestApp::start_with(move |config| {
-        config.broker.embedded = false;
-        for (name, dsn) in [
-            (
-                "zmq_client_push",
-                format!("zmq://PUSH@{}", pull.trim_start_matches("tcp://")),
-            ),
-            (
-                "zmq_client_sub",
-                format!("zmq://SUB@{}", publish.trim_start_matches("tcp://")),
-            ),
-        ] {
-            config
-                .application
-                .data_sources
-                .insert(name.into(), dsn.parse().unwrap());
-        }
-    })
-    .await
-}
-
 /// The next `presence` event's count.
 async fn next_count(sse: &mut Sse) -> u64 {
     loop {
@@ -333,7 +298,7 @@ async fn next_count(sse: &mut Sse) -> u64 {
 async fn presence_counts_clients_over_every_node() {
     let one = TestApp::start().await;
     one.ready().await;
-    let two = second_node(&one).await;
+    let two = common::second_node(&one).await;
     two.ready().await;
 
     let mut first = sse(&one, Some("lobby"), None).await;

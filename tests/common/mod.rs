@@ -392,6 +392,41 @@ fn parse_block(block: &[u8]) -> Event {
     event
 }
 
+/// A second web node on the first one's broker.
+pub async fn second_node(first: &TestApp) -> TestApp {
+    use temma::config::Role;
+    let config = test_config();
+    let pull = first
+        .app()
+        .addresses()
+        .listening(config.dsn(Role::BrokerPull))[0]
+        .clone();
+    let publish = first
+        .app()
+        .addresses()
+        .listening(config.dsn(Role::BrokerPub))[0]
+        .clone();
+    TestApp::start_with(move |config| {
+        config.broker.embedded = false;
+        for (name, dsn) in [
+            (
+                "zmq_client_push",
+                format!("zmq://PUSH@{}", pull.trim_start_matches("tcp://")),
+            ),
+            (
+                "zmq_client_sub",
+                format!("zmq://SUB@{}", publish.trim_start_matches("tcp://")),
+            ),
+        ] {
+            config
+                .application
+                .data_sources
+                .insert(name.into(), dsn.parse().unwrap());
+        }
+    })
+    .await
+}
+
 /// A TCP port free right now (bound, read, released), for tests that run separate processes.
 pub fn free_port() -> u16 {
     // The kernel may hand the port it just freed out again: two calls for one configuration
