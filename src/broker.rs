@@ -653,11 +653,17 @@ pub struct Desk(tokio::sync::OwnedMutexGuard<Relay>);
 
 impl Inline {
     /// The relay, if the broker runs, is not handling an input (a turn of PULL…), and may
-    /// publish a POST's message now: no scripts to run, no web node far behind, not yet the
-    /// message at which the broker looks at its subscribers' queues again. Never waits.
-    pub fn desk(&self) -> Option<Desk> {
+    /// publish a POST's message to `room` now: no scripts to run, no web node far behind, not
+    /// yet the message at which the broker looks at its subscribers' queues again, a room of
+    /// at most one writer shard's worth of clients here (`Hub::is_small_room`). Never waits.
+    pub fn desk(&self, room: &str) -> Option<Desk> {
         let relay = self.0.upgrade()?.try_lock_owned().ok()?;
-        (relay.stamper.seq < relay.inline_until).then_some(Desk(relay))
+        let free = relay.stamper.seq < relay.inline_until
+            && relay
+                .hub
+                .as_ref()
+                .is_some_and(|hub| hub.is_small_room(room));
+        free.then_some(Desk(relay))
     }
 }
 

@@ -762,6 +762,20 @@ impl Hub {
             .collect()
     }
 
+    /// Whether `room` has at most one writer shard's worth of clients (`event.shard_size`;
+    /// a room this node does not hold has none): a message to it is written by the task that
+    /// broadcasts it, at light loads, and the embedded broker lets a POST publish such a
+    /// message on its own task (`broker::Inline`). A larger room's broadcasts are left to the
+    /// broker's task: POSTs that published to a room of 1,000 themselves took the fan-out's
+    /// p99 at 700 msg/s from 20 to 90 ms (BENCHMARKS.md, "POSTs that publish themselves").
+    pub fn is_small_room(&self, room: &str) -> bool {
+        let state = self.shared.lock();
+        state
+            .rooms
+            .get(room)
+            .is_none_or(|room| room.slots.len() <= self.shared.settings.shard_size)
+    }
+
     /// Clients connected now.
     pub fn clients(&self) -> usize {
         self.shared.clients.load(Ordering::Acquire)

@@ -311,7 +311,9 @@ impl Publisher {
             self.fits(&frame).map(|()| (frame, layout))
         };
         if self.tx.capacity() == self.tx.max_capacity()
-            && let Some(desk) = self.inline.as_ref().and_then(crate::broker::Inline::desk)
+            && let Some(inline) = &self.inline
+            && let Some(room) = &message.room
+            && let Some(desk) = inline.desk(room)
         {
             let (frame, layout) = write(None)?;
             return match desk.publish(&frame, &layout) {

@@ -139,6 +139,60 @@ async fn own_posts_and_another_nodes_keep_one_order_on_every_node() {
     first.stop().await;
 }
 
+/// A message to a room of more than one writer shard's worth of clients goes through the
+/// broker's task (its broadcast wakes the shards); one to a smaller room publishes itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_messages_to_small_rooms_publish_themselves() {
+    let app = TestApp::start_with(|config| config.event.shard_size = 2).await;
+    app.ready().await;
+    let inline = || app.app().metrics().broker_inline.get();
+    let mut crowd = Vec::new();
+    for _ in 0..3 {
+        crowd.push(app.sse().await);
+    }
+    common::eventually("three clients in the room", || async {
+        (app.app().metrics().sse_clients.get() == 3).then_some(())
+    })
+    .await;
+    let before = inline();
+    app.post_all((0..5).map(|i| format!("to the crowd {i}")))
+        .await;
+    assert_eq!(inline(), before, "through the broker's task");
+    for sse in &mut crowd {
+        let texts = sse.texts(5).await;
+        assert_eq!(
+            texts,
+            (0..5)
+                .map(|i| format!("to the crowd {i}"))
+                .collect::<Vec<_>>()
+        );
+    }
+    let mut quiet = Sse::connect(&app.client, &app.url("/event/fetch?room=quiet"), None).await;
+    for i in 0..5 {
+        let response = app
+            .client
+            .post(app.url("/message/broadcast"))
+            .form(&[
+                ("from", "a"),
+                ("text", &format!("quiet {i}")),
+                ("room", "quiet"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(
+        quiet.texts(5).await,
+        (0..5).map(|i| format!("quiet {i}")).collect::<Vec<_>>()
+    );
+    assert!(
+        inline() > before,
+        "a room of one client: published by the POSTs"
+    );
+    app.stop().await;
+}
+
 /// A message whose frame would be larger than the broker takes gets a `413` that says so, at
 /// once, whether the POST publishes it itself or hands it to the broker's task (with scripts):
 /// never a frame the broker drops, nor a wait for the deadline.
