@@ -294,9 +294,6 @@ impl Publisher {
         message: &Checked,
         client: &str,
     ) -> Result<Option<crate::wire::MsgId>, PublishError> {
-        // The embedded broker's relay, free, and no earlier message waiting for it in the
-        // queue: published here and now (no hand-off to the broker's task, no reference to
-        // wait on: the relay says the id).
         // The frame for the broker, tagged with `reference` (the POST's, when it waits for it).
         let write = |reference: Option<&str>| {
             let wire = Wire {
@@ -310,6 +307,9 @@ impl Publisher {
             let (frame, layout) = wire.write();
             self.fits(&frame).map(|()| (frame, layout))
         };
+        // The embedded broker's relay, free, and no earlier message waiting for it in the
+        // queue: published here and now (no hand-off to the broker's task, no reference to
+        // wait on: the relay says the id).
         if self.tx.capacity() == self.tx.max_capacity()
             && let Some(inline) = &self.inline
             && let Some(room) = &message.room
