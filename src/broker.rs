@@ -409,7 +409,7 @@ impl BrokerConfig {
             outbox: Vec::new(),
             batching: false,
             inline_until: 0,
-            metrics: metrics.clone(),
+            metrics,
         };
         let broker = Broker {
             relay: Arc::new(tokio::sync::Mutex::new(relay)),
@@ -418,7 +418,6 @@ impl BrokerConfig {
             verdicts,
             local: None,
             run,
-            metrics,
         };
         let pair_status = paired.then(|| pair_status.subscribe());
         Ok(Parts {
@@ -452,7 +451,6 @@ pub struct Broker {
     local: Option<tokio::sync::mpsc::Receiver<crate::wire::Outgoing>>,
     /// The run it starts with.
     run: u64,
-    metrics: Arc<Metrics>,
 }
 
 /// What stamps and publishes: PUB, the stamper, the archive, the chain, the pair's state.
@@ -675,25 +673,22 @@ impl Desk {
     /// (counted).
     pub fn publish(mut self, frame: &[u8], layout: &Layout) -> Result<MsgId, DropReason> {
         let relay = &mut *self.0;
-        match relay.stamper.stamp_laid_out(frame, layout) {
-            Ok(Stamped::Ready(bytes, at)) => {
-                let known = relay.stamper.known(&bytes, &at);
-                let id = relay.stamper.last_id();
-                let out = relay.record(bytes, at);
-                relay.publish(ZmqMessage::from(out), known);
-                relay.metrics.broker_inline.inc();
-                Ok(id)
-            }
-            Ok(Stamped::Duplicate { id, .. }) => {
-                relay.metrics.dropped(DropReason::Duplicate);
-                Ok(id)
-            }
-            Ok(Stamped::Parsed { .. }) => unreachable!("a laid-out frame is not parsed"),
-            Err(reason) => {
-                relay.metrics.dropped(reason);
-                Err(reason)
-            }
+        let stamped = relay.stamper.stamp_laid_out(frame, layout);
+        let outcome = match &stamped {
+            Ok(Stamped::Duplicate { id, .. }) => Ok(*id),
+            Err(reason) => Err(*reason),
+            // Stamped: the id it took.
+            Ok(_) => Ok(relay.stamper.last_id()),
+        };
+        // As the broker's task takes its node's frames (`Relay::local_frame`): a duplicate
+        // and a refusal counted, and nothing published for them (no `ref` to tell).
+        if let Handled::Publish(out, known) =
+            relay.stamped(stamped, frame, VecDeque::with_capacity(1))
+        {
+            relay.publish(out, known);
+            relay.metrics.broker_inline.inc();
         }
+        outcome
     }
 }
 
@@ -707,12 +702,14 @@ impl Broker {
         frames: tokio::sync::mpsc::Receiver<crate::wire::Outgoing>,
         hub: crate::hub::Hub,
     ) -> Inline {
-        self.metrics.sub_connected.inc();
         self.local = Some(frames);
-        self.relay
+        let mut relay = self
+            .relay
             .try_lock()
-            .expect("the broker is not running yet")
-            .hub = Some(hub);
+            .expect("the broker is not running yet");
+        relay.metrics.sub_connected.inc();
+        relay.hub = Some(hub);
+        drop(relay);
         Inline(Arc::downgrade(&self.relay))
     }
 
@@ -727,8 +724,17 @@ impl Broker {
     /// publishes the heartbeat (see [`crate::failover`]): all that goes out of PUB goes from
     /// here, in order.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let relay = self.relay.clone();
-        let (mut peer_frames, mut peer_replies, paired) = {
+        let relay = &self.relay;
+        // Registered once: a new `cancelled()` per message would lock the token each time.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let mut beats = tokio::time::interval(crate::failover::BEAT_INTERVAL);
+        beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut local = self.local.take();
+        let mut verdicts = self.verdicts.take();
+        let lag_timer = tokio::time::sleep(LAG_RECHECK);
+        tokio::pin!(lag_timer);
+        let (mut peer_frames, mut peer_replies, paired, mut lag, mut hold) = {
             let mut relay = relay.lock().await;
             // The start-up line is the app's ("broker running", or the web node's "listening on").
             tracing::debug!(
@@ -740,19 +746,6 @@ impl Broker {
             let paired = pair.is_some();
             let pair = pair.map(|pair| (pair.frames.take(), pair.replies.take()));
             let (frames, replies) = pair.unwrap_or_default();
-            (frames, replies, paired)
-        };
-        // Registered once: a new `cancelled()` per message would lock the token each time.
-        let cancelled = shutdown.cancelled();
-        tokio::pin!(cancelled);
-        let mut beats = tokio::time::interval(crate::failover::BEAT_INTERVAL);
-        beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut local = self.local.take();
-        let mut verdicts = self.verdicts.take();
-        let lag_timer = tokio::time::sleep(LAG_RECHECK);
-        tokio::pin!(lag_timer);
-        let (mut lag, mut hold) = {
-            let mut relay = relay.lock().await;
             let every = LAG_CHECK_EVERY
                 .min(relay.max_subscriber_lag as u64 / 4)
                 .max(1);
@@ -762,7 +755,7 @@ impl Broker {
                 next: every,
             };
             let hold = relay.pace(&mut lag, lag_timer.as_mut());
-            (lag, hold)
+            (frames, replies, paired, lag, hold)
         };
         loop {
             let input = tokio::select! {
