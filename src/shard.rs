@@ -37,14 +37,13 @@ use crate::wire::MsgId;
 /// at light loads (no wake-up, no other thread woken) and its own task gathers bursts for; a
 /// larger room has one per worker thread at least ([`capacity`]), woken together, which the
 /// threads write side by side; a pass over 512 clients holds its thread about 3 ms. On 2 CPUs
-/// shared with the
-/// clients, 1,024 instead of 64 cut the CPU a delivery by 36 % at 100 clients and 15 % at
-/// 1,000 (BENCHMARKS.md, "Shard size"), but a room written by one thread makes its last client
-/// wait for all the others: at 1,000 clients two shards of 512 had a p99 0.65–1.05× Nchan's
-/// where one of 1,024 had 0.75–1.28× (BENCHMARKS.md, "Shards of 512"), and at 500 clients two
-/// of 256 had a p50 0.55–0.8× and a p99 0.6–0.95× what one of 512 had, for 23–50 % more CPU a
-/// delivery, still 0.64–0.73× Nchan's (BENCHMARKS.md, "Shards of 256"). On many CPUs, a smaller
-/// size spreads a large room's writes over more of them.
+/// shared with the clients, 1,024 instead of 64 cut the CPU a delivery by 36 % at 100 clients
+/// and 15 % at 1,000 (BENCHMARKS.md, "Shard size"), but a room written by one thread makes its
+/// last client wait for all the others: at 1,000 clients two shards of 512 had a p99
+/// 0.65–1.05× Nchan's where one of 1,024 had 0.75–1.28× (BENCHMARKS.md, "Shards of 512"), and
+/// at 500 clients two of 256 had a p50 0.55–0.8× and a p99 0.6–0.95× what one of 512 had, for
+/// 23–50 % more CPU a delivery, still 0.64–0.73× Nchan's (BENCHMARKS.md, "Shards of 256").
+/// A smaller size writes a large room in more, shorter passes.
 pub const SHARD_SIZE: usize = 512;
 
 /// A room of more clients than this is spread over one writer shard per worker thread at
@@ -58,8 +57,8 @@ pub const SPREAD_FROM: usize = 256;
 /// bounds how long one pass holds a thread; then shards of `size`.
 ///
 /// More shards than threads only wake more tasks a message: on 2 CPUs shared with the
-/// clients, a room of 1,000 in two shards of 500 spent 6 % less CPU a delivery than in four of
-/// 250, with a p50 12 % and a p99 7 % lower (BENCHMARKS.md, "One shard a worker thread").
+/// clients, a room of 1,000 in two shards of 500 spent 3–6 % less CPU a delivery than in four
+/// of 250, with a p50 and a p99 4–12 % lower (BENCHMARKS.md, "One shard a worker thread").
 pub fn capacity(size: usize, spread_from: usize, workers: usize, clients: usize) -> usize {
     size.min(spread_from.max(clients.div_ceil(workers.max(1))))
 }
@@ -598,9 +597,9 @@ impl Shard {
     }
 
     /// Moves every client of `self` into `into`, filling each shard in turn up to `capacity`
-    /// (its room's [`capacity`]), when they have room for all of them and the move can lose or repeat nothing: none of these shards is
-    /// making a pass (each one's ring is free) and each has taken all `sent` frames of the
-    /// room. Every client has then been offered each frame once, and its new shard offers it
+    /// (its room's [`capacity`]), when they have room for all of them and the move can lose or
+    /// repeat nothing: none of these shards is making a pass (each one's ring is free) and each
+    /// has taken all `sent` frames of the room. Every client has then been offered each frame once, and its new shard offers it
     /// the next. Called under the hub's lock, which new frames and joins wait for. Returns
     /// whether it moved them (else nothing moved). Holding every ring, it waits for no pass
     /// when it takes the clients' list.
