@@ -85,12 +85,11 @@ pub struct EventConfig {
     /// each `send` that wakes a reader may switch to it when it returns. `false`: one `send`
     /// each. Default `true`.
     pub io_uring: bool,
-    /// The most SSE clients of a room one writer shard (one task) writes to, 1 to 65536. A
-    /// room of up to [`crate::shard::SPREAD_FROM`] clients (or this, if less) has one shard,
-    /// written by the task that brought the message, without a wake-up, at light loads; a
-    /// larger one is spread over one shard per worker thread, written side by side, which grow
-    /// together up to this before another is made ([`crate::shard::capacity`]). Smaller: a
-    /// large room's writes in more, shorter passes. Default 512.
+    /// The most SSE clients of a room one writer shard (one task) writes to, 1 to 65536. More
+    /// clients a shard: fewer tasks woken a message and less CPU a delivery; fewer: a room's
+    /// writes spread over more worker threads. A room with one shard is written by the task
+    /// that brought the message, without a wake-up, at light loads; a room of several has them
+    /// written side by side by the worker threads. Default 256.
     pub shard_size: usize,
 }
 
@@ -152,9 +151,6 @@ impl EventConfig {
             room_queue: rooms.queue,
             batch_sends: self.io_uring,
             shard_size: self.shard_size,
-            spread_from: crate::shard::SPREAD_FROM,
-            workers: tokio::runtime::Handle::try_current()
-                .map_or(1, |runtime| runtime.metrics().num_workers()),
         };
         Hub::new(settings, ctx.metrics.clone(), acks)
     }

@@ -147,11 +147,6 @@ pub struct Settings {
     pub batch_sends: bool,
     /// The most clients a writer shard takes (`event.shard_size`).
     pub shard_size: usize,
-    /// A room of more clients is spread over a shard per worker thread at least
-    /// ([`crate::shard::capacity`]; [`crate::shard::SPREAD_FROM`] but in tests).
-    pub spread_from: usize,
-    /// The runtime's worker threads, which write a large room's shards side by side.
-    pub workers: usize,
 }
 
 /// The `[rooms]` section.
@@ -368,11 +363,6 @@ struct Room {
     /// Frames each client may lag behind: the ring's size.
     queue: usize,
     bell: Arc<Bell>,
-    /// `event.shard_size`, [`Settings::spread_from`] and [`Settings::workers`], for
-    /// [`Room::shard_capacity`].
-    shard_size: usize,
-    spread_from: usize,
-    workers: usize,
 }
 
 impl Room {
@@ -393,15 +383,7 @@ impl Room {
             last_sent: now,
             last_active: now,
             bell,
-            shard_size: settings.shard_size,
-            spread_from: settings.spread_from,
-            workers: settings.workers,
         }
-    }
-
-    /// The most clients each of its writer shards takes while it has `clients`.
-    fn shard_capacity(&self, clients: usize) -> usize {
-        crate::shard::capacity(self.shard_size, self.spread_from, self.workers, clients)
     }
 
     /// Sends a frame to the room's clients (`message`: a chat message, else a keep-alive or
@@ -481,7 +463,7 @@ impl Room {
         }
         if let [others @ .., last] = self.shards.as_slice()
             && !others.is_empty()
-            && last.move_clients_into(others, self.sent, self.shard_capacity(self.slots.len()))
+            && last.move_clients_into(others, self.sent)
             && let Some(last) = self.shards.pop()
         {
             last.retire();
@@ -780,16 +762,14 @@ impl Hub {
             .collect()
     }
 
-    /// Whether `room` has at most one writer shard's worth of clients (`event.shard_size`,
-    /// and no more than a room spread over the worker threads starts from; a room this node
-    /// does not hold has none): a message to it is written by the task that broadcasts it, at
-    /// light loads, and the embedded broker lets a POST publish such a message on its own
-    /// task (`broker::Inline`). A larger room's broadcasts are left to the broker's task:
-    /// POSTs that published to a room of 1,000 themselves took the fan-out's p99 at 700 msg/s
-    /// from 20 to 90 ms (BENCHMARKS.md, "POSTs that publish themselves").
+    /// Whether `room` has at most one writer shard's worth of clients (`event.shard_size`;
+    /// a room this node does not hold has none): a message to it is written by the task that
+    /// broadcasts it, at light loads, and the embedded broker lets a POST publish such a
+    /// message on its own task (`broker::Inline`). A larger room's broadcasts are left to the
+    /// broker's task: POSTs that published to a room of 1,000 themselves took the fan-out's
+    /// p99 at 700 msg/s from 20 to 90 ms (BENCHMARKS.md, "POSTs that publish themselves").
     pub fn is_small_room(&self, room: &str) -> bool {
-        let settings = &self.shared.settings;
-        let size = settings.shard_size.min(settings.spread_from);
+        let size = self.shared.settings.shard_size;
         // No room holds more clients than the node counts (but for one leaving right now:
         // uncounted just before it leaves its room, it lets a room one over the size pass for
         // small a moment): the light loads this is for look at no room.
@@ -1075,6 +1055,7 @@ impl Hub {
     ) -> Result<(Arc<Slot>, ClientGuard), Refused> {
         let metrics = self.shared.metrics.clone();
         let batch = self.shared.settings.batch_sends;
+        let size = self.shared.settings.shard_size;
         let entered = self.enter(
             room,
             client_name,
@@ -1083,20 +1064,14 @@ impl Hub {
             Some(outlet),
             |room, closed| {
                 let tx = room.tx.as_ref().filter(|_| !closed)?;
-                // Under the hub's lock, before the client's slot is in: the room with it.
-                let capacity = room.shard_capacity(room.slots.len() + 1);
-                let shard = match room
-                    .shards
-                    .iter()
-                    .find(|shard| shard.join(outlet, capacity))
-                {
+                let shard = match room.shards.iter().find(|shard| shard.join(outlet)) {
                     Some(shard) => shard.clone(),
                     None => {
                         let queue = room.queue as u64;
                         let rx = tx.subscribe();
                         let bell = room.bell.clone();
-                        let shard = Shard::spawn(rx, room.sent, queue, batch, metrics, bell);
-                        shard.join(outlet, capacity);
+                        let shard = Shard::spawn(rx, room.sent, queue, size, batch, metrics, bell);
+                        shard.join(outlet);
                         room.shards.push(shard.clone());
                         shard
                     }
@@ -2287,8 +2262,6 @@ pub(crate) fn test_settings() -> Settings {
         room_queue: 4,
         batch_sends: true,
         shard_size: crate::shard::SHARD_SIZE,
-        spread_from: crate::shard::SPREAD_FROM,
-        workers: 2,
     }
 }
 
@@ -2624,55 +2597,6 @@ mod tests {
                     );
                 }
             }
-        }
-    }
-
-    /// A room of more than `spread_from` clients is spread over a shard per worker thread,
-    /// which grow together up to `event.shard_size` before another is made; every client gets
-    /// each message; as the room shrinks, its clients gather into one shard again.
-    #[tokio::test]
-    async fn a_large_room_has_a_shard_per_worker_thread_until_they_are_full() {
-        let hub = hub(Settings {
-            shard_size: 8,
-            spread_from: 2,
-            workers: 2,
-            max_clients: 20,
-            ..settings()
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut clients = Vec::new();
-        let mut sizes = Vec::new();
-        for _ in 0..17 {
-            clients.push(Some(streamed_client(&hub, &listener, b"").await));
-            sizes.push(
-                room_shards(&hub)
-                    .iter()
-                    .map(|s| s.len())
-                    .collect::<Vec<_>>(),
-            );
-        }
-        assert_eq!(sizes[1], [2], "two clients: one shard");
-        assert_eq!(sizes[2], [2, 1], "a third: spread over two");
-        assert_eq!(sizes[9], [5, 5], "ten: two of five");
-        assert_eq!(sizes[15], [8, 8], "sixteen: two full ones");
-        assert_eq!(sizes[16], [8, 8, 1], "one more: a third shard");
-        hub.ingest(&message(1));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        for (n, (client, _, _)) in clients.iter().flatten().enumerate() {
-            assert_eq!(ids(&read_now(client)), [1], "client {n}");
-        }
-        // All but client 0 (first shard) and client 2 (second) leave: the third is let go,
-        // and the second's client moves into the first, which has room for it.
-        for (n, client) in clients.iter_mut().enumerate() {
-            if n != 0 && n != 2 {
-                *client = None;
-            }
-        }
-        let left = room_shards(&hub);
-        assert_eq!(left.iter().map(|s| s.len()).collect::<Vec<_>>(), [2]);
-        hub.ingest(&message(2));
-        for (client, _, _) in clients.iter().flatten() {
-            assert_eq!(ids(&read_now(client)), [2], "written by the broadcaster");
         }
     }
 

@@ -9,9 +9,8 @@
 //! once) waits for the socket and writes it, under the write-stall deadline; until its outlet is
 //! empty again, later chunks queue behind. Whoever writes to a client's socket holds its
 //! outlet's lock, so bytes never interleave. A room's lone shard is written by the task that
-//! broadcast the frame, when it last did so at least [`WRITE_GAP`] ago (see [`Shard`]); a
-//! larger room has a shard per worker thread at least ([`capacity`]), all woken, and the
-//! threads write them side by side.
+//! broadcast the frame, when it last did so at least [`WRITE_GAP`] ago (see [`Shard`]); the
+//! shards of a larger room are all woken, and the worker threads write them side by side.
 //!
 //! Policy: an outlet holds at most the room's queue (`event.queue`) of frames not yet written;
 //! one more and the client is disconnected (it reconnects and replays), as a client further
@@ -32,36 +31,18 @@ use crate::error::lock;
 use crate::metrics::Metrics;
 use crate::wire::MsgId;
 
-/// The most clients a shard takes by default (`event.shard_size`): a room of up to
-/// [`SPREAD_FROM`] clients has one shard, which the task that brings a message writes itself
-/// at light loads (no wake-up, no other thread woken) and its own task gathers bursts for; a
-/// larger room has one per worker thread at least ([`capacity`]), woken together, which the
-/// threads write side by side; a pass over 512 clients holds its thread about 3 ms. On 2 CPUs
-/// shared with the clients, 1,024 instead of 64 cut the CPU a delivery by 36 % at 100 clients
-/// and 15 % at 1,000 (BENCHMARKS.md, "Shard size"), but a room written by one thread makes its
-/// last client wait for all the others: at 1,000 clients two shards of 512 had a p99
-/// 0.65–1.05× Nchan's where one of 1,024 had 0.75–1.28× (BENCHMARKS.md, "Shards of 512"), and
-/// at 500 clients two of 256 had a p50 0.55–0.8× and a p99 0.6–0.95× what one of 512 had, for
-/// 23–50 % more CPU a delivery, still 0.64–0.73× Nchan's (BENCHMARKS.md, "Shards of 256").
-/// A smaller size writes a large room in more, shorter passes.
-pub const SHARD_SIZE: usize = 512;
-
-/// A room of more clients than this is spread over one writer shard per worker thread at
-/// least (each of up to `event.shard_size` clients): see [`capacity`].
-pub const SPREAD_FROM: usize = 256;
-
-/// The most clients each of a room's shards takes when the room has `clients`: up to
-/// `spread_from`, all in one shard (a room written by the task that brings its message);
-/// beyond, an even share per worker thread (`workers`), so that the threads write the room
-/// side by side, one shard each, until the shards reach `size` (`event.shard_size`), which
-/// bounds how long one pass holds a thread; then shards of `size`.
-///
-/// More shards than threads only wake more tasks a message: on 2 CPUs shared with the
-/// clients, a room of 1,000 in two shards of 500 spent 3–6 % less CPU a delivery than in four
-/// of 250, with a p50 and a p99 4–12 % lower (BENCHMARKS.md, "One shard a worker thread").
-pub fn capacity(size: usize, spread_from: usize, workers: usize, clients: usize) -> usize {
-    size.min(spread_from.max(clients.div_ceil(workers.max(1))))
-}
+/// Clients per shard by default (`event.shard_size`): a room of up to 256 clients has one
+/// shard, which the task that brings a message writes itself at light loads (no wake-up, no
+/// other thread woken) and its own task gathers bursts for; a larger room has two or more,
+/// woken together, which the worker threads write side by side. On 2 CPUs shared with the
+/// clients, 1,024 instead of 64 cut the CPU a delivery by 36 % at 100 clients and 15 % at
+/// 1,000 (BENCHMARKS.md, "Shard size"), but a room written by one thread makes its last client
+/// wait for all the others: at 1,000 clients two shards of 512 had a p99 0.65–1.05× Nchan's
+/// where one of 1,024 had 0.75–1.28× (BENCHMARKS.md, "Shards of 512"), and at 500 clients two
+/// of 256 had a p50 0.55–0.8× and a p99 0.6–0.95× what one of 512 had, for 23–50 % more CPU a
+/// delivery, still 0.64–0.73× Nchan's (BENCHMARKS.md, "Shards of 256"). On many CPUs, a smaller
+/// size spreads a large room's writes over more of them.
+pub const SHARD_SIZE: usize = 256;
 
 /// The most clients `event.shard_size` may give a shard.
 pub const MAX_SHARD_SIZE: usize = 65_536;
@@ -502,6 +483,8 @@ pub struct Shard {
     taken: AtomicU64,
     /// The room's queue: frames a client may be behind.
     queue: u64,
+    /// The most clients it takes (`event.shard_size`).
+    size: usize,
     /// A pass's sends go in one system call where the kernel allows (`event.io_uring`).
     batch: bool,
     metrics: Arc<Metrics>,
@@ -551,10 +534,10 @@ impl Shard {
         lock(&self.outlets)
     }
 
-    /// Adds a client, if the shard has fewer than `capacity` (its room's [`capacity`]).
-    pub fn join(&self, outlet: &Arc<Outlet>, capacity: usize) -> bool {
+    /// Adds a client, if the shard has room for it.
+    pub fn join(&self, outlet: &Arc<Outlet>) -> bool {
         let mut outlets = self.lock();
-        if outlets.len() >= capacity {
+        if outlets.len() >= self.size {
             return false;
         }
         outlets.push(outlet.clone());
@@ -596,14 +579,14 @@ impl Shard {
         self.try_len() == Some(0)
     }
 
-    /// Moves every client of `self` into `into`, filling each shard in turn up to `capacity`
-    /// (its room's [`capacity`]), when they have room for all of them and the move can lose or
-    /// repeat nothing: none of these shards is making a pass (each one's ring is free) and each
-    /// has taken all `sent` frames of the room. Every client has then been offered each frame once, and its new shard offers it
+    /// Moves every client of `self` into `into`, filling each shard in turn, when they have
+    /// room for all of them and the move can lose or repeat nothing: none of these shards is
+    /// making a pass (each one's ring is free) and each has taken all `sent` frames of the
+    /// room. Every client has then been offered each frame once, and its new shard offers it
     /// the next. Called under the hub's lock, which new frames and joins wait for. Returns
     /// whether it moved them (else nothing moved). Holding every ring, it waits for no pass
     /// when it takes the clients' list.
-    pub fn move_clients_into(&self, into: &[Arc<Shard>], sent: u64, capacity: usize) -> bool {
+    pub fn move_clients_into(&self, into: &[Arc<Shard>], sent: u64) -> bool {
         // Counted without waiting for a pass (a busy shard: the next sweep tries again).
         // Under the hub's lock counts only fall (leaves), so the room found stays.
         let mut room = 0;
@@ -611,7 +594,7 @@ impl Shard {
             let Some(len) = shard.try_len() else {
                 return false;
             };
-            room += capacity.saturating_sub(len);
+            room += shard.size.saturating_sub(len);
         }
         if self.try_len().is_none_or(|len| len > room) {
             return false;
@@ -629,7 +612,7 @@ impl Shard {
         let mut moving = std::mem::take(&mut *self.lock()).into_iter();
         for shard in into {
             let mut outlets = shard.lock();
-            let free = capacity.saturating_sub(outlets.len());
+            let free = shard.size.saturating_sub(outlets.len());
             outlets.extend(moving.by_ref().take(free));
         }
         debug_assert!(moving.next().is_none(), "counted room for every client");
@@ -643,13 +626,14 @@ impl Shard {
     }
 
     /// Starts a shard's task on the room's ring, which `sent` frames went through before `rx`
-    /// was subscribed; `queue` is the room's queue (frames a client may be behind); `batch`: a
-    /// pass's sends go in one system call where the kernel
+    /// was subscribed; `queue` is the room's queue (frames a client may be behind); `size`, the
+    /// most clients it takes; `batch`: a pass's sends go in one system call where the kernel
     /// allows ([`crate::uring`]); `bell`, rung when a pass leaves a client behind.
     pub fn spawn(
         rx: broadcast::Receiver<Item>,
         sent: u64,
         queue: u64,
+        size: usize,
         batch: bool,
         metrics: Arc<Metrics>,
         bell: Arc<Bell>,
@@ -668,6 +652,7 @@ impl Shard {
             retired: AtomicBool::new(false),
             taken: AtomicU64::new(sent),
             queue,
+            size,
             batch,
             metrics,
             bell,
@@ -864,28 +849,5 @@ fn gather(items: &[Item]) -> Bytes {
             }
             out.freeze()
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// With the defaults on two worker threads: one shard up to 256 clients, then two,
-    /// growing together to 512 each, then shards of 512. One thread: one shard up to 512.
-    /// Eight: shards of 256 until each thread has one. A size under 256 is the size.
-    #[test]
-    fn a_rooms_shards_take_an_even_share_per_worker_thread_up_to_the_size() {
-        let capacity = |workers, clients| capacity(SHARD_SIZE, SPREAD_FROM, workers, clients);
-        assert_eq!(capacity(2, 100), 256);
-        assert_eq!(capacity(2, 500), 256);
-        assert_eq!(capacity(2, 1000), 500);
-        assert_eq!(capacity(2, 1001), 501);
-        assert_eq!(capacity(2, 5000), 512);
-        assert_eq!(capacity(1, 400), 400);
-        assert_eq!(capacity(1, 5000), 512);
-        assert_eq!(capacity(8, 1000), 256);
-        assert_eq!(capacity(8, 8000), 512);
-        assert_eq!(super::capacity(3, SPREAD_FROM, 2, 1000), 3);
     }
 }
